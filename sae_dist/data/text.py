@@ -1,0 +1,125 @@
+"""Text for the 'lm' source: a `datasets` dataset, sharded across ranks and cut into token contexts.
+
+`data.dataset` is a Hub name (streamed when `data.streaming`), a local builder with files (`text`, `json`, ...
+with `data.data_files`), a local dataset folder, 'pydoc-topics': the English documentation CPython ships in
+`pydoc_data.topics`, one document per topic, or 'python-docs': those topics plus the standard library's
+docstrings (about 1.7 MB of English; see `python_docs.py`), both available on any machine. Documents are sharded across ranks with
+`split_dataset_by_node`, so ranks never see the same document.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import datasets
+from datasets import Dataset, IterableDataset, load_dataset
+from datasets.distributed import split_dataset_by_node
+from transformers import PreTrainedTokenizerBase
+
+from sae_dist.config import ConfigError, DataConfig
+from sae_dist.data.source import DataUnavailableError, require_hub
+
+LOCAL_BUILDERS = ("text", "json", "csv", "parquet", "arrow")
+"""`datasets` builders that read `data.data_files` from disk."""
+
+PYDOC_TOPICS = "pydoc-topics"
+PYTHON_DOCS = "python-docs"
+
+_LOCAL_HINT = (
+    "use local files instead: data.dataset=text data.data_files=[a.txt,b.txt] (or data.dataset=json), "
+    "or data.dataset=python-docs"
+)
+
+
+def load_text_dataset(data: DataConfig) -> Dataset | IterableDataset:
+    """The full (all ranks) document dataset named by `data.dataset`, reduced to the text column."""
+    if data.dataset == PYDOC_TOPICS:
+        from pydoc_data.topics import topics
+
+        return Dataset.from_dict({data.text_column: [topics[key] for key in sorted(topics)]})
+    if data.dataset == PYTHON_DOCS:
+        from sae_dist.data.python_docs import python_documents
+
+        return Dataset.from_dict({data.text_column: python_documents()})
+    if data.dataset in LOCAL_BUILDERS:
+        if not data.data_files:
+            raise ConfigError(f"data.dataset={data.dataset!r} needs data.data_files=[...]")
+        try:
+            ds = load_dataset(
+                data.dataset, data_files=list(data.data_files), split=data.split, streaming=data.streaming
+            )
+        except FileNotFoundError as exc:
+            raise DataUnavailableError(f"data.data_files: {str(exc).splitlines()[0]}") from None
+    elif os.path.exists(data.dataset):
+        ds = load_dataset(data.dataset, split=data.split, streaming=data.streaming)
+    else:
+        # With HF_HUB_OFFLINE set, `datasets` reads its cache; otherwise fail fast rather than retry for ~30 s.
+        if not datasets.config.HF_HUB_OFFLINE:
+            require_hub(data.dataset, "dataset", _LOCAL_HINT)
+        try:
+            ds = load_dataset(data.dataset, split=data.split, streaming=data.streaming)
+        except (OSError, ValueError) as exc:
+            reason = str(exc).splitlines()[0]
+            raise DataUnavailableError(f"cannot load dataset '{data.dataset}' ({reason}); {_LOCAL_HINT}") from None
+    return ds.select_columns([data.text_column])
+
+
+class TextContexts:
+    """An endless, rank-local stream of token contexts with a seekable position.
+
+    Documents are read in order and each is tokenised and cut into contexts of at most `ctx_len` tokens (the
+    tokenizer's special tokens included per context, e.g. [CLS] ... [SEP] for BERT; the last, shorter one
+    kept). When the documents run out, the next epoch starts from the first. The position is
+    (epoch, doc, ctx): the next context is context `ctx` of document `doc` of epoch `epoch`.
+    """
+
+    def __init__(
+        self, dataset: Dataset | IterableDataset, tokenizer: PreTrainedTokenizerBase, ctx_len: int, text_column: str
+    ) -> None:
+        self.dataset = dataset
+        """This rank's documents."""
+        self.tokenizer = tokenizer
+        self.ctx_len = ctx_len
+        self.text_column = text_column
+        self.seek({"epoch": 0, "doc": 0, "ctx": 0})
+
+    @classmethod
+    def from_config(
+        cls, data: DataConfig, tokenizer: PreTrainedTokenizerBase, rank: int = 0, world_size: int = 1
+    ) -> TextContexts:
+        shard = split_dataset_by_node(load_text_dataset(data), rank=rank, world_size=world_size)
+        return cls(shard, tokenizer, data.ctx_len, data.text_column)
+
+    def position(self) -> dict:
+        return {"epoch": self._epoch, "doc": self._doc, "ctx": self._ctx}
+
+    def seek(self, position: dict) -> None:
+        self._epoch, self._doc, self._ctx = int(position["epoch"]), int(position["doc"]), int(position["ctx"])
+        self._docs: Iterator[dict] | None = None
+        self._contexts: list[list[int]] | None = None
+
+    def _next_text(self) -> str:
+        if self._docs is None:
+            self._docs = iter(self.dataset.skip(self._doc) if self._doc else self.dataset)
+        row = next(self._docs, None)
+        if row is None:
+            if self._doc == 0:
+                raise DataUnavailableError("this rank's share of the dataset holds no documents")
+            self._epoch, self._doc, self._docs = self._epoch + 1, 0, None
+            return self._next_text()
+        return row[self.text_column]
+
+    def _cut(self, text: str) -> list[list[int]]:
+        encoded = self.tokenizer(text, max_length=self.ctx_len, truncation=True, return_overflowing_tokens=True)
+        return [ids for ids in encoded["input_ids"] if ids]
+
+    def next_context(self) -> list[int]:
+        """Token ids of the next context, 1 to `ctx_len` of them."""
+        while True:
+            if self._contexts is None:
+                self._contexts = self._cut(self._next_text())
+            if self._ctx < len(self._contexts):
+                self._ctx += 1
+                return self._contexts[self._ctx - 1]
+            self._doc, self._ctx, self._contexts = self._doc + 1, 0, None

@@ -1,0 +1,1 @@
+"""Evaluation: reconstruction metrics shared by training logs, evaluation and benchmarks."""

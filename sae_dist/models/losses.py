@@ -1,0 +1,47 @@
+"""Loss terms shared by every SAE (SPEC sections 2 and 4); the weights that combine them live in `total_loss`."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def squared_error_sum(x_TD: Tensor, x_hat_TD: Tensor) -> Tensor:
+    """Sum over tokens and dims of (x - x_hat)^2, in float32."""
+    return (x_TD.float() - x_hat_TD.float()).pow(2).sum()
+
+
+def reconstruction_loss(x_TD: Tensor, x_hat_TD: Tensor) -> Tensor:
+    """L_rec: mean over tokens of the sum over dims of (x - x_hat)^2 (the paper's MSE unit)."""
+    return squared_error_sum(x_TD, x_hat_TD) / max(x_TD.shape[0], 1)
+
+
+def total_variance(x_TD: Tensor) -> Tensor:
+    """Sum over tokens and dims of (x - mean_x)^2."""
+    x = x_TD.float()
+    return (x - x.mean(dim=0)).pow(2).sum()
+
+
+def auxk_loss(x_TD: Tensor, x_hat_TD: Tensor, aux_recon_TD: Tensor) -> Tensor:
+    """AuxK (Gao et al. 2024): dead latents reconstruct the residual x - x_hat; normalised by the batch variance."""
+    residual_TD = (x_TD.float() - x_hat_TD.float()).detach()
+    return (aux_recon_TD.float() - residual_TD).pow(2).sum() / total_variance(x_TD).clamp_min(1e-12)
+
+
+def l1_penalty(f_TM: Tensor, w_dec_MD: Tensor) -> Tensor:
+    """Mean over tokens of sum_j |f_j| * ||W_dec row j||."""
+    return (f_TM.abs() * w_dec_MD.norm(dim=-1)).sum(dim=-1).mean()
+
+
+def total_loss(terms: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
+    """sum_name weights[name] * terms[name]; terms without a weight count once (the reconstruction)."""
+    return sum(weights.get(name, 1.0) * value for name, value in terms.items())
+
+
+def fired_mask(values: Tensor, indices: Tensor | None, num_latents: int) -> Tensor:
+    """Bool [num_latents]: latents with a positive activation somewhere in the batch."""
+    fired = torch.zeros(num_latents, dtype=torch.bool, device=values.device)
+    if indices is None:  # dense [T, M] activations
+        return (values > 0).any(dim=0)
+    fired[indices[values > 0]] = True
+    return fired

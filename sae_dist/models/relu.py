@@ -1,0 +1,70 @@
+"""The ReLU SAE baseline: f = ReLU(W_enc (x - b_pre) + b_enc), x_hat = f W_dec + b_pre, L1 on |f| * ||W_dec row||."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sae_dist.config import SAEConfig
+from sae_dist.models.experts import expert_generator
+from sae_dist.models.losses import fired_mask, l1_penalty, reconstruction_loss
+from sae_dist.models.switch import Latents, SAEOutput
+
+
+class ReLUSAE(nn.Module):
+    """Dense ReLU SAE of width M; initialised like one TopK expert (encoder rows U(-1/sqrt(d), 1/sqrt(d)))."""
+
+    def __init__(self, cfg: SAEConfig, d_model: int, seed: int):
+        super().__init__()
+        self.cfg = cfg
+        self.d_model = d_model
+        bound = d_model**-0.5
+        w_enc = torch.empty(cfg.num_latents, d_model).uniform_(-bound, bound, generator=expert_generator(seed, 0))
+        self.w_enc = nn.Parameter(w_enc)
+        self.b_enc = nn.Parameter(torch.zeros(cfg.num_latents))
+        self.w_dec = nn.Parameter(w_enc / w_enc.norm(dim=-1, keepdim=True))
+        self.b_pre = nn.Parameter(torch.zeros(d_model))
+
+    @property
+    def num_local_latents(self) -> int:
+        return self.cfg.num_latents
+
+    def decoder_weights(self) -> list[nn.Parameter]:
+        return [self.w_dec]
+
+    def bias_parameters(self) -> dict[str, nn.Parameter]:
+        return {"b_pre": self.b_pre}
+
+    def forward(self, x_TD: Tensor, dead_mask_L: Tensor | None = None) -> SAEOutput:
+        f_TM = F.relu(F.linear(x_TD - self.b_pre, self.w_enc, self.b_enc))
+        x_hat_TD = (f_TM @ self.w_dec).float() + self.b_pre.float()
+        return SAEOutput(x_hat_TD, f_TM, None, None, None)
+
+    def loss_terms(self, x_TD: Tensor, out: SAEOutput, all_reduce_counts=None) -> dict[str, Tensor]:
+        return {"rec": reconstruction_loss(x_TD, out.x_hat_TD), "l1": l1_penalty(out.latent_values_RK, self.w_dec)}
+
+    def loss_weights(self, step_fraction: float) -> dict[str, float]:
+        """The L1 coefficient ramps linearly from 0 over the first `l1_warmup_frac` of training."""
+        warmup = self.cfg.l1_warmup_frac
+        ramp = 1.0 if warmup == 0 else min(1.0, step_fraction / warmup)
+        return {"l1": self.cfg.l1_coefficient * ramp}
+
+    def fired_latents(self, out: SAEOutput) -> Tensor:
+        return fired_mask(out.latent_values_RK, None, self.num_local_latents)
+
+    def active_latents(self, out: SAEOutput) -> Tensor:
+        return (out.latent_values_RK > 0).sum()
+
+    @torch.no_grad()
+    def encode(self, x_TD: Tensor) -> Latents:
+        """All M activations per token, as (values [T, M], ids [T, M])."""
+        f_TM = self(x_TD).latent_values_RK
+        ids_TM = torch.arange(f_TM.shape[1], device=f_TM.device).expand_as(f_TM)
+        return Latents(f_TM, ids_TM)
+
+    @torch.no_grad()
+    def decode(self, latents: Latents) -> Tensor:
+        f_TM = torch.zeros(latents.values_TK.shape[0], self.cfg.num_latents, device=latents.values_TK.device)
+        f_TM.scatter_(1, latents.indices_TK, latents.values_TK.float())
+        return (f_TM @ self.w_dec).float() + self.b_pre.float()

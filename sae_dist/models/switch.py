@@ -1,0 +1,131 @@
+"""The Switch SAE (SPEC section 2) and, with one expert and no router, the dense TopK SAE baseline.
+
+Forward, per token x:  p = softmax(W_router (x - b_router)) (float32), e* = argmax p;
+z = TopK_k(ReLU(W_enc^{e*} (x - b_pre) [+ b_enc])); x_hat = p_{e*} * z W_dec^{e*} + b_pre.
+Only the chosen expert's encoder runs on a token: the dispatcher groups tokens by expert first.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from sae_dist.config import SAEConfig
+from sae_dist.models.dispatch import LocalDispatcher, TokenDispatcher
+from sae_dist.models.experts import ExpertBank, seeded_generator
+from sae_dist.models.kernels import sparse_decode
+from sae_dist.models.losses import auxk_loss, fired_mask, reconstruction_loss
+from sae_dist.models.router import Router, Routing, load_balancing_loss
+
+
+class SAEOutput(NamedTuple):
+    x_hat_TD: Tensor
+    latent_values_RK: Tensor
+    """z per dispatched row (before the gate); [T, M] dense for the ReLU SAE."""
+    latent_indices_RK: Tensor | None
+    """Flat local latent ids per dispatched row; None for the ReLU SAE."""
+    routing: Routing | None
+    aux_recon_TD: Tensor | None
+
+
+class Latents(NamedTuple):
+    """Sparse latent activations in token order: f = p_{e*} * z and their global latent ids."""
+
+    values_TK: Tensor
+    indices_TK: Tensor
+
+
+class SwitchSAE(nn.Module):
+    """Switch SAE (router + N TopK experts); with `router=False` and an encoder bias, the dense TopK SAE."""
+
+    def __init__(self, cfg: SAEConfig, d_model: int, seed: int, dispatcher: TokenDispatcher | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.d_model = d_model
+        self.latents_per_expert = cfg.num_latents // cfg.num_experts
+        self.dispatcher = dispatcher or LocalDispatcher(cfg.num_experts)
+        self.b_pre = nn.Parameter(torch.zeros(d_model))
+        is_switch = cfg.kind == "switch"
+        self.router = Router(d_model, cfg.num_experts, seeded_generator(seed, 0)) if is_switch else None
+        self.experts = ExpertBank(
+            num_local=self.dispatcher.num_local_experts,
+            latents_per_expert=self.latents_per_expert,
+            d_model=d_model,
+            encoder_bias=not is_switch,
+            seed=seed,
+            first_expert=getattr(self.dispatcher, "first_local_expert", 0),
+        )
+        default_auxk = 0.0 if is_switch else 1 / 32
+        self.auxk_alpha = default_auxk if cfg.auxk_alpha is None else cfg.auxk_alpha
+        self.k_aux = (cfg.auxk_k or d_model // 2) if self.auxk_alpha > 0 else 0
+
+    @property
+    def num_local_latents(self) -> int:
+        return self.experts.num_local * self.latents_per_expert
+
+    def decoder_weights(self) -> list[nn.Parameter]:
+        """Parameters whose last-dim rows are unit-norm decoder directions."""
+        return [self.experts.w_dec]
+
+    def bias_parameters(self) -> dict[str, nn.Parameter]:
+        """Biases initialised to the geometric median of the first batch (SPEC section 3)."""
+        biases = {"b_pre": self.b_pre}
+        if self.router is not None:
+            biases["b_router"] = self.router.b_router
+        return biases
+
+    def forward(self, x_TD: Tensor, dead_mask_L: Tensor | None = None) -> SAEOutput:
+        routing = self.router(x_TD) if self.router is not None else None
+        expert_T = routing.expert_T if routing is not None else x_TD.new_zeros(x_TD.shape[0], dtype=torch.long)
+        rows_RD, counts = self.dispatcher.dispatch(x_TD - self.b_pre, expert_T)
+        k_aux = self.k_aux if dead_mask_L is not None else 0
+        out = self.experts(rows_RD, counts, self.cfg.k, dead_mask_L, k_aux)
+        # One combine for both reconstructions: one all-to-all under expert parallelism.
+        recon_R = out.recon_RD if out.aux_recon_RD is None else torch.cat([out.recon_RD, out.aux_recon_RD], 1)
+        recon_T = self.dispatcher.combine(recon_R).float()
+        decoded_TD, aux_TD = recon_T[:, : self.d_model], recon_T[:, self.d_model :]
+        gate_T1 = routing.gate_T[:, None] if routing is not None else 1.0
+        x_hat_TD = gate_T1 * decoded_TD + self.b_pre.float()
+        aux_recon_TD = None
+        if out.aux_recon_RD is not None:
+            aux_recon_TD = aux_TD * (gate_T1.detach() if routing is not None else 1.0)
+        return SAEOutput(x_hat_TD, out.values_RK, out.indices_RK, routing, aux_recon_TD)
+
+    def loss_terms(self, x_TD: Tensor, out: SAEOutput, all_reduce_counts=None) -> dict[str, Tensor]:
+        """Unweighted loss terms: 'rec', and 'lb' (Switch) and 'auxk' (when on)."""
+        terms = {"rec": reconstruction_loss(x_TD, out.x_hat_TD)}
+        if out.routing is not None:
+            terms["lb"] = load_balancing_loss(out.routing, self.cfg.num_experts, all_reduce_counts)
+        if out.aux_recon_TD is not None:
+            terms["auxk"] = auxk_loss(x_TD, out.x_hat_TD, out.aux_recon_TD)
+        return terms
+
+    def loss_weights(self, step_fraction: float) -> dict[str, float]:
+        return {"lb": self.cfg.lb_alpha * self.d_model, "auxk": self.auxk_alpha}
+
+    def fired_latents(self, out: SAEOutput) -> Tensor:
+        """Bool [local latents] of latents that fired in this batch."""
+        return fired_mask(out.latent_values_RK, out.latent_indices_RK, self.num_local_latents)
+
+    def active_latents(self, out: SAEOutput) -> Tensor:
+        """Number of (row, latent) pairs with a positive activation (sum of L0 over local rows)."""
+        return (out.latent_values_RK > 0).sum()
+
+    @torch.no_grad()
+    def encode(self, x_TD: Tensor) -> Latents:
+        """Latent activations f = p_{e*} z in token order, with global latent ids (single device)."""
+        out = self(x_TD)
+        values_TK = self.dispatcher.combine(out.latent_values_RK)
+        indices_TK = self.dispatcher.combine(out.latent_indices_RK) + self.experts.first_expert * self.latents_per_expert
+        if out.routing is not None:
+            values_TK = values_TK * out.routing.gate_T[:, None]
+        return Latents(values_TK, indices_TK)
+
+    @torch.no_grad()
+    def decode(self, latents: Latents) -> Tensor:
+        """x_hat = sum_j f_j W_dec[id_j] + b_pre for latents from `encode`."""
+        w_dec_LD = self.experts.w_dec.flatten(0, 1)
+        local_ids = latents.indices_TK - self.experts.first_expert * self.latents_per_expert
+        return sparse_decode(latents.values_TK, local_ids, w_dec_LD).float() + self.b_pre.float()

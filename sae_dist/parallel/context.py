@@ -1,0 +1,57 @@
+"""The trainer's view of the process layout: which collectives a step needs, single-device by default.
+
+`ParallelContext` is the single-process implementation: every reduction is the identity. The expert-parallel
+context overrides these methods; the trainer calls them unconditionally, so one training loop serves both.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from sae_dist.models.dispatch import LocalDispatcher, TokenDispatcher
+
+
+class ParallelContext:
+    """One process holding every expert."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def dispatcher(self, num_experts: int) -> TokenDispatcher:
+        """The token dispatcher for a Switch SAE with `num_experts` experts."""
+        return LocalDispatcher(num_experts)
+
+    def local_batch_size(self, global_batch: int) -> int:
+        """Tokens this rank draws per step."""
+        return global_batch
+
+    def gather_rows(self, x_TD: Tensor) -> Tensor:
+        """The global batch: every rank's rows concatenated in rank order."""
+        return x_TD
+
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        """Sum over all ranks (returns a new tensor)."""
+        return t
+
+    def all_reduce_expert_counts(self, counts_N: Tensor) -> Tensor:
+        """Per-expert token counts summed over all ranks, for global-batch load balancing (differentiable-free)."""
+        return counts_N
+
+    def merge_fired(self, fired_L: Tensor) -> Tensor:
+        """Local latents that fired on any replica of their expert."""
+        return fired_L
+
+    def sync_gradients(self, model: nn.Module) -> None:
+        """Average gradients as the layout requires (no-op on one device)."""
+
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> Tensor:
+        """Clip by the true global gradient norm; return the norm before clipping."""
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+    def barrier(self) -> None:
+        """Wait for every rank."""

@@ -1,0 +1,50 @@
+"""Run logs: one JSON object per logged step in metrics.jsonl, the same scalars in TensorBoard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricsLogger:
+    """Appends to metrics.jsonl; on resume, first drops rows logged after the checkpoint being resumed."""
+
+    def __init__(self, run_dir: Path, resume_step: int = 0, tensorboard: bool = True):
+        self.path = Path(run_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [row for row in read_metrics(run_dir) if row["step"] <= resume_step]
+        tmp = self.path.with_name(METRICS_FILE + ".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        tmp.replace(self.path)
+        self.file = self.path.open("a")
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1)
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.writer.add_scalar(f"train/{key}", value, row["step"])
+                elif isinstance(value, list):
+                    for i, item in enumerate(value):
+                        self.writer.add_scalar(f"train/{key}/{i}", item, row["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()

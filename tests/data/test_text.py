@@ -1,0 +1,103 @@
+import json
+import time
+
+import pytest
+
+from sae_dist.config import ConfigError, DataConfig
+from sae_dist.data import DataUnavailableError, TextContexts
+from sae_dist.data.text import load_text_dataset
+
+
+@pytest.fixture
+def tokenizer(minilm):
+    return minilm[1]
+
+
+def pydoc(**overrides) -> DataConfig:
+    return DataConfig(dataset="pydoc-topics", **overrides)
+
+
+def test_pydoc_topics_dataset():
+    ds = load_text_dataset(pydoc())
+    assert ds.column_names == ["text"] and len(ds) > 50
+    assert sum(len(text) for text in ds["text"]) > 100_000
+
+
+def test_documents_cut_into_contexts(tokenizer):
+    stream = TextContexts.from_config(pydoc(ctx_len=32), tokenizer)
+    first_doc = []
+    while stream.position()["doc"] == 0:
+        first_doc.append(stream.next_context())
+    first_doc.pop()  # the first context of document 1
+    assert len(first_doc) > 2
+    assert all(len(ctx) == 32 for ctx in first_doc[:-1]) and 2 < len(first_doc[-1]) <= 32
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    assert all(ctx[0] == cls and ctx[-1] == sep for ctx in first_doc)
+    joined = [token for ctx in first_doc for token in ctx[1:-1]]
+    text = load_text_dataset(pydoc())[0]["text"]
+    assert joined == tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_ranks_get_disjoint_documents(tokenizer):
+    everything = load_text_dataset(pydoc())["text"]
+    shards = [TextContexts.from_config(pydoc(), tokenizer, rank, 3).dataset["text"] for rank in range(3)]
+    assert sum(len(shard) for shard in shards) == len(everything)
+    assert sorted(t for shard in shards for t in shard) == sorted(everything)
+    assert all(len(set(a) & set(b)) == 0 for i, a in enumerate(shards) for b in shards[i + 1 :])
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_epochs_and_seek(tokenizer, tmp_path, streaming):
+    files = []
+    for i in range(2):
+        files.append(str(tmp_path / f"part{i}.txt"))
+        (tmp_path / f"part{i}.txt").write_text("".join(f"line {i}.{j} " * (j + 1) + "\n" for j in range(3)))
+    data = DataConfig(dataset="text", data_files=files, streaming=streaming, ctx_len=8)
+    stream = TextContexts.from_config(data, tokenizer)
+    one_epoch = []
+    while stream.position()["epoch"] == 0:
+        one_epoch.append(stream.next_context())
+    one_epoch.pop()  # the first context of epoch 1
+    assert [stream.next_context() for _ in range(len(one_epoch) - 1)] == one_epoch[1:]
+    assert stream.position()["epoch"] == 1
+
+    for taken in (0, 4, len(one_epoch) + 3):
+        old = TextContexts.from_config(data, tokenizer)
+        for _ in range(taken):
+            old.next_context()
+        fresh = TextContexts.from_config(data, tokenizer)
+        fresh.seek(json.loads(json.dumps(old.position())))
+        assert [fresh.next_context() for _ in range(5)] == [old.next_context() for _ in range(5)]
+
+
+def test_builder_without_files_is_a_config_error():
+    with pytest.raises(ConfigError, match="data.data_files"):
+        load_text_dataset(DataConfig(dataset="json"))
+
+
+def test_missing_local_file_is_one_line(tmp_path):
+    with pytest.raises(DataUnavailableError) as info:
+        load_text_dataset(DataConfig(dataset="text", data_files=[str(tmp_path / "absent.txt")]))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["Skylion007/openwebtext", "sae-dist-tests/no-such-dataset"])
+def test_unreachable_hub_dataset_fails_fast(name, hub_reachable):
+    if name == "Skylion007/openwebtext" and hub_reachable:
+        pytest.skip("the Hub is reachable: the dataset would stream")
+    start = time.perf_counter()
+    with pytest.raises(DataUnavailableError) as info:
+        load_text_dataset(DataConfig(dataset=name))
+    assert time.perf_counter() - start < 10
+    message = str(info.value)
+    assert "\n" not in message and name in message and "data.data_files" in message
+
+
+def test_python_docs_corpus_is_english_documentation_in_a_fixed_order():
+    from sae_dist.data.python_docs import python_documents
+
+    docs = python_documents()
+    assert docs == python_documents()
+    assert len(docs) > 1000 and sum(map(len, docs)) > 1_000_000
+    assert all(len(doc) >= 200 for doc in docs[100:])
+    assert any("Return" in doc for doc in docs)

@@ -1,0 +1,71 @@
+"""Configuration: every shipped experiment composes and validates; bad values fail with one clear line."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from sae_dist.config import ConfigError, RunConfig, to_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def compose_run(*overrides: str) -> RunConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    return to_run_config(cfg)
+
+
+def test_default_config_is_the_quickstart():
+    default, quickstart = compose_run(), compose_run("+experiment=quickstart")
+    assert default.sae == quickstart.sae and default.model == quickstart.model and default.data == quickstart.data
+    assert default.model.name == "minilm-bundled" and default.data.dataset == "python-docs"
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_validates(experiment):
+    compose_run(f"+experiment={experiment}")
+
+
+def test_switch_65k_is_the_paper_recipe():
+    run = compose_run("+experiment=switch_65k")
+    assert (run.sae.kind, run.sae.num_latents, run.sae.num_experts, run.sae.k) == ("switch", 65536, 8, 32)
+    assert run.sae.lb_alpha == 3.0 and run.trainer.lr is None
+    assert (run.trainer.batch_size, run.trainer.steps) == (8192, 100_000)
+    assert (run.model.name, run.model.layer) == ("openai-community/gpt2", 8)
+    assert run.data.dataset == "Skylion007/openwebtext" and run.data.ctx_len == 128
+    topk = compose_run("+experiment=topk_65k")
+    assert (topk.sae.kind, topk.sae.num_latents, topk.sae.num_experts) == ("topk", 65536, 1)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["sae.num_latents=1000", "sae.num_experts=3"], "sae.num_latents=1000 is not divisible by sae.num_experts=3"),
+        (["sae.num_latents=1024", "sae.num_experts=8", "sae.k=200"], r"sae.k=200 must be in \[1, M/N=128\]"),
+        (["sae.kind=gated"], "sae.kind='gated' is unknown; allowed: switch, topk, relu"),
+        (["sae=topk", "sae.num_experts=4"], "sae.num_experts=4 must be 1 for sae.kind='topk'"),
+        (["data.source=cache"], "data.cache_dir must be set"),
+        (["parallel.capacity_factor=-1"], "parallel.capacity_factor=-1.0 must be positive"),
+        (["trainer.batch_size=abc"], "trainer.batch_size"),
+    ],
+)
+def test_bad_values_give_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        compose_run(*overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_launcher_reports_bad_config_in_one_line_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "launch/train.py", "sae.num_latents=100", "sae.num_experts=8",
+         f"trainer.out_dir={tmp_path}/run"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: sae.num_latents=100 is not divisible by sae.num_experts=8"
+    assert not (tmp_path / "run").exists()

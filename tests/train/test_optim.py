@@ -1,0 +1,63 @@
+import math
+
+import pytest
+import torch
+
+from sae_dist.config import SAEConfig, default_lr
+from sae_dist.train.init import geometric_median
+from sae_dist.train.optim import lr_multiplier, normalize_decoder_, remove_parallel_gradient_
+
+
+def test_normalize_decoder_rows_to_unit_norm():
+    w = torch.randn(3, 5, 7) * 4
+    direction = w / w.norm(dim=-1, keepdim=True)
+    normalize_decoder_(w)
+    torch.testing.assert_close(w.norm(dim=-1), torch.ones(3, 5))
+    torch.testing.assert_close(w, direction)
+
+
+def test_remove_parallel_gradient_leaves_orthogonal_part():
+    w = torch.nn.Parameter(torch.nn.functional.normalize(torch.randn(6, 4), dim=-1))
+    orthogonal = torch.randn(6, 4)
+    orthogonal -= (orthogonal * w).sum(-1, keepdim=True) * w
+    w.grad = orthogonal + 2.5 * w.detach()
+    remove_parallel_gradient_(w)
+    torch.testing.assert_close(w.grad, orthogonal, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close((w.grad * w).sum(-1), torch.zeros(6), rtol=0, atol=1e-6)
+
+
+def test_lr_schedule_constant_then_linear_decay():
+    total, frac = 100, 0.2
+    assert [lr_multiplier(s, total, frac) for s in (0, 50, 79)] == [1.0, 1.0, 1.0]
+    assert lr_multiplier(80, total, frac) == 1.0
+    assert lr_multiplier(90, total, frac) == pytest.approx(0.5)
+    assert lr_multiplier(99, total, frac) == pytest.approx(0.05)
+    assert lr_multiplier(100, total, frac) == 0.0
+    assert lr_multiplier(10, total, 0.0) == 1.0
+
+
+def test_default_lr_rule():
+    assert default_lr(SAEConfig(num_latents=2**14)) == pytest.approx(2e-4)
+    assert default_lr(SAEConfig(num_latents=2**16)) == pytest.approx(2e-4 / 2)
+    assert default_lr(SAEConfig(kind="relu", num_experts=1)) == 5e-5
+
+
+def test_geometric_median_is_robust_and_minimises_distance_sum():
+    g = torch.Generator().manual_seed(0)
+    inliers = torch.randn(200, 3, generator=g) + torch.tensor([1.0, -2.0, 3.0])
+    outliers = torch.full((40, 3), 1000.0)
+    x = torch.cat([inliers, outliers])
+    median = geometric_median(x)
+    assert (median - torch.tensor([1.0, -2.0, 3.0])).norm() < 0.5  # the mean is dragged ~170 away
+    assert (x.mean(0) - median).norm() > 100
+
+    def cost(point):
+        return (x.double() - point.double()).norm(dim=1).sum()
+
+    for _ in range(20):
+        assert cost(median) <= cost(median + 0.05 * torch.randn(3, generator=g)) + 1e-6
+
+
+def test_geometric_median_of_collinear_symmetric_points_is_centre():
+    x = torch.tensor([[-1.0, 0.0], [0.0, 0.0], [5.0, 0.0]])
+    assert math.isclose(float(geometric_median(x)[0]), 0.0, abs_tol=1e-3)

@@ -69,3 +69,22 @@ def test_launcher_reports_bad_config_in_one_line_without_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == "error: sae.num_latents=100 is not divisible by sae.num_experts=8"
     assert not (tmp_path / "run").exists()
+
+
+def test_paper_experiment_without_network_fails_at_once_naming_the_download(tmp_path):
+    """switch_65k needs GPT-2 from the Hub: offline it stops in one line saying how to use a local copy."""
+    import os
+    import time
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "launch/train.py", "+experiment=switch_65k", f"trainer.out_dir={tmp_path}/run"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env=env,
+    )
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert "openai-community/gpt2" in lines[0] and "model.path=" in lines[0]
+    assert elapsed < 60

@@ -28,6 +28,8 @@ class SAEOutput(NamedTuple):
     """Flat local latent ids per dispatched row; None for the ReLU SAE."""
     routing: Routing | None
     aux_recon_TD: Tensor | None
+    kept_T: Tensor | None = None
+    """Tokens that reached an expert (the others, dropped by a capacity limit, reconstruct as b_pre); None = all."""
 
 
 class Latents(NamedTuple):
@@ -55,7 +57,7 @@ class SwitchSAE(nn.Module):
             d_model=d_model,
             encoder_bias=not is_switch,
             seed=seed,
-            first_expert=getattr(self.dispatcher, "first_local_expert", 0),
+            first_expert=self.dispatcher.first_local_expert,
         )
         default_auxk = 0.0 if is_switch else 1 / 32
         self.auxk_alpha = default_auxk if cfg.auxk_alpha is None else cfg.auxk_alpha
@@ -79,7 +81,8 @@ class SwitchSAE(nn.Module):
     def forward(self, x_TD: Tensor, dead_mask_L: Tensor | None = None) -> SAEOutput:
         routing = self.router(x_TD) if self.router is not None else None
         expert_T = routing.expert_T if routing is not None else x_TD.new_zeros(x_TD.shape[0], dtype=torch.long)
-        rows_RD, counts = self.dispatcher.dispatch(x_TD - self.b_pre, expert_T)
+        scores_T = routing.gate_T.detach() if routing is not None else None
+        rows_RD, counts = self.dispatcher.dispatch(x_TD - self.b_pre, expert_T, scores_T)
         k_aux = self.k_aux if dead_mask_L is not None else 0
         out = self.experts(rows_RD, counts, self.cfg.k, dead_mask_L, k_aux)
         # One combine for both reconstructions: one all-to-all under expert parallelism.
@@ -87,11 +90,13 @@ class SwitchSAE(nn.Module):
         recon_T = self.dispatcher.combine(recon_R).float()
         decoded_TD, aux_TD = recon_T[:, : self.d_model], recon_T[:, self.d_model :]
         gate_T1 = routing.gate_T[:, None] if routing is not None else 1.0
+        # A token dropped by a capacity limit combines to a zero row, so its x_hat is b_pre.
         x_hat_TD = gate_T1 * decoded_TD + self.b_pre.float()
         aux_recon_TD = None
         if out.aux_recon_RD is not None:
             aux_recon_TD = aux_TD * (gate_T1.detach() if routing is not None else 1.0)
-        return SAEOutput(x_hat_TD, out.values_RK, out.indices_RK, routing, aux_recon_TD)
+        kept_T = self.dispatcher.kept_T()
+        return SAEOutput(x_hat_TD, out.values_RK, out.indices_RK, routing, aux_recon_TD, kept_T)
 
     def loss_terms(self, x_TD: Tensor, out: SAEOutput, all_reduce_counts=None) -> dict[str, Tensor]:
         """Unweighted loss terms: 'rec', and 'lb' (Switch) and 'auxk' (when on)."""
@@ -115,10 +120,12 @@ class SwitchSAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, x_TD: Tensor) -> Latents:
-        """Latent activations f = p_{e*} z in token order, with global latent ids (single device)."""
+        """Latent activations f = p_{e*} z in token order, with global latent ids."""
         out = self(x_TD)
         values_TK = self.dispatcher.combine(out.latent_values_RK)
-        indices_TK = self.dispatcher.combine(out.latent_indices_RK) + self.experts.first_expert * self.latents_per_expert
+        # Ids become global before combine: under expert parallelism the rows were encoded on other ranks.
+        first_latent = self.experts.first_expert * self.latents_per_expert
+        indices_TK = self.dispatcher.combine(out.latent_indices_RK + first_latent)
         if out.routing is not None:
             values_TK = values_TK * out.routing.gate_T[:, None]
         return Latents(values_TK, indices_TK)

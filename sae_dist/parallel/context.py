@@ -11,12 +11,25 @@ from torch import Tensor, nn
 
 from sae_dist.models.dispatch import LocalDispatcher, TokenDispatcher
 
+EXPERT_PREFIX = "experts."
+"""Parameters and buffers under this prefix hold this rank's experts only (dim 0: local expert); the rest of the
+model (b_pre, the router) is replicated on every rank."""
+
+
+def is_expert_sharded(name: str) -> bool:
+    """Whether a state-dict entry of an SAE is split over the expert-parallel group along dim 0."""
+    return name.startswith(EXPERT_PREFIX)
+
 
 class ParallelContext:
     """One process holding every expert."""
 
     rank: int = 0
     world_size: int = 1
+    expert_replicas: int = 1
+    """Ranks holding each expert (W / P): counts summed over all ranks count each latent this often."""
+    distributed: bool = False
+    """Whether checkpoints are written and read collectively by every rank of a process group."""
 
     @property
     def is_main(self) -> bool:
@@ -55,3 +68,8 @@ class ParallelContext:
 
     def barrier(self) -> None:
         """Wait for every rank."""
+
+    def sharded_view(self, local: Tensor) -> Tensor:
+        """A checkpoint view of a tensor split over the expert-parallel group along dim 0 (experts or their
+        latents): its global tensor, for `torch.distributed.checkpoint`. On one device, the tensor itself."""
+        return local

@@ -1,12 +1,26 @@
-"""Checkpoints: model weights as safetensors + a config.json that rebuilds the model, and the trainer state.
+"""Checkpoints: one layout for one device and for W ranks, loadable on any other valid layout.
 
 Layout of a run directory:
-    checkpoints/step_00001000/model.safetensors   weights (experts stacked [N, M_e, d], global expert order)
-    checkpoints/step_00001000/config.json         {"d_model": ..., "run": RunConfig as a dict, "step": ...}
-    checkpoints/step_00001000/trainer_state.pt    optimizer, scheduler, step, data position, dead counters, RNG
-    checkpoints/latest                            name of the newest complete checkpoint
-A checkpoint is written to a temporary folder and renamed into place, and `latest` is replaced atomically, so a
-crash at any moment leaves the previous checkpoint intact and `latest` pointing at a complete one.
+    checkpoints/step_00001000/model.safetensors    the model-only export in the single-device format (experts
+                                                   stacked [N, M_e, d] in global order): what `load_sae` reads
+    checkpoints/step_00001000/config.json          {"d_model": ..., "run": RunConfig as a dict, "step": ...}
+    checkpoints/step_00001000/state/               torch.distributed.checkpoint: weights, optimizer state (Adam
+                                                   moments and step), dead-latent counters
+    checkpoints/step_00001000/trainer_state.pt     step, tokens, scheduler, optimizer hyper-parameters, world size
+    checkpoints/step_00001000/ranks/rank_00003.pt  rank 3's data-source position and torch RNG state
+    checkpoints/latest                             name of the newest complete checkpoint
+
+`state/` holds global tensors: an expert tensor (and its optimizer state) is stored as [N, ...] indexed by global
+expert id, each rank writing the rows of its own experts and replicated tensors written once. Loading reads the
+rows a rank now owns, so a run saved on W ranks resumes on W' ranks with any valid P', or in one process.
+
+Data positions are rank-local: rank r restores the position saved by rank r mod W (W = ranks that saved). With
+the same W this is the exact stream; with another W' each rank continues a saved stream at the depth it had
+reached (sources whose batches are a function of a batch counter, like 'synthetic', continue exactly in step
+count; sharded text and cache streams may repeat or skip part of the data, as their shards change with W').
+
+A checkpoint is written to a temporary folder (by every rank) and renamed into place by rank 0 once all ranks
+are done, and `latest` is replaced atomically, so a crash at any moment leaves `latest` naming a complete one.
 """
 
 from __future__ import annotations
@@ -14,23 +28,43 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 
 from sae_dist.config import RunConfig, as_dict, from_dict
+from sae_dist.parallel.context import ParallelContext, is_expert_sharded
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+STATE_DIR = "state"
 STATE_FILE = "trainer_state.pt"
+RANKS_DIR = "ranks"
 LATEST_FILE = "latest"
+
+
+class TrainingTensors(NamedTuple):
+    """The tensors a checkpoint shards: loaded in place."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    dead_L: Tensor
+    """Tokens since each local latent last fired."""
 
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def rank_file(rank: int) -> str:
+    return f"{RANKS_DIR}/rank_{rank:05d}.pt"
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -39,34 +73,139 @@ def write_atomically(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_model_files(folder: Path, model: nn.Module, run: RunConfig, d_model: int, step: int) -> None:
-    """model.safetensors + config.json in `folder` (which must exist)."""
-    tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
-    save_file(tensors, str(folder / MODEL_FILE))
+def write_model_tensors(folder: Path, tensors: dict[str, Tensor], run: RunConfig, d_model: int, step: int) -> None:
+    """model.safetensors + config.json in `folder` (which must exist) from a full (single-device) state dict."""
+    save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, str(folder / MODEL_FILE))
     meta = {"format_version": 1, "d_model": d_model, "step": step, "run": as_dict(run)}
     (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
 
 
+def write_model_files(folder: Path, model: nn.Module, run: RunConfig, d_model: int, step: int) -> None:
+    """model.safetensors + config.json in `folder` for a model holding every expert."""
+    write_model_tensors(folder, model.state_dict(), run, d_model, step)
+
+
+# --- the sharded state --------------------------------------------------------------------------------------------
+def _dcp_options(ctx: ParallelContext) -> dict[str, Any]:
+    return {} if ctx.distributed else {"no_dist": True}
+
+
+@contextmanager
+def _quiet_dcp() -> Iterator[None]:
+    """Silence DCP's notice that a single process saves without a process group, which is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _view(name: str, t: Tensor, ctx: ParallelContext) -> Tensor:
+    """A state-dict entry as DCP should see it: expert-sharded tensors as global tensors."""
+    return ctx.sharded_view(t) if is_expert_sharded(name) and t.dim() else t
+
+
+def sharded_state(tensors: TrainingTensors, ctx: ParallelContext) -> dict[str, Any]:
+    """The DCP state dict: every tensor aliases live storage, expert-sharded ones viewed as global tensors."""
+    model_state = {name: _view(name, t, ctx) for name, t in tensors.model.state_dict().items()}
+    optim_state = {
+        name: {key: _view(name, value, ctx) for key, value in tensors.optimizer.state[param].items()}
+        for name, param in tensors.model.named_parameters()
+    }
+    dead = {"tokens_since_fired": ctx.sharded_view(tensors.dead_L)}
+    return {"model": model_state, "optim": optim_state, "dead": dead}
+
+
+def _empty_optimizer_state(tensors: TrainingTensors, folder: Path) -> dict[str, dict]:
+    """Zero optimizer state of the shapes saved in `folder` (Adam's state does not exist before its first step)."""
+    saved = dcp.FileSystemReader(str(folder / STATE_DIR)).read_metadata().state_dict_metadata
+    state: dict[str, dict] = {}
+    for name, param in tensors.model.named_parameters():
+        prefix = f"optim.{name}."
+        entries = {key[len(prefix) :]: meta for key, meta in saved.items() if key.startswith(prefix)}
+        state[name] = {
+            key: torch.zeros_like(param) if len(meta.size) else torch.zeros((), dtype=meta.properties.dtype)
+            for key, meta in entries.items()
+        }
+    return state
+
+
 def save_checkpoint(
-    run_dir: Path, model: nn.Module, run: RunConfig, d_model: int, step: int, trainer_state: dict[str, Any]
+    run_dir: Path,
+    run: RunConfig,
+    d_model: int,
+    step: int,
+    tensors: TrainingTensors,
+    run_state: dict[str, Any],
+    rank_state: dict[str, Any],
+    ctx: ParallelContext,
 ) -> Path:
-    """Write checkpoint `step` atomically, point `latest` at it, and keep only the newest `keep_checkpoints`."""
+    """Write checkpoint `step` collectively, point `latest` at it, and keep only the newest `keep_checkpoints`.
+
+    `run_state` (identical on all ranks) is written by rank 0, `rank_state` by each rank.
+    """
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
     tmp = root / (final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    write_model_files(tmp, model, run, d_model, step)
-    torch.save(trainer_state, tmp / STATE_FILE)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    write_atomically(root / LATEST_FILE, final.name.encode())
-    for old in sorted(root.glob("step_*[0-9]"))[: -run.trainer.keep_checkpoints]:
-        shutil.rmtree(old, ignore_errors=True)
+    if ctx.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / RANKS_DIR).mkdir(parents=True)
+    ctx.barrier()
+    with _quiet_dcp():
+        dcp.save(sharded_state(tensors, ctx), checkpoint_id=str(tmp / STATE_DIR), **_dcp_options(ctx))
+    torch.save(rank_state, tmp / rank_file(ctx.rank))
+    ctx.barrier()
+    if ctx.is_main:
+        export_model(tmp, run, d_model, step)
+        param_groups = tensors.optimizer.state_dict()["param_groups"]
+        torch.save({**run_state, "param_groups": param_groups, "world_size": ctx.world_size}, tmp / STATE_FILE)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        write_atomically(root / LATEST_FILE, final.name.encode())
+        for old in sorted(root.glob("step_*[0-9]"))[: -run.trainer.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    ctx.barrier()
     return final
 
 
+def read_global_state(folder: Path, prefix: str = "") -> dict[str, Tensor]:
+    """The full tensors of a checkpoint's sharded state whose keys start with `prefix` (one process reads all).
+
+    Keys are flattened ('model.b_pre', 'optim.experts.w_enc.exp_avg', 'dead.tokens_since_fired'); the prefix is
+    removed from the returned names.
+    """
+    saved = dcp.FileSystemReader(str(Path(folder) / STATE_DIR)).read_metadata().state_dict_metadata
+    full = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in saved.items()
+        if key.startswith(prefix)
+    }
+    with _quiet_dcp():
+        dcp.load(full, checkpoint_id=str(Path(folder) / STATE_DIR), no_dist=True)
+    return {key[len(prefix) :]: t for key, t in full.items()}
+
+
+def export_model(folder: Path, run: RunConfig, d_model: int, step: int) -> None:
+    """Write the single-file model export of a checkpoint from its sharded state."""
+    write_model_tensors(folder, read_global_state(folder, "model."), run, d_model, step)
+
+
+def load_checkpoint(folder: Path, tensors: TrainingTensors, ctx: ParallelContext) -> tuple[dict, dict]:
+    """Load a checkpoint's sharded state into `tensors` (in place, on this layout); return (run_state, rank_state)."""
+    folder = Path(folder)
+    run_state = torch.load(folder / STATE_FILE, weights_only=False)
+    empty = _empty_optimizer_state(tensors, folder)
+    target = sharded_state(tensors, ctx)
+    target["optim"] = {name: {key: _view(name, t, ctx) for key, t in state.items()} for name, state in empty.items()}
+    with _quiet_dcp():
+        dcp.load(target, checkpoint_id=str(folder / STATE_DIR), **_dcp_options(ctx))
+    params = [p for group in tensors.optimizer.param_groups for p in group["params"]]
+    index = {id(p): i for i, p in enumerate(params)}
+    state = {index[id(param)]: empty[name] for name, param in tensors.model.named_parameters()}
+    tensors.optimizer.load_state_dict({"state": state, "param_groups": run_state.pop("param_groups")})
+    rank_state = torch.load(folder / rank_file(ctx.rank % run_state.pop("world_size")), weights_only=False)
+    return run_state, rank_state
+
+
+# --- finding and reading checkpoints ------------------------------------------------------------------------------
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint of a run, or None."""
     pointer = Path(run_dir) / "checkpoints" / LATEST_FILE
@@ -93,8 +232,5 @@ def read_checkpoint_config(folder: Path) -> tuple[RunConfig, int, int]:
 
 
 def load_model_weights(folder: Path, model: nn.Module) -> None:
+    """The exported weights into a model holding every expert (single process, e.g. for analysis)."""
     model.load_state_dict(load_file(str(Path(folder) / MODEL_FILE)))
-
-
-def load_trainer_state(folder: Path) -> dict[str, Any]:
-    return torch.load(Path(folder) / STATE_FILE, weights_only=False)

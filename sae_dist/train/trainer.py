@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from sae_dist.config import RunConfig
 from sae_dist.data.source import ActivationSource
 from sae_dist.eval.metrics import ReconstructionSums
-from sae_dist.models import build_sae
+from sae_dist.models import SAEOutput, build_sae
 from sae_dist.models.losses import total_loss
 from sae_dist.models.router import expert_counts
 from sae_dist.parallel.context import ParallelContext
@@ -97,45 +97,46 @@ class Trainer:
         row.update({name: float(value) for name, value in zip(result["terms"], terms[:-1])})
         row.update(sums.metrics())
         num_dead = self.ctx.all_reduce_sum(self.dead.dead_mask().sum().reshape(1).double())
-        row["dead"] = int(num_dead) // self._expert_replicas()
+        row["dead"] = int(num_dead) // self.ctx.expert_replicas
         row["dead_fraction"] = row["dead"] / self.run.sae.num_latents
         if out.routing is not None:
-            counts = self.ctx.all_reduce_sum(expert_counts(out.routing.expert_T, self.run.sae.num_experts).double())
-            row["expert_load"] = (counts / counts.sum().clamp_min(1)).tolist()
+            row.update(self._routing_metrics(out))
         row["grad_norm"] = float(result["grad_norm"])
         row["lr"] = result["lr"]
         return row
 
-    def _expert_replicas(self) -> int:
-        """How many ranks hold each latent (the dead counts summed over ranks count each replica)."""
-        return getattr(self.ctx, "expert_replicas", self.ctx.world_size)
+    def _routing_metrics(self, out: SAEOutput) -> dict[str, Any]:
+        """Expert load and, under a capacity limit, the fraction of tokens dropped (overall and per expert)."""
+        num_experts = self.run.sae.num_experts
+        expert_T = out.routing.expert_T
+        dropped_T = expert_T[~out.kept_T] if out.kept_T is not None else expert_T[:0]
+        counts = torch.stack([expert_counts(expert_T, num_experts), expert_counts(dropped_T, num_experts)])
+        routed_N, dropped_N = self.ctx.all_reduce_sum(counts.double())
+        metrics: dict[str, Any] = {"expert_load": (routed_N / routed_N.sum().clamp_min(1)).tolist()}
+        if out.kept_T is not None:
+            metrics["drop_fraction"] = float(dropped_N.sum() / routed_N.sum().clamp_min(1))
+            metrics["drop_fraction_per_expert"] = (dropped_N / routed_N.clamp_min(1)).tolist()
+        return metrics
 
     # --- checkpoints -----------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "tokens": self.tokens,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "data": self.source.state_dict(),
-            "dead": self.dead.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step, self.tokens = state["step"], state["tokens"]
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.source.load_state_dict(state["data"])
-        self.dead.load_state_dict(state["dead"])
-        torch.set_rng_state(state["torch_rng"])
+    def _tensors(self) -> ckpt.TrainingTensors:
+        return ckpt.TrainingTensors(self.model, self.optimizer, self.dead.tokens_since_fired_L)
 
     def save(self) -> Path:
-        return ckpt.save_checkpoint(self.run_dir, self.model, self.run, self.d_model, self.step, self.state_dict())
+        """Write a checkpoint (collectively: every rank calls this)."""
+        run_state = {"step": self.step, "tokens": self.tokens, "scheduler": self.scheduler.state_dict()}
+        rank_state = {"data": self.source.state_dict(), "torch_rng": torch.get_rng_state()}
+        return ckpt.save_checkpoint(
+            self.run_dir, self.run, self.d_model, self.step, self._tensors(), run_state, rank_state, self.ctx
+        )
 
     def restore(self, folder: Path) -> None:
-        ckpt.load_model_weights(folder, self.model)
-        self.load_state_dict(ckpt.load_trainer_state(folder))
+        """Continue from a checkpoint written on any layout (see `checkpoint` for the data-position rule)."""
+        run_state, rank_state = ckpt.load_checkpoint(folder, self._tensors(), self.ctx)
+        self.step, self.tokens = run_state["step"], run_state["tokens"]
+        self.scheduler.load_state_dict(run_state["scheduler"])
+        self.source.load_state_dict(rank_state["data"])
+        torch.set_rng_state(rank_state["torch_rng"])
 
     def maybe_resume(self) -> bool:
         """With trainer.resume, continue from the run's latest checkpoint; return whether one was found."""

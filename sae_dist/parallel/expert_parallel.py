@@ -1,0 +1,132 @@
+"""The expert-parallel context: the collectives of one training step on W ranks (SPEC section 8).
+
+Each rank's loss is a mean over its own B / W tokens, so the global loss is the mean of the rank losses, and:
+- a replicated parameter (b_pre, router) gets the mean of its W rank gradients;
+- an expert parameter already holds, after the all-to-all backward, the sum of the gradients from every token
+  of its expert-parallel group; summing over its W / P replicas and dividing by W gives the global gradient.
+Both equal the single-device gradient of the global batch. A dense SAE (TopK, ReLU) runs with P = 1: every
+parameter is replicated and this is plain data parallelism.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from sae_dist.config import RunConfig
+from sae_dist.parallel.all_to_all import AllToAllDispatcher
+from sae_dist.parallel.comm import CommStats, all_reduce_flat_, nbytes
+from sae_dist.parallel.context import ParallelContext, is_expert_sharded
+from sae_dist.parallel.mesh import ExpertMesh, build_mesh, init_process_group, validate_layout
+
+
+def split_gradients(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+    """(replicated, expert) gradients in a fixed order; a missing gradient becomes zeros so every rank reduces
+    the same tensors."""
+    replicated, experts = [], []
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        (experts if is_expert_sharded(name) else replicated).append(param.grad)
+    return replicated, experts
+
+
+def squared_norm(tensors: list[Tensor], device: torch.device) -> Tensor:
+    """Sum of squares of all elements, in at least float32."""
+    squares = [torch.linalg.vector_norm(t, dtype=torch.promote_types(t.dtype, torch.float32)).square() for t in tensors]
+    return torch.stack(squares).sum() if squares else torch.zeros((), device=device)
+
+
+class ExpertParallelContext(ParallelContext):
+    """W ranks in a ("dp", "ep") mesh; the experts of a Switch SAE sharded over each "ep" group."""
+
+    distributed = True
+
+    def __init__(self, mesh: ExpertMesh, capacity_factor: float | None = None):
+        self.mesh = mesh
+        self.rank, self.world_size = mesh.rank, mesh.world_size
+        self.expert_replicas = mesh.dp_size
+        self.capacity_factor = capacity_factor
+        self.stats = CommStats()
+
+    @classmethod
+    def from_config(cls, run: RunConfig, device_type: str, timeout: timedelta | None = None) -> ExpertParallelContext:
+        """Validate the layout, join torchrun's process group and build the mesh."""
+        world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+        ep_size = validate_layout(run, world)
+        init_process_group(device_type, timeout)
+        return cls(build_mesh(device_type, ep_size), run.parallel.capacity_factor)
+
+    def dispatcher(self, num_experts: int) -> AllToAllDispatcher:
+        return AllToAllDispatcher(num_experts, self.mesh.ep_group, self.capacity_factor, self.stats)
+
+    def local_batch_size(self, global_batch: int) -> int:
+        return global_batch // self.world_size
+
+    def gather_rows(self, x_TD: Tensor) -> Tensor:
+        parts = [torch.empty_like(x_TD) for _ in range(self.world_size)]
+        dist.all_gather(parts, x_TD.contiguous())
+        self.stats.add("all_gather", nbytes(x_TD))
+        return torch.cat(parts)
+
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        total = t.detach().clone()
+        dist.all_reduce(total)
+        self.stats.add("all_reduce", nbytes(total))
+        return total
+
+    def all_reduce_expert_counts(self, counts_N: Tensor) -> Tensor:
+        return self.all_reduce_sum(counts_N)
+
+    def merge_fired(self, fired_L: Tensor) -> Tensor:
+        if self.mesh.dp_size == 1:
+            return fired_L
+        hits_L = fired_L.to(torch.int32)
+        dist.all_reduce(hits_L, group=self.mesh.dp_group)
+        self.stats.add("all_reduce", nbytes(hits_L))
+        return hits_L > 0
+
+    def sync_gradients(self, model: nn.Module) -> None:
+        replicated, experts = split_gradients(model)
+        scale = 1.0 / self.world_size
+        all_reduce_flat_(replicated, dist.group.WORLD, self.stats, scale)
+        if self.mesh.dp_size > 1:
+            all_reduce_flat_(experts, self.mesh.dp_group, self.stats, scale)
+        elif experts:
+            torch._foreach_mul_(experts, scale)
+
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> Tensor:
+        """The norm of the global gradient: replicated parameters once, each expert once (summed over "ep")."""
+        replicated, experts = split_gradients(model)
+        device = next(model.parameters()).device
+        expert_sq = squared_norm(experts, device)
+        if self.mesh.ep_size > 1:
+            dist.all_reduce(expert_sq, group=self.mesh.ep_group)
+        total = (squared_norm(replicated, device) + expert_sq).sqrt()
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, total)
+        return total
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def sharded_view(self, local: Tensor) -> Tensor:
+        return DTensor.from_local(local, self.mesh.device_mesh, [Replicate(), Shard(0)], run_check=False)
+
+
+@contextmanager
+def expert_parallel_context(
+    run: RunConfig, device_type: str, timeout: timedelta | None = None
+) -> Iterator[ExpertParallelContext]:
+    """The context of a torchrun job; the process group is destroyed on exit, also after an error."""
+    ctx = ExpertParallelContext.from_config(run, device_type, timeout)
+    try:
+        yield ctx
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,102 @@
+"""The process layout: W ranks as a DeviceMesh with dimensions ("dp", "ep"), built once from torchrun's env.
+
+Rank r sits at (dp, ep) = (r // P, r % P). The P ranks of one "ep" group are consecutive and together hold all N
+experts (N / P each), so with P <= GPUs per node the all-to-all stays on a node's fast links. Ranks with the same
+ep index hold the same experts and form a "dp" group: the W / P expert-data-parallel replicas.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from sae_dist.config import ConfigError, RunConfig
+
+
+def launched_by_torchrun() -> bool:
+    """True under torchrun (or srun + torchrun) with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def expert_parallel_size(run: RunConfig, world_size: int) -> int:
+    """P: parallel.ep_size, by default the whole world for a Switch SAE and 1 (pure data parallel) otherwise."""
+    if run.parallel.ep_size is not None:
+        return run.parallel.ep_size
+    return world_size if run.sae.kind == "switch" else 1
+
+
+def validate_layout(run: RunConfig, world_size: int) -> int:
+    """Check that the experts and the batch split evenly over the ranks; return P. One-line ConfigError otherwise."""
+    ep_size = expert_parallel_size(run, world_size)
+    default = "" if run.parallel.ep_size is not None else " (the default; set parallel.ep_size)"
+    if world_size % ep_size:
+        raise ConfigError(f"parallel.ep_size={ep_size} does not divide the world size {world_size}{default}")
+    if run.sae.num_experts % ep_size:
+        raise ConfigError(
+            f"sae.num_experts={run.sae.num_experts} is not divisible by parallel.ep_size={ep_size}{default}"
+        )
+    if run.trainer.batch_size % world_size:
+        batch = run.trainer.batch_size
+        raise ConfigError(f"trainer.batch_size={batch} is not divisible by the world size {world_size}")
+    return ep_size
+
+
+def init_process_group(device_type: str, timeout: timedelta | None = None) -> None:
+    """Join the job torchrun started (RANK, WORLD_SIZE, MASTER_ADDR/PORT in env): NCCL on CUDA, gloo on CPU."""
+    if dist.is_initialized():
+        return
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    kwargs = {} if timeout is None else {"timeout": timeout}
+    dist.init_process_group(backend, **kwargs)
+
+
+@dataclass(frozen=True)
+class ExpertMesh:
+    """The ("dp", "ep") mesh and the two process groups cut from it."""
+
+    device_mesh: DeviceMesh
+
+    @property
+    def ep_group(self) -> ProcessGroup:
+        return self.device_mesh.get_group("ep")
+
+    @property
+    def dp_group(self) -> ProcessGroup:
+        return self.device_mesh.get_group("dp")
+
+    @property
+    def ep_size(self) -> int:
+        return self.device_mesh.size(1)
+
+    @property
+    def dp_size(self) -> int:
+        return self.device_mesh.size(0)
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank()
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size()
+
+
+def build_mesh(device_type: str, ep_size: int) -> ExpertMesh:
+    """The mesh of the initialised world with expert-parallel size P = `ep_size` (validated by the caller)."""
+    world = dist.get_world_size()
+    return ExpertMesh(init_device_mesh(device_type, (world // ep_size, ep_size), mesh_dim_names=("dp", "ep")))
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (e.g. a run folder whose name holds a timestamp)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

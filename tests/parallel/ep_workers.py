@@ -1,0 +1,310 @@
+"""The checks run inside each rank of a spawned gloo job (see spawn_harness); every rank runs every check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from ep_helpers import (
+    ROUTED_EXPERTS,
+    GlobalBatchSource,
+    copy_checkpoint,
+    expert_slice,
+    load_shard,
+    local_latents,
+    routed_batch,
+    routed_model,
+    shard_of,
+    tiny_run,
+)
+
+from sae_dist.config import SAEConfig
+from sae_dist.parallel.all_to_all import AllToAllDispatcher
+from sae_dist.parallel.expert_parallel import ExpertParallelContext
+from sae_dist.parallel.mesh import ExpertMesh, build_mesh
+from sae_dist.parallel.permute import capacity
+from sae_dist.train import checkpoint as ckpt
+from sae_dist.train.trainer import Trainer
+
+EXACT = dict(rtol=0, atol=0)
+MODEL = dict(rtol=1e-5, atol=1e-6)
+"""Float64 experts, but the router, gate and losses are float32 by design: the same operations on the same rows,
+reduced over ranks in another order."""
+TRAINING = dict(rtol=1e-5, atol=1e-6)
+"""Float32 training, 6 Adam steps: all-reduce order and per-rank means change the rounding of gradients (the
+largest difference measured is ~1e-7 after 6 and after 30 steps)."""
+
+
+# --- dispatch with identity experts ---------------------------------------------------------------------------
+def rank_routing(rank: int, num_experts: int) -> tuple[int, list[int]]:
+    """(tokens, expert per token) of a rank: rank 1 has no tokens, expert 5 gets none from anyone."""
+    tokens = [5, 0, 7, 3, 4, 6, 2, 1][rank]
+    g = torch.Generator().manual_seed(100 + rank)
+    experts = torch.randint(num_experts, (tokens,), generator=g)
+    experts[experts == 5] = 6
+    return tokens, experts.tolist()
+
+
+def labelled_tokens(rank: int, experts: list[int]) -> torch.Tensor:
+    """Rows [rank, position, expert, noise...], so every row says where it came from."""
+    x_TD = torch.randn(len(experts), 6, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+    x_TD[:, 0], x_TD[:, 1], x_TD[:, 2] = rank, torch.arange(len(experts)), torch.tensor(experts, dtype=torch.float64)
+    return x_TD
+
+
+def check_dispatch_identity(mesh: ExpertMesh, rank: int) -> None:
+    num_experts = 8
+    dispatcher = AllToAllDispatcher(num_experts, mesh.ep_group)
+    group_ranks = dist.get_process_group_ranks(mesh.ep_group)
+    _, experts = rank_routing(rank, num_experts)
+    x_TD = labelled_tokens(rank, experts).requires_grad_()
+    rows_RD, counts = dispatcher.dispatch(x_TD, torch.tensor(experts, dtype=torch.long))
+    # Expected: for each local expert, the rows of every source rank of the group in (rank, position) order.
+    expected = []
+    for expert in range(num_experts)[expert_slice(dispatcher)]:
+        for source in group_ranks:
+            _, source_experts = rank_routing(source, num_experts)
+            expected += [(source, pos, expert) for pos, e in enumerate(source_experts) if e == expert]
+    got = [tuple(int(v) for v in row) for row in rows_RD[:, :3].tolist()]
+    assert got == expected, (got, expected)
+    assert sum(counts) == len(expected) and len(counts) == dispatcher.num_local_experts
+    if dispatcher.first_local_expert <= 5 < dispatcher.first_local_expert + dispatcher.num_local_experts:
+        assert counts[5 - dispatcher.first_local_expert] == 0
+    # Identity experts: combine returns the input, for any trailing shape and for integer rows too.
+    y_TD = dispatcher.combine(rows_RD)
+    torch.testing.assert_close(y_TD, x_TD, **EXACT)
+    torch.testing.assert_close(dispatcher.combine(rows_RD.view(-1, 2, 3)), x_TD.view(-1, 2, 3), **EXACT)
+    ids_R = rows_RD[:, 1].long().detach()
+    assert dispatcher.combine(ids_R).tolist() == list(range(len(experts)))
+    weight_TD = torch.randn_like(x_TD)
+    (y_TD * weight_TD).sum().backward()
+    torch.testing.assert_close(x_TD.grad, weight_TD, **EXACT)
+    assert dispatcher.kept_T() is None
+
+
+def check_dispatch_capacity(mesh: ExpertMesh, rank: int) -> None:
+    """cf = 1 with 8 tokens and 4 experts: C = 2 per (rank, expert); the highest scores stay, ties by position."""
+    num_experts, tokens = 4, 8
+    dispatcher = AllToAllDispatcher(num_experts, mesh.ep_group, capacity_factor=1.0)
+    limit = capacity(1.0, tokens, num_experts)
+    assert limit == 2
+    expert_T = (torch.tensor([0, 0, 0, 0, 0, 1, 1, 2]) + rank) % num_experts
+    scores_T = torch.tensor([0.5, 0.9, 0.5, 0.7, 0.9, 0.6, 0.6, 0.3], dtype=torch.float64)
+    x_TD = labelled_tokens(rank, expert_T.tolist()).requires_grad_()
+    rows_RD, _ = dispatcher.dispatch(x_TD, expert_T, scores_T)
+    kept_T = dispatcher.kept_T()
+    # Expert of the five: keeps the two 0.9s (positions 1, 4); the 0.6 pair and the single token all fit.
+    assert kept_T.tolist() == [False, True, False, False, True, True, True, True]
+    sent_N = torch.bincount(expert_T[kept_T], minlength=num_experts)
+    assert int(sent_N.max()) <= limit
+    y_TD = dispatcher.combine(rows_RD)
+    torch.testing.assert_close(y_TD[kept_T], x_TD[kept_T], **EXACT)
+    assert not y_TD[~kept_T].any()
+    y_TD.sum().backward()
+    assert x_TD.grad[~kept_T].abs().sum() == 0 and (x_TD.grad[kept_T] == 1).all()
+
+
+# --- the model: forward and every gradient equal the single-device model ---------------------------------------
+def check_model_equivalence(ctx: ExpertParallelContext, rank: int, world: int) -> None:
+    cfg = SAEConfig(kind="switch", num_latents=64, num_experts=4, k=3, auxk_alpha=0.5, auxk_k=5, lb_alpha=3.0)
+    full = routed_model(cfg)
+    ep = routed_model(cfg, ctx.dispatcher(cfg.num_experts))
+    load_shard(ep, full)
+    x_TD = routed_batch(ROUTED_EXPERTS)
+    tokens = x_TD.shape[0] // world
+    mine = slice(rank * tokens, (rank + 1) * tokens)
+    dead_L = torch.rand(cfg.num_latents, generator=torch.Generator().manual_seed(5)) < 0.5
+    dispatcher = ep.dispatcher
+
+    ref = full(x_TD, dead_L)
+    out = ep(x_TD[mine], local_latents(dead_L, dispatcher))
+    assert torch.bincount(ref.routing.expert_T, minlength=4).tolist() == [9, 6, 0, 17]
+    torch.testing.assert_close(out.x_hat_TD, ref.x_hat_TD[mine], **MODEL)
+    torch.testing.assert_close(out.aux_recon_TD, ref.aux_recon_TD[mine], **MODEL)
+    fired_L = ctx.merge_fired(ep.fired_latents(out))
+    assert torch.equal(fired_L, local_latents(full.fired_latents(ref), dispatcher))
+
+    # Loss terms: the mean of the rank values is the single-device value over the global batch.
+    weights = full.loss_weights(0.0)
+    ref_terms = full.loss_terms(x_TD, ref)
+    terms = ep.loss_terms(x_TD[mine], out, ctx.all_reduce_expert_counts)
+    for name in ("rec", "lb"):
+        torch.testing.assert_close(ctx.all_reduce_sum(terms[name]) / world, ref_terms[name].detach(), **MODEL)
+
+    # The load-balancing loss alone, then the full objective: every gradient after sync.
+    def grads_match(ref_loss, loss):
+        full.zero_grad(), ep.zero_grad()
+        ref_loss.backward(retain_graph=True)
+        loss.backward(retain_graph=True)
+        ctx.sync_gradients(ep)
+        ref_params = dict(full.named_parameters())
+        for name, param in ep.named_parameters():
+            ref_grad = ref_params[name].grad
+            expected = torch.zeros_like(param) if ref_grad is None else shard_of(name, ref_grad, dispatcher)
+            torch.testing.assert_close(param.grad, expected, **MODEL, msg=lambda m: f"{name}: {m}")
+
+    grads_match(ref_terms["lb"], terms["lb"])
+    assert full.router.weight.grad.abs().sum() > 0
+    ref_loss = ref_terms["rec"] + weights["lb"] * ref_terms["lb"]
+    grads_match(ref_loss, terms["rec"] + weights["lb"] * terms["lb"])
+
+    # Clipping by the true global norm.
+    max_norm = 0.05
+    ref_norm = torch.nn.utils.clip_grad_norm_(full.parameters(), max_norm)
+    norm = ctx.clip_grad_norm_(ep, max_norm)
+    torch.testing.assert_close(norm, ref_norm, **MODEL)
+    ref_grads = dict(full.named_parameters())
+    for name, param in ep.named_parameters():
+        torch.testing.assert_close(param.grad, shard_of(name, ref_grads[name].grad, dispatcher), **MODEL)
+
+    # encode: global latent ids and gated values in token order.
+    latents, ref_latents = ep.encode(x_TD[mine]), full.encode(x_TD)
+    assert torch.equal(latents.indices_TK, ref_latents.indices_TK[mine])
+    torch.testing.assert_close(latents.values_TK, ref_latents.values_TK[mine], **MODEL)
+
+
+def check_model_capacity(ctx: ExpertParallelContext, rank: int, world: int) -> None:
+    """Dropped tokens reconstruct as b_pre; kept ones as on one device; the logged drop fractions are exact."""
+    run = tiny_run("unused", capacity_factor=1.0)
+    run.sae.num_latents, run.sae.k, run.data.d_model = 64, 3, 12
+    run.trainer.batch_size = len(ROUTED_EXPERTS)
+    trainer = Trainer(run, GlobalBatchSource(run, rank, world), ctx)
+    full = routed_model(run.sae, seed=run.trainer.seed)
+    load_shard(trainer.model, full)
+    x_TD = routed_batch(ROUTED_EXPERTS).float()
+    tokens = x_TD.shape[0] // world
+    mine = slice(rank * tokens, (rank + 1) * tokens)
+    with torch.no_grad():
+        out = trainer.model(x_TD[mine])
+        ref = full.float()(x_TD)
+    limit = capacity(1.0, tokens, 4)
+    kept_T = out.kept_T
+    local_experts = torch.tensor(ROUTED_EXPERTS[mine])
+    # All of a rank's tokens routed to one expert have (nearly) the same score, so count, do not pick.
+    for expert in range(4):
+        routed = int((local_experts == expert).sum())
+        assert int(kept_T[local_experts == expert].sum()) == min(routed, limit)
+    b_pre = trainer.model.b_pre.detach().float()
+    torch.testing.assert_close(out.x_hat_TD[~kept_T], b_pre.expand(int((~kept_T).sum()), -1), **EXACT)
+    torch.testing.assert_close(out.x_hat_TD[kept_T], ref.x_hat_TD[mine][kept_T], rtol=1e-5, atol=1e-5)
+
+    result = trainer.train_step(x_TD[mine])
+    row = trainer.step_metrics(x_TD[mine], result)
+    routed_N = torch.zeros(4, dtype=torch.float64)
+    dropped_N = torch.zeros(4, dtype=torch.float64)
+    for source in range(world):
+        experts = torch.tensor(ROUTED_EXPERTS[source * tokens : (source + 1) * tokens])
+        counts = torch.bincount(experts, minlength=4).double()
+        routed_N += counts
+        dropped_N += (counts - limit).clamp_min(0)
+    assert row["drop_fraction"] == pytest.approx(float(dropped_N.sum() / routed_N.sum()), abs=1e-12)
+    assert row["drop_fraction_per_expert"] == pytest.approx((dropped_N / routed_N.clamp_min(1)).tolist(), abs=1e-12)
+    assert row["drop_fraction"] > 0.3
+
+
+# --- training: the Trainer on W ranks equals the single-device Trainer over the concatenated batch ---------------
+def train_ep(run, rank: int, world: int) -> Trainer:
+    ctx = ExpertParallelContext(build_mesh("cpu", run.parallel.ep_size), run.parallel.capacity_factor)
+    trainer = Trainer(run, GlobalBatchSource(run, rank, world), ctx)
+    trainer.train()
+    return trainer
+
+
+def assert_matches_full(trainer: Trainer, full_state: dict, dead_L: torch.Tensor, tol: dict) -> None:
+    dispatcher = getattr(trainer.model, "dispatcher", None)  # the ReLU SAE has none: nothing is sharded
+    for name, tensor in trainer.model.state_dict().items():
+        expected = shard_of(name, full_state[name], dispatcher) if dispatcher else full_state[name]
+        torch.testing.assert_close(tensor, expected, **tol, msg=lambda m: f"{name}: {m}")
+    expected_dead_L = local_latents(dead_L, dispatcher, trainer.run.sae.num_experts) if dispatcher else dead_L
+    assert torch.equal(trainer.dead.tokens_since_fired_L, expected_dead_L)
+
+
+def check_training(folder: Path, rank: int, world: int, ep_size: int, kind: str = "switch") -> None:
+    """With kind 'topk' or 'relu' (ep_size 1) this is plain data parallelism."""
+    run = tiny_run(folder / f"train_{kind}_P{ep_size}", ep_size=ep_size, kind=kind)
+    trainer = train_ep(run, rank, world)
+    single_run = tiny_run(folder / f"single_{kind}_rank{rank}_P{ep_size}", kind=kind)
+    single = Trainer(single_run, GlobalBatchSource(single_run))
+    single.train()
+    assert_matches_full(trainer, single.model.state_dict(), single.dead.tokens_since_fired_L, TRAINING)
+
+
+# --- checkpoints --------------------------------------------------------------------------------------------
+def resume_dir(source_run: Path, step: int, target: Path, rank: int) -> None:
+    """A run folder holding only checkpoint `step` of `source_run` (rank 0 copies, everyone waits)."""
+    if rank == 0:
+        copy_checkpoint(source_run, step, target)
+    dist.barrier()
+
+
+def assert_restored_exactly(trainer: Trainer, folder: Path) -> None:
+    """Weights, Adam state and dead counters of a restored trainer equal the checkpoint's, bit for bit."""
+    saved = ckpt.read_global_state(folder)
+    dispatcher = trainer.model.dispatcher
+    params = dict(trainer.model.named_parameters())
+    for name, tensor in trainer.model.state_dict().items():
+        torch.testing.assert_close(tensor, shard_of(name, saved[f"model.{name}"], dispatcher), **EXACT)
+        for key, value in trainer.optimizer.state[params[name]].items():
+            expected = saved[f"optim.{name}.{key}"]
+            expected = shard_of(name, expected, dispatcher) if value.dim() else expected
+            torch.testing.assert_close(value, expected, **EXACT)
+    assert torch.equal(trainer.dead.tokens_since_fired_L, local_latents(saved["dead.tokens_since_fired"], dispatcher))
+
+
+def check_resume(folder: Path, rank: int, world: int, ep_size: int, name: str, tol: dict) -> None:
+    """Resume the 4-rank run's step-3 checkpoint on this layout; finish; compare with the unbroken run."""
+    unbroken = folder / "ep_run"
+    target = folder / name
+    resume_dir(unbroken, 3, target, rank)
+    run = tiny_run(target, ep_size=ep_size, resume=True)
+    ctx = ExpertParallelContext(build_mesh("cpu", ep_size))
+    trainer = Trainer(run, GlobalBatchSource(run, rank, world), ctx)
+    assert trainer.maybe_resume() and trainer.step == 3
+    assert_restored_exactly(trainer, target / "checkpoints" / ckpt.checkpoint_name(3))
+    trainer.train()
+    assert_matches_checkpoint(trainer, unbroken / "checkpoints" / ckpt.checkpoint_name(6), tol)
+
+
+def assert_matches_checkpoint(trainer: Trainer, folder: Path, tol: dict) -> None:
+    """The trainer's weights and dead counters equal (within `tol`) those saved in a checkpoint."""
+    dead_L = ckpt.read_global_state(folder, "dead.")["tokens_since_fired"]
+    assert_matches_full(trainer, ckpt.read_global_state(folder, "model."), dead_L, tol)
+
+
+# --- the spawned jobs -------------------------------------------------------------------------------------------
+def four_ranks(rank: int, world: int, folder: Path, check) -> None:
+    for ep_size in (4, 2, 1):
+        mesh = build_mesh("cpu", ep_size)
+        with check(f"dispatch_identity_P{ep_size}"):
+            check_dispatch_identity(mesh, rank)
+        with check(f"dispatch_capacity_P{ep_size}"):
+            check_dispatch_capacity(mesh, rank)
+        with check(f"model_P{ep_size}"):
+            check_model_equivalence(ExpertParallelContext(mesh), rank, world)
+    with check("model_capacity"):
+        check_model_capacity(ExpertParallelContext(build_mesh("cpu", 4), capacity_factor=1.0), rank, world)
+    for ep_size in (4, 2, 1):
+        with check(f"training_P{ep_size}"):
+            check_training(folder, rank, world, ep_size)
+    with check("checkpoint_save"):
+        train_ep(tiny_run(folder / "ep_run", ep_size=2), rank, world)
+    with check("resume_same_layout"):
+        check_resume(folder, rank, world, 2, "resume_4", EXACT)
+
+
+def two_ranks(rank: int, world: int, folder: Path, check) -> None:
+    mesh = build_mesh("cpu", 2)
+    with check("dispatch_identity_P2"):
+        check_dispatch_identity(mesh, rank)
+    with check("model_P2"):
+        check_model_equivalence(ExpertParallelContext(mesh), rank, world)
+    with check("training_P2"):
+        check_training(folder, rank, world, 2)
+    for kind in ("topk", "relu"):
+        with check(f"data_parallel_{kind}"):
+            check_training(folder, rank, world, 1, kind)
+    for ep_size in (2, 1):
+        with check(f"resume_from_4_P{ep_size}"):
+            check_resume(folder, rank, world, ep_size, f"resume_2_P{ep_size}", TRAINING)

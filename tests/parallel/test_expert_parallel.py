@@ -1,0 +1,96 @@
+"""Expert parallelism on CPU with gloo: one 4-rank and one 2-rank job run every check (see ep_workers), and each
+check is reported here as its own test. Tolerances: models (float32 router, gate and losses): rtol 1e-5, atol 1e-6;
+float32 training for 6 steps: rtol 1e-5, atol 1e-6; resuming on the same layout: bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ep_helpers import GlobalBatchSource, copy_checkpoint, tiny_run
+from ep_workers import EXACT, TRAINING, assert_matches_checkpoint, assert_restored_exactly, four_ranks, two_ranks
+from spawn_harness import spawn_checks
+
+from sae_dist import load_sae
+from sae_dist.train import checkpoint as ckpt
+from sae_dist.train.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    """Both jobs share a folder: the 2-rank job resumes the 4-rank job's checkpoint."""
+    folder = tmp_path_factory.mktemp("ep")
+    four = spawn_checks(four_ranks, 4, folder, "four")
+    two = spawn_checks(two_ranks, 2, folder, "two")
+    return {"folder": folder, 4: four, 2: two}
+
+
+@pytest.mark.parametrize("ep_size", [4, 2, 1])
+def test_dispatch_with_identity_experts_returns_input_and_gradient(jobs, ep_size):
+    jobs[4].require(f"dispatch_identity_P{ep_size}")
+
+
+def test_dispatch_identity_on_two_ranks(jobs):
+    jobs[2].require("dispatch_identity_P2")
+
+
+@pytest.mark.parametrize("ep_size", [4, 2, 1])
+def test_dispatch_capacity_keeps_highest_scores_and_drops_the_rest(jobs, ep_size):
+    jobs[4].require(f"dispatch_capacity_P{ep_size}")
+
+
+@pytest.mark.parametrize("world,ep_size", [(2, 2), (4, 4), (4, 2), (4, 1)])
+def test_dropless_model_equals_single_device_forward_and_gradients(jobs, world, ep_size):
+    """Forward, aux reconstruction, loss terms, LB loss and its gradient, every gradient, clip, fired latents."""
+    jobs[world].require(f"model_P{ep_size}")
+
+
+def test_capacity_drops_reconstruct_as_b_pre_and_are_logged(jobs):
+    jobs[4].require("model_capacity")
+
+
+@pytest.mark.parametrize("world,ep_size", [(2, 2), (4, 4), (4, 2), (4, 1)])
+def test_training_steps_equal_single_device_trainer(jobs, world, ep_size):
+    jobs[world].require(f"training_P{ep_size}")
+
+
+@pytest.mark.parametrize("kind", ["topk", "relu"])
+def test_dense_sae_under_torchrun_is_data_parallel(jobs, kind):
+    jobs[2].require(f"data_parallel_{kind}")
+
+
+def test_resume_on_same_layout_is_exact(jobs):
+    jobs[4].require("checkpoint_save")
+    jobs[4].require("resume_same_layout")
+
+
+@pytest.mark.parametrize("ep_size", [2, 1])
+def test_resume_four_rank_checkpoint_on_two_ranks(jobs, ep_size):
+    jobs[2].require(f"resume_from_4_P{ep_size}")
+
+
+def test_resume_four_rank_checkpoint_in_one_process(jobs, tmp_path):
+    jobs[4].require("checkpoint_save")
+    unbroken = jobs["folder"] / "ep_run"
+    folder = copy_checkpoint(unbroken, 3, tmp_path / "resume_1")
+    run = tiny_run(tmp_path / "resume_1", resume=True)
+    trainer = Trainer(run, GlobalBatchSource(run))
+    assert trainer.maybe_resume() and trainer.step == 3
+    assert_restored_exactly(trainer, folder)
+    trainer.train()
+    assert_matches_checkpoint(trainer, unbroken / "checkpoints" / ckpt.checkpoint_name(6), TRAINING)
+
+
+def test_load_sae_reads_the_expert_parallel_run(jobs):
+    jobs[4].require("checkpoint_save")
+    run_dir = jobs["folder"] / "ep_run"
+    folder = ckpt.latest_checkpoint(run_dir)
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == [ckpt.MODEL_FILE]
+    assert sorted(p.name for p in (folder / ckpt.RANKS_DIR).iterdir()) == [f"rank_{r:05d}.pt" for r in range(4)]
+    sae = load_sae(run_dir)
+    assert sae.experts.w_enc.shape == (4, 32, 32)
+    saved = ckpt.read_global_state(folder, "model.")
+    for name, tensor in sae.state_dict().items():
+        torch.testing.assert_close(tensor, saved[name], **EXACT)
+    x_TD = GlobalBatchSource(tiny_run(run_dir)).next_batch(16)
+    latents = sae.encode(x_TD)
+    torch.testing.assert_close(sae.decode(latents), sae(x_TD).x_hat_TD, rtol=1e-5, atol=1e-5)

@@ -23,3 +23,4 @@ test: install
 
 bench: install
 	$(PY) benchmarks/bench_kernels.py
+	$(PY) benchmarks/bench_expert_parallel.py

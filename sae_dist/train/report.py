@@ -29,6 +29,8 @@ def print_summary(
     table.add_row(f"dead latents (> {sae.dead_tokens:,} tokens)", f"{last.get('dead', num_dead)} / {sae.num_latents}")
     if "expert_load" in last:
         table.add_row("expert load (last step)", format_load(last["expert_load"]))
+    if "drop_fraction" in last:
+        table.add_row("dropped by capacity (last step)", f"{last['drop_fraction']:.2%}")
     if "tokens_per_s" in last:
         table.add_row("tokens/s (last window)", f"{last['tokens_per_s']:,.0f}")
     if checkpoint is not None:

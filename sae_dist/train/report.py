@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sae_dist.config import RunConfig
+from sae_dist.eval.flops import flops_per_token
 
 
 def format_load(load: list[float]) -> str:
@@ -16,23 +17,30 @@ def format_load(load: list[float]) -> str:
 
 
 def print_summary(
-    run: RunConfig, last: dict[str, Any], evaluation: dict[str, float], num_dead: int, checkpoint: Path | None
+    run: RunConfig,
+    d_model: int,
+    last: dict[str, Any],
+    evaluation: dict[str, float],
+    tokens_per_s: float,
+    checkpoint: Path | None,
 ) -> None:
+    """The closing table: final metrics over fresh batches, dead latents, load, cost and where the weights are."""
     sae = run.sae
+    flops = flops_per_token(sae, d_model)
     table = Table(title=f"{sae.kind} SAE: M={sae.num_latents}, N={sae.num_experts}, k={sae.k}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("steps / tokens", f"{last.get('step', 0)} / {last.get('tokens', 0):,}")
-    table.add_row("MSE (held-out batches)", f"{evaluation['mse']:.4g}")
+    table.add_row("MSE (fresh batches after training)", f"{evaluation['mse']:.4g}")
     table.add_row("FVU", f"{evaluation['fvu']:.4f}")
     table.add_row("L0", f"{evaluation['l0']:.2f}")
-    table.add_row(f"dead latents (> {sae.dead_tokens:,} tokens)", f"{last.get('dead', num_dead)} / {sae.num_latents}")
+    table.add_row(f"dead latents (> {sae.dead_tokens:,} tokens)", f"{last.get('dead', 'n/a')} / {sae.num_latents}")
     if "expert_load" in last:
         table.add_row("expert load (last step)", format_load(last["expert_load"]))
     if "drop_fraction" in last:
         table.add_row("dropped by capacity (last step)", f"{last['drop_fraction']:.2%}")
-    if "tokens_per_s" in last:
-        table.add_row("tokens/s (last window)", f"{last['tokens_per_s']:,.0f}")
+    table.add_row("tokens/s (run average, data included)", f"{tokens_per_s:,.0f}")
+    table.add_row("FLOPs/token/step: paper encoder | complete", f"{flops.encoder_paper:.3g} | {flops.total:.3g}")
     if checkpoint is not None:
         table.add_row("checkpoint", str(checkpoint))
     Console().print(table)

@@ -67,5 +67,5 @@ def train_from_config(run: RunConfig, ctx: ParallelContext | None = None, eval_b
     evaluation = final_evaluation(trainer, eval_batches)
     checkpoint = latest_checkpoint(run_dir)
     if ctx.is_main:
-        print_summary(run, last, evaluation, trainer.dead.num_dead(), checkpoint)
+        print_summary(run, trainer.d_model, last, evaluation, trainer.tokens_per_s, checkpoint)
     return {"last": last, "eval": evaluation, "checkpoint": checkpoint, "trainer": trainer}

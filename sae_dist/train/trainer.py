@@ -53,6 +53,8 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self.local_batch = self.ctx.local_batch_size(run.trainer.batch_size)
+        self.tokens_per_s = 0.0
+        """Training throughput of the last `train()` call, data production included."""
 
     # --- one optimisation step -------------------------------------------------------------------------------
     def train_step(self, x_TD: torch.Tensor) -> dict[str, Any]:
@@ -159,6 +161,7 @@ class Trainer:
         )
         last_row: dict[str, Any] = {}
         window_start, window_tokens = time.perf_counter(), 0
+        session_start, session_start_tokens = window_start, self.tokens
         while self.step < cfg.steps:
             x_TD = self.source.next_batch(self.local_batch).to(self.device, non_blocking=True)
             if self.step == 0:
@@ -182,4 +185,5 @@ class Trainer:
         bar.close()
         if logger is not None:
             logger.close()
+        self.tokens_per_s = (self.tokens - session_start_tokens) / max(time.perf_counter() - session_start, 1e-9)
         return last_row

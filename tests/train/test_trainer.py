@@ -123,3 +123,13 @@ def test_switch_sae_recovers_synthetic_features(tmp_path):
     print(f"feature recovery: mean max cosine {recovery:.3f}, fraction with cosine > 0.9: {found:.3f}")
     assert recovery > 0.95
     assert found > 0.9
+
+
+def test_train_from_config_ends_with_the_summary_table(make_run, capsys):
+    run = make_run(steps=10)
+    result = train_from_config(run, eval_batches=2)
+    table = capsys.readouterr().out
+    for label in ("MSE", "FVU", "L0", "dead latents", "expert load", "tokens/s", "FLOPs", "checkpoint"):
+        assert label in table
+    assert result["eval"]["l0"] <= run.sae.k and result["eval"]["mse"] > 0
+    assert (result["checkpoint"] / "model.safetensors").exists()

@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import Tensor
+
+
+class BatchReducer(Protocol):
+    """Sums over the ranks that share one global batch (the parallel context; absent on one device)."""
+
+    world_size: int
+
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        """Sum of `t` over all ranks, without gradient."""
 
 
 def squared_error_sum(x_TD: Tensor, x_hat_TD: Tensor) -> Tensor:
@@ -16,16 +27,27 @@ def reconstruction_loss(x_TD: Tensor, x_hat_TD: Tensor) -> Tensor:
     return squared_error_sum(x_TD, x_hat_TD) / max(x_TD.shape[0], 1)
 
 
-def total_variance(x_TD: Tensor) -> Tensor:
-    """Sum over tokens and dims of (x - mean_x)^2."""
-    x = x_TD.float()
-    return (x - x.mean(dim=0)).pow(2).sum()
+def total_variance(x_TD: Tensor, reducer: BatchReducer | None = None) -> Tensor:
+    """Sum over tokens and dims of (x - mean_x)^2, over the global batch when a reducer is given."""
+    x = x_TD.double()
+    sums = torch.cat([x.new_tensor([x.shape[0]]), x.sum(0), x.pow(2).sum(0)])
+    if reducer is not None:
+        sums = reducer.all_reduce_sum(sums)
+    d = x_TD.shape[1]
+    count, x_sum_D, x_sq_sum_D = sums[0], sums[1 : 1 + d], sums[1 + d :]
+    return (x_sq_sum_D.sum() - x_sum_D.pow(2).sum() / count.clamp_min(1)).float()
 
 
-def auxk_loss(x_TD: Tensor, x_hat_TD: Tensor, aux_recon_TD: Tensor) -> Tensor:
-    """AuxK (Gao et al. 2024): dead latents reconstruct the residual x - x_hat; normalised by the batch variance."""
+def auxk_loss(x_TD: Tensor, x_hat_TD: Tensor, aux_recon_TD: Tensor, reducer: BatchReducer | None = None) -> Tensor:
+    """AuxK (Gao et al. 2024): dead latents reconstruct the residual x - x_hat; normalised by the batch variance.
+
+    With a reducer the variance is the global batch's and the rank's share is scaled by the world size, so that
+    the mean over ranks (what gradient averaging takes) equals the single-device loss of the global batch.
+    """
     residual_TD = (x_TD.float() - x_hat_TD.float()).detach()
-    return (aux_recon_TD.float() - residual_TD).pow(2).sum() / total_variance(x_TD).clamp_min(1e-12)
+    world = 1 if reducer is None else reducer.world_size
+    error = (aux_recon_TD.float() - residual_TD).pow(2).sum()
+    return world * error / total_variance(x_TD, reducer).clamp_min(1e-12)
 
 
 def l1_penalty(f_TM: Tensor, w_dec_MD: Tensor) -> Tensor:

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from sae_dist.config import SAEConfig
 from sae_dist.models.experts import expert_generator
-from sae_dist.models.losses import fired_mask, l1_penalty, reconstruction_loss
+from sae_dist.models.losses import BatchReducer, fired_mask, l1_penalty, reconstruction_loss
 from sae_dist.models.switch import Latents, SAEOutput
 
 
@@ -41,7 +41,7 @@ class ReLUSAE(nn.Module):
         x_hat_TD = (f_TM @ self.w_dec).float() + self.b_pre.float()
         return SAEOutput(x_hat_TD, f_TM, None, None, None)
 
-    def loss_terms(self, x_TD: Tensor, out: SAEOutput, all_reduce_counts=None) -> dict[str, Tensor]:
+    def loss_terms(self, x_TD: Tensor, out: SAEOutput, reducer: BatchReducer | None = None) -> dict[str, Tensor]:
         return {"rec": reconstruction_loss(x_TD, out.x_hat_TD), "l1": l1_penalty(out.latent_values_RK, self.w_dec)}
 
     def loss_weights(self, step_fraction: float) -> dict[str, float]:

@@ -16,7 +16,7 @@ from sae_dist.config import SAEConfig
 from sae_dist.models.dispatch import LocalDispatcher, TokenDispatcher
 from sae_dist.models.experts import ExpertBank, seeded_generator
 from sae_dist.models.kernels import sparse_decode
-from sae_dist.models.losses import auxk_loss, fired_mask, reconstruction_loss
+from sae_dist.models.losses import BatchReducer, auxk_loss, fired_mask, reconstruction_loss
 from sae_dist.models.router import Router, Routing, load_balancing_loss
 
 
@@ -98,13 +98,18 @@ class SwitchSAE(nn.Module):
         kept_T = self.dispatcher.kept_T()
         return SAEOutput(x_hat_TD, out.values_RK, out.indices_RK, routing, aux_recon_TD, kept_T)
 
-    def loss_terms(self, x_TD: Tensor, out: SAEOutput, all_reduce_counts=None) -> dict[str, Tensor]:
-        """Unweighted loss terms: 'rec', and 'lb' (Switch) and 'auxk' (when on)."""
+    def loss_terms(self, x_TD: Tensor, out: SAEOutput, reducer: BatchReducer | None = None) -> dict[str, Tensor]:
+        """Unweighted loss terms: 'rec', and 'lb' (Switch) and 'auxk' (when on).
+
+        `reducer` (the parallel context) makes the batch statistics global: the load-balancing counts and the
+        AuxK variance. Each rank's terms are then shares whose mean over ranks is the global-batch loss.
+        """
         terms = {"rec": reconstruction_loss(x_TD, out.x_hat_TD)}
         if out.routing is not None:
-            terms["lb"] = load_balancing_loss(out.routing, self.cfg.num_experts, all_reduce_counts)
+            all_reduce = None if reducer is None else reducer.all_reduce_sum
+            terms["lb"] = load_balancing_loss(out.routing, self.cfg.num_experts, all_reduce)
         if out.aux_recon_TD is not None:
-            terms["auxk"] = auxk_loss(x_TD, out.x_hat_TD, out.aux_recon_TD)
+            terms["auxk"] = auxk_loss(x_TD, out.x_hat_TD, out.aux_recon_TD, reducer)
         return terms
 
     def loss_weights(self, step_fraction: float) -> dict[str, float]:

@@ -51,10 +51,6 @@ class ParallelContext:
         """Sum over all ranks (returns a new tensor)."""
         return t
 
-    def all_reduce_expert_counts(self, counts_N: Tensor) -> Tensor:
-        """Per-expert token counts summed over all ranks, for global-batch load balancing (differentiable-free)."""
-        return counts_N
-
     def merge_fired(self, fired_L: Tensor) -> Tensor:
         """Local latents that fired on any replica of their expert."""
         return fired_L

@@ -82,9 +82,6 @@ class ExpertParallelContext(ParallelContext):
         self.stats.add("all_reduce", nbytes(total))
         return total
 
-    def all_reduce_expert_counts(self, counts_N: Tensor) -> Tensor:
-        return self.all_reduce_sum(counts_N)
-
     def merge_fired(self, fired_L: Tensor) -> Tensor:
         if self.mesh.dp_size == 1:
             return fired_L

@@ -65,7 +65,7 @@ class Trainer:
         needs_dead_mask = getattr(model, "k_aux", 0) > 0
         with self._autocast():
             out = model(x_TD, self.dead.dead_mask() if needs_dead_mask else None)
-            terms = model.loss_terms(x_TD, out, self.ctx.all_reduce_expert_counts)
+            terms = model.loss_terms(x_TD, out, self.ctx)
             loss = total_loss(terms, model.loss_weights(self.step / cfg.trainer.steps))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -93,13 +93,13 @@ class GlobalBatchSource(ActivationSource):
 
 def tiny_run(out_dir, ep_size=None, capacity_factor=None, kind="switch", **trainer) -> RunConfig:
     """A Switch SAE (or a dense one, `kind`) small enough that 4 ranks on 2 cores train it in a fraction of a
-    second per step. AuxK is off: it is normalised by each rank's batch variance (see docs/expert-parallelism.md)."""
+    second per step. AuxK takes its defaults: on for TopK (1/32; latents die after 2 steps), off for Switch."""
     options = dict(batch_size=64, steps=6, log_every=1, checkpoint_every=3, out_dir=str(out_dir), progress=False,
                    tensorboard=False, lr=5e-3)
     options.update(trainer)
     run = RunConfig(
         sae=SAEConfig(kind=kind, num_latents=128, num_experts=4 if kind == "switch" else 1, k=4, dead_tokens=128,
-                      lb_alpha=0.1, auxk_alpha=0.0, l1_coefficient=0.05),
+                      lb_alpha=0.1, l1_coefficient=0.05),
         data=DataConfig(source="synthetic", d_model=32, synthetic_features=64, synthetic_active=4),
         trainer=TrainerConfig(**options),
     )

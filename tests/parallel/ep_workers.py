@@ -21,6 +21,7 @@ from ep_helpers import (
 )
 
 from sae_dist.config import SAEConfig
+from sae_dist.models.losses import total_loss
 from sae_dist.parallel.all_to_all import AllToAllDispatcher
 from sae_dist.parallel.expert_parallel import ExpertParallelContext
 from sae_dist.parallel.mesh import ExpertMesh, build_mesh
@@ -129,8 +130,8 @@ def check_model_equivalence(ctx: ExpertParallelContext, rank: int, world: int) -
     # Loss terms: the mean of the rank values is the single-device value over the global batch.
     weights = full.loss_weights(0.0)
     ref_terms = full.loss_terms(x_TD, ref)
-    terms = ep.loss_terms(x_TD[mine], out, ctx.all_reduce_expert_counts)
-    for name in ("rec", "lb"):
+    terms = ep.loss_terms(x_TD[mine], out, ctx)
+    for name in ("rec", "lb", "auxk"):
         torch.testing.assert_close(ctx.all_reduce_sum(terms[name]) / world, ref_terms[name].detach(), **MODEL)
 
     # The load-balancing loss alone, then the full objective: every gradient after sync.
@@ -147,8 +148,7 @@ def check_model_equivalence(ctx: ExpertParallelContext, rank: int, world: int) -
 
     grads_match(ref_terms["lb"], terms["lb"])
     assert full.router.weight.grad.abs().sum() > 0
-    ref_loss = ref_terms["rec"] + weights["lb"] * ref_terms["lb"]
-    grads_match(ref_loss, terms["rec"] + weights["lb"] * terms["lb"])
+    grads_match(total_loss(ref_terms, weights), total_loss(terms, weights))
 
     # Clipping by the true global norm.
     max_norm = 0.05

@@ -1,0 +1,33 @@
+"""Inspect SAE latents: `python launch/inspect_features.py CHECKPOINT --out DIR [--latents 3 17 ...]`.
+
+Without --latents, samples --per-expert random latents of each expert. Runs the first --contexts contexts of the
+text the SAE was trained on (for a cache-trained run, the text named in the cache's manifest) through the language
+model and the SAE, and writes DIR/features.html (active tokens shaded by activation), DIR/features.txt (active
+tokens in «»), and DIR/histograms.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from sae_dist.eval.inspect import inspect_checkpoint, write_report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="a run directory (its latest checkpoint) or a checkpoint folder")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--latents", type=int, nargs="+", help="global latent ids (default: a sample per expert)")
+    parser.add_argument("--per-expert", type=int, default=4)
+    parser.add_argument("--contexts", type=int, default=1000, help="contexts of the text stream to scan")
+    parser.add_argument("--top", type=int, default=10, help="contexts shown per latent")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    records = inspect_checkpoint(args.checkpoint, args.latents, args.per_expert, args.contexts, args.seed, args.device)
+    for path in write_report(records, args.out, args.top):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

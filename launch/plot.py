@@ -1,0 +1,31 @@
+"""Plot run directories: `python launch/plot.py RUN_DIR [RUN_DIR ...] --out DIR`.
+
+Writes into DIR: pareto.png (MSE vs L0), scaling.png (MSE vs training FLOPs, the paper's encoder-only count),
+expert_load.png (Switch runs) and similarity_<run>.png for each run with a geometry.json (launch/analyze.py).
+Each run's metrics come from eval.json in its latest checkpoint when present, else its last logged training row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sae_dist.eval.plots import plot_runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dirs", nargs="+", help="run directories (trainer.out_dir of each run)")
+    parser.add_argument("--out", required=True, help="folder for the PNG files")
+    args = parser.parse_args()
+    try:
+        written = plot_runs(args.run_dirs, args.out)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    for path in written:
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Feature geometry of a trained SAE: `python launch/analyze.py CHECKPOINT_OR_RUN_DIR [--out DIR] [--tsne]`.
+
+Writes geometry.json (nearest-neighbour cosines within and across experts, the duplicate fraction, the
+expert-by-expert similarity matrix; definitions in sae_dist/eval/geometry.py) into the checkpoint folder, where
+launch/plot.py finds it, or into --out; plus similarity.png and, with --tsne (needs scikit-learn), tsne.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from sae_dist.api import load_sae
+from sae_dist.eval.geometry import expert_rows, geometry, plot_tsne, tsne_2d
+from sae_dist.eval.plots import GEOMETRY_FILE, plot_similarity
+from sae_dist.train.checkpoint import resolve_checkpoint
+
+
+def print_summary(summary: dict, title: str) -> None:
+    table = Table(title=title)
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("latents / experts", f"{summary['num_latents']} / {summary['num_experts']}")
+    for key, label in (("within_expert_nn_cosine", "NN cosine within expert"),
+                       ("across_expert_nn_cosine", "NN cosine across experts")):
+        s = summary[key]
+        if s is not None:
+            table.add_row(label, f"mean {s['mean']:.3f}  p10 {s['p10']:.3f}  median {s['median']:.3f}  "
+                                 f"p90 {s['p90']:.3f}")
+    if summary["duplicate_fraction"] is not None:
+        table.add_row(f"duplicates (across cosine > {summary['duplicate_threshold']})",
+                      f"{summary['duplicate_fraction']:.2%}")
+    Console().print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("path", help="a checkpoint folder or a run directory (its latest checkpoint)")
+    parser.add_argument("--out", type=Path, help="output folder (default: the checkpoint folder)")
+    parser.add_argument("--chunk", type=int, help="rows compared with all M at a time (default: 2^24 / M)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tsne", action="store_true", help="t-SNE of encoder and decoder rows (scikit-learn)")
+    parser.add_argument("--tsne-points", type=int, default=4000)
+    args = parser.parse_args()
+    try:
+        folder = resolve_checkpoint(args.path)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    out = args.out or folder
+    out.mkdir(parents=True, exist_ok=True)
+    sae = load_sae(folder, args.device)
+    summary = geometry(expert_rows(sae, "decoder"), args.chunk).summary()
+    summary["checkpoint"] = str(folder)
+    (out / GEOMETRY_FILE).write_text(json.dumps(summary, indent=1))
+    print_summary(summary, f"decoder geometry: {folder}")
+    written = [out / GEOMETRY_FILE, plot_similarity(summary["expert_similarity"], out / "similarity.png",
+                                                    "expert similarity (mean best decoder cosine)")]
+    if args.tsne:
+        embeddings = {which: tsne_2d(expert_rows(sae, which), args.tsne_points) for which in ("encoder", "decoder")}
+        if any(e is None for e in embeddings.values()):
+            print("t-SNE skipped: scikit-learn is not installed", file=sys.stderr)
+        else:
+            written.append(plot_tsne(embeddings, out / "tsne.png"))
+    for path in written:
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

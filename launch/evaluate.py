@@ -1,0 +1,90 @@
+"""Evaluate an SAE checkpoint: `python launch/evaluate.py CHECKPOINT_OR_RUN_DIR [options]`.
+
+Prints a table and writes eval.json (default: into the checkpoint folder, where launch/plot.py reads it). The
+measures and the held-out data are described in sae_dist/eval/evaluate.py; `--help` lists the options.
+Checkpoints of expert-parallel runs are evaluated the same way (they are exported as one file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from sae_dist.data.source import DataUnavailableError
+from sae_dist.eval.evaluate import EvalConfig, evaluate_checkpoint
+from sae_dist.eval.plots import EVAL_FILE
+from sae_dist.eval.splice import MEASURE_CE
+
+
+def _pm(section: dict, key: str, digits: int = 4) -> str:
+    """'value ± se' of a report entry."""
+    se = section.get(f"{key}_se")
+    value = f"{section[key]:.{digits}f}"
+    return value if se is None or se != se else f"{value} ± {se:.{digits}f}"  # se != se: nan
+
+
+def print_report(report: dict) -> None:
+    console = Console()
+    sae, rec = report["sae"], report["reconstruction"]
+    table = Table(title=f"{sae['kind']} SAE M={sae['num_latents']} N={sae['num_experts']} k={sae['k']}, "
+                        f"step {report['step']}  (± standard error over batches)")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    data = report["data"]
+    table.add_row("held-out data", ", ".join(f"{k}={v}" for k, v in data.items()))
+    table.add_row("tokens / batches", f"{rec['tokens']:,} / {rec['batches']}")
+    table.add_row("MSE (sum over dims)", _pm(rec, "mse", 3))
+    table.add_row("FVU", _pm(rec, "fvu"))
+    table.add_row("L0", _pm(rec, "l0", 2))
+    table.add_row(f"dead latents (window {rec['dead_window_tokens']:,} tokens)",
+                  f"{rec['dead_latents']:,} / {sae['num_latents']:,}")
+    splice = report.get("splice")
+    if splice is not None:
+        table.add_row("splice measure", f"{splice['measure']} ({splice['batches']} batches)")
+        keys = (["ce_clean", "ce_reconstructed", "ce_zero_ablated", "delta_ce", "kl_reconstructed",
+                 "kl_zero_ablated"] if splice["measure"] == MEASURE_CE
+                else ["cosine_reconstructed", "cosine_zero_ablated"])
+        for key in keys + ["fraction_recovered"]:
+            table.add_row(key.replace("_", " "), _pm(splice, key))
+    console.print(table)
+    if sae["num_experts"] > 1:
+        experts = Table(title="per expert")
+        for column in ("expert", "load", "MSE", "dead"):
+            experts.add_column(column, justify="right")
+        for row in report["experts"]:
+            experts.add_row(str(row["expert"]), f"{row['load']:.3f}", f"{row['mse']:.3f}",
+                            f"{row['dead_latents']:,}")
+        console.print(experts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("path", help="a checkpoint folder or a run directory (its latest checkpoint)")
+    parser.add_argument("--out", type=Path, help=f"the JSON file (default: CHECKPOINT/{EVAL_FILE})")
+    defaults = EvalConfig()
+    for field in fields(EvalConfig):
+        value = getattr(defaults, field.name)
+        kind = type(value) if value is not None else (int if field.name == "doc_offset" else str)
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=value)
+    args = vars(parser.parse_args())
+    path, out = args.pop("path"), args.pop("out")
+    try:
+        report = evaluate_checkpoint(path, EvalConfig(**args))
+    except (FileNotFoundError, DataUnavailableError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    out = out or Path(report["checkpoint"]) / EVAL_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print_report(report)
+    print(out)
+
+
+if __name__ == "__main__":
+    main()

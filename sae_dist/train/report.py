@@ -31,16 +31,18 @@ def print_summary(
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("steps / tokens", f"{last.get('step', 0)} / {last.get('tokens', 0):,}")
-    table.add_row("MSE (fresh batches after training)", f"{evaluation['mse']:.4g}")
+    table.add_row("MSE (fresh batches)", f"{evaluation['mse']:.4g}")
     table.add_row("FVU", f"{evaluation['fvu']:.4f}")
     table.add_row("L0", f"{evaluation['l0']:.2f}")
-    table.add_row(f"dead latents (> {sae.dead_tokens:,} tokens)", f"{last.get('dead', 'n/a')} / {sae.num_latents}")
+    table.add_row(f"dead latents (> {sae.dead_tokens:.0e} tokens)", f"{last.get('dead', 'n/a')} / {sae.num_latents}")
     if "expert_load" in last:
-        table.add_row("expert load (last step)", format_load(last["expert_load"]))
+        table.add_row("expert load", format_load(last["expert_load"]))
     if "drop_fraction" in last:
-        table.add_row("dropped by capacity (last step)", f"{last['drop_fraction']:.2%}")
-    table.add_row("tokens/s (run average, data included)", f"{tokens_per_s:,.0f}")
-    table.add_row("FLOPs/token/step: paper encoder | complete", f"{flops.encoder_paper:.3g} | {flops.total:.3g}")
+        table.add_row("dropped by capacity", f"{last['drop_fraction']:.2%}")
+    table.add_row("tokens/s (run average)", f"{tokens_per_s:,.0f}")
+    table.add_row("FLOPs/token: paper | sae-dist", f"{flops.encoder_paper:.3g} | {flops.total:.3g}")
+    console = Console()
+    console.print(table)
     if checkpoint is not None:
-        table.add_row("checkpoint", str(checkpoint))
-    Console().print(table)
+        # Outside the table so that a long path is never cut.
+        console.print(f"checkpoint: {checkpoint}", soft_wrap=True)

@@ -12,29 +12,33 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
 from sae_dist.api import load_sae
 from sae_dist.eval.geometry import expert_rows, geometry, plot_tsne, tsne_2d
 from sae_dist.eval.plots import GEOMETRY_FILE, plot_similarity
-from sae_dist.train.checkpoint import resolve_checkpoint
+from sae_dist.train.checkpoint import resolve_checkpoint, write_atomically
 
 
 def print_summary(summary: dict, title: str) -> None:
     table = Table(title=title)
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    table.add_row("latents / experts", f"{summary['num_latents']} / {summary['num_experts']}")
+    for column in ("decoder rows", "mean", "p10", "median", "p90"):
+        table.add_column(column, justify="left" if column == "decoder rows" else "right")
     for key, label in (("within_expert_nn_cosine", "NN cosine within expert"),
                        ("across_expert_nn_cosine", "NN cosine across experts")):
         s = summary[key]
         if s is not None:
-            table.add_row(label, f"mean {s['mean']:.3f}  p10 {s['p10']:.3f}  median {s['median']:.3f}  "
-                                 f"p90 {s['p90']:.3f}")
+            table.add_row(label, *(f"{s[q]:.3f}" for q in ("mean", "p10", "median", "p90")))
+    table.caption = f"{summary['num_latents']} latents, {summary['num_experts']} experts"
     if summary["duplicate_fraction"] is not None:
-        table.add_row(f"duplicates (across cosine > {summary['duplicate_threshold']})",
-                      f"{summary['duplicate_fraction']:.2%}")
+        sim_NN = torch.tensor(summary["expert_similarity"])
+        off_diagonal = sim_NN[~torch.eye(len(sim_NN), dtype=torch.bool)]
+        table.caption += (f"; duplicates (across cosine > {summary['duplicate_threshold']}): "
+                          f"{summary['duplicate_fraction']:.2%}, per expert {summary['duplicates_per_expert']}; "
+                          f"expert similarity: diagonal {float(sim_NN.diagonal().mean()):.3f}, "
+                          f"off-diagonal {float(off_diagonal.mean()):.3f}")
     Console().print(table)
 
 
@@ -57,7 +61,7 @@ def main() -> None:
     sae = load_sae(folder, args.device)
     summary = geometry(expert_rows(sae, "decoder"), args.chunk).summary()
     summary["checkpoint"] = str(folder)
-    (out / GEOMETRY_FILE).write_text(json.dumps(summary, indent=1))
+    write_atomically(out / GEOMETRY_FILE, json.dumps(summary, indent=1).encode())
     print_summary(summary, f"decoder geometry: {folder}")
     written = [out / GEOMETRY_FILE, plot_similarity(summary["expert_similarity"], out / "similarity.png",
                                                     "expert similarity (mean best decoder cosine)")]

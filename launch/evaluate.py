@@ -1,7 +1,8 @@
 """Evaluate an SAE checkpoint: `python launch/evaluate.py CHECKPOINT_OR_RUN_DIR [options]`.
 
-Prints a table and writes eval.json (default: into the checkpoint folder, where launch/plot.py reads it). The
-measures and the held-out data are described in sae_dist/eval/evaluate.py; `--help` lists the options.
+Prints a table and writes eval.json (default: into the checkpoint folder, where launch/plot.py reads it; written
+to a temporary file, then renamed). The measures and the held-out data are described in
+sae_dist/eval/evaluate.py; `--help` lists the options (`--batches 20 --batch-tokens 2048 --splice-contexts 64`).
 Checkpoints of expert-parallel runs are evaluated the same way (they are exported as one file).
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -17,16 +19,17 @@ from rich.console import Console
 from rich.table import Table
 
 from sae_dist.data.source import DataUnavailableError
-from sae_dist.eval.evaluate import EvalConfig, evaluate_checkpoint
+from sae_dist.eval.evaluate import EvalConfig, evaluate
 from sae_dist.eval.plots import EVAL_FILE
 from sae_dist.eval.splice import MEASURE_CE
+from sae_dist.train.checkpoint import write_atomically
 
 
 def _pm(section: dict, key: str, digits: int = 4) -> str:
     """'value ± se' of a report entry."""
     se = section.get(f"{key}_se")
     value = f"{section[key]:.{digits}f}"
-    return value if se is None or se != se else f"{value} ± {se:.{digits}f}"  # se != se: nan
+    return value if se is None or math.isnan(se) else f"{value} ± {se:.{digits}f}"
 
 
 def print_report(report: dict) -> None:
@@ -63,7 +66,7 @@ def print_report(report: dict) -> None:
         console.print(experts)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", help="a checkpoint folder or a run directory (its latest checkpoint)")
     parser.add_argument("--out", type=Path, help=f"the JSON file (default: CHECKPOINT/{EVAL_FILE})")
@@ -72,19 +75,21 @@ def main() -> None:
         value = getattr(defaults, field.name)
         kind = type(value) if value is not None else (int if field.name == "doc_offset" else str)
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=value)
-    args = vars(parser.parse_args())
+    args = vars(parser.parse_args(argv))
     path, out = args.pop("path"), args.pop("out")
     try:
-        report = evaluate_checkpoint(path, EvalConfig(**args))
+        report = evaluate(path, **args)
     except (FileNotFoundError, DataUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     out = out or Path(report["checkpoint"]) / EVAL_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    write_atomically(out, json.dumps(report, indent=1).encode())
     print_report(report)
+    done, asked = report["reconstruction"]["batches"], report["data"]["batches_requested"]
+    if done < asked:
+        print(f"warning: the held-out region ran out after {done} of {asked} batches", file=sys.stderr)
     print(out)
-
 
 if __name__ == "__main__":
     main()

@@ -1,15 +1,22 @@
 """Evaluate one SAE checkpoint, single process, on held-out data (SPEC section 6).
 
-Activations come from the checkpoint's language model over a held-out region of text (by default the last 10% of
-the documents of a dataset of known size, which a run that reads its documents in order sees last, if at all)
-or, for runs trained on synthetic or cached activations, from that source (synthetic: a stream no training rank
-draws; cache: the folder given, ideally a held-out cache). Over a window of tokens:
-- MSE, FVU and L0 by `ReconstructionSums` (the one definition), dead latents (never active in the window);
-- per expert: the share of tokens routed to it, its tokens' MSE, its dead latents;
-- over the first `splice_batches` batches of contexts: the splice measures of `sae_dist.eval.splice`.
-Each measure is also computed per batch (of `batch_contexts` contexts, or of `batch_tokens` activations), and its
-error bar is the standard error of the batch values (std / sqrt(batches)). The headline value of a ratio
-(FVU, FR) comes from the pooled sums; its error bar from the per-batch ratios.
+Held-out data, by the run's source:
+- lm: the checkpoint's language model over the last `heldout_frac` (10%) of the documents of a dataset of known size
+  (`doc_offset` overrides the start; a streamed dataset starts at 0, so pass an offset past the training documents
+  or another split). Training reads documents in order from the first, so a run that read fewer tokens than precede
+  the region never saw it. The region is read once, never wrapped around into the training documents: when it runs
+  out, fewer batches are evaluated and the report says so.
+- synthetic: the generator stream of a rank id no training rank has (the same distribution, different draws);
+- cache: the folder `cache_dir` (ideally a held-out cache; without it the training cache, reported as not held out).
+
+Measured:
+- over `batches` batches of at least `batch_tokens` activations (lm: whole contexts): MSE, FVU and L0 by
+  `ReconstructionSums` (the one definition), dead latents (never active in the window of all batches), and per
+  expert the share of tokens routed to it, its tokens' MSE and its dead latents;
+- lm only, over the first `splice_contexts` contexts of the region in batches of `splice_batch_contexts`: the splice
+  measures of `sae_dist.eval.splice` (next-token CE for a causal LM, pooled-embedding cosine otherwise).
+Error bars are standard errors of the per-batch values (std / sqrt(batches)). The headline value of a ratio (FVU, FR)
+comes from the pooled sums (or means); its error bar from the per-batch ratios.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ from transformers import AutoModelForCausalLM
 
 from sae_dist.api import load_sae
 from sae_dist.config import RunConfig
-from sae_dist.data import SyntheticSource, TextContexts, build_activation_source, find_blocks, load_lm
+from sae_dist.data import HookedLM, SyntheticSource, TextContexts, build_activation_source, find_blocks, load_lm
+from sae_dist.data.source import DataUnavailableError
 from sae_dist.eval.metrics import ReconstructionSums
 from sae_dist.eval.splice import MEASURE_CE, clean_pass, splice_measure, spliced_measures
 from sae_dist.train.checkpoint import read_checkpoint_config, resolve_checkpoint
@@ -37,21 +45,21 @@ HELDOUT_RANK = 1_000_003
 
 @dataclass
 class EvalConfig:
-    window_tokens: int = 65536
-    """Tokens over which MSE, FVU, L0, dead latents and per-expert numbers are measured (at least)."""
-    splice_batches: int = 16
-    """Batches of contexts (the first ones of the window) that also get the three splice passes."""
-    batch_contexts: int = 8
-    """Contexts per language-model batch."""
-    batch_tokens: int = 4096
-    """Activations per batch when the source is synthetic or a cache."""
+    batches: int = 20
+    """Batches of activations evaluated; error bars are standard errors over them."""
+    batch_tokens: int = 2048
+    """Activations per batch (lm source: whole contexts until the batch holds at least this many tokens)."""
+    splice_contexts: int = 64
+    """Held-out contexts that also get the three splice passes (lm source only)."""
+    splice_batch_contexts: int = 8
+    """Contexts per splice batch: one error-bar sample each."""
     dataset: str | None = None
     """Text for the held-out region (None = the run's data.dataset)."""
     split: str | None = None
     """Dataset split (None = the run's)."""
     doc_offset: int | None = None
     """First document of the held-out region; None = the last `heldout_frac` of a dataset of known size, 0 for a
-    stream (then pass an offset past the training documents, or a different split)."""
+    stream."""
     heldout_frac: float = 0.1
     cache_dir: str | None = None
     """Activation cache to evaluate on for runs trained from a cache (None = the training cache: not held out)."""
@@ -66,7 +74,7 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 
 
 class WindowStats:
-    """Reconstruction sums, firing and routing over the window, plus per-batch metric values."""
+    """Reconstruction sums, firing and routing over the evaluated window, plus per-batch metric values."""
 
     def __init__(self, num_latents: int, num_experts: int):
         self.num_experts = num_experts
@@ -90,71 +98,126 @@ class WindowStats:
                 part = ReconstructionSums.of_batch(x_TD[rows], x_hat_TD[rows], active_TK[rows].sum())
                 self.expert_sums[e] = part if self.expert_sums[e] is None else self.expert_sums[e] + part
 
+    @torch.no_grad()
+    def add_batch(self, sae: nn.Module, x_TD: Tensor) -> None:
+        """Encode and decode a batch of activations [T, d] and add it."""
+        latents = sae.encode(x_TD)
+        self.add(x_TD, sae.decode(latents), latents.values_TK, latents.indices_TK)
+
     @property
     def tokens(self) -> int:
         return 0 if self.sums is None else int(self.sums.tokens)
 
     def report(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """(reconstruction section, per-expert rows) of the report."""
+        if self.sums is None:
+            raise DataUnavailableError("the held-out data gave no activations: pass another --doc-offset or --split")
         section: dict[str, Any] = {"tokens": self.tokens, "batches": len(self.batch_metrics)}
         for key, value in self.sums.metrics().items():
             section[key] = value
             section[f"{key}_se"] = mean_se([m[key] for m in self.batch_metrics])[1]
         section["dead_latents"] = int((~self.fired_L).sum())
         section["dead_window_tokens"] = self.tokens
-        dead_NM = (~self.fired_L).view(self.num_experts, -1).sum(1)
+        dead_N = (~self.fired_L).view(self.num_experts, -1).sum(1)
         experts = []
         for e, sums in enumerate(self.expert_sums):
             tokens = 0 if sums is None else int(sums.tokens)
-            experts.append({"expert": e, "load": tokens / max(self.tokens, 1), "tokens": tokens,
+            experts.append({"expert": e, "load": tokens / self.tokens, "tokens": tokens,
                             "mse": sums.metrics()["mse"] if sums is not None else float("nan"),
-                            "dead_latents": int(dead_NM[e])})
+                            "dead_latents": int(dead_N[e])})
         return section, experts
+
+
+class HeldOutContexts:
+    """The contexts of documents `doc_offset` to the last, read once (no wrap-around into the first documents),
+    as right-padded batches."""
+
+    def __init__(self, contexts: TextContexts, doc_offset: int, pad_id: int):
+        self.contexts = contexts
+        self.doc_offset = doc_offset
+        self.pad_id = pad_id
+        self.restart()
+
+    def restart(self) -> None:
+        self.contexts.seek({"epoch": 0, "doc": self.doc_offset, "ctx": 0})
+        self.exhausted = False
+
+    def batch(self, min_tokens: float = math.inf, max_contexts: float = math.inf) -> tuple[Tensor, Tensor] | None:
+        """(ids [B, T], attention mask [B, T]) of the next contexts, until they hold >= `min_tokens` tokens or
+        number `max_contexts`, or the region ends; None once it has ended."""
+        ids: list[Tensor] = []
+        tokens = 0
+        while not self.exhausted and tokens < min_tokens and len(ids) < max_contexts:
+            context = self.contexts.next_context()
+            # TextContexts starts a new epoch at the first document: the region has ended.
+            if self.contexts.position()["epoch"] > 0:
+                self.exhausted = True
+                break
+            ids.append(torch.tensor(context))
+            tokens += len(context)
+        if not ids:
+            return None
+        ids_BT = pad_sequence(ids, batch_first=True, padding_value=self.pad_id)
+        return ids_BT, pad_sequence([torch.ones_like(i) for i in ids], batch_first=True)
 
 
 def load_eval_lm(run: RunConfig, device: str) -> tuple[nn.Module, Any]:
     """The run's language model with its LM head when its checkpoint has one (next-token CE), else the base
-    model (embedding measure)."""
+    model (embedding measure). Architectures are checked first because AutoModelForCausalLM would also wrap an
+    encoder (BERT) in a new, randomly initialised LM head."""
     model, tokenizer = load_lm(run.model, device)
     if any(name.endswith(("LMHeadModel", "ForCausalLM")) for name in model.config.architectures or []):
         model, tokenizer = load_lm(run.model, device, auto_class=AutoModelForCausalLM)
     return model, tokenizer
 
 
-def heldout_contexts(run: RunConfig, tokenizer: Any, cfg: EvalConfig) -> tuple[TextContexts, dict[str, Any]]:
-    """The held-out context stream and a description of it for the report."""
+def heldout_contexts(run: RunConfig, tokenizer: Any, cfg: EvalConfig) -> tuple[HeldOutContexts, dict[str, Any]]:
+    """The held-out region and a description of it for the report."""
     data = replace(run.data, dataset=cfg.dataset or run.data.dataset, split=cfg.split or run.data.split)
     contexts = TextContexts.from_config(data, tokenizer)
-    offset = cfg.doc_offset
     size = len(contexts.dataset) if hasattr(contexts.dataset, "__len__") else None
+    offset = cfg.doc_offset
     if offset is None:
         offset = int(size * (1 - cfg.heldout_frac)) if size else 0
-    contexts.seek({"epoch": 0, "doc": offset, "ctx": 0})
-    return contexts, {"dataset": data.dataset, "split": data.split, "doc_offset": offset, "documents": size}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    described = {"source": "lm", "dataset": data.dataset, "split": data.split, "doc_offset": offset,
+                 "documents": size}
+    return HeldOutContexts(contexts, offset, pad_id), described
 
 
 @torch.no_grad()
-def evaluate_lm(sae: nn.Module, model: nn.Module, layer: int, contexts: TextContexts, pad_id: int,
+def splice_batch(sae: nn.Module, model: nn.Module, block: nn.Module, ids_BT: Tensor, mask_BT: Tensor) -> dict:
+    """The splice measures of one batch of contexts, the reconstruction made from this pass's own activations."""
+    clean_out, h_BTD = clean_pass(model, block, ids_BT, mask_BT)
+    latents = sae.encode(h_BTD[mask_BT.bool()].float())
+    return spliced_measures(model, block, ids_BT, mask_BT, clean_out, sae.decode(latents))
+
+
+def evaluate_lm(sae: nn.Module, model: nn.Module, layer: int, region: HeldOutContexts,
                 cfg: EvalConfig) -> tuple[WindowStats, list[dict[str, float]]]:
-    """Window statistics and the per-batch splice measures over held-out contexts."""
-    block = find_blocks(model)[layer]
+    """Window statistics and the per-batch splice measures, both from the start of the held-out region."""
+    hooked = HookedLM(model, layer)
     stats = WindowStats(sae.cfg.num_latents, sae.cfg.num_experts)
+    region.restart()
+    for _ in range(cfg.batches):
+        batch = region.batch(min_tokens=cfg.batch_tokens)
+        if batch is None:
+            break
+        stats.add_batch(sae, hooked(*batch).to(cfg.device))
+    block = find_blocks(model)[layer]
     splice_rows: list[dict[str, float]] = []
-    while stats.tokens < cfg.window_tokens or len(splice_rows) < cfg.splice_batches:
-        ids = [torch.tensor(contexts.next_context()) for _ in range(cfg.batch_contexts)]
-        ids_BT = pad_sequence(ids, batch_first=True, padding_value=pad_id).to(cfg.device)
-        mask_BT = pad_sequence([torch.ones_like(i) for i in ids], batch_first=True).to(cfg.device)
-        clean_out, h_BTD = clean_pass(model, block, ids_BT, mask_BT)
-        x_TD = h_BTD[mask_BT.bool()].float()
-        latents = sae.encode(x_TD)
-        x_hat_TD = sae.decode(latents)
-        stats.add(x_TD, x_hat_TD, latents.values_TK, latents.indices_TK)
-        if len(splice_rows) < cfg.splice_batches:
-            splice_rows.append(spliced_measures(model, block, ids_BT, mask_BT, clean_out, x_hat_TD))
+    spliced = 0
+    region.restart()
+    while spliced < cfg.splice_contexts:
+        batch = region.batch(max_contexts=min(cfg.splice_batch_contexts, cfg.splice_contexts - spliced))
+        if batch is None:
+            break
+        ids_BT, mask_BT = (t.to(cfg.device) for t in batch)
+        splice_rows.append(splice_batch(sae, model, block, ids_BT, mask_BT))
+        spliced += ids_BT.shape[0]
     return stats, splice_rows
 
 
-@torch.no_grad()
 def evaluate_activations(sae: nn.Module, run: RunConfig, cfg: EvalConfig) -> tuple[WindowStats, dict[str, Any]]:
     """Window statistics on the run's own activation source (synthetic or cache)."""
     if run.data.source == "synthetic":
@@ -166,10 +229,8 @@ def evaluate_activations(sae: nn.Module, run: RunConfig, cfg: EvalConfig) -> tup
         source = build_activation_source(run)
         described = {"source": "cache", "cache_dir": run.data.cache_dir, "held_out": held_out}
     stats = WindowStats(sae.cfg.num_latents, sae.cfg.num_experts)
-    while stats.tokens < cfg.window_tokens:
-        x_TD = source.next_batch(cfg.batch_tokens).to(cfg.device)
-        latents = sae.encode(x_TD)
-        stats.add(x_TD, sae.decode(latents), latents.values_TK, latents.indices_TK)
+    for _ in range(cfg.batches):
+        stats.add_batch(sae, source.next_batch(cfg.batch_tokens).to(cfg.device))
     return stats, described
 
 
@@ -187,9 +248,11 @@ def summarise_splice(rows: list[dict[str, float]], measure: str) -> dict[str, An
     return section
 
 
-def evaluate_checkpoint(path: str | Path, cfg: EvalConfig) -> dict[str, Any]:
-    """The full report of the checkpoint at `path` (a checkpoint folder or run directory), JSON-ready."""
-    folder = resolve_checkpoint(path)
+def evaluate(checkpoint_path: str | Path, batches: int = 20, batch_tokens: int = 2048, **options: Any) -> dict:
+    """The JSON-ready report of the checkpoint at `checkpoint_path` (a checkpoint folder or a run directory, whose
+    latest checkpoint is used); `options` are the other `EvalConfig` fields."""
+    cfg = EvalConfig(batches=batches, batch_tokens=batch_tokens, **options)
+    folder = resolve_checkpoint(checkpoint_path)
     run, d_model, step = read_checkpoint_config(folder)
     sae = load_sae(folder, cfg.device)
     report: dict[str, Any] = {
@@ -200,11 +263,12 @@ def evaluate_checkpoint(path: str | Path, cfg: EvalConfig) -> dict[str, Any]:
     }
     if run.data.source == "lm" or cfg.dataset is not None:
         model, tokenizer = load_eval_lm(run, cfg.device)
-        contexts, report["data"] = heldout_contexts(run, tokenizer, cfg)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        stats, splice_rows = evaluate_lm(sae, model, run.model.layer, contexts, pad_id, cfg)
-        report["splice"] = summarise_splice(splice_rows, splice_measure(model))
+        region, report["data"] = heldout_contexts(run, tokenizer, cfg)
+        stats, splice_rows = evaluate_lm(sae, model, run.model.layer, region, cfg)
+        if splice_rows:
+            report["splice"] = summarise_splice(splice_rows, splice_measure(model))
     else:
         stats, report["data"] = evaluate_activations(sae, run, cfg)
+    report["data"]["batches_requested"] = cfg.batches
     report["reconstruction"], report["experts"] = stats.report()
     return report

@@ -114,7 +114,7 @@ def tsne_2d(rows_NMD: Tensor, max_points: int = 4000, seed: int = 0) -> tuple[Te
         from sklearn.manifold import TSNE
     except ImportError:
         return None
-    n, m_e, d = rows_NMD.shape
+    n, m_e, _ = rows_NMD.shape
     per_expert = max(1, min(m_e, max_points // n))
     g = torch.Generator().manual_seed(seed)
     picks = [torch.randperm(m_e, generator=g)[:per_expert] for _ in range(n)]

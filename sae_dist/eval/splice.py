@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from sae_dist.data.lm import splice
 
-MEASURE_CE = "next-token cross-entropy"
-MEASURE_EMBEDDING = "mean-pooled embedding cosine"
+MEASURE_CE = "next_token_ce"
+MEASURE_EMBEDDING = "embedding_cosine"
 
 
 def splice_measure(model: nn.Module) -> str:

@@ -1,21 +1,39 @@
-"""The splice measures on a tiny random GPT-2 (cross-entropy) and the bundled MiniLM (embedding), and a whole
-evaluation of a checkpoint on each path. No downloads."""
+"""The splice measures on a tiny random GPT-2 (cross-entropy) and the bundled MiniLM (embedding), the metric
+definitions on hand-computed values, and whole evaluations: of a checkpoint on each splice path, and of a briefly
+trained synthetic run through the command line. No downloads."""
 
 from __future__ import annotations
 
+import json
 import math
+import runpy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from sae_dist import load_sae
 from sae_dist.config import DataConfig, ModelConfig, RunConfig, SAEConfig, validate
-from sae_dist.data import find_blocks, load_lm
-from sae_dist.eval.evaluate import EvalConfig, WindowStats, evaluate_checkpoint, mean_se
+from sae_dist.data import SyntheticSource, build_activation_source, find_blocks, load_lm
+from sae_dist.eval.evaluate import (
+    HELDOUT_RANK,
+    EvalConfig,
+    WindowStats,
+    evaluate,
+    heldout_contexts,
+    mean_se,
+    summarise_splice,
+)
 from sae_dist.eval.splice import MEASURE_CE, MEASURE_EMBEDDING, clean_pass, splice_measure, spliced_measures
 from sae_dist.models import build_sae
-from sae_dist.train.checkpoint import write_model_files
+from sae_dist.train.checkpoint import latest_checkpoint, write_model_files
+from sae_dist.train.trainer import Trainer
+from tests.conftest import small_run
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -118,30 +136,98 @@ def _write_checkpoint(folder, run: RunConfig, d_model: int):
     return folder
 
 
+def test_summarise_splice_by_hand():
+    rows = [{"ce_clean": 2.0, "ce_reconstructed": 3.0, "ce_zero_ablated": 6.0, "fraction_recovered": 0.75},
+            {"ce_clean": 4.0, "ce_reconstructed": 4.0, "ce_zero_ablated": 8.0, "fraction_recovered": 1.0}]
+    section = summarise_splice(rows, MEASURE_CE)
+    assert section["batches"] == 2 and section["ce_clean"] == 3.0
+    assert section["ce_clean_se"] == pytest.approx(1.0)  # std of (2, 4) = sqrt(2), over sqrt(2)
+    # FR from the pooled means (3.5 - 7) / (3 - 7), not the mean of the batch ratios; its error from the ratios
+    assert section["fraction_recovered"] == pytest.approx(3.5 / 4)
+    assert section["fraction_recovered_se"] == pytest.approx(0.125)
+
+
 def test_evaluate_checkpoint_cross_entropy_path(gpt2_dir, tmp_path):
     run = RunConfig(sae=SAEConfig(kind="switch", num_latents=128, num_experts=4, k=8),
                     model=ModelConfig(name="tiny", path=str(gpt2_dir), layer=1),
                     data=DataConfig(source="lm", dataset="pydoc-topics", streaming=False, ctx_len=32))
     folder = _write_checkpoint(tmp_path / "ckpt", run, 64)
-    cfg = EvalConfig(window_tokens=600, splice_batches=3, batch_contexts=4)
-    report = evaluate_checkpoint(folder, cfg)
+    report = evaluate(folder, batches=3, batch_tokens=200, splice_contexts=10, splice_batch_contexts=4)
     assert report["step"] == 7 and report["data"]["dataset"] == "pydoc-topics"
     assert report["data"]["doc_offset"] == int(report["data"]["documents"] * 0.9)
     splice, rec = report["splice"], report["reconstruction"]
-    assert splice["measure"] == MEASURE_CE and splice["batches"] == 3
+    assert splice["measure"] == "next_token_ce" and splice["batches"] == 3  # 10 contexts as 4 + 4 + 2
     for key in ("ce_clean", "ce_reconstructed", "ce_zero_ablated", "kl_reconstructed", "fraction_recovered"):
         assert math.isfinite(splice[key]) and math.isfinite(splice[f"{key}_se"])
     assert splice["delta_ce"] == pytest.approx(splice["ce_reconstructed"] - splice["ce_clean"])
-    assert rec["tokens"] >= 600 and rec["l0"] <= 8
+    assert rec["batches"] == 3 and 600 <= rec["tokens"] < 600 + 3 * 32 and rec["l0"] <= 8
     assert sum(e["load"] for e in report["experts"]) == pytest.approx(1)
     assert sum(e["dead_latents"] for e in report["experts"]) == rec["dead_latents"]
 
 
-def test_evaluate_checkpoint_on_synthetic_source(tmp_path):
-    run = RunConfig(sae=SAEConfig(kind="topk", num_latents=64, num_experts=1, k=4),
-                    data=DataConfig(source="synthetic", d_model=16, synthetic_features=32, synthetic_active=3))
-    folder = _write_checkpoint(tmp_path / "ckpt", run, 16)
-    report = evaluate_checkpoint(folder, EvalConfig(window_tokens=3000, batch_tokens=1000))
-    assert "splice" not in report and report["data"]["held_out"]
-    assert report["reconstruction"]["tokens"] == 3000 and report["reconstruction"]["batches"] == 3
-    assert report["experts"][0]["load"] == 1.0
+def test_heldout_region_is_read_once_without_wrapping(minilm, tmp_path):
+    """20 one-line documents, the last 10% held out: 2 contexts, then the region ends (no wrap to document 0)."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"Document {i} says something about lists." for i in range(20)))
+    run = RunConfig(sae=SAEConfig(kind="switch", num_latents=64, num_experts=2, k=4),
+                    model=ModelConfig(name="minilm-bundled", layer=3),
+                    data=DataConfig(source="lm", dataset="text", data_files=[str(corpus)], streaming=False,
+                                    ctx_len=32))
+    region, described = heldout_contexts(run, minilm[1], EvalConfig())
+    assert described["doc_offset"] == 18
+    ids_BT, mask_BT = region.batch(min_tokens=10_000)
+    assert ids_BT.shape[0] == 2 and region.batch() is None
+    assert "document 18" in minilm[1].decode(ids_BT[0][mask_BT[0].bool()])
+    region.restart()
+    assert region.batch(max_contexts=1)[0].shape[0] == 1
+    # the whole evaluation stops with the region: 2 contexts, embedding measure on the bundled model
+    folder = _write_checkpoint(tmp_path / "ckpt", run, 384)
+    report = evaluate(folder, batches=5, batch_tokens=8)
+    assert report["reconstruction"]["batches"] == 2 and report["data"]["batches_requested"] == 5
+    assert report["splice"]["measure"] == "embedding_cosine" and report["splice"]["batches"] == 1
+    assert report["splice"]["cosine_zero_ablated"] < report["splice"]["cosine_reconstructed"] < 1
+
+
+def test_evaluate_command_on_a_trained_synthetic_run(tmp_path, monkeypatch, capsys):
+    """Train briefly, evaluate with the CLI: the JSON holds every section, and MSE, FVU, L0 and dead latents equal
+    a direct computation on the same held-out batches."""
+    run = small_run(tmp_path, steps=20)
+    Trainer(run, build_activation_source(run)).train()
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", run.trainer.out_dir, "--batches", "3", "--batch-tokens", "500"])
+    runpy.run_path(str(ROOT / "launch/evaluate.py"), run_name="__main__")
+    out = latest_checkpoint(run.trainer.out_dir) / "eval.json"
+    assert str(out) in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert {"checkpoint", "step", "sae", "data", "reconstruction", "experts"} <= report.keys()
+    assert "splice" not in report and report["data"]["held_out"] and report["step"] == 20
+    rec = report["reconstruction"]
+    assert rec["tokens"] == 1500 and rec["batches"] == 3 and len(report["experts"]) == 4
+
+    sae = load_sae(run.trainer.out_dir)
+    source = SyntheticSource.from_config(run.data, run.trainer.seed, rank=HELDOUT_RANK)
+    x = torch.cat([source.next_batch(500) for _ in range(3)]).double()
+    with torch.no_grad():
+        out_sae = sae(x.float())
+        latents = sae.encode(x.float())
+    residual = x - out_sae.x_hat_TD.double()
+    assert rec["mse"] == pytest.approx(float(residual.pow(2).sum(1).mean()), rel=1e-6)
+    assert rec["fvu"] == pytest.approx(float(residual.var(0, unbiased=False).sum() / x.var(0, unbiased=False).sum()),
+                                       rel=1e-6)
+    assert rec["l0"] == pytest.approx(float((latents.values_TK > 0).sum(1).double().mean()))
+    fired = torch.zeros(run.sae.num_latents, dtype=torch.bool)
+    fired[latents.indices_TK[latents.values_TK > 0]] = True
+    assert rec["dead_latents"] == int((~fired).sum())
+    expert_T = latents.indices_TK[:, 0] // (run.sae.num_latents // 4)
+    for row in report["experts"]:
+        rows = expert_T == row["expert"]
+        assert row["load"] == pytest.approx(float(rows.double().mean()))
+        assert row["mse"] == pytest.approx(float(residual[rows].pow(2).sum(1).mean()), rel=1e-6)
+
+
+def test_evaluate_command_missing_checkpoint_exits_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "launch/evaluate.py"), run_name="__main__")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no SAE checkpoint at") and len(err.strip().splitlines()) == 1

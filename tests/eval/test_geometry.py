@@ -1,9 +1,22 @@
+"""Decoder geometry on constructed decoders with known duplicates, chunking against brute force, and the command."""
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from sae_dist.config import SAEConfig
+from sae_dist.data import build_activation_source
 from sae_dist.eval.geometry import expert_rows, geometry, max_cosine_per_expert
 from sae_dist.models import build_sae
+from sae_dist.train.checkpoint import latest_checkpoint
+from sae_dist.train.trainer import Trainer
+from tests.conftest import small_run
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _constructed_decoder() -> torch.Tensor:
@@ -59,3 +72,36 @@ def test_single_expert_sae_has_no_across_statistics():
     switch = build_sae(SAEConfig(kind="switch", num_latents=32, num_experts=4, k=4), 8, seed=0)
     rows = expert_rows(switch, "encoder")
     assert rows.shape == (4, 8, 8) and torch.allclose(rows.norm(dim=-1), torch.ones(4, 8))
+
+
+def test_geometry_in_chunks_smaller_than_m_equals_one_chunk():
+    rows = expert_rows(build_sae(SAEConfig(kind="switch", num_latents=96, num_experts=3, k=4), 16, seed=1))
+    whole = geometry(rows, chunk=96)
+    for chunk in (5, 32):
+        part = geometry(rows, chunk=chunk)
+        for name in ("within_nn_M", "across_nn_M", "similarity_NN"):
+            torch.testing.assert_close(getattr(part, name), getattr(whole, name))
+        assert part.summary()["duplicate_fraction"] == whole.summary()["duplicate_fraction"]
+
+
+def test_analyze_command_writes_geometry_json(tmp_path, monkeypatch, capsys):
+    run = small_run(tmp_path, steps=10, checkpoint_every=10)
+    Trainer(run, build_activation_source(run)).train()
+    out = tmp_path / "geometry"
+    monkeypatch.setattr(sys, "argv", ["analyze.py", run.trainer.out_dir, "--out", str(out), "--tsne",
+                                      "--tsne-points", "48"])
+    runpy.run_path(str(ROOT / "launch/analyze.py"), run_name="__main__")
+    assert "NN cosine across experts" in capsys.readouterr().out
+    summary = json.loads((out / "geometry.json").read_text())
+    similarity = summary["expert_similarity"]
+    assert len(similarity) == 4 and all(len(row) == 4 for row in similarity)
+    assert summary["checkpoint"] == str(latest_checkpoint(run.trainer.out_dir))
+    assert 0 <= summary["duplicate_fraction"] <= 1 and len(summary["duplicates_per_expert"]) == 4
+    assert (out / "similarity.png").exists() and (out / "tsne.png").stat().st_size > 5_000
+
+
+def test_analyze_command_missing_checkpoint_exits_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["analyze.py", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "launch/analyze.py"), run_name="__main__")
+    assert exit_info.value.code == 2 and "no SAE checkpoint" in capsys.readouterr().err

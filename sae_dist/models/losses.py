@@ -17,14 +17,9 @@ class BatchReducer(Protocol):
         """Sum of `t` over all ranks, without gradient."""
 
 
-def squared_error_sum(x_TD: Tensor, x_hat_TD: Tensor) -> Tensor:
-    """Sum over tokens and dims of (x - x_hat)^2, in float32."""
-    return (x_TD.float() - x_hat_TD.float()).pow(2).sum()
-
-
 def reconstruction_loss(x_TD: Tensor, x_hat_TD: Tensor) -> Tensor:
-    """L_rec: mean over tokens of the sum over dims of (x - x_hat)^2 (the paper's MSE unit)."""
-    return squared_error_sum(x_TD, x_hat_TD) / max(x_TD.shape[0], 1)
+    """L_rec: mean over tokens of the sum over dims of (x - x_hat)^2 (the paper's MSE unit), in float32."""
+    return (x_TD.float() - x_hat_TD.float()).pow(2).sum() / max(x_TD.shape[0], 1)
 
 
 def total_variance(x_TD: Tensor, reducer: BatchReducer | None = None) -> Tensor:

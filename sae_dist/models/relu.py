@@ -15,6 +15,9 @@ from sae_dist.models.switch import Latents, SAEOutput
 class ReLUSAE(nn.Module):
     """Dense ReLU SAE of width M; initialised like one TopK expert (encoder rows U(-1/sqrt(d), 1/sqrt(d)))."""
 
+    k_aux = 0
+    """No AuxK: the ReLU SAE's dead latents are not revived by an auxiliary loss."""
+
     def __init__(self, cfg: SAEConfig, d_model: int, seed: int):
         super().__init__()
         self.cfg = cfg

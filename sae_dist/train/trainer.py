@@ -62,7 +62,7 @@ class Trainer:
         model, cfg = self.model, self.run
         for w_dec in model.decoder_weights():
             normalize_decoder_(w_dec)
-        needs_dead_mask = getattr(model, "k_aux", 0) > 0
+        needs_dead_mask = model.k_aux > 0
         with self._autocast():
             out = model(x_TD, self.dead.dead_mask() if needs_dead_mask else None)
             terms = model.loss_terms(x_TD, out, self.ctx)

@@ -58,8 +58,8 @@ class ModelConfig:
     """A local folder holding the model (overrides the download of `name`)."""
     layer: int = 8
     """Hooked block, 0-indexed: activations are the output of this block, i.e. hidden_states[layer + 1]."""
-    dtype: str = "float32"
-    """dtype the language model runs in."""
+    dtype: str = "auto"
+    """dtype the language model runs in: 'auto' (bfloat16 on a GPU, float32 on a CPU), or one of DTYPES."""
 
 
 @dataclass
@@ -92,6 +92,14 @@ class DataConfig:
     """Mean number of active ground-truth features per synthetic activation."""
     synthetic_noise: float = 0.01
     """Standard deviation of the Gaussian noise added to synthetic activations."""
+    prefetch: int = 4
+    """Batches produced ahead in a background thread (on a GPU in its own CUDA stream) while the SAE trains;
+    0 produces each batch in the training loop."""
+    tokenizer_workers: int | None = None
+    """Processes that tokenise text ahead of the LM; null = 0 on a CPU (the LM needs its cores), up to 4 on a GPU."""
+    cache_verify: bool = True
+    """Check the sha256 of every cache shard when a 'cache' source opens (split over the ranks); the sizes and
+    headers of all shards are checked regardless."""
 
 
 @dataclass
@@ -144,20 +152,27 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    sweep: list[dict[str, Any]] = field(default_factory=list)
+    """Several SAEs trained on one activation stream (one LM pass): each item overrides `sae.*`, `model.layer`
+    (another hook site of the same LM), `trainer.lr` and `name` of this run; empty = one SAE (sae_dist/train/multi.py)."""
 
 
-def to_run_config(cfg: Any) -> RunConfig:
-    """Merge a Hydra/OmegaConf config into the typed schema and validate it."""
-    schema = OmegaConf.structured(RunConfig)
+def _typed(schema: type, cfg: Any) -> Any:
+    """A Hydra/OmegaConf config merged into the dataclass `schema` (unknown keys and wrong types: ConfigError)."""
     try:
         values = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
         values.pop("hydra", None)
-        merged = OmegaConf.merge(schema, values)
+        merged = OmegaConf.merge(OmegaConf.structured(schema), values)
     except Exception as exc:  # omegaconf's errors carry the key and say what type was expected
         key = getattr(exc, "full_key", None)
         first_line = str(exc).splitlines()[0]
         raise ConfigError(f"{key}: {first_line}" if key else first_line) from None
-    run = OmegaConf.to_object(merged)
+    return OmegaConf.to_object(merged)
+
+
+def to_run_config(cfg: Any) -> RunConfig:
+    """Merge a Hydra/OmegaConf config into the typed schema and validate it."""
+    run = _typed(RunConfig, cfg)
     validate(run)
     return run
 
@@ -177,7 +192,7 @@ def validate(run: RunConfig) -> None:
     _one_of("sae.kind", sae.kind, SAE_KINDS)
     _one_of("data.source", data.source, DATA_SOURCES)
     _one_of("trainer.dtype", trainer.dtype, DTYPES)
-    _one_of("model.dtype", run.model.dtype, DTYPES)
+    _one_of("model.dtype", run.model.dtype, ("auto", *DTYPES))
     _one_of("trainer.device", trainer.device, ("auto", "cpu", "cuda"))
     _require(sae.num_latents > 0, f"sae.num_latents={sae.num_latents} must be positive")
     _require(sae.num_experts > 0, f"sae.num_experts={sae.num_experts} must be positive")
@@ -214,10 +229,62 @@ def validate(run: RunConfig) -> None:
             0 < data.synthetic_active <= data.synthetic_features,
             f"data.synthetic_active={data.synthetic_active} must be in [1, data.synthetic_features]",
         )
+    _require(data.prefetch >= 0, f"data.prefetch={data.prefetch} must be >= 0")
+    workers = data.tokenizer_workers
+    _require(workers is None or workers >= 0, f"data.tokenizer_workers={workers} must be >= 0 or null (auto)")
     cf = run.parallel.capacity_factor
     _require(cf is None or cf > 0, f"parallel.capacity_factor={cf} must be positive or null (dropless)")
     ep = run.parallel.ep_size
     _require(ep is None or ep > 0, f"parallel.ep_size={ep} must be positive or null")
+    if run.sweep:
+        sweep_members(run)
+
+
+SWEEP_KEYS = ("sae.", "model.layer", "trainer.lr", "name")
+"""What a sweep item may override: the SAE, the hook site and the learning rate; the stream stays shared."""
+
+
+def _dotted(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'sae': {'k': 16}} and {'sae.k': 16} both as {'sae.k': 16}."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def sweep_members(run: RunConfig) -> list[RunConfig]:
+    """The runs of `run.sweep`: this run with each item's overrides, each named by its item (default
+    '<kind>_M<M>_N<N>_k<k>_L<layer>') and written to trainer.out_dir/<name>."""
+    base = as_dict(run)
+    base["sweep"] = []
+    members: list[RunConfig] = []
+    for i, item in enumerate(run.sweep):
+        overrides = _dotted(dict(item))
+        bad = [key for key in overrides if not key.startswith(SWEEP_KEYS)]
+        _require(not bad, f"sweep[{i}].{bad[0] if bad else ''} cannot differ between the SAEs of one stream; "
+                          f"a sweep item may set: sae.*, model.layer, trainer.lr, name")
+        merged = OmegaConf.create(base)
+        for key, value in overrides.items():
+            if key != "name":
+                OmegaConf.update(merged, key, value, merge=True)
+        try:
+            member = to_run_config(merged)
+        except ConfigError as exc:
+            raise ConfigError(f"sweep[{i}]: {exc}") from None
+        sae = member.sae
+        member.name = str(overrides.get("name", f"{sae.kind}_M{sae.num_latents}_N{sae.num_experts}_k{sae.k}"
+                                                f"_L{member.model.layer}"))
+        member.trainer.out_dir = f"{run.trainer.out_dir}/{member.name}"
+        members.append(member)
+    names = [m.name for m in members]
+    _require(len(set(names)) == len(names), f"sweep names must differ: {names}")
+    if run.data.source != "lm":
+        layers = sorted({m.model.layer for m in members} - {run.model.layer})
+        _require(not layers, f"sweep: model.layer={layers[0] if layers else ''} needs data.source=lm (one site otherwise)")
+    return members
 
 
 def default_lr(sae: SAEConfig) -> float:
@@ -234,3 +301,45 @@ def as_dict(run: RunConfig) -> dict:
 def from_dict(values: dict) -> RunConfig:
     """Rebuild a RunConfig from `as_dict` output (e.g. a checkpoint's config.json)."""
     return to_run_config(OmegaConf.create(values))
+
+
+# --- launch/cache_activations.py --------------------------------------------------------------------------------------
+@dataclass
+class CacheConfig:
+    """Where and how `launch/cache_activations.py` writes an activation cache."""
+
+    out_dir: str = "caches/default"
+    """The cache folder; running the same command again after an interruption continues the job."""
+    num_tokens: int = 1_000_000
+    """Activation rows to write, over all ranks."""
+    shard_tokens: int = 262144
+    """Rows per shard file (262,144 rows of d = 768 in bfloat16 are 384 MiB)."""
+    dtype: str = "bfloat16"
+    """On-disk dtype: 'bfloat16', 'float16' or 'float32' (reading always yields float32)."""
+    seed: int = 0
+    """Seed of the shuffle applied before writing (rows are written block-shuffled)."""
+    device: str = "auto"
+    """Where the language model runs: 'auto' (cuda if available, else cpu), 'cpu' or 'cuda'."""
+    progress: bool = True
+    """Show a progress bar (rank 0)."""
+
+
+@dataclass
+class CacheJobConfig:
+    name: str = "cache"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+
+def to_cache_job_config(cfg: Any) -> CacheJobConfig:
+    """Merge a Hydra config of `launch/cache_activations.py` into its schema and validate it."""
+    job = _typed(CacheJobConfig, cfg)
+    cache = job.cache
+    _require(job.data.source == "lm", f"data.source={job.data.source!r}: a cache is written from data.source=lm")
+    validate(RunConfig(model=job.model, data=job.data))
+    _one_of("cache.dtype", cache.dtype, DTYPES)
+    _one_of("cache.device", cache.device, ("auto", "cpu", "cuda"))
+    _require(cache.num_tokens > 0, f"cache.num_tokens={cache.num_tokens} must be positive")
+    _require(cache.shard_tokens > 0, f"cache.shard_tokens={cache.shard_tokens} must be positive")
+    return job

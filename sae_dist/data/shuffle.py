@@ -1,87 +1,165 @@
-"""Block shuffle: mixes activations from many contexts before batching, with exact and cheap resume.
+"""Block shuffle: mixes activations from many units before batching, with exact resume on any world size.
 
-A `BlockReader` turns a seekable stream (text through a language model, or an on-disk cache) into consecutive
-blocks of at least `shuffle_buffer` activations. `BlockShuffleSource` holds one block, draws a permutation of
-its rows from a generator seeded by (seed, rank, block index), and serves batches as consecutive slices of that
-permutation; a batch that runs past the end of a block continues in the next one.
+A rank reads the units of its `Plan` (see `order.py`) through a `UnitReader`: `prepare` does the cheap per-unit
+work ahead (text: tokenisation, possibly in worker processes) and tells how many rows each unit gives; `fill`
+writes the activations of a list of prepared units into a preallocated block on the device (text: LM forwards;
+cache: copies from memory-mapped shards), one piece of work at a time. A block is the next units of the plan until
+they hold >= `block_rows` rows; its rows are served through a permutation drawn from a generator seeded by
+(seed, the block's first unit), which does not depend on the rank or the world size.
 
-The state is three small items: the reader's position at the start of the current block (for text: epoch,
-documents consumed, contexts consumed of the current document), the block index and the offset in the block.
-`load_state_dict` seeks the reader back to the block start and rebuilds the same block and permutation on the
-next `next_batch`: resuming costs one block fill (one block of LM forwards, or one read from disk) and a
-checkpoint never stores activations. Batches are gathered through the permutation, so the block is never
-copied in permuted order (a 2^18 x 768 float32 block is 0.8 GB).
+Two blocks are held: the one being served and the next one, which `work_ahead` fills piece by piece (the prefetch
+thread calls it while its queue is full), so the LM keeps running while the SAE trains on the current block.
+The state is the plan with the served block first and its offset; resuming rebuilds that block from its units
+(one block of LM forwards or disk reads) and never stores activations.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Generator, Iterator
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
+from sae_dist.data.order import PLAN_KEY, Plan, StartedBlock
 from sae_dist.data.source import ActivationSource, derive_seed
 
+PREPARE_STEP_UNITS = 64
+"""Units prepared per `work_ahead` call while a block's units are gathered."""
 
-class BlockReader(Protocol):
-    """A stream of activation blocks whose position can be saved and restored."""
+_BLOCK_SEED_SALT = 0x5EED_B10C
+
+
+class PreparedUnit(NamedTuple):
+    unit: int
+    rows: int
+    payload: Any
+    """What `fill` needs to produce the unit's rows (token ids, a shard slice, ...)."""
+
+
+class UnitReader(Protocol):
+    """Turns units into activation rows."""
 
     d_model: int
+    dtype: torch.dtype
+    """dtype of the rows in a block (e.g. bfloat16 for a bfloat16 LM); batches are served as float32."""
+    device: torch.device
 
-    def position(self) -> dict:
-        """Where the next `read_block` starts: JSON-able ints and lists."""
+    def prepare(self, units: Iterator[int]) -> Iterator[PreparedUnit]:
+        """The units, prepared lazily and in order."""
 
-    def seek(self, position: dict) -> None:
-        """Make the next `read_block` start at `position`."""
+    def fill(self, prepared: list[PreparedUnit], out_ND: Tensor) -> Iterator[None]:
+        """Write the rows of `prepared` (in order, N = their total rows) into `out_ND`, yielding after each piece."""
 
-    def read_block(self) -> Tensor:
-        """The next block of activations, float32 [n, d_model] on CPU, n > 0."""
+    def close(self) -> None:
+        """Release worker processes and files."""
+
+
+class Block(NamedTuple):
+    units: list[int]
+    rows_ND: Tensor
+    perm_N: Tensor
+    """Row order of the block, on the block's device."""
+
+
+BlockBuild = Generator[None, None, Block]
 
 
 class BlockShuffleSource(ActivationSource):
-    """Serves batches from consecutive blocks of `reader`, each shuffled by a permutation seeded by
-    (seed, rank, block index)."""
+    """Serves batches from consecutive shuffled blocks of this rank's units (module docstring)."""
 
-    def __init__(self, reader: BlockReader, seed: int = 0, rank: int = 0) -> None:
+    def __init__(self, reader: UnitReader, block_rows: int, seed: int = 0, rank: int = 0, world_size: int = 1):
         self.reader = reader
         self.d_model = reader.d_model
+        self.block_rows = block_rows
         self.seed = seed
-        self.rank = rank
-        self._block_index = 0
-        self._offset = 0
-        self._block_start = reader.position()
-        self._block_ND: Tensor | None = None
-        self._perm_N: Tensor | None = None
+        self.load_state_dict({PLAN_KEY: Plan.fresh(rank, world_size).to_state()})
 
-    def _fill(self) -> None:
-        self._block_start = self.reader.position()
-        self._block_ND = self.reader.read_block()
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, self.rank, self._block_index))
-        self._perm_N = torch.randperm(len(self._block_ND), generator=gen)
+    # --- building blocks ----------------------------------------------------------------------------------------
+    def _permutation(self, first_unit: int, rows: int) -> Tensor:
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, _BLOCK_SEED_SALT, first_unit))
+        return torch.randperm(rows, generator=gen).to(self.reader.device, non_blocking=True)
 
+    def _materialize(self, prepared: list[PreparedUnit]) -> BlockBuild:
+        rows = sum(p.rows for p in prepared)
+        out_ND = torch.empty(rows, self.d_model, dtype=self.reader.dtype, device=self.reader.device)
+        yield from self.reader.fill(prepared, out_ND)
+        return Block([p.unit for p in prepared], out_ND, self._permutation(prepared[0].unit, rows))
+
+    def _build_started(self, started: StartedBlock) -> BlockBuild:
+        return (yield from self._materialize(list(self.reader.prepare(iter(started.units)))))
+
+    def _build_fresh(self) -> BlockBuild:
+        if self._fresh is None:
+            self._fresh = self.reader.prepare(self._after_current.fresh_units())
+        prepared: list[PreparedUnit] = []
+        rows = 0
+        while rows < self.block_rows:
+            prepared.append(next(self._fresh))
+            rows += prepared[-1].rows
+            if len(prepared) % PREPARE_STEP_UNITS == 0:
+                yield
+        self._next_fresh_units = len(prepared)
+        return (yield from self._materialize(prepared))
+
+    def _start_next(self) -> None:
+        started = self._after_current.blocks
+        self._next_build = self._build_started(started[0]) if started else self._build_fresh()
+        self._next_block = None
+
+    def work_ahead(self) -> bool:
+        if self._next_block is not None:
+            return False
+        if self._next_build is None:
+            self._start_next()
+        try:
+            next(self._next_build)
+        except StopIteration as done:
+            self._next_block, self._next_build = done.value, None
+        return True
+
+    def _advance(self) -> None:
+        """Make the next block (finished now if need be) the served one."""
+        while self.work_ahead():
+            pass
+        plan = self._after_current
+        if plan.blocks:
+            offset = plan.blocks[0].offset
+            self._after_current = Plan(plan.next, plan.stride, plan.blocks[1:], plan.queue)
+        else:
+            offset = 0
+            self._after_current = plan.after_units(self._next_fresh_units)
+        self._current, self._offset, self._next_block = self._next_block, offset, None
+
+    # --- serving -------------------------------------------------------------------------------------------------
     def next_batch(self, batch_size: int) -> Tensor:
         parts = []
         needed = batch_size
         while needed > 0:
-            if self._block_ND is None:
-                self._fill()
-            take = self._perm_N[self._offset : self._offset + needed]
-            parts.append(self._block_ND[take])
-            self._offset += len(take)
-            needed -= len(take)
-            if self._offset == len(self._perm_N):
-                self._block_ND = self._perm_N = None
-                self._block_index += 1
-                self._offset = 0
+            if self._current is None or self._offset == len(self._current.perm_N):
+                self._current = None
+                self._advance()
+            take_B = self._current.perm_N[self._offset : self._offset + needed]
+            parts.append(self._current.rows_ND.index_select(0, take_B).float())
+            self._offset += len(take_B)
+            needed -= len(take_B)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def state_dict(self) -> dict:
-        # Without a block in memory the reader already sits at the start of the next one.
-        start = self._block_start if self._block_ND is not None else self.reader.position()
-        return {"block_start": start, "block_index": self._block_index, "offset": self._offset}
+        plan = self._after_current
+        served = self._current is not None and self._offset < len(self._current.perm_N)
+        current = [StartedBlock(self._current.units, self._offset)] if served else []
+        return {PLAN_KEY: Plan(plan.next, plan.stride, current + plan.blocks, plan.queue).to_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.reader.seek(state["block_start"])
-        self._block_ND = self._perm_N = None
-        self._block_index = int(state["block_index"])
-        self._offset = int(state["offset"])
+        self._after_current = Plan.from_state(state[PLAN_KEY])
+        """Everything after the served block: started blocks still to serve, then the fresh units."""
+        self._current: Block | None = None
+        self._offset = 0
+        self._fresh: Iterator[PreparedUnit] | None = None
+        self._next_fresh_units = 0
+        self._next_build: BlockBuild | None = None
+        self._next_block: Block | None = None
+
+    def close(self) -> None:
+        self.reader.close()

@@ -10,22 +10,24 @@ from torch import Tensor
 
 
 class DataUnavailableError(RuntimeError):
-    """A model or dataset is neither local nor downloadable; the message is one line saying how to get it."""
+    """A model, dataset or cache is missing, unreadable or corrupt; the message is one line saying which and how to
+    get it."""
 
 
 class ActivationSource(ABC):
     """An endless, rank-local stream of activation vectors with an exactly resumable position.
 
     A fresh source built from the same config, after `load_state_dict(old.state_dict())`, yields bit for bit the
-    batches `old` would have yielded next. The state is small (ints, lists, RNG seeds), never activations.
+    batches `old` would have yielded next. The state is small (ints, lists, RNG seeds), never activations;
+    `order.resume_state` turns the states saved by every rank of a run into one rank's state on another world size.
     """
 
     d_model: int
-    """Width d of every activation vector."""
+    """Width of every activation row (for several hook sites: sites x d, concatenated)."""
 
     @abstractmethod
     def next_batch(self, batch_size: int) -> Tensor:
-        """The next `batch_size` activations: float32 [batch_size, d_model] on CPU."""
+        """The next `batch_size` activations: float32 [batch_size, d_model] on the source's device."""
 
     @abstractmethod
     def state_dict(self) -> dict:
@@ -34,6 +36,15 @@ class ActivationSource(ABC):
     @abstractmethod
     def load_state_dict(self, state: dict) -> None:
         """Continue from a position returned by `state_dict` of a source built from the same config."""
+
+    def work_ahead(self) -> bool:
+        """Do one piece of work for later batches (e.g. one LM forward of the next shuffle block) without
+        changing what `next_batch` returns; False when there is nothing to do. Called by the prefetch thread
+        while its queue is full."""
+        return False
+
+    def close(self) -> None:
+        """Stop background threads and worker processes; the source may not be used afterwards."""
 
 
 def derive_seed(*keys: int) -> int:

@@ -6,7 +6,8 @@ where S holds about `active` features (2 * active uniform draws, each kept with 
 Binomial(2 * active, 1/2) with mean `active`), magnitudes m_i ~ U(0.5, 1.5), noise ~ N(0, noise^2) per
 dimension, and `offset` is a fixed vector of norm sqrt(active), about the norm of the sparse part, so that an
 SAE without a learned pre-bias (geometric median) is penalised. Batch i is a function of (seed, rank, i,
-batch size) alone, so the state is one counter.
+batch size, device type) alone, so the state is one counter. Batches are generated on the training device (a
+GPU's generator draws other numbers than the CPU's; the directions are drawn on the CPU, so they agree).
 """
 
 from __future__ import annotations
@@ -26,35 +27,48 @@ class SyntheticSource(ActivationSource):
     """Sparse non-negative combinations of fixed random directions, plus an offset and Gaussian noise."""
 
     def __init__(
-        self, d_model: int, num_features: int, active: int, noise: float, seed: int = 0, rank: int = 0
+        self,
+        d_model: int,
+        num_features: int,
+        active: int,
+        noise: float,
+        seed: int = 0,
+        rank: int = 0,
+        device: str | torch.device = "cpu",
     ) -> None:
         self.d_model = d_model
+        self.device = torch.device(device)
         self.active = active
         self.noise = noise
         self.seed = seed
         self.rank = rank
         gen = torch.Generator().manual_seed(seed)
-        self.true_features = F.normalize(torch.randn(num_features, d_model, generator=gen), dim=-1)
+        self.true_features = F.normalize(torch.randn(num_features, d_model, generator=gen), dim=-1).to(self.device)
         """Ground-truth unit directions, [F, d]."""
-        self.offset = F.normalize(torch.randn(d_model, generator=gen), dim=0) * active**0.5
+        self.offset = (F.normalize(torch.randn(d_model, generator=gen), dim=0) * active**0.5).to(self.device)
         """The mean offset added to every activation, [d]."""
         self._batch = 0
 
     @classmethod
-    def from_config(cls, data: DataConfig, seed: int, rank: int = 0) -> SyntheticSource:
-        return cls(data.d_model, data.synthetic_features, data.synthetic_active, data.synthetic_noise, seed, rank)
+    def from_config(
+        cls, data: DataConfig, seed: int, rank: int = 0, device: str | torch.device = "cpu"
+    ) -> SyntheticSource:
+        return cls(
+            data.d_model, data.synthetic_features, data.synthetic_active, data.synthetic_noise, seed, rank, device
+        )
 
     def next_batch(self, batch_size: int) -> Tensor:
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, self.rank, self._batch))
+        gen = torch.Generator(self.device).manual_seed(derive_seed(self.seed, self.rank, self._batch))
         self._batch += 1
         num_features = self.true_features.shape[0]
         slots = 2 * self.active
-        ids_BS = torch.randint(num_features, (batch_size, slots), generator=gen)
-        keep_BS = torch.rand(batch_size, slots, generator=gen) < 0.5
-        magnitude_BS = torch.rand(batch_size, slots, generator=gen) + 0.5
+        on = dict(generator=gen, device=self.device)
+        ids_BS = torch.randint(num_features, (batch_size, slots), **on)
+        keep_BS = torch.rand(batch_size, slots, **on) < 0.5
+        magnitude_BS = torch.rand(batch_size, slots, **on) + 0.5
         # A sparse decode: only the ~2*active drawn rows are read per sample, never a dense [B, F] matmul.
         x_BD = F.embedding_bag(ids_BS, self.true_features, per_sample_weights=magnitude_BS * keep_BS, mode="sum")
-        return x_BD + self.offset + self.noise * torch.randn(batch_size, self.d_model, generator=gen)
+        return x_BD + self.offset + self.noise * torch.randn(batch_size, self.d_model, **on)
 
     def state_dict(self) -> dict:
         return {"batch": self._batch}

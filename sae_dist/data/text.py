@@ -3,8 +3,11 @@
 `data.dataset` is a Hub name (streamed when `data.streaming`), a local builder with files (`text`, `json`, ...
 with `data.data_files`), a local dataset folder, 'pydoc-topics': the English documentation CPython ships in
 `pydoc_data.topics`, one document per topic, or 'python-docs': those topics plus the standard library's
-docstrings (about 1.7 MB of English; see `python_docs.py`), both available on any machine. Documents are sharded across ranks with
-`split_dataset_by_node`, so ranks never see the same document.
+docstrings (about 1.7 MB of English; see `python_docs.py`), both available on any machine.
+
+Training reads documents by global index through `Documents` (document g is document g mod n of the dataset, so
+epochs follow each other) and the ranks share them out as `order.py` says. `TextContexts` streams one dataset
+(or one rank's `split_dataset_by_node` share) context by context, for evaluation and inspection.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 from collections.abc import Iterator
 
 import datasets
+import numpy as np
 from datasets import Dataset, IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 from transformers import PreTrainedTokenizerBase
@@ -110,16 +114,72 @@ class TextContexts:
             return self._next_text()
         return row[self.text_column]
 
-    def _cut(self, text: str) -> list[list[int]]:
-        encoded = self.tokenizer(text, max_length=self.ctx_len, truncation=True, return_overflowing_tokens=True)
-        return [ids for ids in encoded["input_ids"] if ids]
-
     def next_context(self) -> list[int]:
         """Token ids of the next context, 1 to `ctx_len` of them."""
         while True:
             if self._contexts is None:
-                self._contexts = self._cut(self._next_text())
+                self._contexts = [ids.tolist() for ids in cut_documents(self.tokenizer, [self._next_text()], self.ctx_len)[0]]
             if self._ctx < len(self._contexts):
                 self._ctx += 1
                 return self._contexts[self._ctx - 1]
             self._doc, self._ctx, self._contexts = self._doc + 1, 0, None
+
+
+def cut_documents(tokenizer: PreTrainedTokenizerBase, texts: list[str], ctx_len: int) -> list[list[np.ndarray]]:
+    """Each text tokenised (one batched call) and cut into contexts of at most `ctx_len` token ids (int32), the
+    tokenizer's special tokens included per context (e.g. [CLS] ... [SEP] for BERT), the last, shorter one kept."""
+    encoded = tokenizer(
+        texts,
+        max_length=ctx_len,
+        truncation=True,
+        return_overflowing_tokens=True,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+    )
+    contexts: list[list[np.ndarray]] = [[] for _ in texts]
+    for ids, doc in zip(encoded["input_ids"], encoded["overflow_to_sample_mapping"], strict=True):
+        if ids:
+            contexts[doc].append(np.asarray(ids, dtype=np.int32))
+    return contexts
+
+
+class Documents:
+    """The texts of a dataset by global index: document g is document g mod n (n documents per epoch).
+
+    A map-style dataset is read by index in one call per request; an iterable (streaming) one is scanned in
+    order, from the start again when an earlier document is asked for, so rank-sharded reading costs each rank
+    a scan of the whole stream.
+    """
+
+    def __init__(self, dataset: Dataset | IterableDataset, text_column: str) -> None:
+        self.dataset = dataset
+        self.text_column = text_column
+        self.per_epoch: int | None = len(dataset) if isinstance(dataset, Dataset) else None
+        """n, once known (at once for a map-style dataset, after one full scan for a stream)."""
+        if self.per_epoch == 0:
+            raise DataUnavailableError("the dataset holds no documents")
+        self._scan: Iterator[dict] | None = None
+        self._scan_next = self._epoch_start = 0
+        """Global index of the document the scan yields next, and of the first document of its epoch."""
+
+    def texts(self, indices: list[int]) -> list[str]:
+        """The texts of documents `indices` (global indices, any order)."""
+        if isinstance(self.dataset, Dataset):
+            return self.dataset[[g % self.per_epoch for g in indices]][self.text_column]
+        return [self._scanned(g) for g in indices]
+
+    def _scanned(self, g: int) -> str:
+        if self._scan is None or g < self._scan_next:
+            self._scan_next = g - g % self.per_epoch if self.per_epoch else 0
+            self._scan, self._epoch_start = iter(self.dataset), self._scan_next
+        while True:
+            row = next(self._scan, None)
+            if row is None:  # the end of an epoch
+                if self._scan_next == self._epoch_start:
+                    raise DataUnavailableError("the dataset holds no documents")
+                self.per_epoch = self._scan_next - self._epoch_start
+                self._scan, self._epoch_start = iter(self.dataset), self._scan_next
+                continue
+            self._scan_next += 1
+            if self._scan_next - 1 == g:
+                return row[self.text_column]

@@ -14,10 +14,10 @@ Layout of a run directory:
 expert id, each rank writing the rows of its own experts and replicated tensors written once. Loading reads the
 rows a rank now owns, so a run saved on W ranks resumes on W' ranks with any valid P', or in one process.
 
-Data positions are rank-local: rank r restores the position saved by rank r mod W (W = ranks that saved). With
-the same W this is the exact stream; with another W' each rank continues a saved stream at the depth it had
-reached (sources whose batches are a function of a batch counter, like 'synthetic', continue exactly in step
-count; sharded text and cache streams may repeat or skip part of the data, as their shards change with W').
+Data positions: every rank reads the positions saved by all W ranks and takes its own with
+`sae_dist.data.order.resume_state`: on the same W rank r continues rank r's stream bit for bit; on another W' the
+text and cache streams are redistributed so that no document or cache row is read twice or skipped (the rule is
+in `sae_dist/data/order.py`), and counter-based sources ('synthetic') continue the stream of rank r mod W.
 
 A checkpoint is written to a temporary folder (by every rank) and renamed into place by rank 0 once all ranks
 are done, and `latest` is replaced atomically, so a crash at any moment leaves `latest` naming a complete one.
@@ -188,8 +188,9 @@ def export_model(folder: Path, run: RunConfig, d_model: int, step: int) -> None:
     write_model_tensors(folder, read_global_state(folder, "model."), run, d_model, step)
 
 
-def load_checkpoint(folder: Path, tensors: TrainingTensors, ctx: ParallelContext) -> tuple[dict, dict]:
-    """Load a checkpoint's sharded state into `tensors` (in place, on this layout); return (run_state, rank_state)."""
+def load_checkpoint(folder: Path, tensors: TrainingTensors, ctx: ParallelContext) -> tuple[dict, list[dict]]:
+    """Load a checkpoint's sharded state into `tensors` (in place, on this layout); return (run_state, the
+    rank states of every rank that saved it, in rank order)."""
     folder = Path(folder)
     run_state = torch.load(folder / STATE_FILE, weights_only=False)
     empty = _empty_optimizer_state(tensors, folder)
@@ -201,8 +202,8 @@ def load_checkpoint(folder: Path, tensors: TrainingTensors, ctx: ParallelContext
     index = {id(p): i for i, p in enumerate(params)}
     state = {index[id(param)]: empty[name] for name, param in tensors.model.named_parameters()}
     tensors.optimizer.load_state_dict({"state": state, "param_groups": run_state.pop("param_groups")})
-    rank_state = torch.load(folder / rank_file(ctx.rank % run_state.pop("world_size")), weights_only=False)
-    return run_state, rank_state
+    saved_world = run_state.pop("world_size")
+    return run_state, [torch.load(folder / rank_file(rank), weights_only=False) for rank in range(saved_world)]
 
 
 # --- finding and reading checkpoints ------------------------------------------------------------------------------

@@ -53,19 +53,36 @@ def final_evaluation(trainer: Trainer, batches: int) -> dict[str, float]:
     return ReconstructionSums.unpack(trainer.ctx.all_reduce_sum(sums.pack())).metrics()
 
 
-def train_from_config(run: RunConfig, ctx: ParallelContext | None = None, eval_batches: int = 4) -> dict[str, Any]:
-    """Train the run described by `run`; return {'last': last logged row, 'eval': final metrics, 'checkpoint'}."""
+def train_from_config(
+    run: RunConfig, ctx: ParallelContext | None = None, eval_batches: int = 4
+) -> dict[str, Any] | list[dict[str, Any]]:
+    """Train the run described by `run`; return {'last': last logged row, 'eval': final metrics, 'checkpoint'},
+    or for a run with a sweep (several SAEs on one stream, `train/multi.py`) a list of them, one per member."""
     ctx = ctx or ParallelContext()
-    run_dir = check_run_dir(run)
     device = resolve_device(run.trainer.device)
+    if run.sweep:
+        from sae_dist.train.multi import train_sweep
+
+        trainers = train_sweep(run, ctx, device)
+        results = [finish_run(trainer, eval_batches) for trainer in trainers]
+        trainers[0].source.close()
+        return results
+    run_dir = check_run_dir(run)
     source = build_activation_source(run, ctx.rank, ctx.world_size, device)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(as_dict(run))))
     trainer = Trainer(run, source, ctx, device)
-    last = trainer.train()
+    trainer.train()
+    result = finish_run(trainer, eval_batches)
+    source.close()
+    return result
+
+
+def finish_run(trainer: Trainer, eval_batches: int) -> dict[str, Any]:
+    """Final metrics and the closing table of a trained run."""
     evaluation = final_evaluation(trainer, eval_batches)
-    checkpoint = latest_checkpoint(run_dir)
-    if ctx.is_main:
-        print_summary(run, trainer.d_model, last, evaluation, trainer.tokens_per_s, checkpoint)
-    return {"last": last, "eval": evaluation, "checkpoint": checkpoint, "trainer": trainer}
+    checkpoint = latest_checkpoint(trainer.run_dir)
+    if trainer.ctx.is_main:
+        print_summary(trainer.run, trainer.d_model, trainer.last_row, evaluation, trainer.tokens_per_s, checkpoint)
+    return {"last": trainer.last_row, "eval": evaluation, "checkpoint": checkpoint, "trainer": trainer}

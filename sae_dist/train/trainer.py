@@ -7,6 +7,7 @@ the identity on one device and the expert-parallel layout under torchrun.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sae_dist.config import RunConfig
+from sae_dist.data.order import resume_state
 from sae_dist.data.source import ActivationSource
 from sae_dist.eval.metrics import ReconstructionSums
 from sae_dist.models import SAEOutput, build_sae
@@ -55,6 +57,7 @@ class Trainer:
         self.local_batch = self.ctx.local_batch_size(run.trainer.batch_size)
         self.tokens_per_s = 0.0
         """Training throughput of the last `train()` call, data production included."""
+        self.last_row: dict[str, Any] = {}
 
     # --- one optimisation step -------------------------------------------------------------------------------
     def train_step(self, x_TD: torch.Tensor) -> dict[str, Any]:
@@ -134,11 +137,12 @@ class Trainer:
 
     def restore(self, folder: Path) -> None:
         """Continue from a checkpoint written on any layout (see `checkpoint` for the data-position rule)."""
-        run_state, rank_state = ckpt.load_checkpoint(folder, self._tensors(), self.ctx)
+        run_state, rank_states = ckpt.load_checkpoint(folder, self._tensors(), self.ctx)
         self.step, self.tokens = run_state["step"], run_state["tokens"]
         self.scheduler.load_state_dict(run_state["scheduler"])
-        self.source.load_state_dict(rank_state["data"])
-        torch.set_rng_state(rank_state["torch_rng"])
+        data_states = [state["data"] for state in rank_states]
+        self.source.load_state_dict(resume_state(data_states, self.ctx.rank, self.ctx.world_size))
+        torch.set_rng_state(rank_states[self.ctx.rank % len(rank_states)]["torch_rng"])
 
     def maybe_resume(self) -> bool:
         """With trainer.resume, continue from the run's latest checkpoint; return whether one was found."""
@@ -153,6 +157,13 @@ class Trainer:
     # --- the loop --------------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
         """Run to `trainer.steps`; return the last logged metrics row."""
+        for _ in self.steps():
+            pass
+        return self.last_row
+
+    def steps(self) -> Iterator[int]:
+        """The loop of `train`, yielding the step count after every step (several trainers fed by one stream
+        advance in turn); the last logged row is then in `last_row`."""
         cfg = self.run.trainer
         self.maybe_resume()
         logger = MetricsLogger(self.run_dir, self.step, cfg.tensorboard) if self.ctx.is_main else None
@@ -182,8 +193,9 @@ class Trainer:
                     logger.log(last_row)
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 self.save()
+            yield self.step
         bar.close()
         if logger is not None:
             logger.close()
         self.tokens_per_s = (self.tokens - session_start_tokens) / max(time.perf_counter() - session_start, 1e-9)
-        return last_row
+        self.last_row = last_row

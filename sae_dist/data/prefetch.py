@@ -1,0 +1,139 @@
+"""Prefetch: the next batches of a source are produced in a background thread while the training step runs.
+
+The thread calls `source.next_batch` and puts each batch, with the source's state after it, into a queue of
+`depth` batches; while the queue is full it calls `source.work_ahead()` (for a block-shuffled source: the LM
+forwards of the next block), so production never stops while the consumer is busy. On a GPU the thread works
+in its own CUDA stream and hands each batch over with an event, so the LM forward and the SAE step overlap on
+the device as well.
+
+The state the consumer sees is the state after the last batch it took, not the producer's: checkpoints stay
+exact. A call with another batch size, or `load_state_dict`, stops the thread and rewinds the source.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+import weakref
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from sae_dist.data.source import ActivationSource
+
+_POLL_S = 0.05
+"""How often a producer blocked on a full queue checks whether it should stop."""
+
+
+class _Batch(NamedTuple):
+    batch: Tensor
+    state: dict
+    ready: torch.cuda.Event | None
+
+
+class _Failure(NamedTuple):
+    error: BaseException
+
+
+def _produce(
+    source: ActivationSource,
+    batch_size: int,
+    out: queue.Queue,
+    stop: threading.Event,
+    stream: torch.cuda.Stream | None,
+) -> None:
+    """The producer loop; every exception is handed to the consumer."""
+    try:
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            while not stop.is_set():
+                batch = source.next_batch(batch_size)
+                ready = None
+                if stream is not None:
+                    ready = torch.cuda.Event()
+                    ready.record(stream)
+                item = _Batch(batch, source.state_dict(), ready)
+                while not stop.is_set():
+                    try:
+                        out.put_nowait(item)
+                        break
+                    except queue.Full:
+                        if not source.work_ahead():
+                            with contextlib.suppress(queue.Full):
+                                out.put(item, timeout=_POLL_S)
+                                break
+    except BaseException as error:  # noqa: BLE001 - re-raised in the consumer
+        out.put(_Failure(error))
+
+
+class PrefetchingSource(ActivationSource):
+    """`source` with its next `depth` batches produced ahead in a background thread (module docstring)."""
+
+    def __init__(self, source: ActivationSource, depth: int, device: str | torch.device = "cpu") -> None:
+        self.source = source
+        self.d_model = source.d_model
+        self.depth = depth
+        self.device = torch.device(device)
+        self.wait_s = 0.0
+        """Seconds `next_batch` has waited for the producer so far."""
+        self._state = source.state_dict()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._queue: queue.Queue = queue.Queue(depth)
+        self._batch_size = 0
+        weakref.finalize(self, self._stop.set)
+
+    def _start(self, batch_size: int) -> None:
+        self._stop_thread()
+        self._batch_size = batch_size
+        self._stop.clear()
+        self._queue = queue.Queue(self.depth)
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._thread = threading.Thread(
+            target=_produce,
+            args=(self.source, batch_size, self._queue, self._stop, stream),
+            name="activation-prefetch",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def _stop_thread(self) -> None:
+        """Stop the producer and rewind the source to what the consumer has taken."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self._queue.get(timeout=_POLL_S)
+        self._thread = None
+        self.source.load_state_dict(self._state)
+
+    def next_batch(self, batch_size: int) -> Tensor:
+        if self._thread is None or batch_size != self._batch_size:
+            self._start(batch_size)
+        start = time.perf_counter()
+        item = self._queue.get()
+        self.wait_s += time.perf_counter() - start
+        if isinstance(item, _Failure):
+            self._thread = None
+            raise item.error
+        if item.ready is not None:
+            consumer = torch.cuda.current_stream(self.device)
+            consumer.wait_event(item.ready)
+            item.batch.record_stream(consumer)
+        self._state = item.state
+        return item.batch
+
+    def state_dict(self) -> dict:
+        return self._state
+
+    def load_state_dict(self, state: dict) -> None:
+        self._stop_thread()
+        self._state = state
+        self.source.load_state_dict(state)
+
+    def close(self) -> None:
+        self._stop_thread()
+        self.source.close()

@@ -1,0 +1,76 @@
+"""Tokenisation off the critical path: documents become token contexts in order, in this thread or in worker
+processes.
+
+With `workers` = 0 the calling thread (the prefetch thread) tokenises batches of documents with the fast
+tokenizer; with `workers` > 0 a pool of spawned processes does, `2 * workers` batches ahead, so neither the
+tokenizer nor the Python work of cutting contexts competes with the training thread for the GIL. Results come
+back in order either way, so the stream is the same.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from sae_dist.data.text import Documents, cut_documents
+
+DOCS_PER_CALL = 64
+"""Documents tokenised per tokenizer call (one worker task)."""
+
+_worker_state: dict = {}
+
+
+def _init_worker(tokenizer: PreTrainedTokenizerBase, ctx_len: int) -> None:
+    _worker_state.update(tokenizer=tokenizer, ctx_len=ctx_len)
+
+
+def _cut_in_worker(texts: list[str]) -> list[list[np.ndarray]]:
+    return cut_documents(_worker_state["tokenizer"], texts, _worker_state["ctx_len"])
+
+
+class Tokenization:
+    """Cuts the documents of a `Documents` into contexts of at most `ctx_len` tokens."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, ctx_len: int, workers: int = 0) -> None:
+        self.tokenizer = tokenizer
+        self.ctx_len = ctx_len
+        self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(self.tokenizer, self.ctx_len),
+            )
+        return self._pool
+
+    def contexts(self, documents: Documents, units: Iterator[int]) -> Iterator[tuple[int, list[np.ndarray]]]:
+        """(document index, its contexts) for each of `units` (global document indices), in order."""
+        in_flight: deque[tuple[list[int], Future | list]] = deque()
+        while True:
+            while len(in_flight) < max(1, 2 * self.workers):
+                batch = [unit for _, unit in zip(range(DOCS_PER_CALL), units)]
+                if not batch:
+                    break
+                texts = documents.texts(batch)
+                if self.workers:
+                    in_flight.append((batch, self._executor().submit(_cut_in_worker, texts)))
+                else:
+                    in_flight.append((batch, cut_documents(self.tokenizer, texts, self.ctx_len)))
+            if not in_flight:
+                return
+            batch, result = in_flight.popleft()
+            yield from zip(batch, result.result() if isinstance(result, Future) else result, strict=True)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None

@@ -4,14 +4,20 @@ Documents are the `pydoc_data.topics` entries (the language reference topics) fo
 function docstrings of the standard library's own source files, read with `ast` (nothing is imported or run).
 Order is deterministic: topics by key, then files by path, docstrings in source order; short docstrings
 (fewer than `min_chars` characters) are skipped since they are mostly one-line summaries.
+
+Parsing the standard library takes seconds, so `python_docs_dataset` builds the corpus once per Python version
+as a `datasets` Arrow table in the Hugging Face cache and memory-maps it afterwards.
 """
 
 from __future__ import annotations
 
 import ast
+import sys
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
+
+from datasets import Dataset
 
 DOCSTRING_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
@@ -40,3 +46,17 @@ def python_documents(min_chars: int = 200) -> list[str]:
             continue
         documents.extend(_docstrings(path, min_chars))
     return documents
+
+
+def _rows(text_column: str, python: str, min_chars: int) -> Iterator[dict[str, str]]:
+    for doc in python_documents(min_chars):
+        yield {text_column: doc}
+
+
+def python_docs_dataset(text_column: str = "text", min_chars: int = 200) -> Dataset:
+    """`python_documents` as a dataset with one column, built once per Python version (its fingerprint) and then
+    read from the `datasets` cache."""
+    python = f"{sys.version} {sysconfig.get_paths()['stdlib']}"
+    return Dataset.from_generator(
+        _rows, gen_kwargs={"text_column": text_column, "python": python, "min_chars": min_chars}
+    )

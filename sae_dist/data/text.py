@@ -43,9 +43,9 @@ def load_text_dataset(data: DataConfig) -> Dataset | IterableDataset:
 
         return Dataset.from_dict({data.text_column: [topics[key] for key in sorted(topics)]})
     if data.dataset == PYTHON_DOCS:
-        from sae_dist.data.python_docs import python_documents
+        from sae_dist.data.python_docs import python_docs_dataset
 
-        return Dataset.from_dict({data.text_column: python_documents()})
+        return python_docs_dataset(data.text_column)
     if data.dataset in LOCAL_BUILDERS:
         if not data.data_files:
             raise ConfigError(f"data.dataset={data.dataset!r} needs data.data_files=[...]")

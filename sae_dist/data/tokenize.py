@@ -2,7 +2,7 @@
 processes.
 
 With `workers` = 0 the calling thread (the prefetch thread) tokenises batches of documents with the fast
-tokenizer; with `workers` > 0 a pool of spawned processes does, `2 * workers` batches ahead, so neither the
+tokenizer; with `workers` > 0 a pool of processes does, `2 * workers` batches ahead, so neither the
 tokenizer nor the Python work of cutting contexts competes with the training thread for the GIL. Results come
 back in order either way, so the stream is the same.
 """
@@ -44,9 +44,13 @@ class Tokenization:
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
+            # Workers fork from a clean server process that has imported this module once (forking this
+            # process, whose prefetch and training threads hold locks, is unsafe; spawning re-imports per worker).
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload([__name__])
             self._pool = ProcessPoolExecutor(
                 self.workers,
-                mp_context=multiprocessing.get_context("spawn"),
+                mp_context=context,
                 initializer=_init_worker,
                 initargs=(self.tokenizer, self.ctx_len),
             )

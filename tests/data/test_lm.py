@@ -1,6 +1,7 @@
 import json
 import time
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -133,19 +134,82 @@ def test_unavailable_hub_model_fails_fast(name, hub_reachable):
     assert "\n" not in message and name in message and "model.path=" in message
 
 
-def test_lm_source_resume_is_exact(tiny_gpt2_dir):
+def tiny_run(tiny_gpt2_dir, **data) -> RunConfig:
     run = RunConfig()
     run.model.name, run.model.path, run.model.layer = "tiny", str(tiny_gpt2_dir), 1
     run.data.dataset, run.data.ctx_len, run.data.lm_batch_size, run.data.shuffle_buffer = "pydoc-topics", 32, 4, 200
+    for key, value in data.items():
+        setattr(run.data, key, value)
+    return run
+
+
+def test_lm_source_resume_is_exact(tiny_gpt2_dir):
+    run = tiny_run(tiny_gpt2_dir, prefetch=0)
     old = build_activation_source(run, rank=1, world_size=2)
     assert old.d_model == 64
     for _ in range(5):
         old.next_batch(96)
     state = json.loads(json.dumps(old.state_dict()))
-    assert state["block_index"] == 2 and state["block_start"]["epoch"] == 0
+    [block] = state["plan"]["blocks"]
+    assert block["units"][0][0] % 2 == 1 and 0 < block["offset"]  # rank 1 of 2 reads documents 1, 3, 5, ...
     fresh = build_activation_source(run, rank=1, world_size=2)
     fresh.load_state_dict(state)
     for size in (150, 96, 300):
         batch = old.next_batch(size)
         assert batch.shape == (size, 64) and batch.dtype == torch.float32
         assert torch.equal(batch, fresh.next_batch(size))
+
+
+def test_prefetched_lm_source_equals_the_plain_one(tiny_gpt2_dir):
+    plain = build_activation_source(tiny_run(tiny_gpt2_dir, prefetch=0))
+    ahead = build_activation_source(tiny_run(tiny_gpt2_dir, prefetch=3))
+    for _ in range(4):
+        assert torch.equal(plain.next_batch(128), ahead.next_batch(128))
+    assert plain.state_dict() == ahead.state_dict()
+    ahead.close()
+
+
+def test_several_layers_in_one_pass_equal_one_layer_each(tiny_gpt2):
+    model, tokenizer = tiny_gpt2
+    contexts = [np.asarray(ids, dtype=np.int32) for ids in tokenizer(TEXTS)["input_ids"]]
+    both = HookedLM(model, [2, 0]).capture(contexts, pad_id=0)
+    alone = [HookedLM(model, layer).capture(contexts, pad_id=0) for layer in (2, 0)]
+    assert both.shape == (sum(map(len, contexts)), 128)
+    torch.testing.assert_close(both, torch.cat(alone, dim=1), rtol=0, atol=0)
+    ids, mask = padded(tokenizer)
+    torch.testing.assert_close(HookedLM(model, [2, 0])(ids, mask), both, rtol=0, atol=0)
+
+
+def test_documents_are_units_across_epochs(minilm):
+    from sae_dist.data.lm import LMUnitReader
+    from sae_dist.data.text import Documents, cut_documents, load_text_dataset
+    from sae_dist.data.tokenize import Tokenization
+
+    model, tokenizer = minilm
+    data = RunConfig().data
+    data.dataset, data.ctx_len = "pydoc-topics", 32
+    documents = Documents(load_text_dataset(data), "text")
+    n = documents.per_epoch
+    reader = LMUnitReader(HookedLM(model, 0), documents, Tokenization(tokenizer, 32), 8, 0)
+    prepared = list(reader.prepare(iter([5, 2, n + 5])))
+    expected = cut_documents(tokenizer, [documents.dataset[i]["text"] for i in (5, 2, 5)], 32)
+    assert [p.unit for p in prepared] == [5, 2, n + 5]
+    for unit, contexts in zip(prepared, expected, strict=True):
+        assert unit.rows == sum(map(len, contexts))
+        assert all(np.array_equal(a, b) for a, b in zip(unit.payload, contexts, strict=True))
+
+
+def test_bfloat16_lm_fills_bfloat16_blocks_and_serves_float32(tiny_gpt2_dir):
+    run = tiny_run(tiny_gpt2_dir, prefetch=0)
+    run.model.dtype = "bfloat16"
+    source = build_activation_source(run)
+    batch = source.next_batch(50)
+    assert source.reader.dtype == torch.bfloat16 and batch.dtype == torch.float32
+    assert torch.equal(batch, batch.bfloat16().float())
+
+
+def test_auto_dtype_is_bfloat16_on_gpu_only():
+    from sae_dist.data.lm import lm_dtype
+
+    assert lm_dtype("auto", "cpu") == "float32" and lm_dtype("auto", "cuda") == "bfloat16"
+    assert lm_dtype("float16", "cuda") == "float16"

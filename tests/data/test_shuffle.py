@@ -2,67 +2,66 @@ import json
 
 import pytest
 import torch
+from unit_readers import id_source, row_ids, unit_rows
 
-from sae_dist.data.shuffle import BlockShuffleSource
-
-
-class CountingReader:
-    """Blocks of consecutive row ids (column 0 = global row id), of varying sizes, endless."""
-
-    d_model = 2
-    sizes = (7, 10, 5)
-
-    def __init__(self) -> None:
-        self.block = 0
-        self.reads = 0
-
-    def position(self) -> dict:
-        return {"block": self.block}
-
-    def seek(self, position: dict) -> None:
-        self.block = position["block"]
-
-    def start(self, block: int) -> int:
-        return sum(self.sizes[i % len(self.sizes)] for i in range(block))
-
-    def read_block(self) -> torch.Tensor:
-        self.reads += 1
-        start, size = self.start(self.block), self.sizes[self.block % len(self.sizes)]
-        self.block += 1
-        ids = torch.arange(start, start + size, dtype=torch.float32)
-        return torch.stack([ids, -ids], dim=1)
+from sae_dist.data.order import Plan
 
 
-def test_each_row_once_and_shuffled_within_blocks():
-    source = BlockShuffleSource(CountingReader(), seed=0)
-    rows = torch.cat([source.next_batch(4) for _ in range(11)])  # 44 rows = two rounds of 7 + 10 + 5
-    ids = rows[:, 0].long()
-    assert sorted(ids.tolist()) == list(range(44))
-    assert not torch.equal(ids, torch.arange(44))
-    # Rows leave a block only after all of its rows: blocks are contiguous in the output.
-    assert sorted(ids[:7].tolist()) == list(range(7)) and sorted(ids[7:17].tolist()) == list(range(7, 17))
+def block_units(source) -> list[int]:
+    return source._current.units
 
 
-def test_permutation_depends_on_seed_and_rank():
-    def first(seed: int, rank: int) -> torch.Tensor:
-        return BlockShuffleSource(CountingReader(), seed=seed, rank=rank).next_batch(7)
+def test_blocks_hold_whole_units_of_at_least_block_rows_each_row_once_shuffled():
+    source = id_source(block_rows=12)
+    rows = row_ids(source.next_batch(1))
+    units = block_units(source)
+    block = {(u, j) for u in units for j in range(unit_rows(u))}
+    assert len(block) >= 12 and len(block) - unit_rows(units[-1]) < 12
+    rows += row_ids(source.next_batch(len(block) - 1))
+    assert set(rows) == block and rows != sorted(rows)  # the block's rows, all of them, shuffled
+    rows += [r for _ in range(30) for r in row_ids(source.next_batch(7))]
+    assert len(set(rows)) == len(rows)
+    read = {u for u, _ in rows}
+    assert {(u, j) for u in range(max(read) - 10) for j in range(unit_rows(u))} <= set(rows)
 
-    assert torch.equal(first(0, 0), first(0, 0))
-    assert not torch.equal(first(0, 0), first(1, 0))
-    assert not torch.equal(first(0, 0), first(0, 1))
+
+def test_permutation_depends_on_the_seed_and_the_block_not_on_the_rank():
+    def first_block(seed: int, rank: int, world: int):
+        source = id_source(rank, world, seed=seed)
+        batch = source.next_batch(12)
+        return block_units(source), batch
+
+    units_a, rows_a = first_block(seed=0, rank=0, world=1)
+    units_b, rows_b = first_block(seed=0, rank=1, world=2)
+    assert units_a != units_b and not torch.equal(rows_a, rows_b)
+    # The block of units 1, 3, 5 ... read by rank 1 of 2 shuffles the same way whoever reads it.
+    same = id_source(rank=1, world_size=2, seed=0)
+    assert torch.equal(same.next_batch(12), rows_b)
+    assert not torch.equal(first_block(seed=1, rank=1, world=2)[1], rows_b)
 
 
-@pytest.mark.parametrize("taken", [0, 3, 7, 9, 17, 22, 30])
-def test_resume_is_exact_and_rereads_one_block(taken):
-    old = BlockShuffleSource(CountingReader(), seed=5, rank=1)
+@pytest.mark.parametrize("taken", [0, 3, 12, 17, 40])
+def test_resume_is_exact_and_rereads_only_the_started_block(taken):
+    old = id_source(rank=1, world_size=2, seed=5)
     if taken:
         old.next_batch(taken)
     state = json.loads(json.dumps(old.state_dict()))
-    assert set(state) == {"block_start", "block_index", "offset"}
-    reader = CountingReader()
-    fresh = BlockShuffleSource(reader, seed=5, rank=1)
+    fresh = id_source(rank=1, world_size=2, seed=5)
     fresh.load_state_dict(state)
     assert fresh.state_dict() == state
-    for size in (6, 13, 1):  # batches that span blocks
+    for size in (6, 13, 1, 30):  # batches that span blocks
         assert torch.equal(old.next_batch(size), fresh.next_batch(size))
-    assert reader.block - reader.reads == state["block_start"]["block"]  # no block read twice
+    started = state["plan"]["blocks"]
+    assert max(fresh.reader.filled.values()) == 1
+    if started:
+        assert min(fresh.reader.filled) == started[0]["units"][0][0]
+
+
+def test_working_ahead_changes_neither_batches_nor_state():
+    plain, eager = id_source(seed=2), id_source(seed=2)
+    for size in (5, 9, 1, 14, 3):
+        state = eager.state_dict()
+        while eager.work_ahead():
+            assert eager.state_dict() == state
+        assert torch.equal(plain.next_batch(size), eager.next_batch(size))
+    assert max(eager.reader.filled.values()) == 1

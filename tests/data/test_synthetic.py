@@ -3,7 +3,7 @@ import json
 import torch
 
 from sae_dist.config import RunConfig
-from sae_dist.data import SyntheticSource, build_activation_source, feature_recovery
+from sae_dist.data import PrefetchingSource, SyntheticSource, build_activation_source, feature_recovery
 
 
 def make(rank: int = 0, seed: int = 0, noise: float = 0.01) -> SyntheticSource:
@@ -63,4 +63,8 @@ def test_build_dispatch():
     run = RunConfig()
     run.data.source, run.data.d_model, run.data.synthetic_features, run.data.synthetic_active = "synthetic", 32, 16, 2
     source = build_activation_source(run, rank=1, world_size=2)
-    assert isinstance(source, SyntheticSource) and source.d_model == 32 and source.rank == 1
+    assert isinstance(source, PrefetchingSource) and source.d_model == 32  # data.prefetch batches ahead
+    assert isinstance(source.source, SyntheticSource) and source.source.rank == 1
+    source.close()
+    run.data.prefetch = 0
+    assert isinstance(build_activation_source(run), SyntheticSource)

@@ -97,7 +97,69 @@ def test_python_docs_corpus_is_english_documentation_in_a_fixed_order():
     from sae_dist.data.python_docs import python_documents
 
     docs = python_documents()
-    assert docs == python_documents()
+    assert load_text_dataset(DataConfig(dataset="python-docs"))["text"] == docs  # the cached corpus, same order
     assert len(docs) > 1000 and sum(map(len, docs)) > 1_000_000
     assert all(len(doc) >= 200 for doc in docs[100:])
     assert any("Return" in doc for doc in docs)
+
+
+def text_files(tmp_path, count: int = 2) -> list[str]:
+    files = []
+    for i in range(count):
+        files.append(str(tmp_path / f"part{i}.txt"))
+        (tmp_path / f"part{i}.txt").write_text("".join(f"line {i}.{j} " * (j + 1) + "\n" for j in range(3)))
+    return files
+
+
+def test_documents_by_global_index_wrap_around_epochs(tmp_path):
+    from sae_dist.data.text import Documents
+
+    files = text_files(tmp_path)
+    mapped = Documents(load_text_dataset(DataConfig(dataset="text", data_files=files, streaming=False)), "text")
+    streamed = Documents(load_text_dataset(DataConfig(dataset="text", data_files=files, streaming=True)), "text")
+    n = mapped.per_epoch
+    assert n == 6 and streamed.per_epoch is None
+    everything = mapped.texts(list(range(n)))
+    wanted = [4, 5, n + 1, 3 * n + 2, 2, n + 2, 0]  # forwards across epochs, then back: the stream restarts
+    assert mapped.texts(wanted) == streamed.texts(wanted) == [everything[g % n] for g in wanted]
+    assert streamed.per_epoch == n
+
+
+def test_empty_dataset_is_one_line():
+    from datasets import Dataset, IterableDataset
+
+    from sae_dist.data.text import Documents
+
+    def nothing():
+        yield from ()
+
+    for dataset in (Dataset.from_dict({"text": []}), IterableDataset.from_generator(nothing)):
+        with pytest.raises(DataUnavailableError, match="holds no documents"):
+            Documents(dataset, "text").texts([0])
+
+
+def test_batched_cutting_equals_one_document_at_a_time(tokenizer):
+    from sae_dist.data.text import cut_documents
+
+    texts = load_text_dataset(pydoc())["text"][:20] + ["", "short"]
+    together = cut_documents(tokenizer, texts, 32)
+    for text, contexts in zip(texts, together, strict=True):
+        alone = tokenizer(text, max_length=32, truncation=True, return_overflowing_tokens=True)["input_ids"]
+        assert [c.tolist() for c in contexts] == [ids for ids in alone if ids]
+
+
+def test_tokenizer_workers_give_the_same_contexts_in_order(tokenizer):
+    from sae_dist.data.text import Documents
+    from sae_dist.data.tokenize import Tokenization
+
+    documents = Documents(load_text_dataset(pydoc()), "text")
+    units = [3, 1, 200, 7, 7, 0] + list(range(40, 180))
+    inline = list(Tokenization(tokenizer, 32).contexts(documents, iter(units)))
+    pool = Tokenization(tokenizer, 32, workers=2)
+    try:
+        in_workers = list(pool.contexts(documents, iter(units)))
+    finally:
+        pool.close()
+    assert [u for u, _ in in_workers] == [u for u, _ in inline] == units
+    for (_, a), (_, b) in zip(inline, in_workers, strict=True):
+        assert [c.tolist() for c in a] == [c.tolist() for c in b]

@@ -7,7 +7,7 @@ import torch
 
 from sae_dist import load_sae
 from sae_dist.data import build_activation_source
-from sae_dist.data.synthetic import feature_recovery
+from sae_dist.data.synthetic import SyntheticSource, feature_recovery
 from sae_dist.train.checkpoint import latest_checkpoint
 from sae_dist.train.logging import read_metrics
 from sae_dist.train.run import RunDirectoryError, train_from_config
@@ -115,7 +115,7 @@ def test_switch_sae_recovers_synthetic_features(tmp_path):
     run = small_run(tmp_path, steps=300, batch_size=512, log_every=100, checkpoint_every=300)
     run.sae.num_latents, run.sae.num_experts, run.sae.k = 512, 4, 4
     trainer = train(run)
-    source = build_activation_source(run)
+    source = SyntheticSource.from_config(run.data, run.trainer.seed)
     w_dec = trainer.model.experts.w_dec.flatten(0, 1)
     recovery = feature_recovery(w_dec, source.true_features)
     best_cosine_F = (source.true_features @ torch.nn.functional.normalize(w_dec, dim=-1).T).max(dim=1).values

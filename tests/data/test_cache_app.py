@@ -1,0 +1,91 @@
+"""launch/cache_activations.py: one process and two torchrun ranks write caches that hold exactly the live
+activations of each rank."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from sae_dist.config import to_cache_job_config
+from sae_dist.data import CacheUnitReader, build_activation_source
+from sae_dist.data.cache import MANIFEST
+from sae_dist.data.cache_writer import CacheExistsError, rank_rows
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "launch" / "cache_activations.py"
+
+
+def overrides(tiny_gpt2_dir, out_dir) -> list[str]:
+    return [f"model.path={tiny_gpt2_dir}", "model.name=tiny", "model.layer=1", "data.dataset=pydoc-topics",
+            "data.ctx_len=32", "data.shuffle_buffer=512", f"cache.out_dir={out_dir}", "cache.num_tokens=3001",
+            "cache.shard_tokens=1000", "cache.dtype=float32", "cache.progress=false", "cache.seed=3"]
+
+
+def compose_job(*args: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return to_cache_job_config(compose(config_name="cache_activations", overrides=list(args)))
+
+
+def live_rows(job, rank: int, world_size: int) -> torch.Tensor:
+    """What the training source of the same model and text yields on rank `rank`: the rows the cache must hold."""
+    from sae_dist.config import RunConfig, TrainerConfig
+
+    run = RunConfig(model=job.model, data=job.data, trainer=TrainerConfig(seed=job.cache.seed))
+    run.data.prefetch = 0
+    source = build_activation_source(run, rank, world_size)
+    return source.next_batch(rank_rows(job.cache.num_tokens, rank, world_size))
+
+
+def cached_rows(out_dir, rank: int) -> torch.Tensor:
+    manifest = json.loads((Path(out_dir) / MANIFEST).read_text())
+    reader = CacheUnitReader(out_dir)
+    starts = [0]
+    for shard in manifest["shards"]:
+        starts.append(starts[-1] + shard["rows"])
+    mine = [i for i, s in enumerate(manifest["shards"]) if s["file"].startswith(f"shard_{rank:05d}_")]
+    return torch.cat([reader.read_rows(starts[i], starts[i + 1]) for i in mine])
+
+
+def test_one_process_caches_the_live_activations(tiny_gpt2_dir, tmp_path):
+    spec = importlib.util.spec_from_file_location("cache_activations", SCRIPT)
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    job = compose_job(*overrides(tiny_gpt2_dir, tmp_path / "cache"))
+    manifest = json.loads(app.cache_activations(job, 0, 1, torch.device("cpu")).read_text())
+    assert manifest["num_tokens"] == 3001 and manifest["d_model"] == 64 and manifest["dtype"] == "float32"
+    assert manifest["site"]["layer"] == 1 and manifest["model"]["path"] == str(tiny_gpt2_dir)
+    assert manifest["dataset"]["dataset"] == "pydoc-topics" and manifest["config"]["trainer"]["seed"] == 3
+    assert torch.equal(cached_rows(tmp_path / "cache", 0), live_rows(job, 0, 1))
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
+    with pytest.raises(CacheExistsError, match="already holds an activation cache"):
+        app.cache_activations(job, 0, 1, torch.device("cpu"))
+    assert before == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
+
+
+def test_two_ranks_write_disjoint_shards_of_the_live_activations(tiny_gpt2_dir, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    torchrun = Path(sys.executable).parent / "torchrun"
+    args = [str(torchrun), "--standalone", "--nproc_per_node=2", str(SCRIPT), *overrides(tiny_gpt2_dir, tmp_path / "c")]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((tmp_path / "c" / MANIFEST).read_text())
+    assert manifest["world_size"] == 2 and manifest["num_tokens"] == 3001
+    assert [s["file"][:11] for s in manifest["shards"]] == ["shard_00000"] * 2 + ["shard_00001"] * 2
+    job = compose_job(*overrides(tiny_gpt2_dir, tmp_path / "c"))
+    for rank in range(2):
+        assert torch.equal(cached_rows(tmp_path / "c", rank), live_rows(job, rank, 2))
+
+
+@pytest.mark.parametrize(("override", "message"), [("cache.dtype=int8", "cache.dtype='int8' is unknown"),
+                                                   ("data.source=synthetic", "a cache is written from data.source=lm")])
+def test_bad_cache_options_are_config_errors(tiny_gpt2_dir, tmp_path, override, message):
+    from sae_dist.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        compose_job(*overrides(tiny_gpt2_dir, tmp_path), override)

@@ -1,0 +1,87 @@
+"""Several SAEs from one stream (`run.sweep`): each equals the same SAE trained alone on the same stream."""
+
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+
+from sae_dist.config import ConfigError, RunConfig, sweep_members, validate
+from sae_dist.train.checkpoint import latest_checkpoint
+from sae_dist.train.logging import read_metrics
+from sae_dist.train.run import train_from_config
+from tests.data.conftest import minilm, tiny_gpt2_dir  # noqa: F401 - the tiny random GPT-2 and its tokenizer
+
+
+def assert_same_weights(a, b) -> None:
+    for name, tensor in a.model.state_dict().items():
+        torch.testing.assert_close(b.model.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def alone(member: RunConfig, tmp_path) -> "Trainer":  # noqa: F821
+    run = replace(member, trainer=replace(member.trainer, out_dir=str(tmp_path / "alone" / member.name)))
+    return train_from_config(run, eval_batches=1)["trainer"]
+
+
+def test_sweep_members_equal_separate_runs(make_run, tmp_path):
+    run = make_run(steps=12, checkpoint_every=6)
+    run.sweep = [{"sae": {"k": 4}}, {"sae.k": 8, "sae.num_latents": 128, "name": "wide_k8"}, {"trainer.lr": 1e-3}]
+    results = train_from_config(run, eval_batches=1)
+    members = sweep_members(run)
+    assert [r["trainer"].run.name for r in results] == [m.name for m in members]
+    assert members[1].name == "wide_k8" and members[0].name == "switch_M256_N4_k4_L8"
+    for result, member in zip(results, members, strict=True):
+        trainer = result["trainer"]
+        assert trainer.run_dir == tmp_path / "run" / member.name and (trainer.run_dir / "config.yaml").is_file()
+        assert [r["step"] for r in read_metrics(trainer.run_dir)] == [5, 10, 12]
+        assert latest_checkpoint(trainer.run_dir).name == "step_00000012"
+        assert_same_weights(trainer, alone(member, tmp_path))
+
+
+def test_sweep_over_hook_sites_reads_the_lm_once(tiny_gpt2_dir, make_run, tmp_path):
+    run = make_run(steps=4, checkpoint_every=4)
+    run.data.source, run.data.dataset, run.data.ctx_len, run.data.shuffle_buffer = "lm", "pydoc-topics", 32, 512
+    run.model.name, run.model.path, run.model.layer = "tiny", str(tiny_gpt2_dir), 1
+    run.sweep = [{"model.layer": 2}, {"model.layer": 0, "sae.k": 4}]
+    validate(run)
+    results = train_from_config(run, eval_batches=1)
+    assert results[0]["trainer"].source.stream.source.d_model == 2 * 64  # one pass reads both blocks
+    for result, member in zip(results, sweep_members(run), strict=True):
+        assert_same_weights(result["trainer"], alone(member, tmp_path))
+
+
+def test_resume_starts_every_member_from_a_step_they_all_have(make_run, tmp_path):
+    whole = make_run(steps=12, checkpoint_every=4, keep_checkpoints=3, out_dir=str(tmp_path / "whole"))
+    whole.sweep = [{"sae.k": 4}, {"sae.k": 8}]
+    finished = train_from_config(whole, eval_batches=1)
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    # A crash between two members' saves of step 8: member 0 has saved it, member 1 has not.
+    for member, keep in zip(sweep_members(whole), ("step_00000008", "step_00000004"), strict=True):
+        checkpoints = tmp_path / "cut" / member.name / "checkpoints"
+        for folder in checkpoints.glob("step_*"):
+            if folder.name > keep:
+                shutil.rmtree(folder)
+        (checkpoints / "latest").write_text(keep)
+    resumed = replace(whole, trainer=replace(whole.trainer, out_dir=str(tmp_path / "cut"), resume=True))
+    results = train_from_config(resumed, eval_batches=1)
+    for result, reference in zip(results, finished, strict=True):
+        assert result["trainer"].step == 12
+        assert_same_weights(result["trainer"], reference["trainer"])
+
+
+@pytest.mark.parametrize(
+    ("sweep", "message"),
+    [
+        ([{"data": {"ctx_len": 64}}], r"sweep\[0\].data.ctx_len cannot differ"),
+        ([{"trainer.batch_size": 64}], r"sweep\[0\].trainer.batch_size cannot differ"),
+        ([{"sae.k": 4}, {"sae.k": 4}], "sweep names must differ"),
+        ([{"sae.kk": 4}], r"sweep\[0\]: sae.kk"),
+        ([{"model.layer": 2}], "needs data.source=lm"),
+    ],
+)
+def test_bad_sweeps_are_one_line_errors(make_run, sweep, message):
+    run = make_run()
+    run.sweep = sweep
+    with pytest.raises(ConfigError, match=message) as info:
+        validate(run)
+    assert "\n" not in str(info.value)

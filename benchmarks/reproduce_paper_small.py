@@ -36,7 +36,7 @@ from sae_dist.config import (
     validate,
 )
 from sae_dist.data import build_activation_source, write_cache
-from sae_dist.data.cache import MANIFEST, CacheBlockReader
+from sae_dist.data.cache import MANIFEST, CacheUnitReader
 from sae_dist.eval.flops import flops_per_token
 from sae_dist.eval.metrics import ReconstructionSums
 from sae_dist.eval.plots import RunPoint, plot_pareto, run_family
@@ -77,8 +77,8 @@ def sae_configs(width: int, experts: int, k: int) -> dict[str, SAEConfig]:
 def heldout_metrics(run_dir: Path, heldout_dir: Path, batch: int = 4096) -> dict[str, float]:
     """MSE, FVU and L0 of the run's final SAE over every held-out activation."""
     sae = load_sae(run_dir)
-    reader = CacheBlockReader(heldout_dir, block_rows=batch)
-    total = reader.starts[-1]
+    reader = CacheUnitReader(heldout_dir)
+    total = reader.total_rows
     sums = None
     for start in range(0, total, batch):
         x_TD = reader.read_rows(start, min(start + batch, total))
@@ -123,7 +123,7 @@ def main() -> None:
     torch.manual_seed(0)
     begin = time.perf_counter()
     train_dir, heldout_dir = build_caches(args.out, args.train_tokens, args.heldout_tokens)
-    d_model = CacheBlockReader(train_dir, SHARD_TOKENS).d_model
+    d_model = CacheUnitReader(train_dir).d_model
 
     points, rows = [], []
     for k in args.ks:

@@ -62,7 +62,7 @@ class SyntheticSource(ActivationSource):
         self._batch += 1
         num_features = self.true_features.shape[0]
         slots = 2 * self.active
-        on = dict(generator=gen, device=self.device)
+        on = {"generator": gen, "device": self.device}
         ids_BS = torch.randint(num_features, (batch_size, slots), **on)
         keep_BS = torch.rand(batch_size, slots, **on) < 0.5
         magnitude_BS = torch.rand(batch_size, slots, **on) + 0.5

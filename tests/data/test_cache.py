@@ -6,9 +6,14 @@ import pytest
 import torch
 
 from sae_dist.config import ConfigError, RunConfig
-from sae_dist.data import CachedActivationSource, DataUnavailableError, build_activation_source, write_cache
+from sae_dist.data import (
+    CachedActivationSource,
+    DataUnavailableError,
+    build_activation_source,
+    cache_writer,
+    write_cache,
+)
 from sae_dist.data import cache as cache_module
-from sae_dist.data import cache_writer
 from sae_dist.data.cache import MANIFEST, CacheUnitReader
 from sae_dist.data.order import Plan, resume_state
 from sae_dist.data.source import ActivationSource
@@ -84,7 +89,7 @@ def test_ranks_read_disjoint_rows(cache, monkeypatch):
 
 def test_changing_world_size_reads_every_row_of_an_epoch_once(cache, monkeypatch):
     monkeypatch.setattr(cache_module, "UNIT_ROWS", 50)  # 20 chunks of 50 rows per epoch, one per block
-    make = lambda rank, world: CachedActivationSource(cache, 50, 1, rank, world)  # noqa: E731
+    make = lambda rank, world: CachedActivationSource(cache, 50, 1, rank, world)
     seen: Counter = Counter()
     sources = [make(rank, 2) for rank in range(2)]
     for world, batches in ((3, 3), (1, 2)):

@@ -72,7 +72,7 @@ def test_two_ranks_write_disjoint_shards_of_the_live_activations(tiny_gpt2_dir, 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     torchrun = Path(sys.executable).parent / "torchrun"
     args = [str(torchrun), "--standalone", "--nproc_per_node=2", str(SCRIPT), *overrides(tiny_gpt2_dir, tmp_path / "c")]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = json.loads((tmp_path / "c" / MANIFEST).read_text())
     assert manifest["world_size"] == 2 and manifest["num_tokens"] == 3001

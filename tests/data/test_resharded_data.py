@@ -91,7 +91,7 @@ def test_resume_in_one_process_continues_exactly_the_two_rank_streams(tmp_path):
     write_cache(IdRows(), tmp_path / "cache", num_tokens=4000, shard_tokens=1000)
     spawn_checks(train_two_ranks, 2, tmp_path, "saved").require("trained")
     recorded_trainer(tmp_path, 2 * STEPS, 0, 1).train()
-    read = lambda world, rank: [json.loads(line) for line in (tmp_path / f"ids_w{world}_r{rank}.jsonl").open()]  # noqa: E731
+    read = lambda world, rank: [json.loads(line) for line in (tmp_path / f"ids_w{world}_r{rank}.jsonl").open()]
     before = [row for rank in range(2) for batch in read(2, rank) for row in batch]
     after = [row for batch in read(1, 0) for row in batch]
     assert len(before) == len(after) == STEPS * GLOBAL_BATCH

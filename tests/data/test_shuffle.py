@@ -4,8 +4,6 @@ import pytest
 import torch
 from unit_readers import id_source, row_ids, unit_rows
 
-from sae_dist.data.order import Plan
-
 
 def block_units(source) -> list[int]:
     return source._current.units

@@ -38,7 +38,7 @@ def test_sweep_members_equal_separate_runs(make_run, tmp_path):
         assert_same_weights(trainer, alone(member, tmp_path))
 
 
-def test_sweep_over_hook_sites_reads_the_lm_once(tiny_gpt2_dir, make_run, tmp_path):
+def test_sweep_over_hook_sites_reads_the_lm_once(tiny_gpt2_dir, make_run, tmp_path):  # noqa: F811
     run = make_run(steps=4, checkpoint_every=4)
     run.data.source, run.data.dataset, run.data.ctx_len, run.data.shuffle_buffer = "lm", "pydoc-topics", 32, 512
     run.model.name, run.model.path, run.model.layer = "tiny", str(tiny_gpt2_dir), 1

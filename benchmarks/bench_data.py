@@ -11,6 +11,9 @@ for the cache. On a CPU both stages share the same cores, so the best the job ca
 
     python benchmarks/bench_data.py [--lm minilm|gpt2] [--device cpu|cuda] [--steps 40] [--batch 1024]
 
+With eai-sparsify installed (`pip install -e ".[bench]"`) the table ends with the peer: sparsify's training job on
+the same model, site and text with a dense TopK SAE of the same width, beside this project's job with that SAE.
+
 `--lm gpt2` is a randomly initialised GPT-2 small (it costs what the real one costs; no weights are downloaded)
 read at block 8 with the bundled MiniLM tokenizer (no GPT-2 tokenizer files ship offline), and the paper's
 Switch SAE (M = 65,536, N = 8, k = 32); `--lm minilm` is the offline quickstart (MiniLM block 3, M = 6,144).
@@ -19,6 +22,7 @@ Switch SAE (M = 65,536, N = 8, k = 32); `--lm minilm` is the offline quickstart 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -194,6 +198,31 @@ def job_rate(run: RunConfig, source: ActivationSource, device: torch.device, out
     return Rate(tokens / (wall_1 - wall_0), tokens / (cpu_1 - cpu_0))
 
 
+def sparsify_rate(run: RunConfig, model, tokenizer, steps: int, out_dir: Path) -> Rate:
+    """EleutherAI's sparsify on the same model, site and text: a dense TopK SAE of the same width and k trained
+    inside the hook of a full LM forward per batch (its design: no shuffle buffer, nothing overlapped). Steady
+    state from two runs of different lengths; batches of batch_size / ctx_len sequences."""
+    from sparsify import SaeConfig, TrainConfig
+    from sparsify import Trainer as SparsifyTrainer
+    from sparsify.data import chunk_and_tokenize
+
+    sequences = chunk_and_tokenize(load_text_dataset(run.data), tokenizer, max_seq_len=run.data.ctx_len, num_proc=1)
+    per_batch = run.trainer.batch_size // run.data.ctx_len
+    hookpoint = f"{'h' if hasattr(model, 'h') else 'encoder.layer'}.{run.model.layer}"
+
+    def fit(batches: int) -> tuple[float, float]:
+        cfg = TrainConfig(SaeConfig(num_latents=run.sae.num_latents, k=run.sae.k), batch_size=per_batch,
+                          hookpoints=[hookpoint], save_every=10**9, log_to_wandb=False, save_dir=str(out_dir))
+        trainer = SparsifyTrainer(cfg, sequences.select(range(batches * per_batch)), model)
+        start, start_cpu = time.perf_counter(), cpu_seconds()
+        trainer.fit()
+        return time.perf_counter() - start, cpu_seconds() - start_cpu
+
+    (wall_short, cpu_short), (wall_long, cpu_long) = fit(3), fit(3 + steps)
+    tokens = steps * per_batch * run.data.ctx_len
+    return Rate(tokens / (wall_long - wall_short), tokens / (cpu_long - cpu_short))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lm", choices=("minilm", "gpt2"), default="minilm")
@@ -205,6 +234,8 @@ def main() -> None:
     parser.add_argument("--buffer", type=int, default=16384, help="shuffle block rows")
     parser.add_argument("--cache-tokens", type=int, default=262144)
     parser.add_argument("--documents", type=int, default=400, help="documents tokenised for the tokenise stage")
+    parser.add_argument("--no-peer", dest="peer", action="store_false", help="skip the eai-sparsify comparison")
+    parser.set_defaults(peer=importlib.util.find_spec("sparsify") is not None)
     args = parser.parse_args()
     device = torch.device(args.device)
     workdir = Path(tempfile.mkdtemp(prefix="bench_data_"))
@@ -241,6 +272,12 @@ def main() -> None:
             prefetched(CachedActivationSource(cache_dir, args.buffer, device=device), 4, device), device,
             workdir / "job_cache"),
     }
+    if args.peer:
+        dense = replace(run.sae, kind="topk", num_experts=1)
+        jobs[f"job: LM source, prefetch 4, dense TopK M={dense.num_latents}"] = job_rate(
+            replace(run, sae=dense), build(run, model, tokenizer, 4, device), device, workdir / "job_topk")
+        jobs[f"peer: eai-sparsify job, dense TopK M={dense.num_latents}"] = sparsify_rate(
+            run, model, tokenizer, args.steps, workdir / "sparsify")
     print_table(args, run, d_model, stages, jobs, peak, bandwidth)
 
 
@@ -276,8 +313,9 @@ def print_table(args, run, d_model, stages, jobs, peak, bandwidth) -> None:
     for column in columns:
         table.add_column(column, justify="left" if column == "what" else "right")
     for name, (value, floor) in stages.items():
+        cpu = "-" if "worker" in name else f"{value.cpu:,.0f}"  # the work is in other processes
         table.add_row(name, f"{value.wall:,.0f}", f"{floor:,.0f}" if floor else "-",
-                      f"{value.wall / floor:.0%}" if floor else "-", f"{value.cpu:,.0f}", "")
+                      f"{value.wall / floor:.0%}" if floor else "-", cpu, "")
     tokenise = max((v for k, (v, _) in stages.items() if k.startswith("tokenise")), key=lambda r: r.wall)
     lm = next(v for k, (v, _) in stages.items() if k.startswith("LM"))
     sae = stages["SAE step"][0]
@@ -288,6 +326,9 @@ def print_table(args, run, d_model, stages, jobs, peak, bandwidth) -> None:
     table.add_row("serial bound 1/(1/LM + 1/SAE)", f"{serial.wall:,.0f}", "", "", f"{serial.cpu:,.0f}",
                   f"{serial.wall / slowest_lm_job.wall:.0%}")
     for name, value in jobs.items():
+        if "TopK" in name:  # the like-for-like comparison with the peer: its own rows
+            table.add_row(name, f"{value.wall:,.0f}", "", "", f"{value.cpu:,.0f}", "")
+            continue
         slowest = slowest_cache_job if "cache" in name else slowest_lm_job
         ratio = f"{value.wall / slowest.wall:.0%}"
         if "LM" in name:

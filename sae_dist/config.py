@@ -100,6 +100,8 @@ class DataConfig:
     cache_verify: bool = True
     """Check the sha256 of every cache shard when a 'cache' source opens (split over the ranks); the sizes and
     headers of all shards are checked regardless."""
+    sample_by: str = "line"
+    """For data.dataset=text: one document per 'line', 'paragraph' or 'document' (a whole file, e.g. source code)."""
 
 
 @dataclass
@@ -230,6 +232,7 @@ def validate(run: RunConfig) -> None:
             f"data.synthetic_active={data.synthetic_active} must be in [1, data.synthetic_features]",
         )
     _require(data.prefetch >= 0, f"data.prefetch={data.prefetch} must be >= 0")
+    _one_of("data.sample_by", data.sample_by, ("line", "paragraph", "document"))
     workers = data.tokenizer_workers
     _require(workers is None or workers >= 0, f"data.tokenizer_workers={workers} must be >= 0 or null (auto)")
     cf = run.parallel.capacity_factor

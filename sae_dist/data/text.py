@@ -49,9 +49,10 @@ def load_text_dataset(data: DataConfig) -> Dataset | IterableDataset:
     if data.dataset in LOCAL_BUILDERS:
         if not data.data_files:
             raise ConfigError(f"data.dataset={data.dataset!r} needs data.data_files=[...]")
+        options = {"sample_by": data.sample_by} if data.dataset == "text" else {}
         try:
             ds = load_dataset(
-                data.dataset, data_files=list(data.data_files), split=data.split, streaming=data.streaming
+                data.dataset, data_files=list(data.data_files), split=data.split, streaming=data.streaming, **options
             )
         except FileNotFoundError as exc:
             raise DataUnavailableError(f"data.data_files: {str(exc).splitlines()[0]}") from None

@@ -163,3 +163,10 @@ def test_tokenizer_workers_give_the_same_contexts_in_order(tokenizer):
     assert [u for u, _ in in_workers] == [u for u, _ in inline] == units
     for (_, a), (_, b) in zip(inline, in_workers, strict=True):
         assert [c.tolist() for c in a] == [c.tolist() for c in b]
+
+
+def test_text_files_as_whole_documents(tmp_path):
+    files = text_files(tmp_path)
+    data = DataConfig(dataset="text", data_files=files, sample_by="document", streaming=False)
+    by_file = load_text_dataset(data)["text"]
+    assert by_file == [open(f).read() for f in files]

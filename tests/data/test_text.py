@@ -1,5 +1,6 @@
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -169,4 +170,4 @@ def test_text_files_as_whole_documents(tmp_path):
     files = text_files(tmp_path)
     data = DataConfig(dataset="text", data_files=files, sample_by="document", streaming=False)
     by_file = load_text_dataset(data)["text"]
-    assert by_file == [open(f).read() for f in files]
+    assert by_file == [Path(f).read_text() for f in files]

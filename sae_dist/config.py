@@ -78,8 +78,8 @@ class DataConfig:
     """Stream the dataset instead of downloading it whole."""
     ctx_len: int = 128
     """Tokens per context; each document is cut into contexts of this length, padding dropped."""
-    lm_batch_size: int = 32
-    """Contexts per language-model forward pass."""
+    lm_batch_size: int = 256
+    """Contexts per language-model forward pass (large batches keep a GPU busy)."""
     shuffle_buffer: int = 262144
     """Activations mixed in memory before batching."""
     cache_dir: str | None = None

@@ -160,11 +160,11 @@ class CacheUnitReader:
     def fill(self, prepared: list[PreparedUnit], out_ND: Tensor) -> Iterator[None]:
         row = 0
         while prepared:
-            take = 1
-            while take < len(prepared) and sum(p.rows for p in prepared[:take]) < FILL_ROWS:
+            take, rows = 0, 0
+            while take < len(prepared) and (take == 0 or rows < FILL_ROWS):
+                rows += prepared[take].rows
                 take += 1
             parts = [self._rows(s)[start:stop] for s, start, stop in (p.payload for p in prepared[:take])]
-            rows = sum(len(part) for part in parts)
             if self.device.type == "cuda":
                 staging_ND = torch.empty(rows, self.d_model, dtype=self.dtype, pin_memory=True)
                 torch.cat(parts, out=staging_ND)

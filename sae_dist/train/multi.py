@@ -30,21 +30,19 @@ def sweep_layers(members: list[RunConfig]) -> list[int]:
 
 
 def build_members(
-    run: RunConfig, ctx: ParallelContext, device: torch.device
-) -> tuple[list[Trainer], SharedStream]:
+    run: RunConfig, members: list[RunConfig], ctx: ParallelContext, device: torch.device
+) -> list[Trainer]:
     """One trainer per sweep member, all fed by one stream of this rank's activations."""
-    members = sweep_members(run)
+    lm = run.data.source == "lm"
     layers = sweep_layers(members)
-    source = build_activation_source(
-        run, ctx.rank, ctx.world_size, device, layers if run.data.source == "lm" else None
-    )
-    width = source.d_model // len(layers) if run.data.source == "lm" else source.d_model
+    source = build_activation_source(run, ctx.rank, ctx.world_size, device, layers if lm else None)
+    width = source.d_model // len(layers) if lm else source.d_model
     stream = SharedStream(source, len(members))
     trainers = []
     for i, member in enumerate(members):
-        site = layers.index(member.model.layer) if run.data.source == "lm" else 0
+        site = layers.index(member.model.layer) if lm else 0
         trainers.append(Trainer(member, stream.view(i, slice(site * width, (site + 1) * width)), ctx, device))
-    return trainers, stream
+    return trainers
 
 
 def restore_common_step(trainers: list[Trainer]) -> int | None:
@@ -73,9 +71,10 @@ def train_members(trainers: list[Trainer]) -> None:
 
 def train_sweep(run: RunConfig, ctx: ParallelContext, device: torch.device) -> list[Trainer]:
     """Train the members of `run.sweep` from one stream; returns their trainers (trained)."""
-    for member in sweep_members(run):
+    members = sweep_members(run)
+    for member in members:
         check_run_dir(member)
-    trainers, _ = build_members(run, ctx, device)
+    trainers = build_members(run, members, ctx, device)
     if ctx.is_main:
         for trainer in trainers:
             trainer.run_dir.mkdir(parents=True, exist_ok=True)

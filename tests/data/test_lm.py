@@ -213,3 +213,14 @@ def test_auto_dtype_is_bfloat16_on_gpu_only():
 
     assert lm_dtype("auto", "cpu") == "float32" and lm_dtype("auto", "cuda") == "bfloat16"
     assert lm_dtype("float16", "cuda") == "float16"
+
+
+def test_ranks_read_disjoint_documents(tiny_gpt2_dir):
+    run = tiny_run(tiny_gpt2_dir, prefetch=0)
+    blocks = []
+    for rank in range(3):
+        source = build_activation_source(run, rank=rank, world_size=3)
+        source.next_batch(1)
+        blocks.append(source._current.units)
+        assert all(unit % 3 == rank for unit in blocks[-1])
+    assert blocks[0][:2] == [0, 3] and blocks[2][:2] == [2, 5]

@@ -3,13 +3,20 @@
 Rank r sits at (dp, ep) = (r // P, r % P). The P ranks of one "ep" group are consecutive and together hold all N
 experts (N / P each), so with P <= GPUs per node the all-to-all stays on a node's fast links. Ranks with the same
 ep index hold the same experts and form a "dp" group: the W / P expert-data-parallel replicas.
+
+Every group (the world and the mesh's "dp" and "ep" groups) gets the same timeout, `parallel.timeout_s`: a rank
+that dies or stalls makes the others fail within it instead of hanging, and `collective_failure` turns the
+backend's error into one line naming the collective.
 """
 
 from __future__ import annotations
 
 import os
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -17,6 +24,7 @@ from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from sae_dist.config import ConfigError, RunConfig
+from sae_dist.launcher_env import restart_count
 
 
 def launched_by_torchrun() -> bool:
@@ -33,6 +41,12 @@ def expert_parallel_size(run: RunConfig, world_size: int) -> int:
 
 def validate_layout(run: RunConfig, world_size: int) -> int:
     """Check that the experts and the batch split evenly over the ranks; return P. One-line ConfigError otherwise."""
+    cf = run.parallel.capacity_factor
+    if world_size == 1 and cf is not None:
+        raise ConfigError(
+            f"parallel.capacity_factor={cf} applies to expert-parallel dispatch (torchrun with 2 or more ranks); "
+            "in one process every token reaches its expert: use null"
+        )
     ep_size = expert_parallel_size(run, world_size)
     default = "" if run.parallel.ep_size is not None else " (the default; set parallel.ep_size)"
     if world_size % ep_size:
@@ -47,15 +61,68 @@ def validate_layout(run: RunConfig, world_size: int) -> int:
     return ep_size
 
 
+def backend_for(device_type: str) -> str:
+    return "nccl" if device_type == "cuda" else "gloo"
+
+
+def _attempt_store(timeout: timedelta) -> dist.Store | None:
+    """Under torchrun, a store of its own for each attempt, or None elsewhere (env:// as usual).
+
+    Workers share the torchrun agent's store, which outlives a restart with the previous attempt's keys: the
+    groups of a restarted worker then look up peers of the dead attempt and fail to connect. Prefixing every key
+    with the attempt number keeps the attempts apart."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    agent_store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]), is_master=False,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(f"sae_dist/attempt_{restart_count()}", agent_store)
+
+
 def init_process_group(device_type: str, timeout: timedelta | None = None) -> None:
     """Join the job torchrun started (RANK, WORLD_SIZE, MASTER_ADDR/PORT in env): NCCL on CUDA, gloo on CPU."""
     if dist.is_initialized():
         return
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    backend = "nccl" if device_type == "cuda" else "gloo"
     kwargs = {} if timeout is None else {"timeout": timeout}
-    dist.init_process_group(backend, **kwargs)
+    store = _attempt_store(timeout or dist.default_pg_timeout)
+    if store is not None:
+        kwargs.update(store=store, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    dist.init_process_group(backend_for(device_type), **kwargs)
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed because another rank died or stalled; the message is one line naming it."""
+
+
+def _called_collective(exc: BaseException) -> tuple[str, str] | None:
+    """(torch.distributed function, 'file:line' of the sae-dist code that called it) from a traceback."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for i, frame in enumerate(frames):
+        if frame.filename.endswith("distributed_c10d.py"):
+            callers = [f for f in frames[:i] if "/torch/" not in f.filename]
+            where = f"{os.path.basename(callers[-1].filename)}:{callers[-1].lineno}" if callers else "?"
+            return frame.name, where
+    return None
+
+
+def collective_failure(exc: BaseException, rank: int, timeout_s: float, during: str) -> CollectiveError | None:
+    """A one-line CollectiveError for an exception raised inside a torch.distributed collective, else None.
+
+    `during` says what the rank was doing (e.g. 'step 120' or 'the checkpoint of step 100')."""
+    called = _called_collective(exc)
+    if called is None and not isinstance(exc, dist.DistError):
+        return None
+    name, where = called or ("a collective", "?")
+    reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    reason = reason.split("] ", 1)[-1] if reason.startswith("[") else reason  # gloo's source location
+    reason = reason.split(". ", 1)[0]  # gloo's advice to read the other rank's log follows the first sentence
+    return CollectiveError(
+        f"collective {name} ({where}) failed on rank {rank} during {during}: another rank died or stalled "
+        f"(parallel.timeout_s={timeout_s:g}): {reason}"
+    )
 
 
 @dataclass(frozen=True)
@@ -89,10 +156,58 @@ class ExpertMesh:
         return dist.get_world_size()
 
 
-def build_mesh(device_type: str, ep_size: int) -> ExpertMesh:
-    """The mesh of the initialised world with expert-parallel size P = `ep_size` (validated by the caller)."""
+def _group_options(device_type: str, timeout: timedelta) -> object:
+    """Backend options that carry `timeout` (a DeviceMesh's groups otherwise get torch's default, 10-30 min)."""
+    options = dist.ProcessGroupNCCL.Options() if device_type == "cuda" else dist.ProcessGroupGloo._Options()
+    options._timeout = timeout
+    return options
+
+
+def build_mesh(device_type: str, ep_size: int, timeout: timedelta | None = None) -> ExpertMesh:
+    """The mesh of the initialised world with expert-parallel size P = `ep_size` (validated by the caller); its
+    groups time out after `timeout` (default: torch's)."""
     world = dist.get_world_size()
-    return ExpertMesh(init_device_mesh(device_type, (world // ep_size, ep_size), mesh_dim_names=("dp", "ep")))
+    override = None
+    if timeout is not None:
+        backend = backend_for(device_type)
+        override = {dim: (backend, _group_options(device_type, timeout)) for dim in ("dp", "ep")}
+    mesh = init_device_mesh(
+        device_type, (world // ep_size, ep_size), mesh_dim_names=("dp", "ep"), backend_override=override
+    )
+    return ExpertMesh(mesh)
+
+
+T = TypeVar("T")
+
+
+class PeerFailedError(RuntimeError):
+    """Another rank failed and reported its error; this rank stops with it."""
+
+    report_here = False
+
+
+def on_every_rank(fn: Callable[[], T]) -> T:
+    """fn() on every rank of the initialised world (plain fn() without one). If it raises anywhere, every rank
+    raises: the lowest failing rank its own error (with `report_here = True`: the one to print), the others
+    PeerFailedError. So an error met by one rank alone, e.g. its data shard being empty, is printed once and
+    never leaves the other ranks waiting in a collective."""
+    if not dist.is_initialized():
+        return fn()
+    result, error = None, None
+    try:
+        result = fn()
+    except Exception as exc:  # handed to every rank below
+        error = exc
+    world, rank = dist.get_world_size(), dist.get_rank()
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    first = torch.tensor([rank if error is not None else world], device=device)
+    dist.all_reduce(first, op=dist.ReduceOp.MIN)
+    if int(first) == world:
+        return result
+    if error is not None and int(first) == rank:
+        error.report_here = True
+        raise error
+    raise PeerFailedError(f"rank {int(first)} failed")
 
 
 def broadcast_object(obj):

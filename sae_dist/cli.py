@@ -1,0 +1,102 @@
+"""Conventions shared by the commands in launch/: how they end and what they check before loading anything.
+
+Exit statuses: 2 with one line on stderr for bad input and unusable files (a config value, a missing or damaged
+file, a full or read-only disk, a non-finite step; printed once under torchrun: by rank 0, or by the one rank that
+met an error alone); 75 (`preemption.REQUEUE_EXIT_STATUS`) for a run stopped by SIGTERM/SIGUSR1 after writing a
+checkpoint; 1 with one line for a collective that failed because another rank died or stalled (printed by every
+rank that saw it). Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NoReturn
+
+from omegaconf.errors import OmegaConfBaseException
+
+from sae_dist.config import ConfigError, error_line
+from sae_dist.data.source import DataUnavailableError
+from sae_dist.parallel.mesh import CollectiveError, PeerFailedError
+from sae_dist.train.checkpoint import CheckpointError, read_checkpoint_config, resolve_checkpoint
+from sae_dist.train.preemption import REQUEUE_EXIT_STATUS, StopRequested
+from sae_dist.train.preflight import OutputFolder, check_output_folder
+from sae_dist.train.trainer import NonFiniteError
+
+USAGE_ERROR_STATUS = 2
+COLLECTIVE_ERROR_STATUS = 1
+USER_ERRORS = (ConfigError, DataUnavailableError, CheckpointError, NonFiniteError, PeerFailedError)
+"""Errors whose message is the whole story: one line, exit status 2."""
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR)
+"""OSErrors that mean the disk or the path is unusable, not a bug."""
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def one_line(text: str) -> str:
+    return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def fail(exc: BaseException | str, status: int = USAGE_ERROR_STATUS, every_rank: bool = False) -> NoReturn:
+    """Print 'error: ...' (once: see the module docstring) and exit with `status`."""
+    report = every_rank or getattr(exc, "report_here", _rank() == 0)
+    if report:
+        text = error_line(exc) if isinstance(exc, OmegaConfBaseException) or _is_hydra_error(exc) else str(exc)
+        print(f"error: {one_line(text)}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def _is_hydra_error(exc: BaseException | str) -> bool:
+    from hydra.errors import HydraException
+
+    return isinstance(exc, HydraException)
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Turn the errors a user can act on into one line and an exit status (see the module docstring)."""
+    from hydra.errors import HydraException
+
+    try:
+        yield
+    except StopRequested as exc:
+        if _rank() == 0:
+            print(exc, file=sys.stderr, flush=True)
+        sys.exit(REQUEUE_EXIT_STATUS)
+    except (*USER_ERRORS, HydraException, OmegaConfBaseException) as exc:
+        fail(exc)
+    except CollectiveError as exc:
+        fail(exc, COLLECTIVE_ERROR_STATUS, every_rank=True)
+    except OSError as exc:
+        if exc.errno not in DISK_ERRNOS:
+            raise
+        fail(f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc))
+
+
+def check_output(path: str | os.PathLike, option: str) -> OutputFolder:
+    """The output folder of a command is writable (nothing is created); print it with its free disk space."""
+    folder = check_output_folder(Path(path), option)
+    if _rank() == 0:
+        print(f"output folder: {folder.describe()}", flush=True)
+    return folder
+
+
+def check_latents(checkpoint: str | os.PathLike, latents: list[int] | None) -> None:
+    """--latents ids exist in the SAE at `checkpoint` (reads its config.json only)."""
+    num_latents = read_checkpoint_config(resolve_checkpoint(checkpoint))[0].sae.num_latents
+    for latent in latents or []:
+        if not 0 <= latent < num_latents:
+            fail(f"--latents {latent} is not a latent of this SAE (allowed: 0 to {num_latents - 1})")
+
+
+def require_positive(options: dict, *names: str) -> None:
+    """Each of the command-line options `names` (argparse dests) is a positive number."""
+    for name in names:
+        if options[name] is not None and options[name] <= 0:
+            fail(f"--{name.replace('_', '-')}={options[name]} must be positive")

@@ -17,10 +17,10 @@ from rich.console import Console
 from rich.table import Table
 
 from sae_dist.api import load_sae
-from sae_dist.cli import check_output, one_line_errors, require_positive
+from sae_dist.cli import check_checkpoint, check_output, one_line_errors, require_positive
 from sae_dist.eval.geometry import expert_rows, geometry, plot_tsne, tsne_2d
 from sae_dist.eval.plots import GEOMETRY_FILE, plot_similarity
-from sae_dist.train.checkpoint import resolve_checkpoint, write_atomically
+from sae_dist.train.checkpoint import write_atomically
 
 
 def print_summary(summary: dict, title: str) -> None:
@@ -54,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     with one_line_errors():
         require_positive(vars(args), "chunk", "tsne_points")
-        folder = resolve_checkpoint(args.path)
+        folder, _ = check_checkpoint(args.path)
         out = args.out or folder
         check_output(out, "--out")
         sae = load_sae(folder, args.device)

@@ -18,11 +18,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from sae_dist.cli import check_output, fail, one_line_errors, require_positive
+from sae_dist.cli import check_checkpoint, check_output, fail, one_line_errors, require_positive
 from sae_dist.eval.evaluate import EvalConfig, evaluate
 from sae_dist.eval.plots import EVAL_FILE
 from sae_dist.eval.splice import MEASURE_CE
-from sae_dist.train.checkpoint import resolve_checkpoint, write_atomically
+from sae_dist.train.checkpoint import write_atomically
 
 
 def _pm(section: dict, key: str, digits: int = 4) -> str:
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         require_positive(args, "batches", "batch_tokens", "splice_batch_contexts")
         if not 0 < args["heldout_frac"] < 1:
             fail(f"--heldout-frac={args['heldout_frac']} must be in (0, 1)")
-        folder = resolve_checkpoint(path)
+        folder, _ = check_checkpoint(path)
         out = out or folder / EVAL_FILE
         check_output(out.parent, "--out")
         report = evaluate(folder, **args)

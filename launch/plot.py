@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 
-from sae_dist.cli import check_output, one_line_errors
+from sae_dist.cli import check_checkpoint, check_output, one_line_errors
 from sae_dist.eval.plots import plot_runs
+from sae_dist.train.checkpoint import latest_checkpoint
 
 
 def main() -> None:
@@ -19,6 +20,9 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="folder for the PNG files")
     args = parser.parse_args()
     with one_line_errors():
+        for run_dir in args.run_dirs:
+            if latest_checkpoint(run_dir) is not None:
+                check_checkpoint(run_dir)
         check_output(args.out, "--out")
         written = plot_runs(args.run_dirs, args.out)
     for path in written:

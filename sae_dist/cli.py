@@ -19,10 +19,17 @@ from typing import NoReturn
 
 from omegaconf.errors import OmegaConfBaseException
 
-from sae_dist.config import ConfigError, error_line
+from sae_dist.config import ConfigError, RunConfig, error_line
 from sae_dist.data.source import DataUnavailableError
 from sae_dist.parallel.mesh import CollectiveError, PeerFailedError
-from sae_dist.train.checkpoint import CheckpointError, read_checkpoint_config, resolve_checkpoint
+from sae_dist.train.checkpoint import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    CheckpointError,
+    read_checkpoint_config,
+    resolve_checkpoint,
+    verify_files,
+)
 from sae_dist.train.preemption import REQUEUE_EXIT_STATUS, StopRequested
 from sae_dist.train.preflight import OutputFolder, check_output_folder
 from sae_dist.train.trainer import NonFiniteError
@@ -31,8 +38,9 @@ USAGE_ERROR_STATUS = 2
 COLLECTIVE_ERROR_STATUS = 1
 USER_ERRORS = (ConfigError, DataUnavailableError, CheckpointError, NonFiniteError, PeerFailedError)
 """Errors whose message is the whole story: one line, exit status 2."""
-DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR)
-"""OSErrors that mean the disk or the path is unusable, not a bug."""
+FILE_ERRNOS = (errno.ENOENT, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+               errno.EISDIR)
+"""OSErrors about the user's files and disks (missing, full, read-only, not permitted), not bugs."""
 
 
 def _rank() -> int:
@@ -74,7 +82,7 @@ def one_line_errors() -> Iterator[None]:
     except CollectiveError as exc:
         fail(exc, COLLECTIVE_ERROR_STATUS, every_rank=True)
     except OSError as exc:
-        if exc.errno not in DISK_ERRNOS:
+        if exc.errno not in FILE_ERRNOS:
             raise
         fail(f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc))
 
@@ -87,9 +95,16 @@ def check_output(path: str | os.PathLike, option: str) -> OutputFolder:
     return folder
 
 
-def check_latents(checkpoint: str | os.PathLike, latents: list[int] | None) -> None:
-    """--latents ids exist in the SAE at `checkpoint` (reads its config.json only)."""
-    num_latents = read_checkpoint_config(resolve_checkpoint(checkpoint))[0].sae.num_latents
+def check_checkpoint(path: str | os.PathLike) -> tuple[Path, RunConfig]:
+    """(checkpoint folder, its run config) of a checkpoint or run folder, its export checked against SHA256SUMS."""
+    folder = resolve_checkpoint(path)
+    verify_files(folder, [CONFIG_FILE, MODEL_FILE])
+    return folder, read_checkpoint_config(folder)[0]
+
+
+def check_latents(run: RunConfig, latents: list[int] | None) -> None:
+    """--latents ids exist in the SAE of `run`."""
+    num_latents = run.sae.num_latents
     for latent in latents or []:
         if not 0 <= latent < num_latents:
             fail(f"--latents {latent} is not a latent of this SAE (allowed: 0 to {num_latents - 1})")

@@ -212,7 +212,7 @@ class Trainer:
                     doing = f"step {self.step + 1}"
                     x_TD = self.source.next_batch(self.local_batch).to(self.device, non_blocking=True)
                     if self.step == 0:
-                        init_biases_from_batch(self.model, self.ctx.gather_rows(x_TD))
+                        self._init_biases(x_TD)
                     result = self.train_step(x_TD)
                     self.step += 1
                     self.tokens += cfg.batch_size
@@ -251,6 +251,14 @@ class Trainer:
                 logger.close()
         self.tokens_per_s = (self.tokens - session_start_tokens) / max(time.perf_counter() - session_start, 1e-9)
         return last_row
+
+    def _init_biases(self, x_TD: torch.Tensor) -> None:
+        """b_pre and b_router from the first global batch's finite rows (none finite: left as built, and the step
+        is non-finite anyway)."""
+        rows_TD = self.ctx.gather_rows(x_TD)
+        rows_TD = rows_TD[torch.isfinite(rows_TD).all(dim=1)]
+        if rows_TD.shape[0]:
+            init_biases_from_batch(self.model, rows_TD)
 
     def _stop_requested(self, signals: StopSignals, at_sync_point: bool) -> str | None:
         """The stop signal to honour after this step, if any: in one process as soon as it arrives; under torchrun

@@ -29,6 +29,7 @@ saved, so rotation never replaces the last good checkpoint. Readers verify the c
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -43,6 +44,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from sae_dist.config import ConfigError, RunConfig, as_dict, from_dict
 from sae_dist.parallel.context import ParallelContext, is_expert_sharded
@@ -152,16 +154,34 @@ def checkpoint_step(folder: Path) -> int:
     return int(Path(folder).name.removeprefix("step_"))
 
 
-def _disk_error(exc: BaseException) -> OSError | None:
-    """The OSError behind `exc`: itself, its cause, or one a rank reported inside a DCP CheckpointException."""
+TORCH_WRITE_FAILURE = ("PytorchStreamWriter failed", "inline_container.cc", "unexpected pos")
+"""What torch.save's zip writer says when a write fails (it drops the errno: on a full disk it reports only
+'unexpected pos N vs M')."""
+FULL_DISK_BYTES = 1 << 20
+"""A filesystem with less free space than this after a failed write is taken to be full."""
+
+
+def _disk_error(exc: BaseException, folder: Path) -> OSError | None:
+    """The OSError behind a failed write: `exc` itself, its cause, one a rank reported inside a DCP
+    CheckpointException, or, for torch.save's errno-less zip-writer error, ENOSPC when `folder`'s disk is full
+    (EIO otherwise). None for an error that is not about writing files."""
     if isinstance(exc, OSError):
         return exc
+    if isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in TORCH_WRITE_FAILURE):
+        full = shutil.disk_usage(_existing(folder)).free < FULL_DISK_BYTES
+        return OSError(errno.ENOSPC if full else errno.EIO, os.strerror(errno.ENOSPC if full else errno.EIO))
     failures = getattr(exc, "failures", None) or {}
     for failure in failures.values():
-        found = _disk_error(failure[0] if isinstance(failure, tuple) else failure)
+        found = _disk_error(failure[0] if isinstance(failure, tuple) else failure, folder)
         if found is not None:
             return found
-    return _disk_error(exc.__cause__) if exc.__cause__ is not None else None
+    return _disk_error(exc.__cause__, folder) if exc.__cause__ is not None else None
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 class CheckpointWriteError(CheckpointError):
@@ -174,7 +194,11 @@ class CheckpointWriteError(CheckpointError):
 
 
 def _agree(
-    ctx: ParallelContext, device: torch.device, error: BaseException | None, describe: Callable[[OSError], str]
+    ctx: ParallelContext,
+    device: torch.device,
+    error: BaseException | None,
+    folder: Path,
+    describe: Callable[[OSError], str],
 ) -> None:
     """Every rank learns whether any rank failed a phase of a save; all then raise (a failing rank with
     `describe(its disk error)`; an error that is not a disk error is re-raised as it is)."""
@@ -183,7 +207,7 @@ def _agree(
         return
     if error is None:
         raise CheckpointWriteError("another rank failed to write the checkpoint", reported=False)
-    disk = _disk_error(error)
+    disk = _disk_error(error, folder)
     if disk is None:
         raise error
     raise CheckpointWriteError(describe(disk)) from error
@@ -192,7 +216,7 @@ def _agree(
 def _run_phase(phase: Callable[[], None]) -> BaseException | None:
     try:
         phase()
-    except Exception as exc:  # reported to every rank by _agree
+    except (Exception, CheckpointException) as exc:  # reported to every rank by _agree (DCP's is a BaseException)
         return exc
     return None
 
@@ -233,7 +257,7 @@ def save_checkpoint(
         where = disk.filename or root
         previous = latest_checkpoint(run_dir)
         kept = f"{previous.name} is intact" if previous is not None else "there is no earlier checkpoint"
-        free = shutil.disk_usage(root if root.exists() else run_dir).free
+        free = shutil.disk_usage(_existing(root)).free
         return (f"cannot write checkpoint {final.name}: {disk.strerror or disk} ({where}; "
                 f"{free / 2**30:.2f} GiB free); the partial checkpoint was removed and {kept}")
 
@@ -260,7 +284,7 @@ def save_checkpoint(
         rotate_checkpoints(root, run.trainer.keep_checkpoints, step)
 
     for phase in (make_folder, write_shards, publish):
-        _agree(ctx, device, _run_phase(phase), describe)
+        _agree(ctx, device, _run_phase(phase), root, describe)
     return final
 
 

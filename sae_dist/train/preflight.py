@@ -76,8 +76,8 @@ def check_output_folder(path: str | os.PathLike, option: str) -> OutputFolder:
 def require_free_space(folder: OutputFolder, option: str, needed: int, what: str) -> None:
     if folder.free_bytes < needed:
         raise ConfigError(
-            f"{option}={folder.path}: {format_bytes(folder.free_bytes)} free on its disk, but {what} needs about "
-            f"{format_bytes(needed)}; free some space or choose another {option}"
+            f"{option}={folder.path}: {format_bytes(folder.free_bytes)} free on its disk, about "
+            f"{format_bytes(needed)} needed ({what}); free some space or choose another {option}"
         )
 
 

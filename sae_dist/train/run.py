@@ -66,7 +66,7 @@ def prepare_run(run: RunConfig, world_size: int = 1, overrides: list[str] | None
         to_write = max(1, run.trainer.keep_checkpoints + 1 - kept)
         size = preflight.checkpoint_bytes(run.sae, d_model)
         preflight.require_free_space(folder, "trainer.out_dir", to_write * size,
-                                     f"{to_write} checkpoint(s) of {preflight.format_bytes(size)}")
+                                     f"{to_write} checkpoints of {preflight.format_bytes(size)}")
     return RunPlan(run, folder, device, d_model, saved is not None)
 
 

@@ -35,7 +35,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -252,8 +252,6 @@ def save_checkpoint(
         )
 
     def describe(disk: OSError) -> str:
-        if ctx.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
         where = disk.filename or root
         previous = latest_checkpoint(run_dir)
         kept = f"{previous.name} is intact" if previous is not None else "there is no earlier checkpoint"
@@ -284,8 +282,22 @@ def save_checkpoint(
         rotate_checkpoints(root, run.trainer.keep_checkpoints, step)
 
     for phase in (make_folder, write_shards, publish):
-        _agree(ctx, device, _run_phase(phase), root, describe)
+        try:
+            _agree(ctx, device, _run_phase(phase), root, describe)
+        except BaseException:
+            if ctx.is_main:
+                _discard_unpublished(tmp, final, run_dir)
+            with suppress(Exception):  # after a disk error every rank is here; after a dead rank this fails too
+                ctx.barrier()
+            raise
     return final
+
+
+def _discard_unpublished(tmp: Path, final: Path, run_dir: Path) -> None:
+    """Remove what a failed save wrote: its temporary folder, and its final folder unless `latest` names it."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    if final.exists() and latest_checkpoint(run_dir) != final:
+        shutil.rmtree(final, ignore_errors=True)
 
 
 def rotate_checkpoints(root: Path, keep: int, current_step: int) -> None:

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
+from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from sae_dist.config import ConfigError, RunConfig, error_line
@@ -55,22 +56,14 @@ def fail(exc: BaseException | str, status: int = USAGE_ERROR_STATUS, every_rank:
     """Print 'error: ...' (once: see the module docstring) and exit with `status`."""
     report = every_rank or getattr(exc, "report_here", _rank() == 0)
     if report:
-        text = error_line(exc) if isinstance(exc, OmegaConfBaseException) or _is_hydra_error(exc) else str(exc)
+        text = error_line(exc) if isinstance(exc, (HydraException, OmegaConfBaseException)) else str(exc)
         print(f"error: {one_line(text)}", file=sys.stderr, flush=True)
     sys.exit(status)
-
-
-def _is_hydra_error(exc: BaseException | str) -> bool:
-    from hydra.errors import HydraException
-
-    return isinstance(exc, HydraException)
 
 
 @contextmanager
 def one_line_errors() -> Iterator[None]:
     """Turn the errors a user can act on into one line and an exit status (see the module docstring)."""
-    from hydra.errors import HydraException
-
     try:
         yield
     except StopRequested as exc:

@@ -29,13 +29,12 @@ saved, so rotation never replaces the last good checkpoint. Readers verify the c
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -44,11 +43,11 @@ import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from torch.distributed.checkpoint.api import CheckpointException
 
 from sae_dist.config import ConfigError, RunConfig, as_dict, from_dict
 from sae_dist.parallel.context import ParallelContext, is_expert_sharded
 from sae_dist.train import checksums
+from sae_dist.train.agreed_writes import WriteFailedError, existing_ancestor, write_in_phases
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -154,71 +153,8 @@ def checkpoint_step(folder: Path) -> int:
     return int(Path(folder).name.removeprefix("step_"))
 
 
-TORCH_WRITE_FAILURE = ("PytorchStreamWriter failed", "inline_container.cc", "unexpected pos")
-"""What torch.save's zip writer says when a write fails (it drops the errno: on a full disk it reports only
-'unexpected pos N vs M')."""
-FULL_DISK_BYTES = 1 << 20
-"""A filesystem with less free space than this after a failed write is taken to be full."""
-
-
-def _disk_error(exc: BaseException, folder: Path) -> OSError | None:
-    """The OSError behind a failed write: `exc` itself, its cause, one a rank reported inside a DCP
-    CheckpointException, or, for torch.save's errno-less zip-writer error, ENOSPC when `folder`'s disk is full
-    (EIO otherwise). None for an error that is not about writing files."""
-    if isinstance(exc, OSError):
-        return exc
-    if isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in TORCH_WRITE_FAILURE):
-        full = shutil.disk_usage(_existing(folder)).free < FULL_DISK_BYTES
-        return OSError(errno.ENOSPC if full else errno.EIO, os.strerror(errno.ENOSPC if full else errno.EIO))
-    failures = getattr(exc, "failures", None) or {}
-    for failure in failures.values():
-        found = _disk_error(failure[0] if isinstance(failure, tuple) else failure, folder)
-        if found is not None:
-            return found
-    return _disk_error(exc.__cause__, folder) if exc.__cause__ is not None else None
-
-
-def _existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-class CheckpointWriteError(CheckpointError):
+class CheckpointWriteError(CheckpointError, WriteFailedError):
     """Writing a checkpoint failed on some rank; nothing of it was kept."""
-
-    def __init__(self, message: str, reported: bool = True):
-        super().__init__(message)
-        self.reported = reported
-        """False on the ranks that only learned that another rank failed (the launcher prints nothing for them)."""
-
-
-def _agree(
-    ctx: ParallelContext,
-    device: torch.device,
-    error: BaseException | None,
-    folder: Path,
-    describe: Callable[[OSError], str],
-) -> None:
-    """Every rank learns whether any rank failed a phase of a save; all then raise (a failing rank with
-    `describe(its disk error)`; an error that is not a disk error is re-raised as it is)."""
-    failed = ctx.all_reduce_sum(torch.tensor([0.0 if error is None else 1.0], device=device))
-    if float(failed.sum()) == 0:
-        return
-    if error is None:
-        raise CheckpointWriteError("another rank failed to write the checkpoint", reported=False)
-    disk = _disk_error(error, folder)
-    if disk is None:
-        raise error
-    raise CheckpointWriteError(describe(disk)) from error
-
-
-def _run_phase(phase: Callable[[], None]) -> BaseException | None:
-    try:
-        phase()
-    except (Exception, CheckpointException) as exc:  # reported to every rank by _agree (DCP's is a BaseException)
-        return exc
-    return None
 
 
 def weights_are_finite(model: nn.Module) -> bool:
@@ -255,7 +191,7 @@ def save_checkpoint(
         where = disk.filename or root
         previous = latest_checkpoint(run_dir)
         kept = f"{previous.name} is intact" if previous is not None else "there is no earlier checkpoint"
-        free = shutil.disk_usage(_existing(root)).free
+        free = shutil.disk_usage(existing_ancestor(root)).free
         return (f"cannot write checkpoint {final.name}: {disk.strerror or disk} ({where}; "
                 f"{free / 2**30:.2f} GiB free); the partial checkpoint was removed and {kept}")
 
@@ -281,15 +217,8 @@ def save_checkpoint(
         write_atomically(root / LATEST_FILE, final.name.encode())
         rotate_checkpoints(root, run.trainer.keep_checkpoints, step)
 
-    for phase in (make_folder, write_shards, publish):
-        try:
-            _agree(ctx, device, _run_phase(phase), root, describe)
-        except BaseException:
-            if ctx.is_main:
-                _discard_unpublished(tmp, final, run_dir)
-            with suppress(Exception):  # after a disk error every rank is here; after a dead rank this fails too
-                ctx.barrier()
-            raise
+    write_in_phases(ctx, device, (make_folder, write_shards, publish), root, describe,
+                    lambda: _discard_unpublished(tmp, final, run_dir), CheckpointWriteError)
     return final
 
 

@@ -21,6 +21,7 @@ from sae_dist.config import ConfigError, DataConfig, ModelConfig, RunConfig, SAE
 from sae_dist.data.cache import MANIFEST
 from sae_dist.data.lm import MINILM_BUNDLED
 from sae_dist.data.text import LOCAL_BUILDERS
+from sae_dist.train.agreed_writes import existing_ancestor
 
 BYTES_PER_TRAINED_PARAMETER = 16
 """float32 weight, gradient and two Adam moments."""
@@ -48,19 +49,12 @@ class OutputFolder:
         return f"{self.path} ({format_bytes(self.free_bytes)} free)"
 
 
-def _existing_ancestor(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def check_output_folder(path: str | os.PathLike, option: str) -> OutputFolder:
     """`path` is a folder, or can be created as one, that this process can write into; nothing is created.
 
     `option` names the setting in errors (e.g. 'trainer.out_dir' or '--out')."""
     path = Path(path)
-    base = _existing_ancestor(path)
+    base = existing_ancestor(path)
     if not base.is_dir():
         what = "is a file" if base == path.absolute() else f"lies under the file {base}"
         raise ConfigError(f"{option}={path} cannot be a folder: it {what}")

@@ -81,7 +81,10 @@ def _write_new_run(plan: RunPlan, world_size: int, ep_size: int) -> None:
                              "world_size": world_size, "ep_size": ep_size})
 
 
-def _build_trainer(plan: RunPlan, ctx: ParallelContext) -> Trainer:
+def _start(plan: RunPlan, ctx: ParallelContext) -> Trainer:
+    """A new run's files (rank 0), then this rank's source and trainer."""
+    if ctx.is_main and latest_checkpoint(plan.folder.path) is None:
+        _write_new_run(plan, ctx.world_size, expert_parallel_size(plan.run, ctx.world_size))
     source = build_activation_source(plan.run, ctx.rank, ctx.world_size, plan.device)
     try:
         return Trainer(plan.run, source, ctx, plan.device)
@@ -110,9 +113,7 @@ def train_planned(plan: RunPlan, ctx: ParallelContext, eval_batches: int = 4) ->
     run = plan.run
     if ctx.is_main:
         print(f"run folder: {plan.folder.describe()}", flush=True)
-        if latest_checkpoint(plan.folder.path) is None:
-            _write_new_run(plan, ctx.world_size, expert_parallel_size(run, ctx.world_size))
-    trainer = on_every_rank(lambda: _build_trainer(plan, ctx))
+    trainer = on_every_rank(lambda: _start(plan, ctx))
     last = trainer.train()
     evaluation = final_evaluation(trainer, eval_batches)
     checkpoint = latest_checkpoint(plan.folder.path)

@@ -203,9 +203,8 @@ class Trainer:
         last_row: dict[str, Any] = {}
         window_start, window_tokens = time.perf_counter(), 0
         session_start, session_start_tokens = window_start, self.tokens
-        unchecked: list[tuple[int, torch.Tensor]] = []
-        """(step, finite flag on the device) of the steps since the flags were last read."""
-        doing = f"step {self.step + 1}"
+        unchecked: list[tuple[int, torch.Tensor]] = []  # (step, finite flag on the device) since the last read
+        doing = f"step {self.step + 1}"  # for the error message of a failed collective
         try:
             with StopSignals() as signals:
                 while self.step < cfg.steps:
@@ -226,15 +225,9 @@ class Trainer:
                         self._check_finite(unchecked)
                     if at_log:
                         doing = f"the metrics of step {self.step}"
-                        last_row = self.step_metrics(x_TD, result)
-                        last_row["nonfinite_steps"] = self.nonfinite_steps
                         now = time.perf_counter()
-                        last_row["tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
+                        last_row = self._log(x_TD, result, window_tokens / max(now - window_start, 1e-9), logger, bar)
                         window_start, window_tokens = now, 0
-                        bar.set_postfix(loss=f"{last_row['loss']:.4g}", mse=f"{last_row['mse']:.4g}",
-                                        tok_s=f"{last_row['tokens_per_s']:.3g}")
-                        if logger is not None:
-                            logger.log(last_row)
                     if at_checkpoint or stop:
                         doing = f"the checkpoint of step {self.step}"
                         checkpoint = self.save()
@@ -251,6 +244,18 @@ class Trainer:
                 logger.close()
         self.tokens_per_s = (self.tokens - session_start_tokens) / max(time.perf_counter() - session_start, 1e-9)
         return last_row
+
+    def _log(
+        self, x_TD: torch.Tensor, result: dict[str, Any], tokens_per_s: float, logger: MetricsLogger | None, bar: tqdm
+    ) -> dict[str, Any]:
+        """The metrics row of this step: computed on every rank, shown and written by rank 0."""
+        row = self.step_metrics(x_TD, result)
+        row["nonfinite_steps"] = self.nonfinite_steps
+        row["tokens_per_s"] = tokens_per_s
+        bar.set_postfix(loss=f"{row['loss']:.4g}", mse=f"{row['mse']:.4g}", tok_s=f"{row['tokens_per_s']:.3g}")
+        if logger is not None:
+            logger.log(row)
+        return row
 
     def _init_biases(self, x_TD: torch.Tensor) -> None:
         """b_pre and b_router from the first global batch's finite rows (none finite: left as built, and the step

@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from sae_dist.cli import check_checkpoint, check_latents, check_output, fail, one_line_errors, require_positive
+from sae_dist.cli import check_inspection, check_output, fail, one_line_errors, require_positive
 from sae_dist.eval.autointerp import AutoInterpConfig, run_autointerp
 from sae_dist.eval.inspect import inspect_checkpoint
 from sae_dist.train.checkpoint import write_atomically
@@ -51,8 +51,7 @@ def main() -> None:
     cfg = AutoInterpConfig(base_url=args.base_url, model=args.model, api_key_env=args.api_key_env, seed=args.seed)
     with one_line_errors():
         require_positive(vars(args), "per_expert", "contexts")
-        _, run = check_checkpoint(args.checkpoint)
-        check_latents(run, args.latents)
+        check_inspection(args.checkpoint, args.latents)
         check_output(args.out.parent, "--out")
         check_endpoint(args.base_url)
         records = inspect_checkpoint(args.checkpoint, args.latents, args.per_expert, args.contexts, args.seed,

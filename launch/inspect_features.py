@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from sae_dist.cli import check_checkpoint, check_latents, check_output, one_line_errors, require_positive
+from sae_dist.cli import check_inspection, check_output, one_line_errors, require_positive
 from sae_dist.eval.inspect import inspect_checkpoint, write_report
 
 
@@ -27,8 +27,7 @@ def main() -> None:
     args = parser.parse_args()
     with one_line_errors():
         require_positive(vars(args), "per_expert", "contexts", "top")
-        _, run = check_checkpoint(args.checkpoint)
-        check_latents(run, args.latents)
+        check_inspection(args.checkpoint, args.latents)
         check_output(args.out, "--out")
         records = inspect_checkpoint(args.checkpoint, args.latents, args.per_expert, args.contexts, args.seed,
                                      args.device)

@@ -21,6 +21,7 @@ from sae_dist.train import checkpoint as ckpt
 from sae_dist.train.logging import read_metrics
 from sae_dist.train.preemption import REQUEUE_EXIT_STATUS, StopRequested
 from sae_dist.train.trainer import NonFiniteError, Trainer
+from tests.conftest import small_run
 from tests.train.faults import FaultySource, poison, send
 
 INF = float("inf")
@@ -52,16 +53,16 @@ def test_nan_batch_stops_the_run_naming_the_step_and_writes_nothing(make_run, ca
 
 def test_skipped_steps_apply_no_update_and_rotation_keeps_good_checkpoints(make_run):
     """NaN and inf rows late in a run with keep_checkpoints=2 (main kept only NaN checkpoints)."""
-    run = make_run(steps=24, log_every=6, checkpoint_every=4, keep_checkpoints=2, on_nonfinite="skip")
-    trainer = trainer_for(run, {17: poison(3), 21: poison(1, INF)})
+    run = make_run(steps=16, log_every=8, checkpoint_every=4, keep_checkpoints=2, on_nonfinite="skip")
+    trainer = trainer_for(run, {9: poison(3), 13: poison(1, INF)})
     step = Trainer.train_step
     seen = {}
 
     def watched(self, x_TD):
-        if self.step + 1 == 17:
+        if self.step + 1 == 9:
             seen["before"] = optimizer_state(self)
         result = step(self, x_TD)
-        if self.step + 1 == 17:
+        if self.step + 1 == 9:
             seen["after"] = optimizer_state(self)
         return result
 
@@ -74,9 +75,9 @@ def test_skipped_steps_apply_no_update_and_rotation_keeps_good_checkpoints(make_
         assert torch.equal(seen["after"][key], before), f"the skipped step changed {key}"
     assert trainer.nonfinite_steps == 2 and read_metrics(run.trainer.out_dir)[-1]["nonfinite_steps"] == 2
     adam_steps = {float(state["step"]) for state in trainer.optimizer.state.values()}
-    assert adam_steps == {22.0}
+    assert adam_steps == {14.0}
     kept = sorted(p.name for p in (trainer.run_dir / "checkpoints").glob("step_*"))
-    assert kept == ["step_00000020", "step_00000024"]
+    assert kept == ["step_00000012", "step_00000016"]
     for name in kept:
         assert all_finite(load_sae(trainer.run_dir / "checkpoints" / name).parameters())
 
@@ -148,40 +149,48 @@ def test_a_full_disk_during_a_save_is_one_line_and_leaves_nothing_behind(make_ru
     ckpt.verify_files(root / "step_00000010")
 
 
-def test_leftovers_of_killed_saves_are_removed_and_resume_is_exact(make_run, tmp_path):
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The final weights of a 12-step run that nothing interrupted."""
+    trainer = trainer_for(small_run(tmp_path_factory.mktemp("unbroken"), steps=12))
+    trainer.train()
+    return trainer.model.state_dict()
+
+
+def assert_same_weights(trainer: Trainer, expected: dict[str, torch.Tensor]) -> None:
+    for name, tensor in expected.items():
+        assert torch.equal(trainer.model.state_dict()[name], tensor), name
+
+
+def test_leftovers_of_killed_saves_are_removed_and_resume_is_exact(make_run, unbroken):
     """A temporary folder (killed while writing) and a checkpoint renamed into place but never published (killed
     before `latest` was replaced): the run resumes from `latest`, removes both and ends as an unbroken run."""
-    unbroken = trainer_for(make_run(steps=20, out_dir=str(tmp_path / "a")))
-    unbroken.train()
-    run = make_run(steps=20, out_dir=str(tmp_path / "b"))
+    run = make_run(steps=12)
     with pytest.raises(KeyboardInterrupt):
         trainer_for(run, {11: crash}).train()
     root = ckpt.latest_checkpoint(run.trainer.out_dir).parent
-    shutil.copytree(root / "step_00000010", root / "step_00000020")  # "published" without `latest`
-    (root / "step_00000015.tmp" / "state").mkdir(parents=True)
+    shutil.copytree(root / "step_00000010", root / "step_00000012")  # "published" without `latest`
+    (root / "step_00000011.tmp" / "state").mkdir(parents=True)
     resumed = trainer_for(run)
     resumed.train()
-    assert not (root / "step_00000015.tmp").exists()
-    assert ckpt.read_checkpoint_config(root / "step_00000020")[2] == 20
-    for name, tensor in unbroken.model.state_dict().items():
-        assert torch.equal(resumed.model.state_dict()[name], tensor), name
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000010", "step_00000012"]
+    assert ckpt.read_checkpoint_config(root / "step_00000012")[2] == 12
+    assert_same_weights(resumed, unbroken)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_stop_signal_checkpoints_the_step_and_the_resume_is_exact(make_run, tmp_path, capsys, sig):
-    unbroken = trainer_for(make_run(steps=12, out_dir=str(tmp_path / "a")))
-    unbroken.train()
-    run = make_run(steps=12, out_dir=str(tmp_path / "b"))
+def test_stop_signal_checkpoints_the_step_and_the_resume_is_exact(make_run, unbroken, capsys):
+    """SIGUSR1 (SLURM's warning) in one process: the run stops after the step, with its checkpoint, exit status 75,
+    and the continuation ends as the unbroken run (SIGTERM: the torchrun test in test_restarts.py)."""
+    run = make_run(steps=12)
     with pytest.raises(StopRequested) as info:
-        trainer_for(run, {7: send(sig)}).train()
+        trainer_for(run, {7: send(signal.SIGUSR1)}).train()
     assert info.value.step == 7 and info.value.checkpoint.name == "step_00000007"
     assert ckpt.latest_checkpoint(run.trainer.out_dir).name == "step_00000007"
-    assert signal.getsignal(sig) is signal.SIG_DFL, "the handler outlived the run"
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL, "the handler outlived the run"
     with pytest.raises(SystemExit) as exit_info, one_line_errors():
         raise info.value
     assert exit_info.value.code == REQUEUE_EXIT_STATUS
-    assert f"stopped by {sig.name} after step 7" in capsys.readouterr().err
+    assert "stopped by SIGUSR1 after step 7" in capsys.readouterr().err
     resumed = trainer_for(run)
     resumed.train()
-    for name, tensor in unbroken.model.state_dict().items():
-        assert torch.equal(resumed.model.state_dict()[name], tensor), name
+    assert_same_weights(resumed, unbroken)

@@ -88,8 +88,13 @@ def check_inputs(run: RunConfig) -> None:
 
 
 def check_data_files(data: DataConfig) -> None:
+    """Local files for a `datasets` builder: they exist and are not empty; the split and text column it makes."""
     if not data.data_files:
         raise ConfigError(f"data.dataset={data.dataset!r} needs data.data_files=[...] (local files)")
+    if data.split != "train":
+        raise ConfigError(f"data.split={data.split!r}: a list of data.data_files makes one split, 'train'")
+    if data.dataset == "text" and data.text_column != "text":
+        raise ConfigError(f"data.text_column={data.text_column!r}: the 'text' builder's column is 'text'")
     for pattern in data.data_files:
         matches = glob.glob(pattern) if glob.has_magic(pattern) else [pattern]
         if not matches:

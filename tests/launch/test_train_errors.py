@@ -5,9 +5,16 @@ word; the issue lists them (issue 9, "Measured on main")."""
 
 from __future__ import annotations
 
+import datasets
 import pytest
 import torch
 import torch.distributed as dist
+
+from sae_dist.data.source import DataUnavailableError
+from sae_dist.parallel.context import ParallelContext
+from sae_dist.train import run as run_module
+from sae_dist.train.run import prepare_run, train_planned
+from tests.conftest import small_run
 
 TINY = ["data=synthetic", "sae.num_latents=512", "sae.num_experts=4", "sae.k=8", "trainer.batch_size=256",
         "trainer.steps=10", "trainer.progress=false", "trainer.tensorboard=false"]
@@ -41,6 +48,10 @@ def cases(tmp_path, text_file):
         ([f"model.path={empty_folder}", "data.dataset=text", f"data.data_files=[{text_file}]"],
          "holds no transformers model (no config.json)"),
         ([f"model.path={a_file}"], "is not a folder"),
+        (["data.dataset=text", f"data.data_files=[{text_file}]", "data.split=validation"],
+         "data.split='validation': a list of data.data_files makes one split, 'train'"),
+        (["data.dataset=text", f"data.data_files=[{text_file}]", "data.text_column=body"],
+         "data.text_column='body': the 'text' builder's column is 'text'"),
         (["data.source=cache", f"data.cache_dir={tmp_path / 'no-cache'}"], "no-cache is not a folder"),
         (["data.source=cache", f"data.cache_dir={empty_folder}"], "holds no activation cache (no manifest.json)"),
         (["trainer.adam_betas=[1.5,0.999]"], "trainer.adam_betas=[1.5, 0.999] must be two values in [0, 1)"),
@@ -105,3 +116,13 @@ def test_a_good_command_gets_past_the_checks(command, no_loading, out, text_file
     """The documented local-text form passes every check and reaches the loading (the tripwire)."""
     with pytest.raises(AssertionError, match="loaded a model or data"):
         command("train.py", "data.dataset=text", f"data.data_files=[{text_file}]", out)
+
+
+def test_a_dataset_that_refuses_the_request_is_one_line(tmp_path, monkeypatch):
+    """What only `datasets` can tell (a Hub dataset's split or column) ends in one line, not its traceback."""
+    def refusing_source(*args, **kwargs):
+        datasets.Dataset.from_dict({"body": ["x"]}).select_columns(["text"])
+
+    monkeypatch.setattr(run_module, "build_activation_source", refusing_source)
+    with pytest.raises(DataUnavailableError, match="data.dataset=.*: Column name \\['text'\\] not in the dataset"):
+        train_planned(prepare_run(small_run(tmp_path)), ParallelContext())

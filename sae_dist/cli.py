@@ -1,10 +1,10 @@
 """Conventions shared by the commands in launch/: how they end and what they check before loading anything.
 
 Exit statuses: 2 with one line on stderr for bad input and unusable files (a config value, a missing or damaged
-file, a full or read-only disk, a non-finite step; printed once under torchrun: by rank 0, or by the one rank that
-met an error alone); 75 (`preemption.REQUEUE_EXIT_STATUS`) for a run stopped by SIGTERM/SIGUSR1 after writing a
-checkpoint; 1 with one line for a collective that failed because another rank died or stalled (printed by every
-rank that saw it). Anything else is a bug and keeps its traceback.
+file, a full or read-only disk, a non-finite step, a split or column a dataset does not have; printed once under
+torchrun: by rank 0, or by the one rank that met an error alone); 75 (`preemption.REQUEUE_EXIT_STATUS`) for a run
+stopped by SIGTERM/SIGUSR1 after writing a checkpoint; 1 with one line for a collective that failed because another
+rank died or stalled (printed by every rank that saw it). Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -74,10 +75,20 @@ def one_line_errors() -> Iterator[None]:
         fail(exc)
     except CollectiveError as exc:
         fail(exc, COLLECTIVE_ERROR_STATUS, every_rank=True)
+    except (ValueError, KeyError) as exc:
+        if not _raised_in_package(exc, "datasets"):
+            raise
+        fail(f"the dataset refused the request (data.dataset, data.split, data.text_column): {one_line(exc)}")
     except OSError as exc:
         if exc.errno not in FILE_ERRNOS:
             raise
         fail(f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc))
+
+
+def _raised_in_package(exc: BaseException, package: str) -> bool:
+    """Whether `exc` was raised inside `package` (e.g. `datasets` refusing a split or a column it does not have)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and f"{os.sep}{package}{os.sep}" in frames[-1].filename
 
 
 def check_output(path: str | os.PathLike, option: str) -> OutputFolder:

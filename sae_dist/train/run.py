@@ -8,8 +8,6 @@ trainer trains, and the closing table is printed.
 
 from __future__ import annotations
 
-import os
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,6 @@ from omegaconf import OmegaConf
 
 from sae_dist.config import ConfigError, RunConfig, as_dict
 from sae_dist.data import build_activation_source
-from sae_dist.data.source import DataUnavailableError
 from sae_dist.eval.metrics import ReconstructionSums
 from sae_dist.parallel.context import ParallelContext
 from sae_dist.parallel.mesh import expert_parallel_size, on_every_rank, validate_layout
@@ -88,13 +85,7 @@ def _start(plan: RunPlan, ctx: ParallelContext) -> Trainer:
     """A new run's files (rank 0), then this rank's source and trainer."""
     if ctx.is_main and latest_checkpoint(plan.folder.path) is None:
         _write_new_run(plan, ctx.world_size, expert_parallel_size(plan.run, ctx.world_size))
-    try:
-        source = build_activation_source(plan.run, ctx.rank, ctx.world_size, plan.device)
-    except (ValueError, KeyError) as exc:
-        if not _raised_in_package(exc, "datasets"):
-            raise
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataUnavailableError(f"data.dataset={plan.run.data.dataset!r}: {reason}") from None
+    source = build_activation_source(plan.run, ctx.rank, ctx.world_size, plan.device)
     try:
         return Trainer(plan.run, source, ctx, plan.device)
     except (torch.OutOfMemoryError, RuntimeError) as exc:
@@ -102,12 +93,6 @@ def _start(plan: RunPlan, ctx: ParallelContext) -> Trainer:
             raise ConfigError(f"sae.num_latents={plan.run.sae.num_latents} does not fit in {plan.device.type} memory "
                               f"({str(exc).strip().splitlines()[0]})") from None
         raise
-
-
-def _raised_in_package(exc: BaseException, package: str) -> bool:
-    """Whether `exc` was raised inside `package` (e.g. `datasets` refusing a split or a column)."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    return bool(frames) and f"{os.sep}{package}{os.sep}" in frames[-1].filename
 
 
 @torch.no_grad()

@@ -10,11 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from sae_dist.data.source import DataUnavailableError
-from sae_dist.parallel.context import ParallelContext
-from sae_dist.train import run as run_module
-from sae_dist.train.run import prepare_run, train_planned
-from tests.conftest import small_run
+from sae_dist.cli import one_line_errors
 
 TINY = ["data=synthetic", "sae.num_latents=512", "sae.num_experts=4", "sae.k=8", "trainer.batch_size=256",
         "trainer.steps=10", "trainer.progress=false", "trainer.tensorboard=false"]
@@ -118,11 +114,13 @@ def test_a_good_command_gets_past_the_checks(command, no_loading, out, text_file
         command("train.py", "data.dataset=text", f"data.data_files=[{text_file}]", out)
 
 
-def test_a_dataset_that_refuses_the_request_is_one_line(tmp_path, monkeypatch):
+def test_a_dataset_that_refuses_the_request_is_one_line(capsys):
     """What only `datasets` can tell (a Hub dataset's split or column) ends in one line, not its traceback."""
-    def refusing_source(*args, **kwargs):
+    with pytest.raises(SystemExit) as info, one_line_errors():
         datasets.Dataset.from_dict({"body": ["x"]}).select_columns(["text"])
-
-    monkeypatch.setattr(run_module, "build_activation_source", refusing_source)
-    with pytest.raises(DataUnavailableError, match="data.dataset=.*: Column name \\['text'\\] not in the dataset"):
-        train_planned(prepare_run(small_run(tmp_path)), ParallelContext())
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the dataset refused the request") and "Column name ['text'] not in" in err
+    assert len(err.strip().splitlines()) == 1
+    with pytest.raises(ValueError), one_line_errors():  # any other ValueError is a bug: it keeps its traceback
+        raise ValueError("a bug")

@@ -127,3 +127,15 @@ def test_python_configs_compare_every_setting(tmp_path):
     changed.sae.k = 8
     merged, changes = continue_config(saved, changed)
     assert changes == {"trainer.steps": [30, 99], "parallel.ep_size": [None, 1]} and merged == changed
+
+
+def test_the_readme_capacity_pair_keeps_its_capacity_factor(tmp_path):
+    """`torchrun ... parallel.capacity_factor=1.25 trainer.out_dir=runs/ep`, then on 2 ranks `trainer.out_dir=runs/ep
+    trainer.resume=true`: main silently continued dropless; the saved capacity factor is kept."""
+    saved = small_run(tmp_path)
+    saved.parallel.capacity_factor = 1.25
+    current = small_run(tmp_path)
+    merged, changes = continue_config(saved, current, ["trainer.out_dir=runs/ep", "trainer.resume=true"])
+    assert merged.parallel.capacity_factor == 1.25 and changes == {}
+    with pytest.raises(RunDirectoryError, match="parallel.capacity_factor 1.25 -> null"):
+        continue_config(saved, current, ["trainer.out_dir=runs/ep", "parallel.capacity_factor=null"])

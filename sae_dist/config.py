@@ -18,6 +18,9 @@ from sae_dist.launcher_env import run_stamp
 SAE_KINDS = ("switch", "topk", "relu")
 DATA_SOURCES = ("lm", "synthetic", "cache")
 DTYPES = ("float32", "bfloat16", "float16")
+RESUME_MODES = ("auto", "true", "false")
+NONFINITE_POLICIES = ("stop", "skip")
+MAX_SEED = 2**63 - 1
 
 
 class ConfigError(ValueError):
@@ -166,7 +169,8 @@ def _message_lines(exc: BaseException) -> list[str]:
     lines = [line for line in lines if not line.startswith(("full_key:", "object_type=", "reference_type="))]
     for i, line in enumerate(lines):
         if line.startswith("Available options in"):
-            return lines[:i - 1] + [f"{lines[i - 1] if i else ''}; allowed: {', '.join(lines[i + 1:])}"]
+            allowed = f"allowed: {', '.join(lines[i + 1:])}"
+            return [*lines[: i - 1], f"{lines[i - 1]}; {allowed}"] if i else [allowed]
     return lines
 
 
@@ -208,11 +212,6 @@ def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 def _positive(name: str, value: float) -> None:
     _require(value > 0, f"{name}={value} must be positive")
-
-
-RESUME_MODES = ("auto", "true", "false")
-NONFINITE_POLICIES = ("stop", "skip")
-MAX_SEED = 2**63 - 1
 
 
 def resume_mode(trainer: TrainerConfig) -> str:

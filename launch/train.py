@@ -33,7 +33,8 @@ def train_distributed(run: RunConfig, overrides: list[str]) -> None:
     import torch.distributed as dist
 
     from sae_dist.parallel.expert_parallel import ExpertParallelContext
-    from sae_dist.parallel.mesh import broadcast_object, init_process_group, on_every_rank
+    from sae_dist.parallel.failures import on_every_rank
+    from sae_dist.parallel.mesh import broadcast_object, init_process_group
 
     world = int(os.environ["WORLD_SIZE"])
     validate_layout(run, world)

@@ -19,7 +19,8 @@ from sae_dist.config import ConfigError, RunConfig, as_dict
 from sae_dist.data import build_activation_source
 from sae_dist.eval.metrics import ReconstructionSums
 from sae_dist.parallel.context import ParallelContext
-from sae_dist.parallel.mesh import expert_parallel_size, on_every_rank, validate_layout
+from sae_dist.parallel.failures import on_every_rank
+from sae_dist.parallel.mesh import expert_parallel_size, validate_layout
 from sae_dist.train import identity, preflight
 from sae_dist.train.checkpoint import latest_checkpoint, write_atomically
 from sae_dist.train.identity import RunDirectoryError

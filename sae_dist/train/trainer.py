@@ -26,7 +26,7 @@ from sae_dist.models import SAEOutput, build_sae
 from sae_dist.models.losses import total_loss
 from sae_dist.models.router import expert_counts
 from sae_dist.parallel.context import ParallelContext
-from sae_dist.parallel.mesh import collective_failure
+from sae_dist.parallel.failures import collective_failure
 from sae_dist.train import checkpoint as ckpt
 from sae_dist.train import identity
 from sae_dist.train.dead import DeadLatentTracker

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from sae_dist.config import ConfigError, to_run_config
 from sae_dist.data.synthetic import SyntheticSource
 from sae_dist.parallel.expert_parallel import ExpertParallelContext
-from sae_dist.parallel.mesh import CollectiveError, PeerFailedError, on_every_rank
+from sae_dist.parallel.failures import CollectiveError, PeerFailedError, on_every_rank
 from sae_dist.train import checkpoint as ckpt
 from sae_dist.train.run import train_from_config
 from sae_dist.train.trainer import NonFiniteError, Trainer

@@ -19,7 +19,6 @@ import os
 import socket
 import statistics
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -83,7 +82,8 @@ def rank_main(rank: int, world: int, ep_size: int, port: int, args, queue) -> No
 
     run = bench_run(args, ep_size)
     device = torch.device(args.device)
-    ctx = ExpertParallelContext.from_config(run, device.type, timedelta(seconds=120))
+    run.parallel.timeout_s = 120
+    ctx = ExpertParallelContext.from_config(run, device.type)
     trainer = Trainer(run, SyntheticSource.from_config(run.data, 0, rank), ctx, device)
     times, per_step = time_steps(trainer, ctx, args)
     kinds = sorted(per_step)

@@ -37,7 +37,11 @@ def train_distributed(run) -> None:
 def main(cfg: DictConfig) -> None:
     try:
         run = to_run_config(cfg)
-        if launched_by_torchrun():
+        if run.trainer.engine == "deepspeed":
+            from sae_dist.train.deepspeed_engine import import_deepspeed
+
+            import_deepspeed(resolve_device(run.trainer.device).type)  # a missing install fails here, before any work
+        if launched_by_torchrun() or run.trainer.engine == "deepspeed":
             train_distributed(run)
         else:
             train_from_config(run)

@@ -16,6 +16,8 @@ from omegaconf import OmegaConf
 SAE_KINDS = ("switch", "topk", "relu")
 DATA_SOURCES = ("lm", "synthetic", "cache")
 DTYPES = ("float32", "bfloat16", "float16")
+ENGINES = ("torch", "deepspeed")
+ZERO_STAGES = (1, 2)
 
 
 class ConfigError(ValueError):
@@ -123,6 +125,11 @@ class TrainerConfig:
     progress: bool = True
     """Show a progress bar."""
     tensorboard: bool = True
+    engine: str = "torch"
+    """'torch' (the project's own step) or 'deepspeed' (DeepSpeed's ZeRO optimizer; needs the 'deepspeed' extra)."""
+    zero_stage: int = 1
+    """ZeRO stage of the 'deepspeed' engine: 1 partitions Adam's state and the fp32 master weights over the ranks,
+    2 also the gradients."""
 
 
 @dataclass
@@ -179,6 +186,8 @@ def validate(run: RunConfig) -> None:
     _one_of("trainer.dtype", trainer.dtype, DTYPES)
     _one_of("model.dtype", run.model.dtype, DTYPES)
     _one_of("trainer.device", trainer.device, ("auto", "cpu", "cuda"))
+    _one_of("trainer.engine", trainer.engine, ENGINES)
+    _require(trainer.zero_stage in ZERO_STAGES, f"trainer.zero_stage={trainer.zero_stage} is unknown; allowed: 1, 2")
     _require(sae.num_latents > 0, f"sae.num_latents={sae.num_latents} must be positive")
     _require(sae.num_experts > 0, f"sae.num_experts={sae.num_experts} must be positive")
     if sae.kind != "switch":

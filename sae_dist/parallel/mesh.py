@@ -48,13 +48,18 @@ def validate_layout(run: RunConfig, world_size: int) -> int:
 
 
 def init_process_group(device_type: str, timeout: timedelta | None = None) -> None:
-    """Join the job torchrun started (RANK, WORLD_SIZE, MASTER_ADDR/PORT in env): NCCL on CUDA, gloo on CPU."""
+    """Join the job torchrun started (RANK, WORLD_SIZE, MASTER_ADDR/PORT in env): NCCL on CUDA, gloo on CPU.
+
+    A process started without torchrun (no MASTER_ADDR) forms a group of one, for code that needs a process group
+    even on one device (the DeepSpeed engine)."""
     if dist.is_initialized():
         return
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     backend = "nccl" if device_type == "cuda" else "gloo"
     kwargs = {} if timeout is None else {"timeout": timeout}
+    if "MASTER_ADDR" not in os.environ:
+        kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
     dist.init_process_group(backend, **kwargs)
 
 

@@ -8,11 +8,12 @@ from torch import Tensor, nn
 from sae_dist.config import RunConfig, default_lr
 
 
-def build_optimizer(model: nn.Module, run: RunConfig) -> torch.optim.Adam:
-    """Adam (no weight decay) at the configured lr or the paper's 2e-4 / sqrt(M / 2^14) rule."""
+def build_optimizer(model: nn.Module, run: RunConfig, param_groups: list[dict] | None = None) -> torch.optim.Adam:
+    """Adam (no weight decay) at the configured lr or the paper's 2e-4 / sqrt(M / 2^14) rule, over `param_groups`
+    (default: one group of every parameter of `model`)."""
     lr = run.trainer.lr if run.trainer.lr is not None else default_lr(run.sae)
     betas = tuple(run.trainer.adam_betas)
-    return torch.optim.Adam(model.parameters(), lr=lr, betas=betas, eps=run.trainer.adam_eps)
+    return torch.optim.Adam(param_groups or model.parameters(), lr=lr, betas=betas, eps=run.trainer.adam_eps)
 
 
 def lr_multiplier(step: int, total_steps: int, decay_frac: float) -> float:

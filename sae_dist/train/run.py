@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 from sae_dist.config import RunConfig, as_dict
 from sae_dist.data import build_activation_source
+from sae_dist.data.source import ActivationSource
 from sae_dist.eval.metrics import ReconstructionSums
 from sae_dist.parallel.context import ParallelContext
 from sae_dist.train.checkpoint import latest_checkpoint
@@ -40,6 +41,15 @@ def check_run_dir(run: RunConfig) -> Path:
     return run_dir
 
 
+def build_trainer(run: RunConfig, source: ActivationSource, ctx: ParallelContext, device: torch.device) -> Trainer:
+    """The trainer of `trainer.engine`: the torch engine, or DeepSpeed's (imported only when asked for)."""
+    if run.trainer.engine == "deepspeed":
+        from sae_dist.train.deepspeed_engine import DeepSpeedTrainer
+
+        return DeepSpeedTrainer(run, source, ctx, device)
+    return Trainer(run, source, ctx, device)
+
+
 @torch.no_grad()
 def final_evaluation(trainer: Trainer, batches: int) -> dict[str, float]:
     """Metrics over `batches` fresh batches (after the training data), for the closing table."""
@@ -62,7 +72,7 @@ def train_from_config(run: RunConfig, ctx: ParallelContext | None = None, eval_b
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(as_dict(run))))
-    trainer = Trainer(run, source, ctx, device)
+    trainer = build_trainer(run, source, ctx, device)
     last = trainer.train()
     evaluation = final_evaluation(trainer, eval_batches)
     checkpoint = latest_checkpoint(run_dir)

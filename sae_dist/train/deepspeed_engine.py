@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from sae_dist.config import ConfigError
 from sae_dist.parallel.context import is_expert_sharded
@@ -205,6 +206,22 @@ class ZeroAdamView:
             group.update(saved)
 
 
+class SharedScheduleLR(LambdaLR):
+    """A LambdaLR over parameter groups that share one schedule (DeepSpeed's replicated and expert groups), whose
+    state is saved as the torch engine's single group, so a checkpoint's schedule loads on either engine."""
+
+    PER_GROUP = ("base_lrs", "_last_lr", "lr_lambdas")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {key: value[:1] if key in self.PER_GROUP else value for key, value in super().state_dict().items()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        groups = len(self.optimizer.param_groups)
+        super().load_state_dict(
+            {key: value[:1] * groups if key in self.PER_GROUP else value for key, value in state_dict.items()}
+        )
+
+
 # --- the trainer ----------------------------------------------------------------------------------------------
 class DeepSpeedTrainer(Trainer):
     """`Trainer` whose optimizer, gradient reduction and update are DeepSpeed's (steps 3-6 in the module doc).
@@ -228,7 +245,7 @@ class DeepSpeedTrainer(Trainer):
             {"params": list(self.model.parameters()), "name": "replicated"}
         )
         adam = build_optimizer(self.model, self.run, groups)
-        scheduler = build_scheduler(adam, self.run)
+        scheduler = build_scheduler(adam, self.run, SharedScheduleLR)
         deepspeed.init_distributed(dist_backend=dist.get_backend())
         config = deepspeed_config(self.run.trainer.zero_stage, self.ctx.local_batch_size(self.run.trainer.batch_size))
         self.engine, zero, _, _ = deepspeed.initialize(

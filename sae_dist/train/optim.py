@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from sae_dist.config import RunConfig, default_lr
 
@@ -25,9 +26,12 @@ def lr_multiplier(step: int, total_steps: int, decay_frac: float) -> float:
     return max(0.0, (total_steps - step) / decay_steps)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, run: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, run: RunConfig, kind: type[LambdaLR] = LambdaLR
+) -> LambdaLR:
+    """The schedule of `lr_multiplier` as a `kind` (a LambdaLR or a subclass)."""
     steps, frac = run.trainer.steps, run.trainer.lr_decay_frac
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, steps, frac))
+    return kind(optimizer, lambda step: lr_multiplier(step, steps, frac))
 
 
 @torch.no_grad()

@@ -35,3 +35,4 @@ constraints: install
 bench: install
 	$(PY) benchmarks/bench_kernels.py
 	$(PY) benchmarks/bench_expert_parallel.py
+	$(PY) benchmarks/bench_engines.py

@@ -3,19 +3,28 @@ torch engine on the same seed, layout and data (see deepspeed_workers); each che
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parallel"))  # the spawn harness and EP helpers
 
-from deepspeed_workers import LAYOUTS, two_ranks  # noqa: E402
+from deepspeed_workers import LAYOUTS, TRAINING, assert_states_match, two_ranks  # noqa: E402
 from spawn_harness import spawn_checks  # noqa: E402
 
 from sae_dist import load_sae  # noqa: E402
-from sae_dist.config import ConfigError, TrainerConfig, validate  # noqa: E402
+from sae_dist.config import ConfigError, TrainerConfig, to_run_config, validate  # noqa: E402
 from sae_dist.train import checkpoint as ckpt  # noqa: E402
+from sae_dist.train.run import train_from_config  # noqa: E402
+
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["data=synthetic", "data.d_model=32", "sae.num_latents=128", "sae.num_experts=4", "sae.k=4", "trainer.lr=5e-3",
+        "trainer.batch_size=64", "trainer.steps=4", "trainer.checkpoint_every=2", "trainer.log_every=1",
+        "trainer.progress=false", "trainer.tensorboard=false"]
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +92,19 @@ def test_missing_deepspeed_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # what an environment without the extra sees
     with pytest.raises(ConfigError, match=r"trainer.engine=deepspeed needs DeepSpeed: pip install -e '.\[deepspeed\]'"):
         import_deepspeed("cpu")
+
+
+def test_one_process_from_the_command_line_equals_torch_engine(tmp_path):
+    """`python launch/train.py trainer.engine=deepspeed` without torchrun (a process group of one, ZeRO 2) against
+    the torch engine in this process on the same configuration."""
+    overrides = [*TINY, "trainer.zero_stage=2"]
+    command = [sys.executable, "launch/train.py", *overrides, "trainer.engine=deepspeed",
+               f"trainer.out_dir={tmp_path / 'deepspeed'}"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        run = to_run_config(compose(config_name="config", overrides=[*overrides, f"trainer.out_dir={tmp_path / 'torch'}"]))
+    train_from_config(run)
+    torch_state, deepspeed_state = (ckpt.read_global_state(ckpt.latest_checkpoint(tmp_path / engine))
+                                    for engine in ("torch", "deepspeed"))
+    assert_states_match(deepspeed_state, torch_state, TRAINING)

@@ -66,10 +66,12 @@ STOP_SIGNAL=""
 # Run "$@" in the background, forward SIGUSR1 / SIGTERM to it, wait for it; if it stopped on such a signal
 # (non-zero status after the signal), requeue the job and return 0; otherwise return its exit status.
 run_until_stopped() {
+    local pid=""
+    trap 'STOP_SIGNAL=USR1; forward_stop "$pid"' USR1
+    trap 'STOP_SIGNAL=TERM; forward_stop "$pid"' TERM
     "$@" &
-    local pid=$!
-    trap 'STOP_SIGNAL=USR1; kill -USR1 "$pid" 2>/dev/null' USR1
-    trap 'STOP_SIGNAL=TERM; kill -TERM "$pid" 2>/dev/null' TERM
+    pid=$!
+    forward_stop "$pid"  # a signal that came before the command started
     local status=0
     while true; do
         wait "$pid" && status=0 || status=$?
@@ -82,4 +84,11 @@ run_until_stopped() {
         return 0
     fi
     return "$status"
+}
+
+# Send the stop signal received so far (if any) to process $1 (if started and still running).
+forward_stop() {
+    if [[ -n "$STOP_SIGNAL" && -n "$1" ]]; then
+        kill "-$STOP_SIGNAL" "$1" 2>/dev/null || true
+    fi
 }

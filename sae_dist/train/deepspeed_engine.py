@@ -122,20 +122,20 @@ def remove_parallel_gradient_partition_(w_dec: nn.Parameter, part: tuple[Tensor,
 
     The partition is padded to whole rows, so a row held whole is projected exactly as in the torch engine."""
     d = w_dec.shape[-1]
-    rows_WD = w_dec.detach().reshape(-1, d)
-    dots_W = rows_WD.new_zeros(rows_WD.shape[0])
+    rows_LD = w_dec.detach().reshape(-1, d)
+    dots_L = rows_LD.new_zeros(rows_LD.shape[0])
     if part is not None:
         grad, start = part
-        first, end = start // d, (start + grad.numel() - 1) // d + 1
+        first, end = start // d, (start + grad.numel() - 1) // d + 1  # the rows this partition touches
         lead = start - first * d
-        unit_RD = rows_WD[first:end] / rows_WD[first:end].norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        unit_RD = rows_LD[first:end] / rows_LD[first:end].norm(dim=-1, keepdim=True).clamp_min(1e-12)
         grad_RD = grad.new_zeros((end - first) * d)
         grad_RD[lead : lead + grad.numel()] = grad
         grad_RD = grad_RD.view(-1, d)
-        dots_W[first:end] = (grad_RD * unit_RD).sum(dim=-1)
-    dist.all_reduce(dots_W, group=w_dec._dp_group)
+        dots_L[first:end] = (grad_RD * unit_RD).sum(dim=-1)
+    dist.all_reduce(dots_L, group=w_dec._dp_group)
     if part is not None:
-        grad_RD.sub_(dots_W[first:end, None] * unit_RD)
+        grad_RD.sub_(dots_L[first:end, None] * unit_RD)
         grad.copy_(grad_RD.view(-1)[lead : lead + grad.numel()])
 
 

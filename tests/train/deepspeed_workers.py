@@ -15,8 +15,9 @@ from ep_helpers import GlobalBatchSource, copy_checkpoint, shard_of, tiny_run  #
 from sae_dist.parallel.expert_parallel import ExpertParallelContext  # noqa: E402
 from sae_dist.parallel.mesh import build_mesh  # noqa: E402
 from sae_dist.train import checkpoint as ckpt  # noqa: E402
-from sae_dist.train.deepspeed_engine import DeepSpeedTrainer  # noqa: E402
+from sae_dist.train.deepspeed_engine import DeepSpeedTrainer, remove_parallel_gradient_partition_  # noqa: E402
 from sae_dist.train.init import init_biases_from_batch  # noqa: E402
+from sae_dist.train.optim import remove_parallel_gradient_  # noqa: E402
 from sae_dist.train.run import build_trainer  # noqa: E402
 from sae_dist.train.trainer import Trainer  # noqa: E402
 
@@ -72,6 +73,23 @@ def check_one_step(folder: Path, rank: int, world: int, ep_size: int, stage: int
     reference.update(), trainer.update()
     for pname, param in trainer.model.named_parameters():
         torch.testing.assert_close(param, ref_params[pname], **MODEL, msg=lambda m: f"{pname}: {m}")
+
+
+def check_projection_of_split_rows(rank: int, world: int) -> None:
+    """A decoder gradient split between two ranks in the middle of a row (and held by one rank alone) is projected
+    exactly as the whole gradient is by the torch engine's `remove_parallel_gradient_`."""
+    g = torch.Generator().manual_seed(0)
+    w_dec = torch.nn.Parameter(torch.randn(3, 5, 7, generator=g, dtype=torch.float64))
+    w_dec._dp_group = dist.group.WORLD
+    full_grad = torch.randn(3, 5, 7, generator=g, dtype=torch.float64)
+    expected = torch.nn.Parameter(w_dec.detach().clone())
+    expected.grad = full_grad.clone()
+    remove_parallel_gradient_(expected)
+    for split in (52, 105):  # mid-row (52 = 7 * 7 + 3); everything on rank 0
+        bounds = [(0, split), (split, 105)][rank]
+        part = full_grad.flatten()[bounds[0] : bounds[1]].clone()
+        remove_parallel_gradient_partition_(w_dec, (part, bounds[0]) if part.numel() else None)
+        torch.testing.assert_close(part, expected.grad.flatten()[bounds[0] : bounds[1]], rtol=1e-12, atol=1e-15)
 
 
 def final_state(run) -> dict[str, torch.Tensor]:
@@ -142,6 +160,8 @@ def check_resume_across_engines(folder: Path, rank: int, world: int) -> None:
 
 
 def two_ranks(rank: int, world: int, folder: Path, check) -> None:
+    with check("projection_split_rows"):
+        check_projection_of_split_rows(rank, world)
     for ep_size, stage in LAYOUTS:
         with check(f"step_P{ep_size}_z{stage}"):
             check_one_step(folder, rank, world, ep_size, stage)

@@ -33,6 +33,10 @@ def job(tmp_path_factory):
     return folder, spawn_checks(two_ranks, 2, folder, "two")
 
 
+def test_decoder_rows_split_between_partitions_are_projected_exactly(job):
+    job[1].require("projection_split_rows")
+
+
 @pytest.mark.parametrize("ep_size,stage", LAYOUTS)
 def test_one_step_equals_torch_engine(job, ep_size, stage):
     """Forward and loss bit for bit; the global norm, every reduced, clipped and projected gradient, and the

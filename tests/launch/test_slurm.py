@@ -35,7 +35,8 @@ exec "$@"
 """
 FAKE_SCONTROL = """#!/bin/bash
 echo "$@" >> "$FAKE_LOG/scontrol"
-if [[ "$1 $2" == "show hostnames" ]]; then printf 'gpu-node-07\\ngpu-node-08\\n'; fi
+# A large allocation: a reader that stops after the first line makes this die of SIGPIPE.
+if [[ "$1 $2" == "show hostnames" ]]; then printf 'gpu-node-%02d\\n' {7..5000}; fi
 """
 
 
@@ -61,10 +62,14 @@ def start(script: str, env: dict, *overrides: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def wait_for(path: Path, timeout: float = 20.0) -> None:
+def wait_until_started(job: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
+    """Until the stand-in torchrun runs; fails at once with the script's output if the script ended before."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path.name} never appeared"
+    while not (log / "started").exists():
+        if job.poll() is not None or time.monotonic() > deadline:
+            job.kill()
+            out, err = job.communicate()
+            pytest.fail(f"the script never started torchrun (status {job.returncode}):\n{out}\n{err}")
         time.sleep(0.02)
 
 
@@ -72,7 +77,7 @@ def wait_for(path: Path, timeout: float = 20.0) -> None:
 def test_single_node_forwards_the_stop_signal_and_requeues(fake_cluster, stop_signal):
     env, log = fake_cluster
     job = start("train_single_node.sbatch", env, "trainer.steps=10")
-    wait_for(log / "started")
+    wait_until_started(job, log)
     job.send_signal(stop_signal)
     out, err = job.communicate(timeout=20)
     assert job.returncode == 0, err
@@ -131,7 +136,7 @@ def test_gpus_are_counted_from_cuda_visible_devices_without_slurm_gpus_on_node(f
 def test_multi_node_runs_one_torchrun_per_node_with_a_c10d_rendezvous(fake_cluster):
     env, log = fake_cluster
     job = start("train_multi_node.sbatch", env, "trainer.engine=deepspeed")
-    wait_for(log / "started")
+    wait_until_started(job, log)
     job.send_signal(signal.SIGUSR1)
     job.communicate(timeout=20)
     assert job.returncode == 0

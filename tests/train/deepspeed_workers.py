@@ -39,11 +39,12 @@ def build(run, rank: int, world: int, engine: str) -> Trainer:
     return build_trainer(run, GlobalBatchSource(run, rank, world), ctx, torch.device("cpu"))
 
 
-def check_one_step(folder: Path, rank: int, world: int, ep_size: int, stage: int, kind: str = "switch") -> None:
+def check_one_step(folder: Path, rank: int, world: int, ep_size: int, stage: int, kind: str = "switch",
+                   dtype: str = "float32") -> None:
     """Forward, loss, every gradient after reduction, clip and projection, and the weights after Adam."""
-    name = f"step_{kind}_P{ep_size}_z{stage}"
-    runs = [tiny_run(folder / f"{name}_{engine}", ep_size=ep_size, kind=kind, zero_stage=stage, grad_clip=0.05)
-            for engine in ("torch", "deepspeed")]
+    name = f"step_{kind}_P{ep_size}_z{stage}_{dtype}"
+    runs = [tiny_run(folder / f"{name}_{engine}", ep_size=ep_size, kind=kind, zero_stage=stage, grad_clip=0.05,
+                     dtype=dtype) for engine in ("torch", "deepspeed")]
     reference, trainer = build(runs[0], rank, world, "torch"), build(runs[1], rank, world, "deepspeed")
     assert isinstance(trainer, DeepSpeedTrainer)
     x_TD = reference.source.next_batch(reference.local_batch)
@@ -168,6 +169,8 @@ def two_ranks(rank: int, world: int, folder: Path, check) -> None:
     for ep_size, stage in LAYOUTS[:3]:
         with check(f"training_P{ep_size}_z{stage}"):
             check_training(folder, rank, world, ep_size, stage)
+    with check("step_bfloat16"):
+        check_one_step(folder, rank, world, 2, 2, dtype="bfloat16")
     for kind, stage in (("topk", 1), ("relu", 2)):
         with check(f"step_{kind}"):
             check_one_step(folder, rank, world, 1, stage, kind)

@@ -44,6 +44,11 @@ def test_one_step_equals_torch_engine(job, ep_size, stage):
     job[1].require(f"step_P{ep_size}_z{stage}")
 
 
+def test_bfloat16_autocast_step_equals_torch_engine(job):
+    """trainer.dtype=bfloat16 (what a GPU run uses) through DeepSpeed: the torch engine's autocast, same results."""
+    job[1].require("step_bfloat16")
+
+
 @pytest.mark.parametrize("ep_size,stage", LAYOUTS[:3])
 def test_training_equals_torch_engine(job, ep_size, stage):
     """Six steps with two checkpoints: weights, Adam moments, dead-latent counters and logged metrics."""

@@ -36,7 +36,7 @@ def train_distributed(run: RunConfig, overrides: list[str]) -> None:
     from sae_dist.parallel.failures import on_every_rank
     from sae_dist.parallel.mesh import broadcast_object, init_process_group
 
-    world = int(os.environ["WORLD_SIZE"])
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # 1: the DeepSpeed engine in one process
     validate_layout(run, world)
     device = check_device(run.trainer.device)
     init_process_group(device.type, timedelta(seconds=run.parallel.timeout_s))
@@ -54,7 +54,11 @@ def hydra_main(cfg: DictConfig) -> None:
     with one_line_errors():
         run = to_run_config(cfg)
         overrides = list(HydraConfig.get().overrides.task)
-        if launched_by_torchrun():
+        if run.trainer.engine == "deepspeed":
+            from sae_dist.train.deepspeed_engine import import_deepspeed
+
+            import_deepspeed(check_device(run.trainer.device).type)  # a missing install fails here, before any work
+        if launched_by_torchrun() or run.trainer.engine == "deepspeed":
             train_distributed(run, overrides)
         else:
             train_from_config(run, overrides=overrides)

@@ -21,6 +21,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 RESUME_MODES = ("auto", "true", "false")
 NONFINITE_POLICIES = ("stop", "skip")
 MAX_SEED = 2**63 - 1
+ENGINES = ("torch", "deepspeed")
+ZERO_STAGES = (1, 2)
 
 
 class ConfigError(ValueError):
@@ -134,6 +136,11 @@ class TrainerConfig:
     progress: bool = True
     """Show a progress bar."""
     tensorboard: bool = True
+    engine: str = "torch"
+    """'torch' (the project's own step) or 'deepspeed' (DeepSpeed's ZeRO optimizer; needs the 'deepspeed' extra)."""
+    zero_stage: int = 1
+    """ZeRO stage of the 'deepspeed' engine: 1 partitions Adam's state and the fp32 master weights over the ranks,
+    2 also the gradients."""
 
 
 @dataclass
@@ -273,6 +280,8 @@ def _validate_trainer(trainer: TrainerConfig) -> None:
     _require(0 <= trainer.seed <= MAX_SEED, f"trainer.seed={trainer.seed} must be in [0, 2^63 - 1]")
     _one_of("trainer.dtype", trainer.dtype, DTYPES)
     _one_of("trainer.device", trainer.device, ("auto", "cpu", "cuda"))
+    _one_of("trainer.engine", trainer.engine, ENGINES)
+    _require(trainer.zero_stage in ZERO_STAGES, f"trainer.zero_stage={trainer.zero_stage} is unknown; allowed: 1, 2")
     _require(bool(str(trainer.out_dir).strip()), "trainer.out_dir must not be empty")
     trainer.resume = resume_mode(trainer)
     _one_of("trainer.resume", trainer.resume, RESUME_MODES)

@@ -77,7 +77,10 @@ def _attempt_store(timeout: timedelta) -> dist.Store | None:
 
 
 def init_process_group(device_type: str, timeout: timedelta | None = None) -> None:
-    """Join the job torchrun started (RANK, WORLD_SIZE, MASTER_ADDR/PORT in env): NCCL on CUDA, gloo on CPU."""
+    """Join the job torchrun started (RANK, WORLD_SIZE, MASTER_ADDR/PORT in env): NCCL on CUDA, gloo on CPU.
+
+    A process started without torchrun (no MASTER_ADDR) forms a group of one, for code that needs a process group
+    even on one device (the DeepSpeed engine)."""
     if dist.is_initialized():
         return
     if device_type == "cuda":
@@ -86,6 +89,8 @@ def init_process_group(device_type: str, timeout: timedelta | None = None) -> No
     store = _attempt_store(timeout or dist.default_pg_timeout)
     if store is not None:
         kwargs.update(store=store, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    elif "MASTER_ADDR" not in os.environ:
+        kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
     dist.init_process_group(backend_for(device_type), **kwargs)
 
 

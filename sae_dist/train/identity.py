@@ -31,6 +31,8 @@ MAY_CHANGE = (
     "trainer.tensorboard",
     "trainer.device",
     "trainer.on_nonfinite",
+    "trainer.engine",
+    "trainer.zero_stage",
     "parallel.ep_size",
     "parallel.timeout_s",
     "data.lm_batch_size",

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from sae_dist.config import ConfigError, RunConfig, as_dict
 from sae_dist.data import build_activation_source
+from sae_dist.data.source import ActivationSource
 from sae_dist.eval.metrics import ReconstructionSums
 from sae_dist.parallel.context import ParallelContext
 from sae_dist.parallel.failures import on_every_rank
@@ -88,12 +89,21 @@ def _start(plan: RunPlan, ctx: ParallelContext) -> Trainer:
         _write_new_run(plan, ctx.world_size, expert_parallel_size(plan.run, ctx.world_size))
     source = build_activation_source(plan.run, ctx.rank, ctx.world_size, plan.device)
     try:
-        return Trainer(plan.run, source, ctx, plan.device)
+        return build_trainer(plan.run, source, ctx, plan.device)
     except (torch.OutOfMemoryError, RuntimeError) as exc:
         if isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc):
             raise ConfigError(f"sae.num_latents={plan.run.sae.num_latents} does not fit in {plan.device.type} memory "
                               f"({str(exc).strip().splitlines()[0]})") from None
         raise
+
+
+def build_trainer(run: RunConfig, source: ActivationSource, ctx: ParallelContext, device: torch.device) -> Trainer:
+    """The trainer of `trainer.engine`: the torch engine, or DeepSpeed's (imported only when asked for)."""
+    if run.trainer.engine == "deepspeed":
+        from sae_dist.train.deepspeed_engine import DeepSpeedTrainer
+
+        return DeepSpeedTrainer(run, source, ctx, device)
+    return Trainer(run, source, ctx, device)
 
 
 @torch.no_grad()

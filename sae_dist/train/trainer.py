@@ -59,8 +59,7 @@ class Trainer:
         self.d_model = source.d_model
         dispatcher = self.ctx.dispatcher(run.sae.num_experts) if run.sae.kind == "switch" else None
         self.model = build_sae(run.sae, self.d_model, run.trainer.seed, dispatcher).to(self.device)
-        self.optimizer = build_optimizer(self.model, run)
-        self.scheduler = build_scheduler(self.optimizer, run)
+        self.optimizer, self.scheduler = self.build_optimizer()
         self.dead = DeadLatentTracker(self.model.num_local_latents, run.sae.dead_tokens, self.device)
         self.run_dir = Path(run.trainer.out_dir)
         self.step = 0
@@ -71,35 +70,65 @@ class Trainer:
         self.nonfinite_steps = 0
         """Steps skipped because of NaN or inf (trainer.on_nonfinite=skip), over the whole run."""
 
+    def build_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        """Adam over every parameter and the lr schedule (an engine that owns the optimizer replaces this)."""
+        optimizer = build_optimizer(self.model, self.run)
+        return optimizer, build_scheduler(optimizer, self.run)
+
     # --- one optimisation step -------------------------------------------------------------------------------
     def train_step(self, x_TD: torch.Tensor) -> dict[str, Any]:
         """Renormalise decoders, forward, backward, sync, clip, project decoder gradients, Adam step."""
-        model, cfg = self.model, self.run
-        for w_dec in model.decoder_weights():
-            normalize_decoder_(w_dec)
-        needs_dead_mask = model.k_aux > 0
-        with self._autocast():
-            out = model(x_TD, self.dead.dead_mask() if needs_dead_mask else None)
-            terms = model.loss_terms(x_TD, out, self.ctx)
-            loss = total_loss(terms, model.loss_weights(self.step / cfg.trainer.steps))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.ctx.sync_gradients(model)
-        grad_norm = self.ctx.clip_grad_norm_(model, cfg.trainer.grad_clip)
-        for w_dec in model.decoder_weights():
-            remove_parallel_gradient_(w_dec)
+        self.renormalize_decoders()
+        out, terms, loss = self.forward_loss(x_TD)
+        self.backward(loss)
+        grad_norm = self.sync_clip_project()
         lr = self.scheduler.get_last_lr()[0]
-        fired_L = self.ctx.merge_fired(model.fired_latents(out))
+        fired_L = self.ctx.merge_fired(self.model.fired_latents(out))
         # --- non-finite guard: the simplest correct form (it synchronises with the host; the fast step keeps the
         # flag on the device). The gradient norm is global, so every rank takes the same branch.
         finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm) & torch.isfinite(x_TD).all()
         if bool(finite):
-            self.optimizer.step()
-            self.dead.update(fired_L, cfg.trainer.batch_size)
+            self.update()
+            self.dead.update(fired_L, self.run.trainer.batch_size)
+        else:
+            self.scheduler.step()
         # --- end of the guard
-        self.scheduler.step()
         return {"out": out, "terms": terms, "loss": loss.detach(), "grad_norm": grad_norm, "lr": lr,
                 "finite": finite}
+
+    def renormalize_decoders(self) -> None:
+        """Scale every decoder row to unit norm (SPEC section 4: the first part of a step)."""
+        for w_dec in self.model.decoder_weights():
+            normalize_decoder_(w_dec)
+
+    def forward_loss(self, x_TD: torch.Tensor) -> tuple[SAEOutput, dict[str, torch.Tensor], torch.Tensor]:
+        """(model output, loss terms, total loss) of this rank's tokens, under the configured autocast."""
+        model = self.model
+        dead_mask_L = self.dead.dead_mask() if model.k_aux > 0 else None
+        with self._autocast():
+            out = model(x_TD, dead_mask_L)
+            terms = model.loss_terms(x_TD, out, self.ctx)
+            loss = total_loss(terms, model.loss_weights(self.step / self.run.trainer.steps))
+        return out, terms, loss
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """This rank's gradients of `loss` (replacing the previous step's)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+
+    def sync_clip_project(self) -> torch.Tensor:
+        """Reduce gradients over ranks, clip them by the true global norm, remove each decoder row's gradient
+        component along the row; return the global norm before clipping."""
+        self.ctx.sync_gradients(self.model)
+        grad_norm = self.ctx.clip_grad_norm_(self.model, self.run.trainer.grad_clip)
+        for w_dec in self.model.decoder_weights():
+            remove_parallel_gradient_(w_dec)
+        return grad_norm
+
+    def update(self) -> None:
+        """The Adam step and the lr schedule's step."""
+        self.optimizer.step()
+        self.scheduler.step()
 
     def _autocast(self):
         dtype = AUTOCAST_DTYPES.get(self.run.trainer.dtype)

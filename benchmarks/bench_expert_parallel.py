@@ -19,7 +19,6 @@ import os
 import socket
 import statistics
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -83,7 +82,8 @@ def rank_main(rank: int, world: int, ep_size: int, port: int, args, queue) -> No
 
     run = bench_run(args, ep_size)
     device = torch.device(args.device)
-    ctx = ExpertParallelContext.from_config(run, device.type, timedelta(seconds=120))
+    run.parallel.timeout_s = 120
+    ctx = ExpertParallelContext.from_config(run, device.type)
     trainer = Trainer(run, SyntheticSource.from_config(run.data, 0, rank), ctx, device)
     times, per_step = time_steps(trainer, ctx, args)
     kinds = sorted(per_step)
@@ -108,10 +108,8 @@ def measure(world: int, ep_size: int, args) -> tuple[list[float], dict[str, floa
     return queue.get()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layouts", nargs="+", default=["1", "2", "4", "4:2"],
-                        help="W or W:P per run (W=1, the baseline, always runs)")
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, batch, timing and device options shared by the multi-rank benchmarks."""
     parser.add_argument("--batch", type=int, default=4096, help="global batch B (tokens per step)")
     parser.add_argument("--d", type=int, default=256)
     parser.add_argument("--latents", type=int, default=16384)
@@ -121,6 +119,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads shared by all ranks")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layouts", nargs="+", default=["1", "2", "4", "4:2"],
+                        help="W or W:P per run (W=1, the baseline, always runs)")
+    add_run_arguments(parser)
     args = parser.parse_args()
 
     minimum = 2 * args.batch * args.d * 4

@@ -5,14 +5,14 @@ The activations of block `model.layer` over the text of the data group are writt
 safetensors shards plus `manifest.json` (layout and checks: sae_dist/data/cache.py). Run the same command again
 after an interruption and the job continues where each rank stopped. Train from the cache with
     python launch/train.py data.source=cache data.cache_dir=DIR
-Bad configuration or unavailable data ends the job at once with one line on stderr and exit status 2.
+Bad configuration, a missing model or data file, an output folder that cannot be written or lacks the space, and
+unavailable data end the job with one line on stderr and exit status 2 before the model is loaded (sae_dist/cli.py).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import os
-import sys
 import time
 from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
@@ -24,14 +24,14 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from sae_dist.cli import check_output, one_line_errors
 from sae_dist.config import CacheJobConfig, ConfigError, RunConfig, TrainerConfig, as_dict, to_cache_job_config
 from sae_dist.data import PrefetchingSource, lm_activation_source, load_lm
 from sae_dist.data.cache import CACHE_DTYPES, MANIFEST
 from sae_dist.data.cache_writer import CacheExistsError, finish_cache, rank_rows, write_shards
 from sae_dist.data.lm import MINILM_BUNDLED, lm_dtype
-from sae_dist.data.source import DataUnavailableError
+from sae_dist.train import preflight
 
-USER_ERRORS = (ConfigError, DataUnavailableError, CacheExistsError)
 BARRIER_TIMEOUT = timedelta(hours=2)
 """How long a finished rank waits for the slowest one."""
 
@@ -90,21 +90,40 @@ def cache_activations(job: CacheJobConfig, rank: int, world_size: int, device: t
     return out / MANIFEST
 
 
+def check_job(job: CacheJobConfig) -> None:
+    """What needs neither model nor data: the model folder and text files exist, the output folder is writable and
+    (when d is known before loading) has room for the cache."""
+    run = RunConfig(model=job.model, data=job.data)
+    preflight.check_inputs(run)
+    folder = check_output(job.cache.out_dir, "cache.out_dir")
+    d_model = preflight.activation_width(run)
+    if d_model is not None:
+        needed = job.cache.num_tokens * d_model * CACHE_DTYPES[job.cache.dtype].itemsize
+        preflight.require_free_space(folder, "cache.out_dir", needed,
+                                     f"{job.cache.num_tokens:,} activations of d = {d_model} in {job.cache.dtype}")
+
+
 @hydra.main(config_path="../conf", config_name="cache_activations", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    try:
+    with one_line_errors():
         job = to_cache_job_config(cfg)
+        check_job(job)
         device = job_device(job.cache.device, int(os.environ.get("LOCAL_RANK", "0")))
         if world_size > 1:
             dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
-        cache_activations(job, rank, world_size, device)
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        try:
+            cache_activations(job, rank, world_size, device)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def main() -> None:
+    # Hydra re-raises its own errors (an unknown key, a value of the wrong type) so that they end in one line too.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    with one_line_errors():
+        hydra_main()
 
 
 if __name__ == "__main__":

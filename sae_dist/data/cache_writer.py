@@ -30,8 +30,8 @@ os.umask(_UMASK)
 _FILE_MODE = 0o666 & ~_UMASK
 
 
-class CacheExistsError(FileExistsError):
-    """The output folder already holds a complete cache."""
+class CacheExistsError(ConfigError):
+    """The output folder already holds a complete cache (a one-line error naming it)."""
 
 
 @contextmanager

@@ -6,22 +6,28 @@ side by side); a `SharedStream` hands each batch to every member, cut to its sit
 in turn, so member i's batch j is the batch j that a run of member i alone would see: a sweep equals its members
 trained separately on the same stream (tested), at the price of one LM pass.
 
-Resume: the members restore the newest checkpoint step that all of them have (a crash between two members'
-saves leaves one a checkpoint ahead), so the shared stream continues from one position.
+Each member is checked and continued like a run of its own (`run.prepare_run`: its folder, its identity on resume,
+memory and disk). Resume: the members restore the newest checkpoint step that all of them have (a crash or a stop
+signal between two members' saves leaves one a checkpoint ahead), so the shared stream continues from one position.
 """
 
 from __future__ import annotations
 
-import torch
-from omegaconf import OmegaConf
+from typing import Any
 
-from sae_dist.config import RunConfig, as_dict, sweep_members
+from sae_dist.config import RunConfig, sweep_members
 from sae_dist.data import DataUnavailableError, build_activation_source
 from sae_dist.data.fanout import SharedStream
 from sae_dist.parallel.context import ParallelContext
+from sae_dist.parallel.failures import on_every_rank
 from sae_dist.train import checkpoint as ckpt
-from sae_dist.train.run import check_run_dir
+from sae_dist.train.run import RunPlan, finish_run, prepare_run, start_trainer
 from sae_dist.train.trainer import Trainer
+
+
+def prepare_sweep(run: RunConfig, world_size: int = 1, overrides: list[str] | None = None) -> list[RunPlan]:
+    """Every member of `run.sweep` checked as a run of its own (see `run.prepare_run`)."""
+    return [prepare_run(member, world_size, overrides) for member in sweep_members(run)]
 
 
 def sweep_layers(members: list[RunConfig]) -> list[int]:
@@ -29,24 +35,24 @@ def sweep_layers(members: list[RunConfig]) -> list[int]:
     return list(dict.fromkeys(member.model.layer for member in members))
 
 
-def build_members(
-    run: RunConfig, members: list[RunConfig], ctx: ParallelContext, device: torch.device
-) -> list[Trainer]:
+def build_members(plans: list[RunPlan], ctx: ParallelContext) -> list[Trainer]:
     """One trainer per sweep member, all fed by one stream of this rank's activations."""
-    lm = run.data.source == "lm"
+    first = plans[0].run
+    members = [plan.run for plan in plans]
+    lm = first.data.source == "lm"
     layers = sweep_layers(members)
-    source = build_activation_source(run, ctx.rank, ctx.world_size, device, layers if lm else None)
+    source = build_activation_source(first, ctx.rank, ctx.world_size, plans[0].device, layers if lm else None)
     width = source.d_model // len(layers) if lm else source.d_model
     stream = SharedStream(source, len(members))
     trainers = []
-    for i, member in enumerate(members):
-        site = layers.index(member.model.layer) if lm else 0
-        trainers.append(Trainer(member, stream.view(i, slice(site * width, (site + 1) * width)), ctx, device))
+    for i, plan in enumerate(plans):
+        site = layers.index(plan.run.model.layer) if lm else 0
+        trainers.append(start_trainer(plan, ctx, stream.view(i, slice(site * width, (site + 1) * width))))
     return trainers
 
 
-def restore_common_step(trainers: list[Trainer]) -> int | None:
-    """Restore every member from the newest checkpoint step they all have; None when none has one."""
+def resume_from_common_step(trainers: list[Trainer]) -> int | None:
+    """Make every member continue from the newest checkpoint step they all have; None when none has one."""
     latest = [ckpt.latest_checkpoint(t.run_dir) for t in trainers]
     if all(folder is None for folder in latest):
         return None
@@ -58,30 +64,28 @@ def restore_common_step(trainers: list[Trainer]) -> int | None:
         folder = trainer.run_dir / "checkpoints" / ckpt.checkpoint_name(step)
         if not folder.is_dir():
             raise DataUnavailableError(f"sweep member {trainer.run_dir} lacks checkpoint step {step} of the others")
-        trainer.restore(folder)
+        trainer.resume_from = folder
     return step
 
 
 def train_members(trainers: list[Trainer]) -> None:
-    """Step every member in turn until all have finished."""
+    """Resume every member (each rewinds the shared stream to the same position), then step them in turn until all
+    have finished."""
     running = [trainer.steps() for trainer in trainers]
+    for loop in running:
+        next(loop)
     while running:
         running = [loop for loop in running if next(loop, None) is not None]
 
 
-def train_sweep(run: RunConfig, ctx: ParallelContext, device: torch.device) -> list[Trainer]:
-    """Train the members of `run.sweep` from one stream; returns their trainers (trained)."""
-    members = sweep_members(run)
-    for member in members:
-        check_run_dir(member)
-    trainers = build_members(run, members, ctx, device)
+def train_sweep(plans: list[RunPlan], ctx: ParallelContext, eval_batches: int = 4) -> list[dict[str, Any]]:
+    """Train the prepared members of a sweep from one stream; return each member's result (`run.finish_run`)."""
     if ctx.is_main:
-        for trainer in trainers:
-            trainer.run_dir.mkdir(parents=True, exist_ok=True)
-            (trainer.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(as_dict(trainer.run))))
-    if run.trainer.resume:
-        restore_common_step(trainers)
-    for trainer in trainers:
-        trainer.run.trainer.resume = False  # restored above, from a step all members share
+        for plan in plans:
+            print(f"run folder: {plan.folder.describe()}", flush=True)
+    trainers = on_every_rank(lambda: build_members(plans, ctx))
+    resume_from_common_step(trainers)
     train_members(trainers)
-    return trainers
+    results = [finish_run(trainer, eval_batches) for trainer in trainers]
+    trainers[0].source.close()
+    return results

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from sae_dist.config import RunConfig, default_lr
 
 
-def build_optimizer(model: nn.Module, run: RunConfig) -> torch.optim.Adam:
-    """Adam (no weight decay) at the configured lr or the paper's 2e-4 / sqrt(M / 2^14) rule."""
+def build_optimizer(model: nn.Module, run: RunConfig, param_groups: list[dict] | None = None) -> torch.optim.Adam:
+    """Adam (no weight decay) at the configured lr or the paper's 2e-4 / sqrt(M / 2^14) rule, over `param_groups`
+    (default: one group of every parameter of `model`)."""
     lr = run.trainer.lr if run.trainer.lr is not None else default_lr(run.sae)
     betas = tuple(run.trainer.adam_betas)
-    return torch.optim.Adam(model.parameters(), lr=lr, betas=betas, eps=run.trainer.adam_eps)
+    return torch.optim.Adam(param_groups or model.parameters(), lr=lr, betas=betas, eps=run.trainer.adam_eps)
 
 
 def lr_multiplier(step: int, total_steps: int, decay_frac: float) -> float:
@@ -24,9 +26,12 @@ def lr_multiplier(step: int, total_steps: int, decay_frac: float) -> float:
     return max(0.0, (total_steps - step) / decay_steps)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, run: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, run: RunConfig, kind: type[LambdaLR] = LambdaLR
+) -> LambdaLR:
+    """The schedule of `lr_multiplier` as a `kind` (a LambdaLR or a subclass)."""
     steps, frac = run.trainer.steps, run.trainer.lr_decay_frac
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, steps, frac))
+    return kind(optimizer, lambda step: lr_multiplier(step, steps, frac))
 
 
 @torch.no_grad()

@@ -2,6 +2,12 @@
 
 The trainer owns no distribution logic: every collective goes through the injected `ParallelContext`, which is
 the identity on one device and the expert-parallel layout under torchrun.
+
+Faults: a step whose batch, loss or gradient norm is not finite applies no update; the loop reads those flags only
+at logging and checkpoint steps (no host synchronisation in between) and, before anything is written, stops with
+NonFiniteError or counts the skipped steps (trainer.on_nonfinite). SIGTERM / SIGUSR1 stop the run after a
+checkpoint (`preemption`). A collective that fails because another rank died or stalled ends the run with a
+CollectiveError naming it.
 """
 
 from __future__ import annotations
@@ -22,13 +28,20 @@ from sae_dist.models import SAEOutput, build_sae
 from sae_dist.models.losses import total_loss
 from sae_dist.models.router import expert_counts
 from sae_dist.parallel.context import ParallelContext
+from sae_dist.parallel.failures import collective_failure
 from sae_dist.train import checkpoint as ckpt
+from sae_dist.train import identity
 from sae_dist.train.dead import DeadLatentTracker
 from sae_dist.train.init import init_biases_from_batch
-from sae_dist.train.logging import MetricsLogger
+from sae_dist.train.logging import MetricsLogger, append_history
 from sae_dist.train.optim import build_optimizer, build_scheduler, normalize_decoder_, remove_parallel_gradient_
+from sae_dist.train.preemption import StopRequested, StopSignals
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class NonFiniteError(ValueError):
+    """A step met NaN or inf under trainer.on_nonfinite=stop; the message is one line naming the step."""
 
 
 class Trainer:
@@ -48,8 +61,7 @@ class Trainer:
         self.d_model = source.d_model
         dispatcher = self.ctx.dispatcher(run.sae.num_experts) if run.sae.kind == "switch" else None
         self.model = build_sae(run.sae, self.d_model, run.trainer.seed, dispatcher).to(self.device)
-        self.optimizer = build_optimizer(self.model, run)
-        self.scheduler = build_scheduler(self.optimizer, run)
+        self.optimizer, self.scheduler = self.build_optimizer()
         self.dead = DeadLatentTracker(self.model.num_local_latents, run.sae.dead_tokens, self.device)
         self.run_dir = Path(run.trainer.out_dir)
         self.step = 0
@@ -57,31 +69,72 @@ class Trainer:
         self.local_batch = self.ctx.local_batch_size(run.trainer.batch_size)
         self.tokens_per_s = 0.0
         """Training throughput of the last `train()` call, data production included."""
+        self.resume_from: Path | None = None
+        """A checkpoint to continue from instead of the one trainer.resume picks (a sweep's common step)."""
         self.last_row: dict[str, Any] = {}
+        """The last logged metrics row of the last `train()` / `steps()`."""
+        self.nonfinite_steps = 0
+        """Steps skipped because of NaN or inf (trainer.on_nonfinite=skip), over the whole run."""
+
+    def build_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        """Adam over every parameter and the lr schedule (an engine that owns the optimizer replaces this)."""
+        optimizer = build_optimizer(self.model, self.run)
+        return optimizer, build_scheduler(optimizer, self.run)
 
     # --- one optimisation step -------------------------------------------------------------------------------
     def train_step(self, x_TD: torch.Tensor) -> dict[str, Any]:
         """Renormalise decoders, forward, backward, sync, clip, project decoder gradients, Adam step."""
-        model, cfg = self.model, self.run
-        for w_dec in model.decoder_weights():
+        self.renormalize_decoders()
+        out, terms, loss = self.forward_loss(x_TD)
+        self.backward(loss)
+        grad_norm = self.sync_clip_project()
+        lr = self.scheduler.get_last_lr()[0]
+        fired_L = self.ctx.merge_fired(self.model.fired_latents(out))
+        # --- non-finite guard: the simplest correct form (it synchronises with the host; the fast step keeps the
+        # flag on the device). The gradient norm is global, so every rank takes the same branch.
+        finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm) & torch.isfinite(x_TD).all()
+        if bool(finite):
+            self.update()
+            self.dead.update(fired_L, self.run.trainer.batch_size)
+        else:
+            self.scheduler.step()
+        # --- end of the guard
+        return {"out": out, "terms": terms, "loss": loss.detach(), "grad_norm": grad_norm, "lr": lr,
+                "finite": finite}
+
+    def renormalize_decoders(self) -> None:
+        """Scale every decoder row to unit norm (SPEC section 4: the first part of a step)."""
+        for w_dec in self.model.decoder_weights():
             normalize_decoder_(w_dec)
-        needs_dead_mask = model.k_aux > 0
+
+    def forward_loss(self, x_TD: torch.Tensor) -> tuple[SAEOutput, dict[str, torch.Tensor], torch.Tensor]:
+        """(model output, loss terms, total loss) of this rank's tokens, under the configured autocast."""
+        model = self.model
+        dead_mask_L = self.dead.dead_mask() if model.k_aux > 0 else None
         with self._autocast():
-            out = model(x_TD, self.dead.dead_mask() if needs_dead_mask else None)
+            out = model(x_TD, dead_mask_L)
             terms = model.loss_terms(x_TD, out, self.ctx)
-            loss = total_loss(terms, model.loss_weights(self.step / cfg.trainer.steps))
+            loss = total_loss(terms, model.loss_weights(self.step / self.run.trainer.steps))
+        return out, terms, loss
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """This rank's gradients of `loss` (replacing the previous step's)."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.ctx.sync_gradients(model)
-        grad_norm = self.ctx.clip_grad_norm_(model, cfg.trainer.grad_clip)
-        for w_dec in model.decoder_weights():
+
+    def sync_clip_project(self) -> torch.Tensor:
+        """Reduce gradients over ranks, clip them by the true global norm, remove each decoder row's gradient
+        component along the row; return the global norm before clipping."""
+        self.ctx.sync_gradients(self.model)
+        grad_norm = self.ctx.clip_grad_norm_(self.model, self.run.trainer.grad_clip)
+        for w_dec in self.model.decoder_weights():
             remove_parallel_gradient_(w_dec)
-        lr = self.scheduler.get_last_lr()[0]
+        return grad_norm
+
+    def update(self) -> None:
+        """The Adam step and the lr schedule's step."""
         self.optimizer.step()
         self.scheduler.step()
-        fired_L = self.ctx.merge_fired(model.fired_latents(out))
-        self.dead.update(fired_L, cfg.trainer.batch_size)
-        return {"out": out, "terms": terms, "loss": loss.detach(), "grad_norm": grad_norm, "lr": lr}
 
     def _autocast(self):
         dtype = AUTOCAST_DTYPES.get(self.run.trainer.dtype)
@@ -129,7 +182,8 @@ class Trainer:
 
     def save(self) -> Path:
         """Write a checkpoint (collectively: every rank calls this)."""
-        run_state = {"step": self.step, "tokens": self.tokens, "scheduler": self.scheduler.state_dict()}
+        run_state = {"step": self.step, "tokens": self.tokens, "scheduler": self.scheduler.state_dict(),
+                     "nonfinite_steps": self.nonfinite_steps}
         rank_state = {"data": self.source.state_dict(), "torch_rng": torch.get_rng_state()}
         return ckpt.save_checkpoint(
             self.run_dir, self.run, self.d_model, self.step, self._tensors(), run_state, rank_state, self.ctx
@@ -139,32 +193,53 @@ class Trainer:
         """Continue from a checkpoint written on any layout (see `checkpoint` for the data-position rule)."""
         run_state, rank_states = ckpt.load_checkpoint(folder, self._tensors(), self.ctx)
         self.step, self.tokens = run_state["step"], run_state["tokens"]
+        self.nonfinite_steps = run_state.get("nonfinite_steps", 0)
         self.scheduler.load_state_dict(run_state["scheduler"])
         data_states = [state["data"] for state in rank_states]
         self.source.load_state_dict(resume_state(data_states, self.ctx.rank, self.ctx.world_size))
         torch.set_rng_state(rank_states[self.ctx.rank % len(rank_states)]["torch_rng"])
 
     def maybe_resume(self) -> bool:
-        """With trainer.resume, continue from the run's latest checkpoint; return whether one was found."""
-        if not self.run.trainer.resume:
-            return False
-        folder = ckpt.latest_checkpoint(self.run_dir)
+        """Continue from `resume_from`, else from the run's latest checkpoint as trainer.resume says; return whether
+        one was found.
+
+        The checkpoint's config must define the same run (`identity`); the changes allowed on resume are recorded
+        in the run's resume history with the line 'resumed from step N (tokens T) on W ranks', also printed."""
+        folder = self.resume_from or identity.checkpoint_to_resume(self.run, self.run_dir)
         if folder is None:
             return False
+        saved, _, _ = ckpt.read_checkpoint_config(folder)
+        _, changes = identity.continue_config(saved, self.run)
         self.restore(folder)
+        world = self.ctx.world_size
+        message = f"resumed from step {self.step} (tokens {self.tokens:,}) on {world} rank{'s' if world > 1 else ''}"
+        if self.ctx.is_main:
+            print(message, flush=True)
+            append_history(self.run_dir, {
+                "event": "resume", "message": message, "checkpoint": folder.name, "step": self.step,
+                "tokens": self.tokens, "world_size": world, "ep_size": world // self.ctx.expert_replicas,
+                "changes": changes,
+            })
         return True
 
     # --- the loop --------------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
-        """Run to `trainer.steps`; return the last logged metrics row."""
+        """Run to `trainer.steps`; return the last logged metrics row.
+
+        Raises NonFiniteError (trainer.on_nonfinite=stop), StopRequested (SIGTERM or SIGUSR1: after writing a
+        checkpoint) and CollectiveError (another rank died or stalled)."""
         for _ in self.steps():
             pass
         return self.last_row
 
     def steps(self) -> Iterator[int]:
-        """The loop of `train`, yielding the step count after every step (several trainers fed by one stream
-        advance in turn); the last logged row is then in `last_row`."""
+        """The loop of `train`, yielding the step count once after resuming and then after every step (the SAEs of
+        a sweep, fed by one stream, all resume first and then advance in turn: `train/multi.py`); the last logged
+        row is then in `last_row`."""
         cfg = self.run.trainer
+        if self.ctx.is_main:
+            ckpt.remove_partial_checkpoints(self.run_dir)
+        self.ctx.barrier()
         self.maybe_resume()
         logger = MetricsLogger(self.run_dir, self.step, cfg.tensorboard) if self.ctx.is_main else None
         bar = tqdm(
@@ -173,29 +248,101 @@ class Trainer:
         last_row: dict[str, Any] = {}
         window_start, window_tokens = time.perf_counter(), 0
         session_start, session_start_tokens = window_start, self.tokens
-        while self.step < cfg.steps:
-            x_TD = self.source.next_batch(self.local_batch).to(self.device, non_blocking=True)
-            if self.step == 0:
-                init_biases_from_batch(self.model, self.ctx.gather_rows(x_TD))
-            result = self.train_step(x_TD)
-            self.step += 1
-            self.tokens += cfg.batch_size
-            window_tokens += cfg.batch_size
-            bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                last_row = self.step_metrics(x_TD, result)
-                now = time.perf_counter()
-                last_row["tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
-                window_start, window_tokens = now, 0
-                bar.set_postfix(loss=f"{last_row['loss']:.4g}", mse=f"{last_row['mse']:.4g}",
-                                tok_s=f"{last_row['tokens_per_s']:.3g}")
-                if logger is not None:
-                    logger.log(last_row)
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                self.save()
+        unchecked: list[tuple[int, torch.Tensor]] = []  # (step, finite flag on the device) since the last read
+        doing = f"step {self.step + 1}"  # for the error message of a failed collective
+        try:
             yield self.step
-        bar.close()
-        if logger is not None:
-            logger.close()
+            with StopSignals() as signals:
+                while self.step < cfg.steps:
+                    doing = f"step {self.step + 1}"
+                    x_TD = self.source.next_batch(self.local_batch).to(self.device, non_blocking=True)
+                    if self.step == 0:
+                        self._init_biases(x_TD)
+                    result = self.train_step(x_TD)
+                    self.step += 1
+                    self.tokens += cfg.batch_size
+                    window_tokens += cfg.batch_size
+                    unchecked.append((self.step, result["finite"]))
+                    bar.update(1)
+                    at_log = self.step % cfg.log_every == 0 or self.step == cfg.steps
+                    at_checkpoint = self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps
+                    stop = self._stop_requested(signals, at_log or at_checkpoint)
+                    if at_log or at_checkpoint or stop:
+                        self._check_finite(unchecked)
+                    if at_log:
+                        doing = f"the metrics of step {self.step}"
+                        now = time.perf_counter()
+                        last_row = self._log(x_TD, result, window_tokens / max(now - window_start, 1e-9), logger, bar)
+                        window_start, window_tokens = now, 0
+                    if at_checkpoint or stop:
+                        doing = f"the checkpoint of step {self.step}"
+                        checkpoint = self.save()
+                    if stop:
+                        raise StopRequested(stop, self.step, checkpoint)
+                    yield self.step
+        except RuntimeError as exc:
+            failure = collective_failure(exc, self.ctx.rank, self.run.parallel.timeout_s, doing)
+            if failure is None:
+                raise
+            raise failure from exc
+        finally:
+            bar.close()
+            if logger is not None:
+                logger.close()
         self.tokens_per_s = (self.tokens - session_start_tokens) / max(time.perf_counter() - session_start, 1e-9)
         self.last_row = last_row
+
+    def _log(
+        self, x_TD: torch.Tensor, result: dict[str, Any], tokens_per_s: float, logger: MetricsLogger | None, bar: tqdm
+    ) -> dict[str, Any]:
+        """The metrics row of this step: computed on every rank, shown and written by rank 0."""
+        row = self.step_metrics(x_TD, result)
+        row["nonfinite_steps"] = self.nonfinite_steps
+        row["tokens_per_s"] = tokens_per_s
+        bar.set_postfix(loss=f"{row['loss']:.4g}", mse=f"{row['mse']:.4g}", tok_s=f"{row['tokens_per_s']:.3g}")
+        if logger is not None:
+            logger.log(row)
+        return row
+
+    def _init_biases(self, x_TD: torch.Tensor) -> None:
+        """b_pre and b_router from the first global batch's finite rows (none finite: left as built, and the step
+        is non-finite anyway)."""
+        rows_TD = self.ctx.gather_rows(x_TD)
+        rows_TD = rows_TD[torch.isfinite(rows_TD).all(dim=1)]
+        if rows_TD.shape[0]:
+            init_biases_from_batch(self.model, rows_TD)
+
+    def _stop_requested(self, signals: StopSignals, at_sync_point: bool) -> str | None:
+        """The stop signal to honour after this step, if any: in one process as soon as it arrives; under torchrun
+        at logging and checkpoint steps, when the ranks agree (one small all-reduce), so all stop together."""
+        if not self.ctx.distributed:
+            return signals.received
+        if not at_sync_point:
+            return None
+        flag = torch.tensor([0.0 if signals.received is None else 1.0], device=self.device)
+        if float(self.ctx.all_reduce_sum(flag).sum()) == 0:
+            return None
+        return signals.received or "a stop signal to another rank"
+
+    def _check_finite(self, unchecked: list[tuple[int, torch.Tensor]]) -> None:
+        """Read the finite flags of the steps since the last check (one transfer): raise NonFiniteError under
+        trainer.on_nonfinite=stop, else count the skipped steps. Every rank holds the same flags."""
+        if not unchecked:
+            return
+        flags = torch.stack([flag for _, flag in unchecked]).tolist()
+        bad = [step for (step, _), ok in zip(unchecked, flags, strict=True) if not ok]
+        unchecked.clear()
+        if not bad:
+            return
+        if self.run.trainer.on_nonfinite == "stop":
+            latest = ckpt.latest_checkpoint(self.run_dir)
+            kept = f"the last checkpoint is {latest.name}" if latest is not None else "no checkpoint was written"
+            raise NonFiniteError(
+                f"step {bad[0]}: NaN or inf in the batch, the loss or the gradient norm (no update applied); "
+                f"stopped at step {self.step} without writing a checkpoint ({kept}); check the activations, or "
+                "pass trainer.on_nonfinite=skip to skip such steps"
+            )
+        self.nonfinite_steps += len(bad)
+        if self.ctx.is_main:
+            tqdm.write(f"warning: skipped {len(bad)} step(s) with NaN or inf (first: step {bad[0]}); "
+                       f"{self.nonfinite_steps} skipped in this run")

@@ -15,6 +15,7 @@ from sae_dist.data import (
 )
 from sae_dist.data import cache as cache_module
 from sae_dist.data.cache import MANIFEST, CacheUnitReader
+from sae_dist.data.cache_writer import CacheExistsError
 from sae_dist.data.order import Plan, resume_state
 from sae_dist.data.source import ActivationSource
 from sae_dist.data.synthetic import SyntheticSource
@@ -192,5 +193,5 @@ def test_missing_cache_is_one_line_error(tmp_path):
 
 
 def test_refuses_to_overwrite(cache):
-    with pytest.raises(FileExistsError):
+    with pytest.raises(CacheExistsError, match="already holds an activation cache"):
         write_cache(RowIds(), cache, 10, 10)

@@ -62,7 +62,7 @@ def test_resume_starts_every_member_from_a_step_they_all_have(make_run, tmp_path
             if folder.name > keep:
                 shutil.rmtree(folder)
         (checkpoints / "latest").write_text(keep)
-    resumed = replace(whole, trainer=replace(whole.trainer, out_dir=str(tmp_path / "cut"), resume=True))
+    resumed = replace(whole, trainer=replace(whole.trainer, out_dir=str(tmp_path / "cut"), resume="true"))
     results = train_from_config(resumed, eval_batches=1)
     for result, reference in zip(results, finished, strict=True):
         assert result["trainer"].step == 12

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from sae_dist.cli import check_output, one_line_errors
+from sae_dist.cli import check_output, one_line_errors, run_hydra_app
 from sae_dist.config import CacheJobConfig, ConfigError, RunConfig, TrainerConfig, as_dict, to_cache_job_config
 from sae_dist.data import PrefetchingSource, lm_activation_source, load_lm
 from sae_dist.data.cache import CACHE_DTYPES, MANIFEST
@@ -120,10 +120,7 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    # Hydra re-raises its own errors (an unknown key, a value of the wrong type) so that they end in one line too.
-    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-    with one_line_errors():
-        hydra_main()
+    run_hydra_app(hydra_main)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from sae_dist.cli import one_line_errors
+from sae_dist.cli import one_line_errors, run_hydra_app
 from sae_dist.config import RunConfig, to_run_config
 from sae_dist.parallel.mesh import launched_by_torchrun, validate_layout
 from sae_dist.train.preflight import check_device
@@ -71,10 +71,7 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    # Hydra re-raises its own errors (an unknown key, a value of the wrong type) so that they end in one line too.
-    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-    with one_line_errors():
-        hydra_main()
+    run_hydra_app(hydra_main)
 
 
 if __name__ == "__main__":

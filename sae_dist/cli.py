@@ -13,7 +13,7 @@ import errno
 import os
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
@@ -83,6 +83,14 @@ def one_line_errors() -> Iterator[None]:
         if exc.errno not in FILE_ERRNOS:
             raise
         fail(f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc))
+
+
+def run_hydra_app(app: Callable[[], None]) -> None:
+    """Run a `@hydra.main` app so that Hydra's own errors (an unknown key, a value of the wrong type), which it
+    re-raises with HYDRA_FULL_ERROR, end in one line too."""
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    with one_line_errors():
+        app()
 
 
 def _raised_in_package(exc: BaseException, package: str) -> bool:

@@ -411,7 +411,10 @@ class CacheConfig:
 
 @dataclass
 class CacheJobConfig:
+    """conf/cache_activations.yaml: the LM site and text of training (`model`, `data`) and the cache to write."""
+
     name: str = "cache"
+    """The job's name (the default cache.out_dir is caches/<name>)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)

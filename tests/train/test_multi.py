@@ -9,6 +9,7 @@ import torch
 from sae_dist.config import ConfigError, RunConfig, sweep_members, validate
 from sae_dist.train.checkpoint import latest_checkpoint
 from sae_dist.train.logging import read_metrics
+from sae_dist.train.identity import RunDirectoryError
 from sae_dist.train.run import train_from_config
 from tests.data.conftest import minilm, tiny_gpt2_dir  # noqa: F401 - the tiny random GPT-2 and its tokenizer
 
@@ -67,6 +68,12 @@ def test_resume_starts_every_member_from_a_step_they_all_have(make_run, tmp_path
     for result, reference in zip(results, finished, strict=True):
         assert result["trainer"].step == 12
         assert_same_weights(result["trainer"], reference["trainer"])
+    # Every member is a run of its own to the identity checks: a new start over checkpoints, or another k, is refused.
+    with pytest.raises(RunDirectoryError, match="holds checkpoints"):
+        train_from_config(replace(resumed, trainer=replace(resumed.trainer, resume="false")), eval_batches=1)
+    changed = replace(resumed, sweep=[{"sae.k": 4}, {"sae.k": 8, "name": "switch_M256_N4_k8_L8", "sae.lb_alpha": 1.0}])
+    with pytest.raises(RunDirectoryError, match=r"switch_M256_N4_k8_L8 holds a run defined otherwise: sae.lb_alpha 0.1 -> 1.0"):
+        train_from_config(changed, eval_batches=1)
 
 
 @pytest.mark.parametrize(

@@ -116,7 +116,7 @@ def continue_config(
         raise RunDirectoryError(
             f"trainer.out_dir={current.trainer.out_dir} holds a run defined otherwise: {', '.join(refused)}; "
             "a continued run keeps its settings (only steps, logging, checkpointing, device, on_nonfinite, "
-            "ep_size, timeout_s and the number of ranks may change): drop these overrides, or choose another "
+            "engine, ep_size, timeout_s, the data path's speed settings and the number of ranks may change): drop these overrides, or choose another "
             "trainer.out_dir for a new run"
         )
     return from_dict(_unflatten(merged)), changes

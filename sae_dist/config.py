@@ -46,6 +46,12 @@ class SAEConfig:
     """Fraction of the steps over which the L1 coefficient ramps up linearly from 0 ('relu' only)."""
     dead_tokens: int = 10_000_000
     """A latent that has not fired for this many tokens is dead."""
+    encoder_backward: str = "auto"
+    """Encoder backward of the TopK experts: 'sparse' (scatter over the k selected latents), 'gemm' (grouped GEMMs
+    over the scattered gradient) or 'auto' (sparse on CPU; gemm on GPU up to 32768 latents per expert)."""
+    decoder: str = "auto"
+    """Decoder of the TopK experts: 'gather' (the k selected rows), 'gemm' (a grouped GEMM over the scattered codes)
+    or 'auto' (gather on CPU; gemm on GPU up to 32768 latents per expert)."""
 
 
 @dataclass
@@ -133,6 +139,9 @@ class ParallelConfig:
     """P, the ranks that together hold all experts; None = the world size."""
     capacity_factor: float | None = None
     """None = dropless; c caps each (rank, expert) pair at ceil(c * T_local / N) tokens."""
+    a2a_chunks: int = 1
+    """Token exchange in this many chunks, each chunk's transfer overlapping the experts' compute on the one
+    before (1 = one exchange, no overlap)."""
 
 
 @dataclass
@@ -179,6 +188,8 @@ def validate(run: RunConfig) -> None:
     _one_of("trainer.dtype", trainer.dtype, DTYPES)
     _one_of("model.dtype", run.model.dtype, DTYPES)
     _one_of("trainer.device", trainer.device, ("auto", "cpu", "cuda"))
+    _one_of("sae.encoder_backward", sae.encoder_backward, ("auto", "sparse", "gemm"))
+    _one_of("sae.decoder", sae.decoder, ("auto", "gather", "gemm"))
     _require(sae.num_latents > 0, f"sae.num_latents={sae.num_latents} must be positive")
     _require(sae.num_experts > 0, f"sae.num_experts={sae.num_experts} must be positive")
     if sae.kind != "switch":
@@ -218,6 +229,7 @@ def validate(run: RunConfig) -> None:
     _require(cf is None or cf > 0, f"parallel.capacity_factor={cf} must be positive or null (dropless)")
     ep = run.parallel.ep_size
     _require(ep is None or ep > 0, f"parallel.ep_size={ep} must be positive or null")
+    _require(run.parallel.a2a_chunks > 0, f"parallel.a2a_chunks={run.parallel.a2a_chunks} must be positive")
 
 
 def default_lr(sae: SAEConfig) -> float:

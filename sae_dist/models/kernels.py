@@ -1,115 +1,210 @@
-"""Sparse compute kernels shared by every TopK-style SAE: a grouped TopK encoder and a sparse decoder.
+"""The sparse formulation of the expert compute: TopK encoder and decoder whose backward never goes dense.
 
-Rows arrive grouped by expert (expert e owns rows [offsets[e], offsets[e+1])). The encoder runs one GEMM per
-expert on that expert's rows only, so a token pays for M/N latents, not M. Its backward never materialises the
-dense [rows, latents] gradient: the input gradient is an `embedding_bag` over the k active encoder rows and the
-weight gradient an `index_add` over them. The decoder reads only the k active rows per token (`embedding_bag`),
-whose backward is sparse as well.
+Rows arrive grouped by local expert (`ExpertGroups`). The encoder runs one GEMM per expert on that expert's rows
+only, so a token pays for M/N latents, not M, and picks its TopK inside the expert (and, for AuxK, the top k_aux
+among candidate dead columns). The backward touches only the selected latents: the input gradient is an
+`embedding_bag` over the selected encoder rows, the weight gradient a scatter of outer products into them. The
+decoder reads the k selected rows per token (`embedding_bag`); its backward is a row-wise dot for the values and
+the same scatter for the weights. On a CPU this beats dense GEMMs over the scattered gradient by far; on a GPU
+scatter and gather are memory-bound, and `grouped.py` holds the GEMM formulation of the same math.
 
-Latent ids are "flat": expert e's latent j is e * M_e + j, indexing the [N * M_e, d] flattened weights.
+Latent ids are "flat": local expert e's latent j is e * M_e + j, indexing the [N * M_e, d] flattened weights.
+
+Inside `weight_grads_in_place()`, the backward adds the weight gradients straight into the parameters' `.grad`
+(allocating it when None) instead of returning a new [N, M_e, d] tensor for autograd to accumulate: a fresh
+gradient of that size costs a CPU more in page faults than the scatter itself. Outside it, gradients flow through
+autograd as usual (what `torch.autograd.grad` needs).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-# Rows per chunk in the encoder weight-gradient: bounds the [chunk, k, d] temporary.
-_GRAD_CHUNK_ROWS = 1024
+from sae_dist.models.auxk import AuxCandidates
+from sae_dist.models.dispatch import ExpertGroups
+from sae_dist.models.grouped import expert_linear
+from sae_dist.models.selection import aux_topk, topk_relu
 
-
-def _topk_relu(pre_RM: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """TopK of ReLU(pre): values >= 0 (zeros where fewer than k are positive) and their column indices."""
-    values_RK, indices_RK = torch.topk(pre_RM, k, dim=-1, sorted=False)
-    return values_RK.clamp_min(0), indices_RK
+_IN_PLACE = {"enabled": False}
 
 
-class GroupedTopKEncoder(torch.autograd.Function):
-    """z = TopK_k(ReLU(W_enc^e x + b_enc^e)) for rows grouped by expert, with a sparse backward.
+@contextmanager
+def weight_grads_in_place() -> Iterator[None]:
+    """Graphs built inside this block add the sparse kernels' weight gradients to `param.grad` directly."""
+    previous = _IN_PLACE["enabled"]
+    _IN_PLACE["enabled"] = True
+    try:
+        yield
+    finally:
+        _IN_PLACE["enabled"] = previous
 
-    Optionally also returns the AuxK selection: the top k_aux ReLU pre-activations among dead latents, from the
-    same GEMM. Both selections share one sparse backward.
+
+def rows_per_chunk(device: torch.device, elements_per_row: int) -> int:
+    """Rows per chunk of a temporary: ~4 MiB on a CPU (reused from the heap and warm in cache), ~512 MiB on a GPU."""
+    budget = 1 << 20 if device.type == "cpu" else 1 << 27
+    return max(1, budget // max(elements_per_row, 1))
+
+
+def scatter_outer_add_(grad_LD: Tensor, indices_RS: Tensor, coef_RS: Tensor, rows_RD: Tensor) -> None:
+    """grad_LD[indices[r, s]] += coef[r, s] * rows[r] for every r, s."""
+    chunk = rows_per_chunk(grad_LD.device, indices_RS.shape[1] * rows_RD.shape[1])
+    for start in range(0, rows_RD.shape[0], chunk):
+        part = slice(start, start + chunk)
+        outer_RSD = coef_RS[part, :, None] * rows_RD[part, None, :].to(grad_LD.dtype)
+        grad_LD.index_add_(0, indices_RS[part].flatten(), outer_RSD.flatten(0, 1))
+
+
+def gathered_dots(indices_RK: Tensor, weight_LD: Tensor, rows_RD: Tensor) -> Tensor:
+    """out[r, j] = weight[indices[r, j]] . rows[r], [R, K] in the weight's dtype."""
+    rows_RD = rows_RD.to(weight_LD.dtype)
+    chunk = rows_per_chunk(weight_LD.device, indices_RK.shape[1] * weight_LD.shape[1])
+    parts = [
+        torch.bmm(weight_LD[indices_RK[start : start + chunk]], rows_RD[start : start + chunk, :, None]).squeeze(2)
+        for start in range(0, rows_RD.shape[0], chunk)
+    ]
+    return torch.cat(parts) if parts else indices_RK.new_zeros(indices_RK.shape, dtype=weight_LD.dtype)
+
+
+def _weight_grad(param: nn.Parameter, in_place: bool) -> Tensor:
+    """The buffer a weight gradient is scattered into: `param.grad` itself in place, else a new zero tensor."""
+    if not in_place:
+        return torch.zeros_like(param)
+    if param.grad is None:
+        param.grad = torch.zeros_like(param)
+    return param.grad
+
+
+@torch.no_grad()
+def select_latents(
+    x_RD: Tensor,
+    w_enc_NMD: Tensor,
+    b_enc_NM: Tensor | None,
+    groups: ExpertGroups,
+    k: int,
+    aux: AuxCandidates | None,
+    k_aux: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The encoder forward without autograd: (values_RK, flat ids_RK, aux_values_RA, aux flat ids_RA).
+
+    One GEMM per expert and row chunk (bounding the [rows, M_e] pre-activations), TopK inside each chunk. The aux
+    pair is empty (A = 0) without candidates.
     """
+    num_experts, width, _ = w_enc_NMD.shape
+    rows = x_RD.shape[0]
+    aux_width = 0 if aux is None else min(k_aux, aux.ids_NC.shape[1])
+    values_RK, ids_RK = x_RD.new_zeros(rows, k), torch.zeros(rows, k, dtype=torch.long, device=x_RD.device)
+    aux_values_RA = x_RD.new_zeros(rows, aux_width)
+    aux_ids_RA = torch.zeros(rows, aux_width, dtype=torch.long, device=x_RD.device)
+    if groups.counts is None or x_RD.device.type != "cpu":  # one grouped GEMM: no counts needed on the host
+        pre_RM = expert_linear(x_RD, w_enc_NMD, groups)
+        if b_enc_NM is not None:
+            pre_RM += b_enc_NM[0] if num_experts == 1 else b_enc_NM[groups.expert_R]
+        values_RK, columns_RK = topk_relu(pre_RM, k)
+        offset_R1 = groups.expert_R[:, None] * width
+        if aux_width:
+            expert_R = groups.expert_R
+            aux_values_RA, aux_columns_RA = aux_topk(pre_RM, aux.ids_NC[expert_R], aux.dead_NC[expert_R], k_aux)
+            aux_ids_RA = aux_columns_RA + offset_R1
+        return values_RK, columns_RK + offset_R1, aux_values_RA, aux_ids_RA
+    chunk = rows_per_chunk(x_RD.device, 4 * width)
+    start = 0
+    for expert, count in enumerate(groups.host_counts()):
+        bias_M = None if b_enc_NM is None else b_enc_NM[expert]
+        for lo in range(start, start + count, chunk):
+            hi = min(lo + chunk, start + count)
+            pre_CM = F.linear(x_RD[lo:hi], w_enc_NMD[expert], bias_M)
+            values, columns = topk_relu(pre_CM, k)
+            values_RK[lo:hi], ids_RK[lo:hi] = values, columns + expert * width
+            if aux_width:
+                ids_CC = aux.ids_NC[expert].expand(hi - lo, -1)
+                values, columns = aux_topk(pre_CM, ids_CC, aux.dead_NC[expert].expand(hi - lo, -1), k_aux)
+                aux_values_RA[lo:hi], aux_ids_RA[lo:hi] = values, columns + expert * width
+        start += count
+    return values_RK, ids_RK, aux_values_RA, aux_ids_RA
+
+
+class SparseTopKEncoder(torch.autograd.Function):
+    """z = TopK_k(ReLU(W_enc^e x + b_enc^e)) (and the AuxK selection) with a sparse backward."""
 
     @staticmethod
-    def forward(ctx, x_RD, w_enc_ND_flat, b_enc_flat, counts, k, dead_mask_flat, k_aux):
-        num_experts = len(counts)
-        latents_per_expert = w_enc_ND_flat.shape[0] // num_experts
-        rows = x_RD.shape[0]
-        values_RK = x_RD.new_zeros(rows, k)
-        indices_RK = torch.zeros(rows, k, dtype=torch.long, device=x_RD.device)
-        aux_values_RA = x_RD.new_zeros(rows, k_aux)
-        aux_indices_RA = torch.zeros(rows, k_aux, dtype=torch.long, device=x_RD.device)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            stop = start + count
-            lo, hi = expert * latents_per_expert, (expert + 1) * latents_per_expert
-            bias = None if b_enc_flat is None else b_enc_flat[lo:hi]
-            pre_CM = F.linear(x_RD[start:stop], w_enc_ND_flat[lo:hi], bias)
-            values, local = _topk_relu(pre_CM, k)
-            values_RK[start:stop], indices_RK[start:stop] = values, local + lo
-            if k_aux:
-                dead_M = dead_mask_flat[lo:hi]
-                aux_pre = pre_CM.masked_fill(~dead_M, float("-inf"))
-                aux_k = min(k_aux, latents_per_expert)
-                values, local = _topk_relu(aux_pre, aux_k)
-                # -inf entries (alive latents picked when few are dead) clamp to 0 and so contribute nothing.
-                aux_values_RA[start:stop, :aux_k], aux_indices_RA[start:stop, :aux_k] = values, local + lo
-            start = stop
-        ctx.save_for_backward(x_RD, w_enc_ND_flat, values_RK, indices_RK, aux_values_RA, aux_indices_RA)
-        ctx.has_bias = b_enc_flat is not None
-        ctx.mark_non_differentiable(indices_RK, aux_indices_RA)
-        return values_RK, indices_RK, aux_values_RA, aux_indices_RA
+    def forward(ctx, x_RD, w_enc_NMD, b_enc_NM, groups, k, aux, k_aux):
+        values_RK, ids_RK, aux_values_RA, aux_ids_RA = select_latents(x_RD, w_enc_NMD, b_enc_NM, groups, k, aux, k_aux)
+        ctx.save_for_backward(x_RD, values_RK, ids_RK, aux_values_RA, aux_ids_RA)
+        ctx.weight, ctx.has_bias, ctx.in_place = w_enc_NMD, b_enc_NM is not None, _IN_PLACE["enabled"]
+        ctx.mark_non_differentiable(ids_RK, aux_ids_RA)
+        return values_RK, ids_RK, aux_values_RA, aux_ids_RA
 
     @staticmethod
-    def backward(ctx, grad_values_RK, _grad_indices, grad_aux_RA, _grad_aux_indices):
-        x_RD, weight_LD, values_RK, indices_RK, aux_values_RA, aux_indices_RA = ctx.saved_tensors
+    def backward(ctx, grad_values_RK, _grad_ids, grad_aux_RA, _grad_aux_ids):
+        x_RD, values_RK, ids_RK, aux_values_RA, aux_ids_RA = ctx.saved_tensors
+        weight_NMD = ctx.weight
+        weight_LD = weight_NMD.detach().flatten(0, 1)
         # ReLU: no gradient flows through selections that were clamped to zero.
-        grad_RS = torch.cat(
-            [grad_values_RK * (values_RK > 0), grad_aux_RA * (aux_values_RA > 0)], dim=1
-        ).to(weight_LD.dtype)
-        indices_RS = torch.cat([indices_RK, aux_indices_RA], dim=1)
+        grad_RS = torch.cat([grad_values_RK * (values_RK > 0), grad_aux_RA * (aux_values_RA > 0)], 1)
+        grad_RS = grad_RS.to(weight_LD.dtype)
+        ids_RS = torch.cat([ids_RK, aux_ids_RA], 1)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(indices_RS, weight_LD, mode="sum", per_sample_weights=grad_RS)
+            grad_x = F.embedding_bag(ids_RS, weight_LD, mode="sum", per_sample_weights=grad_RS).to(x_RD.dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = torch.zeros_like(weight_LD)
-            for start in range(0, x_RD.shape[0], _GRAD_CHUNK_ROWS):
-                rows = slice(start, start + _GRAD_CHUNK_ROWS)
-                outer_RSD = grad_RS[rows].unsqueeze(2) * x_RD[rows].unsqueeze(1).to(weight_LD.dtype)
-                grad_w.index_add_(0, indices_RS[rows].flatten(), outer_RSD.flatten(0, 1))
+            grad_w = _weight_grad(weight_NMD, ctx.in_place)
+            scatter_outer_add_(grad_w.view_as(weight_LD), ids_RS, grad_RS, x_RD)
+            grad_w = None if ctx.in_place else grad_w
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = weight_LD.new_zeros(weight_LD.shape[0])
-            grad_b.index_add_(0, indices_RS.flatten(), grad_RS.flatten())
+            grad_b = weight_LD.new_zeros(weight_LD.shape[0]).index_add_(0, ids_RS.flatten(), grad_RS.flatten())
+            grad_b = grad_b.view(weight_NMD.shape[:2])
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
-def grouped_topk_encode(
+class SparseDecoder(torch.autograd.Function):
+    """sum_j values[r, j] * W_dec[ids[r, j]] -> [R, d], reading only the selected decoder rows; sparse backward."""
+
+    @staticmethod
+    def forward(ctx, values_RK, ids_RK, w_dec_NMD):
+        weight_LD = w_dec_NMD.flatten(0, 1)
+        ctx.save_for_backward(values_RK, ids_RK)
+        ctx.weight, ctx.in_place = w_dec_NMD, _IN_PLACE["enabled"]
+        return F.embedding_bag(ids_RK, weight_LD, mode="sum", per_sample_weights=values_RK.to(weight_LD.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_RD):
+        values_RK, ids_RK = ctx.saved_tensors
+        weight_NMD = ctx.weight
+        weight_LD = weight_NMD.detach().flatten(0, 1)
+        grad_values = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_values = gathered_dots(ids_RK, weight_LD, grad_RD).to(values_RK.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_w = _weight_grad(weight_NMD, ctx.in_place)
+            scatter_outer_add_(grad_w.view_as(weight_LD), ids_RK, values_RK.to(weight_LD.dtype), grad_RD)
+            grad_w = None if ctx.in_place else grad_w
+        return grad_values, None, grad_w
+
+
+def sparse_encode(
     x_RD: Tensor,
-    w_enc_LD: Tensor,
-    b_enc_L: Tensor | None,
-    counts: list[int],
+    w_enc_NMD: Tensor,
+    b_enc_NM: Tensor | None,
+    groups: ExpertGroups,
     k: int,
-    dead_mask_L: Tensor | None = None,
+    aux: AuxCandidates | None = None,
     k_aux: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Encode expert-grouped rows.
+    """Encode expert-grouped rows, already centred (x - b_pre).
 
-    x_RD: rows, already centred (x - b_pre), grouped by expert with `counts[e]` rows for expert e.
-    w_enc_LD: flattened encoder weights [N * M_e, d]; b_enc_L: [N * M_e] or None.
-    Returns (values_RK, flat_indices_RK, aux_values_RA, aux_flat_indices_RA); the aux pair is empty (A = 0)
-    unless `k_aux` > 0, in which case it selects among latents where `dead_mask_L` is True.
+    w_enc_NMD: encoder weights [N, M_e, d]; b_enc_NM: [N, M_e] or None. Returns (values_RK, flat ids_RK,
+    aux_values_RA, aux flat ids_RA); the aux pair is empty (A = 0) unless `aux` candidates are given.
     """
-    if sum(counts) != x_RD.shape[0]:
-        raise ValueError(f"expert counts sum to {sum(counts)} but there are {x_RD.shape[0]} rows")
-    if k_aux and dead_mask_L is None:
-        raise ValueError("k_aux > 0 needs a dead_mask_L")
-    return GroupedTopKEncoder.apply(x_RD, w_enc_LD, b_enc_L, list(counts), k, dead_mask_L, k_aux)
+    if x_RD.shape[0] != groups.expert_R.shape[0]:
+        raise ValueError(f"expert groups cover {groups.expert_R.shape[0]} rows but there are {x_RD.shape[0]}")
+    return SparseTopKEncoder.apply(x_RD, w_enc_NMD, b_enc_NM, groups, k, aux, k_aux)
 
 
-def sparse_decode(values_RK: Tensor, flat_indices_RK: Tensor, w_dec_LD: Tensor) -> Tensor:
-    """sum_j values[r, j] * W_dec[indices[r, j]] -> [R, d], reading only the k active decoder rows."""
-    return F.embedding_bag(flat_indices_RK, w_dec_LD, mode="sum", per_sample_weights=values_RK.to(w_dec_LD.dtype))
+def sparse_decode(values_RK: Tensor, flat_ids_RK: Tensor, w_dec_NMD: Tensor) -> Tensor:
+    """sum_j values[r, j] * W_dec[ids[r, j]] -> [R, d] (flat ids into the [N * M_e, d] flattened decoder)."""
+    return SparseDecoder.apply(values_RK, flat_ids_RK, w_dec_NMD)

@@ -1,4 +1,10 @@
-"""The optimisation recipe (SPEC section 4): Adam, the lr rule and schedule, and the decoder-norm constraint."""
+"""The optimisation recipe (SPEC section 4): Adam, the lr rule and schedule, clipping and the decoder-norm constraint.
+
+Each piece makes one pass over the parameters it touches: fused Adam (which also applies the clip factor and skips
+a non-finite step, through the `grad_scale` / `found_inf` arguments that GradScaler uses), and decoder
+renormalisation and gradient projection row-chunk by row-chunk, so on a CPU each chunk stays in cache between its
+reduction and its update.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +12,29 @@ import torch
 from torch import Tensor, nn
 
 from sae_dist.config import RunConfig, default_lr
+from sae_dist.models.kernels import rows_per_chunk
+
+CLIP_EPS = 1e-6
+"""Added to the gradient norm before dividing by it, as `torch.nn.utils.clip_grad_norm_` does."""
 
 
 def build_optimizer(model: nn.Module, run: RunConfig) -> torch.optim.Adam:
-    """Adam (no weight decay) at the configured lr or the paper's 2e-4 / sqrt(M / 2^14) rule."""
+    """Exact Adam (no weight decay), fused, at the configured lr or the paper's 2e-4 / sqrt(M / 2^14) rule."""
     lr = run.trainer.lr if run.trainer.lr is not None else default_lr(run.sae)
     betas = tuple(run.trainer.adam_betas)
-    return torch.optim.Adam(model.parameters(), lr=lr, betas=betas, eps=run.trainer.adam_eps)
+    return torch.optim.Adam(model.parameters(), lr=lr, betas=betas, eps=run.trainer.adam_eps, fused=True)
+
+
+def clipped_adam_step(optimizer: torch.optim.Adam, grad_norm: Tensor, max_norm: float, apply: Tensor) -> None:
+    """One Adam step on the gradients clipped to global norm `max_norm`; no update at all unless `apply`.
+
+    Clipping multiplies every gradient by min(1, max_norm / (norm + 1e-6)); fused Adam divides them by the inverse
+    (`grad_scale`) inside its own pass. Where `apply` (0-dim bool) is False, fused Adam leaves parameters, moments
+    and step counts as they were (`found_inf`). Nothing is read back to the host.
+    """
+    optimizer.grad_scale = ((grad_norm.float() + CLIP_EPS) / max_norm).clamp_min(1.0)
+    optimizer.found_inf = (~apply).float()
+    optimizer.step()
 
 
 def lr_multiplier(step: int, total_steps: int, decay_frac: float) -> float:
@@ -29,20 +51,30 @@ def build_scheduler(optimizer: torch.optim.Optimizer, run: RunConfig) -> torch.o
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, steps, frac))
 
 
+def _row_chunks(t: Tensor) -> list[Tensor]:
+    """Views of consecutive rows (last dim) of `t` in cache-sized chunks on a CPU, large ones on a GPU."""
+    rows = t.view(-1, t.shape[-1])
+    return list(rows.split(rows_per_chunk(t.device, t.shape[-1])))
+
+
 @torch.no_grad()
-def normalize_decoder_(w_dec: Tensor) -> None:
-    """Scale each decoder row (last dim) to unit norm."""
-    w_dec.div_(w_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+def normalize_decoder_(w_dec: Tensor, apply: Tensor | None = None) -> None:
+    """Scale each decoder row (last dim) to unit norm; unchanged where `apply` (0-dim bool) is False."""
+    for rows_CD in _row_chunks(w_dec):
+        scale_C1 = torch.linalg.vector_norm(rows_CD, dim=-1, keepdim=True).clamp_min(1e-12).reciprocal()
+        rows_CD.mul_(scale_C1 if apply is None else torch.where(apply, scale_C1, 1.0))
 
 
 @torch.no_grad()
 def remove_parallel_gradient_(w_dec: nn.Parameter) -> None:
-    """Remove from each decoder row's gradient its component along that (unit-norm) row.
+    """Remove from each decoder row's gradient its component along that row; the rows must be unit norm.
 
-    With unit-norm rows this is the tangent-space projection that keeps Adam from growing the norms.
+    This is the tangent-space projection that keeps Adam from growing the norms. The training step keeps the rows
+    unit norm (it renormalises after every update), so no norm is recomputed here.
     """
     if w_dec.grad is None:
         return
-    rows = w_dec / w_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    parallel = (w_dec.grad * rows).sum(dim=-1, keepdim=True)
-    w_dec.grad.sub_(parallel * rows)
+    for rows_CD, grads_CD in zip(_row_chunks(w_dec.detach()), _row_chunks(w_dec.grad)):
+        rows_C1D, grads_C1D = rows_CD.unsqueeze(1), grads_CD.unsqueeze(1)
+        parallel_C11 = torch.bmm(grads_C1D, rows_C1D.transpose(1, 2))
+        grads_C1D.baddbmm_(parallel_C11, rows_C1D, alpha=-1)

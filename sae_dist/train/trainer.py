@@ -17,6 +17,8 @@ from sae_dist.config import RunConfig
 from sae_dist.data.source import ActivationSource
 from sae_dist.eval.metrics import ReconstructionSums
 from sae_dist.models import SAEOutput, build_sae
+from sae_dist.models.auxk import AuxCandidates, DeadCandidates
+from sae_dist.models.kernels import weight_grads_in_place
 from sae_dist.models.losses import total_loss
 from sae_dist.models.router import expert_counts
 from sae_dist.parallel.context import ParallelContext
@@ -24,7 +26,13 @@ from sae_dist.train import checkpoint as ckpt
 from sae_dist.train.dead import DeadLatentTracker
 from sae_dist.train.init import init_biases_from_batch
 from sae_dist.train.logging import MetricsLogger
-from sae_dist.train.optim import build_optimizer, build_scheduler, normalize_decoder_, remove_parallel_gradient_
+from sae_dist.train.optim import (
+    build_optimizer,
+    build_scheduler,
+    clipped_adam_step,
+    normalize_decoder_,
+    remove_parallel_gradient_,
+)
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -55,30 +63,87 @@ class Trainer:
         self.local_batch = self.ctx.local_batch_size(run.trainer.batch_size)
         self.tokens_per_s = 0.0
         """Training throughput of the last `train()` call, data production included."""
+        self._dead_candidates: DeadCandidates | None = None
+        """Where AuxK looks at each step; made at the first step (after any resume), since it tracks the counters."""
 
     # --- one optimisation step -------------------------------------------------------------------------------
     def train_step(self, x_TD: torch.Tensor) -> dict[str, Any]:
-        """Renormalise decoders, forward, backward, sync, clip, project decoder gradients, Adam step."""
-        model, cfg = self.model, self.run
-        for w_dec in model.decoder_weights():
-            normalize_decoder_(w_dec)
-        needs_dead_mask = model.k_aux > 0
-        with self._autocast():
-            out = model(x_TD, self.dead.dead_mask() if needs_dead_mask else None)
+        """Forward, backward, sync, clip, project decoder gradients, Adam, renormalise decoders.
+
+        The decoder rows are renormalised after each update (the start state is unit norm), which is the spec's
+        renormalise-then-forward order shifted by half a step, so a skipped step changes nothing. Returns 'out',
+        'terms', 'loss', 'grad_norm', 'lr' and 'finite': a 0-dim bool on the device, False when the loss or the
+        gradient norm was not finite (a non-finite batch makes both so); then no update was applied at all
+        (parameters, Adam moments and steps, dead-latent counters). Nothing is read back to the host on one device.
+        """
+        out, terms, loss = self.forward_loss(x_TD, self._aux_candidates())
+        self.backward(loss)
+        grad_norm, finite = self.sync_and_project(loss)
+        lr = self.update(grad_norm, finite)
+        self.track_dead_latents(out, finite)
+        return {"out": out, "terms": terms, "loss": loss.detach(), "grad_norm": grad_norm, "lr": lr,
+                "finite": finite}
+
+    def forward_loss(
+        self, x_TD: torch.Tensor, aux: AuxCandidates | None = None
+    ) -> tuple[SAEOutput, dict[str, torch.Tensor], torch.Tensor]:
+        """The model's forward and loss under the configured autocast: (output, unweighted terms, total loss).
+
+        The graph adds the sparse kernels' weight gradients straight into `.grad` (see `backward`).
+        """
+        model = self.model
+        with self._autocast(), weight_grads_in_place():
+            out = model(x_TD) if aux is None else model(x_TD, aux_candidates=aux)
             terms = model.loss_terms(x_TD, out, self.ctx)
-            loss = total_loss(terms, model.loss_weights(self.step / cfg.trainer.steps))
-        self.optimizer.zero_grad(set_to_none=True)
+            loss = total_loss(terms, model.loss_weights(self.step / self.run.trainer.steps))
+        return out, terms, loss
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Gradients of `loss` into `.grad`.
+
+        On a CPU the gradient buffers persist and are zeroed in place: a fresh [M, d] tensor costs more in page
+        faults than the sparse backward that fills it. On a GPU the caching allocator makes a fresh one free, and
+        setting them to None saves a memset and autograd's accumulation pass.
+        """
+        self.optimizer.zero_grad(set_to_none=self.device.type != "cpu")
         loss.backward()
+
+    def sync_and_project(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Synchronise gradients over ranks, take the global norm, project decoder gradients: (norm, finite)."""
+        model = self.model
         self.ctx.sync_gradients(model)
-        grad_norm = self.ctx.clip_grad_norm_(model, cfg.trainer.grad_clip)
+        grad_norm = self.ctx.grad_norm(model)
+        finite = torch.isfinite(grad_norm) & torch.isfinite(loss.detach())
+        # Clipping scales every gradient alike, so projecting before Adam applies the clip factor is the same.
         for w_dec in model.decoder_weights():
             remove_parallel_gradient_(w_dec)
+        return grad_norm, finite
+
+    def update(self, grad_norm: torch.Tensor, finite: torch.Tensor) -> float:
+        """Clipped fused Adam, the lr schedule and decoder renormalisation; return the lr used."""
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        clipped_adam_step(self.optimizer, grad_norm, self.run.trainer.grad_clip, finite)
         self.scheduler.step()
-        fired_L = self.ctx.merge_fired(model.fired_latents(out))
-        self.dead.update(fired_L, cfg.trainer.batch_size)
-        return {"out": out, "terms": terms, "loss": loss.detach(), "grad_norm": grad_norm, "lr": lr}
+        for w_dec in self.model.decoder_weights():
+            normalize_decoder_(w_dec, finite)
+        return lr
+
+    def track_dead_latents(self, out: SAEOutput, finite: torch.Tensor) -> None:
+        """Advance the dead-latent counters (not after a skipped step) and AuxK's candidate bookkeeping."""
+        fired_L = self.ctx.merge_fired(self.model.fired_latents(out))
+        self.dead.update(fired_L, self.run.trainer.batch_size, finite)
+        if self._dead_candidates is not None:
+            self._dead_candidates.after_update(self.dead.tokens_since_fired_L)
+
+    def _aux_candidates(self) -> AuxCandidates | None:
+        """AuxK's candidate latents for this step; None when AuxK is off or no latent can be dead yet."""
+        if not self.model.k_aux:
+            return None
+        if self._dead_candidates is None:
+            self._dead_candidates = DeadCandidates(
+                self.model.experts.num_local, self.run.sae.dead_tokens, self.run.trainer.batch_size, self.tokens
+            )
+        return self._dead_candidates.for_step(self.dead.tokens_since_fired_L)
 
     def _autocast(self):
         dtype = AUTOCAST_DTYPES.get(self.run.trainer.dtype)
@@ -136,6 +201,7 @@ class Trainer:
         """Continue from a checkpoint written on any layout (see `checkpoint` for the data-position rule)."""
         run_state, rank_state = ckpt.load_checkpoint(folder, self._tensors(), self.ctx)
         self.step, self.tokens = run_state["step"], run_state["tokens"]
+        self._dead_candidates = None  # its bookkeeping described the counters before the restore
         self.scheduler.load_state_dict(run_state["scheduler"])
         self.source.load_state_dict(rank_state["data"])
         torch.set_rng_state(rank_state["torch_rng"])

@@ -44,9 +44,10 @@ def weight_grads_in_place() -> Iterator[None]:
         _IN_PLACE["enabled"] = previous
 
 
-def rows_per_chunk(device: torch.device, elements_per_row: int) -> int:
-    """Rows per chunk of a temporary: ~4 MiB on a CPU (reused from the heap and warm in cache), ~512 MiB on a GPU."""
-    budget = 1 << 20 if device.type == "cpu" else 1 << 27
+def rows_per_chunk(device: torch.device, elements_per_row: int, cpu_budget: int = 1 << 20) -> int:
+    """Rows per chunk of a temporary: `cpu_budget` elements on a CPU (small enough to be reused from the heap, not
+    mapped and page-faulted afresh), 2^27 on a GPU."""
+    budget = cpu_budget if device.type == "cpu" else 1 << 27
     return max(1, budget // max(elements_per_row, 1))
 
 
@@ -111,7 +112,7 @@ def select_latents(
             aux_values_RA, aux_columns_RA = aux_topk(pre_RM, aux.ids_NC[expert_R], aux.dead_NC[expert_R], k_aux)
             aux_ids_RA = aux_columns_RA + offset_R1
         return values_RK, columns_RK + offset_R1, aux_values_RA, aux_ids_RA
-    chunk = rows_per_chunk(x_RD.device, 4 * width)
+    chunk = rows_per_chunk(x_RD.device, width, cpu_budget=1 << 22)  # GEMMs of >= 64 rows for M_e <= 65536
     start = 0
     for expert, count in enumerate(groups.host_counts()):
         bias_M = None if b_enc_NM is None else b_enc_NM[expert]

@@ -22,5 +22,6 @@ test: install
 	$(PY) -m pytest tests
 
 bench: install
-	$(PY) benchmarks/bench_kernels.py
+	$(PY) -m pip install -q -e ".[bench]" "$(TORCH_SPEC)"
+	$(PY) benchmarks/bench_step.py --latents 16384 --repeats 3
 	$(PY) benchmarks/bench_expert_parallel.py

@@ -18,6 +18,7 @@ autograd as usual (what `torch.autograd.grad` needs).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -51,24 +52,45 @@ def rows_per_chunk(device: torch.device, elements_per_row: int, cpu_budget: int 
     return max(1, budget // max(elements_per_row, 1))
 
 
+def _csr(crow: Tensor, columns: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
+    """A sparse CSR matrix, valid by construction (so unchecked); torch's one-time 'beta' notice is not for users."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, columns, values, size=size, check_invariants=False)
+
+
 def scatter_outer_add_(grad_LD: Tensor, indices_RS: Tensor, coef_RS: Tensor, rows_RD: Tensor) -> None:
-    """grad_LD[indices[r, s]] += coef[r, s] * rows[r] for every r, s."""
-    chunk = rows_per_chunk(grad_LD.device, indices_RS.shape[1] * rows_RD.shape[1])
-    for start in range(0, rows_RD.shape[0], chunk):
-        part = slice(start, start + chunk)
-        outer_RSD = coef_RS[part, :, None] * rows_RD[part, None, :].to(grad_LD.dtype)
-        grad_LD.index_add_(0, indices_RS[part].flatten(), outer_RSD.flatten(0, 1))
+    """grad_LD[indices[r, s]] += coef[r, s] * rows[r] for every r, s, in place.
+
+    One sparse-dense product grad += C @ rows, with C the [L, R] matrix of the coefficients in latent-major CSR
+    layout (a stable sort of the ids): each latent's row sums its own rows in a fixed order, in parallel over
+    latents, with no [R, S, d] temporary and none of `index_add_`'s cost in proportion to the whole of `grad`.
+    """
+    if not indices_RS.numel():
+        return
+    rows, per_row = indices_RS.shape
+    flat_ids = indices_RS.flatten()
+    order = torch.argsort(flat_ids, stable=True)
+    latents = torch.arange(grad_LD.shape[0] + 1, device=flat_ids.device)
+    crow = torch.searchsorted(flat_ids[order], latents)
+    coef_LR = _csr(crow, order // per_row, coef_RS.flatten()[order].to(grad_LD.dtype), (grad_LD.shape[0], rows))
+    grad_LD.addmm_(coef_LR, rows_RD.to(grad_LD.dtype))
 
 
 def gathered_dots(indices_RK: Tensor, weight_LD: Tensor, rows_RD: Tensor) -> Tensor:
-    """out[r, j] = weight[indices[r, j]] . rows[r], [R, K] in the weight's dtype."""
-    rows_RD = rows_RD.to(weight_LD.dtype)
-    chunk = rows_per_chunk(weight_LD.device, indices_RK.shape[1] * weight_LD.shape[1])
-    parts = [
-        torch.bmm(weight_LD[indices_RK[start : start + chunk]], rows_RD[start : start + chunk, :, None]).squeeze(2)
-        for start in range(0, rows_RD.shape[0], chunk)
-    ]
-    return torch.cat(parts) if parts else indices_RK.new_zeros(indices_RK.shape, dtype=weight_LD.dtype)
+    """out[r, j] = weight[indices[r, j]] . rows[r], [R, K] in the weight's dtype; the indices of a row are distinct.
+
+    `torch.sparse.sampled_addmm` computes rows @ weight^T only where a row's indices point (its columns sorted),
+    reading each weight row once per use, with no [R, K, d] gather.
+    """
+    rows, per_row = indices_RK.shape
+    if not indices_RK.numel():
+        return weight_LD.new_zeros(rows, per_row)
+    sorted_RK, unsort_RK = indices_RK.sort(dim=1)
+    crow = torch.arange(0, rows * per_row + 1, per_row, device=indices_RK.device)
+    pattern = _csr(crow, sorted_RK.flatten(), weight_LD.new_zeros(rows * per_row), (rows, weight_LD.shape[0]))
+    dots = torch.sparse.sampled_addmm(pattern, rows_RD.to(weight_LD.dtype), weight_LD.T, beta=0.0)
+    return torch.empty_like(dots.values().view(rows, per_row)).scatter_(1, unsort_RK, dots.values().view(rows, per_row))
 
 
 def _weight_grad(param: nn.Parameter, in_place: bool) -> Tensor:

@@ -13,19 +13,23 @@ from torch import Tensor, nn
 
 from sae_dist.config import RunConfig, default_lr
 from sae_dist.models.kernels import rows_per_chunk
+from sae_dist.train.bf16_adam import BF16StateAdam
 
 CLIP_EPS = 1e-6
 """Added to the gradient norm before dividing by it, as `torch.nn.utils.clip_grad_norm_` does."""
 
 
-def build_optimizer(model: nn.Module, run: RunConfig) -> torch.optim.Adam:
-    """Exact Adam (no weight decay), fused, at the configured lr or the paper's 2e-4 / sqrt(M / 2^14) rule."""
+def build_optimizer(model: nn.Module, run: RunConfig) -> torch.optim.Optimizer:
+    """Adam (no weight decay) at the configured lr or the paper's 2e-4 / sqrt(M / 2^14) rule: exact and fused, or
+    with bfloat16 moments (`trainer.optimizer_state`)."""
     lr = run.trainer.lr if run.trainer.lr is not None else default_lr(run.sae)
     betas = tuple(run.trainer.adam_betas)
+    if run.trainer.optimizer_state == "bfloat16":
+        return BF16StateAdam(model.parameters(), lr=lr, betas=betas, eps=run.trainer.adam_eps)
     return torch.optim.Adam(model.parameters(), lr=lr, betas=betas, eps=run.trainer.adam_eps, fused=True)
 
 
-def clipped_adam_step(optimizer: torch.optim.Adam, grad_norm: Tensor, max_norm: float, apply: Tensor) -> None:
+def clipped_adam_step(optimizer: torch.optim.Optimizer, grad_norm: Tensor, max_norm: float, apply: Tensor) -> None:
     """One Adam step on the gradients clipped to global norm `max_norm`; no update at all unless `apply`.
 
     Clipping multiplies every gradient by min(1, max_norm / (norm + 1e-6)); fused Adam divides them by the inverse

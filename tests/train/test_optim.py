@@ -113,3 +113,34 @@ def test_geometric_median_is_robust_and_minimises_distance_sum():
 def test_geometric_median_of_collinear_symmetric_points_is_centre():
     x = torch.tensor([[-1.0, 0.0], [0.0, 0.0], [5.0, 0.0]])
     assert math.isclose(float(geometric_median(x)[0]), 0.0, abs_tol=1e-3)
+
+
+def test_bf16_state_adam_is_adam_with_moments_rounded_to_bf16():
+    """Against the textbook update with the stored moments rounded to bfloat16 after each step; close to exact
+    Adam; clipping through grad_scale and skipping through found_inf as the fused optimizer does."""
+    from sae_dist.train.bf16_adam import BF16StateAdam
+
+    g = torch.Generator().manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(3000, generator=g))
+    exact = torch.nn.Parameter(param.detach().clone())
+    ours = BF16StateAdam([param], lr=0.01, betas=(0.9, 0.999), eps=1e-8)
+    adam = torch.optim.Adam([exact], lr=0.01, foreach=False)
+    p_ref, m, v = param.detach().clone(), torch.zeros(3000, dtype=torch.bfloat16), torch.zeros(3000, dtype=torch.bfloat16)
+    for step, (scale, skip) in enumerate([(1.0, False), (2.5, False), (1.0, True), (1.0, False)]):
+        grad = torch.randn(3000, generator=g)
+        param.grad, exact.grad = grad.clone(), grad / scale
+        ours.grad_scale, ours.found_inf = torch.tensor(scale), torch.tensor(float(skip))
+        ours.step()
+        if skip:
+            continue
+        adam.step()
+        t = int(ours.state[param]["step"])
+        clipped = grad / scale
+        m_new = 0.9 * m.float() + 0.1 * clipped
+        v_new = 0.999 * v.float() + 0.001 * clipped**2
+        p_ref = p_ref - 0.01 / (1 - 0.9**t) * m_new / (v_new.sqrt() / (1 - 0.999**t) ** 0.5 + 1e-8)
+        m, v = m_new.bfloat16(), v_new.bfloat16()
+        torch.testing.assert_close(param.detach(), p_ref, rtol=1e-6, atol=1e-6, msg=f"step {step}")
+        assert torch.equal(ours.state[param]["exp_avg"], m) and torch.equal(ours.state[param]["exp_avg_sq"], v)
+        torch.testing.assert_close(param.detach(), exact.detach(), rtol=0, atol=3e-4)
+    assert float(ours.state[param]["step"]) == 3

@@ -107,3 +107,24 @@ def test_bf16_autocast_step_runs_with_a_float32_router(tmp_path, formulation):
     result = trainer.train_step(x_TD)
     assert bool(result["finite"]) and result["out"].routing.probs_TN.dtype == torch.float32
     assert torch.equal(result["out"].routing.expert_T, plain.expert_T)
+
+
+def test_bf16_optimizer_state_resumes_bit_for_bit(tmp_path):
+    """trainer.optimizer_state=bfloat16: the moments stay bfloat16 through a checkpoint, and a run resumed at step
+    2 ends where an unbroken one does."""
+
+    def run_for(out_dir, steps, resume=False):
+        run = small_run(tmp_path, steps=steps, checkpoint_every=2, log_every=2, out_dir=str(tmp_path / out_dir),
+                        resume=resume, lr_decay_frac=0.0)
+        run.trainer.optimizer_state = "bfloat16"
+        trainer = Trainer(run, build_activation_source(run))
+        trainer.train()
+        return trainer
+
+    unbroken = run_for("unbroken", 4)
+    run_for("resumed", 2)
+    resumed = run_for("resumed", 4, resume=True)
+    for name, tensor in unbroken.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    for state in resumed.optimizer.state.values():
+        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16

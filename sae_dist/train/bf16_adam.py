@@ -1,0 +1,98 @@
+"""Adam with its moments stored in bfloat16: the lower-precision optimizer-state option (trainer.optimizer_state).
+
+Fused float32 Adam reads a parameter, its gradient and both moments and writes the parameter and the moments: 28
+bytes per element, which at M = 2^20 latents is most of a GPU step. With the moments in bfloat16 it is 20 bytes
+and the optimizer state takes half the memory. The update is computed in float32 from the stored moments; only the
+stored moments are rounded (to nearest), so it is not exact Adam: bfloat16 keeps 8 significant bits, and the
+second moment of a rarely-firing latent, which decays by 0.999 per step, moves in steps of ~0.4%.
+
+On a GPU each parameter's update is one `torch.compile`d kernel (a single pass, as the fused optimizer makes); on a
+CPU it runs eagerly in row chunks and is slower than fused float32 Adam, so there it only saves memory. The step
+takes the same `grad_scale` (gradients are divided by it: clipping) and `found_inf` (1: no update at all, the step
+count included) as the trainer's fused Adam.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_CPU_CHUNK = 1 << 20
+"""Elements per eager chunk on a CPU, bounding the float32 temporaries."""
+
+
+def adam_update_(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: Tensor,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    grad_scale: Tensor,
+    skip: Tensor,
+) -> None:
+    """One Adam update of flat tensors, in place; `step` is the step count after this update (float32, 0-dim)."""
+    g = grad.float() / grad_scale
+    m = exp_avg.float().lerp(g, 1 - beta1)
+    v = exp_avg_sq.float() * beta2 + (1 - beta2) * g * g
+    bias1 = 1 - torch.pow(beta1, step)
+    bias2_sqrt = (1 - torch.pow(beta2, step)).sqrt()
+    new_param = param - (lr / bias1) * m / (v.sqrt() / bias2_sqrt + eps)
+    param.copy_(torch.where(skip, param, new_param))
+    exp_avg.copy_(torch.where(skip, exp_avg, m.to(exp_avg.dtype)))
+    exp_avg_sq.copy_(torch.where(skip, exp_avg_sq, v.to(exp_avg_sq.dtype)))
+
+
+_compiled_update = None
+
+
+def _gpu_update():
+    global _compiled_update
+    if _compiled_update is None:
+        _compiled_update = torch.compile(adam_update_, dynamic=True, fullgraph=True)
+    return _compiled_update
+
+
+class BF16StateAdam(torch.optim.Optimizer):
+    """Adam (no weight decay) with bfloat16 moments; float32 parameters and arithmetic."""
+
+    def __init__(self, params, lr: float, betas: tuple[float, float], eps: float):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+        self.grad_scale: Tensor | None = None
+        self.found_inf: Tensor | None = None
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 - torch's signature
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+                    state["exp_avg"] = torch.zeros_like(param, dtype=torch.bfloat16)
+                    state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.bfloat16)
+                grad_scale = self.grad_scale if self.grad_scale is not None else torch.ones((), device=param.device)
+                skip = self.found_inf > 0 if self.found_inf is not None else torch.zeros((), dtype=torch.bool,
+                                                                                           device=param.device)
+                state["step"] += (~skip).float()
+                flat = [param.view(-1), param.grad.view(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)]
+                scalars = (state["step"], group["lr"], beta1, beta2, group["eps"], grad_scale, skip)
+                if param.device.type == "cuda":
+                    _gpu_update()(*flat, *scalars)
+                    continue
+                for start in range(0, flat[0].numel(), _CPU_CHUNK):
+                    adam_update_(*[t[start : start + _CPU_CHUNK] for t in flat], *scalars)
+        return None
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch casts loaded floating-point state to the parameters' dtype; the moments go back to bfloat16."""
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key] = state[key].to(torch.bfloat16)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from sae_dist.models.auxk import AuxCandidates
 from sae_dist.models.dispatch import ExpertGroups
-from sae_dist.models.grouped import expert_linear
+from sae_dist.models.grouped import gemm_encode
 from sae_dist.models.selection import aux_topk, topk_relu
 
 _IN_PLACE = {"enabled": False}
@@ -114,26 +114,18 @@ def select_latents(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The encoder forward without autograd: (values_RK, flat ids_RK, aux_values_RA, aux flat ids_RA).
 
-    One GEMM per expert and row chunk (bounding the [rows, M_e] pre-activations), TopK inside each chunk. The aux
-    pair is empty (A = 0) without candidates.
+    On a CPU, one GEMM per expert and row chunk (bounding the [rows, M_e] pre-activations), TopK inside each
+    chunk; elsewhere, or without the counts on the host, the grouped GEMM of the GEMM formulation. The aux pair is
+    empty (A = 0) without candidates.
     """
-    num_experts, width, _ = w_enc_NMD.shape
+    if groups.counts is None or x_RD.device.type != "cpu":
+        return gemm_encode(x_RD, w_enc_NMD, b_enc_NM, groups, k, aux, k_aux)
+    width = w_enc_NMD.shape[1]
     rows = x_RD.shape[0]
     aux_width = 0 if aux is None else min(k_aux, aux.ids_NC.shape[1])
     values_RK, ids_RK = x_RD.new_zeros(rows, k), torch.zeros(rows, k, dtype=torch.long, device=x_RD.device)
     aux_values_RA = x_RD.new_zeros(rows, aux_width)
     aux_ids_RA = torch.zeros(rows, aux_width, dtype=torch.long, device=x_RD.device)
-    if groups.counts is None or x_RD.device.type != "cpu":  # one grouped GEMM: no counts needed on the host
-        pre_RM = expert_linear(x_RD, w_enc_NMD, groups)
-        if b_enc_NM is not None:
-            pre_RM += b_enc_NM[0] if num_experts == 1 else b_enc_NM[groups.expert_R]
-        values_RK, columns_RK = topk_relu(pre_RM, k)
-        offset_R1 = groups.expert_R[:, None] * width
-        if aux_width:
-            expert_R = groups.expert_R
-            aux_values_RA, aux_columns_RA = aux_topk(pre_RM, aux.ids_NC[expert_R], aux.dead_NC[expert_R], k_aux)
-            aux_ids_RA = aux_columns_RA + offset_R1
-        return values_RK, columns_RK + offset_R1, aux_values_RA, aux_ids_RA
     chunk = rows_per_chunk(x_RD.device, width, cpu_budget=1 << 22)  # GEMMs of >= 64 rows for M_e <= 65536
     start = 0
     for expert, count in enumerate(groups.host_counts()):

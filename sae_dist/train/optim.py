@@ -1,9 +1,9 @@
 """The optimisation recipe (SPEC section 4): Adam, the lr rule and schedule, clipping and the decoder-norm constraint.
 
-Each piece makes one pass over the parameters it touches: fused Adam (which also applies the clip factor and skips
-a non-finite step, through the `grad_scale` / `found_inf` arguments that GradScaler uses), and decoder
-renormalisation and gradient projection row-chunk by row-chunk, so on a CPU each chunk stays in cache between its
-reduction and its update.
+Each piece makes as few passes over the parameters as eager PyTorch allows, with no temporary of their size: fused
+Adam (which also applies the clip factor and skips a non-finite step, through the `grad_scale` / `found_inf`
+arguments that GradScaler uses), decoder renormalisation (a row-norm pass and a scaling pass) and the gradient
+projection (row-batched dot products, then one fused multiply-subtract).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import torch
 from torch import Tensor, nn
 
 from sae_dist.config import RunConfig, default_lr
-from sae_dist.models.kernels import rows_per_chunk
 from sae_dist.train.bf16_adam import BF16StateAdam
 
 CLIP_EPS = 1e-6
@@ -55,18 +54,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, run: RunConfig) -> torch.o
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, steps, frac))
 
 
-def _row_chunks(t: Tensor) -> list[Tensor]:
-    """Views of consecutive rows (last dim) of `t` in cache-sized chunks on a CPU, large ones on a GPU."""
-    rows = t.view(-1, t.shape[-1])
-    return list(rows.split(rows_per_chunk(t.device, t.shape[-1])))
-
-
 @torch.no_grad()
 def normalize_decoder_(w_dec: Tensor, apply: Tensor | None = None) -> None:
     """Scale each decoder row (last dim) to unit norm; unchanged where `apply` (0-dim bool) is False."""
-    for rows_CD in _row_chunks(w_dec):
-        scale_C1 = torch.linalg.vector_norm(rows_CD, dim=-1, keepdim=True).clamp_min(1e-12).reciprocal()
-        rows_CD.mul_(scale_C1 if apply is None else torch.where(apply, scale_C1, 1.0))
+    scale = torch.linalg.vector_norm(w_dec, dim=-1, keepdim=True).clamp_min(1e-12).reciprocal()
+    w_dec.mul_(scale if apply is None else torch.where(apply, scale, 1.0))
 
 
 @torch.no_grad()
@@ -78,7 +70,8 @@ def remove_parallel_gradient_(w_dec: nn.Parameter) -> None:
     """
     if w_dec.grad is None:
         return
-    for rows_CD, grads_CD in zip(_row_chunks(w_dec.detach()), _row_chunks(w_dec.grad)):
-        rows_C1D, grads_C1D = rows_CD.unsqueeze(1), grads_CD.unsqueeze(1)
-        parallel_C11 = torch.bmm(grads_C1D, rows_C1D.transpose(1, 2))
-        grads_C1D.baddbmm_(parallel_C11, rows_C1D, alpha=-1)
+    # Row-batched dot products and updates: no temporary of the weight's size.
+    rows_L1D = w_dec.detach().view(-1, 1, w_dec.shape[-1])
+    grads_L1D = w_dec.grad.view(-1, 1, w_dec.shape[-1])
+    parallel_L11 = torch.bmm(grads_L1D, rows_L1D.transpose(1, 2))
+    grads_L1D.baddbmm_(parallel_L11, rows_L1D, alpha=-1)

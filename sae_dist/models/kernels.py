@@ -35,21 +35,19 @@ _IN_PLACE = {"enabled": False}
 
 
 @contextmanager
-def weight_grads_in_place() -> Iterator[None]:
+def weight_grads_in_place(enabled: bool = True) -> Iterator[None]:
     """Graphs built inside this block add the sparse kernels' weight gradients to `param.grad` directly."""
     previous = _IN_PLACE["enabled"]
-    _IN_PLACE["enabled"] = True
+    _IN_PLACE["enabled"] = enabled
     try:
         yield
     finally:
         _IN_PLACE["enabled"] = previous
 
 
-def rows_per_chunk(device: torch.device, elements_per_row: int, cpu_budget: int = 1 << 20) -> int:
-    """Rows per chunk of a temporary: `cpu_budget` elements on a CPU (small enough to be reused from the heap, not
-    mapped and page-faulted afresh), 2^27 on a GPU."""
-    budget = cpu_budget if device.type == "cpu" else 1 << 27
-    return max(1, budget // max(elements_per_row, 1))
+_PRE_CHUNK_ELEMENTS = 1 << 22
+"""Pre-activations per encoder chunk on a CPU (16 MiB in float32): small enough to be reused from the heap rather
+than mapped and page-faulted afresh, large enough for efficient GEMMs (>= 64 rows up to M_e = 65536)."""
 
 
 def _csr(crow: Tensor, columns: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
@@ -89,8 +87,9 @@ def gathered_dots(indices_RK: Tensor, weight_LD: Tensor, rows_RD: Tensor) -> Ten
     sorted_RK, unsort_RK = indices_RK.sort(dim=1)
     crow = torch.arange(0, rows * per_row + 1, per_row, device=indices_RK.device)
     pattern = _csr(crow, sorted_RK.flatten(), weight_LD.new_zeros(rows * per_row), (rows, weight_LD.shape[0]))
-    dots = torch.sparse.sampled_addmm(pattern, rows_RD.to(weight_LD.dtype), weight_LD.T, beta=0.0)
-    return torch.empty_like(dots.values().view(rows, per_row)).scatter_(1, unsort_RK, dots.values().view(rows, per_row))
+    dots_RK = torch.sparse.sampled_addmm(pattern, rows_RD.to(weight_LD.dtype), weight_LD.T, beta=0.0).values()
+    dots_RK = dots_RK.view(rows, per_row)
+    return torch.empty_like(dots_RK).scatter_(1, unsort_RK, dots_RK)
 
 
 def _weight_grad(param: nn.Parameter, in_place: bool) -> Tensor:
@@ -126,7 +125,7 @@ def select_latents(
     values_RK, ids_RK = x_RD.new_zeros(rows, k), torch.zeros(rows, k, dtype=torch.long, device=x_RD.device)
     aux_values_RA = x_RD.new_zeros(rows, aux_width)
     aux_ids_RA = torch.zeros(rows, aux_width, dtype=torch.long, device=x_RD.device)
-    chunk = rows_per_chunk(x_RD.device, width, cpu_budget=1 << 22)  # GEMMs of >= 64 rows for M_e <= 65536
+    chunk = max(1, _PRE_CHUNK_ELEMENTS // width)
     start = 0
     for expert, count in enumerate(groups.host_counts()):
         bias_M = None if b_enc_NM is None else b_enc_NM[expert]
@@ -149,16 +148,17 @@ class SparseTopKEncoder(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_RD, w_enc_NMD, b_enc_NM, groups, k, aux, k_aux):
         values_RK, ids_RK, aux_values_RA, aux_ids_RA = select_latents(x_RD, w_enc_NMD, b_enc_NM, groups, k, aux, k_aux)
-        ctx.save_for_backward(x_RD, values_RK, ids_RK, aux_values_RA, aux_ids_RA)
+        # Saved (so autograd notices an in-place change before the backward) and kept as the parameter whose
+        # .grad the in-place backward writes.
+        ctx.save_for_backward(x_RD, w_enc_NMD, values_RK, ids_RK, aux_values_RA, aux_ids_RA)
         ctx.weight, ctx.has_bias, ctx.in_place = w_enc_NMD, b_enc_NM is not None, _IN_PLACE["enabled"]
         ctx.mark_non_differentiable(ids_RK, aux_ids_RA)
         return values_RK, ids_RK, aux_values_RA, aux_ids_RA
 
     @staticmethod
     def backward(ctx, grad_values_RK, _grad_ids, grad_aux_RA, _grad_aux_ids):
-        x_RD, values_RK, ids_RK, aux_values_RA, aux_ids_RA = ctx.saved_tensors
-        weight_NMD = ctx.weight
-        weight_LD = weight_NMD.detach().flatten(0, 1)
+        x_RD, weight_NMD, values_RK, ids_RK, aux_values_RA, aux_ids_RA = ctx.saved_tensors
+        weight_LD = weight_NMD.flatten(0, 1)
         # ReLU: no gradient flows through selections that were clamped to zero.
         grad_RS = torch.cat([grad_values_RK * (values_RK > 0), grad_aux_RA * (aux_values_RA > 0)], 1)
         grad_RS = grad_RS.to(weight_LD.dtype)
@@ -167,7 +167,7 @@ class SparseTopKEncoder(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = F.embedding_bag(ids_RS, weight_LD, mode="sum", per_sample_weights=grad_RS).to(x_RD.dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = _weight_grad(weight_NMD, ctx.in_place)
+            grad_w = _weight_grad(ctx.weight, ctx.in_place)
             scatter_outer_add_(grad_w.view_as(weight_LD), ids_RS, grad_RS, x_RD)
             grad_w = None if ctx.in_place else grad_w
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -182,20 +182,19 @@ class SparseDecoder(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values_RK, ids_RK, w_dec_NMD):
         weight_LD = w_dec_NMD.flatten(0, 1)
-        ctx.save_for_backward(values_RK, ids_RK)
+        ctx.save_for_backward(values_RK, ids_RK, w_dec_NMD)
         ctx.weight, ctx.in_place = w_dec_NMD, _IN_PLACE["enabled"]
         return F.embedding_bag(ids_RK, weight_LD, mode="sum", per_sample_weights=values_RK.to(weight_LD.dtype))
 
     @staticmethod
     def backward(ctx, grad_RD):
-        values_RK, ids_RK = ctx.saved_tensors
-        weight_NMD = ctx.weight
-        weight_LD = weight_NMD.detach().flatten(0, 1)
+        values_RK, ids_RK, weight_NMD = ctx.saved_tensors
+        weight_LD = weight_NMD.flatten(0, 1)
         grad_values = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_values = gathered_dots(ids_RK, weight_LD, grad_RD).to(values_RK.dtype)
         if ctx.needs_input_grad[2]:
-            grad_w = _weight_grad(weight_NMD, ctx.in_place)
+            grad_w = _weight_grad(ctx.weight, ctx.in_place)
             scatter_outer_add_(grad_w.view_as(weight_LD), ids_RK, values_RK.to(weight_LD.dtype), grad_RD)
             grad_w = None if ctx.in_place else grad_w
         return grad_values, None, grad_w

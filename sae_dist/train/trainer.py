@@ -85,14 +85,16 @@ class Trainer:
                 "finite": finite}
 
     def forward_loss(
-        self, x_TD: torch.Tensor, aux: AuxCandidates | None = None
+        self, x_TD: torch.Tensor, aux: AuxCandidates | None = None, grads_in_place: bool = True
     ) -> tuple[SAEOutput, dict[str, torch.Tensor], torch.Tensor]:
         """The model's forward and loss under the configured autocast: (output, unweighted terms, total loss).
 
-        The graph adds the sparse kernels' weight gradients straight into `.grad` (see `backward`).
+        With `grads_in_place` the graph's sparse kernels add their weight gradients straight into `.grad` (see
+        `backward`); an engine that hooks gradient accumulation (DeepSpeed) passes False to get them through
+        autograd.
         """
         model = self.model
-        with self._autocast(), weight_grads_in_place():
+        with self._autocast(), weight_grads_in_place(grads_in_place):
             out = model(x_TD) if aux is None else model(x_TD, aux_candidates=aux)
             terms = model.loss_terms(x_TD, out, self.ctx)
             loss = total_loss(terms, model.loss_weights(self.step / self.run.trainer.steps))

@@ -14,6 +14,8 @@ count included) as the trainer's fused Adam.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -27,14 +29,15 @@ def adam_update_(
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     step: Tensor,
-    lr: float,
+    lr: Tensor,
     beta1: float,
     beta2: float,
     eps: float,
     grad_scale: Tensor,
     skip: Tensor,
 ) -> None:
-    """One Adam update of flat tensors, in place; `step` is the step count after this update (float32, 0-dim)."""
+    """One Adam update of flat tensors, in place; `step` is the step count after this update and `lr` the learning
+    rate (float32, 0-dim); where `skip` (0-dim bool) nothing changes."""
     g = grad.float() / grad_scale
     m = exp_avg.float().lerp(g, 1 - beta1)
     v = exp_avg_sq.float() * beta2 + (1 - beta2) * g * g
@@ -46,28 +49,29 @@ def adam_update_(
     exp_avg_sq.copy_(torch.where(skip, exp_avg_sq, v.to(exp_avg_sq.dtype)))
 
 
-_compiled_update = None
-
-
-def _gpu_update():
-    global _compiled_update
-    if _compiled_update is None:
-        _compiled_update = torch.compile(adam_update_, dynamic=True, fullgraph=True)
-    return _compiled_update
+@functools.cache
+def _compiled_update():
+    """`adam_update_` as one kernel per parameter; sizes and the lr (a tensor) vary without recompiling."""
+    return torch.compile(adam_update_, dynamic=True, fullgraph=True)
 
 
 class BF16StateAdam(torch.optim.Optimizer):
     """Adam (no weight decay) with bfloat16 moments; float32 parameters and arithmetic."""
 
     def __init__(self, params, lr: float, betas: tuple[float, float], eps: float):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
         self.grad_scale: Tensor | None = None
         self.found_inf: Tensor | None = None
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: D102 - torch's signature
+    def step(self, closure=None) -> None:
+        """One update of every parameter with a gradient (`closure` is not supported: torch's signature)."""
+        device = self.param_groups[0]["params"][0].device
+        grad_scale = self.grad_scale if self.grad_scale is not None else torch.ones((), device=device)
+        skip = self.found_inf > 0 if self.found_inf is not None else torch.zeros((), dtype=torch.bool, device=device)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
+            lr = torch.full((), group["lr"], device=device)  # a fill, not a host-to-device copy
             for param in group["params"]:
                 if param.grad is None:
                     continue
@@ -76,18 +80,14 @@ class BF16StateAdam(torch.optim.Optimizer):
                     state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
                     state["exp_avg"] = torch.zeros_like(param, dtype=torch.bfloat16)
                     state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.bfloat16)
-                grad_scale = self.grad_scale if self.grad_scale is not None else torch.ones((), device=param.device)
-                skip = self.found_inf > 0 if self.found_inf is not None else torch.zeros((), dtype=torch.bool,
-                                                                                           device=param.device)
                 state["step"] += (~skip).float()
                 flat = [param.view(-1), param.grad.view(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)]
-                scalars = (state["step"], group["lr"], beta1, beta2, group["eps"], grad_scale, skip)
+                scalars = (state["step"], lr, beta1, beta2, group["eps"], grad_scale, skip)
                 if param.device.type == "cuda":
-                    _gpu_update()(*flat, *scalars)
+                    _compiled_update()(*flat, *scalars)
                     continue
                 for start in range(0, flat[0].numel(), _CPU_CHUNK):
                     adam_update_(*[t[start : start + _CPU_CHUNK] for t in flat], *scalars)
-        return None
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch casts loaded floating-point state to the parameters' dtype; the moments go back to bfloat16."""

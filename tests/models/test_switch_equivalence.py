@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from model_helpers import assert_same_forward_and_grads, make_switch, routed_inputs
 
 

@@ -61,7 +61,7 @@ def test_trainer_steps_equal_reference_steps(tmp_path, kind, formulation):
         assert bool(result["finite"]) and ("auxk" in result["terms"]) == auxk
         torch.testing.assert_close(result["loss"], ref_loss, rtol=1e-5, atol=1e-5)
         assert torch.equal(trainer.dead.tokens_since_fired_L, ref_dead.tokens_since_fired_L)
-        assert_same_weights(trainer, reference, dict(rtol=1e-4, atol=1e-6))
+        assert_same_weights(trainer, reference, {"rtol": 1e-4, "atol": 1e-6})
     assert auxk_steps >= 2, "expected dead latents in several steps"
 
 

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from sae_dist.models.auxk import AuxCandidates
 from sae_dist.models.dispatch import ExpertGroups
 from sae_dist.models.grouped import gemm_encode
-from sae_dist.models.selection import aux_topk, topk_relu
+from sae_dist.models.selection import aux_topk
 
 _IN_PLACE = {"enabled": False}
 
@@ -47,7 +47,8 @@ def weight_grads_in_place(enabled: bool = True) -> Iterator[None]:
 
 _PRE_CHUNK_ELEMENTS = 1 << 22
 """Pre-activations per encoder chunk on a CPU (16 MiB in float32): small enough to be reused from the heap rather
-than mapped and page-faulted afresh, large enough for efficient GEMMs (>= 64 rows up to M_e = 65536)."""
+than mapped and page-faulted afresh."""
+_MIN_CHUNK_COLUMNS = 256
 
 
 def _csr(crow: Tensor, columns: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
@@ -101,6 +102,49 @@ def _weight_grad(param: nn.Parameter, in_place: bool) -> Tensor:
     return param.grad
 
 
+def _merge_topk(best: tuple[Tensor, Tensor] | None, values_RK: Tensor, columns_RK: Tensor, k: int):
+    """The top k of two candidate sets (values, columns) per row."""
+    if best is None:
+        return values_RK, columns_RK
+    values_R2K, columns_R2K = torch.cat([best[0], values_RK], 1), torch.cat([best[1], columns_RK], 1)
+    top_RK = values_R2K.topk(k, dim=1, sorted=False)
+    return top_RK.values, columns_R2K.gather(1, top_RK.indices)
+
+
+def _expert_topk(
+    x_CD: Tensor,
+    w_MD: Tensor,
+    b_M: Tensor | None,
+    k: int,
+    aux_ids_A: Tensor | None,
+    aux_dead_A: Tensor | None,
+    k_aux: int,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """One expert's TopK (and AuxK among candidate columns) over its rows, in column chunks of the pre-activations.
+
+    Chunking the latents rather than the rows reads each weight once (a GEMM over a few rows re-packs the whole
+    weight matrix); the TopK of the union of every chunk's TopK is the TopK of the row.
+    """
+    rows, width = x_CD.shape[0], w_MD.shape[0]
+    chunk = max(_MIN_CHUNK_COLUMNS, _PRE_CHUNK_ELEMENTS // max(rows, 1))
+    best = None
+    aux_pre_CA = None if aux_ids_A is None else x_CD.new_empty(rows, aux_ids_A.numel())
+    for lo in range(0, width, chunk):
+        hi = min(lo + chunk, width)
+        pre_CM = F.linear(x_CD, w_MD[lo:hi], None if b_M is None else b_M[lo:hi])
+        values, columns = torch.topk(pre_CM, min(k, hi - lo), dim=1, sorted=False)
+        best = _merge_topk(best, values, columns + lo, k)
+        if aux_pre_CA is not None:
+            inside = ((aux_ids_A >= lo) & (aux_ids_A < hi)).nonzero().squeeze(1)  # host-side: this is the CPU path
+            aux_pre_CA[:, inside] = pre_CM[:, aux_ids_A[inside] - lo]
+    values_CK, columns_CK = F.relu(best[0]), best[1]
+    if aux_pre_CA is None:
+        return values_CK, columns_CK, None, None
+    positions_CA = torch.arange(aux_ids_A.numel(), device=x_CD.device).expand(rows, -1)
+    aux_values, picks = aux_topk(aux_pre_CA, positions_CA, aux_dead_A.expand(rows, -1), k_aux)
+    return values_CK, columns_CK, aux_values, aux_ids_A[picks]
+
+
 @torch.no_grad()
 def select_latents(
     x_RD: Tensor,
@@ -113,9 +157,8 @@ def select_latents(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The encoder forward without autograd: (values_RK, flat ids_RK, aux_values_RA, aux flat ids_RA).
 
-    On a CPU, one GEMM per expert and row chunk (bounding the [rows, M_e] pre-activations), TopK inside each
-    chunk; elsewhere, or without the counts on the host, the grouped GEMM of the GEMM formulation. The aux pair is
-    empty (A = 0) without candidates.
+    On a CPU, each expert's rows in column chunks (`_expert_topk`); elsewhere, or without the counts on the host,
+    the grouped GEMM of the GEMM formulation. The aux pair is empty (A = 0) without candidates.
     """
     if groups.counts is None or x_RD.device.type != "cpu":
         return gemm_encode(x_RD, w_enc_NMD, b_enc_NM, groups, k, aux, k_aux)
@@ -125,19 +168,18 @@ def select_latents(
     values_RK, ids_RK = x_RD.new_zeros(rows, k), torch.zeros(rows, k, dtype=torch.long, device=x_RD.device)
     aux_values_RA = x_RD.new_zeros(rows, aux_width)
     aux_ids_RA = torch.zeros(rows, aux_width, dtype=torch.long, device=x_RD.device)
-    chunk = max(1, _PRE_CHUNK_ELEMENTS // width)
     start = 0
     for expert, count in enumerate(groups.host_counts()):
-        bias_M = None if b_enc_NM is None else b_enc_NM[expert]
-        for lo in range(start, start + count, chunk):
-            hi = min(lo + chunk, start + count)
-            pre_CM = F.linear(x_RD[lo:hi], w_enc_NMD[expert], bias_M)
-            values, columns = topk_relu(pre_CM, k)
-            values_RK[lo:hi], ids_RK[lo:hi] = values, columns + expert * width
+        if count:
+            part = slice(start, start + count)
+            bias_M = None if b_enc_NM is None else b_enc_NM[expert]
+            aux_ids, aux_dead = (aux.ids_NC[expert], aux.dead_NC[expert]) if aux_width else (None, None)
+            values, columns, aux_values, aux_columns = _expert_topk(
+                x_RD[part], w_enc_NMD[expert], bias_M, k, aux_ids, aux_dead, k_aux
+            )
+            values_RK[part], ids_RK[part] = values, columns + expert * width
             if aux_width:
-                ids_CC = aux.ids_NC[expert].expand(hi - lo, -1)
-                values, columns = aux_topk(pre_CM, ids_CC, aux.dead_NC[expert].expand(hi - lo, -1), k_aux)
-                aux_values_RA[lo:hi], aux_ids_RA[lo:hi] = values, columns + expert * width
+                aux_values_RA[part], aux_ids_RA[part] = aux_values, aux_columns + expert * width
         start += count
     return values_RK, ids_RK, aux_values_RA, aux_ids_RA
 

@@ -137,3 +137,17 @@ def test_router_runs_in_float32_under_bf16_autocast():
     assert autocast.probs_TN.dtype == torch.float32
     assert torch.equal(autocast.expert_T, plain.expert_T)
     torch.testing.assert_close(autocast.probs_TN, plain.probs_TN, rtol=0, atol=0)
+
+
+def test_sparse_encoder_in_column_chunks_matches_naive(monkeypatch):
+    """Wide experts are encoded in chunks of latents (each weight read once) whose TopKs are merged: shrink the
+    chunk so that 16 latents span four chunks, with AuxK candidates in every chunk."""
+    from sae_dist.models import kernels
+
+    monkeypatch.setattr(kernels, "_PRE_CHUNK_ELEMENTS", 4 * 7)
+    monkeypatch.setattr(kernels, "_MIN_CHUNK_COLUMNS", 4)
+    torch.manual_seed(3)
+    sae = make_switch(num_experts=4, latents=64, k=5, d=12, auxk_alpha=0.5, formulation=("sparse", "gather"))
+    x_TD = routed_inputs(12, 4, [7, 1, 0, 12])
+    dead_L = torch.rand(64, generator=torch.Generator().manual_seed(4)) < 0.5
+    assert_same_forward_and_grads(sae, x_TD, dead_L)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from sae_dist.models.auxk import AuxCandidates
 from sae_dist.models.dispatch import ExpertGroups
-from sae_dist.models.grouped import gemm_encode
+from sae_dist.models.grouped import compute_dtype, gemm_encode
 from sae_dist.models.selection import aux_topk
 
 _IN_PLACE = {"enabled": False}
@@ -45,10 +45,21 @@ def weight_grads_in_place(enabled: bool = True) -> Iterator[None]:
         _IN_PLACE["enabled"] = previous
 
 
-_PRE_CHUNK_ELEMENTS = 1 << 22
-"""Pre-activations per encoder chunk on a CPU (16 MiB in float32): small enough to be reused from the heap rather
-than mapped and page-faulted afresh."""
+_PRE_CHUNK_ELEMENTS = 1 << 25
+"""Pre-activations per encoder chunk on a CPU (128 MiB in float32), computed into one workspace kept for the
+process: a fresh tensor of that size would be mapped and page-faulted afresh at every chunk."""
 _MIN_CHUNK_COLUMNS = 256
+
+
+_WORKSPACES: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+
+def _workspace(device: torch.device, dtype: torch.dtype, numel: int) -> Tensor:
+    """A flat buffer of at least `numel` elements, reused by every call (grown when a call needs more)."""
+    buffer = _WORKSPACES.get((device, dtype))
+    if buffer is None or buffer.numel() < numel:
+        buffer = _WORKSPACES[(device, dtype)] = torch.empty(numel, device=device, dtype=dtype)
+    return buffer
 
 
 def _csr(crow: Tensor, columns: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
@@ -102,15 +113,6 @@ def _weight_grad(param: nn.Parameter, in_place: bool) -> Tensor:
     return param.grad
 
 
-def _merge_topk(best: tuple[Tensor, Tensor] | None, values_RK: Tensor, columns_RK: Tensor, k: int):
-    """The top k of two candidate sets (values, columns) per row."""
-    if best is None:
-        return values_RK, columns_RK
-    values_R2K, columns_R2K = torch.cat([best[0], values_RK], 1), torch.cat([best[1], columns_RK], 1)
-    top_RK = values_R2K.topk(k, dim=1, sorted=False)
-    return top_RK.values, columns_R2K.gather(1, top_RK.indices)
-
-
 def _expert_topk(
     x_CD: Tensor,
     w_MD: Tensor,
@@ -120,29 +122,44 @@ def _expert_topk(
     aux_dead_A: Tensor | None,
     k_aux: int,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """One expert's TopK (and AuxK among candidate columns) over its rows, in column chunks of the pre-activations.
+    """One expert's TopK (and AuxK among candidate columns) over its rows, in chunks of latents.
 
     Chunking the latents rather than the rows reads each weight once (a GEMM over a few rows re-packs the whole
     weight matrix); the TopK of the union of every chunk's TopK is the TopK of the row.
     """
     rows, width = x_CD.shape[0], w_MD.shape[0]
-    chunk = max(_MIN_CHUNK_COLUMNS, _PRE_CHUNK_ELEMENTS // max(rows, 1))
-    best = None
+    chunk = min(width, max(_MIN_CHUNK_COLUMNS, _PRE_CHUNK_ELEMENTS // max(rows, 1)))
+    dtype = compute_dtype(x_CD)
+    x_CD, workspace = x_CD.to(dtype), _workspace(x_CD.device, dtype, rows * chunk)
+    picks = min(k, chunk)
+    starts = range(0, width, chunk)
+    values_CP = x_CD.new_full((rows, picks * len(starts)), float("-inf"))
+    columns_CP = torch.zeros(values_CP.shape, dtype=torch.long, device=x_CD.device)
     aux_pre_CA = None if aux_ids_A is None else x_CD.new_empty(rows, aux_ids_A.numel())
-    for lo in range(0, width, chunk):
+    for index, lo in enumerate(starts):
         hi = min(lo + chunk, width)
-        pre_CM = F.linear(x_CD, w_MD[lo:hi], None if b_M is None else b_M[lo:hi])
+        pre_CM = workspace[: rows * (hi - lo)].view(rows, hi - lo)
+        weight_DM = w_MD[lo:hi].to(dtype).T
+        with torch.autocast(x_CD.device.type, enabled=False):  # inputs already in the compute dtype
+            if b_M is None:
+                torch.mm(x_CD, weight_DM, out=pre_CM)
+            else:
+                torch.addmm(b_M[lo:hi].to(dtype), x_CD, weight_DM, out=pre_CM)
         values, columns = torch.topk(pre_CM, min(k, hi - lo), dim=1, sorted=False)
-        best = _merge_topk(best, values, columns + lo, k)
+        slots = slice(index * picks, index * picks + values.shape[1])
+        values_CP[:, slots], columns_CP[:, slots] = values, columns + lo
         if aux_pre_CA is not None:
             inside = ((aux_ids_A >= lo) & (aux_ids_A < hi)).nonzero().squeeze(1)  # host-side: this is the CPU path
             aux_pre_CA[:, inside] = pre_CM[:, aux_ids_A[inside] - lo]
-    values_CK, columns_CK = F.relu(best[0]), best[1]
+    if len(starts) > 1:
+        top = values_CP.topk(k, dim=1, sorted=False)
+        values_CP, columns_CP = top.values, columns_CP.gather(1, top.indices)
+    values_CK, columns_CK = F.relu(values_CP), columns_CP
     if aux_pre_CA is None:
         return values_CK, columns_CK, None, None
     positions_CA = torch.arange(aux_ids_A.numel(), device=x_CD.device).expand(rows, -1)
-    aux_values, picks = aux_topk(aux_pre_CA, positions_CA, aux_dead_A.expand(rows, -1), k_aux)
-    return values_CK, columns_CK, aux_values, aux_ids_A[picks]
+    aux_values, picks_CA = aux_topk(aux_pre_CA, positions_CA, aux_dead_A.expand(rows, -1), k_aux)
+    return values_CK, columns_CK, aux_values, aux_ids_A[picks_CA]
 
 
 @torch.no_grad()

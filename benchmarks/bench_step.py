@@ -176,7 +176,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--batch", type=int, help="tokens per step (default: 4096 on CPU, 8192 on CUDA)")
     parser.add_argument("--repeats", type=int, default=5, help="measured steps per implementation")
-    parser.add_argument("--reference-repeats", type=int, default=2, help="measured dense-then-mask steps")
+    parser.add_argument("--reference-repeats", type=int, default=2, help="measured dense-then-mask steps (0: skip)")
     parser.add_argument("--no-peers", action="store_true", help="skip sparsify and the dense-then-mask step")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -217,7 +217,7 @@ def main() -> None:
                     lambda: sae_dist_step("topk", latents, 1, args, x_BD, 0.1), floors[1], args.repeats, clock,
                     device)))
         switch_n = next((n for n in experts if n > 1), None)
-        if switch_n and not args.no_peers:
+        if switch_n and args.reference_repeats and not args.no_peers:
             rows.append(("authors' dense-then-mask Switch", switch_n, measure(
                 lambda: dense_then_mask_step(latents, switch_n, args, x_BD), floors[switch_n],
                 args.reference_repeats, clock, device)))

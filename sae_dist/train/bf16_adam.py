@@ -3,21 +3,22 @@
 Fused float32 Adam reads a parameter, its gradient and both moments and writes the parameter and the moments: 28
 bytes per element, which at M = 2^20 latents is most of a GPU step. With the moments in bfloat16 it is 20 bytes
 and the optimizer state takes half the memory. The update is computed in float32 from the stored moments; only the
-stored moments are rounded (to nearest), so it is not exact Adam: bfloat16 keeps 8 significant bits, and the
-second moment of a rarely-firing latent, which decays by 0.999 per step, moves in steps of ~0.4%.
+stored moments are rounded (to nearest), so it is not exact Adam: bfloat16 keeps 8 significant bits, so a second
+moment's decay by beta2 = 0.999 per step (0.1%) is below its resolution (0.4%), and the second moment of a latent
+that stops firing stays where it was instead of decaying.
 
 On a GPU each parameter's update is one `torch.compile`d kernel (a single pass, as the fused optimizer makes); on a
-CPU it runs eagerly in row chunks and is slower than fused float32 Adam, so there it only saves memory. The step
+CPU it runs eagerly in chunks and is slower than fused float32 Adam, so there it only saves memory. The step
 takes the same `grad_scale` (gradients are divided by it: clipping) and `found_inf` (1: no update at all, the step
 count included) as the trainer's fused Adam.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
+
+from sae_dist.train.compiled import on_device
 
 _CPU_CHUNK = 1 << 20
 """Elements per eager chunk on a CPU, bounding the float32 temporaries."""
@@ -49,12 +50,6 @@ def adam_update_(
     exp_avg_sq.copy_(torch.where(skip, exp_avg_sq, v.to(exp_avg_sq.dtype)))
 
 
-@functools.cache
-def _compiled_update():
-    """`adam_update_` as one kernel per parameter; sizes and the lr (a tensor) vary without recompiling."""
-    return torch.compile(adam_update_, dynamic=True, fullgraph=True)
-
-
 class BF16StateAdam(torch.optim.Optimizer):
     """Adam (no weight decay) with bfloat16 moments; float32 parameters and arithmetic."""
 
@@ -83,11 +78,11 @@ class BF16StateAdam(torch.optim.Optimizer):
                 state["step"] += (~skip).float()
                 flat = [param.view(-1), param.grad.view(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)]
                 scalars = (state["step"], lr, beta1, beta2, group["eps"], grad_scale, skip)
-                if param.device.type == "cuda":
-                    _compiled_update()(*flat, *scalars)
-                    continue
-                for start in range(0, flat[0].numel(), _CPU_CHUNK):
-                    adam_update_(*[t[start : start + _CPU_CHUNK] for t in flat], *scalars)
+                # One kernel per parameter on a GPU (the lr is a tensor, so no value recompiles it); on a CPU
+                # eager chunks bound the float32 temporaries.
+                chunk = max(flat[0].numel(), 1) if param.is_cuda else _CPU_CHUNK
+                for start in range(0, flat[0].numel(), chunk):
+                    on_device(adam_update_, *[t[start : start + chunk] for t in flat], *scalars)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch casts loaded floating-point state to the parameters' dtype; the moments go back to bfloat16."""

@@ -1,9 +1,10 @@
 """The optimisation recipe (SPEC section 4): Adam, the lr rule and schedule, clipping and the decoder-norm constraint.
 
-Each piece makes as few passes over the parameters as eager PyTorch allows, with no temporary of their size: fused
-Adam (which also applies the clip factor and skips a non-finite step, through the `grad_scale` / `found_inf`
-arguments that GradScaler uses), decoder renormalisation (a row-norm pass and a scaling pass) and the gradient
-projection (row-batched dot products, then one fused multiply-subtract).
+Each piece makes as few passes over the parameters as it can, with no temporary of their size: fused Adam (which
+also applies the clip factor and skips a non-finite step, through the `grad_scale` / `found_inf` arguments that
+GradScaler uses), decoder renormalisation and the gradient projection (one compiled kernel each on a GPU,
+`compiled.py`; in eager PyTorch a row-norm pass and a scaling pass, and row-batched dot products then one fused
+multiply-subtract).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 
 from sae_dist.config import RunConfig, default_lr
 from sae_dist.train.bf16_adam import BF16StateAdam
+from sae_dist.train.compiled import on_device
 
 CLIP_EPS = 1e-6
 """Added to the gradient norm before dividing by it, as `torch.nn.utils.clip_grad_norm_` does."""
@@ -54,11 +56,23 @@ def build_scheduler(optimizer: torch.optim.Optimizer, run: RunConfig) -> torch.o
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, steps, frac))
 
 
+def _normalize_rows_(w: Tensor, apply: Tensor) -> None:
+    scale = torch.linalg.vector_norm(w, dim=-1, keepdim=True).clamp_min(1e-12).reciprocal()
+    w.mul_(torch.where(apply, scale, 1.0))
+
+
+def _project_rows_(w: Tensor, grad: Tensor) -> None:
+    # Row-batched dot products and updates: no temporary of the weight's size.
+    rows_L1D, grads_L1D = w.view(-1, 1, w.shape[-1]), grad.view(-1, 1, w.shape[-1])
+    parallel_L11 = torch.bmm(grads_L1D, rows_L1D.transpose(1, 2))
+    grads_L1D.baddbmm_(parallel_L11, rows_L1D, alpha=-1)
+
+
 @torch.no_grad()
 def normalize_decoder_(w_dec: Tensor, apply: Tensor | None = None) -> None:
     """Scale each decoder row (last dim) to unit norm; unchanged where `apply` (0-dim bool) is False."""
-    scale = torch.linalg.vector_norm(w_dec, dim=-1, keepdim=True).clamp_min(1e-12).reciprocal()
-    w_dec.mul_(scale if apply is None else torch.where(apply, scale, 1.0))
+    apply = torch.ones((), dtype=torch.bool, device=w_dec.device) if apply is None else apply
+    on_device(_normalize_rows_, w_dec.detach(), apply)
 
 
 @torch.no_grad()
@@ -68,10 +82,5 @@ def remove_parallel_gradient_(w_dec: nn.Parameter) -> None:
     This is the tangent-space projection that keeps Adam from growing the norms. The training step keeps the rows
     unit norm (it renormalises after every update), so no norm is recomputed here.
     """
-    if w_dec.grad is None:
-        return
-    # Row-batched dot products and updates: no temporary of the weight's size.
-    rows_L1D = w_dec.detach().view(-1, 1, w_dec.shape[-1])
-    grads_L1D = w_dec.grad.view(-1, 1, w_dec.shape[-1])
-    parallel_L11 = torch.bmm(grads_L1D, rows_L1D.transpose(1, 2))
-    grads_L1D.baddbmm_(parallel_L11, rows_L1D, alpha=-1)
+    if w_dec.grad is not None:
+        on_device(_project_rows_, w_dec.detach(), w_dec.grad)

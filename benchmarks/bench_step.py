@@ -27,6 +27,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -206,20 +207,20 @@ def main() -> None:
         rows = []  # (label, N, result)
         if not args.no_peers:
             rows.append(("eai-sparsify dense TopK (AuxK off)", 1,
-                         measure(lambda: sparsify_step(latents, args, x_BD), floors[1], args.repeats, clock, device)))
+                         measure(partial(sparsify_step, latents, args, x_BD), floors[1], args.repeats, clock, device)))
         for n in experts:
             kind = "topk" if n == 1 else "switch"
             label = "sae-dist dense TopK (AuxK off)" if n == 1 else "sae-dist Switch"
-            rows.append((label, n, measure(lambda: sae_dist_step(kind, latents, n, args, x_BD), floors[n],
+            rows.append((label, n, measure(partial(sae_dist_step, kind, latents, n, args, x_BD), floors[n],
                                            args.repeats, clock, device)))
             if n == 1:
                 rows.append(("sae-dist dense TopK (AuxK on, 10% dead)", 1, measure(
-                    lambda: sae_dist_step("topk", latents, 1, args, x_BD, 0.1), floors[1], args.repeats, clock,
+                    partial(sae_dist_step, "topk", latents, 1, args, x_BD, 0.1), floors[1], args.repeats, clock,
                     device)))
         switch_n = next((n for n in experts if n > 1), None)
         if switch_n and args.reference_repeats and not args.no_peers:
             rows.append(("authors' dense-then-mask Switch", switch_n, measure(
-                lambda: dense_then_mask_step(latents, switch_n, args, x_BD), floors[switch_n],
+                partial(dense_then_mask_step, latents, switch_n, args, x_BD), floors[switch_n],
                 args.reference_repeats, clock, device)))
         # Floor multiples on the common scale of the N = 1 floor, for ratios between implementations.
         dense_multiple = {id(r): r["per_floor"] * floor_s[n] / floor_s[1] for _, n, r in rows}

@@ -67,41 +67,42 @@ class Trainer:
         """Where AuxK looks at each step; made at the first step (after any resume), since it tracks the counters."""
 
     # --- one optimisation step -------------------------------------------------------------------------------
+    weight_grads_in_place: bool = True
+    """Whether the sparse kernels add their weight gradients straight into `.grad` (see `backward`); an engine
+    that hooks gradient accumulation (DeepSpeed) sets it False to get them through autograd."""
+
     def train_step(self, x_TD: torch.Tensor) -> dict[str, Any]:
         """Forward, backward, sync, clip, project decoder gradients, Adam, renormalise decoders.
 
         The decoder rows are renormalised after each update (the start state is unit norm), which is the spec's
         renormalise-then-forward order shifted by half a step, so a skipped step changes nothing. Returns 'out',
-        'terms', 'loss', 'grad_norm', 'lr' and 'finite': a 0-dim bool on the device, False when the loss or the
-        gradient norm was not finite (a non-finite batch makes both so); then no update was applied at all
-        (parameters, Adam moments and steps, dead-latent counters). Nothing is read back to the host on one device.
+        'terms', 'loss', 'grad_norm', 'lr' and 'finite': a 0-dim bool on the device, False when the batch, the loss
+        or the gradient norm was not finite; then no update was applied at all (parameters, Adam moments and
+        steps, dead-latent counters). Nothing is read back to the host on one device.
         """
-        out, terms, loss = self.forward_loss(x_TD, self._aux_candidates())
+        out, terms, loss = self.forward_loss(x_TD)
         self.backward(loss)
-        grad_norm, finite = self.sync_and_project(loss)
+        grad_norm = self.sync_clip_project()
+        finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm) & torch.isfinite(x_TD).all()
         lr = self.update(grad_norm, finite)
+        self.renormalize_decoders(finite)
         self.track_dead_latents(out, finite)
         return {"out": out, "terms": terms, "loss": loss.detach(), "grad_norm": grad_norm, "lr": lr,
                 "finite": finite}
 
-    def forward_loss(
-        self, x_TD: torch.Tensor, aux: AuxCandidates | None = None, grads_in_place: bool = True
-    ) -> tuple[SAEOutput, dict[str, torch.Tensor], torch.Tensor]:
-        """The model's forward and loss under the configured autocast: (output, unweighted terms, total loss).
-
-        With `grads_in_place` the graph's sparse kernels add their weight gradients straight into `.grad` (see
-        `backward`); an engine that hooks gradient accumulation (DeepSpeed) passes False to get them through
-        autograd.
-        """
+    def forward_loss(self, x_TD: torch.Tensor) -> tuple[SAEOutput, dict[str, torch.Tensor], torch.Tensor]:
+        """(model output, loss terms, total loss) of this rank's tokens, under the configured autocast; AuxK (when
+        on) over this step's dead-latent candidates."""
         model = self.model
-        with self._autocast(), weight_grads_in_place(grads_in_place):
+        aux = self._aux_candidates()
+        with self._autocast(), weight_grads_in_place(self.weight_grads_in_place):
             out = model(x_TD) if aux is None else model(x_TD, aux_candidates=aux)
             terms = model.loss_terms(x_TD, out, self.ctx)
             loss = total_loss(terms, model.loss_weights(self.step / self.run.trainer.steps))
         return out, terms, loss
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Gradients of `loss` into `.grad`.
+        """This rank's gradients of `loss` into `.grad` (replacing the previous step's).
 
         On a CPU the gradient buffers persist and are zeroed in place: a fresh [M, d] tensor costs more in page
         faults than the sparse backward that fills it. On a GPU the caching allocator makes a fresh one free, and
@@ -110,25 +111,28 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=self.device.type != "cpu")
         loss.backward()
 
-    def sync_and_project(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Synchronise gradients over ranks, take the global norm, project decoder gradients: (norm, finite)."""
-        model = self.model
-        self.ctx.sync_gradients(model)
-        grad_norm = self.ctx.grad_norm(model)
-        finite = torch.isfinite(grad_norm) & torch.isfinite(loss.detach())
+    def sync_clip_project(self) -> torch.Tensor:
+        """Reduce gradients over ranks, remove each decoder row's gradient component along the row; return the
+        global norm, which `update` clips by (fused Adam scales the gradients in its own pass)."""
+        self.ctx.sync_gradients(self.model)
+        grad_norm = self.ctx.grad_norm(self.model)
         # Clipping scales every gradient alike, so projecting before Adam applies the clip factor is the same.
-        for w_dec in model.decoder_weights():
+        for w_dec in self.model.decoder_weights():
             remove_parallel_gradient_(w_dec)
-        return grad_norm, finite
+        return grad_norm
 
     def update(self, grad_norm: torch.Tensor, finite: torch.Tensor) -> float:
-        """Clipped fused Adam, the lr schedule and decoder renormalisation; return the lr used."""
+        """Adam on the gradients clipped to `trainer.grad_clip` (no update unless `finite`), and the lr schedule's
+        step; return the lr used."""
         lr = self.scheduler.get_last_lr()[0]
         clipped_adam_step(self.optimizer, grad_norm, self.run.trainer.grad_clip, finite)
         self.scheduler.step()
-        for w_dec in self.model.decoder_weights():
-            normalize_decoder_(w_dec, finite)
         return lr
+
+    def renormalize_decoders(self, apply: torch.Tensor | None = None) -> None:
+        """Scale every decoder row to unit norm (not where `apply`, a 0-dim bool, is False)."""
+        for w_dec in self.model.decoder_weights():
+            normalize_decoder_(w_dec, apply)
 
     def track_dead_latents(self, out: SAEOutput, finite: torch.Tensor) -> None:
         """Advance the dead-latent counters (not after a skipped step) and AuxK's candidate bookkeeping."""

@@ -5,7 +5,7 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: install quickstart test bench
+.PHONY: install quickstart test lint constraints bench
 
 install: $(VENV)/.installed
 
@@ -21,7 +21,19 @@ quickstart: install
 test: install
 	$(PY) -m pytest tests
 
+# Shell scripts (shellcheck) and the Dockerfile (hadolint); CI runs this before the tests.
+lint: install
+	$(VENV)/bin/shellcheck -x launch/slurm/*.sbatch launch/slurm/common.sh .ci/run
+	$(VENV)/bin/hadolint docker/Dockerfile
+
+# The Docker image's pins: every package of the venv the tests ran in (torch without the CPU build's +cpu).
+constraints: install
+	{ echo "# pip freeze of the venv the tests ran in (make constraints), read by docker/Dockerfile;"; \
+	  echo "# torch is pinned without +cpu, so the image gets the CUDA build of the same version."; \
+	  $(PY) -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > docker/constraints.txt
+
 bench: install
 	$(PY) -m pip install -q -e ".[bench]" "$(TORCH_SPEC)"
 	$(PY) benchmarks/bench_step.py --latents 16384 --repeats 3
 	$(PY) benchmarks/bench_expert_parallel.py
+	$(PY) benchmarks/bench_engines.py

@@ -23,7 +23,6 @@ import os
 import socket
 import statistics
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -87,7 +86,8 @@ def rank_main(rank: int, world: int, ep_size: int, chunks: int, port: int, args,
 
     run = bench_run(args, ep_size, chunks)
     device = torch.device(args.device)
-    ctx = ExpertParallelContext.from_config(run, device.type, timedelta(seconds=120))
+    run.parallel.timeout_s = 120
+    ctx = ExpertParallelContext.from_config(run, device.type)
     trainer = Trainer(run, SyntheticSource.from_config(run.data, 0, rank), ctx, device)
     times, per_step = time_steps(trainer, ctx, args)
     kinds = sorted(per_step)
@@ -112,10 +112,8 @@ def measure(world: int, ep_size: int, chunks: int, args) -> tuple[list[float], d
     return queue.get()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layouts", nargs="+", default=["1", "2", "4", "4:2"],
-                        help="W or W:P per run (W=1, the baseline, always runs)")
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, batch, timing and device options shared by the multi-rank benchmarks."""
     parser.add_argument("--batch", type=int, default=4096, help="global batch B (tokens per step)")
     parser.add_argument("--d", type=int, default=256)
     parser.add_argument("--latents", type=int, default=16384)
@@ -125,6 +123,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads shared by all ranks")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layouts", nargs="+", default=["1", "2", "4", "4:2"],
+                        help="W or W:P per run (W=1, the baseline, always runs)")
+    add_run_arguments(parser)
     parser.add_argument("--a2a-chunks", type=int, nargs="+", default=[1],
                         help="parallel.a2a_chunks values to run for each W > 1 (1 = plain all-to-all)")
     args = parser.parse_args()

@@ -1,7 +1,7 @@
 """The full training step against its GEMM floors and the best peer, measured in one process.
 
-A step is what one optimizer update costs: renormalise, forward, loss, backward, clip, projection, Adam (sparsify's
-own step has no clip). Rows, at each M: sae-dist's Switch SAE for each N > 1 and its dense TopK SAE (N = 1) with
+A step is what one optimizer update costs: forward, loss, backward, projection, Adam with the clip, decoder
+renormalisation (sparsify's own step has no clip). Rows, at each M: sae-dist's Switch SAE for each N > 1 and its dense TopK SAE (N = 1) with
 AuxK off and with AuxK on while 10% of the latents are dead; eai-sparsify's dense TopK step as its Trainer runs it
 (AuxK off, its default; the optional `bench` extra); and the authors' dense-then-mask formulation of the Switch SAE
 (`sae_dist.models.reference.reference_train_step`, at the first N > 1).

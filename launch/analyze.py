@@ -17,9 +17,10 @@ from rich.console import Console
 from rich.table import Table
 
 from sae_dist.api import load_sae
+from sae_dist.cli import check_checkpoint, check_output, one_line_errors, require_positive
 from sae_dist.eval.geometry import expert_rows, geometry, plot_tsne, tsne_2d
 from sae_dist.eval.plots import GEOMETRY_FILE, plot_similarity
-from sae_dist.train.checkpoint import resolve_checkpoint, write_atomically
+from sae_dist.train.checkpoint import write_atomically
 
 
 def print_summary(summary: dict, title: str) -> None:
@@ -51,17 +52,16 @@ def main() -> None:
     parser.add_argument("--tsne", action="store_true", help="t-SNE of encoder and decoder rows (scikit-learn)")
     parser.add_argument("--tsne-points", type=int, default=4000)
     args = parser.parse_args()
-    try:
-        folder = resolve_checkpoint(args.path)
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    out = args.out or folder
-    out.mkdir(parents=True, exist_ok=True)
-    sae = load_sae(folder, args.device)
-    summary = geometry(expert_rows(sae, "decoder"), args.chunk).summary()
-    summary["checkpoint"] = str(folder)
-    write_atomically(out / GEOMETRY_FILE, json.dumps(summary, indent=1).encode())
+    with one_line_errors():
+        require_positive(vars(args), "chunk", "tsne_points")
+        folder, _ = check_checkpoint(args.path)
+        out = args.out or folder
+        check_output(out, "--out")
+        sae = load_sae(folder, args.device)
+        summary = geometry(expert_rows(sae, "decoder"), args.chunk).summary()
+        summary["checkpoint"] = str(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomically(out / GEOMETRY_FILE, json.dumps(summary, indent=1).encode())
     print_summary(summary, f"decoder geometry: {folder}")
     written = [out / GEOMETRY_FILE, plot_similarity(summary["expert_similarity"], out / "similarity.png",
                                                     "expert similarity (mean best decoder cosine)")]

@@ -12,10 +12,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import urllib.error
+import urllib.request
 from pathlib import Path
 
+from sae_dist.cli import check_inspection, check_output, fail, one_line_errors, require_positive
 from sae_dist.eval.autointerp import AutoInterpConfig, run_autointerp
 from sae_dist.eval.inspect import inspect_checkpoint
+from sae_dist.train.checkpoint import write_atomically
+
+PROBE_TIMEOUT_S = 10.0
+
+
+def check_endpoint(base_url: str) -> None:
+    """The endpoint answers HTTP at all (any status counts): checked before the language model is loaded."""
+    try:
+        urllib.request.urlopen(base_url.rstrip("/") + "/models", timeout=PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        fail(f"--base-url={base_url} does not answer ({getattr(exc, 'reason', exc)})")
 
 
 def main() -> None:
@@ -33,10 +49,19 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     cfg = AutoInterpConfig(base_url=args.base_url, model=args.model, api_key_env=args.api_key_env, seed=args.seed)
-    records = inspect_checkpoint(args.checkpoint, args.latents, args.per_expert, args.contexts, args.seed, args.device)
-    result = run_autointerp(records, cfg)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    with one_line_errors():
+        require_positive(vars(args), "per_expert", "contexts")
+        check_inspection(args.checkpoint, args.latents)
+        check_output(args.out.parent, "--out")
+        check_endpoint(args.base_url)
+        records = inspect_checkpoint(args.checkpoint, args.latents, args.per_expert, args.contexts, args.seed,
+                                     args.device)
+        try:
+            result = run_autointerp(records, cfg)
+        except (urllib.error.URLError, OSError) as exc:
+            fail(f"--base-url={args.base_url} failed during the run ({getattr(exc, 'reason', exc)})")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(args.out, json.dumps(result, indent=1).encode())
     scored = len(result["latents"])
     print(f"mean balanced accuracy {result['mean_balanced_accuracy']} over {scored} latents: {args.out}")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from sae_dist.data.source import DataUnavailableError
+from sae_dist.cli import check_checkpoint, check_output, fail, one_line_errors, require_positive
 from sae_dist.eval.evaluate import EvalConfig, evaluate
 from sae_dist.eval.plots import EVAL_FILE
 from sae_dist.eval.splice import MEASURE_CE
@@ -77,19 +77,22 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=value)
     args = vars(parser.parse_args(argv))
     path, out = args.pop("path"), args.pop("out")
-    try:
-        report = evaluate(path, **args)
-    except (FileNotFoundError, DataUnavailableError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    out = out or Path(report["checkpoint"]) / EVAL_FILE
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(out, json.dumps(report, indent=1).encode())
+    with one_line_errors():
+        require_positive(args, "batches", "batch_tokens", "splice_batch_contexts")
+        if not 0 < args["heldout_frac"] < 1:
+            fail(f"--heldout-frac={args['heldout_frac']} must be in (0, 1)")
+        folder, _ = check_checkpoint(path)
+        out = out or folder / EVAL_FILE
+        check_output(out.parent, "--out")
+        report = evaluate(folder, **args)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(out, json.dumps(report, indent=1).encode())
     print_report(report)
     done, asked = report["reconstruction"]["batches"], report["data"]["batches_requested"]
     if done < asked:
         print(f"warning: the held-out region ran out after {done} of {asked} batches", file=sys.stderr)
     print(out)
+
 
 if __name__ == "__main__":
     main()

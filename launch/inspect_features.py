@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from sae_dist.cli import check_inspection, check_output, one_line_errors, require_positive
 from sae_dist.eval.inspect import inspect_checkpoint, write_report
 
 
@@ -24,8 +25,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    records = inspect_checkpoint(args.checkpoint, args.latents, args.per_expert, args.contexts, args.seed, args.device)
-    for path in write_report(records, args.out, args.top):
+    with one_line_errors():
+        require_positive(vars(args), "per_expert", "contexts", "top")
+        check_inspection(args.checkpoint, args.latents)
+        check_output(args.out, "--out")
+        records = inspect_checkpoint(args.checkpoint, args.latents, args.per_expert, args.contexts, args.seed,
+                                     args.device)
+        written = write_report(records, args.out, args.top)
+    for path in written:
         print(path)
 
 

@@ -8,9 +8,10 @@ Each run's metrics come from eval.json in its latest checkpoint when present, el
 from __future__ import annotations
 
 import argparse
-import sys
 
+from sae_dist.cli import check_checkpoint, check_output, one_line_errors
 from sae_dist.eval.plots import plot_runs
+from sae_dist.train.checkpoint import latest_checkpoint
 
 
 def main() -> None:
@@ -18,11 +19,12 @@ def main() -> None:
     parser.add_argument("run_dirs", nargs="+", help="run directories (trainer.out_dir of each run)")
     parser.add_argument("--out", required=True, help="folder for the PNG files")
     args = parser.parse_args()
-    try:
+    with one_line_errors():
+        for run_dir in args.run_dirs:
+            if latest_checkpoint(run_dir) is not None:
+                check_checkpoint(run_dir)
+        check_output(args.out, "--out")
         written = plot_runs(args.run_dirs, args.out)
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
     for path in written:
         print(path)
 

@@ -3,48 +3,72 @@
 With no experiment this is the offline quickstart. Under torchrun (WORLD_SIZE > 1) every process runs this script;
 the experts are sharded over `parallel.ep_size` ranks (docs/expert-parallelism.md), e.g.
     torchrun --nproc_per_node=4 launch/train.py +experiment=quickstart parallel.ep_size=2
-Bad configuration or unavailable data ends the run at once with one line on stderr and exit status 2.
+A run folder that already holds the run continues it (trainer.resume=auto), so a torchrun restart or a SLURM
+requeue running the same command resumes from the latest checkpoint.
+
+Exit statuses (sae_dist/cli.py): 0 done; 2 bad input, with one line on stderr before any model or data is loaded;
+75 stopped by SIGTERM or SIGUSR1 after writing a checkpoint (run the same command to continue); 1 a collective
+failed because another rank died or stalled.
 """
 
 from __future__ import annotations
 
 import os
-import sys
+from datetime import timedelta
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from sae_dist.config import ConfigError, to_run_config
-from sae_dist.data.source import DataUnavailableError
-from sae_dist.parallel.mesh import launched_by_torchrun
-from sae_dist.train.run import RunDirectoryError, resolve_device, train_from_config
+from sae_dist.cli import one_line_errors
+from sae_dist.config import RunConfig, to_run_config
+from sae_dist.parallel.mesh import launched_by_torchrun, validate_layout
+from sae_dist.train.preflight import check_device
+from sae_dist.train.run import prepare_run, train_from_config, train_planned
 
-USER_ERRORS = (ConfigError, DataUnavailableError, RunDirectoryError)
 
+def train_distributed(run: RunConfig, overrides: list[str]) -> None:
+    """One rank of a torchrun job: check the layout, join the process group, agree on the run folder and the run's
+    config, build the expert-parallel context from that config, train, leave."""
+    import torch.distributed as dist
 
-def train_distributed(run) -> None:
-    """One rank of a torchrun job: join the process group, agree on the run folder, train, leave."""
-    from sae_dist.parallel.expert_parallel import expert_parallel_context
-    from sae_dist.parallel.mesh import broadcast_object
+    from sae_dist.parallel.expert_parallel import ExpertParallelContext
+    from sae_dist.parallel.failures import on_every_rank
+    from sae_dist.parallel.mesh import broadcast_object, init_process_group
 
-    with expert_parallel_context(run, resolve_device(run.trainer.device).type) as ctx:
-        # The default folder name holds a timestamp that each rank resolved on its own.
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # 1: the DeepSpeed engine in one process
+    validate_layout(run, world)
+    device = check_device(run.trainer.device)
+    init_process_group(device.type, timedelta(seconds=run.parallel.timeout_s))
+    try:
+        # Ranks on other nodes may have resolved the default folder's stamp otherwise.
         run.trainer.out_dir = broadcast_object(run.trainer.out_dir)
-        train_from_config(run, ctx)
+        plan = on_every_rank(lambda: prepare_run(run, world, overrides))
+        train_planned(plan, ExpertParallelContext.from_config(plan.run, plan.device.type))
+    finally:
+        dist.destroy_process_group()
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    try:
+def hydra_main(cfg: DictConfig) -> None:
+    with one_line_errors():
         run = to_run_config(cfg)
-        if launched_by_torchrun():
-            train_distributed(run)
+        overrides = list(HydraConfig.get().overrides.task)
+        if run.trainer.engine == "deepspeed":
+            from sae_dist.train.deepspeed_engine import import_deepspeed
+
+            import_deepspeed(check_device(run.trainer.device).type)  # a missing install fails here, before any work
+        if launched_by_torchrun() or run.trainer.engine == "deepspeed":
+            train_distributed(run, overrides)
         else:
-            train_from_config(run)
-    except USER_ERRORS as exc:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+            train_from_config(run, overrides=overrides)
+
+
+def main() -> None:
+    # Hydra re-raises its own errors (an unknown key, a value of the wrong type) so that they end in one line too.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    with one_line_errors():
+        hydra_main()
 
 
 if __name__ == "__main__":

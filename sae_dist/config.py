@@ -13,9 +13,16 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from sae_dist.launcher_env import run_stamp
+
 SAE_KINDS = ("switch", "topk", "relu")
 DATA_SOURCES = ("lm", "synthetic", "cache")
 DTYPES = ("float32", "bfloat16", "float16")
+RESUME_MODES = ("auto", "true", "false")
+NONFINITE_POLICIES = ("stop", "skip")
+MAX_SEED = 2**63 - 1
+ENGINES = ("torch", "deepspeed")
+ZERO_STAGES = (1, 2)
 
 
 class ConfigError(ValueError):
@@ -124,14 +131,25 @@ class TrainerConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
     """Newest checkpoints kept in out_dir/checkpoints."""
-    resume: bool = False
-    """Continue the run in out_dir from its latest checkpoint."""
+    resume: str = "auto"
+    """'auto': continue the run in out_dir from its latest checkpoint when there is one, else start it (what a
+    torchrun restart or a SLURM requeue needs); 'true': continue it, an error without a checkpoint; 'false': start
+    it, an error when out_dir already holds checkpoints. A continued run keeps its saved config (see
+    sae_dist/train/identity.py for what may change)."""
+    on_nonfinite: str = "stop"
+    """A step whose batch, loss or gradient norm is NaN or inf applies no update; then 'stop' ends the run with an
+    error naming the step (no checkpoint is written after it), 'skip' goes on and counts it (logged)."""
     progress: bool = True
     """Show a progress bar."""
     tensorboard: bool = True
     optimizer_state: str = "float32"
     """Adam's moments: 'float32' (exact fused Adam) or 'bfloat16' (half the optimizer memory and 20 instead of 28
     bytes moved per parameter per step; not exact Adam: the stored moments are rounded to bfloat16)."""
+    engine: str = "torch"
+    """'torch' (the project's own step) or 'deepspeed' (DeepSpeed's ZeRO optimizer; needs the 'deepspeed' extra)."""
+    zero_stage: int = 1
+    """ZeRO stage of the 'deepspeed' engine: 1 partitions Adam's state and the fp32 master weights over the ranks,
+    2 also the gradients."""
 
 
 @dataclass
@@ -141,10 +159,13 @@ class ParallelConfig:
     ep_size: int | None = None
     """P, the ranks that together hold all experts; None = the world size."""
     capacity_factor: float | None = None
-    """None = dropless; c caps each (rank, expert) pair at ceil(c * T_local / N) tokens."""
+    """None = dropless; c caps each (rank, expert) pair at ceil(c * T_local / N) tokens (Switch SAE under torchrun)."""
     a2a_chunks: int = 1
     """Token exchange in this many chunks, each chunk's transfer overlapping the experts' compute on the one
     before (1 = one exchange, no overlap)."""
+    timeout_s: float = 600.0
+    """Seconds a collective waits for the other ranks before the job fails with an error naming it (a rank that
+    died or stalled); also bounds start-up, so allow for the slowest rank's model and data loading."""
 
 
 @dataclass
@@ -156,6 +177,31 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+def _message_lines(exc: BaseException) -> list[str]:
+    """The lines of an OmegaConf/Hydra message that matter: without OmegaConf's detail lines and Hydra's search
+    path; a list of available options becomes 'allowed: a, b'."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if "Config search path:" in lines:
+        lines = lines[: lines.index("Config search path:")]
+    lines = [line for line in lines if not line.startswith(("full_key:", "object_type=", "reference_type="))]
+    for i, line in enumerate(lines):
+        if line.startswith("Available options in"):
+            allowed = f"allowed: {', '.join(lines[i + 1:])}"
+            return [*lines[: i - 1], f"{lines[i - 1]}; {allowed}"] if i else [allowed]
+    return lines
+
+
+def error_line(exc: BaseException) -> str:
+    """One line from an OmegaConf or Hydra error (and the OmegaConf error that caused it), naming the key."""
+    text = " ".join(_message_lines(exc))
+    cause = exc.__cause__
+    if cause is not None and _message_lines(cause):
+        key = getattr(cause, "full_key", None)
+        detail = _message_lines(cause)[0]
+        text = f"{text} ({key}: {detail})" if key else f"{text} ({detail})"
+    return text or type(exc).__name__
 
 
 def to_run_config(cfg: Any) -> RunConfig:
@@ -183,19 +229,43 @@ def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
     _require(value in allowed, f"{name}={value!r} is unknown; allowed: {', '.join(allowed)}")
 
 
+def _positive(name: str, value: float) -> None:
+    _require(value > 0, f"{name}={value} must be positive")
+
+
+def resume_mode(trainer: TrainerConfig) -> str:
+    """trainer.resume as one of RESUME_MODES (a bool set in Python code counts as 'true' / 'false')."""
+    return str(trainer.resume).lower()
+
+
 def validate(run: RunConfig) -> None:
-    """Check values that depend on each other; raise ConfigError with a one-line message."""
-    sae, trainer, data = run.sae, run.trainer, run.data
-    _one_of("sae.kind", sae.kind, SAE_KINDS)
-    _one_of("data.source", data.source, DATA_SOURCES)
-    _one_of("trainer.dtype", trainer.dtype, DTYPES)
+    """Check every value and the values that depend on each other; raise ConfigError with a one-line message.
+
+    Normalises trainer.resume to lower case ('true' for a YAML/CLI boolean)."""
+    _validate_sae(run.sae)
+    _validate_trainer(run.trainer)
+    _validate_data(run.data)
     _one_of("model.dtype", run.model.dtype, DTYPES)
-    _one_of("trainer.device", trainer.device, ("auto", "cpu", "cuda"))
+    _require(run.model.layer >= 0, f"model.layer={run.model.layer} must be >= 0")
+    _require(bool(run.model.name) or bool(run.model.path), "model.name or model.path must be set")
+    parallel = run.parallel
+    cf = parallel.capacity_factor
+    _require(cf is None or cf > 0, f"parallel.capacity_factor={cf} must be positive or null (dropless)")
+    if cf is not None:
+        _require(run.sae.kind == "switch",
+                 f"parallel.capacity_factor={cf} applies to Switch SAEs only (sae.kind={run.sae.kind!r}); use null")
+    ep = parallel.ep_size
+    _require(ep is None or ep > 0, f"parallel.ep_size={ep} must be positive or null")
+    _require(parallel.timeout_s > 0, f"parallel.timeout_s={parallel.timeout_s} must be positive")
+    _positive("parallel.a2a_chunks", parallel.a2a_chunks)
+
+
+def _validate_sae(sae: SAEConfig) -> None:
+    _one_of("sae.kind", sae.kind, SAE_KINDS)
+    _positive("sae.num_latents", sae.num_latents)
+    _positive("sae.num_experts", sae.num_experts)
     _one_of("sae.encoder_backward", sae.encoder_backward, ("auto", "sparse", "gemm"))
     _one_of("sae.decoder", sae.decoder, ("auto", "gather", "gemm"))
-    _one_of("trainer.optimizer_state", trainer.optimizer_state, ("float32", "bfloat16"))
-    _require(sae.num_latents > 0, f"sae.num_latents={sae.num_latents} must be positive")
-    _require(sae.num_experts > 0, f"sae.num_experts={sae.num_experts} must be positive")
     if sae.kind != "switch":
         _require(sae.num_experts == 1, f"sae.num_experts={sae.num_experts} must be 1 for sae.kind={sae.kind!r}")
     _require(
@@ -206,34 +276,51 @@ def validate(run: RunConfig) -> None:
     if sae.kind != "relu":
         _require(0 < sae.k <= per_expert, f"sae.k={sae.k} must be in [1, M/N={per_expert}]")
     _require(sae.lb_alpha >= 0, f"sae.lb_alpha={sae.lb_alpha} must be >= 0")
-    _require(sae.dead_tokens > 0, f"sae.dead_tokens={sae.dead_tokens} must be positive")
+    _require(sae.auxk_alpha is None or sae.auxk_alpha >= 0,
+             f"sae.auxk_alpha={sae.auxk_alpha} must be >= 0 or null (the kind's default)")
+    _require(sae.auxk_k is None or sae.auxk_k > 0, f"sae.auxk_k={sae.auxk_k} must be positive or null (d / 2)")
+    _require(sae.l1_coefficient >= 0, f"sae.l1_coefficient={sae.l1_coefficient} must be >= 0")
+    _positive("sae.dead_tokens", sae.dead_tokens)
     _require(0 <= sae.l1_warmup_frac <= 1, f"sae.l1_warmup_frac={sae.l1_warmup_frac} must be in [0, 1]")
-    _require(trainer.batch_size > 0, f"trainer.batch_size={trainer.batch_size} must be positive")
-    _require(trainer.steps > 0, f"trainer.steps={trainer.steps} must be positive")
+
+
+def _validate_trainer(trainer: TrainerConfig) -> None:
+    for name in ("batch_size", "steps", "grad_clip", "adam_eps", "log_every", "checkpoint_every", "keep_checkpoints"):
+        _positive(f"trainer.{name}", getattr(trainer, name))
     _require(trainer.lr is None or trainer.lr > 0, f"trainer.lr={trainer.lr} must be positive or null")
     _require(0 <= trainer.lr_decay_frac <= 1, f"trainer.lr_decay_frac={trainer.lr_decay_frac} must be in [0, 1]")
-    _require(trainer.grad_clip > 0, f"trainer.grad_clip={trainer.grad_clip} must be positive")
-    _require(len(trainer.adam_betas) == 2, f"trainer.adam_betas={trainer.adam_betas} must have two values")
-    _require(trainer.log_every > 0, f"trainer.log_every={trainer.log_every} must be positive")
-    _require(trainer.checkpoint_every > 0, f"trainer.checkpoint_every={trainer.checkpoint_every} must be positive")
-    _require(trainer.keep_checkpoints > 0, f"trainer.keep_checkpoints={trainer.keep_checkpoints} must be positive")
+    betas = list(trainer.adam_betas)
+    _require(len(betas) == 2 and all(0 <= b < 1 for b in betas),
+             f"trainer.adam_betas={betas} must be two values in [0, 1)")
+    _require(0 <= trainer.seed <= MAX_SEED, f"trainer.seed={trainer.seed} must be in [0, 2^63 - 1]")
+    _one_of("trainer.dtype", trainer.dtype, DTYPES)
+    _one_of("trainer.device", trainer.device, ("auto", "cpu", "cuda"))
+    _one_of("trainer.engine", trainer.engine, ENGINES)
+    _one_of("trainer.optimizer_state", trainer.optimizer_state, ("float32", "bfloat16"))
+    _require(trainer.optimizer_state == "float32" or trainer.engine == "torch",
+             f"trainer.optimizer_state={trainer.optimizer_state!r} needs trainer.engine=torch (DeepSpeed keeps "
+             "float32 moments)")
+    _require(trainer.zero_stage in ZERO_STAGES, f"trainer.zero_stage={trainer.zero_stage} is unknown; allowed: 1, 2")
+    _require(bool(str(trainer.out_dir).strip()), "trainer.out_dir must not be empty")
+    trainer.resume = resume_mode(trainer)
+    _one_of("trainer.resume", trainer.resume, RESUME_MODES)
+    _one_of("trainer.on_nonfinite", trainer.on_nonfinite, NONFINITE_POLICIES)
+
+
+def _validate_data(data: DataConfig) -> None:
+    _one_of("data.source", data.source, DATA_SOURCES)
     _require(data.ctx_len > 1, f"data.ctx_len={data.ctx_len} must be > 1")
-    _require(data.lm_batch_size > 0, f"data.lm_batch_size={data.lm_batch_size} must be positive")
-    _require(data.shuffle_buffer > 0, f"data.shuffle_buffer={data.shuffle_buffer} must be positive")
-    _require(run.model.layer >= 0, f"model.layer={run.model.layer} must be >= 0")
+    _positive("data.lm_batch_size", data.lm_batch_size)
+    _positive("data.shuffle_buffer", data.shuffle_buffer)
     if data.source == "cache":
         _require(bool(data.cache_dir), "data.cache_dir must be set when data.source='cache'")
     if data.source == "synthetic":
-        _require(data.d_model > 0, f"data.d_model={data.d_model} must be positive")
+        _positive("data.d_model", data.d_model)
         _require(
             0 < data.synthetic_active <= data.synthetic_features,
             f"data.synthetic_active={data.synthetic_active} must be in [1, data.synthetic_features]",
         )
-    cf = run.parallel.capacity_factor
-    _require(cf is None or cf > 0, f"parallel.capacity_factor={cf} must be positive or null (dropless)")
-    ep = run.parallel.ep_size
-    _require(ep is None or ep > 0, f"parallel.ep_size={ep} must be positive or null")
-    _require(run.parallel.a2a_chunks > 0, f"parallel.a2a_chunks={run.parallel.a2a_chunks} must be positive")
+        _require(data.synthetic_noise >= 0, f"data.synthetic_noise={data.synthetic_noise} must be >= 0")
 
 
 def default_lr(sae: SAEConfig) -> float:
@@ -250,3 +337,32 @@ def as_dict(run: RunConfig) -> dict:
 def from_dict(values: dict) -> RunConfig:
     """Rebuild a RunConfig from `as_dict` output (e.g. a checkpoint's config.json)."""
     return to_run_config(OmegaConf.create(values))
+
+
+# --- Hydra ---------------------------------------------------------------------------------------------------------
+SCHEMA_NAME = "run_schema"
+"""The typed schema as a Hydra config: conf/config.yaml lists it first, so every key of every group exists (and is
+type-checked) while composing, and `data.data_files=[a.txt]` works without Hydra's '+'."""
+
+
+def _hydra_run_stamp() -> str:
+    """The `${run_stamp:}` resolver of the default trainer.out_dir (see sae_dist.launcher_env.run_stamp)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    job = None
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        job = HydraConfig.get().job.num
+    return run_stamp(job)
+
+
+def register_with_hydra() -> None:
+    """Register the schema in Hydra's ConfigStore and the `run_stamp` resolver (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=RunConfig)
+    if not OmegaConf.has_resolver("run_stamp"):
+        OmegaConf.register_new_resolver("run_stamp", _hydra_run_stamp, use_cache=True)
+
+
+register_with_hydra()

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
 
-from sae_dist.config import ConfigError, RunConfig, to_run_config
+from sae_dist.config import ConfigError, RunConfig, error_line, to_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -15,8 +17,12 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
 def compose_run(*overrides: str) -> RunConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides))
+    """The run `launch/train.py OVERRIDES` would train; Hydra's errors become one-line ConfigErrors as there."""
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(error_line(exc)) from None
     return to_run_config(cfg)
 
 
@@ -51,13 +57,47 @@ def test_switch_65k_is_the_paper_recipe():
         (["sae=topk", "sae.num_experts=4"], "sae.num_experts=4 must be 1 for sae.kind='topk'"),
         (["data.source=cache"], "data.cache_dir must be set"),
         (["parallel.capacity_factor=-1"], "parallel.capacity_factor=-1.0 must be positive"),
-        (["trainer.batch_size=abc"], "trainer.batch_size"),
+        (["sae=topk", "sae.num_experts=1", "parallel.capacity_factor=1.25"],
+         "parallel.capacity_factor=1.25 applies to Switch SAEs only"),
+        (["trainer.batch_size=abc"], "trainer.batch_size: Value 'abc' of type 'str' could not be converted"),
+        (["trainer.adam_betas=[1.5,0.999]"], r"trainer.adam_betas=\[1.5, 0.999\] must be two values in \[0, 1\)"),
+        (["trainer.adam_betas=[0.9]"], "trainer.adam_betas=.* must be two values"),
+        (["trainer.adam_eps=-1"], "trainer.adam_eps=-1.0 must be positive"),
+        (["trainer.seed=-1"], r"trainer.seed=-1 must be in \[0, 2\^63 - 1\]"),
+        (["sae.auxk_alpha=-1"], "sae.auxk_alpha=-1.0 must be >= 0"),
+        (["sae.auxk_k=-5"], "sae.auxk_k=-5 must be positive"),
+        (["sae=relu", "sae.num_experts=1", "sae.l1_coefficient=-1"], "sae.l1_coefficient=-1.0 must be >= 0"),
+        (["trainer.resume=maybe"], "trainer.resume='maybe' is unknown; allowed: auto, true, false"),
+        (["trainer.on_nonfinite=ignore"], "trainer.on_nonfinite='ignore' is unknown; allowed: stop, skip"),
+        (["parallel.timeout_s=0"], "parallel.timeout_s=0.0 must be positive"),
+        (["trainer.out_dir= "], "trainer.out_dir must not be empty"),
+        (["data=synthetic", "data.synthetic_noise=-0.1"], "data.synthetic_noise=-0.1 must be >= 0"),
+        (["sae.bogus=1"],
+         r"Could not override 'sae.bogus'.*\+sae.bogus=1 \(sae.bogus: Key 'bogus' not in 'SAEConfig'\)"),
+        (["sae=gated"], "Could not find 'sae/gated'; allowed: relu, switch, topk"),
+        (["trainer.steps"], "Error parsing override 'trainer.steps'"),
     ],
 )
 def test_bad_values_give_one_line_errors(overrides, message):
     with pytest.raises(ConfigError, match=message) as info:
         compose_run(*overrides)
     assert "\n" not in str(info.value)
+
+
+def test_documented_key_value_forms_work_as_written(tmp_path):
+    """`data.data_files=[a.txt]` and `data.cache_dir=...` as the README and the error hints write them (on main:
+    Hydra's `Key ... is not in struct`; only `+data.data_files=` worked)."""
+    run = compose_run("data.dataset=text", "data.data_files=[a.txt,b.txt]", f"data.cache_dir={tmp_path}",
+                      "model.path=/models/gpt2", "sae.l1_coefficient=2")
+    assert run.data.data_files == ["a.txt", "b.txt"] and run.data.cache_dir == str(tmp_path)
+    assert run.model.path == "/models/gpt2" and run.sae.l1_coefficient == 2
+    assert compose_run("data=synthetic", "data.data_files=[a.txt]").data.data_files == ["a.txt"]
+
+
+def test_trainer_resume_accepts_booleans_and_auto():
+    assert compose_run().trainer.resume == "auto"
+    assert compose_run("trainer.resume=true").trainer.resume == "true"
+    assert compose_run("trainer.resume=false").trainer.resume == "false"
 
 
 def test_launcher_reports_bad_config_in_one_line_without_traceback(tmp_path):

@@ -61,12 +61,15 @@ class ExpertParallelContext(ParallelContext):
         self.stats = CommStats()
 
     @classmethod
-    def from_config(cls, run: RunConfig, device_type: str, timeout: timedelta | None = None) -> ExpertParallelContext:
-        """Validate the layout, join torchrun's process group and build the mesh."""
+    def from_config(cls, run: RunConfig, device_type: str) -> ExpertParallelContext:
+        """Validate the layout, join torchrun's process group and build the mesh, every group timing out after
+        parallel.timeout_s."""
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
         ep_size = validate_layout(run, world)
+        timeout = timedelta(seconds=run.parallel.timeout_s)
         init_process_group(device_type, timeout)
-        return cls(build_mesh(device_type, ep_size), run.parallel.capacity_factor, run.parallel.a2a_chunks)
+        mesh = build_mesh(device_type, ep_size, timeout)
+        return cls(mesh, run.parallel.capacity_factor, run.parallel.a2a_chunks)
 
     def dispatcher(self, num_experts: int) -> AllToAllDispatcher:
         if self.a2a_chunks > 1:
@@ -123,11 +126,9 @@ class ExpertParallelContext(ParallelContext):
 
 
 @contextmanager
-def expert_parallel_context(
-    run: RunConfig, device_type: str, timeout: timedelta | None = None
-) -> Iterator[ExpertParallelContext]:
+def expert_parallel_context(run: RunConfig, device_type: str) -> Iterator[ExpertParallelContext]:
     """The context of a torchrun job; the process group is destroyed on exit, also after an error."""
-    ctx = ExpertParallelContext.from_config(run, device_type, timeout)
+    ctx = ExpertParallelContext.from_config(run, device_type)
     try:
         yield ctx
     finally:

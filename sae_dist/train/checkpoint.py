@@ -8,6 +8,7 @@ Layout of a run directory:
                                                    moments and step), dead-latent counters
     checkpoints/step_00001000/trainer_state.pt     step, tokens, scheduler, optimizer hyper-parameters, world size
     checkpoints/step_00001000/ranks/rank_00003.pt  rank 3's data-source position and torch RNG state
+    checkpoints/step_00001000/SHA256SUMS           SHA-256 of every file above (`sha256sum -c` format)
     checkpoints/latest                             name of the newest complete checkpoint
 
 `state/` holds global tensors: an expert tensor (and its optimizer state) is stored as [N, ...] indexed by global
@@ -19,8 +20,11 @@ the same W this is the exact stream; with another W' each rank continues a saved
 reached (sources whose batches are a function of a batch counter, like 'synthetic', continue exactly in step
 count; sharded text and cache streams may repeat or skip part of the data, as their shards change with W').
 
-A checkpoint is written to a temporary folder (by every rank) and renamed into place by rank 0 once all ranks
-are done, and `latest` is replaced atomically, so a crash at any moment leaves `latest` naming a complete one.
+A checkpoint is written to a temporary folder (by every rank), checksummed and renamed into place by rank 0 once
+all ranks are done, and `latest` is replaced atomically, so a crash at any moment leaves `latest` naming a complete
+one. Ranks agree after each phase of a save, so a failure on one rank (a full disk) fails the save on every rank:
+the temporary folder is removed and the previous checkpoints are kept. Weights that are not finite are never
+saved, so rotation never replaces the last good checkpoint. Readers verify the checksums of what they load.
 """
 
 from __future__ import annotations
@@ -36,11 +40,14 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from sae_dist.config import RunConfig, as_dict, from_dict
+from sae_dist.config import ConfigError, RunConfig, as_dict, from_dict
 from sae_dist.parallel.context import ParallelContext, is_expert_sharded
+from sae_dist.train import checksums
+from sae_dist.train.agreed_writes import WriteFailedError, existing_ancestor, write_in_phases
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -48,6 +55,19 @@ STATE_DIR = "state"
 STATE_FILE = "trainer_state.pt"
 RANKS_DIR = "ranks"
 LATEST_FILE = "latest"
+TMP_SUFFIX = ".tmp"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be found, read or written; the message is one line naming the file and the reason."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No checkpoint where one was expected."""
+
+
+class NonFiniteWeightsError(CheckpointError):
+    """The weights to be saved hold NaN or inf: nothing is written, so no good checkpoint is rotated away."""
 
 
 class TrainingTensors(NamedTuple):
@@ -81,8 +101,9 @@ def write_model_tensors(folder: Path, tensors: dict[str, Tensor], run: RunConfig
 
 
 def write_model_files(folder: Path, model: nn.Module, run: RunConfig, d_model: int, step: int) -> None:
-    """model.safetensors + config.json in `folder` for a model holding every expert."""
+    """model.safetensors + config.json (and their SHA256SUMS) in `folder` for a model holding every expert."""
     write_model_tensors(folder, model.state_dict(), run, d_model, step)
+    checksums.write_checksums(folder)
 
 
 # --- the sharded state --------------------------------------------------------------------------------------------
@@ -128,6 +149,18 @@ def _empty_optimizer_state(tensors: TrainingTensors, folder: Path) -> dict[str, 
     return state
 
 
+def checkpoint_step(folder: Path) -> int:
+    return int(Path(folder).name.removeprefix("step_"))
+
+
+class CheckpointWriteError(CheckpointError, WriteFailedError):
+    """Writing a checkpoint failed on some rank; nothing of it was kept."""
+
+
+def weights_are_finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
 def save_checkpoint(
     run_dir: Path,
     run: RunConfig,
@@ -140,30 +173,83 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `step` collectively, point `latest` at it, and keep only the newest `keep_checkpoints`.
 
-    `run_state` (identical on all ranks) is written by rank 0, `rank_state` by each rank.
+    `run_state` (identical on all ranks) is written by rank 0, `rank_state` by each rank. Raises
+    NonFiniteWeightsError (writing nothing) when a weight is NaN or inf, CheckpointWriteError (one line, naming the
+    disk error, the partial checkpoint removed) when a file cannot be written on any rank.
     """
     root = Path(run_dir) / "checkpoints"
     final = root / checkpoint_name(step)
-    tmp = root / (final.name + ".tmp")
-    if ctx.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / RANKS_DIR).mkdir(parents=True)
-    ctx.barrier()
-    with _quiet_dcp():
-        dcp.save(sharded_state(tensors, ctx), checkpoint_id=str(tmp / STATE_DIR), **_dcp_options(ctx))
-    torch.save(rank_state, tmp / rank_file(ctx.rank))
-    ctx.barrier()
-    if ctx.is_main:
+    tmp = root / (final.name + TMP_SUFFIX)
+    device = next(tensors.model.parameters()).device
+    finite = ctx.all_reduce_sum(torch.tensor([float(weights_are_finite(tensors.model))], device=device))
+    if float(finite.sum()) < ctx.world_size:
+        raise NonFiniteWeightsError(
+            f"the weights hold NaN or inf at step {step}: checkpoint not written, earlier checkpoints kept"
+        )
+
+    def describe(disk: OSError) -> str:
+        where = disk.filename or root
+        previous = latest_checkpoint(run_dir)
+        kept = f"{previous.name} is intact" if previous is not None else "there is no earlier checkpoint"
+        free = shutil.disk_usage(existing_ancestor(root)).free
+        return (f"cannot write checkpoint {final.name}: {disk.strerror or disk} ({where}; "
+                f"{free / 2**30:.2f} GiB free); the partial checkpoint was removed and {kept}")
+
+    def make_folder() -> None:
+        if ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / RANKS_DIR).mkdir(parents=True)
+
+    def write_shards() -> None:
+        with _quiet_dcp():
+            dcp.save(sharded_state(tensors, ctx), checkpoint_id=str(tmp / STATE_DIR), **_dcp_options(ctx))
+        torch.save(rank_state, tmp / rank_file(ctx.rank))
+
+    def publish() -> None:
+        if not ctx.is_main:
+            return
         export_model(tmp, run, d_model, step)
         param_groups = tensors.optimizer.state_dict()["param_groups"]
         torch.save({**run_state, "param_groups": param_groups, "world_size": ctx.world_size}, tmp / STATE_FILE)
+        checksums.write_checksums(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         write_atomically(root / LATEST_FILE, final.name.encode())
-        for old in sorted(root.glob("step_*[0-9]"))[: -run.trainer.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-    ctx.barrier()
+        rotate_checkpoints(root, run.trainer.keep_checkpoints, step)
+
+    write_in_phases(ctx, device, (make_folder, write_shards, publish), root, describe,
+                    lambda: _discard_unpublished(tmp, final, run_dir), CheckpointWriteError)
     return final
+
+
+def _discard_unpublished(tmp: Path, final: Path, run_dir: Path) -> None:
+    """Remove what a failed save wrote: its temporary folder, and its final folder unless `latest` names it."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    if final.exists() and latest_checkpoint(run_dir) != final:
+        shutil.rmtree(final, ignore_errors=True)
+
+
+def rotate_checkpoints(root: Path, keep: int, current_step: int) -> None:
+    """Delete all but the `keep` newest checkpoints up to `current_step` (the one `latest` names)."""
+    done = sorted(p for p in root.glob("step_*[0-9]") if checkpoint_step(p) <= current_step)
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_partial_checkpoints(run_dir: Path) -> list[Path]:
+    """Remove what killed saves left: temporary folders, and checkpoints newer than `latest` (renamed into place
+    but never published). Returns what was removed. Called by rank 0 before training starts."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    latest = latest_checkpoint(run_dir)
+    newest = checkpoint_step(latest) if latest is not None else -1
+    leftovers = [p for p in root.glob(f"step_*{TMP_SUFFIX}")]
+    leftovers += [p for p in root.glob("step_*[0-9]") if checkpoint_step(p) > newest]
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    (root / (LATEST_FILE + TMP_SUFFIX)).unlink(missing_ok=True)
+    return leftovers
 
 
 def read_global_state(folder: Path, prefix: str = "") -> dict[str, Tensor]:
@@ -189,8 +275,11 @@ def export_model(folder: Path, run: RunConfig, d_model: int, step: int) -> None:
 
 
 def load_checkpoint(folder: Path, tensors: TrainingTensors, ctx: ParallelContext) -> tuple[dict, dict]:
-    """Load a checkpoint's sharded state into `tensors` (in place, on this layout); return (run_state, rank_state)."""
+    """Load a checkpoint's sharded state into `tensors` (in place, on this layout); return (run_state, rank_state).
+
+    Every file is checked against the checkpoint's SHA256SUMS first (CheckpointError when one differs)."""
     folder = Path(folder)
+    verify_files(folder)
     run_state = torch.load(folder / STATE_FILE, weights_only=False)
     empty = _empty_optimizer_state(tensors, folder)
     target = sharded_state(tensors, ctx)
@@ -206,12 +295,25 @@ def load_checkpoint(folder: Path, tensors: TrainingTensors, ctx: ParallelContext
 
 
 # --- finding and reading checkpoints ------------------------------------------------------------------------------
+def verify_files(folder: Path, names: list[str] | None = None) -> None:
+    """The checkpoint's files `names` (default: all) against its SHA256SUMS; one-line CheckpointError otherwise.
+    A checkpoint written before checksums existed has none and is read unchecked."""
+    try:
+        checksums.verify(folder, names)
+    except checksums.ChecksumError as exc:
+        raise CheckpointError(f"checkpoint damaged: {exc}") from None
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
+    """The newest complete checkpoint of a run, or None when it has none."""
     pointer = Path(run_dir) / "checkpoints" / LATEST_FILE
     if not pointer.exists():
         return None
-    return pointer.parent / pointer.read_text().strip()
+    name = pointer.read_text().strip()
+    folder = pointer.parent / name
+    if not name.startswith("step_") or not folder.is_dir():
+        raise CheckpointError(f"{pointer} names {name!r}, which is not a checkpoint folder beside it")
+    return folder
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -222,15 +324,31 @@ def resolve_checkpoint(path: str | Path) -> Path:
     latest = latest_checkpoint(path)
     if latest is not None and (latest / MODEL_FILE).exists():
         return latest
-    raise FileNotFoundError(f"no SAE checkpoint at {str(path)!r}: expected {MODEL_FILE} or checkpoints/{LATEST_FILE}")
+    raise CheckpointNotFoundError(
+        f"no SAE checkpoint at {str(path)!r}: expected {MODEL_FILE} or checkpoints/{LATEST_FILE}"
+    )
 
 
 def read_checkpoint_config(folder: Path) -> tuple[RunConfig, int, int]:
-    """(run config, d_model, step) of a checkpoint folder."""
-    meta = json.loads((Path(folder) / CONFIG_FILE).read_text())
-    return from_dict(meta["run"]), int(meta["d_model"]), int(meta["step"])
+    """(run config, d_model, step) of a checkpoint folder (its config.json, checked against SHA256SUMS)."""
+    path = Path(folder) / CONFIG_FILE
+    verify_files(folder, [CONFIG_FILE])
+    try:
+        meta = json.loads(path.read_text())
+        return from_dict(meta["run"]), int(meta["d_model"]), int(meta["step"])
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{path} does not exist") from None
+    except (ValueError, KeyError, TypeError) as exc:  # not JSON, a missing entry, or a config the schema refuses
+        reason = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
+        raise CheckpointError(f"{path} is not a valid sae-dist checkpoint config ({reason})") from None
 
 
 def load_model_weights(folder: Path, model: nn.Module) -> None:
     """The exported weights into a model holding every expert (single process, e.g. for analysis)."""
-    model.load_state_dict(load_file(str(Path(folder) / MODEL_FILE)))
+    path = Path(folder) / MODEL_FILE
+    verify_files(folder, [MODEL_FILE])
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except (SafetensorError, OSError, RuntimeError) as exc:  # truncated or foreign file, or other shapes
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} cannot be loaded into the SAE its config.json describes ({reason})") from None

@@ -1,12 +1,35 @@
-"""Run logs: one JSON object per logged step in metrics.jsonl, the same scalars in TensorBoard."""
+"""Run logs: one JSON object per logged step in metrics.jsonl, the same scalars in TensorBoard, and the run's
+history (each start and resume, with the settings changed on resume) in resume_history.jsonl."""
 
 from __future__ import annotations
 
 import json
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
+HISTORY_FILE = "resume_history.jsonl"
+
+
+def append_history(run_dir: str | Path, event: dict[str, Any]) -> None:
+    """Add one event (with the time and the command line) to the run's resume history."""
+    row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **event, "argv": sys.argv}
+    with (Path(run_dir) / HISTORY_FILE).open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The events of a run's resume history (a line cut short by a crash is skipped)."""
+    path = Path(run_dir) / HISTORY_FILE
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

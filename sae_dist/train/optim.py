@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from sae_dist.config import RunConfig, default_lr
 from sae_dist.train.bf16_adam import BF16StateAdam
@@ -20,14 +21,16 @@ CLIP_EPS = 1e-6
 """Added to the gradient norm before dividing by it, as `torch.nn.utils.clip_grad_norm_` does."""
 
 
-def build_optimizer(model: nn.Module, run: RunConfig) -> torch.optim.Optimizer:
-    """Adam (no weight decay) at the configured lr or the paper's 2e-4 / sqrt(M / 2^14) rule: exact and fused, or
-    with bfloat16 moments (`trainer.optimizer_state`)."""
+def build_optimizer(model: nn.Module, run: RunConfig, param_groups: list[dict] | None = None) -> torch.optim.Optimizer:
+    """Adam (no weight decay) at the configured lr or the paper's 2e-4 / sqrt(M / 2^14) rule over `param_groups`
+    (default: one group of every parameter of `model`): exact and fused, or with bfloat16 moments
+    (`trainer.optimizer_state`)."""
     lr = run.trainer.lr if run.trainer.lr is not None else default_lr(run.sae)
     betas = tuple(run.trainer.adam_betas)
+    params = param_groups or model.parameters()
     if run.trainer.optimizer_state == "bfloat16":
-        return BF16StateAdam(model.parameters(), lr=lr, betas=betas, eps=run.trainer.adam_eps)
-    return torch.optim.Adam(model.parameters(), lr=lr, betas=betas, eps=run.trainer.adam_eps, fused=True)
+        return BF16StateAdam(params, lr=lr, betas=betas, eps=run.trainer.adam_eps)
+    return torch.optim.Adam(params, lr=lr, betas=betas, eps=run.trainer.adam_eps, fused=True)
 
 
 def clipped_adam_step(optimizer: torch.optim.Optimizer, grad_norm: Tensor, max_norm: float, apply: Tensor) -> None:
@@ -37,9 +40,14 @@ def clipped_adam_step(optimizer: torch.optim.Optimizer, grad_norm: Tensor, max_n
     (`grad_scale`) inside its own pass. Where `apply` (0-dim bool) is False, fused Adam leaves parameters, moments
     and step counts as they were (`found_inf`). Nothing is read back to the host.
     """
-    optimizer.grad_scale = ((grad_norm.float() + CLIP_EPS) / max_norm).clamp_min(1.0)
-    optimizer.found_inf = (~apply).float()
+    clip_and_skip_in_adam(optimizer, grad_norm, max_norm, apply)
     optimizer.step()
+
+
+def clip_and_skip_in_adam(adam: torch.optim.Optimizer, grad_norm: Tensor, max_norm: float, apply: Tensor) -> None:
+    """Make `adam`'s next step (fused Adam or BF16StateAdam) clip by `grad_norm` and skip unless `apply`."""
+    adam.grad_scale = ((grad_norm.float() + CLIP_EPS) / max_norm).clamp_min(1.0)
+    adam.found_inf = (~apply).float()
 
 
 def lr_multiplier(step: int, total_steps: int, decay_frac: float) -> float:
@@ -51,9 +59,12 @@ def lr_multiplier(step: int, total_steps: int, decay_frac: float) -> float:
     return max(0.0, (total_steps - step) / decay_steps)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, run: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, run: RunConfig, kind: type[LambdaLR] = LambdaLR
+) -> LambdaLR:
+    """The schedule of `lr_multiplier` as a `kind` (a LambdaLR or a subclass)."""
     steps, frac = run.trainer.steps, run.trainer.lr_decay_frac
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, steps, frac))
+    return kind(optimizer, lambda step: lr_multiplier(step, steps, frac))
 
 
 def _normalize_rows_(w: Tensor, apply: Tensor) -> None:

@@ -2,6 +2,12 @@
 
 The trainer owns no distribution logic: every collective goes through the injected `ParallelContext`, which is
 the identity on one device and the expert-parallel layout under torchrun.
+
+Faults: a step whose batch, loss or gradient norm is not finite applies no update; the loop reads those flags only
+at logging and checkpoint steps (no host synchronisation in between) and, before anything is written, stops with
+NonFiniteError or counts the skipped steps (trainer.on_nonfinite). SIGTERM / SIGUSR1 stop the run after a
+checkpoint (`preemption`). A collective that fails because another rank died or stalled ends the run with a
+CollectiveError naming it.
 """
 
 from __future__ import annotations
@@ -22,10 +28,12 @@ from sae_dist.models.kernels import weight_grads_in_place
 from sae_dist.models.losses import total_loss
 from sae_dist.models.router import expert_counts
 from sae_dist.parallel.context import ParallelContext
+from sae_dist.parallel.failures import collective_failure
 from sae_dist.train import checkpoint as ckpt
+from sae_dist.train import identity
 from sae_dist.train.dead import DeadLatentTracker
 from sae_dist.train.init import init_biases_from_batch
-from sae_dist.train.logging import MetricsLogger
+from sae_dist.train.logging import MetricsLogger, append_history
 from sae_dist.train.optim import (
     build_optimizer,
     build_scheduler,
@@ -33,8 +41,13 @@ from sae_dist.train.optim import (
     normalize_decoder_,
     remove_parallel_gradient_,
 )
+from sae_dist.train.preemption import StopRequested, StopSignals
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class NonFiniteError(ValueError):
+    """A step met NaN or inf under trainer.on_nonfinite=stop; the message is one line naming the step."""
 
 
 class Trainer:
@@ -54,8 +67,7 @@ class Trainer:
         self.d_model = source.d_model
         dispatcher = self.ctx.dispatcher(run.sae.num_experts) if run.sae.kind == "switch" else None
         self.model = build_sae(run.sae, self.d_model, run.trainer.seed, dispatcher).to(self.device)
-        self.optimizer = build_optimizer(self.model, run)
-        self.scheduler = build_scheduler(self.optimizer, run)
+        self.optimizer, self.scheduler = self.build_optimizer()
         self.dead = DeadLatentTracker(self.model.num_local_latents, run.sae.dead_tokens, self.device)
         self.run_dir = Path(run.trainer.out_dir)
         self.step = 0
@@ -65,6 +77,13 @@ class Trainer:
         """Training throughput of the last `train()` call, data production included."""
         self._dead_candidates: DeadCandidates | None = None
         """Where AuxK looks at each step; made at the first step (after any resume), since it tracks the counters."""
+        self.nonfinite_steps = 0
+        """Steps skipped because of NaN or inf (trainer.on_nonfinite=skip), over the whole run."""
+
+    def build_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        """Adam over every parameter and the lr schedule (an engine that owns the optimizer replaces this)."""
+        optimizer = build_optimizer(self.model, self.run)
+        return optimizer, build_scheduler(optimizer, self.run)
 
     # --- one optimisation step -------------------------------------------------------------------------------
     weight_grads_in_place: bool = True
@@ -197,7 +216,8 @@ class Trainer:
 
     def save(self) -> Path:
         """Write a checkpoint (collectively: every rank calls this)."""
-        run_state = {"step": self.step, "tokens": self.tokens, "scheduler": self.scheduler.state_dict()}
+        run_state = {"step": self.step, "tokens": self.tokens, "scheduler": self.scheduler.state_dict(),
+                     "nonfinite_steps": self.nonfinite_steps}
         rank_state = {"data": self.source.state_dict(), "torch_rng": torch.get_rng_state()}
         return ckpt.save_checkpoint(
             self.run_dir, self.run, self.d_model, self.step, self._tensors(), run_state, rank_state, self.ctx
@@ -208,24 +228,43 @@ class Trainer:
         run_state, rank_state = ckpt.load_checkpoint(folder, self._tensors(), self.ctx)
         self.step, self.tokens = run_state["step"], run_state["tokens"]
         self._dead_candidates = None  # its bookkeeping described the counters before the restore
+        self.nonfinite_steps = run_state.get("nonfinite_steps", 0)
         self.scheduler.load_state_dict(run_state["scheduler"])
         self.source.load_state_dict(rank_state["data"])
         torch.set_rng_state(rank_state["torch_rng"])
 
     def maybe_resume(self) -> bool:
-        """With trainer.resume, continue from the run's latest checkpoint; return whether one was found."""
-        if not self.run.trainer.resume:
-            return False
-        folder = ckpt.latest_checkpoint(self.run_dir)
+        """Continue from the run's latest checkpoint as trainer.resume says; return whether one was found.
+
+        The checkpoint's config must define the same run (`identity`); the changes allowed on resume are recorded
+        in the run's resume history with the line 'resumed from step N (tokens T) on W ranks', also printed."""
+        folder = identity.checkpoint_to_resume(self.run, self.run_dir)
         if folder is None:
             return False
+        saved, _, _ = ckpt.read_checkpoint_config(folder)
+        _, changes = identity.continue_config(saved, self.run)
         self.restore(folder)
+        world = self.ctx.world_size
+        message = f"resumed from step {self.step} (tokens {self.tokens:,}) on {world} rank{'s' if world > 1 else ''}"
+        if self.ctx.is_main:
+            print(message, flush=True)
+            append_history(self.run_dir, {
+                "event": "resume", "message": message, "checkpoint": folder.name, "step": self.step,
+                "tokens": self.tokens, "world_size": world, "ep_size": world // self.ctx.expert_replicas,
+                "changes": changes,
+            })
         return True
 
     # --- the loop --------------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
-        """Run to `trainer.steps`; return the last logged metrics row."""
+        """Run to `trainer.steps`; return the last logged metrics row.
+
+        Raises NonFiniteError (trainer.on_nonfinite=stop), StopRequested (SIGTERM or SIGUSR1: after writing a
+        checkpoint) and CollectiveError (another rank died or stalled)."""
         cfg = self.run.trainer
+        if self.ctx.is_main:
+            ckpt.remove_partial_checkpoints(self.run_dir)
+        self.ctx.barrier()
         self.maybe_resume()
         logger = MetricsLogger(self.run_dir, self.step, cfg.tensorboard) if self.ctx.is_main else None
         bar = tqdm(
@@ -234,28 +273,99 @@ class Trainer:
         last_row: dict[str, Any] = {}
         window_start, window_tokens = time.perf_counter(), 0
         session_start, session_start_tokens = window_start, self.tokens
-        while self.step < cfg.steps:
-            x_TD = self.source.next_batch(self.local_batch).to(self.device, non_blocking=True)
-            if self.step == 0:
-                init_biases_from_batch(self.model, self.ctx.gather_rows(x_TD))
-            result = self.train_step(x_TD)
-            self.step += 1
-            self.tokens += cfg.batch_size
-            window_tokens += cfg.batch_size
-            bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                last_row = self.step_metrics(x_TD, result)
-                now = time.perf_counter()
-                last_row["tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
-                window_start, window_tokens = now, 0
-                bar.set_postfix(loss=f"{last_row['loss']:.4g}", mse=f"{last_row['mse']:.4g}",
-                                tok_s=f"{last_row['tokens_per_s']:.3g}")
-                if logger is not None:
-                    logger.log(last_row)
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                self.save()
-        bar.close()
-        if logger is not None:
-            logger.close()
+        unchecked: list[tuple[int, torch.Tensor]] = []  # (step, finite flag on the device) since the last read
+        doing = f"step {self.step + 1}"  # for the error message of a failed collective
+        try:
+            with StopSignals() as signals:
+                while self.step < cfg.steps:
+                    doing = f"step {self.step + 1}"
+                    x_TD = self.source.next_batch(self.local_batch).to(self.device, non_blocking=True)
+                    if self.step == 0:
+                        self._init_biases(x_TD)
+                    result = self.train_step(x_TD)
+                    self.step += 1
+                    self.tokens += cfg.batch_size
+                    window_tokens += cfg.batch_size
+                    unchecked.append((self.step, result["finite"]))
+                    bar.update(1)
+                    at_log = self.step % cfg.log_every == 0 or self.step == cfg.steps
+                    at_checkpoint = self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps
+                    stop = self._stop_requested(signals, at_log or at_checkpoint)
+                    if at_log or at_checkpoint or stop:
+                        self._check_finite(unchecked)
+                    if at_log:
+                        doing = f"the metrics of step {self.step}"
+                        now = time.perf_counter()
+                        last_row = self._log(x_TD, result, window_tokens / max(now - window_start, 1e-9), logger, bar)
+                        window_start, window_tokens = now, 0
+                    if at_checkpoint or stop:
+                        doing = f"the checkpoint of step {self.step}"
+                        checkpoint = self.save()
+                    if stop:
+                        raise StopRequested(stop, self.step, checkpoint)
+        except RuntimeError as exc:
+            failure = collective_failure(exc, self.ctx.rank, self.run.parallel.timeout_s, doing)
+            if failure is None:
+                raise
+            raise failure from exc
+        finally:
+            bar.close()
+            if logger is not None:
+                logger.close()
         self.tokens_per_s = (self.tokens - session_start_tokens) / max(time.perf_counter() - session_start, 1e-9)
         return last_row
+
+    def _log(
+        self, x_TD: torch.Tensor, result: dict[str, Any], tokens_per_s: float, logger: MetricsLogger | None, bar: tqdm
+    ) -> dict[str, Any]:
+        """The metrics row of this step: computed on every rank, shown and written by rank 0."""
+        row = self.step_metrics(x_TD, result)
+        row["nonfinite_steps"] = self.nonfinite_steps
+        row["tokens_per_s"] = tokens_per_s
+        bar.set_postfix(loss=f"{row['loss']:.4g}", mse=f"{row['mse']:.4g}", tok_s=f"{row['tokens_per_s']:.3g}")
+        if logger is not None:
+            logger.log(row)
+        return row
+
+    def _init_biases(self, x_TD: torch.Tensor) -> None:
+        """b_pre and b_router from the first global batch's finite rows (none finite: left as built, and the step
+        is non-finite anyway)."""
+        rows_TD = self.ctx.gather_rows(x_TD)
+        rows_TD = rows_TD[torch.isfinite(rows_TD).all(dim=1)]
+        if rows_TD.shape[0]:
+            init_biases_from_batch(self.model, rows_TD)
+
+    def _stop_requested(self, signals: StopSignals, at_sync_point: bool) -> str | None:
+        """The stop signal to honour after this step, if any: in one process as soon as it arrives; under torchrun
+        at logging and checkpoint steps, when the ranks agree (one small all-reduce), so all stop together."""
+        if not self.ctx.distributed:
+            return signals.received
+        if not at_sync_point:
+            return None
+        flag = torch.tensor([0.0 if signals.received is None else 1.0], device=self.device)
+        if float(self.ctx.all_reduce_sum(flag).sum()) == 0:
+            return None
+        return signals.received or "a stop signal to another rank"
+
+    def _check_finite(self, unchecked: list[tuple[int, torch.Tensor]]) -> None:
+        """Read the finite flags of the steps since the last check (one transfer): raise NonFiniteError under
+        trainer.on_nonfinite=stop, else count the skipped steps. Every rank holds the same flags."""
+        if not unchecked:
+            return
+        flags = torch.stack([flag for _, flag in unchecked]).tolist()
+        bad = [step for (step, _), ok in zip(unchecked, flags, strict=True) if not ok]
+        unchecked.clear()
+        if not bad:
+            return
+        if self.run.trainer.on_nonfinite == "stop":
+            latest = ckpt.latest_checkpoint(self.run_dir)
+            kept = f"the last checkpoint is {latest.name}" if latest is not None else "no checkpoint was written"
+            raise NonFiniteError(
+                f"step {bad[0]}: NaN or inf in the batch, the loss or the gradient norm (no update applied); "
+                f"stopped at step {self.step} without writing a checkpoint ({kept}); check the activations, or "
+                "pass trainer.on_nonfinite=skip to skip such steps"
+            )
+        self.nonfinite_steps += len(bad)
+        if self.ctx.is_main:
+            tqdm.write(f"warning: skipped {len(bad)} step(s) with NaN or inf (first: step {bad[0]}); "
+                       f"{self.nonfinite_steps} skipped in this run")

@@ -102,9 +102,11 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path, make_run, kind):
 
 
 def test_refuses_to_overwrite_an_existing_run(make_run):
+    """trainer.resume=false never trains over a folder that holds checkpoints (auto, the default, continues it)."""
     run = make_run(steps=10)
     train(run)
-    with pytest.raises(RunDirectoryError, match="trainer.out_dir=.*trainer.resume=true"):
+    run.trainer.resume = "false"
+    with pytest.raises(RunDirectoryError, match="trainer.out_dir=.* already holds checkpoints .*trainer.resume=auto"):
         train_from_config(run)
 
 

@@ -1,0 +1,301 @@
+"""The DeepSpeed engine (`trainer.engine=deepspeed`): the same models, data and step, with DeepSpeed's ZeRO optimizer
+(stage 1 or 2) holding Adam's state and the fp32 master weights partitioned over the ranks and reducing gradients.
+
+The step, in the torch engine's order (`Trainer.train_step`), and who does each part:
+1. Forward and loss: `Trainer.forward_loss`, unchanged, with its autocast (`trainer.dtype=bfloat16` on GPU: bf16
+   matmuls, fp32 weights, gradients and reductions, as in the torch engine; DeepSpeed's own bf16 mode would keep the
+   router, b_pre and the decoder rows in bf16, which SPEC section 2 keeps in fp32). The sparse kernels hand their
+   weight gradients to autograd (`weight_grads_in_place = False`), whose accumulation DeepSpeed hooks.
+2. Backward: `engine.backward`, whose ZeRO hooks reduce the gradients into partitions. Expert parameters are
+   DeepSpeed MoE parameters of group "ep_size_P": DeepSpeed divides every gradient bucket by the data-parallel world
+   size W and sums expert buckets over their W/P expert-data-parallel replicas only, replicated ones over all W
+   ranks: SPEC section 8's scaling (replicated averaged over W, experts summed over replicas and divided by W).
+3. The true global norm: from each rank's gradient partitions (every element of the global gradient lives in
+   exactly one partition, so the partitions' squared norms summed over all ranks give the global one).
+4. Project: each decoder row's gradient loses its component along the row; a row may straddle two partitions, so
+   the per-row dot products are summed over the parameter's partition group.
+5. Adam: `engine.step()`, the torch engine's fused Adam on the fp32 partitions, which clips
+   by the global norm and skips a non-finite step inside its own pass as in the torch engine (`grad_scale`,
+   `found_inf`); DeepSpeed's clipping and its own norm are off. The masters first take the module's parameters (a
+   local copy): parameters are fp32 throughout, so this carries in only what was written to the module since the
+   last step (the renormalised rows of step 6, the geometric-median biases, a restored checkpoint). Then the
+   parameters are all-gathered and the lr schedule steps.
+6. Renormalise decoder rows: the torch engine's code on the module's parameters.
+
+Checkpoints use the project's format (`checkpoint.py`): Adam's moments are gathered from the partitions per
+parameter on save and scattered back on load, so a run resumes on either engine, on any valid layout, and
+`load_sae` reads it. The only DeepSpeed internals used are those its public `safe_*` tensor-fragment functions use
+(`_hp_mapping`, `_index_in_param_group`, `_dp_group`), the flat fp32 partitions of the ZeRO optimizer and the
+expert-group constructor its MoE layer calls; the `deepspeed` extra pins the version they were checked with.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from sae_dist.config import ConfigError
+from sae_dist.parallel.context import is_expert_sharded
+from sae_dist.train import checkpoint as ckpt
+from sae_dist.train.optim import build_optimizer, build_scheduler, clip_and_skip_in_adam
+from sae_dist.train.trainer import Trainer
+
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def import_deepspeed(device_type: str):
+    """The deepspeed module with its accelerator matching the run's device; one-line error if it is missing."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device_type == "cuda" else "cpu")
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it; torchrun sets it, a lone process has rank 0
+    try:
+        import deepspeed
+    except ImportError:
+        raise ConfigError("trainer.engine=deepspeed needs DeepSpeed: pip install -e '.[deepspeed]'") from None
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    return deepspeed
+
+
+def expert_group_name(ep_size: int) -> str:
+    """DeepSpeed's name for the expert groups of expert-parallel size P."""
+    return f"ep_size_{ep_size}"
+
+
+def build_expert_parallel_module(sae: nn.Module, num_experts: int, ep_size: int) -> nn.Module:
+    """`sae` inside a `deepspeed.moe.layer.MoE`: the engine creates its expert groups and reduces expert gradients
+    over expert-data-parallel replicas only when the model holds such a module."""
+    from deepspeed.moe.layer import MoE
+    from deepspeed.utils import groups
+
+    class ExpertParallelSAE(MoE):
+        def __init__(self):
+            nn.Module.__init__(self)  # not MoE's: the SAE brings its own router, dispatcher and experts
+            self.sae = sae
+            self.num_experts, self.ep_size = num_experts, ep_size
+            self.expert_group_name = expert_group_name(ep_size)
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            """DeepSpeed's default layout, experts on consecutive ranks, is the project's ("dp", "ep") mesh."""
+            if self.expert_group_name not in groups._get_expert_parallel_group_dict():
+                groups._create_expert_and_data_parallel(self.ep_size)
+
+        def forward(self, *args, **kwargs):
+            return self.sae(*args, **kwargs)
+
+    for name, param in sae.named_parameters():
+        if is_expert_sharded(name):
+            param.allreduce, param.group_name = False, expert_group_name(ep_size)  # DeepSpeed's MoE marks
+    return ExpertParallelSAE()
+
+
+def deepspeed_config(zero_stage: int, local_batch: int) -> dict[str, Any]:
+    """The engine's configuration: ZeRO stage 1 or 2, fp32 parameters, no DeepSpeed clipping or norm (step 5)."""
+    return {
+        "train_micro_batch_size_per_gpu": local_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
+        "zero_optimization": {"stage": zero_stage, "contiguous_gradients": True, "compute_grad_norm": False},
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+# --- a rank's partition of a reduced gradient -------------------------------------------------------------------
+def grad_partition(param: nn.Parameter) -> tuple[Tensor, int] | None:
+    """(this rank's part of the parameter's reduced gradient, flat; its offset in the flattened parameter), or None
+    where this rank holds none of it. Valid between `engine.backward` and `engine.step`; edits reach the step."""
+    mapping = param._hp_mapping
+    if mapping is None:
+        return None
+    grad = mapping.get_lp_grad_fragment(param._index_in_param_group).view(-1)
+    return grad, mapping.lp_fragment_address.start
+
+
+@torch.no_grad()
+def remove_parallel_gradient_partition_(w_dec: nn.Parameter, part: tuple[Tensor, int] | None) -> None:
+    """`optim.remove_parallel_gradient_` on a partition of w_dec's gradient (collective over its partition group).
+
+    The partition is padded to whole rows, so a row held whole is projected exactly as in the torch engine."""
+    d = w_dec.shape[-1]
+    rows_LD = w_dec.detach().reshape(-1, d)
+    dots_L = rows_LD.new_zeros(rows_LD.shape[0])
+    if part is not None:
+        grad, start = part
+        first, end = start // d, (start + grad.numel() - 1) // d + 1  # the rows this partition touches
+        lead = start - first * d
+        unit_RD = rows_LD[first:end] / rows_LD[first:end].norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        grad_RD = grad.new_zeros((end - first) * d)
+        grad_RD[lead : lead + grad.numel()] = grad
+        grad_RD = grad_RD.view(-1, d)
+        dots_L[first:end] = (grad_RD * unit_RD).sum(dim=-1)
+    dist.all_reduce(dots_L, group=w_dec._dp_group)
+    if part is not None:
+        grad_RD.sub_(dots_L[first:end, None] * unit_RD)
+        grad.copy_(grad_RD.view(-1)[lead : lead + grad.numel()])
+
+
+# --- Adam's state, in torch Adam's form, for the checkpoint module ---------------------------------------------------
+def gather_full(param: nn.Parameter, flat_partitions: list[Tensor]) -> Tensor:
+    """The full fp32 tensor of a per-element state of `param` whose ZeRO partitions (one flat tensor per DeepSpeed
+    parameter group) are `flat_partitions` on each rank; collective over the parameter's partition group."""
+    full = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
+    mapping = param._hp_mapping
+    if mapping is not None:
+        hp, lp = mapping.hp_fragment_address, mapping.lp_fragment_address
+        full.narrow(0, lp.start, lp.numel).copy_(flat_partitions[mapping.param_group_index].narrow(0, hp.start, hp.numel))
+    dist.all_reduce(full, group=param._dp_group)
+    return full.view_as(param)
+
+
+def scatter_full(param: nn.Parameter, value: Tensor, flat_partitions: list[Tensor]) -> None:
+    """Write this rank's part of a full per-element state of `param` into its ZeRO partition (the inverse of
+    `gather_full`; local)."""
+    mapping = param._hp_mapping
+    if mapping is not None:
+        hp, lp = mapping.hp_fragment_address, mapping.lp_fragment_address
+        part = value.reshape(-1).narrow(0, lp.start, lp.numel)
+        flat_partitions[mapping.param_group_index].narrow(0, hp.start, hp.numel).copy_(part)
+
+
+class ZeroAdamView:
+    """What `checkpoint.TrainingTensors.optimizer` reads and writes, over a ZeRO optimizer: built collectively,
+    it holds every parameter's full Adam state (gathered from the partitions) in torch Adam's per-parameter form;
+    `load_state_dict` scatters such a state back into the partitions.
+
+    Adam's state is read from torch's Adam on DeepSpeed's flat fp32 partitions directly: DeepSpeed 0.19.8's
+    `safe_get_full_optimizer_state` links the state of the first parameter group only (it links after the first
+    group's first step), so it fails for expert parameters."""
+
+    def __init__(self, model: nn.Module, zero_optimizer):
+        self.model, self.zero = model, zero_optimizer
+        self.param_groups = [{"params": list(model.parameters())}]
+        self.state: defaultdict[nn.Parameter, dict[str, Tensor]] = defaultdict(dict)
+        partition_states = self._partition_states()
+        if partition_states[0]:  # torch's Adam creates its state at the first step
+            for param in self.param_groups[0]["params"]:
+                moments = {key: gather_full(param, [s[key] for s in partition_states]) for key in ADAM_MOMENTS}
+                self.state[param] = {**moments, "step": partition_states[0]["step"].clone()}
+
+    def _partition_states(self) -> list[dict[str, Tensor]]:
+        """torch Adam's state of each of DeepSpeed's flat fp32 partitions (one per parameter group)."""
+        return [self.zero.optimizer.state[flat] for flat in self.zero.single_partition_of_fp32_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Hyper-parameters as one torch Adam group over the model's parameters (all DeepSpeed groups share them)."""
+        shared = {k: v for k, v in self.zero.optimizer.param_groups[0].items() if k not in ("params", "name", "moe")}
+        return {"state": {}, "param_groups": [{**shared, "params": list(range(len(self.param_groups[0]["params"])))}]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Write torch Adam's state (keyed by parameter index, as `state_dict` numbers them) into the partitions."""
+        state = state_dict["state"]
+        for flat in self.zero.single_partition_of_fp32_groups:
+            adam = self.zero.optimizer.state[flat]
+            adam.update({key: adam.get(key, torch.zeros_like(flat)) for key in ADAM_MOMENTS})
+            adam["step"] = state[0]["step"].clone()
+        partition_states = self._partition_states()
+        for index, param in enumerate(self.param_groups[0]["params"]):
+            for key in ADAM_MOMENTS:
+                scatter_full(param, state[index][key].to(param.device), [s[key] for s in partition_states])
+        saved = {k: v for k, v in state_dict["param_groups"][0].items() if k != "params"}
+        for group in self.zero.optimizer.param_groups:
+            group.update(saved)
+
+
+class SharedScheduleLR(LambdaLR):
+    """A LambdaLR over parameter groups that share one schedule (DeepSpeed's replicated and expert groups), whose
+    state is saved as the torch engine's single group, so a checkpoint's schedule loads on either engine."""
+
+    PER_GROUP = ("base_lrs", "_last_lr", "lr_lambdas")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {key: value[:1] if key in self.PER_GROUP else value for key, value in super().state_dict().items()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        groups = len(self.optimizer.param_groups)
+        super().load_state_dict(
+            {key: value[:1] * groups if key in self.PER_GROUP else value for key, value in state_dict.items()}
+        )
+
+
+# --- the trainer ----------------------------------------------------------------------------------------------
+class DeepSpeedTrainer(Trainer):
+    """`Trainer` whose optimizer, gradient reduction and update are DeepSpeed's (steps 2-5 in the module doc).
+
+    Overrides `build_optimizer`, `backward`, `sync_clip_project`, `update` and `_tensors`; `forward_loss`,
+    `renormalize_decoders`, the loop, metrics and checkpoint files are the torch engine's. Needs an expert-parallel
+    context (a process group, also of one rank)."""
+
+    weight_grads_in_place = False
+
+    def build_optimizer(self):
+        """Adam over DeepSpeed's parameter groups (replicated, and experts per expert group) inside the engine;
+        returns (the ZeRO optimizer, the lr schedule), and keeps the engine as `self.engine`."""
+        deepspeed = import_deepspeed(self.device.type)
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        ep_size = getattr(getattr(self.ctx, "mesh", None), "ep_size", None)
+        if ep_size is None:
+            raise ConfigError("trainer.engine=deepspeed runs in a process group: use launch/train.py or torchrun")
+        has_experts = any(is_expert_sharded(name) for name, _ in self.model.named_parameters())
+        module = build_expert_parallel_module(self.model, self.run.sae.num_experts, ep_size) if has_experts else None
+        groups = split_params_into_different_moe_groups_for_optimizer(
+            {"params": list(self.model.parameters()), "name": "replicated"}
+        )
+        adam = build_optimizer(self.model, self.run, groups)
+        scheduler = build_scheduler(adam, self.run, SharedScheduleLR)
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+        config = deepspeed_config(self.run.trainer.zero_stage, self.ctx.local_batch_size(self.run.trainer.batch_size))
+        self.engine, zero, _, _ = deepspeed.initialize(
+            model=module or self.model, optimizer=adam, lr_scheduler=scheduler, config=config
+        )
+        if has_experts:
+            check_expert_groups(self.ctx.mesh, ep_size)
+        return zero, scheduler
+
+    def backward(self, loss: Tensor) -> None:
+        self.engine.backward(loss)
+
+    @torch.no_grad()
+    def sync_clip_project(self) -> Tensor:
+        """The global norm of the reduced gradient partitions (which `update` clips by); project the decoder rows'
+        gradients."""
+        parts = {param: grad_partition(param) for param in self.model.parameters()}
+        grads = [part[0] for part in parts.values() if part is not None]
+        squares = [torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32)).square() for g in grads]
+        total_sq = torch.stack(squares).sum() if squares else torch.zeros((), device=self.device)
+        dist.all_reduce(total_sq)
+        for w_dec in self.model.decoder_weights():
+            remove_parallel_gradient_partition_(w_dec, parts[w_dec])
+        return total_sq.sqrt()
+
+    def update(self, grad_norm: Tensor, finite: Tensor) -> float:
+        """Step 5: masters refreshed from the module, then DeepSpeed's step with the torch engine's clip and skip."""
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.refresh_fp32_params()
+        clip_and_skip_in_adam(self.optimizer.optimizer, grad_norm, self.run.trainer.grad_clip, finite)
+        self.engine.step()
+        return lr
+
+    def _tensors(self) -> ckpt.TrainingTensors:
+        return ckpt.TrainingTensors(self.model, ZeroAdamView(self.model, self.optimizer), self.dead.tokens_since_fired_L)
+
+
+def check_expert_groups(mesh, ep_size: int) -> None:
+    """DeepSpeed's expert and expert-data-parallel groups hold the same ranks as the mesh's "ep" and "dp" groups."""
+    from deepspeed.utils import groups
+
+    name = expert_group_name(ep_size)
+    pairs = (
+        (groups._get_expert_parallel_group(name), mesh.ep_group),
+        (groups._get_expert_data_parallel_group(name), mesh.dp_group),
+    )
+    for deepspeed_group, mesh_group in pairs:
+        deepspeed_ranks, mesh_ranks = dist.get_process_group_ranks(deepspeed_group), dist.get_process_group_ranks(mesh_group)
+        if deepspeed_ranks != mesh_ranks:
+            raise RuntimeError(f"DeepSpeed's expert group holds ranks {deepspeed_ranks}, the mesh's {mesh_ranks}")

@@ -1,0 +1,54 @@
+"""Preemption: SIGTERM and SIGUSR1 (SLURM's warning before a time limit or a preemption) end a run cleanly.
+
+While `StopSignals` is active, either signal only records a request. The training loop honours it at the end of a
+step: at once in one process, and at the next logging or checkpoint step under torchrun, where the ranks agree on
+it (so every rank stops after the same step). Every rank then writes the checkpoint of that step and raises
+`StopRequested`; the launcher exits with REQUEUE_EXIT_STATUS, and the same command (trainer.resume=auto) continues
+the run from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+
+REQUEUE_EXIT_STATUS = 75
+"""EX_TEMPFAIL (sysexits.h): stopped on request with a checkpoint written; run the same command again."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequested(Exception):
+    """The run stopped on a signal after writing a checkpoint."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path):
+        super().__init__(
+            f"stopped by {signal_name} after step {step}; checkpoint written: {checkpoint}; "
+            "the same command (trainer.resume=auto) continues the run"
+        )
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+class StopSignals:
+    """Context manager: records SIGTERM / SIGUSR1 instead of dying (main thread only; elsewhere it does nothing)."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        """Name of the first stop signal received, or None."""
+        self._previous: dict[int, object] = {}
+
+    def _record(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._record) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}

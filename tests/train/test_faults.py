@@ -1,0 +1,196 @@
+"""Faults in one process: non-finite batches, damaged checkpoints, full and read-only disks, leftovers of killed
+saves, and SIGTERM / SIGUSR1 (the multi-rank and torchrun cases are in test_restarts.py).
+
+On main: NaN in 12 of 8,192 rows turned every weight into NaN and the run exited 0, and checkpoint rotation then
+deleted the good checkpoints and kept the NaN ones; a full disk gave a 72-line traceback that never said "No space
+left on device" and left the partial folder behind; a corrupted checkpoint file loaded silently."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import signal
+
+import pytest
+import torch
+
+from sae_dist import load_sae
+from sae_dist.cli import one_line_errors
+from sae_dist.data import build_activation_source
+from sae_dist.train import checkpoint as ckpt
+from sae_dist.train.logging import read_metrics
+from sae_dist.train.preemption import REQUEUE_EXIT_STATUS, StopRequested
+from sae_dist.train.trainer import NonFiniteError, Trainer
+from tests.conftest import small_run
+from tests.train.faults import FaultySource, poison, send
+
+INF = float("inf")
+
+
+def trainer_for(run, faults=None) -> Trainer:
+    return Trainer(run, FaultySource(build_activation_source(run), faults or {}))
+
+
+def all_finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def test_nan_batch_stops_the_run_naming_the_step_and_writes_nothing(make_run, capsys):
+    run = make_run(steps=20, log_every=5, checkpoint_every=5)
+    trainer = trainer_for(run, {7: poison(12)})
+    with pytest.raises(NonFiniteError) as info:
+        trainer.train()
+    message = str(info.value)
+    assert message.startswith("step 7: NaN or inf") and "stopped at step 10" in message and "\n" not in message
+    assert "step_00000005" in message and "trainer.on_nonfinite=skip" in message
+    assert ckpt.latest_checkpoint(run.trainer.out_dir).name == "step_00000005"
+    assert not (ckpt.latest_checkpoint(run.trainer.out_dir).parent / "step_00000010").exists()
+    assert all_finite(trainer.model.parameters())
+    with pytest.raises(SystemExit) as exit_info, one_line_errors():
+        raise info.value
+    assert exit_info.value.code == 2 and capsys.readouterr().err.startswith("error: step 7: NaN or inf")
+
+
+def test_skipped_steps_apply_no_update_and_rotation_keeps_good_checkpoints(make_run):
+    """NaN and inf rows late in a run with keep_checkpoints=2 (main kept only NaN checkpoints)."""
+    run = make_run(steps=16, log_every=8, checkpoint_every=4, keep_checkpoints=2, on_nonfinite="skip")
+    trainer = trainer_for(run, {9: poison(3), 13: poison(1, INF)})
+    step = Trainer.train_step
+    seen = {}
+
+    def watched(self, x_TD):
+        if self.step + 1 == 9:
+            seen["before"] = optimizer_state(self)
+        result = step(self, x_TD)
+        if self.step + 1 == 9:
+            seen["after"] = optimizer_state(self)
+        return result
+
+    Trainer.train_step = watched
+    try:
+        trainer.train()
+    finally:
+        Trainer.train_step = step
+    for key, before in seen["before"].items():
+        assert torch.equal(seen["after"][key], before), f"the skipped step changed {key}"
+    assert trainer.nonfinite_steps == 2 and read_metrics(run.trainer.out_dir)[-1]["nonfinite_steps"] == 2
+    adam_steps = {float(state["step"]) for state in trainer.optimizer.state.values()}
+    assert adam_steps == {14.0}
+    kept = sorted(p.name for p in (trainer.run_dir / "checkpoints").glob("step_*"))
+    assert kept == ["step_00000012", "step_00000016"]
+    for name in kept:
+        assert all_finite(load_sae(trainer.run_dir / "checkpoints" / name).parameters())
+
+
+def crash(x_TD):
+    raise KeyboardInterrupt("killed")
+
+
+def optimizer_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Adam moments and step, the dead-latent counters and every parameter (decoder rows included: they are
+    renormalised after an update, not before the next step)."""
+    state = {"dead": trainer.dead.tokens_since_fired_L.clone()}
+    for name, param in trainer.model.named_parameters():
+        state[name] = param.detach().clone()
+        for key, value in trainer.optimizer.state[param].items():
+            state[f"{name}.{key}"] = value.clone()
+    return state
+
+
+def test_an_all_nan_first_batch_never_reaches_the_biases(make_run):
+    run = make_run(steps=10, on_nonfinite="skip")
+    trainer = trainer_for(run, {1: poison(256)})
+    trainer.train()
+    assert trainer.nonfinite_steps == 1 and all_finite(trainer.model.parameters())
+
+
+def test_weights_that_are_not_finite_are_never_saved(make_run):
+    run = make_run(steps=10, keep_checkpoints=1)
+    trainer = trainer_for(run)
+    trainer.train()
+    with torch.no_grad():
+        next(trainer.model.parameters())[0] = float("nan")
+    with pytest.raises(ckpt.NonFiniteWeightsError, match="checkpoint not written, earlier checkpoints kept"):
+        trainer.save()
+    assert [p.name for p in (trainer.run_dir / "checkpoints").glob("step_*")] == ["step_00000010"]
+    assert ckpt.latest_checkpoint(trainer.run_dir).name == "step_00000010"
+
+
+def test_a_corrupted_training_state_is_refused_on_resume(make_run, tmp_path):
+    run = make_run(steps=10)
+    trainer_for(run).train()
+    shard = next((ckpt.latest_checkpoint(run.trainer.out_dir) / ckpt.STATE_DIR).glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    run.trainer.steps = 20
+    with pytest.raises(ckpt.CheckpointError, match=f"{shard.name} is corrupted: its SHA-256 differs") as info:
+        trainer_for(run).train()
+    assert "\n" not in str(info.value)
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_leaves_nothing_behind(make_run, monkeypatch):
+    run = make_run(steps=20, checkpoint_every=10)
+    save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        if "step_00000020" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(ckpt.CheckpointWriteError) as info:
+        trainer_for(run).train()
+    message = str(info.value)
+    assert "cannot write checkpoint step_00000020: No space left on device" in message and "\n" not in message
+    assert "the partial checkpoint was removed and step_00000010 is intact" in message
+    root = ckpt.latest_checkpoint(run.trainer.out_dir).parent
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000010"]
+    ckpt.verify_files(root / "step_00000010")
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The final weights of a 12-step run that nothing interrupted."""
+    trainer = trainer_for(small_run(tmp_path_factory.mktemp("unbroken"), steps=12))
+    trainer.train()
+    return trainer.model.state_dict()
+
+
+def assert_same_weights(trainer: Trainer, expected: dict[str, torch.Tensor]) -> None:
+    for name, tensor in expected.items():
+        assert torch.equal(trainer.model.state_dict()[name], tensor), name
+
+
+def test_leftovers_of_killed_saves_are_removed_and_resume_is_exact(make_run, unbroken):
+    """A temporary folder (killed while writing) and a checkpoint renamed into place but never published (killed
+    before `latest` was replaced): the run resumes from `latest`, removes both and ends as an unbroken run."""
+    run = make_run(steps=12)
+    with pytest.raises(KeyboardInterrupt):
+        trainer_for(run, {11: crash}).train()
+    root = ckpt.latest_checkpoint(run.trainer.out_dir).parent
+    shutil.copytree(root / "step_00000010", root / "step_00000012")  # "published" without `latest`
+    (root / "step_00000011.tmp" / "state").mkdir(parents=True)
+    resumed = trainer_for(run)
+    resumed.train()
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000010", "step_00000012"]
+    assert ckpt.read_checkpoint_config(root / "step_00000012")[2] == 12
+    assert_same_weights(resumed, unbroken)
+
+
+def test_stop_signal_checkpoints_the_step_and_the_resume_is_exact(make_run, unbroken, capsys):
+    """SIGUSR1 (SLURM's warning) in one process: the run stops after the step, with its checkpoint, exit status 75,
+    and the continuation ends as the unbroken run (SIGTERM: the torchrun test in test_restarts.py)."""
+    run = make_run(steps=12)
+    with pytest.raises(StopRequested) as info:
+        trainer_for(run, {7: send(signal.SIGUSR1)}).train()
+    assert info.value.step == 7 and info.value.checkpoint.name == "step_00000007"
+    assert ckpt.latest_checkpoint(run.trainer.out_dir).name == "step_00000007"
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL, "the handler outlived the run"
+    with pytest.raises(SystemExit) as exit_info, one_line_errors():
+        raise info.value
+    assert exit_info.value.code == REQUEUE_EXIT_STATUS
+    assert "stopped by SIGUSR1 after step 7" in capsys.readouterr().err
+    resumed = trainer_for(run)
+    resumed.train()
+    assert_same_weights(resumed, unbroken)

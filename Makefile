@@ -33,6 +33,7 @@ constraints: install
 	  $(PY) -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > docker/constraints.txt
 
 bench: install
-	$(PY) benchmarks/bench_kernels.py
+	$(PY) -m pip install -q -e ".[bench]" "$(TORCH_SPEC)"
+	$(PY) benchmarks/bench_step.py --latents 16384 --repeats 3
 	$(PY) benchmarks/bench_expert_parallel.py
 	$(PY) benchmarks/bench_engines.py

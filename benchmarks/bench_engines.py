@@ -15,7 +15,6 @@ import argparse
 import os
 import socket
 import statistics
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -56,7 +55,8 @@ def rank_main(rank: int, world: int, ep_size: int, engine: str, stage: int | Non
     run = bench_run(args, ep_size)
     run.trainer.engine, run.trainer.zero_stage = engine, stage or 1
     device = torch.device(args.device)
-    ctx = ExpertParallelContext.from_config(run, device.type, timedelta(seconds=300))
+    run.parallel.timeout_s = 300
+    ctx = ExpertParallelContext.from_config(run, device.type)
     trainer = build_trainer(run, SyntheticSource.from_config(run.data, 0, rank), ctx, device)
     times, _ = time_steps(trainer, ctx, args)
     held, floor = adam_bytes(trainer)

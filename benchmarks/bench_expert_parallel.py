@@ -9,7 +9,11 @@ Bytes are those each rank hands to collectives, summed over ranks, per step. The
 the minimum 2 * B * d * 4 bytes: every token sent to its expert and its reconstruction sent back once (float32).
 The backward pass moves the same again; 'remote' is the part that leaves a rank (the rest stays in-process).
 
+With --a2a-chunks 1 4, each W > 1 layout also runs with the token exchange in 4 chunks, each chunk's transfer
+overlapping the experts' compute on the one before (`parallel.a2a_chunks`).
+
     python benchmarks/bench_expert_parallel.py [--layouts 1 2 4 4:2] [--batch 4096] [--d 256] [--latents 16384]
+        [--a2a-chunks 1 4]
 """
 
 from __future__ import annotations
@@ -33,14 +37,14 @@ from sae_dist.train.trainer import Trainer
 MB = 1e6
 
 
-def bench_run(args, ep_size: int | None = None) -> RunConfig:
+def bench_run(args, ep_size: int | None = None, a2a_chunks: int = 1) -> RunConfig:
     run = RunConfig(
         sae=SAEConfig(kind="switch", num_latents=args.latents, num_experts=args.experts, k=args.k),
         data=DataConfig(source="synthetic", d_model=args.d, synthetic_features=4 * args.d, synthetic_active=16),
         trainer=TrainerConfig(batch_size=args.batch, steps=1000, progress=False, tensorboard=False,
                               device=args.device, out_dir="unused"),
     )
-    run.parallel.ep_size = ep_size
+    run.parallel.ep_size, run.parallel.a2a_chunks = ep_size, a2a_chunks
     validate(run)
     return run
 
@@ -74,13 +78,13 @@ def slowest(seconds: float, ctx: ParallelContext) -> float:
     return float(t)
 
 
-def rank_main(rank: int, world: int, ep_size: int, port: int, args, queue) -> None:
+def rank_main(rank: int, world: int, ep_size: int, chunks: int, port: int, args, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(max(1, args.threads // world))
     from sae_dist.parallel.expert_parallel import ExpertParallelContext
 
-    run = bench_run(args, ep_size)
+    run = bench_run(args, ep_size, chunks)
     device = torch.device(args.device)
     run.parallel.timeout_s = 120
     ctx = ExpertParallelContext.from_config(run, device.type)
@@ -93,7 +97,7 @@ def rank_main(rank: int, world: int, ep_size: int, port: int, args, queue) -> No
     dist.destroy_process_group()
 
 
-def measure(world: int, ep_size: int, args) -> tuple[list[float], dict[str, float]]:
+def measure(world: int, ep_size: int, chunks: int, args) -> tuple[list[float], dict[str, float]]:
     if world == 1:
         torch.set_num_threads(args.threads)
         run = bench_run(args)
@@ -104,7 +108,7 @@ def measure(world: int, ep_size: int, args) -> tuple[list[float], dict[str, floa
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(rank_main, args=(world, ep_size, port, args, queue), nprocs=world, join=True)
+    mp.spawn(rank_main, args=(world, ep_size, chunks, port, args, queue), nprocs=world, join=True)
     return queue.get()
 
 
@@ -126,27 +130,33 @@ def main() -> None:
     parser.add_argument("--layouts", nargs="+", default=["1", "2", "4", "4:2"],
                         help="W or W:P per run (W=1, the baseline, always runs)")
     add_run_arguments(parser)
+    parser.add_argument("--a2a-chunks", type=int, nargs="+", default=[1],
+                        help="parallel.a2a_chunks values to run for each W > 1 (1 = plain all-to-all)")
     args = parser.parse_args()
 
     minimum = 2 * args.batch * args.d * 4
     print(f"Switch SAE d={args.d}, M={args.latents}, N={args.experts}, k={args.k}; global batch B={args.batch} "
           f"tokens; {args.device}, {args.threads} CPU threads shared by the ranks; median of {args.steps} steps")
     print(f"minimum all-to-all bytes per step (forward): 2 * B * d * 4 = {minimum / MB:.2f} MB\n")
-    header = ("| W | P | step ms | step vs W=1 | tokens/s | a2a fwd MB | a2a fwd / min | a2a fwd+bwd MB "
+    header = ("| W | P | a2a chunks | step ms | step vs W=1 | tokens/s | a2a fwd MB | a2a fwd / min | a2a fwd+bwd MB "
               "| of which remote MB | all-reduce MB |")
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     baseline = None
-    for layout in ["1"] + [layout for layout in args.layouts if layout != "1"]:  # the baseline first
+    runs = [(1, 1, 1)]  # the baseline first
+    for layout in args.layouts:
         world, ep_size = (int(v) for v in (layout.split(":") + [layout])[:2])
-        times, per_step = measure(world, ep_size, args)
+        runs += [(world, ep_size, chunks) for chunks in args.a2a_chunks if world > 1]
+    for world, ep_size, chunks in runs:
+        times, per_step = measure(world, ep_size, chunks, args)
         step_s = statistics.median(times)
         baseline = baseline or step_s
         forward = per_step.get("a2a", 0.0)
         both = forward + per_step.get("a2a_backward", 0.0)
         remote = per_step.get("a2a_remote", 0.0) + per_step.get("a2a_backward_remote", 0.0)
         reduce = per_step.get("all_reduce", 0.0)
-        print(f"| {world} | {ep_size if world > 1 else '-'} | {step_s * 1e3:.1f} | {step_s / baseline:.2f}x "
+        print(f"| {world} | {ep_size if world > 1 else '-'} | {chunks if world > 1 else '-'} | {step_s * 1e3:.1f} "
+              f"| {step_s / baseline:.2f}x "
               f"| {args.batch / step_s:,.0f} | {forward / MB:.2f} | {forward / minimum:.2f} | {both / MB:.2f} "
               f"| {remote / MB:.2f} | {reduce / MB:.2f} |", flush=True)
 

@@ -55,6 +55,12 @@ class SAEConfig:
     """Fraction of the steps over which the L1 coefficient ramps up linearly from 0 ('relu' only)."""
     dead_tokens: int = 10_000_000
     """A latent that has not fired for this many tokens is dead."""
+    encoder_backward: str = "auto"
+    """Encoder backward of the TopK experts: 'sparse' (scatter over the k selected latents), 'gemm' (grouped GEMMs
+    over the scattered gradient) or 'auto' (sparse on CPU; gemm on GPU up to 32768 latents per expert)."""
+    decoder: str = "auto"
+    """Decoder of the TopK experts: 'gather' (the k selected rows), 'gemm' (a grouped GEMM over the scattered codes)
+    or 'auto' (gather on CPU; gemm on GPU up to 32768 latents per expert)."""
 
 
 @dataclass
@@ -148,6 +154,9 @@ class TrainerConfig:
     progress: bool = True
     """Show a progress bar."""
     tensorboard: bool = True
+    optimizer_state: str = "float32"
+    """Adam's moments: 'float32' (exact fused Adam) or 'bfloat16' (half the optimizer memory and 20 instead of 28
+    bytes moved per parameter per step; not exact Adam: the stored moments are rounded to bfloat16)."""
     engine: str = "torch"
     """'torch' (the project's own step) or 'deepspeed' (DeepSpeed's ZeRO optimizer; needs the 'deepspeed' extra)."""
     zero_stage: int = 1
@@ -163,6 +172,9 @@ class ParallelConfig:
     """P, the ranks that together hold all experts; None = the world size."""
     capacity_factor: float | None = None
     """None = dropless; c caps each (rank, expert) pair at ceil(c * T_local / N) tokens (Switch SAE under torchrun)."""
+    a2a_chunks: int = 1
+    """Token exchange in this many chunks, each chunk's transfer overlapping the experts' compute on the one
+    before (1 = one exchange, no overlap)."""
     timeout_s: float = 600.0
     """Seconds a collective waits for the other ranks before the job fails with an error naming it (a rank that
     died or stalled); also bounds start-up, so allow for the slowest rank's model and data loading."""
@@ -264,6 +276,7 @@ def validate(run: RunConfig) -> None:
     ep = parallel.ep_size
     _require(ep is None or ep > 0, f"parallel.ep_size={ep} must be positive or null")
     _require(parallel.timeout_s > 0, f"parallel.timeout_s={parallel.timeout_s} must be positive")
+    _positive("parallel.a2a_chunks", parallel.a2a_chunks)
     if run.sweep:
         sweep_members(run)
 
@@ -272,6 +285,8 @@ def _validate_sae(sae: SAEConfig) -> None:
     _one_of("sae.kind", sae.kind, SAE_KINDS)
     _positive("sae.num_latents", sae.num_latents)
     _positive("sae.num_experts", sae.num_experts)
+    _one_of("sae.encoder_backward", sae.encoder_backward, ("auto", "sparse", "gemm"))
+    _one_of("sae.decoder", sae.decoder, ("auto", "gather", "gemm"))
     if sae.kind != "switch":
         _require(sae.num_experts == 1, f"sae.num_experts={sae.num_experts} must be 1 for sae.kind={sae.kind!r}")
     _require(
@@ -302,6 +317,10 @@ def _validate_trainer(trainer: TrainerConfig) -> None:
     _one_of("trainer.dtype", trainer.dtype, DTYPES)
     _one_of("trainer.device", trainer.device, ("auto", "cpu", "cuda"))
     _one_of("trainer.engine", trainer.engine, ENGINES)
+    _one_of("trainer.optimizer_state", trainer.optimizer_state, ("float32", "bfloat16"))
+    _require(trainer.optimizer_state == "float32" or trainer.engine == "torch",
+             f"trainer.optimizer_state={trainer.optimizer_state!r} needs trainer.engine=torch (DeepSpeed keeps "
+             "float32 moments)")
     _require(trainer.zero_stage in ZERO_STAGES, f"trainer.zero_stage={trainer.zero_stage} is unknown; allowed: 1, 2")
     _require(bool(str(trainer.out_dir).strip()), "trainer.out_dir must not be empty")
     trainer.resume = resume_mode(trainer)

@@ -1,21 +1,77 @@
 """Token dispatch: how routed tokens reach their experts and how results come back.
 
-The expert code sees only rows grouped by local expert and a list of counts; whether those rows came from a local
-sort (`LocalDispatcher`) or from an all-to-all between ranks (`sae_dist.parallel`) is hidden behind this interface.
+The expert code sees only rows grouped by local expert (`ExpertGroups`); whether those rows came from a local sort
+(`LocalDispatcher`) or from an all-to-all between ranks (`sae_dist.parallel`) is hidden behind this interface.
+Dispatch is stateless: `dispatch` returns the rows and a plan, and `combine` takes that plan back, so several
+dispatches can be in flight at once (the overlapped all-to-all runs one per chunk). `run` does dispatch, the
+experts and combine in one call; a dispatcher that overlaps communication with compute overrides it.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from sae_dist.models.router import expert_counts
+
+
+class ExpertGroups(NamedTuple):
+    """How dispatched rows split into local experts: expert e owns rows offsets_L[e-1] .. offsets_L[e] - 1."""
+
+    counts_L: Tensor
+    """Rows per local expert, long, on the rows' device."""
+    offsets_L: Tensor
+    """Inclusive cumulative counts, int32 (the `offs` of `torch.nn.functional.grouped_mm`)."""
+    expert_R: Tensor
+    """Local expert of each row, long."""
+    counts: list[int] | None
+    """The counts on the host when they are known without a device-to-host copy (CPU, or after an all-to-all)."""
+
+    @classmethod
+    def from_counts(cls, counts_L: Tensor, rows: int, counts: list[int] | None = None) -> ExpertGroups:
+        """Groups from per-expert counts; `rows` (their sum, known on the host) avoids a synchronisation."""
+        experts = torch.arange(counts_L.numel(), device=counts_L.device)
+        expert_R = torch.repeat_interleave(experts, counts_L, output_size=rows)
+        return cls(counts_L, torch.cumsum(counts_L, 0).to(torch.int32), expert_R, counts)
+
+    def host_counts(self) -> list[int]:
+        """The counts as Python ints (a device-to-host copy unless already known)."""
+        return self.counts if self.counts is not None else self.counts_L.tolist()
+
+
+class DispatchPlan(NamedTuple):
+    """What `combine` needs to reverse one `dispatch`; subclasses of the dispatcher define its contents."""
+
+    tokens: int
+    groups: ExpertGroups | None
+    """How the dispatched rows split into local experts; None when they went in several chunks, each grouped."""
+    kept_T: Tensor | None
+    """Tokens that reached an expert; None when the dispatcher is dropless."""
+    state: tuple
+    """Dispatcher-specific permutations and split sizes."""
+
+
+class ExpertRun(NamedTuple):
+    """The result of `TokenDispatcher.run`."""
+
+    combined_T: Tensor
+    """The experts' first output, back in token order (dropped tokens get zero rows)."""
+    per_row: tuple
+    """The experts' other outputs, one row per dispatched row, in the order `plan` describes."""
+    plan: DispatchPlan
+
+
+ExpertFn = Callable[[Tensor, ExpertGroups], tuple[Tensor, tuple]]
+"""expert_fn(rows_RD, groups) -> (rows to combine [R, ...], other per-row outputs)."""
 
 
 class TokenDispatcher(ABC):
     """dispatch() groups tokens by expert; combine() returns per-row results to token order.
 
-    combine() may be called several times after one dispatch() (e.g. for reconstructions and latent ids).
     Experts `first_local_expert .. first_local_expert + num_local_experts - 1` (global ids) live here.
     """
 
@@ -23,20 +79,22 @@ class TokenDispatcher(ABC):
     first_local_expert: int = 0
 
     @abstractmethod
-    def dispatch(self, x_TD: Tensor, expert_T: Tensor, scores_T: Tensor | None = None) -> tuple[Tensor, list[int]]:
-        """Return (rows_RD grouped by local expert, rows per local expert).
+    def dispatch(self, x_TD: Tensor, expert_T: Tensor, scores_T: Tensor | None = None) -> tuple[Tensor, DispatchPlan]:
+        """Return rows_RD grouped by local expert and the plan that combine() reverses.
 
         `scores_T` (the router probability of each token's expert) ranks tokens when a capacity limit must drop
         some; dispatchers without a limit ignore it.
         """
 
     @abstractmethod
-    def combine(self, y_R: Tensor) -> Tensor:
-        """Inverse of the last dispatch for a tensor with one row per dispatched row: [R, ...] -> [T, ...]."""
+    def combine(self, y_R: Tensor, plan: DispatchPlan) -> Tensor:
+        """Inverse of the dispatch that made `plan`, for a tensor with one row per dispatched row: [R, ...] -> [T, ...]."""
 
-    def kept_T(self) -> Tensor | None:
-        """Mask of tokens that reached an expert in the last dispatch; None for a dropless dispatcher."""
-        return None
+    def run(self, x_TD: Tensor, expert_T: Tensor, scores_T: Tensor | None, expert_fn: ExpertFn) -> ExpertRun:
+        """Dispatch, run the local experts on their rows, combine their first output."""
+        rows_RD, plan = self.dispatch(x_TD, expert_T, scores_T)
+        y_R, per_row = expert_fn(rows_RD, plan.groups)
+        return ExpertRun(self.combine(y_R, plan), per_row, plan)
 
 
 def inverse_permutation(order: Tensor) -> Tensor:
@@ -53,17 +111,21 @@ def sort_by_expert(expert_T: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class LocalDispatcher(TokenDispatcher):
-    """All experts on this device: a stable sort by expert and its inverse; dropless, so `scores_T` is unused."""
+    """All experts on this device: a stable sort by expert and its inverse; dropless, so `scores_T` is unused.
+
+    Nothing is read back to the host: on a GPU the step never waits for the routing.
+    """
 
     def __init__(self, num_experts: int):
         self.num_local_experts = num_experts
-        self._inverse_T: Tensor | None = None
 
-    def dispatch(self, x_TD: Tensor, expert_T: Tensor, scores_T: Tensor | None = None) -> tuple[Tensor, list[int]]:
-        order_T, self._inverse_T = sort_by_expert(expert_T)
-        counts = torch.bincount(expert_T, minlength=self.num_local_experts).tolist()
-        return x_TD[order_T], counts
+    def dispatch(self, x_TD: Tensor, expert_T: Tensor, scores_T: Tensor | None = None) -> tuple[Tensor, DispatchPlan]:
+        order_T, inverse_T = sort_by_expert(expert_T)
+        counts_L = expert_counts(expert_T, self.num_local_experts)
+        host_counts = counts_L.tolist() if counts_L.device.type == "cpu" else None
+        groups = ExpertGroups.from_counts(counts_L, x_TD.shape[0], host_counts)
+        return x_TD[order_T], DispatchPlan(x_TD.shape[0], groups, None, (inverse_T,))
 
-    def combine(self, y_R: Tensor) -> Tensor:
-        assert self._inverse_T is not None, "combine() before dispatch()"
-        return y_R[self._inverse_T]
+    def combine(self, y_R: Tensor, plan: DispatchPlan) -> Tensor:
+        (inverse_T,) = plan.state
+        return y_R[inverse_T]

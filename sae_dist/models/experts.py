@@ -7,7 +7,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from sae_dist.models.kernels import grouped_topk_encode, sparse_decode
+from sae_dist.models.auxk import AuxCandidates
+from sae_dist.models.dispatch import ExpertGroups
+from sae_dist.models.formulation import choose_formulation
+from sae_dist.models.grouped import gemm_decode, gemm_encode
+from sae_dist.models.kernels import sparse_decode, sparse_encode
 
 
 def seeded_generator(seed: int, stream: int) -> torch.Generator:
@@ -28,11 +32,15 @@ class ExpertOutput(NamedTuple):
     recon_RD: Tensor
     """z W_dec: the decoded rows, before the router gate and b_pre."""
     aux_recon_RD: Tensor | None
-    """The AuxK reconstruction from dead latents, or None when AuxK is off."""
+    """The AuxK reconstruction from dead latents, or None when AuxK does not run."""
 
 
 class ExpertBank(nn.Module):
-    """Experts `first_expert .. first_expert + num_local - 1`: W_enc, W_dec [N_local, M_e, d], b_enc [N_local, M_e]."""
+    """Experts `first_expert .. first_expert + num_local - 1`: W_enc, W_dec [N_local, M_e, d], b_enc [N_local, M_e].
+
+    `encoder_backward` and `decoder` choose the formulation of the compute (`formulation.py`; 'auto' decides by
+    device and expert width at each call).
+    """
 
     def __init__(
         self,
@@ -42,9 +50,12 @@ class ExpertBank(nn.Module):
         encoder_bias: bool,
         seed: int,
         first_expert: int = 0,
+        encoder_backward: str = "auto",
+        decoder: str = "auto",
     ):
         super().__init__()
         self.first_expert = first_expert
+        self.encoder_backward, self.decoder = encoder_backward, decoder
         self.latents_per_expert = latents_per_expert
         w_enc = torch.empty(num_local, latents_per_expert, d_model)
         bound = d_model**-0.5  # PyTorch's default Linear init: U(-1/sqrt(d), 1/sqrt(d))
@@ -59,14 +70,21 @@ class ExpertBank(nn.Module):
         return self.w_enc.shape[0]
 
     def forward(
-        self, rows_RD: Tensor, counts: list[int], k: int, dead_mask_L: Tensor | None = None, k_aux: int = 0
+        self, rows_RD: Tensor, groups: ExpertGroups, k: int, aux: AuxCandidates | None = None, k_aux: int = 0
     ) -> ExpertOutput:
-        """Encode and decode rows grouped by local expert (`counts[e]` rows for local expert e)."""
-        w_dec_LD = self.w_dec.flatten(0, 1)
-        b_enc_L = None if self.b_enc is None else self.b_enc.flatten()
-        values_RK, indices_RK, aux_values_RA, aux_indices_RA = grouped_topk_encode(
-            rows_RD, self.w_enc.flatten(0, 1), b_enc_L, counts, k, dead_mask_L, k_aux
-        )
-        recon_RD = sparse_decode(values_RK, indices_RK, w_dec_LD)
-        aux_recon_RD = sparse_decode(aux_values_RA, aux_indices_RA, w_dec_LD) if k_aux else None
-        return ExpertOutput(values_RK, indices_RK, recon_RD, aux_recon_RD)
+        """Encode and decode rows grouped by local expert; AuxK selects among `aux` candidates when given."""
+        formulation = choose_formulation(self.encoder_backward, self.decoder, rows_RD.device, self.latents_per_expert)
+        aux = aux if k_aux else None
+        encode = gemm_encode if formulation.encoder_backward == "gemm" else sparse_encode
+        values_RK, ids_RK, aux_values_RA, aux_ids_RA = encode(rows_RD, self.w_enc, self.b_enc, groups, k, aux, k_aux)
+
+        def decode(values: Tensor, ids: Tensor) -> Tensor:
+            if formulation.decoder == "gemm":
+                return gemm_decode(values, ids, self.w_dec, groups)
+            return sparse_decode(values, ids, self.w_dec)
+
+        recon_RD = decode(values_RK, ids_RK)
+        aux_recon_RD = None
+        if aux is not None:  # no candidate columns (nothing dead here): a zero reconstruction, no compute
+            aux_recon_RD = decode(aux_values_RA, aux_ids_RA) if aux_ids_RA.shape[1] else torch.zeros_like(recon_RD)
+        return ExpertOutput(values_RK, ids_RK, recon_RD, aux_recon_RD)

@@ -1,115 +1,283 @@
-"""Sparse compute kernels shared by every TopK-style SAE: a grouped TopK encoder and a sparse decoder.
+"""The sparse formulation of the expert compute: TopK encoder and decoder whose backward never goes dense.
 
-Rows arrive grouped by expert (expert e owns rows [offsets[e], offsets[e+1])). The encoder runs one GEMM per
-expert on that expert's rows only, so a token pays for M/N latents, not M. Its backward never materialises the
-dense [rows, latents] gradient: the input gradient is an `embedding_bag` over the k active encoder rows and the
-weight gradient an `index_add` over them. The decoder reads only the k active rows per token (`embedding_bag`),
-whose backward is sparse as well.
+Rows arrive grouped by local expert (`ExpertGroups`). The encoder runs one GEMM per expert on that expert's rows
+only, so a token pays for M/N latents, not M, and picks its TopK inside the expert (and, for AuxK, the top k_aux
+among candidate dead columns). The backward touches only the selected latents: the input gradient is an
+`embedding_bag` over the selected encoder rows, the weight gradient a scatter of outer products into them. The
+decoder reads the k selected rows per token (`embedding_bag`); its backward is a row-wise dot for the values and
+the same scatter for the weights. On a CPU this beats dense GEMMs over the scattered gradient by far; on a GPU
+scatter and gather are memory-bound, and `grouped.py` holds the GEMM formulation of the same math.
 
-Latent ids are "flat": expert e's latent j is e * M_e + j, indexing the [N * M_e, d] flattened weights.
+Latent ids are "flat": local expert e's latent j is e * M_e + j, indexing the [N * M_e, d] flattened weights.
+
+Inside `weight_grads_in_place()`, the backward adds the weight gradients straight into the parameters' `.grad`
+(allocating it when None) instead of returning a new [N, M_e, d] tensor for autograd to accumulate: a fresh
+gradient of that size costs a CPU more in page faults than the scatter itself. Outside it, gradients flow through
+autograd as usual (what `torch.autograd.grad` needs).
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-# Rows per chunk in the encoder weight-gradient: bounds the [chunk, k, d] temporary.
-_GRAD_CHUNK_ROWS = 1024
+from sae_dist.models.auxk import AuxCandidates
+from sae_dist.models.dispatch import ExpertGroups
+from sae_dist.models.grouped import compute_dtype, gemm_encode
+from sae_dist.models.selection import aux_topk
 
-
-def _topk_relu(pre_RM: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """TopK of ReLU(pre): values >= 0 (zeros where fewer than k are positive) and their column indices."""
-    values_RK, indices_RK = torch.topk(pre_RM, k, dim=-1, sorted=False)
-    return values_RK.clamp_min(0), indices_RK
+_IN_PLACE = {"enabled": False}
 
 
-class GroupedTopKEncoder(torch.autograd.Function):
-    """z = TopK_k(ReLU(W_enc^e x + b_enc^e)) for rows grouped by expert, with a sparse backward.
+@contextmanager
+def weight_grads_in_place(enabled: bool = True) -> Iterator[None]:
+    """Graphs built inside this block add the sparse kernels' weight gradients to `param.grad` directly."""
+    previous = _IN_PLACE["enabled"]
+    _IN_PLACE["enabled"] = enabled
+    try:
+        yield
+    finally:
+        _IN_PLACE["enabled"] = previous
 
-    Optionally also returns the AuxK selection: the top k_aux ReLU pre-activations among dead latents, from the
-    same GEMM. Both selections share one sparse backward.
+
+_PRE_CHUNK_ELEMENTS = 1 << 25
+"""Pre-activations per encoder chunk on a CPU (128 MiB in float32), computed into one workspace kept for the
+process: a fresh tensor of that size would be mapped and page-faulted afresh at every chunk."""
+_MIN_CHUNK_COLUMNS = 256
+
+
+_WORKSPACES: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+
+def _workspace(device: torch.device, dtype: torch.dtype, numel: int) -> Tensor:
+    """A flat buffer of at least `numel` elements, reused by every call (grown when a call needs more)."""
+    buffer = _WORKSPACES.get((device, dtype))
+    if buffer is None or buffer.numel() < numel:
+        buffer = _WORKSPACES[(device, dtype)] = torch.empty(numel, device=device, dtype=dtype)
+    return buffer
+
+
+def _csr(crow: Tensor, columns: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
+    """A sparse CSR matrix, valid by construction (so unchecked); torch's one-time 'beta' notice is not for users."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, columns, values, size=size, check_invariants=False)
+
+
+def scatter_outer_add_(grad_LD: Tensor, indices_RS: Tensor, coef_RS: Tensor, rows_RD: Tensor) -> None:
+    """grad_LD[indices[r, s]] += coef[r, s] * rows[r] for every r, s, in place.
+
+    One sparse-dense product grad += C @ rows, with C the [L, R] matrix of the coefficients in latent-major CSR
+    layout (a stable sort of the ids): each latent's row sums its own rows in a fixed order, in parallel over
+    latents, with no [R, S, d] temporary and none of `index_add_`'s cost in proportion to the whole of `grad`.
     """
+    if not indices_RS.numel():
+        return
+    rows, per_row = indices_RS.shape
+    flat_ids = indices_RS.flatten()
+    order = torch.argsort(flat_ids, stable=True)
+    latents = torch.arange(grad_LD.shape[0] + 1, device=flat_ids.device)
+    crow = torch.searchsorted(flat_ids[order], latents)
+    coef_LR = _csr(crow, order // per_row, coef_RS.flatten()[order].to(grad_LD.dtype), (grad_LD.shape[0], rows))
+    grad_LD.addmm_(coef_LR, rows_RD.to(grad_LD.dtype))
+
+
+def gathered_dots(indices_RK: Tensor, weight_LD: Tensor, rows_RD: Tensor) -> Tensor:
+    """out[r, j] = weight[indices[r, j]] . rows[r], [R, K] in the weight's dtype; the indices of a row are distinct.
+
+    `torch.sparse.sampled_addmm` computes rows @ weight^T only where a row's indices point (its columns sorted),
+    reading each weight row once per use, with no [R, K, d] gather.
+    """
+    rows, per_row = indices_RK.shape
+    if not indices_RK.numel():
+        return weight_LD.new_zeros(rows, per_row)
+    sorted_RK, unsort_RK = indices_RK.sort(dim=1)
+    crow = torch.arange(0, rows * per_row + 1, per_row, device=indices_RK.device)
+    pattern = _csr(crow, sorted_RK.flatten(), weight_LD.new_zeros(rows * per_row), (rows, weight_LD.shape[0]))
+    dots_RK = torch.sparse.sampled_addmm(pattern, rows_RD.to(weight_LD.dtype), weight_LD.T, beta=0.0).values()
+    dots_RK = dots_RK.view(rows, per_row)
+    return torch.empty_like(dots_RK).scatter_(1, unsort_RK, dots_RK)
+
+
+def _weight_grad(param: nn.Parameter, in_place: bool) -> Tensor:
+    """The buffer a weight gradient is scattered into: `param.grad` itself in place, else a new zero tensor."""
+    if not in_place:
+        return torch.zeros_like(param)
+    if param.grad is None:
+        param.grad = torch.zeros_like(param)
+    return param.grad
+
+
+def _expert_topk(
+    x_CD: Tensor,
+    w_MD: Tensor,
+    b_M: Tensor | None,
+    k: int,
+    aux_ids_A: Tensor | None,
+    aux_dead_A: Tensor | None,
+    k_aux: int,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """One expert's TopK (and AuxK among candidate columns) over its rows, in chunks of latents.
+
+    Chunking the latents rather than the rows reads each weight once (a GEMM over a few rows re-packs the whole
+    weight matrix); the TopK of the union of every chunk's TopK is the TopK of the row.
+    """
+    rows, width = x_CD.shape[0], w_MD.shape[0]
+    chunk = min(width, max(_MIN_CHUNK_COLUMNS, _PRE_CHUNK_ELEMENTS // max(rows, 1)))
+    dtype = compute_dtype(x_CD)
+    x_CD, workspace = x_CD.to(dtype), _workspace(x_CD.device, dtype, rows * chunk)
+    picks = min(k, chunk)
+    starts = range(0, width, chunk)
+    values_CP = x_CD.new_full((rows, picks * len(starts)), float("-inf"))
+    columns_CP = torch.zeros(values_CP.shape, dtype=torch.long, device=x_CD.device)
+    aux_pre_CA = None if aux_ids_A is None else x_CD.new_empty(rows, aux_ids_A.numel())
+    for index, lo in enumerate(starts):
+        hi = min(lo + chunk, width)
+        pre_CM = workspace[: rows * (hi - lo)].view(rows, hi - lo)
+        weight_DM = w_MD[lo:hi].to(dtype).T
+        with torch.autocast(x_CD.device.type, enabled=False):  # inputs already in the compute dtype
+            if b_M is None:
+                torch.mm(x_CD, weight_DM, out=pre_CM)
+            else:
+                torch.addmm(b_M[lo:hi].to(dtype), x_CD, weight_DM, out=pre_CM)
+        values, columns = torch.topk(pre_CM, min(k, hi - lo), dim=1, sorted=False)
+        slots = slice(index * picks, index * picks + values.shape[1])
+        values_CP[:, slots], columns_CP[:, slots] = values, columns + lo
+        if aux_pre_CA is not None:
+            inside = ((aux_ids_A >= lo) & (aux_ids_A < hi)).nonzero().squeeze(1)  # host-side: this is the CPU path
+            aux_pre_CA[:, inside] = pre_CM[:, aux_ids_A[inside] - lo]
+    if len(starts) > 1:
+        top = values_CP.topk(k, dim=1, sorted=False)
+        values_CP, columns_CP = top.values, columns_CP.gather(1, top.indices)
+    values_CK, columns_CK = F.relu(values_CP), columns_CP
+    if aux_pre_CA is None:
+        return values_CK, columns_CK, None, None
+    positions_CA = torch.arange(aux_ids_A.numel(), device=x_CD.device).expand(rows, -1)
+    aux_values, picks_CA = aux_topk(aux_pre_CA, positions_CA, aux_dead_A.expand(rows, -1), k_aux)
+    return values_CK, columns_CK, aux_values, aux_ids_A[picks_CA]
+
+
+@torch.no_grad()
+def select_latents(
+    x_RD: Tensor,
+    w_enc_NMD: Tensor,
+    b_enc_NM: Tensor | None,
+    groups: ExpertGroups,
+    k: int,
+    aux: AuxCandidates | None,
+    k_aux: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The encoder forward without autograd: (values_RK, flat ids_RK, aux_values_RA, aux flat ids_RA).
+
+    On a CPU, each expert's rows in column chunks (`_expert_topk`); elsewhere, or without the counts on the host,
+    the grouped GEMM of the GEMM formulation. The aux pair is empty (A = 0) without candidates.
+    """
+    if groups.counts is None or x_RD.device.type != "cpu":
+        return gemm_encode(x_RD, w_enc_NMD, b_enc_NM, groups, k, aux, k_aux)
+    width = w_enc_NMD.shape[1]
+    rows = x_RD.shape[0]
+    aux_width = 0 if aux is None else min(k_aux, aux.ids_NC.shape[1])
+    values_RK, ids_RK = x_RD.new_zeros(rows, k), torch.zeros(rows, k, dtype=torch.long, device=x_RD.device)
+    aux_values_RA = x_RD.new_zeros(rows, aux_width)
+    aux_ids_RA = torch.zeros(rows, aux_width, dtype=torch.long, device=x_RD.device)
+    start = 0
+    for expert, count in enumerate(groups.host_counts()):
+        if count:
+            part = slice(start, start + count)
+            bias_M = None if b_enc_NM is None else b_enc_NM[expert]
+            aux_ids, aux_dead = (aux.ids_NC[expert], aux.dead_NC[expert]) if aux_width else (None, None)
+            values, columns, aux_values, aux_columns = _expert_topk(
+                x_RD[part], w_enc_NMD[expert], bias_M, k, aux_ids, aux_dead, k_aux
+            )
+            values_RK[part], ids_RK[part] = values, columns + expert * width
+            if aux_width:
+                aux_values_RA[part], aux_ids_RA[part] = aux_values, aux_columns + expert * width
+        start += count
+    return values_RK, ids_RK, aux_values_RA, aux_ids_RA
+
+
+class SparseTopKEncoder(torch.autograd.Function):
+    """z = TopK_k(ReLU(W_enc^e x + b_enc^e)) (and the AuxK selection) with a sparse backward."""
 
     @staticmethod
-    def forward(ctx, x_RD, w_enc_ND_flat, b_enc_flat, counts, k, dead_mask_flat, k_aux):
-        num_experts = len(counts)
-        latents_per_expert = w_enc_ND_flat.shape[0] // num_experts
-        rows = x_RD.shape[0]
-        values_RK = x_RD.new_zeros(rows, k)
-        indices_RK = torch.zeros(rows, k, dtype=torch.long, device=x_RD.device)
-        aux_values_RA = x_RD.new_zeros(rows, k_aux)
-        aux_indices_RA = torch.zeros(rows, k_aux, dtype=torch.long, device=x_RD.device)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            stop = start + count
-            lo, hi = expert * latents_per_expert, (expert + 1) * latents_per_expert
-            bias = None if b_enc_flat is None else b_enc_flat[lo:hi]
-            pre_CM = F.linear(x_RD[start:stop], w_enc_ND_flat[lo:hi], bias)
-            values, local = _topk_relu(pre_CM, k)
-            values_RK[start:stop], indices_RK[start:stop] = values, local + lo
-            if k_aux:
-                dead_M = dead_mask_flat[lo:hi]
-                aux_pre = pre_CM.masked_fill(~dead_M, float("-inf"))
-                aux_k = min(k_aux, latents_per_expert)
-                values, local = _topk_relu(aux_pre, aux_k)
-                # -inf entries (alive latents picked when few are dead) clamp to 0 and so contribute nothing.
-                aux_values_RA[start:stop, :aux_k], aux_indices_RA[start:stop, :aux_k] = values, local + lo
-            start = stop
-        ctx.save_for_backward(x_RD, w_enc_ND_flat, values_RK, indices_RK, aux_values_RA, aux_indices_RA)
-        ctx.has_bias = b_enc_flat is not None
-        ctx.mark_non_differentiable(indices_RK, aux_indices_RA)
-        return values_RK, indices_RK, aux_values_RA, aux_indices_RA
+    def forward(ctx, x_RD, w_enc_NMD, b_enc_NM, groups, k, aux, k_aux):
+        values_RK, ids_RK, aux_values_RA, aux_ids_RA = select_latents(x_RD, w_enc_NMD, b_enc_NM, groups, k, aux, k_aux)
+        # Saved (so autograd notices an in-place change before the backward) and kept as the parameter whose
+        # .grad the in-place backward writes.
+        ctx.save_for_backward(x_RD, w_enc_NMD, values_RK, ids_RK, aux_values_RA, aux_ids_RA)
+        ctx.weight, ctx.has_bias, ctx.in_place = w_enc_NMD, b_enc_NM is not None, _IN_PLACE["enabled"]
+        ctx.mark_non_differentiable(ids_RK, aux_ids_RA)
+        return values_RK, ids_RK, aux_values_RA, aux_ids_RA
 
     @staticmethod
-    def backward(ctx, grad_values_RK, _grad_indices, grad_aux_RA, _grad_aux_indices):
-        x_RD, weight_LD, values_RK, indices_RK, aux_values_RA, aux_indices_RA = ctx.saved_tensors
+    def backward(ctx, grad_values_RK, _grad_ids, grad_aux_RA, _grad_aux_ids):
+        x_RD, weight_NMD, values_RK, ids_RK, aux_values_RA, aux_ids_RA = ctx.saved_tensors
+        weight_LD = weight_NMD.flatten(0, 1)
         # ReLU: no gradient flows through selections that were clamped to zero.
-        grad_RS = torch.cat(
-            [grad_values_RK * (values_RK > 0), grad_aux_RA * (aux_values_RA > 0)], dim=1
-        ).to(weight_LD.dtype)
-        indices_RS = torch.cat([indices_RK, aux_indices_RA], dim=1)
+        grad_RS = torch.cat([grad_values_RK * (values_RK > 0), grad_aux_RA * (aux_values_RA > 0)], 1)
+        grad_RS = grad_RS.to(weight_LD.dtype)
+        ids_RS = torch.cat([ids_RK, aux_ids_RA], 1)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(indices_RS, weight_LD, mode="sum", per_sample_weights=grad_RS)
+            grad_x = F.embedding_bag(ids_RS, weight_LD, mode="sum", per_sample_weights=grad_RS).to(x_RD.dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = torch.zeros_like(weight_LD)
-            for start in range(0, x_RD.shape[0], _GRAD_CHUNK_ROWS):
-                rows = slice(start, start + _GRAD_CHUNK_ROWS)
-                outer_RSD = grad_RS[rows].unsqueeze(2) * x_RD[rows].unsqueeze(1).to(weight_LD.dtype)
-                grad_w.index_add_(0, indices_RS[rows].flatten(), outer_RSD.flatten(0, 1))
+            grad_w = _weight_grad(ctx.weight, ctx.in_place)
+            scatter_outer_add_(grad_w.view_as(weight_LD), ids_RS, grad_RS, x_RD)
+            grad_w = None if ctx.in_place else grad_w
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = weight_LD.new_zeros(weight_LD.shape[0])
-            grad_b.index_add_(0, indices_RS.flatten(), grad_RS.flatten())
+            grad_b = weight_LD.new_zeros(weight_LD.shape[0]).index_add_(0, ids_RS.flatten(), grad_RS.flatten())
+            grad_b = grad_b.view(weight_NMD.shape[:2])
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
-def grouped_topk_encode(
+class SparseDecoder(torch.autograd.Function):
+    """sum_j values[r, j] * W_dec[ids[r, j]] -> [R, d], reading only the selected decoder rows; sparse backward."""
+
+    @staticmethod
+    def forward(ctx, values_RK, ids_RK, w_dec_NMD):
+        weight_LD = w_dec_NMD.flatten(0, 1)
+        ctx.save_for_backward(values_RK, ids_RK, w_dec_NMD)
+        ctx.weight, ctx.in_place = w_dec_NMD, _IN_PLACE["enabled"]
+        return F.embedding_bag(ids_RK, weight_LD, mode="sum", per_sample_weights=values_RK.to(weight_LD.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_RD):
+        values_RK, ids_RK, weight_NMD = ctx.saved_tensors
+        weight_LD = weight_NMD.flatten(0, 1)
+        grad_values = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_values = gathered_dots(ids_RK, weight_LD, grad_RD).to(values_RK.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_w = _weight_grad(ctx.weight, ctx.in_place)
+            scatter_outer_add_(grad_w.view_as(weight_LD), ids_RK, values_RK.to(weight_LD.dtype), grad_RD)
+            grad_w = None if ctx.in_place else grad_w
+        return grad_values, None, grad_w
+
+
+def sparse_encode(
     x_RD: Tensor,
-    w_enc_LD: Tensor,
-    b_enc_L: Tensor | None,
-    counts: list[int],
+    w_enc_NMD: Tensor,
+    b_enc_NM: Tensor | None,
+    groups: ExpertGroups,
     k: int,
-    dead_mask_L: Tensor | None = None,
+    aux: AuxCandidates | None = None,
     k_aux: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Encode expert-grouped rows.
+    """Encode expert-grouped rows, already centred (x - b_pre).
 
-    x_RD: rows, already centred (x - b_pre), grouped by expert with `counts[e]` rows for expert e.
-    w_enc_LD: flattened encoder weights [N * M_e, d]; b_enc_L: [N * M_e] or None.
-    Returns (values_RK, flat_indices_RK, aux_values_RA, aux_flat_indices_RA); the aux pair is empty (A = 0)
-    unless `k_aux` > 0, in which case it selects among latents where `dead_mask_L` is True.
+    w_enc_NMD: encoder weights [N, M_e, d]; b_enc_NM: [N, M_e] or None. Returns (values_RK, flat ids_RK,
+    aux_values_RA, aux flat ids_RA); the aux pair is empty (A = 0) unless `aux` candidates are given.
     """
-    if sum(counts) != x_RD.shape[0]:
-        raise ValueError(f"expert counts sum to {sum(counts)} but there are {x_RD.shape[0]} rows")
-    if k_aux and dead_mask_L is None:
-        raise ValueError("k_aux > 0 needs a dead_mask_L")
-    return GroupedTopKEncoder.apply(x_RD, w_enc_LD, b_enc_L, list(counts), k, dead_mask_L, k_aux)
+    if x_RD.shape[0] != groups.expert_R.shape[0]:
+        raise ValueError(f"expert groups cover {groups.expert_R.shape[0]} rows but there are {x_RD.shape[0]}")
+    return SparseTopKEncoder.apply(x_RD, w_enc_NMD, b_enc_NM, groups, k, aux, k_aux)
 
 
-def sparse_decode(values_RK: Tensor, flat_indices_RK: Tensor, w_dec_LD: Tensor) -> Tensor:
-    """sum_j values[r, j] * W_dec[indices[r, j]] -> [R, d], reading only the k active decoder rows."""
-    return F.embedding_bag(flat_indices_RK, w_dec_LD, mode="sum", per_sample_weights=values_RK.to(w_dec_LD.dtype))
+def sparse_decode(values_RK: Tensor, flat_ids_RK: Tensor, w_dec_NMD: Tensor) -> Tensor:
+    """sum_j values[r, j] * W_dec[ids[r, j]] -> [R, d] (flat ids into the [N * M_e, d] flattened decoder)."""
+    return SparseDecoder.apply(values_RK, flat_ids_RK, w_dec_NMD)

@@ -57,8 +57,8 @@ def total_loss(terms: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
 
 def fired_mask(values: Tensor, indices: Tensor | None, num_latents: int) -> Tensor:
     """Bool [num_latents]: latents with a positive activation somewhere in the batch."""
-    fired = torch.zeros(num_latents, dtype=torch.bool, device=values.device)
     if indices is None:  # dense [T, M] activations
         return (values > 0).any(dim=0)
-    fired[indices[values > 0]] = True
-    return fired
+    # A count per latent rather than boolean indexing, which would read the number of hits back to the host.
+    hits_L = torch.zeros(num_latents, dtype=torch.int32, device=values.device)
+    return hits_L.index_add_(0, indices.flatten(), (values > 0).flatten().to(torch.int32)) > 0

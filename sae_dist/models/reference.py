@@ -13,15 +13,20 @@ from torch import Tensor
 from sae_dist.models.switch import SwitchSAE
 
 
+def all_latents(z_TM: Tensor, expert_T: Tensor, num_experts: int) -> Tensor:
+    """Place each token's latents in its expert's columns of a dense [T, N * M_e] code."""
+    z_TNM = z_TM.new_zeros(z_TM.shape[0], num_experts, z_TM.shape[1])
+    z_TNM[torch.arange(z_TM.shape[0], device=z_TM.device), expert_T] = z_TM
+    return z_TNM.flatten(1)
+
+
 def dense_decode(z_TM: Tensor, expert_T: Tensor, w_dec_NMD: Tensor) -> Tensor:
-    """Place each token's latents in its expert's columns of a dense [T, N, M_e] code, then one dense GEMM."""
-    z_TNM = z_TM.new_zeros(z_TM.shape[0], *w_dec_NMD.shape[:2])
-    z_TNM[torch.arange(z_TM.shape[0]), expert_T] = z_TM
-    return z_TNM.flatten(1) @ w_dec_NMD.flatten(0, 1)
+    """The decode of a dense code of all latents: one GEMM with the [N * M_e, d] decoder."""
+    return all_latents(z_TM, expert_T, w_dec_NMD.shape[0]) @ w_dec_NMD.flatten(0, 1)
 
 
 def naive_forward(sae: SwitchSAE, x_TD: Tensor, dead_mask_L: Tensor | None = None):
-    """Dense forward with the weights of `sae`: (x_hat_TD, f_TM = p * z in dense local-expert columns, loss terms)."""
+    """Dense forward with the weights of `sae`: (x_hat_TD, f_TL = p * z over all local latents, loss terms)."""
     bank = sae.experts
     pre_TNM = torch.einsum("td,nmd->tnm", x_TD - sae.b_pre, bank.w_enc)
     if bank.b_enc is not None:
@@ -33,9 +38,9 @@ def naive_forward(sae: SwitchSAE, x_TD: Tensor, dead_mask_L: Tensor | None = Non
         expert_T = probs_TN.argmax(-1)
         gate_T = probs_TN.gather(1, expert_T[:, None]).squeeze(1)
     else:
-        expert_T = torch.zeros(x_TD.shape[0], dtype=torch.long)
-        probs_TN, gate_T = None, torch.ones(x_TD.shape[0])
-    tokens = torch.arange(x_TD.shape[0])
+        expert_T = torch.zeros(x_TD.shape[0], dtype=torch.long, device=x_TD.device)
+        probs_TN, gate_T = None, torch.ones(x_TD.shape[0], device=x_TD.device)
+    tokens = torch.arange(x_TD.shape[0], device=x_TD.device)
     acts_TM = acts_TNM[tokens, expert_T]
     top_idx = acts_TM.topk(sae.cfg.k, dim=-1).indices
     mask_TM = torch.zeros_like(acts_TM).scatter(1, top_idx, 1.0)
@@ -59,4 +64,33 @@ def naive_forward(sae: SwitchSAE, x_TD: Tensor, dead_mask_L: Tensor | None = Non
         residual = (x_TD.float() - x_hat).detach()
         centred = x_TD.float() - x_TD.float().mean(0)
         terms["auxk"] = (aux_TD - residual).pow(2).sum() / centred.pow(2).sum()
-    return x_hat, z_TM * gate_T[:, None], terms
+    return x_hat, all_latents(z_TM * gate_T[:, None], expert_T, bank.num_local), terms
+
+
+def reference_train_step(
+    sae: SwitchSAE,
+    optimizer: torch.optim.Optimizer,
+    x_TD: Tensor,
+    max_norm: float,
+    dead_mask_L: Tensor | None = None,
+    step_fraction: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """One training step written the straightforward way (SPEC section 4), on the dense formulation.
+
+    Renormalise decoder rows; dense forward and loss; backward; clip the gradient norm (`clip_grad_norm_`); remove
+    each decoder row's parallel gradient component; `optimizer.step()` (a plain, unfused Adam). The oracle of the
+    trainer's fused step and the dense-then-mask baseline of the benchmarks. Returns (loss, f_TL).
+    """
+    w_dec = sae.experts.w_dec
+    with torch.no_grad():
+        w_dec.div_(w_dec.norm(dim=-1, keepdim=True))
+    _, f_TL, terms = naive_forward(sae, x_TD, dead_mask_L)
+    loss = sum(sae.loss_weights(step_fraction).get(name, 1.0) * term for name, term in terms.items())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(sae.parameters(), max_norm)
+    with torch.no_grad():
+        rows = w_dec / w_dec.norm(dim=-1, keepdim=True)
+        w_dec.grad -= (w_dec.grad * rows).sum(-1, keepdim=True) * rows
+    optimizer.step()
+    return loss.detach(), f_TL.detach()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ class Routing(NamedTuple):
 
 
 class Router(nn.Module):
-    """p = softmax(W_router (x - b_router)) in float32; e* = argmax p."""
+    """p = softmax(W_router (x - b_router)) in float32, also under autocast; e* = argmax p."""
 
     def __init__(self, d_model: int, num_experts: int, generator: torch.Generator | None = None):
         super().__init__()
@@ -30,16 +31,19 @@ class Router(nn.Module):
             self.weight.uniform_(-bound, bound, generator=generator)
 
     def forward(self, x_TD: Tensor) -> Routing:
-        logits_TN = F.linear(x_TD.float() - self.b_router.float(), self.weight.float())
-        probs_TN = logits_TN.softmax(dim=-1)
+        # Autocast would run this GEMM in bf16/fp16 and change the chosen expert of near-tied tokens.
+        with torch.autocast(x_TD.device.type, enabled=False):
+            logits_TN = F.linear(x_TD.float() - self.b_router.float(), self.weight.float())
+            probs_TN = logits_TN.softmax(dim=-1)
         expert_T = probs_TN.argmax(dim=-1)
         gate_T = probs_TN.gather(1, expert_T[:, None]).squeeze(1)
         return Routing(probs_TN, expert_T, gate_T)
 
 
 def expert_counts(expert_T: Tensor, num_experts: int) -> Tensor:
-    """Tokens routed to each expert, [N] long."""
-    return torch.bincount(expert_T, minlength=num_experts)
+    """Tokens routed to each expert, [N] long; unlike `bincount` it never reads the ids back to the host."""
+    counts_N = torch.zeros(num_experts, dtype=torch.long, device=expert_T.device)
+    return counts_N.index_add_(0, expert_T, torch.ones_like(expert_T))
 
 
 def load_balancing_loss(

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from sae_dist.config import SAEConfig
-from sae_dist.models.dispatch import LocalDispatcher, TokenDispatcher
+from sae_dist.models.auxk import AuxCandidates, dead_candidates
+from sae_dist.models.dispatch import DispatchPlan, ExpertGroups, LocalDispatcher, TokenDispatcher
 from sae_dist.models.experts import ExpertBank, seeded_generator
 from sae_dist.models.kernels import sparse_decode
 from sae_dist.models.losses import BatchReducer, auxk_loss, fired_mask, reconstruction_loss
@@ -30,6 +31,8 @@ class SAEOutput(NamedTuple):
     aux_recon_TD: Tensor | None
     kept_T: Tensor | None = None
     """Tokens that reached an expert (the others, dropped by a capacity limit, reconstruct as b_pre); None = all."""
+    plan: DispatchPlan | None = None
+    """The dispatch that made the rows (combine() with it returns per-row tensors to token order)."""
 
 
 class Latents(NamedTuple):
@@ -58,6 +61,8 @@ class SwitchSAE(nn.Module):
             encoder_bias=not is_switch,
             seed=seed,
             first_expert=self.dispatcher.first_local_expert,
+            encoder_backward=cfg.encoder_backward,
+            decoder=cfg.decoder,
         )
         default_auxk = 0.0 if is_switch else 1 / 32
         self.auxk_alpha = default_auxk if cfg.auxk_alpha is None else cfg.auxk_alpha
@@ -78,25 +83,34 @@ class SwitchSAE(nn.Module):
             biases["b_router"] = self.router.b_router
         return biases
 
-    def forward(self, x_TD: Tensor, dead_mask_L: Tensor | None = None) -> SAEOutput:
+    def forward(
+        self, x_TD: Tensor, dead_mask_L: Tensor | None = None, aux_candidates: AuxCandidates | None = None
+    ) -> SAEOutput:
+        """AuxK (when on) selects among `aux_candidates`, or among the latents where `dead_mask_L` [L] is True."""
         routing = self.router(x_TD) if self.router is not None else None
         expert_T = routing.expert_T if routing is not None else x_TD.new_zeros(x_TD.shape[0], dtype=torch.long)
         scores_T = routing.gate_T.detach() if routing is not None else None
-        rows_RD, counts = self.dispatcher.dispatch(x_TD - self.b_pre, expert_T, scores_T)
-        k_aux = self.k_aux if dead_mask_L is not None else 0
-        out = self.experts(rows_RD, counts, self.cfg.k, dead_mask_L, k_aux)
-        # One combine for both reconstructions: one all-to-all under expert parallelism.
-        recon_R = out.recon_RD if out.aux_recon_RD is None else torch.cat([out.recon_RD, out.aux_recon_RD], 1)
-        recon_T = self.dispatcher.combine(recon_R).float()
+        if aux_candidates is None and dead_mask_L is not None and self.k_aux:
+            aux_candidates = dead_candidates(dead_mask_L, self.experts.num_local)
+        k_aux = self.k_aux if aux_candidates is not None else 0
+
+        def run_experts(rows_RD: Tensor, groups: ExpertGroups) -> tuple[Tensor, tuple]:
+            out = self.experts(rows_RD, groups, self.cfg.k, aux_candidates, k_aux)
+            # One combine for both reconstructions: one all-to-all under expert parallelism.
+            recon_R = out.recon_RD if out.aux_recon_RD is None else torch.cat([out.recon_RD, out.aux_recon_RD], 1)
+            return recon_R, (out.values_RK, out.indices_RK)
+
+        run = self.dispatcher.run(x_TD - self.b_pre, expert_T, scores_T, run_experts)
+        values_RK, indices_RK = run.per_row
+        recon_T = run.combined_T.float()
         decoded_TD, aux_TD = recon_T[:, : self.d_model], recon_T[:, self.d_model :]
         gate_T1 = routing.gate_T[:, None] if routing is not None else 1.0
         # A token dropped by a capacity limit combines to a zero row, so its x_hat is b_pre.
         x_hat_TD = gate_T1 * decoded_TD + self.b_pre.float()
         aux_recon_TD = None
-        if out.aux_recon_RD is not None:
+        if k_aux:
             aux_recon_TD = aux_TD * (gate_T1.detach() if routing is not None else 1.0)
-        kept_T = self.dispatcher.kept_T()
-        return SAEOutput(x_hat_TD, out.values_RK, out.indices_RK, routing, aux_recon_TD, kept_T)
+        return SAEOutput(x_hat_TD, values_RK, indices_RK, routing, aux_recon_TD, run.plan.kept_T, run.plan)
 
     def loss_terms(self, x_TD: Tensor, out: SAEOutput, reducer: BatchReducer | None = None) -> dict[str, Tensor]:
         """Unweighted loss terms: 'rec', and 'lb' (Switch) and 'auxk' (when on).
@@ -127,10 +141,10 @@ class SwitchSAE(nn.Module):
     def encode(self, x_TD: Tensor) -> Latents:
         """Latent activations f = p_{e*} z in token order, with global latent ids."""
         out = self(x_TD)
-        values_TK = self.dispatcher.combine(out.latent_values_RK)
+        values_TK = self.dispatcher.combine(out.latent_values_RK, out.plan)
         # Ids become global before combine: under expert parallelism the rows were encoded on other ranks.
         first_latent = self.experts.first_expert * self.latents_per_expert
-        indices_TK = self.dispatcher.combine(out.latent_indices_RK + first_latent)
+        indices_TK = self.dispatcher.combine(out.latent_indices_RK + first_latent, out.plan)
         if out.routing is not None:
             values_TK = values_TK * out.routing.gate_T[:, None]
         return Latents(values_TK, indices_TK)
@@ -138,6 +152,5 @@ class SwitchSAE(nn.Module):
     @torch.no_grad()
     def decode(self, latents: Latents) -> Tensor:
         """x_hat = sum_j f_j W_dec[id_j] + b_pre for latents from `encode`."""
-        w_dec_LD = self.experts.w_dec.flatten(0, 1)
         local_ids = latents.indices_TK - self.experts.first_expert * self.latents_per_expert
-        return sparse_decode(latents.values_TK, local_ids, w_dec_LD).float() + self.b_pre.float()
+        return sparse_decode(latents.values_TK, local_ids, self.experts.w_dec).float() + self.b_pre.float()

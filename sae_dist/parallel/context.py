@@ -58,9 +58,10 @@ class ParallelContext:
     def sync_gradients(self, model: nn.Module) -> None:
         """Average gradients as the layout requires (no-op on one device)."""
 
-    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> Tensor:
-        """Clip by the true global gradient norm; return the norm before clipping."""
-        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    def grad_norm(self, model: nn.Module) -> Tensor:
+        """The global gradient norm, a 0-dim tensor in at least float32 on the parameters' device."""
+        norms = torch.stack(torch._foreach_norm([p.grad for p in model.parameters() if p.grad is not None]))
+        return torch.linalg.vector_norm(norms.to(torch.promote_types(norms.dtype, torch.float32)))
 
     def barrier(self) -> None:
         """Wait for every rank."""

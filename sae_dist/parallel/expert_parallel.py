@@ -25,6 +25,7 @@ from sae_dist.parallel.all_to_all import AllToAllDispatcher
 from sae_dist.parallel.comm import CommStats, all_reduce_flat_, nbytes
 from sae_dist.parallel.context import ParallelContext, is_expert_sharded
 from sae_dist.parallel.mesh import ExpertMesh, build_mesh, init_process_group, validate_layout
+from sae_dist.parallel.overlap import OverlappedAllToAllDispatcher
 
 
 def split_gradients(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
@@ -39,9 +40,11 @@ def split_gradients(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
 
 
 def squared_norm(tensors: list[Tensor], device: torch.device) -> Tensor:
-    """Sum of squares of all elements, in at least float32."""
-    squares = [torch.linalg.vector_norm(t, dtype=torch.promote_types(t.dtype, torch.float32)).square() for t in tensors]
-    return torch.stack(squares).sum() if squares else torch.zeros((), device=device)
+    """Sum of squares of all elements, in at least float32 (one fused pass per tensor)."""
+    if not tensors:
+        return torch.zeros((), device=device)
+    norms = torch.stack(torch._foreach_norm(tensors))
+    return norms.to(torch.promote_types(norms.dtype, torch.float32)).square().sum()
 
 
 class ExpertParallelContext(ParallelContext):
@@ -49,11 +52,12 @@ class ExpertParallelContext(ParallelContext):
 
     distributed = True
 
-    def __init__(self, mesh: ExpertMesh, capacity_factor: float | None = None):
+    def __init__(self, mesh: ExpertMesh, capacity_factor: float | None = None, a2a_chunks: int = 1):
         self.mesh = mesh
         self.rank, self.world_size = mesh.rank, mesh.world_size
         self.expert_replicas = mesh.dp_size
         self.capacity_factor = capacity_factor
+        self.a2a_chunks = a2a_chunks
         self.stats = CommStats()
 
     @classmethod
@@ -64,9 +68,13 @@ class ExpertParallelContext(ParallelContext):
         ep_size = validate_layout(run, world)
         timeout = timedelta(seconds=run.parallel.timeout_s)
         init_process_group(device_type, timeout)
-        return cls(build_mesh(device_type, ep_size, timeout), run.parallel.capacity_factor)
+        mesh = build_mesh(device_type, ep_size, timeout)
+        return cls(mesh, run.parallel.capacity_factor, run.parallel.a2a_chunks)
 
     def dispatcher(self, num_experts: int) -> AllToAllDispatcher:
+        if self.a2a_chunks > 1:
+            group, chunks = self.mesh.ep_group, self.a2a_chunks
+            return OverlappedAllToAllDispatcher(num_experts, group, chunks, self.capacity_factor, self.stats)
         return AllToAllDispatcher(num_experts, self.mesh.ep_group, self.capacity_factor, self.stats)
 
     def local_batch_size(self, global_batch: int) -> int:
@@ -101,16 +109,14 @@ class ExpertParallelContext(ParallelContext):
         elif experts:
             torch._foreach_mul_(experts, scale)
 
-    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> Tensor:
+    def grad_norm(self, model: nn.Module) -> Tensor:
         """The norm of the global gradient: replicated parameters once, each expert once (summed over "ep")."""
         replicated, experts = split_gradients(model)
         device = next(model.parameters()).device
         expert_sq = squared_norm(experts, device)
         if self.mesh.ep_size > 1:
             dist.all_reduce(expert_sq, group=self.mesh.ep_group)
-        total = (squared_norm(replicated, device) + expert_sq).sqrt()
-        torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, total)
-        return total
+        return (squared_norm(replicated, device) + expert_sq).sqrt()
 
     def barrier(self) -> None:
         dist.barrier()

@@ -13,10 +13,15 @@ class DeadLatentTracker:
         self.dead_tokens = dead_tokens
         self.tokens_since_fired_L = torch.zeros(num_latents, dtype=torch.long, device=device)
 
-    def update(self, fired_L: Tensor, tokens: int) -> None:
-        """Advance every counter by the step's global token count and reset the latents that fired."""
-        self.tokens_since_fired_L += tokens
-        self.tokens_since_fired_L[fired_L] = 0
+    def update(self, fired_L: Tensor, tokens: int, applied: Tensor | None = None) -> None:
+        """Advance every counter by the step's global token count and reset the latents that fired.
+
+        `applied` (0-dim bool): when False the step was skipped, and the counters stay as they were.
+        """
+        updated_L = (self.tokens_since_fired_L + tokens).masked_fill_(fired_L, 0)
+        if applied is not None:
+            updated_L = torch.where(applied, updated_L, self.tokens_since_fired_L)
+        self.tokens_since_fired_L.copy_(updated_L)
 
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired_L >= self.dead_tokens

@@ -1,25 +1,26 @@
 """The DeepSpeed engine (`trainer.engine=deepspeed`): the same models, data and step, with DeepSpeed's ZeRO optimizer
 (stage 1 or 2) holding Adam's state and the fp32 master weights partitioned over the ranks and reducing gradients.
 
-The step, in the order of SPEC section 4, and who does each part:
-1. Renormalise decoder rows: the torch engine's code on the module's parameters, then DeepSpeed's master partitions
-   are refreshed from them (a local copy). Parameters are fp32 throughout, so after every step they are exact copies
-   of the masters: the refresh carries only the renormalisation in (and, once, the geometric-median biases or a
-   restored checkpoint, which are written to the module's parameters too).
-2. Forward and loss: `Trainer.forward_loss`, unchanged, with its autocast (`trainer.dtype=bfloat16` on GPU: bf16
+The step, in the torch engine's order (`Trainer.train_step`), and who does each part:
+1. Forward and loss: `Trainer.forward_loss`, unchanged, with its autocast (`trainer.dtype=bfloat16` on GPU: bf16
    matmuls, fp32 weights, gradients and reductions, as in the torch engine; DeepSpeed's own bf16 mode would keep the
-   router, b_pre and the decoder rows in bf16, which SPEC section 2 keeps in fp32).
-3. Backward: `engine.backward`, whose ZeRO hooks reduce the gradients into partitions. Expert parameters are
+   router, b_pre and the decoder rows in bf16, which SPEC section 2 keeps in fp32). The sparse kernels hand their
+   weight gradients to autograd (`weight_grads_in_place = False`), whose accumulation DeepSpeed hooks.
+2. Backward: `engine.backward`, whose ZeRO hooks reduce the gradients into partitions. Expert parameters are
    DeepSpeed MoE parameters of group "ep_size_P": DeepSpeed divides every gradient bucket by the data-parallel world
    size W and sums expert buckets over their W/P expert-data-parallel replicas only, replicated ones over all W
    ranks: SPEC section 8's scaling (replicated averaged over W, experts summed over replicas and divided by W).
-4. Clip by the true global norm: done here, on each rank's gradient partitions (every element of the global
-   gradient lives in exactly one partition, so the partitions' squared norms summed over all ranks give the global
-   one). DeepSpeed's own clipping (`gradient_clipping`) is off: it runs inside `engine.step()`, after step 5.
-5. Project: each decoder row's gradient loses its component along the row; a row may straddle two partitions, so
+3. The true global norm: from each rank's gradient partitions (every element of the global gradient lives in
+   exactly one partition, so the partitions' squared norms summed over all ranks give the global one).
+4. Project: each decoder row's gradient loses its component along the row; a row may straddle two partitions, so
    the per-row dot products are summed over the parameter's partition group.
-6. Adam: `engine.step()`, torch's Adam on the fp32 partitions, then the parameters are all-gathered; the lr schedule
-   steps there.
+5. Adam: `engine.step()`, the torch engine's fused Adam on the fp32 partitions, which clips
+   by the global norm and skips a non-finite step inside its own pass as in the torch engine (`grad_scale`,
+   `found_inf`); DeepSpeed's clipping and its own norm are off. The masters first take the module's parameters (a
+   local copy): parameters are fp32 throughout, so this carries in only what was written to the module since the
+   last step (the renormalised rows of step 6, the geometric-median biases, a restored checkpoint). Then the
+   parameters are all-gathered and the lr schedule steps.
+6. Renormalise decoder rows: the torch engine's code on the module's parameters.
 
 Checkpoints use the project's format (`checkpoint.py`): Adam's moments are gathered from the partitions per
 parameter on save and scattered back on load, so a run resumes on either engine, on any valid layout, and
@@ -43,7 +44,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from sae_dist.config import ConfigError
 from sae_dist.parallel.context import is_expert_sharded
 from sae_dist.train import checkpoint as ckpt
-from sae_dist.train.optim import build_optimizer, build_scheduler
+from sae_dist.train.optim import build_optimizer, build_scheduler, clip_and_skip_in_adam
 from sae_dist.train.trainer import Trainer
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -94,12 +95,12 @@ def build_expert_parallel_module(sae: nn.Module, num_experts: int, ep_size: int)
 
 
 def deepspeed_config(zero_stage: int, local_batch: int) -> dict[str, Any]:
-    """The engine's configuration: ZeRO stage 1 or 2, fp32 parameters, no DeepSpeed clipping (see step 4)."""
+    """The engine's configuration: ZeRO stage 1 or 2, fp32 parameters, no DeepSpeed clipping or norm (step 5)."""
     return {
         "train_micro_batch_size_per_gpu": local_batch,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 0.0,
-        "zero_optimization": {"stage": zero_stage, "contiguous_gradients": True},
+        "zero_optimization": {"stage": zero_stage, "contiguous_gradients": True, "compute_grad_norm": False},
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
@@ -224,11 +225,13 @@ class SharedScheduleLR(LambdaLR):
 
 # --- the trainer ----------------------------------------------------------------------------------------------
 class DeepSpeedTrainer(Trainer):
-    """`Trainer` whose optimizer, gradient reduction and update are DeepSpeed's (steps 3-6 in the module doc).
+    """`Trainer` whose optimizer, gradient reduction and update are DeepSpeed's (steps 2-5 in the module doc).
 
-    Overrides `build_optimizer`, `renormalize_decoders`, `backward`, `sync_clip_project`, `update` and `_tensors`;
-    `forward_loss`, the loop, metrics and checkpoint files are the torch engine's. Needs an expert-parallel context
-    (a process group, also of one rank)."""
+    Overrides `build_optimizer`, `backward`, `sync_clip_project`, `update` and `_tensors`; `forward_loss`,
+    `renormalize_decoders`, the loop, metrics and checkpoint files are the torch engine's. Needs an expert-parallel
+    context (a process group, also of one rank)."""
+
+    weight_grads_in_place = False
 
     def build_optimizer(self):
         """Adam over DeepSpeed's parameter groups (replicated, and experts per expert group) inside the engine;
@@ -255,31 +258,29 @@ class DeepSpeedTrainer(Trainer):
             check_expert_groups(self.ctx.mesh, ep_size)
         return zero, scheduler
 
-    def renormalize_decoders(self) -> None:
-        super().renormalize_decoders()
-        self.optimizer.refresh_fp32_params()
-
     def backward(self, loss: Tensor) -> None:
         self.engine.backward(loss)
 
     @torch.no_grad()
     def sync_clip_project(self) -> Tensor:
-        """Clip this rank's gradient partitions by the global norm, then project the decoder rows' gradients."""
+        """The global norm of the reduced gradient partitions (which `update` clips by); project the decoder rows'
+        gradients."""
         parts = {param: grad_partition(param) for param in self.model.parameters()}
         grads = [part[0] for part in parts.values() if part is not None]
         squares = [torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32)).square() for g in grads]
         total_sq = torch.stack(squares).sum() if squares else torch.zeros((), device=self.device)
         dist.all_reduce(total_sq)
-        grad_norm = total_sq.sqrt()
-        clip_coef = (self.run.trainer.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)  # as torch's clip_grad_norm_
-        for g in grads:
-            g.mul_(clip_coef.to(g.dtype))
         for w_dec in self.model.decoder_weights():
             remove_parallel_gradient_partition_(w_dec, parts[w_dec])
-        return grad_norm
+        return total_sq.sqrt()
 
-    def update(self) -> None:
+    def update(self, grad_norm: Tensor, finite: Tensor) -> float:
+        """Step 5: masters refreshed from the module, then DeepSpeed's step with the torch engine's clip and skip."""
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.refresh_fp32_params()
+        clip_and_skip_in_adam(self.optimizer.optimizer, grad_norm, self.run.trainer.grad_clip, finite)
         self.engine.step()
+        return lr
 
     def _tensors(self) -> ckpt.TrainingTensors:
         return ckpt.TrainingTensors(self.model, ZeroAdamView(self.model, self.optimizer), self.dead.tokens_since_fired_L)

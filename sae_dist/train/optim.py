@@ -1,4 +1,11 @@
-"""The optimisation recipe (SPEC section 4): Adam, the lr rule and schedule, and the decoder-norm constraint."""
+"""The optimisation recipe (SPEC section 4): Adam, the lr rule and schedule, clipping and the decoder-norm constraint.
+
+Each piece makes as few passes over the parameters as it can, with no temporary of their size: fused Adam (which
+also applies the clip factor and skips a non-finite step, through the `grad_scale` / `found_inf` arguments that
+GradScaler uses), decoder renormalisation and the gradient projection (one compiled kernel each on a GPU,
+`compiled.py`; in eager PyTorch a row-norm pass and a scaling pass, and row-batched dot products then one fused
+multiply-subtract).
+"""
 
 from __future__ import annotations
 
@@ -7,14 +14,40 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from sae_dist.config import RunConfig, default_lr
+from sae_dist.train.bf16_adam import BF16StateAdam
+from sae_dist.train.compiled import on_device
+
+CLIP_EPS = 1e-6
+"""Added to the gradient norm before dividing by it, as `torch.nn.utils.clip_grad_norm_` does."""
 
 
-def build_optimizer(model: nn.Module, run: RunConfig, param_groups: list[dict] | None = None) -> torch.optim.Adam:
-    """Adam (no weight decay) at the configured lr or the paper's 2e-4 / sqrt(M / 2^14) rule, over `param_groups`
-    (default: one group of every parameter of `model`)."""
+def build_optimizer(model: nn.Module, run: RunConfig, param_groups: list[dict] | None = None) -> torch.optim.Optimizer:
+    """Adam (no weight decay) at the configured lr or the paper's 2e-4 / sqrt(M / 2^14) rule over `param_groups`
+    (default: one group of every parameter of `model`): exact and fused, or with bfloat16 moments
+    (`trainer.optimizer_state`)."""
     lr = run.trainer.lr if run.trainer.lr is not None else default_lr(run.sae)
     betas = tuple(run.trainer.adam_betas)
-    return torch.optim.Adam(param_groups or model.parameters(), lr=lr, betas=betas, eps=run.trainer.adam_eps)
+    params = param_groups or model.parameters()
+    if run.trainer.optimizer_state == "bfloat16":
+        return BF16StateAdam(params, lr=lr, betas=betas, eps=run.trainer.adam_eps)
+    return torch.optim.Adam(params, lr=lr, betas=betas, eps=run.trainer.adam_eps, fused=True)
+
+
+def clipped_adam_step(optimizer: torch.optim.Optimizer, grad_norm: Tensor, max_norm: float, apply: Tensor) -> None:
+    """One Adam step on the gradients clipped to global norm `max_norm`; no update at all unless `apply`.
+
+    Clipping multiplies every gradient by min(1, max_norm / (norm + 1e-6)); fused Adam divides them by the inverse
+    (`grad_scale`) inside its own pass. Where `apply` (0-dim bool) is False, fused Adam leaves parameters, moments
+    and step counts as they were (`found_inf`). Nothing is read back to the host.
+    """
+    clip_and_skip_in_adam(optimizer, grad_norm, max_norm, apply)
+    optimizer.step()
+
+
+def clip_and_skip_in_adam(adam: torch.optim.Optimizer, grad_norm: Tensor, max_norm: float, apply: Tensor) -> None:
+    """Make `adam`'s next step (fused Adam or BF16StateAdam) clip by `grad_norm` and skip unless `apply`."""
+    adam.grad_scale = ((grad_norm.float() + CLIP_EPS) / max_norm).clamp_min(1.0)
+    adam.found_inf = (~apply).float()
 
 
 def lr_multiplier(step: int, total_steps: int, decay_frac: float) -> float:
@@ -34,20 +67,31 @@ def build_scheduler(
     return kind(optimizer, lambda step: lr_multiplier(step, steps, frac))
 
 
+def _normalize_rows_(w: Tensor, apply: Tensor) -> None:
+    scale = torch.linalg.vector_norm(w, dim=-1, keepdim=True).clamp_min(1e-12).reciprocal()
+    w.mul_(torch.where(apply, scale, 1.0))
+
+
+def _project_rows_(w: Tensor, grad: Tensor) -> None:
+    # Row-batched dot products and updates: no temporary of the weight's size.
+    rows_L1D, grads_L1D = w.view(-1, 1, w.shape[-1]), grad.view(-1, 1, w.shape[-1])
+    parallel_L11 = torch.bmm(grads_L1D, rows_L1D.transpose(1, 2))
+    grads_L1D.baddbmm_(parallel_L11, rows_L1D, alpha=-1)
+
+
 @torch.no_grad()
-def normalize_decoder_(w_dec: Tensor) -> None:
-    """Scale each decoder row (last dim) to unit norm."""
-    w_dec.div_(w_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+def normalize_decoder_(w_dec: Tensor, apply: Tensor | None = None) -> None:
+    """Scale each decoder row (last dim) to unit norm; unchanged where `apply` (0-dim bool) is False."""
+    apply = torch.ones((), dtype=torch.bool, device=w_dec.device) if apply is None else apply
+    on_device(_normalize_rows_, w_dec.detach(), apply)
 
 
 @torch.no_grad()
 def remove_parallel_gradient_(w_dec: nn.Parameter) -> None:
-    """Remove from each decoder row's gradient its component along that (unit-norm) row.
+    """Remove from each decoder row's gradient its component along that row; the rows must be unit norm.
 
-    With unit-norm rows this is the tangent-space projection that keeps Adam from growing the norms.
+    This is the tangent-space projection that keeps Adam from growing the norms. The training step keeps the rows
+    unit norm (it renormalises after every update), so no norm is recomputed here.
     """
-    if w_dec.grad is None:
-        return
-    rows = w_dec / w_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    parallel = (w_dec.grad * rows).sum(dim=-1, keepdim=True)
-    w_dec.grad.sub_(parallel * rows)
+    if w_dec.grad is not None:
+        on_device(_project_rows_, w_dec.detach(), w_dec.grad)

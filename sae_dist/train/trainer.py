@@ -25,6 +25,8 @@ from sae_dist.data.order import resume_state
 from sae_dist.data.source import ActivationSource
 from sae_dist.eval.metrics import ReconstructionSums
 from sae_dist.models import SAEOutput, build_sae
+from sae_dist.models.auxk import AuxCandidates, DeadCandidates
+from sae_dist.models.kernels import weight_grads_in_place
 from sae_dist.models.losses import total_loss
 from sae_dist.models.router import expert_counts
 from sae_dist.parallel.context import ParallelContext
@@ -34,7 +36,13 @@ from sae_dist.train import identity
 from sae_dist.train.dead import DeadLatentTracker
 from sae_dist.train.init import init_biases_from_batch
 from sae_dist.train.logging import MetricsLogger, append_history
-from sae_dist.train.optim import build_optimizer, build_scheduler, normalize_decoder_, remove_parallel_gradient_
+from sae_dist.train.optim import (
+    build_optimizer,
+    build_scheduler,
+    clipped_adam_step,
+    normalize_decoder_,
+    remove_parallel_gradient_,
+)
 from sae_dist.train.preemption import StopRequested, StopSignals
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -73,6 +81,8 @@ class Trainer:
         """A checkpoint to continue from instead of the one trainer.resume picks (a sweep's common step)."""
         self.last_row: dict[str, Any] = {}
         """The last logged metrics row of the last `train()` / `steps()`."""
+        self._dead_candidates: DeadCandidates | None = None
+        """Where AuxK looks at each step; made at the first step (after any resume), since it tracks the counters."""
         self.nonfinite_steps = 0
         """Steps skipped because of NaN or inf (trainer.on_nonfinite=skip), over the whole run."""
 
@@ -82,59 +92,89 @@ class Trainer:
         return optimizer, build_scheduler(optimizer, self.run)
 
     # --- one optimisation step -------------------------------------------------------------------------------
+    weight_grads_in_place: bool = True
+    """Whether the sparse kernels add their weight gradients straight into `.grad` (see `backward`); an engine
+    that hooks gradient accumulation (DeepSpeed) sets it False to get them through autograd."""
+
     def train_step(self, x_TD: torch.Tensor) -> dict[str, Any]:
-        """Renormalise decoders, forward, backward, sync, clip, project decoder gradients, Adam step."""
-        self.renormalize_decoders()
+        """Forward, backward, sync, clip, project decoder gradients, Adam, renormalise decoders.
+
+        The decoder rows are renormalised after each update (the start state is unit norm), which is the spec's
+        renormalise-then-forward order shifted by half a step, so a skipped step changes nothing. Returns 'out',
+        'terms', 'loss', 'grad_norm', 'lr' and 'finite': a 0-dim bool on the device, False when the batch, the loss
+        or the gradient norm was not finite; then no update was applied at all (parameters, Adam moments and
+        steps, dead-latent counters). Nothing is read back to the host on one device.
+        """
         out, terms, loss = self.forward_loss(x_TD)
         self.backward(loss)
         grad_norm = self.sync_clip_project()
-        lr = self.scheduler.get_last_lr()[0]
-        fired_L = self.ctx.merge_fired(self.model.fired_latents(out))
-        # --- non-finite guard: the simplest correct form (it synchronises with the host; the fast step keeps the
-        # flag on the device). The gradient norm is global, so every rank takes the same branch.
         finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm) & torch.isfinite(x_TD).all()
-        if bool(finite):
-            self.update()
-            self.dead.update(fired_L, self.run.trainer.batch_size)
-        else:
-            self.scheduler.step()
-        # --- end of the guard
+        lr = self.update(grad_norm, finite)
+        self.renormalize_decoders(finite)
+        self.track_dead_latents(out, finite)
         return {"out": out, "terms": terms, "loss": loss.detach(), "grad_norm": grad_norm, "lr": lr,
                 "finite": finite}
 
-    def renormalize_decoders(self) -> None:
-        """Scale every decoder row to unit norm (SPEC section 4: the first part of a step)."""
-        for w_dec in self.model.decoder_weights():
-            normalize_decoder_(w_dec)
-
     def forward_loss(self, x_TD: torch.Tensor) -> tuple[SAEOutput, dict[str, torch.Tensor], torch.Tensor]:
-        """(model output, loss terms, total loss) of this rank's tokens, under the configured autocast."""
+        """(model output, loss terms, total loss) of this rank's tokens, under the configured autocast; AuxK (when
+        on) over this step's dead-latent candidates."""
         model = self.model
-        dead_mask_L = self.dead.dead_mask() if model.k_aux > 0 else None
-        with self._autocast():
-            out = model(x_TD, dead_mask_L)
+        aux = self._aux_candidates()
+        with self._autocast(), weight_grads_in_place(self.weight_grads_in_place):
+            out = model(x_TD) if aux is None else model(x_TD, aux_candidates=aux)
             terms = model.loss_terms(x_TD, out, self.ctx)
             loss = total_loss(terms, model.loss_weights(self.step / self.run.trainer.steps))
         return out, terms, loss
 
     def backward(self, loss: torch.Tensor) -> None:
-        """This rank's gradients of `loss` (replacing the previous step's)."""
-        self.optimizer.zero_grad(set_to_none=True)
+        """This rank's gradients of `loss` into `.grad` (replacing the previous step's).
+
+        On a CPU the gradient buffers persist and are zeroed in place: a fresh [M, d] tensor costs more in page
+        faults than the sparse backward that fills it. On a GPU the caching allocator makes a fresh one free, and
+        setting them to None saves a memset and autograd's accumulation pass.
+        """
+        self.optimizer.zero_grad(set_to_none=self.device.type != "cpu")
         loss.backward()
 
     def sync_clip_project(self) -> torch.Tensor:
-        """Reduce gradients over ranks, clip them by the true global norm, remove each decoder row's gradient
-        component along the row; return the global norm before clipping."""
+        """Reduce gradients over ranks, remove each decoder row's gradient component along the row; return the
+        global norm, which `update` clips by (fused Adam scales the gradients in its own pass)."""
         self.ctx.sync_gradients(self.model)
-        grad_norm = self.ctx.clip_grad_norm_(self.model, self.run.trainer.grad_clip)
+        grad_norm = self.ctx.grad_norm(self.model)
+        # Clipping scales every gradient alike, so projecting before Adam applies the clip factor is the same.
         for w_dec in self.model.decoder_weights():
             remove_parallel_gradient_(w_dec)
         return grad_norm
 
-    def update(self) -> None:
-        """The Adam step and the lr schedule's step."""
-        self.optimizer.step()
+    def update(self, grad_norm: torch.Tensor, finite: torch.Tensor) -> float:
+        """Adam on the gradients clipped to `trainer.grad_clip` (no update unless `finite`), and the lr schedule's
+        step; return the lr used."""
+        lr = self.scheduler.get_last_lr()[0]
+        clipped_adam_step(self.optimizer, grad_norm, self.run.trainer.grad_clip, finite)
         self.scheduler.step()
+        return lr
+
+    def renormalize_decoders(self, apply: torch.Tensor | None = None) -> None:
+        """Scale every decoder row to unit norm (not where `apply`, a 0-dim bool, is False)."""
+        for w_dec in self.model.decoder_weights():
+            normalize_decoder_(w_dec, apply)
+
+    def track_dead_latents(self, out: SAEOutput, finite: torch.Tensor) -> None:
+        """Advance the dead-latent counters (not after a skipped step) and AuxK's candidate bookkeeping."""
+        fired_L = self.ctx.merge_fired(self.model.fired_latents(out))
+        self.dead.update(fired_L, self.run.trainer.batch_size, finite)
+        if self._dead_candidates is not None:
+            self._dead_candidates.after_update(self.dead.tokens_since_fired_L)
+
+    def _aux_candidates(self) -> AuxCandidates | None:
+        """AuxK's candidate latents for this step; None when AuxK is off or no latent can be dead yet."""
+        if not self.model.k_aux:
+            return None
+        if self._dead_candidates is None:
+            self._dead_candidates = DeadCandidates(
+                self.model.experts.num_local, self.run.sae.dead_tokens, self.run.trainer.batch_size, self.tokens
+            )
+        return self._dead_candidates.for_step(self.dead.tokens_since_fired_L)
 
     def _autocast(self):
         dtype = AUTOCAST_DTYPES.get(self.run.trainer.dtype)
@@ -193,6 +233,7 @@ class Trainer:
         """Continue from a checkpoint written on any layout (see `checkpoint` for the data-position rule)."""
         run_state, rank_states = ckpt.load_checkpoint(folder, self._tensors(), self.ctx)
         self.step, self.tokens = run_state["step"], run_state["tokens"]
+        self._dead_candidates = None  # its bookkeeping described the counters before the restore
         self.nonfinite_steps = run_state.get("nonfinite_steps", 0)
         self.scheduler.load_state_dict(run_state["scheduler"])
         data_states = [state["data"] for state in rank_states]

@@ -38,6 +38,22 @@ def test_dispatch_capacity_keeps_highest_scores_and_drops_the_rest(jobs, ep_size
     jobs[4].require(f"dispatch_capacity_P{ep_size}")
 
 
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+@pytest.mark.parametrize("ep_size", [4, 2, 1])
+def test_overlapped_dispatch_equals_plain(jobs, ep_size, capacity_factor):
+    """Chunked all-to-all overlapping transfer and expert compute: outputs, per-row results, gradients, drops."""
+    jobs[4].require(f"overlapped_dispatch_P{ep_size}_cf{capacity_factor}")
+
+
+@pytest.mark.parametrize("ep_size", [4, 2, 1])
+def test_overlapped_model_equals_single_device(jobs, ep_size):
+    jobs[4].require(f"model_overlapped_P{ep_size}")
+
+
+def test_overlapped_training_equals_single_device_trainer(jobs):
+    jobs[4].require("training_overlapped_P2")
+
+
 @pytest.mark.parametrize("world,ep_size", [(2, 2), (4, 4), (4, 2), (4, 1)])
 def test_dropless_model_equals_single_device_forward_and_gradients(jobs, world, ep_size):
     """Forward, aux reconstruction, loss terms, LB loss and its gradient, every gradient, clip, fired latents."""

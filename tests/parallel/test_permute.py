@@ -64,9 +64,10 @@ def test_group_by_local_expert_with_nothing_received():
 def test_local_dispatcher_ignores_scores():
     dispatcher = LocalDispatcher(3)
     x_TD = torch.arange(8.0).view(4, 2)
-    rows, counts = dispatcher.dispatch(x_TD, torch.tensor([2, 0, 2, 0]), torch.tensor([0.1, 0.2, 0.3, 0.4]))
-    assert counts == [2, 0, 2] and dispatcher.kept_T() is None
-    assert torch.equal(dispatcher.combine(rows), x_TD)
+    rows, plan = dispatcher.dispatch(x_TD, torch.tensor([2, 0, 2, 0]), torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    assert plan.groups.counts == [2, 0, 2] and plan.kept_T is None
+    assert plan.groups.expert_R.tolist() == [0, 0, 2, 2] and plan.groups.offsets_L.tolist() == [2, 2, 4]
+    assert torch.equal(dispatcher.combine(rows, plan), x_TD)
 
 
 def layout_run(kind="switch", experts=8, ep_size=None, batch=1024) -> RunConfig:

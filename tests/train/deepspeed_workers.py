@@ -41,7 +41,8 @@ def build(run, rank: int, world: int, engine: str) -> Trainer:
 
 def check_one_step(folder: Path, rank: int, world: int, ep_size: int, stage: int, kind: str = "switch",
                    dtype: str = "float32") -> None:
-    """Forward, loss, every gradient after reduction, clip and projection, and the weights after Adam."""
+    """Forward, loss, the global norm, every gradient after reduction and projection, and the weights after the
+    clipped Adam step and renormalisation."""
     name = f"step_{kind}_P{ep_size}_z{stage}_{dtype}"
     runs = [tiny_run(folder / f"{name}_{engine}", ep_size=ep_size, kind=kind, zero_stage=stage, grad_clip=0.05,
                      dtype=dtype) for engine in ("torch", "deepspeed")]
@@ -71,7 +72,10 @@ def check_one_step(folder: Path, rank: int, world: int, ep_size: int, stage: int
     for w_dec in trainer.model.decoder_weights():  # projected: no row's gradient has a component along it
         full = safe_get_full_grad(w_dec)
         assert (full * w_dec).sum(-1).abs().max() < 1e-6 * full.abs().max()
-    reference.update(), trainer.update()
+    finite = torch.tensor(True)
+    for t, t_norm in ((reference, ref_norm), (trainer, norm)):
+        t.update(t_norm, finite)
+        t.renormalize_decoders(finite)
     for pname, param in trainer.model.named_parameters():
         torch.testing.assert_close(param, ref_params[pname], **MODEL, msg=lambda m: f"{pname}: {m}")
 
@@ -80,7 +84,8 @@ def check_projection_of_split_rows(rank: int, world: int) -> None:
     """A decoder gradient split between two ranks in the middle of a row (and held by one rank alone) is projected
     exactly as the whole gradient is by the torch engine's `remove_parallel_gradient_`."""
     g = torch.Generator().manual_seed(0)
-    w_dec = torch.nn.Parameter(torch.randn(3, 5, 7, generator=g, dtype=torch.float64))
+    rows = torch.randn(3, 5, 7, generator=g, dtype=torch.float64)
+    w_dec = torch.nn.Parameter(rows / rows.norm(dim=-1, keepdim=True))  # unit rows, as the step keeps them
     w_dec._dp_group = dist.group.WORLD
     full_grad = torch.randn(3, 5, 7, generator=g, dtype=torch.float64)
     expected = torch.nn.Parameter(w_dec.detach().clone())

@@ -39,8 +39,8 @@ def test_decoder_rows_split_between_partitions_are_projected_exactly(job):
 
 @pytest.mark.parametrize("ep_size,stage", LAYOUTS)
 def test_one_step_equals_torch_engine(job, ep_size, stage):
-    """Forward and loss bit for bit; the global norm, every reduced, clipped and projected gradient, and the
-    weights after Adam equal the torch engine's, for experts sharded (P = 2) or replicated (P = 1), ZeRO 1 and 2."""
+    """Forward and loss bit for bit; the global norm, every reduced and projected gradient, and the weights after
+    the clipped Adam step equal the torch engine's, for experts sharded (P = 2) or replicated (P = 1), ZeRO 1 and 2."""
     job[1].require(f"step_P{ep_size}_z{stage}")
 
 

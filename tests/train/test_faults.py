@@ -87,11 +87,11 @@ def crash(x_TD):
 
 
 def optimizer_state(trainer: Trainer) -> dict[str, torch.Tensor]:
-    """Adam moments and step, the dead-latent counters, and the parameters a step's update would change."""
+    """Adam moments and step, the dead-latent counters and every parameter (decoder rows included: they are
+    renormalised after an update, not before the next step)."""
     state = {"dead": trainer.dead.tokens_since_fired_L.clone()}
     for name, param in trainer.model.named_parameters():
-        if "w_dec" not in name:  # decoder rows are renormalised at the start of every step, before anything else
-            state[name] = param.detach().clone()
+        state[name] = param.detach().clone()
         for key, value in trainer.optimizer.state[param].items():
             state[f"{name}.{key}"] = value.clone()
     return state

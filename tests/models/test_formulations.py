@@ -1,0 +1,153 @@
+"""Every formulation of the expert compute (sparse or GEMM encoder backward, gather or GEMM decoder, grouped_mm or
+its per-expert fallback, weight gradients in place or through autograd) equals the dense-then-mask oracle; AuxK's
+candidate lists and the float32 router are checked here too."""
+
+import pytest
+import torch
+from model_helpers import assert_same_forward_and_grads, make_switch, routed_inputs
+
+from sae_dist.models.auxk import DeadCandidates, candidates_of_width, dead_candidates
+from sae_dist.models.dispatch import ExpertGroups
+from sae_dist.models.grouped import gemm_decode, gemm_encode
+from sae_dist.models.kernels import sparse_decode, sparse_encode, weight_grads_in_place
+from sae_dist.models.router import Router
+
+FORMULATIONS = [(encoder, decoder) for encoder in ("sparse", "gemm") for decoder in ("gather", "gemm")]
+"""(sae.encoder_backward, sae.decoder) pairs; float32 runs grouped_mm, float64 its per-expert fallback."""
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("formulation", FORMULATIONS)
+def test_switch_with_auxk_matches_naive(formulation, dtype):
+    """An expert without tokens, one with a single token, k = all of an expert's latents, half the latents dead."""
+    torch.manual_seed(0)
+    sae = make_switch(num_experts=4, latents=64, k=16, d=12, auxk_alpha=0.5, dtype=dtype, formulation=formulation)
+    x_TD = routed_inputs(12, 4, [7, 1, 0, 12]).to(dtype)
+    dead_L = torch.rand(64, generator=torch.Generator().manual_seed(1)) < 0.5
+    out = assert_same_forward_and_grads(sae, x_TD, dead_L, grad_atol=1e-5)
+    assert (out.latent_values_RK == 0).any(), "expected fewer positive pre-activations than k"
+
+
+@pytest.mark.parametrize("formulation", FORMULATIONS)
+def test_dense_topk_with_bias_and_few_dead_matches_naive(formulation):
+    torch.manual_seed(1)
+    sae = make_switch(num_experts=1, latents=32, k=4, d=8, kind="topk", dtype=torch.float32, formulation=formulation)
+    x_TD = torch.randn(9, 8)
+    dead_L = torch.zeros(32, dtype=torch.bool)
+    dead_L[[3, 17]] = True  # fewer dead latents than k_aux = 5
+    assert_same_forward_and_grads(sae, x_TD, dead_L, grad_atol=1e-5)
+
+
+def _grouped_rows(counts: list[int], d: int, host_counts: bool):
+    rows_RD = torch.randn(sum(counts), d, generator=torch.Generator().manual_seed(2))
+    counts_L = torch.tensor(counts)
+    return rows_RD, ExpertGroups.from_counts(counts_L, sum(counts), counts if host_counts else None)
+
+
+def test_sparse_encoder_grouped_gemm_forward_equals_the_per_expert_loop():
+    """Without counts on the host (a GPU), the sparse encoder runs one grouped GEMM instead of its loop."""
+    sae = make_switch(num_experts=3, latents=48, k=4, d=8, auxk_alpha=0.5, dtype=torch.float32)
+    bank = sae.experts
+    aux = dead_candidates(torch.arange(48) % 3 == 0, 3)
+    outputs = []
+    for host_counts in (True, False):
+        rows_RD, groups = _grouped_rows([5, 0, 6], 8, host_counts)
+        outputs.append(sparse_encode(rows_RD, bank.w_enc, None, groups, 4, aux, 5))
+    for loop, grouped in zip(*outputs):
+        torch.testing.assert_close(grouped, loop, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("existing_grad", [False, True])
+def test_weight_grads_in_place_equal_autograd(existing_grad):
+    """Inside weight_grads_in_place the sparse kernels add their weight gradients to .grad themselves."""
+    sae = make_switch(num_experts=3, latents=48, k=4, d=8, kind="switch", dtype=torch.float32)
+    bank = sae.experts
+    rows_RD, groups = _grouped_rows([5, 0, 6], 8, True)
+    upstream_RD = torch.randn(11, 8)
+
+    def loss(in_place: bool):
+        if in_place:
+            with weight_grads_in_place():
+                values, ids, _, _ = sparse_encode(rows_RD, bank.w_enc, None, groups, 4)
+                return (sparse_decode(values, ids, bank.w_dec) * upstream_RD).sum()
+        values, ids, _, _ = sparse_encode(rows_RD, bank.w_enc, None, groups, 4)
+        return (sparse_decode(values, ids, bank.w_dec) * upstream_RD).sum()
+
+    expected = torch.autograd.grad(loss(False), [bank.w_enc, bank.w_dec])
+    start = [torch.randn_like(bank.w_enc), torch.randn_like(bank.w_dec)] if existing_grad else [None, None]
+    bank.w_enc.grad, bank.w_dec.grad = [None if s is None else s.clone() for s in start]
+    loss(True).backward()
+    for param, grad, before in zip([bank.w_enc, bank.w_dec], expected, start):
+        torch.testing.assert_close(param.grad, grad if before is None else before + grad, rtol=1e-6, atol=1e-6)
+    assert expected[0].abs().sum() > 0 and expected[1].abs().sum() > 0
+
+
+def test_gemm_formulation_takes_an_expanded_upstream_gradient():
+    """grouped_mm's backward rejects stride-0 gradients (from .sum()); the formulation makes them contiguous."""
+    sae = make_switch(num_experts=3, latents=48, k=4, d=8, dtype=torch.float32)
+    rows_RD, groups = _grouped_rows([5, 0, 6], 8, False)
+    values, ids, _, _ = gemm_encode(rows_RD, sae.experts.w_enc, None, groups, 4)
+    gemm_decode(values, ids, sae.experts.w_dec, groups).sum().backward()
+    assert sae.experts.w_enc.grad.abs().sum() > 0
+
+
+def test_auxk_selection_does_not_depend_on_the_candidate_width():
+    """Padding candidates (from a lagged, larger count) change nothing, bit for bit: resume stays exact."""
+    sae = make_switch(num_experts=2, latents=32, k=3, d=8, kind="switch", auxk_alpha=0.5, dtype=torch.float32)
+    x_TD = routed_inputs(8, 2, [6, 4]).float()
+    dead_NM = (torch.rand(32, generator=torch.Generator().manual_seed(0)) < 0.3).view(2, 16)
+    runs = []
+    for width in (int(dead_NM.sum(1).max()), 16):
+        sae.zero_grad(set_to_none=True)
+        out = sae(x_TD, aux_candidates=candidates_of_width(dead_NM, width))
+        sum(sae.loss_terms(x_TD, out).values()).backward()
+        runs.append([out.x_hat_TD, out.aux_recon_TD] + [p.grad.clone() for p in sae.parameters()])
+    for exact, padded in zip(*runs):
+        torch.testing.assert_close(padded, exact, rtol=0, atol=0)
+
+
+def test_dead_candidates_cover_every_dead_latent_without_reading_the_device():
+    """Simulated training: latents fire at random; each step's candidates hold every dead latent of that step."""
+    num_experts, width, batch, dead_tokens = 2, 16, 100, 350
+    g = torch.Generator().manual_seed(3)
+    counters_L = torch.zeros(num_experts * width, dtype=torch.long)
+    tracker = DeadCandidates(num_experts, dead_tokens, batch, tokens_seen=0)
+    seen_dead = 0
+    for step in range(12):
+        candidates = tracker.for_step(counters_L)
+        dead_NM = (counters_L >= dead_tokens).view(num_experts, width)
+        if candidates is None:
+            assert step * batch < dead_tokens and not dead_NM.any()
+        else:
+            listed_NM = torch.zeros_like(dead_NM).scatter(1, candidates.ids_NC, candidates.dead_NC)
+            assert torch.equal(listed_NM, dead_NM)
+            seen_dead += int(dead_NM.sum())
+        fired_L = torch.rand(counters_L.shape, generator=g) < 0.3
+        counters_L = (counters_L + batch).masked_fill(fired_L, 0)
+        tracker.after_update(counters_L)
+    assert seen_dead > 0
+
+
+def test_router_runs_in_float32_under_bf16_autocast():
+    router = Router(64, 8, torch.Generator().manual_seed(0))
+    x_TD = 3 * torch.randn(256, 64, generator=torch.Generator().manual_seed(1))
+    plain = router(x_TD)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = router(x_TD)
+    assert autocast.probs_TN.dtype == torch.float32
+    assert torch.equal(autocast.expert_T, plain.expert_T)
+    torch.testing.assert_close(autocast.probs_TN, plain.probs_TN, rtol=0, atol=0)
+
+
+def test_sparse_encoder_in_column_chunks_matches_naive(monkeypatch):
+    """Wide experts are encoded in chunks of latents (each weight read once) whose TopKs are merged: shrink the
+    chunk so that 16 latents span four chunks, with AuxK candidates in every chunk."""
+    from sae_dist.models import kernels
+
+    monkeypatch.setattr(kernels, "_PRE_CHUNK_ELEMENTS", 4 * 7)
+    monkeypatch.setattr(kernels, "_MIN_CHUNK_COLUMNS", 4)
+    torch.manual_seed(3)
+    sae = make_switch(num_experts=4, latents=64, k=5, d=12, auxk_alpha=0.5, formulation=("sparse", "gather"))
+    x_TD = routed_inputs(12, 4, [7, 1, 0, 12])
+    dead_L = torch.rand(64, generator=torch.Generator().manual_seed(4)) < 0.5
+    assert_same_forward_and_grads(sae, x_TD, dead_L)

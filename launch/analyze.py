@@ -19,8 +19,8 @@ from rich.table import Table
 from sae_dist.api import load_sae
 from sae_dist.cli import check_checkpoint, check_output, one_line_errors, require_positive
 from sae_dist.eval.geometry import expert_rows, geometry, plot_tsne, tsne_2d
-from sae_dist.eval.plots import GEOMETRY_FILE, plot_similarity
-from sae_dist.train.checkpoint import write_atomically
+from sae_dist.eval.plots import plot_similarity
+from sae_dist.run_dir import GEOMETRY_FILE, write_atomically
 
 
 def print_summary(summary: dict, title: str) -> None:

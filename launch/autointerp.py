@@ -19,7 +19,7 @@ from pathlib import Path
 from sae_dist.cli import check_inspection, check_output, fail, one_line_errors, require_positive
 from sae_dist.eval.autointerp import AutoInterpConfig, run_autointerp
 from sae_dist.eval.inspect import inspect_checkpoint
-from sae_dist.train.checkpoint import write_atomically
+from sae_dist.run_dir import write_atomically
 
 PROBE_TIMEOUT_S = 10.0
 

@@ -20,9 +20,8 @@ from rich.table import Table
 
 from sae_dist.cli import check_checkpoint, check_output, fail, one_line_errors, require_positive
 from sae_dist.eval.evaluate import EvalConfig, evaluate
-from sae_dist.eval.plots import EVAL_FILE
 from sae_dist.eval.splice import MEASURE_CE
-from sae_dist.train.checkpoint import write_atomically
+from sae_dist.run_dir import EVAL_FILE, write_atomically
 
 
 def _pm(section: dict, key: str, digits: int = 4) -> str:

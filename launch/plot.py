@@ -11,7 +11,7 @@ import argparse
 
 from sae_dist.cli import check_checkpoint, check_output, one_line_errors
 from sae_dist.eval.plots import plot_runs
-from sae_dist.train.checkpoint import latest_checkpoint
+from sae_dist.run_dir import latest_checkpoint
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from sae_dist.config import ConfigError, RunConfig, error_line
 from sae_dist.data.source import DataUnavailableError
 from sae_dist.parallel.failures import CollectiveError, PeerFailedError
-from sae_dist.train.checkpoint import (
+from sae_dist.run_dir import (
     CONFIG_FILE,
     MODEL_FILE,
     CheckpointError,

@@ -137,6 +137,10 @@ def plot_tsne(embeddings: dict[str, tuple[Tensor, Tensor]], out: str | Path, tit
         ax.set_title(f"{title} {name} rows (t-SNE)".strip(), fontsize="small")
         ax.set_xticks([])
         ax.set_yticks([])
+        ax.set_xlabel("t-SNE dimension 1 (no units)")
+        ax.set_ylabel("t-SNE dimension 2")
         if int(expert_P.max()) < 20:
             ax.legend(*scatter.legend_elements(), title="expert", fontsize="x-small", markerscale=0.8)
+        else:
+            fig.colorbar(scatter, ax=ax, label="expert id")
     return save_figure(fig, out)

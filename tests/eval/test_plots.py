@@ -9,8 +9,9 @@ import matplotlib.image
 import pytest
 
 from sae_dist.config import SAEConfig
-from sae_dist.eval.plots import load_run_point, plot_runs, run_family
-from sae_dist.train.checkpoint import latest_checkpoint
+from sae_dist.eval.plots import plot_runs
+from sae_dist.eval.runs import load_run_point, run_family
+from sae_dist.run_dir import latest_checkpoint
 from sae_dist.train.run import train_from_config
 from tests.conftest import small_run
 

@@ -35,8 +35,8 @@ from sae_dist.api import load_sae
 from sae_dist.config import RunConfig
 from sae_dist.data import HookedLM, SyntheticSource, TextContexts, build_activation_source, find_blocks, load_lm
 from sae_dist.data.source import DataUnavailableError
-from sae_dist.metrics import ReconstructionSums
 from sae_dist.eval.splice import MEASURE_CE, clean_pass, splice_measure, spliced_measures
+from sae_dist.metrics import ReconstructionSums
 from sae_dist.run_dir import read_checkpoint_config, resolve_checkpoint
 
 HELDOUT_RANK = 1_000_003

@@ -22,8 +22,8 @@ from sae_dist.metrics import ReconstructionSums
 from sae_dist.parallel.context import ParallelContext
 from sae_dist.parallel.failures import on_every_rank
 from sae_dist.parallel.mesh import expert_parallel_size, validate_layout
-from sae_dist.train import identity, preflight
 from sae_dist.run_dir import RUN_CONFIG_FILE, latest_checkpoint, write_atomically
+from sae_dist.train import identity, preflight
 from sae_dist.train.identity import RunDirectoryError
 from sae_dist.train.logging import append_history
 from sae_dist.train.report import print_summary

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from sae_dist import load_sae
+from sae_dist.checksums import CHECKSUM_FILE, write_checksums
 from sae_dist.data import build_activation_source
 from sae_dist.run_dir import CONFIG_FILE, MODEL_FILE, CheckpointError, latest_checkpoint
-from sae_dist.checksums import CHECKSUM_FILE, write_checksums
 from sae_dist.train.trainer import Trainer
 from tests.conftest import small_run
 

@@ -14,7 +14,7 @@ from ep_helpers import GlobalBatchSource, copy_checkpoint, shard_of, tiny_run  #
 
 from sae_dist.parallel.expert_parallel import ExpertParallelContext  # noqa: E402
 from sae_dist.parallel.mesh import build_mesh  # noqa: E402
-from sae_dist.run_dir import checkpoint_name, latest_checkpoint
+from sae_dist.run_dir import checkpoint_name, latest_checkpoint  # noqa: E402
 from sae_dist.train import checkpoint as ckpt  # noqa: E402
 from sae_dist.train.deepspeed_engine import DeepSpeedTrainer, remove_parallel_gradient_partition_  # noqa: E402
 from sae_dist.train.init import init_biases_from_batch  # noqa: E402

@@ -17,9 +17,15 @@ import torch
 from sae_dist import load_sae
 from sae_dist.cli import one_line_errors
 from sae_dist.data import build_activation_source
-from sae_dist.run_dir import STATE_DIR, CheckpointError, latest_checkpoint, read_checkpoint_config, verify_files
+from sae_dist.run_dir import (
+    STATE_DIR,
+    CheckpointError,
+    latest_checkpoint,
+    read_checkpoint_config,
+    read_metrics,
+    verify_files,
+)
 from sae_dist.train import checkpoint as ckpt
-from sae_dist.run_dir import read_metrics
 from sae_dist.train.preemption import REQUEUE_EXIT_STATUS, StopRequested
 from sae_dist.train.trainer import NonFiniteError, Trainer
 from tests.conftest import small_run

@@ -11,9 +11,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from sae_dist.config import to_run_config
-from sae_dist.run_dir import latest_checkpoint, read_checkpoint_config
+from sae_dist.run_dir import latest_checkpoint, read_checkpoint_config, read_history, read_metrics
 from sae_dist.train.identity import RunDirectoryError, continue_config, explicit_settings
-from sae_dist.run_dir import read_history, read_metrics
 from sae_dist.train.run import train_from_config
 from tests.conftest import small_run
 from tests.test_config import CONF

@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae_dist.run_dir import latest_checkpoint
+from sae_dist.run_dir import latest_checkpoint, read_history
 from sae_dist.train import checkpoint as ckpt
-from sae_dist.run_dir import read_history
 from tests.parallel.spawn_harness import spawn_checks
 from tests.train.restart_workers import JOB, two_ranks
 

@@ -145,6 +145,12 @@ def load_model_weights(folder: Path, model: nn.Module) -> None:
         raise CheckpointError(f"{path} cannot be loaded into the SAE its config.json describes ({reason})") from None
 
 
+def checkpoint_title(folder: Path) -> str:
+    """'<run folder name>/step_00001000' for a checkpoint inside a run folder, else the folder's name."""
+    folder = Path(folder)
+    return f"{folder.parent.parent.name}/{folder.name}" if folder.parent.name == CHECKPOINTS_DIR else folder.name
+
+
 def find_report(run_dir: str | Path, filename: str) -> Path | None:
     """A report such as eval.json: in the run's latest checkpoint folder, else in the run folder, else None."""
     checkpoint = latest_checkpoint(run_dir)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 DUPLICATE_COSINE = 0.9
 _CHUNK_ELEMENTS = 2**24
@@ -42,7 +43,7 @@ def max_cosine_per_expert(rows_NMD: Tensor, chunk: int | None = None) -> Tensor:
     m = all_MD.shape[0]
     chunk = chunk or max(1, _CHUNK_ELEMENTS // m)
     out_MN = torch.empty(m, n, device=rows_NMD.device)
-    for start in range(0, m, chunk):
+    for start in tqdm(range(0, m, chunk), desc="nearest neighbours", unit="chunk", disable=m <= chunk):
         stop = min(start + chunk, m)
         cos_CM = all_MD[start:stop] @ all_MD.T
         own = torch.arange(start, stop, device=cos_CM.device)

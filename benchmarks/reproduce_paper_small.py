@@ -37,7 +37,8 @@ from sae_dist.config import (
 )
 from sae_dist.data import build_activation_source, write_cache
 from sae_dist.data.cache import MANIFEST, CacheBlockReader
-from sae_dist.eval.plots import RunPoint, plot_pareto, run_family
+from sae_dist.eval.plots import plot_pareto
+from sae_dist.eval.runs import RunPoint, run_family
 from sae_dist.flops import flops_per_token
 from sae_dist.metrics import ReconstructionSums
 from sae_dist.run_dir import latest_checkpoint

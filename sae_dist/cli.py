@@ -106,8 +106,12 @@ def add_config_options(parser: argparse.ArgumentParser, defaults: Any, types: di
     `types` gives the type of fields whose default is None (otherwise str)."""
     docs = field_docs(type(defaults))
     for name, value in vars(defaults).items():
-        kind = type(value) if value is not None else (types or {}).get(name, str)
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value, help=docs.get(name, ""))
+        flag, text = f"--{name.replace('_', '-')}", docs.get(name, "")
+        if isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=text)
+        else:
+            kind = type(value) if value is not None else (types or {}).get(name, str)
+            parser.add_argument(flag, type=kind, default=value, help=text)
 
 
 @contextmanager

@@ -8,6 +8,7 @@ title naming the runs' shared settings, labelled axes and a legend or a labelled
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from itertools import cycle
 from pathlib import Path
@@ -43,25 +44,31 @@ def save_figure(fig: plt.Figure, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(out, dpi=_DPI)
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    # Legends placed outside the axes (left out of the layout) stay in the picture.
+    fig.savefig(out, dpi=_DPI, bbox_inches="tight", bbox_extra_artists=legends)
     plt.close(fig)
     return out
 
 
 def _legend(ax, count: int) -> None:
-    """A legend below the axes when the lines are many, inside them otherwise."""
+    """A legend below the axes when the lines are many, inside them otherwise. The one below is left out of the
+    layout (so that it never squeezes the axes) and kept in the picture by save_figure's tight bounding box."""
     if count > 4:
-        ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2)
+        ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.16)).set_in_layout(False)
     else:
         ax.legend(fontsize="small")
 
 
 def _plain_log_ticks(axis, values: Sequence[float]) -> None:
-    """Tick labels of a log axis as plain numbers (2.5, not 2.5x10^0), minor ticks labelled within one decade."""
+    """Tick labels of a log axis as plain numbers (2.5, not 2.5x10^0), with labelled ticks between the powers of 10
+    when the values span less than 3 decades."""
     plain = FuncFormatter(lambda value, _: f"{value:g}")
     axis.set_major_formatter(plain)
-    if max(values) < 10 * min(values):
-        axis.set_minor_locator(LogLocator(subs=(1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)))
+    decades = math.log10(max(values) / min(values)) if min(values) > 0 else math.inf
+    if decades < 3:  # a few decades at most: label 2 and 5 (and more within one decade) between the powers of 10
+        subs = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0) if decades < 1 else (2.0, 5.0)
+        axis.set_minor_locator(LogLocator(subs=subs))
         axis.set_minor_formatter(plain)
     else:
         axis.set_minor_formatter(NullFormatter())
@@ -70,7 +77,7 @@ def _plain_log_ticks(axis, values: Sequence[float]) -> None:
 def plot_pareto(points: Sequence[RunPoint], out: str | Path, title: str = "") -> Path:
     """MSE vs L0, one line per set of runs that differ only in k (or the L1 coefficient); lower-left is better."""
     lines = series(points, PARETO_SWEEPS, order=lambda p: p.l0)
-    fig, axes = new_figure(figsize=(6.4, 4.4 + 0.2 * max(0, len(lines) - 4)))
+    fig, axes = new_figure()
     ax = axes[0, 0]
     for line, marker in zip(lines, cycle(MARKERS)):
         ax.plot([p.l0 for p in line.points], [p.mse for p in line.points], marker=marker, mfc="none",
@@ -92,7 +99,7 @@ def plot_scaling(points: Sequence[RunPoint], out: str | Path, title: str = "") -
         return training_flops(p.run.sae, p.d_model, p.tokens)["encoder_paper"]
 
     lines = series(points, SCALING_SWEEPS, order=flops, by_family=False)
-    fig, axes = new_figure(figsize=(6.4, 4.4 + 0.2 * max(0, len(lines) - 4)))
+    fig, axes = new_figure()
     ax = axes[0, 0]
     for line, marker in zip(lines, cycle(MARKERS)):
         ax.plot([flops(p) for p in line.points], [p.mse for p in line.points], marker=marker, mfc="none",

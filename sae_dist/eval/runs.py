@@ -40,11 +40,14 @@ from sae_dist.train.identity import MAY_CHANGE, THIS_INVOCATION
 NOT_COMPARED = (set(MAY_CHANGE) | set(THIS_INVOCATION)) - {"trainer.steps"}
 """Settings that do not change what an SAE learns (where it ran, how often it logged): never split a line."""
 SHORT_NAMES = {
-    "sae.kind": "kind", "sae.num_experts": "N", "sae.num_latents": "M", "sae.k": "k", "sae.lb_alpha": "alpha",
-    "sae.l1_coefficient": "l1", "trainer.steps": "steps", "trainer.batch_size": "batch", "trainer.lr": "lr",
-    "trainer.seed": "seed", "model.name": "model", "model.layer": "layer", "data.source": "data",
-    "data.dataset": "dataset", "data.d_model": "d", "parallel.capacity_factor": "capacity",
+    "sae.kind": "kind", "sae.num_experts": "N", "sae.num_latents": "M", "sae.k": "k", "trainer.steps": "steps",
+    "trainer.batch_size": "batch", "trainer.lr": "lr", "data.source": "data", "model.name": "model",
+    "model.layer": "layer", "data.dataset": "dataset", "data.d_model": "d", "sae.lb_alpha": "alpha",
+    "sae.l1_coefficient": "l1", "trainer.seed": "seed", "parallel.capacity_factor": "capacity",
 }
+"""Short names of settings in labels and titles, the most telling first."""
+LABEL_SETTINGS = 4
+"""A line's label names at most this many of the settings that tell it apart (the most telling first)."""
 TITLE_SETTINGS = ("data.source", "model.name", "model.layer", "data.dataset", "trainer.steps", "trainer.batch_size")
 """The shared settings a figure's title names (when all runs share them), in this order."""
 KINDS = {"switch": "Switch", "topk": "TopK", "relu": "ReLU"}
@@ -148,10 +151,17 @@ def series(points: Sequence[RunPoint], sweeps: Collection[str], order: Callable[
         fixed[key] = {"name": name, **kept}
     lines = []
     for key, group in groups.items():
-        described = [show(setting, fixed[key][setting]) for setting in fixed[key]
+        differing = [setting for setting in fixed[key]
                      if setting not in ("name", "sae.kind") and _applies(setting, group[0])
                      and _differs(setting, [g for k, g in fixed.items() if _applies(setting, groups[k][0])])]
+        differing.sort(key=lambda setting: list(SHORT_NAMES).index(setting) if setting in SHORT_NAMES else 99)
+        described = [show(setting, fixed[key][setting]) for setting in differing[:LABEL_SETTINGS]]
+        described += ["..."] if len(differing) > LABEL_SETTINGS else []
         lines.append(Series(" ".join([fixed[key]["name"], *described]), sorted(group, key=order)))
+    labels = [line.label for line in lines]
+    for line in lines:
+        if labels.count(line.label) > 1:  # cut to the same words: the run folders tell them apart
+            line.label += f" ({', '.join(p.name for p in line.points)})"
     return sorted(lines, key=lambda line: line.label)
 
 
@@ -160,8 +170,18 @@ def _differs(setting: str, groups: Sequence[dict[str, Any]]) -> bool:
 
 
 def _applies(key: str, point: RunPoint) -> bool:
-    """Whether a setting means anything for the run's architecture (N for a dense SAE, l1 for a TopK one do not)."""
-    kind = point.run.sae.kind
+    """Whether a setting means anything for the run's architecture and data (N for a dense SAE, l1 for a TopK one,
+    the language model for synthetic activations do not)."""
+    kind, source = point.run.sae.kind, point.run.data.source
+    if key.startswith(("model.", "data.dataset", "data.data_files", "data.split", "data.text_column", "data.ctx_len",
+                       "data.streaming")):
+        return source == "lm"
+    if key.startswith("data.synthetic_"):
+        return source == "synthetic"
+    if key == "data.cache_dir":
+        return source == "cache"
+    if key == "data.shuffle_buffer":
+        return source != "synthetic"
     if key in ("sae.num_experts", "sae.lb_alpha", "parallel.capacity_factor"):
         return kind == "switch"
     if key.startswith("sae.l1_"):
@@ -180,4 +200,4 @@ def shared_title(points: Sequence[RunPoint], what: str) -> str:
     if first["data.source"] != "lm":
         keys = [key for key in keys if not key.startswith(("model.", "data.dataset"))]
     keys += [] if "data.d_model" in differing else ["data.d_model"]
-    return f"{what}\n" + ", ".join(show(key, first[key]) for key in keys)
+    return "\n".join([what, ", ".join(show(key, first[key]) for key in keys)]).strip()

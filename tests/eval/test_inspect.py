@@ -73,7 +73,8 @@ def test_inspect_command_on_a_minilm_checkpoint(minilm_checkpoint, tmp_path, mon
     assert text.count("== latent") == 8 and OPEN_MARK in text
     page = (out / "features.html").read_text()
     assert "<span style=\"background" in page
-    assert f"<h1>SAE features: {minilm_checkpoint} (step 0)</h1>" in page
+    assert f"<title>SAE features: {minilm_checkpoint} (step 0)</title>" in page and "<h1>SAE features</h1>" in page
+    assert f"<dt>checkpoint</dt><dd>{minilm_checkpoint} (step 0)</dd>" in page
     assert "output of block 3 of minilm-bundled" in page and "24 contexts" in page
     assert page.count("<a href='#latent-") == 8 and page.count("<h2 id='latent-") == 8
     assert (out / "histograms.png").stat().st_size > 5_000

@@ -135,7 +135,7 @@ def plot_tsne(embeddings: dict[str, tuple[Tensor, Tensor]], out: str | Path, tit
     fig, axes = new_figure(1, len(embeddings), figsize=(5.0 * len(embeddings), 4.6))
     for ax, (name, (points_P2, expert_P)) in zip(axes[0], embeddings.items(), strict=True):
         scatter = ax.scatter(points_P2[:, 0], points_P2[:, 1], c=expert_P, cmap="tab20", s=3, linewidths=0)
-        ax.set_title(f"{title} {name} rows (t-SNE)".strip(), fontsize="small")
+        ax.set_title(f"{name} rows (t-SNE)", fontsize="small")
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_xlabel("t-SNE dimension 1 (no units)")
@@ -144,4 +144,6 @@ def plot_tsne(embeddings: dict[str, tuple[Tensor, Tensor]], out: str | Path, tit
             ax.legend(*scatter.legend_elements(), title="expert", fontsize="x-small", markerscale=0.8)
         else:
             fig.colorbar(scatter, ax=ax, label="expert id")
+    if title:
+        fig.suptitle(title, fontsize="medium")
     return save_figure(fig, out)

@@ -35,18 +35,18 @@ SCALING_SWEEPS = ("sae.num_latents", "trainer.steps", "trainer.batch_size", "tra
 
 
 def new_figure(rows: int = 1, columns: int = 1, figsize: tuple[float, float] = (6.4, 4.4)):
-    """(figure, axes as a [rows, columns] array) on the file-only backend."""
-    return plt.subplots(rows, columns, figsize=figsize, squeeze=False)
+    """(figure, axes as a [rows, columns] array) on the file-only backend, laid out so that titles, a figure title
+    and colour bars never overlap."""
+    return plt.subplots(rows, columns, figsize=figsize, squeeze=False, layout="constrained")
 
 
 def save_figure(fig: plt.Figure, out: str | Path) -> Path:
     """Write `fig` as a PNG (creating the folder) and free it."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
     legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
-    # Legends placed outside the axes (left out of the layout) stay in the picture.
-    fig.savefig(out, dpi=_DPI, bbox_inches="tight", bbox_extra_artists=legends)
+    # Legends placed outside the axes (left out of the layout) stay in the picture, beside the default artists.
+    fig.savefig(out, dpi=_DPI, bbox_inches="tight", bbox_extra_artists=fig.get_default_bbox_extra_artists() + legends)
     plt.close(fig)
     return out
 

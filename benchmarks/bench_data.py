@@ -44,7 +44,7 @@ from sae_dist.data.shuffle import BlockShuffleSource
 from sae_dist.data.source import ActivationSource
 from sae_dist.data.text import Documents, load_text_dataset
 from sae_dist.data.tokenize import Tokenization
-from sae_dist.eval.flops import flops_per_token
+from sae_dist.flops import flops_per_token
 from sae_dist.train.init import init_biases_from_batch
 from sae_dist.train.trainer import Trainer
 

@@ -11,7 +11,7 @@ factor is the same for every run, so the rule's ratio between widths is kept):
 - FLOP-matched Switch: N experts, each as wide as the dense SAE (total N * M latents, same encoder FLOPs);
 - width-matched Switch: the same total M split over N experts (N times fewer encoder FLOPs).
 Each is evaluated on the held-out activations (MSE in the paper's unit, FVU, L0), a table is printed beside the
-encoder FLOPs per token from `sae_dist.eval.flops`, and the MSE-vs-L0 frontier is drawn to OUT/pareto.png.
+encoder FLOPs per token from `sae_dist.flops`, and the MSE-vs-L0 frontier is drawn to OUT/pareto.png.
 A run whose folder already holds a checkpoint is not trained again, so an interrupted reproduction continues.
 """
 
@@ -37,10 +37,11 @@ from sae_dist.config import (
 )
 from sae_dist.data import build_activation_source, write_cache
 from sae_dist.data.cache import MANIFEST, CacheUnitReader
-from sae_dist.eval.flops import flops_per_token
-from sae_dist.eval.metrics import ReconstructionSums
-from sae_dist.eval.plots import RunPoint, plot_pareto, run_family
-from sae_dist.train.checkpoint import latest_checkpoint
+from sae_dist.eval.plots import plot_pareto
+from sae_dist.eval.runs import RunPoint, run_family
+from sae_dist.flops import flops_per_token
+from sae_dist.metrics import ReconstructionSums
+from sae_dist.run_dir import latest_checkpoint
 from sae_dist.train.run import train_from_config
 
 SHARD_TOKENS = 32768

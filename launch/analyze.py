@@ -3,24 +3,25 @@
 Writes geometry.json (nearest-neighbour cosines within and across experts, the duplicate fraction, the
 expert-by-expert similarity matrix; definitions in sae_dist/eval/geometry.py) into the checkpoint folder, where
 launch/plot.py finds it, or into --out; plus similarity.png and, with --tsne (needs scikit-learn), tsne.png.
+Bad options (and --tsne without scikit-learn) are refused before the SAE is loaded.
 """
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
+from tqdm.auto import tqdm
 
 from sae_dist.api import load_sae
-from sae_dist.cli import check_checkpoint, check_output, one_line_errors, require_positive
+from sae_dist.cli import check_checkpoint, check_output, command_parser, fail, one_line_errors, require_positive
 from sae_dist.eval.geometry import expert_rows, geometry, plot_tsne, tsne_2d
-from sae_dist.eval.plots import GEOMETRY_FILE, plot_similarity
-from sae_dist.train.checkpoint import write_atomically
+from sae_dist.eval.plots import plot_similarity, run_label
+from sae_dist.run_dir import GEOMETRY_FILE, checkpoint_title, write_atomically
 
 
 def print_summary(summary: dict, title: str) -> None:
@@ -44,17 +45,19 @@ def print_summary(summary: dict, title: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_parser(__doc__)
     parser.add_argument("path", help="a checkpoint folder or a run directory (its latest checkpoint)")
     parser.add_argument("--out", type=Path, help="output folder (default: the checkpoint folder)")
     parser.add_argument("--chunk", type=int, help="rows compared with all M at a time (default: 2^24 / M)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--tsne", action="store_true", help="t-SNE of encoder and decoder rows (scikit-learn)")
-    parser.add_argument("--tsne-points", type=int, default=4000)
+    parser.add_argument("--device", default="cpu", help="where the cosines are computed ('cpu', 'cuda')")
+    parser.add_argument("--tsne", action="store_true", help="also a t-SNE of encoder and decoder rows (scikit-learn)")
+    parser.add_argument("--tsne-points", type=int, default=4000, help="rows in the t-SNE, sampled evenly over experts")
     args = parser.parse_args()
     with one_line_errors():
         require_positive(vars(args), "chunk", "tsne_points")
-        folder, _ = check_checkpoint(args.path)
+        if args.tsne and importlib.util.find_spec("sklearn") is None:
+            fail("--tsne needs scikit-learn, which is not installed (pip install scikit-learn)")
+        folder, run = check_checkpoint(args.path)
         out = args.out or folder
         check_output(out, "--out")
         sae = load_sae(folder, args.device)
@@ -63,14 +66,12 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         write_atomically(out / GEOMETRY_FILE, json.dumps(summary, indent=1).encode())
     print_summary(summary, f"decoder geometry: {folder}")
-    written = [out / GEOMETRY_FILE, plot_similarity(summary["expert_similarity"], out / "similarity.png",
-                                                    "expert similarity (mean best decoder cosine)")]
+    title = "expert similarity\n" + run_label(checkpoint_title(folder), run)
+    written = [out / GEOMETRY_FILE, plot_similarity(summary["expert_similarity"], out / "similarity.png", title)]
     if args.tsne:
-        embeddings = {which: tsne_2d(expert_rows(sae, which), args.tsne_points) for which in ("encoder", "decoder")}
-        if any(e is None for e in embeddings.values()):
-            print("t-SNE skipped: scikit-learn is not installed", file=sys.stderr)
-        else:
-            written.append(plot_tsne(embeddings, out / "tsne.png"))
+        embeddings = {which: tsne_2d(expert_rows(sae, which), args.tsne_points)
+                      for which in tqdm(("encoder", "decoder"), desc="t-SNE", unit="embedding")}
+        written.append(plot_tsne(embeddings, out / "tsne.png", run_label(checkpoint_title(folder), run)))
     for path in written:
         print(path)
 

@@ -2,27 +2,32 @@
 
 Prints a table and writes eval.json (default: into the checkpoint folder, where launch/plot.py reads it; written
 to a temporary file, then renamed). The measures and the held-out data are described in
-sae_dist/eval/evaluate.py; `--help` lists the options (`--batches 20 --batch-tokens 2048 --splice-contexts 64`).
+sae_dist/eval/evaluate.py; `--help` lists the options with their defaults.
 Checkpoints of expert-parallel runs are evaluated the same way (they are exported as one file).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from sae_dist.cli import check_checkpoint, check_output, fail, one_line_errors, require_positive
+from sae_dist.cli import (
+    add_config_options,
+    check_checkpoint,
+    check_output,
+    command_parser,
+    fail,
+    one_line_errors,
+    require_positive,
+)
 from sae_dist.eval.evaluate import EvalConfig, evaluate
-from sae_dist.eval.plots import EVAL_FILE
 from sae_dist.eval.splice import MEASURE_CE
-from sae_dist.train.checkpoint import write_atomically
+from sae_dist.run_dir import EVAL_FILE, write_atomically
 
 
 def _pm(section: dict, key: str, digits: int = 4) -> str:
@@ -67,14 +72,10 @@ def print_report(report: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_parser(__doc__)
     parser.add_argument("path", help="a checkpoint folder or a run directory (its latest checkpoint)")
     parser.add_argument("--out", type=Path, help=f"the JSON file (default: CHECKPOINT/{EVAL_FILE})")
-    defaults = EvalConfig()
-    for field in fields(EvalConfig):
-        value = getattr(defaults, field.name)
-        kind = type(value) if value is not None else (int if field.name == "doc_offset" else str)
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=value)
+    add_config_options(parser, EvalConfig(), {"doc_offset": int})
     args = vars(parser.parse_args(argv))
     path, out = args.pop("path"), args.pop("out")
     with one_line_errors():

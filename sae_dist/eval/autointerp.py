@@ -19,6 +19,8 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from sae_dist.eval.inspect import ActivationRecords, mark_text
 
 EXPLAIN_SYSTEM = (
@@ -38,6 +40,7 @@ class AutoInterpConfig:
     base_url: str = "http://127.0.0.1:8000/v1"
     """The OpenAI-compatible API root; requests go to {base_url}/chat/completions."""
     model: str = "meta-llama/Llama-3.1-8B-Instruct"
+    """The model the endpoint serves that explains and judges."""
     api_key_env: str = "OPENAI_API_KEY"
     """Environment variable holding the API key (unset = no Authorization header, as a local vLLM accepts)."""
     explain_contexts: int = 10
@@ -51,9 +54,13 @@ class AutoInterpConfig:
     excerpts_per_prompt: int = 10
     """Excerpts shown in one detection prompt."""
     seed: int = 0
+    """Seed of every sampling step (latents, detection contexts, their order)."""
     temperature: float = 0.0
+    """Sampling temperature of the explainer and the judge (0: their most likely answer)."""
     max_tokens: int = 200
+    """Longest answer, in tokens."""
     timeout_s: float = 60.0
+    """Seconds to wait for one answer."""
 
 
 class ChatClient:
@@ -63,6 +70,22 @@ class ChatClient:
         self.cfg = cfg
         self.api_key = os.environ.get(cfg.api_key_env)
 
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    def served_models(self, timeout_s: float) -> list[str] | None:
+        """The model ids GET {base_url}/models lists (None when the answer is not an OpenAI model list); raises
+        urllib's URLError (HTTPError for an HTTP status) when the endpoint does not answer."""
+        request = urllib.request.Request(self.cfg.base_url.rstrip("/") + "/models", headers=self._headers())
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            try:
+                return [str(entry["id"]) for entry in json.loads(response.read())["data"]]
+            except (ValueError, KeyError, TypeError):
+                return None
+
     def complete(self, system: str, user: str) -> str:
         body = {
             "model": self.cfg.model,
@@ -70,11 +93,9 @@ class ChatClient:
             "temperature": self.cfg.temperature,
             "max_tokens": self.cfg.max_tokens,
         }
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
         request = urllib.request.Request(
-            self.cfg.base_url.rstrip("/") + "/chat/completions", json.dumps(body).encode(), headers, method="POST"
+            self.cfg.base_url.rstrip("/") + "/chat/completions", json.dumps(body).encode(), self._headers(),
+            method="POST",
         )
         with urllib.request.urlopen(request, timeout=self.cfg.timeout_s) as response:
             reply = json.loads(response.read())
@@ -156,8 +177,9 @@ def run_autointerp(records: ActivationRecords, cfg: AutoInterpConfig) -> dict[st
     """Explain and score every latent in `records` that fires; the mean balanced accuracy over the scored ones."""
     client = ChatClient(cfg)
     max_CL = records.max_CL()
+    firing = [latent for latent in records.latents if max_CL[:, records.column(latent)].max() > 0]
     results = [interpret_latent(client, records, latent, cfg)
-               for latent in records.latents if max_CL[:, records.column(latent)].max() > 0]
+               for latent in tqdm(firing, desc="explain + detect", unit="latent")]
     scored = [r["balanced_accuracy"] for r in results if r["balanced_accuracy"] is not None]
     return {"config": asdict(cfg), "mean_balanced_accuracy": sum(scored) / len(scored) if scored else None,
             "latents": results}

@@ -29,15 +29,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from sae_dist.api import load_sae
 from sae_dist.config import RunConfig
 from sae_dist.data import HookedLM, SyntheticSource, TextContexts, build_activation_source, find_blocks, load_lm
 from sae_dist.data.source import DataUnavailableError
-from sae_dist.eval.metrics import ReconstructionSums
 from sae_dist.eval.splice import MEASURE_CE, clean_pass, splice_measure, spliced_measures
-from sae_dist.train.checkpoint import read_checkpoint_config, resolve_checkpoint
+from sae_dist.metrics import ReconstructionSums
+from sae_dist.run_dir import read_checkpoint_config, resolve_checkpoint
 
 HELDOUT_RANK = 1_000_003
 """The synthetic stream of this rank id is never drawn by training (ranks are < world size)."""
@@ -61,9 +62,11 @@ class EvalConfig:
     """First document of the held-out region; None = the last `heldout_frac` of a dataset of known size, 0 for a
     stream."""
     heldout_frac: float = 0.1
+    """Fraction of a dataset of known size, at its end, that is the held-out region (when doc_offset is None)."""
     cache_dir: str | None = None
     """Activation cache to evaluate on for runs trained from a cache (None = the training cache: not held out)."""
     device: str = "cpu"
+    """Where the SAE and the language model run ('cpu', 'cuda', 'cuda:1')."""
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
@@ -199,7 +202,7 @@ def evaluate_lm(sae: nn.Module, model: nn.Module, layer: int, region: HeldOutCon
     hooked = HookedLM(model, layer)
     stats = WindowStats(sae.cfg.num_latents, sae.cfg.num_experts)
     region.restart()
-    for _ in range(cfg.batches):
+    for _ in tqdm(range(cfg.batches), desc="reconstruction", unit="batch"):
         batch = region.batch(min_tokens=cfg.batch_tokens)
         if batch is None:
             break
@@ -208,13 +211,15 @@ def evaluate_lm(sae: nn.Module, model: nn.Module, layer: int, region: HeldOutCon
     splice_rows: list[dict[str, float]] = []
     spliced = 0
     region.restart()
-    while spliced < cfg.splice_contexts:
-        batch = region.batch(max_contexts=min(cfg.splice_batch_contexts, cfg.splice_contexts - spliced))
-        if batch is None:
-            break
-        ids_BT, mask_BT = (t.to(cfg.device) for t in batch)
-        splice_rows.append(splice_batch(sae, model, block, ids_BT, mask_BT))
-        spliced += ids_BT.shape[0]
+    with tqdm(total=cfg.splice_contexts, desc="splice (3 passes)", unit="context") as bar:
+        while spliced < cfg.splice_contexts:
+            batch = region.batch(max_contexts=min(cfg.splice_batch_contexts, cfg.splice_contexts - spliced))
+            if batch is None:
+                break
+            ids_BT, mask_BT = (t.to(cfg.device) for t in batch)
+            splice_rows.append(splice_batch(sae, model, block, ids_BT, mask_BT))
+            spliced += ids_BT.shape[0]
+            bar.update(ids_BT.shape[0])
     return stats, splice_rows
 
 
@@ -229,7 +234,7 @@ def evaluate_activations(sae: nn.Module, run: RunConfig, cfg: EvalConfig) -> tup
         source = build_activation_source(run)
         described = {"source": "cache", "cache_dir": run.data.cache_dir, "held_out": held_out}
     stats = WindowStats(sae.cfg.num_latents, sae.cfg.num_experts)
-    for _ in range(cfg.batches):
+    for _ in tqdm(range(cfg.batches), desc="reconstruction", unit="batch"):
         stats.add_batch(sae, source.next_batch(cfg.batch_tokens).to(cfg.device))
     return stats, described
 

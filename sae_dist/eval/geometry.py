@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 DUPLICATE_COSINE = 0.9
 _CHUNK_ELEMENTS = 2**24
@@ -42,7 +43,7 @@ def max_cosine_per_expert(rows_NMD: Tensor, chunk: int | None = None) -> Tensor:
     m = all_MD.shape[0]
     chunk = chunk or max(1, _CHUNK_ELEMENTS // m)
     out_MN = torch.empty(m, n, device=rows_NMD.device)
-    for start in range(0, m, chunk):
+    for start in tqdm(range(0, m, chunk), desc="nearest neighbours", unit="chunk", disable=m <= chunk):
         stop = min(start + chunk, m)
         cos_CM = all_MD[start:stop] @ all_MD.T
         own = torch.arange(start, stop, device=cos_CM.device)
@@ -134,9 +135,15 @@ def plot_tsne(embeddings: dict[str, tuple[Tensor, Tensor]], out: str | Path, tit
     fig, axes = new_figure(1, len(embeddings), figsize=(5.0 * len(embeddings), 4.6))
     for ax, (name, (points_P2, expert_P)) in zip(axes[0], embeddings.items(), strict=True):
         scatter = ax.scatter(points_P2[:, 0], points_P2[:, 1], c=expert_P, cmap="tab20", s=3, linewidths=0)
-        ax.set_title(f"{title} {name} rows (t-SNE)".strip(), fontsize="small")
+        ax.set_title(f"{name} rows (t-SNE)", fontsize="small")
         ax.set_xticks([])
         ax.set_yticks([])
+        ax.set_xlabel("t-SNE dimension 1 (no units)")
+        ax.set_ylabel("t-SNE dimension 2")
         if int(expert_P.max()) < 20:
             ax.legend(*scatter.legend_elements(), title="expert", fontsize="x-small", markerscale=0.8)
+        else:
+            fig.colorbar(scatter, ax=ax, label="expert id")
+    if title:
+        fig.suptitle(title, fontsize="medium")
     return save_figure(fig, out)

@@ -12,12 +12,14 @@ from __future__ import annotations
 import html
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from matplotlib.ticker import MaxNLocator
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
+from tqdm.auto import tqdm
 
 from sae_dist.api import load_sae
 from sae_dist.config import RunConfig, from_dict
@@ -26,7 +28,7 @@ from sae_dist.data.lm import HookedLM, load_lm
 from sae_dist.data.text import TextContexts
 from sae_dist.eval.plots import new_figure, save_figure
 from sae_dist.models.switch import Latents
-from sae_dist.train.checkpoint import read_checkpoint_config, resolve_checkpoint
+from sae_dist.run_dir import read_checkpoint_config, resolve_checkpoint
 
 OPEN_MARK, CLOSE_MARK = "«", "»"
 
@@ -45,6 +47,8 @@ class ActivationRecords:
     """Per context, float32 [T_c, L]: activation f (including the Switch gate) of each latent at each token."""
     detokenize: Callable[[list[int]], list[str]]
     """Token ids -> the text piece of each token (their concatenation is the context's text)."""
+    about: dict[str, str] = field(default_factory=dict)
+    """Where the records come from, for the page's header: {'checkpoint': ..., 'site': ..., 'text': ...}."""
 
     def column(self, latent: int) -> int:
         return self.latents.index(latent)
@@ -62,6 +66,14 @@ class ActivationRecords:
         max_C = self.max_CL()[:, self.column(latent)]
         order = torch.argsort(max_C, descending=True, stable=True)[:n]
         return [int(c) for c in order if max_C[c] > 0]
+
+    def tokens(self) -> int:
+        """Tokens scanned, over all contexts."""
+        return sum(a.shape[0] for a in self.acts)
+
+    def firing_rate(self, latent: int) -> float:
+        """Fraction of the scanned tokens at which `latent` is active."""
+        return len(self.token_activations(latent)) / max(self.tokens(), 1)
 
     def token_activations(self, latent: int) -> Tensor:
         """All positive per-token activations of `latent` (for histograms), [n]."""
@@ -122,14 +134,17 @@ def collect_activations(
     ids_L = torch.tensor(list(latents))
     width = sae.cfg.num_latents // sae.cfg.num_experts
     records = ActivationRecords(list(latents), [i // width for i in latents], [], [], detokenize)
-    while len(records.token_ids) < num_contexts:
-        batch = [contexts.next_context() for _ in range(min(lm_batch_size, num_contexts - len(records.token_ids)))]
-        input_ids_BT = pad_sequence([torch.tensor(ids) for ids in batch], batch_first=True, padding_value=pad_id)
-        mask_BT = pad_sequence([torch.ones(len(ids), dtype=torch.long) for ids in batch], batch_first=True)
-        x_TD = lm(input_ids_BT, mask_BT)  # non-padding rows, context after context
-        acts_TL = latent_activations(sae.encode(x_TD), ids_L)
-        records.token_ids += batch
-        records.acts += list(acts_TL.split([len(ids) for ids in batch]))
+    with tqdm(total=num_contexts, desc="activations", unit="context") as bar:
+        while len(records.token_ids) < num_contexts:
+            count = min(lm_batch_size, num_contexts - len(records.token_ids))
+            batch = [contexts.next_context() for _ in range(count)]
+            input_ids_BT = pad_sequence([torch.tensor(ids) for ids in batch], batch_first=True, padding_value=pad_id)
+            mask_BT = pad_sequence([torch.ones(len(ids), dtype=torch.long) for ids in batch], batch_first=True)
+            x_TD = lm(input_ids_BT, mask_BT)  # non-padding rows, context after context
+            acts_TL = latent_activations(sae.encode(x_TD), ids_L)
+            records.token_ids += batch
+            records.acts += list(acts_TL.split([len(ids) for ids in batch]))
+            bar.update(count)
     return records
 
 
@@ -150,17 +165,51 @@ def _html_context(pieces: Sequence[str], acts_T: Tensor, scale: float) -> str:
     return "".join(spans)
 
 
+MEANING = (
+    "A latent's activation is what the decoder multiplies its row by: the encoder's value after TopK, times the "
+    "router's probability of the latent's expert for a Switch SAE (0 where it is not among the k selected). "
+    "Firing rate: the share of scanned tokens where the latent is active. Each context is one of the latent's "
+    "strongest, led by its largest activation; a token's shade grows with its activation, relative to the "
+    "latent's strongest context (hover a token for its value)."
+)
+_STYLE = ("body{font-family:sans-serif;max-width:70em;margin:auto;padding:0 1em} "
+          ".ctx{font-family:monospace;white-space:pre-wrap;border-bottom:1px solid #ddd;padding:4px} "
+          "table{border-collapse:collapse} td,th{padding:2px 10px;text-align:right} th{border-bottom:1px solid #999} "
+          "dt{font-weight:bold;float:left;clear:left;width:8em} dd{margin-left:9em} .meaning{color:#444}")
+
+
+def _summary(records: ActivationRecords, latent: int) -> str:
+    """'fires on 1.23% of tokens (45 of 3,661), max activation 2.5', or 'never active in the 3,661 tokens'."""
+    active = len(records.token_activations(latent))
+    if not active:
+        return f"never active in the {records.tokens():,} scanned tokens"
+    top = float(records.max_CL()[:, records.column(latent)].max()) if records.acts else 0.0
+    return (f"fires on {records.firing_rate(latent):.2%} of tokens ({active:,} of {records.tokens():,}), "
+            f"max activation {top:.3g}")
+
+
 def render_html(records: ActivationRecords, top_n: int) -> str:
-    """One page: for each latent, its top contexts with activation strength as background colour."""
-    parts = ["<!doctype html><meta charset='utf-8'><title>SAE features</title>",
-             "<style>body{font-family:sans-serif} .ctx{font-family:monospace;white-space:pre-wrap;"
-             "border-bottom:1px solid #ddd;padding:4px}</style>"]
+    """One page: a header (checkpoint, site, text, what the numbers mean), an index of the latents with their
+    firing rates, then for each latent its top contexts with activation strength as background colour."""
+    about = {**records.about, "scanned": f"{len(records.token_ids):,} contexts, {records.tokens():,} tokens"}
+    title = f"SAE features: {html.escape(records.about.get('checkpoint', ''))}".rstrip(": ")
+    parts = [f"<!doctype html><meta charset='utf-8'><title>{title}</title><style>{_STYLE}</style>",
+             "<h1>SAE features</h1><dl>"]
+    parts += [f"<dt>{html.escape(key)}</dt><dd>{html.escape(value)}</dd>" for key, value in about.items()]
+    parts.append(f"</dl><p class='meaning'>{html.escape(MEANING)}</p>")
+    parts.append("<h2>Index</h2><table><tr><th>latent</th><th>expert</th><th>firing rate</th>"
+                 "<th>max activation</th></tr>")
+    max_CL = records.max_CL() if records.acts else None
+    for latent, expert in zip(records.latents, records.experts, strict=True):
+        top = float(max_CL[:, records.column(latent)].max()) if max_CL is not None else 0.0
+        parts.append(f"<tr><td><a href='#latent-{latent}'>{latent}</a></td><td>{expert}</td>"
+                     f"<td>{records.firing_rate(latent):.3%}</td><td>{top:.3g}</td></tr>")
+    parts.append("</table>")
     for latent, expert in zip(records.latents, records.experts, strict=True):
         top = records.top_contexts(latent, top_n)
         scale = max((float(records.context_acts(c, latent).max()) for c in top), default=1.0)
-        parts.append(f"<h2>latent {latent} (expert {expert})</h2>")
-        if not top:
-            parts.append("<p>never active in these contexts</p>")
+        parts.append(f"<h2 id='latent-{latent}'>latent {latent} (expert {expert})</h2><p>{_summary(records, latent)}"
+                     + (f"; its {len(top)} strongest contexts:</p>" if top else "</p>"))
         for c in top:
             acts_T = records.context_acts(c, latent)
             parts.append(f"<div class='ctx'><b>{float(acts_T.max()):.3g}</b> "
@@ -170,13 +219,11 @@ def render_html(records: ActivationRecords, top_n: int) -> str:
 
 def render_text(records: ActivationRecords, top_n: int) -> str:
     """Plain text: for each latent, its top contexts with the active tokens in «»."""
-    lines = []
+    lines = [f"{key}: {value}" for key, value in records.about.items()]
+    lines += [f"scanned: {len(records.token_ids):,} contexts, {records.tokens():,} tokens", MEANING, ""]
     for latent, expert in zip(records.latents, records.experts, strict=True):
-        lines.append(f"== latent {latent} (expert {expert})")
-        top = records.top_contexts(latent, top_n)
-        if not top:
-            lines.append("   never active in these contexts")
-        for c in top:
+        lines.append(f"== latent {latent} (expert {expert}): {_summary(records, latent)}")
+        for c in records.top_contexts(latent, top_n):
             acts_T = records.context_acts(c, latent)
             text = mark_text(records.pieces(c), acts_T).replace("\n", " ")
             lines.append(f"   {float(acts_T.max()):8.3g}  {text}")
@@ -184,18 +231,30 @@ def render_text(records: ActivationRecords, top_n: int) -> str:
 
 
 def plot_histograms(records: ActivationRecords, out: str | Path, bins: int = 40) -> Path:
-    """A grid of histograms of each latent's positive per-token activations, with its firing frequency."""
-    columns = min(4, len(records.latents))
-    rows = -(-len(records.latents) // columns)
-    fig, axes = new_figure(rows, columns, figsize=(3.2 * columns, 2.4 * rows))
-    total_tokens = sum(a.shape[0] for a in records.acts)
-    for ax, latent in zip(axes.flat, records.latents, strict=False):
+    """A grid of histograms of each active latent's positive per-token activations, titled with its firing rate;
+    latents never active in the scanned text are named in the figure's title instead of drawn empty."""
+    active = [latent for latent in records.latents if len(records.token_activations(latent))]
+    silent = [latent for latent in records.latents if latent not in active]
+    shown = active or records.latents[:1]
+    columns = min(4, len(shown))
+    rows = -(-len(shown) // columns)
+    fig, axes = new_figure(rows, columns, figsize=(3.2 * columns, 2.5 * rows + 0.6))
+    for ax, latent in zip(axes.flat, shown, strict=False):
         values = records.token_activations(latent)
         if len(values):
-            ax.hist(values.numpy(), bins=bins, color="tab:orange")
-        ax.set_title(f"latent {latent}: fires on {len(values) / max(total_tokens, 1):.2%}", fontsize="small")
-    for ax in list(axes.flat)[len(records.latents) :]:
+            ax.hist(values.numpy(), bins=bins, range=(0.0, float(values.max())), color="tab:orange")
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        else:
+            ax.text(0.5, 0.5, "never active", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(f"latent {latent}: fires on {records.firing_rate(latent):.2%}", fontsize="small")
+        ax.set_xlabel("activation", fontsize="small")
+        ax.set_ylabel("tokens", fontsize="small")
+    for ax in list(axes.flat)[len(shown) :]:
         ax.axis("off")
+    title = f"activations where each latent fires ({records.tokens():,} tokens scanned)"
+    if silent and active:
+        title += f"\nnever active: latents {', '.join(map(str, silent))}"
+    fig.suptitle(title, fontsize="medium")
     return save_figure(fig, out)
 
 
@@ -226,12 +285,27 @@ def inspect_checkpoint(
     """Records of `latents` (default: `per_expert` random latents of each expert) of the SAE at `path` over the
     first `num_contexts` contexts of the text its training activations came from."""
     sae = load_sae(path, device)
-    run, _, _ = read_checkpoint_config(resolve_checkpoint(path))
+    folder = resolve_checkpoint(path)
+    run, _, step = read_checkpoint_config(folder)
     source = text_run_config(run)
     if latents is None:
         latents = sample_latents(run.sae.num_latents, run.sae.num_experts, per_expert, seed)
     model, tokenizer = load_lm(source.model, device)
     contexts = TextContexts.from_config(source.data, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return collect_activations(sae, HookedLM(model, source.model.layer), contexts, latents, num_contexts,
-                               source.data.lm_batch_size, pad_id, token_pieces(tokenizer))
+    records = collect_activations(sae, HookedLM(model, source.model.layer), contexts, latents, num_contexts,
+                                  source.data.lm_batch_size, pad_id, token_pieces(tokenizer))
+    records.about = describe_source(folder, step, run, source)
+    return records
+
+
+def describe_source(folder: Path, step: int, run: RunConfig, source: RunConfig) -> dict[str, str]:
+    """The feature page's header: which SAE, read where in which model, over which text."""
+    sae = run.sae
+    files = f" ({', '.join(source.data.data_files)})" if source.data.data_files else ""
+    return {
+        "checkpoint": f"{folder} (step {step:,})",
+        "SAE": f"{sae.kind}, M={sae.num_latents:,} latents, N={sae.num_experts} experts, k={sae.k}",
+        "site": f"output of block {source.model.layer} of {source.model.path or source.model.name}",
+        "text": f"{source.data.dataset}{files}, split {source.data.split}, contexts of {source.data.ctx_len} tokens",
+    }

@@ -1,15 +1,7 @@
 """Checkpoints: one layout for one device and for W ranks, loadable on any other valid layout.
 
-Layout of a run directory:
-    checkpoints/step_00001000/model.safetensors    the model-only export in the single-device format (experts
-                                                   stacked [N, M_e, d] in global order): what `load_sae` reads
-    checkpoints/step_00001000/config.json          {"d_model": ..., "run": RunConfig as a dict, "step": ...}
-    checkpoints/step_00001000/state/               torch.distributed.checkpoint: weights, optimizer state (Adam
-                                                   moments and step), dead-latent counters
-    checkpoints/step_00001000/trainer_state.pt     step, tokens, scheduler, optimizer hyper-parameters, world size
-    checkpoints/step_00001000/ranks/rank_00003.pt  rank 3's data-source position and torch RNG state
-    checkpoints/step_00001000/SHA256SUMS           SHA-256 of every file above (`sha256sum -c` format)
-    checkpoints/latest                             name of the newest complete checkpoint
+The files of a checkpoint folder are listed in `sae_dist.run_dir`, which also finds and reads them; this module
+writes them and loads the sharded training state back.
 
 `state/` holds global tensors: an expert tensor (and its optimizer state) is stored as [N, ...] indexed by global
 expert id, each rank writing the rows of its own experts and replicated tensors written once. Loading reads the
@@ -40,30 +32,30 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from sae_dist.config import ConfigError, RunConfig, as_dict, from_dict
+from sae_dist import checksums
+from sae_dist.config import RunConfig, as_dict
 from sae_dist.parallel.context import ParallelContext, is_expert_sharded
-from sae_dist.train import checksums
+from sae_dist.run_dir import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    LATEST_FILE,
+    MODEL_FILE,
+    RANKS_DIR,
+    STATE_DIR,
+    STATE_FILE,
+    TMP_SUFFIX,
+    CheckpointError,
+    checkpoint_name,
+    checkpoint_step,
+    latest_checkpoint,
+    rank_file,
+    verify_files,
+    write_atomically,
+)
 from sae_dist.train.agreed_writes import WriteFailedError, existing_ancestor, write_in_phases
-
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-STATE_DIR = "state"
-STATE_FILE = "trainer_state.pt"
-RANKS_DIR = "ranks"
-LATEST_FILE = "latest"
-TMP_SUFFIX = ".tmp"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be found, read or written; the message is one line naming the file and the reason."""
-
-
-class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-    """No checkpoint where one was expected."""
 
 
 class NonFiniteWeightsError(CheckpointError):
@@ -77,20 +69,6 @@ class TrainingTensors(NamedTuple):
     optimizer: torch.optim.Optimizer
     dead_L: Tensor
     """Tokens since each local latent last fired."""
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def rank_file(rank: int) -> str:
-    return f"{RANKS_DIR}/rank_{rank:05d}.pt"
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def write_model_tensors(folder: Path, tensors: dict[str, Tensor], run: RunConfig, d_model: int, step: int) -> None:
@@ -149,10 +127,6 @@ def _empty_optimizer_state(tensors: TrainingTensors, folder: Path) -> dict[str, 
     return state
 
 
-def checkpoint_step(folder: Path) -> int:
-    return int(Path(folder).name.removeprefix("step_"))
-
-
 class CheckpointWriteError(CheckpointError, WriteFailedError):
     """Writing a checkpoint failed on some rank; nothing of it was kept."""
 
@@ -177,7 +151,7 @@ def save_checkpoint(
     NonFiniteWeightsError (writing nothing) when a weight is NaN or inf, CheckpointWriteError (one line, naming the
     disk error, the partial checkpoint removed) when a file cannot be written on any rank.
     """
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS_DIR
     final = root / checkpoint_name(step)
     tmp = root / (final.name + TMP_SUFFIX)
     device = next(tensors.model.parameters()).device
@@ -239,7 +213,7 @@ def rotate_checkpoints(root: Path, keep: int, current_step: int) -> None:
 def remove_partial_checkpoints(run_dir: Path) -> list[Path]:
     """Remove what killed saves left: temporary folders, and checkpoints newer than `latest` (renamed into place
     but never published). Returns what was removed. Called by rank 0 before training starts."""
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
     latest = latest_checkpoint(run_dir)
@@ -293,63 +267,3 @@ def load_checkpoint(folder: Path, tensors: TrainingTensors, ctx: ParallelContext
     tensors.optimizer.load_state_dict({"state": state, "param_groups": run_state.pop("param_groups")})
     saved_world = run_state.pop("world_size")
     return run_state, [torch.load(folder / rank_file(rank), weights_only=False) for rank in range(saved_world)]
-
-
-# --- finding and reading checkpoints ------------------------------------------------------------------------------
-def verify_files(folder: Path, names: list[str] | None = None) -> None:
-    """The checkpoint's files `names` (default: all) against its SHA256SUMS; one-line CheckpointError otherwise.
-    A checkpoint written before checksums existed has none and is read unchecked."""
-    try:
-        checksums.verify(folder, names)
-    except checksums.ChecksumError as exc:
-        raise CheckpointError(f"checkpoint damaged: {exc}") from None
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None when it has none."""
-    pointer = Path(run_dir) / "checkpoints" / LATEST_FILE
-    if not pointer.exists():
-        return None
-    name = pointer.read_text().strip()
-    folder = pointer.parent / name
-    if not name.startswith("step_") or not folder.is_dir():
-        raise CheckpointError(f"{pointer} names {name!r}, which is not a checkpoint folder beside it")
-    return folder
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a checkpoint folder or a run directory (its latest checkpoint); one-line error otherwise."""
-    path = Path(path)
-    if (path / MODEL_FILE).exists():
-        return path
-    latest = latest_checkpoint(path)
-    if latest is not None and (latest / MODEL_FILE).exists():
-        return latest
-    raise CheckpointNotFoundError(
-        f"no SAE checkpoint at {str(path)!r}: expected {MODEL_FILE} or checkpoints/{LATEST_FILE}"
-    )
-
-
-def read_checkpoint_config(folder: Path) -> tuple[RunConfig, int, int]:
-    """(run config, d_model, step) of a checkpoint folder (its config.json, checked against SHA256SUMS)."""
-    path = Path(folder) / CONFIG_FILE
-    verify_files(folder, [CONFIG_FILE])
-    try:
-        meta = json.loads(path.read_text())
-        return from_dict(meta["run"]), int(meta["d_model"]), int(meta["step"])
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(f"{path} does not exist") from None
-    except (ValueError, KeyError, TypeError) as exc:  # not JSON, a missing entry, or a config the schema refuses
-        reason = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
-        raise CheckpointError(f"{path} is not a valid sae-dist checkpoint config ({reason})") from None
-
-
-def load_model_weights(folder: Path, model: nn.Module) -> None:
-    """The exported weights into a model holding every expert (single process, e.g. for analysis)."""
-    path = Path(folder) / MODEL_FILE
-    verify_files(folder, [MODEL_FILE])
-    try:
-        model.load_state_dict(load_file(str(path)))
-    except (SafetensorError, OSError, RuntimeError) as exc:  # truncated or foreign file, or other shapes
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path} cannot be loaded into the SAE its config.json describes ({reason})") from None

@@ -14,12 +14,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
-from sae_dist.config import ConfigError, RunConfig, as_dict, from_dict, resume_mode
-from sae_dist.train.checkpoint import latest_checkpoint, read_checkpoint_config
-
-CONFIG_FILE = "config.yaml"
+from sae_dist.config import ConfigError, RunConfig, from_dict, resume_mode
+from sae_dist.run_dir import flat_settings, latest_checkpoint, read_checkpoint_config, read_run_config
 
 MAY_CHANGE = (
     "name",
@@ -49,17 +45,6 @@ THIS_INVOCATION = ("trainer.out_dir", "trainer.resume")
 
 class RunDirectoryError(ConfigError):
     """trainer.out_dir holds something that trainer.resume or the run's identity forbids using."""
-
-
-def flatten(run: RunConfig) -> dict[str, Any]:
-    """{'sae.k': 32, 'trainer.steps': 1000, 'name': ..., ...}"""
-    flat: dict[str, Any] = {}
-    for key, value in as_dict(run).items():
-        if isinstance(value, dict):
-            flat.update({f"{key}.{inner}": item for inner, item in value.items()})
-        else:
-            flat[key] = value
-    return flat
 
 
 def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
@@ -102,7 +87,7 @@ def continue_config(
     saved values); None compares every setting (a config built in Python). A difference outside `MAY_CHANGE` raises
     RunDirectoryError listing every such difference."""
     named = explicit_settings(overrides) if overrides is not None else None
-    old, new = flatten(saved), flatten(current)
+    old, new = flat_settings(saved), flat_settings(current)
     merged, changes, refused = dict(old), {}, []
     for path, value in new.items():
         if path in THIS_INVOCATION:
@@ -127,15 +112,10 @@ def saved_config(run_dir: str | Path) -> RunConfig | None:
     latest = latest_checkpoint(run_dir)
     if latest is not None:
         return read_checkpoint_config(latest)[0]
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        return None
     try:
-        return from_dict(OmegaConf.to_container(OmegaConf.load(path)))
-    except Exception as exc:  # not YAML, or not a run config: the folder belongs to something else
-        raise RunDirectoryError(
-            f"trainer.out_dir={run_dir} holds a {CONFIG_FILE} that is not a run config ({exc})"
-        ) from None
+        return read_run_config(run_dir)
+    except ConfigError as exc:  # the folder belongs to something else
+        raise RunDirectoryError(f"trainer.out_dir={run_dir}: {exc}") from None
 
 
 def checkpoint_to_resume(run: RunConfig, run_dir: str | Path) -> Path | None:

@@ -1,5 +1,6 @@
-"""Run logs: one JSON object per logged step in metrics.jsonl, the same scalars in TensorBoard, and the run's
-history (each start and resume, with the settings changed on resume) in resume_history.jsonl."""
+"""Writing run logs: one JSON object per logged step in metrics.jsonl, the same scalars in TensorBoard, and the run's
+history (each start and resume, with the settings changed on resume) in resume_history.jsonl. Readers of both are
+in `sae_dist.run_dir`."""
 
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-METRICS_FILE = "metrics.jsonl"
-HISTORY_FILE = "resume_history.jsonl"
+from sae_dist.run_dir import HISTORY_FILE, METRICS_FILE, TENSORBOARD_DIR, read_metrics, write_atomically
 
 
 def append_history(run_dir: str | Path, event: dict[str, Any]) -> None:
@@ -20,25 +20,6 @@ def append_history(run_dir: str | Path, event: dict[str, Any]) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The events of a run's resume history (a line cut short by a crash is skipped)."""
-    path = Path(run_dir) / HISTORY_FILE
-    rows = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 class MetricsLogger:
     """Appends to metrics.jsonl; on resume, first drops rows logged after the checkpoint being resumed."""
 
@@ -46,15 +27,13 @@ class MetricsLogger:
         self.path = Path(run_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [row for row in read_metrics(run_dir) if row["step"] <= resume_step]
-        tmp = self.path.with_name(METRICS_FILE + ".tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
-        tmp.replace(self.path)
+        write_atomically(self.path, "".join(json.dumps(row) + "\n" for row in kept).encode())
         self.file = self.path.open("a")
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1)
+            self.writer = SummaryWriter(str(Path(run_dir) / TENSORBOARD_DIR), purge_step=resume_step + 1)
 
     def log(self, row: dict[str, Any]) -> None:
         self.file.write(json.dumps(row) + "\n")

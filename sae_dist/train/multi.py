@@ -20,7 +20,7 @@ from sae_dist.data import DataUnavailableError, build_activation_source
 from sae_dist.data.fanout import SharedStream
 from sae_dist.parallel.context import ParallelContext
 from sae_dist.parallel.failures import on_every_rank
-from sae_dist.train import checkpoint as ckpt
+from sae_dist.run_dir import CHECKPOINTS_DIR, checkpoint_name, latest_checkpoint
 from sae_dist.train.run import RunPlan, finish_run, prepare_run, start_trainer
 from sae_dist.train.trainer import Trainer
 
@@ -53,7 +53,7 @@ def build_members(plans: list[RunPlan], ctx: ParallelContext) -> list[Trainer]:
 
 def resume_from_common_step(trainers: list[Trainer]) -> int | None:
     """Make every member continue from the newest checkpoint step they all have; None when none has one."""
-    latest = [ckpt.latest_checkpoint(t.run_dir) for t in trainers]
+    latest = [latest_checkpoint(t.run_dir) for t in trainers]
     if all(folder is None for folder in latest):
         return None
     if any(folder is None for folder in latest):
@@ -61,7 +61,7 @@ def resume_from_common_step(trainers: list[Trainer]) -> int | None:
         raise DataUnavailableError(f"sweep member {missing} has no checkpoint while the others have; cannot resume")
     step = min(int(folder.name.removeprefix("step_")) for folder in latest)
     for trainer in trainers:
-        folder = trainer.run_dir / "checkpoints" / ckpt.checkpoint_name(step)
+        folder = trainer.run_dir / CHECKPOINTS_DIR / checkpoint_name(step)
         if not folder.is_dir():
             raise DataUnavailableError(f"sweep member {trainer.run_dir} lacks checkpoint step {step} of the others")
         trainer.resume_from = folder

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sae_dist.config import RunConfig
-from sae_dist.eval.flops import flops_per_token
+from sae_dist.flops import flops_per_token
 
 
 def format_load(load: list[float]) -> str:

@@ -18,12 +18,12 @@ from omegaconf import OmegaConf
 from sae_dist.config import ConfigError, RunConfig, as_dict
 from sae_dist.data import build_activation_source
 from sae_dist.data.source import ActivationSource
-from sae_dist.eval.metrics import ReconstructionSums
+from sae_dist.metrics import ReconstructionSums
 from sae_dist.parallel.context import ParallelContext
 from sae_dist.parallel.failures import on_every_rank
 from sae_dist.parallel.mesh import expert_parallel_size, validate_layout
+from sae_dist.run_dir import RUN_CONFIG_FILE, latest_checkpoint, write_atomically
 from sae_dist.train import identity, preflight
-from sae_dist.train.checkpoint import latest_checkpoint, write_atomically
 from sae_dist.train.identity import RunDirectoryError
 from sae_dist.train.logging import append_history
 from sae_dist.train.report import print_summary
@@ -77,7 +77,7 @@ def _write_new_run(plan: RunPlan, world_size: int, ep_size: int) -> None:
     """config.yaml (once: a continued run's is never rewritten) and the first event of the resume history."""
     run_dir = plan.folder.path
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = run_dir / identity.CONFIG_FILE
+    config = run_dir / RUN_CONFIG_FILE
     if not config.exists():
         write_atomically(config, OmegaConf.to_yaml(OmegaConf.create(as_dict(plan.run))).encode())
     append_history(run_dir, {"event": "start" if not plan.continues else "restart before the first checkpoint",

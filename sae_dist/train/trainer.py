@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from sae_dist.config import RunConfig
 from sae_dist.data.order import resume_state
 from sae_dist.data.source import ActivationSource
-from sae_dist.eval.metrics import ReconstructionSums
+from sae_dist.metrics import ReconstructionSums
 from sae_dist.models import SAEOutput, build_sae
 from sae_dist.models.auxk import AuxCandidates, DeadCandidates
 from sae_dist.models.kernels import weight_grads_in_place
@@ -31,6 +31,7 @@ from sae_dist.models.losses import total_loss
 from sae_dist.models.router import expert_counts
 from sae_dist.parallel.context import ParallelContext
 from sae_dist.parallel.failures import collective_failure
+from sae_dist.run_dir import latest_checkpoint, read_checkpoint_config
 from sae_dist.train import checkpoint as ckpt
 from sae_dist.train import identity
 from sae_dist.train.dead import DeadLatentTracker
@@ -249,7 +250,7 @@ class Trainer:
         folder = self.resume_from or identity.checkpoint_to_resume(self.run, self.run_dir)
         if folder is None:
             return False
-        saved, _, _ = ckpt.read_checkpoint_config(folder)
+        saved, _, _ = read_checkpoint_config(folder)
         _, changes = identity.continue_config(saved, self.run)
         self.restore(folder)
         world = self.ctx.world_size
@@ -376,7 +377,7 @@ class Trainer:
         if not bad:
             return
         if self.run.trainer.on_nonfinite == "stop":
-            latest = ckpt.latest_checkpoint(self.run_dir)
+            latest = latest_checkpoint(self.run_dir)
             kept = f"the last checkpoint is {latest.name}" if latest is not None else "no checkpoint was written"
             raise NonFiniteError(
                 f"step {bad[0]}: NaN or inf in the batch, the loss or the gradient norm (no update applied); "

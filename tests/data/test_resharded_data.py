@@ -12,7 +12,7 @@ from sae_dist.data import CachedActivationSource, resume_state, write_cache
 from sae_dist.data.source import ActivationSource
 from sae_dist.parallel.expert_parallel import ExpertParallelContext
 from sae_dist.parallel.mesh import build_mesh
-from sae_dist.train import checkpoint as ckpt
+from sae_dist.run_dir import checkpoint_name, rank_file
 from sae_dist.train.trainer import Trainer
 from tests.parallel.spawn_harness import spawn_checks
 
@@ -96,8 +96,8 @@ def test_resume_in_one_process_continues_exactly_the_two_rank_streams(tmp_path):
     after = [row for batch in read(1, 0) for row in batch]
     assert len(before) == len(after) == STEPS * GLOBAL_BATCH
     assert len(set(before + after)) == len(before) + len(after)  # no row read twice
-    checkpoint = tmp_path / "run" / "checkpoints" / ckpt.checkpoint_name(STEPS)
-    states = [torch.load(checkpoint / ckpt.rank_file(rank), weights_only=False)["data"] for rank in range(2)]
+    checkpoint = tmp_path / "run" / "checkpoints" / checkpoint_name(STEPS)
+    states = [torch.load(checkpoint / rank_file(rank), weights_only=False)["data"] for rank in range(2)]
     assert states[0] != states[1]
     expected = CachedActivationSource(tmp_path / "cache", 64, 0, 0, 1, verify=False)
     expected.load_state_dict(resume_state(states, 0, 1))

@@ -1,19 +1,18 @@
 """Auto-interp against a fake OpenAI-compatible server on loopback: explanations stored, balanced accuracy right."""
 
-import json
-import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-import pytest
 import torch
 
-from sae_dist.eval.autointerp import AutoInterpConfig, balanced_accuracy, detection_sample, run_autointerp, \
-    score_detection
+from sae_dist.eval.autointerp import (
+    AutoInterpConfig,
+    balanced_accuracy,
+    detection_sample,
+    run_autointerp,
+    score_detection,
+)
 from sae_dist.eval.inspect import ActivationRecords
+from tests.conftest import EXPLANATION
 
 VOCAB = ["the ", "hot ", "cold ", "tea "]
-EXPLANATION = "the word hot"
 
 
 def make_records(num_active=25, num_inactive=15) -> ActivationRecords:
@@ -28,41 +27,6 @@ def make_records(num_active=25, num_inactive=15) -> ActivationRecords:
         token_ids.append(ids)
         acts.append(a)
     return ActivationRecords([7, 9], [0, 1], token_ids, acts, lambda ids: [VOCAB[i] for i in ids])
-
-
-@pytest.fixture
-def fake_endpoint():
-    """Serves /v1/chat/completions: a fixed explanation, and a detection scorer in mode 'perfect' or 'all-yes'."""
-    seen = {"requests": [], "mode": "perfect"}
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            seen["requests"].append((self.path, body))
-            system, user = body["messages"][0]["content"], body["messages"][1]["content"]
-            if "Describe" in system:
-                answer = EXPLANATION
-            else:
-                excerpts = re.findall(r"^(\d+)\. (.*)$", user, flags=re.M)
-                answer = ", ".join(n for n, text in excerpts if seen["mode"] == "all-yes" or "hot" in text) or "none"
-            reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(reply)))
-            self.end_headers()
-            self.wfile.write(reply)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    seen["url"] = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    yield seen
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
 
 
 def config(url, **kw):

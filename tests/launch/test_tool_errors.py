@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from sae_dist import load_sae
+from sae_dist.checksums import CHECKSUM_FILE, write_checksums
 from sae_dist.data import build_activation_source
-from sae_dist.train import checkpoint as ckpt
-from sae_dist.train.checksums import CHECKSUM_FILE, write_checksums
+from sae_dist.run_dir import CONFIG_FILE, MODEL_FILE, CheckpointError, latest_checkpoint
 from sae_dist.train.trainer import Trainer
 from tests.conftest import small_run
 
@@ -34,7 +34,7 @@ def trained(tmp_path_factory):
 
 
 def damage(folder, how: str) -> None:
-    weights, config = folder / ckpt.MODEL_FILE, folder / ckpt.CONFIG_FILE
+    weights, config = folder / MODEL_FILE, folder / CONFIG_FILE
     data = weights.read_bytes()
     if how == "truncated weights":
         weights.write_bytes(data[: len(data) // 2])
@@ -71,9 +71,9 @@ DAMAGE = {
 def test_damaged_checkpoints_are_refused_by_every_reader(trained, tmp_path, command, how):
     run_dir = tmp_path / "run"
     shutil.copytree(trained, run_dir)
-    folder = ckpt.latest_checkpoint(run_dir)
+    folder = latest_checkpoint(run_dir)
     damage(folder, how)
-    with pytest.raises(ckpt.CheckpointError) as info:
+    with pytest.raises(CheckpointError) as info:
         load_sae(run_dir)
     assert DAMAGE[how] in str(info.value) and "\n" not in str(info.value)
     for script, options in TOOLS:
@@ -88,11 +88,11 @@ def test_damaged_checkpoints_are_refused_by_every_reader(trained, tmp_path, comm
 def test_checksums_are_sha256sum_compatible(trained):
     if shutil.which("sha256sum") is None:
         pytest.skip("no sha256sum here")
-    folder = ckpt.latest_checkpoint(trained)
+    folder = latest_checkpoint(trained)
     check = subprocess.run(["sha256sum", "--check", "--quiet", CHECKSUM_FILE], cwd=folder, capture_output=True)
     assert check.returncode == 0, check.stdout + check.stderr
     listed = (folder / CHECKSUM_FILE).read_text()
-    assert "state/.metadata" in listed and "ranks/rank_00000.pt" in listed and ckpt.MODEL_FILE in listed
+    assert "state/.metadata" in listed and "ranks/rank_00000.pt" in listed and MODEL_FILE in listed
 
 
 def test_outputs_are_checked_before_loading(trained, tmp_path, command, no_loading):
@@ -124,6 +124,6 @@ def test_intact_checkpoint_without_checksums_still_loads(trained, tmp_path):
     """Checkpoints written before checksums existed are read (unverified), so old runs stay usable."""
     run_dir = tmp_path / "run"
     shutil.copytree(trained, run_dir)
-    (ckpt.latest_checkpoint(run_dir) / CHECKSUM_FILE).unlink()
+    (latest_checkpoint(run_dir) / CHECKSUM_FILE).unlink()
     for name, tensor in load_sae(trained).state_dict().items():
         assert torch.equal(load_sae(run_dir).state_dict()[name], tensor)

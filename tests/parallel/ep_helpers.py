@@ -12,7 +12,7 @@ from sae_dist.config import DataConfig, RunConfig, SAEConfig, TrainerConfig, val
 from sae_dist.data.source import ActivationSource
 from sae_dist.data.synthetic import SyntheticSource
 from sae_dist.models import build_sae
-from sae_dist.train import checkpoint as ckpt
+from sae_dist.run_dir import LATEST_FILE, checkpoint_name
 
 D_MODEL = 12
 ROUTED_EXPERTS = [0] * 9 + [1] * 6 + [3] * 17
@@ -64,10 +64,10 @@ def local_latents(full_L: Tensor, dispatcher, num_experts: int = 4) -> Tensor:
 
 def copy_checkpoint(source_run: Path, step: int, target: Path) -> Path:
     """A new run folder holding only checkpoint `step` of `source_run`, as its latest; returns the checkpoint."""
-    name = ckpt.checkpoint_name(step)
+    name = checkpoint_name(step)
     (target / "checkpoints").mkdir(parents=True)
     shutil.copytree(source_run / "checkpoints" / name, target / "checkpoints" / name)
-    (target / "checkpoints" / ckpt.LATEST_FILE).write_text(name)
+    (target / "checkpoints" / LATEST_FILE).write_text(name)
     return target / "checkpoints" / name
 
 

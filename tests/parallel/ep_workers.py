@@ -27,6 +27,7 @@ from sae_dist.parallel.expert_parallel import ExpertParallelContext
 from sae_dist.parallel.mesh import ExpertMesh, build_mesh
 from sae_dist.parallel.overlap import OverlappedAllToAllDispatcher
 from sae_dist.parallel.permute import capacity
+from sae_dist.run_dir import checkpoint_name
 from sae_dist.train import checkpoint as ckpt
 from sae_dist.train.trainer import Trainer
 
@@ -302,9 +303,9 @@ def check_resume(folder: Path, rank: int, world: int, ep_size: int, name: str, t
     ctx = ExpertParallelContext(build_mesh("cpu", ep_size))
     trainer = Trainer(run, GlobalBatchSource(run, rank, world), ctx)
     assert trainer.maybe_resume() and trainer.step == 3
-    assert_restored_exactly(trainer, target / "checkpoints" / ckpt.checkpoint_name(3))
+    assert_restored_exactly(trainer, target / "checkpoints" / checkpoint_name(3))
     trainer.train()
-    assert_matches_checkpoint(trainer, unbroken / "checkpoints" / ckpt.checkpoint_name(6), tol)
+    assert_matches_checkpoint(trainer, unbroken / "checkpoints" / checkpoint_name(6), tol)
 
 
 def assert_matches_checkpoint(trainer: Trainer, folder: Path, tol: dict) -> None:

@@ -11,6 +11,7 @@ from ep_workers import EXACT, TRAINING, assert_matches_checkpoint, assert_restor
 from spawn_harness import spawn_checks
 
 from sae_dist import load_sae
+from sae_dist.run_dir import MODEL_FILE, RANKS_DIR, checkpoint_name, latest_checkpoint
 from sae_dist.train import checkpoint as ckpt
 from sae_dist.train.trainer import Trainer
 
@@ -93,15 +94,15 @@ def test_resume_four_rank_checkpoint_in_one_process(jobs, tmp_path):
     assert trainer.maybe_resume() and trainer.step == 3
     assert_restored_exactly(trainer, folder)
     trainer.train()
-    assert_matches_checkpoint(trainer, unbroken / "checkpoints" / ckpt.checkpoint_name(6), TRAINING)
+    assert_matches_checkpoint(trainer, unbroken / "checkpoints" / checkpoint_name(6), TRAINING)
 
 
 def test_load_sae_reads_the_expert_parallel_run(jobs):
     jobs[4].require("checkpoint_save")
     run_dir = jobs["folder"] / "ep_run"
-    folder = ckpt.latest_checkpoint(run_dir)
-    assert sorted(p.name for p in folder.glob("*.safetensors")) == [ckpt.MODEL_FILE]
-    assert sorted(p.name for p in (folder / ckpt.RANKS_DIR).iterdir()) == [f"rank_{r:05d}.pt" for r in range(4)]
+    folder = latest_checkpoint(run_dir)
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == [MODEL_FILE]
+    assert sorted(p.name for p in (folder / RANKS_DIR).iterdir()) == [f"rank_{r:05d}.pt" for r in range(4)]
     sae = load_sae(run_dir)
     assert sae.experts.w_enc.shape == (4, 32, 32)
     saved = ckpt.read_global_state(folder, "model.")

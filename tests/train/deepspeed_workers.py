@@ -14,6 +14,7 @@ from ep_helpers import GlobalBatchSource, copy_checkpoint, shard_of, tiny_run  #
 
 from sae_dist.parallel.expert_parallel import ExpertParallelContext  # noqa: E402
 from sae_dist.parallel.mesh import build_mesh  # noqa: E402
+from sae_dist.run_dir import checkpoint_name, latest_checkpoint  # noqa: E402
 from sae_dist.train import checkpoint as ckpt  # noqa: E402
 from sae_dist.train.deepspeed_engine import DeepSpeedTrainer, remove_parallel_gradient_partition_  # noqa: E402
 from sae_dist.train.init import init_biases_from_batch  # noqa: E402
@@ -100,7 +101,7 @@ def check_projection_of_split_rows(rank: int, world: int) -> None:
 
 def final_state(run) -> dict[str, torch.Tensor]:
     """Every tensor of a run's last checkpoint (weights, Adam moments and steps, dead-latent counters)."""
-    return ckpt.read_global_state(ckpt.latest_checkpoint(run.trainer.out_dir))
+    return ckpt.read_global_state(latest_checkpoint(run.trainer.out_dir))
 
 
 def assert_states_match(state: dict, expected: dict, tol: dict) -> None:
@@ -119,7 +120,7 @@ def check_training(folder: Path, rank: int, world: int, ep_size: int, stage: int
     assert rows[1]["step"] == rows[0]["step"] == 6
     for metric in ("loss", "mse", "grad_norm", "lr"):
         assert abs(rows[1][metric] - rows[0][metric]) <= 1e-5 * abs(rows[0][metric]) + 1e-7, metric
-    saved = [ckpt.read_global_state(folder / f"{name}_{engine}" / "checkpoints" / ckpt.checkpoint_name(6))
+    saved = [ckpt.read_global_state(folder / f"{name}_{engine}" / "checkpoints" / checkpoint_name(6))
              for engine in ("torch", "deepspeed")]
     assert_states_match(saved[1], saved[0], TRAINING)
 
@@ -153,7 +154,7 @@ def check_resume_exact(folder: Path, rank: int, world: int) -> None:
 
 
 def saved_state(folder: Path, run_name: str, step: int) -> dict[str, torch.Tensor]:
-    return ckpt.read_global_state(folder / run_name / "checkpoints" / ckpt.checkpoint_name(step))
+    return ckpt.read_global_state(folder / run_name / "checkpoints" / checkpoint_name(step))
 
 
 def check_resume_across_engines(folder: Path, rank: int, world: int) -> None:

@@ -14,6 +14,7 @@ import runpy
 import signal
 from pathlib import Path
 
+from sae_dist.run_dir import LATEST_FILE, checkpoint_name
 from sae_dist.train import checkpoint
 from sae_dist.train.trainer import Trainer
 
@@ -27,7 +28,7 @@ def install(fault: dict) -> None:
         write = checkpoint.write_atomically
 
         def write_then_die(path, data):
-            if path.name == checkpoint.LATEST_FILE and data.decode() == checkpoint.checkpoint_name(step):
+            if path.name == LATEST_FILE and data.decode() == checkpoint_name(step):
                 os.kill(os.getpid(), sig)
             write(path, data)
 

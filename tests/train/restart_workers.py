@@ -13,6 +13,7 @@ from sae_dist.config import ConfigError, to_run_config
 from sae_dist.data.synthetic import SyntheticSource
 from sae_dist.parallel.expert_parallel import ExpertParallelContext
 from sae_dist.parallel.failures import CollectiveError, PeerFailedError, on_every_rank
+from sae_dist.run_dir import latest_checkpoint
 from sae_dist.train import checkpoint as ckpt
 from sae_dist.train.run import train_from_config
 from sae_dist.train.trainer import NonFiniteError, Trainer
@@ -43,7 +44,7 @@ def check_nan_on_one_rank(folder: Path, rank: int) -> None:
     with pytest.raises(NonFiniteError, match="^step 3: NaN or inf .* stopped at step 5 without writing"):
         t.train()
     assert all(bool(torch.isfinite(p).all()) for p in t.model.parameters())
-    assert ckpt.latest_checkpoint(run.trainer.out_dir) is None
+    assert latest_checkpoint(run.trainer.out_dir) is None
 
 
 def check_save_fails_on_one_rank(folder: Path, rank: int) -> None:

@@ -17,9 +17,9 @@ from spawn_harness import spawn_checks  # noqa: E402
 
 from sae_dist import load_sae  # noqa: E402
 from sae_dist.config import ConfigError, TrainerConfig, to_run_config, validate  # noqa: E402
+from sae_dist.run_dir import latest_checkpoint  # noqa: E402
 from sae_dist.train import checkpoint as ckpt  # noqa: E402
 from sae_dist.train.run import train_from_config  # noqa: E402
-
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["data=synthetic", "data.d_model=32", "sae.num_latents=128", "sae.num_experts=4", "sae.k=4", "trainer.lr=5e-3",
@@ -74,7 +74,7 @@ def test_checkpoint_loads_through_public_api(job):
     job[1].require("training_P2_z2")
     folder = job[0] / "train_switch_P2_z2_deepspeed"
     sae = load_sae(folder)
-    saved = ckpt.read_global_state(ckpt.latest_checkpoint(folder), "model.")
+    saved = ckpt.read_global_state(latest_checkpoint(folder), "model.")
     assert sae.state_dict().keys() == saved.keys()
     for name, tensor in saved.items():
         assert (sae.state_dict()[name] == tensor).all(), name
@@ -114,6 +114,6 @@ def test_one_process_from_the_command_line_equals_torch_engine(tmp_path):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         run = to_run_config(compose(config_name="config", overrides=[*overrides, f"trainer.out_dir={tmp_path / 'torch'}"]))
     train_from_config(run)
-    torch_state, deepspeed_state = (ckpt.read_global_state(ckpt.latest_checkpoint(tmp_path / engine))
+    torch_state, deepspeed_state = (ckpt.read_global_state(latest_checkpoint(tmp_path / engine))
                                     for engine in ("torch", "deepspeed"))
     assert_states_match(deepspeed_state, torch_state, TRAINING)

@@ -18,7 +18,7 @@ import torch
 
 from sae_dist.cli import one_line_errors
 from sae_dist.data import build_activation_source
-from sae_dist.train import checkpoint as ckpt
+from sae_dist.run_dir import verify_files
 from sae_dist.train.run import train_from_config
 from tests.conftest import small_run
 from tests.train.faults import FaultySource
@@ -105,7 +105,7 @@ def test_full_disk_during_a_save(tmp_path):
         outcome = run_command(run, FaultySource(build_activation_source(run), {12: fill_disk}))
         root = disk / "run" / "checkpoints"
         outcome["left"] = sorted(p.name for p in root.iterdir())
-        ckpt.verify_files(root / "step_00000010")
+        verify_files(root / "step_00000010")
         return outcome
 
     result = on_small_disk(tmp_path, 4 << 20, False, fill_and_train)

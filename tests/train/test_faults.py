@@ -17,8 +17,15 @@ import torch
 from sae_dist import load_sae
 from sae_dist.cli import one_line_errors
 from sae_dist.data import build_activation_source
+from sae_dist.run_dir import (
+    STATE_DIR,
+    CheckpointError,
+    latest_checkpoint,
+    read_checkpoint_config,
+    read_metrics,
+    verify_files,
+)
 from sae_dist.train import checkpoint as ckpt
-from sae_dist.train.logging import read_metrics
 from sae_dist.train.preemption import REQUEUE_EXIT_STATUS, StopRequested
 from sae_dist.train.trainer import NonFiniteError, Trainer
 from tests.conftest import small_run
@@ -43,8 +50,8 @@ def test_nan_batch_stops_the_run_naming_the_step_and_writes_nothing(make_run, ca
     message = str(info.value)
     assert message.startswith("step 7: NaN or inf") and "stopped at step 10" in message and "\n" not in message
     assert "step_00000005" in message and "trainer.on_nonfinite=skip" in message
-    assert ckpt.latest_checkpoint(run.trainer.out_dir).name == "step_00000005"
-    assert not (ckpt.latest_checkpoint(run.trainer.out_dir).parent / "step_00000010").exists()
+    assert latest_checkpoint(run.trainer.out_dir).name == "step_00000005"
+    assert not (latest_checkpoint(run.trainer.out_dir).parent / "step_00000010").exists()
     assert all_finite(trainer.model.parameters())
     with pytest.raises(SystemExit) as exit_info, one_line_errors():
         raise info.value
@@ -113,18 +120,18 @@ def test_weights_that_are_not_finite_are_never_saved(make_run):
     with pytest.raises(ckpt.NonFiniteWeightsError, match="checkpoint not written, earlier checkpoints kept"):
         trainer.save()
     assert [p.name for p in (trainer.run_dir / "checkpoints").glob("step_*")] == ["step_00000010"]
-    assert ckpt.latest_checkpoint(trainer.run_dir).name == "step_00000010"
+    assert latest_checkpoint(trainer.run_dir).name == "step_00000010"
 
 
 def test_a_corrupted_training_state_is_refused_on_resume(make_run, tmp_path):
     run = make_run(steps=10)
     trainer_for(run).train()
-    shard = next((ckpt.latest_checkpoint(run.trainer.out_dir) / ckpt.STATE_DIR).glob("*.distcp"))
+    shard = next((latest_checkpoint(run.trainer.out_dir) / STATE_DIR).glob("*.distcp"))
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     run.trainer.steps = 20
-    with pytest.raises(ckpt.CheckpointError, match=f"{shard.name} is corrupted: its SHA-256 differs") as info:
+    with pytest.raises(CheckpointError, match=f"{shard.name} is corrupted: its SHA-256 differs") as info:
         trainer_for(run).train()
     assert "\n" not in str(info.value)
 
@@ -144,9 +151,9 @@ def test_a_full_disk_during_a_save_is_one_line_and_leaves_nothing_behind(make_ru
     message = str(info.value)
     assert "cannot write checkpoint step_00000020: No space left on device" in message and "\n" not in message
     assert "the partial checkpoint was removed and step_00000010 is intact" in message
-    root = ckpt.latest_checkpoint(run.trainer.out_dir).parent
+    root = latest_checkpoint(run.trainer.out_dir).parent
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000010"]
-    ckpt.verify_files(root / "step_00000010")
+    verify_files(root / "step_00000010")
 
 
 @pytest.fixture(scope="module")
@@ -168,13 +175,13 @@ def test_leftovers_of_killed_saves_are_removed_and_resume_is_exact(make_run, unb
     run = make_run(steps=12)
     with pytest.raises(KeyboardInterrupt):
         trainer_for(run, {11: crash}).train()
-    root = ckpt.latest_checkpoint(run.trainer.out_dir).parent
+    root = latest_checkpoint(run.trainer.out_dir).parent
     shutil.copytree(root / "step_00000010", root / "step_00000012")  # "published" without `latest`
     (root / "step_00000011.tmp" / "state").mkdir(parents=True)
     resumed = trainer_for(run)
     resumed.train()
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000010", "step_00000012"]
-    assert ckpt.read_checkpoint_config(root / "step_00000012")[2] == 12
+    assert read_checkpoint_config(root / "step_00000012")[2] == 12
     assert_same_weights(resumed, unbroken)
 
 
@@ -185,7 +192,7 @@ def test_stop_signal_checkpoints_the_step_and_the_resume_is_exact(make_run, unbr
     with pytest.raises(StopRequested) as info:
         trainer_for(run, {7: send(signal.SIGUSR1)}).train()
     assert info.value.step == 7 and info.value.checkpoint.name == "step_00000007"
-    assert ckpt.latest_checkpoint(run.trainer.out_dir).name == "step_00000007"
+    assert latest_checkpoint(run.trainer.out_dir).name == "step_00000007"
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL, "the handler outlived the run"
     with pytest.raises(SystemExit) as exit_info, one_line_errors():
         raise info.value

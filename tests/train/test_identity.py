@@ -11,9 +11,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from sae_dist.config import to_run_config
-from sae_dist.train import checkpoint as ckpt
+from sae_dist.run_dir import latest_checkpoint, read_checkpoint_config, read_history, read_metrics
 from sae_dist.train.identity import RunDirectoryError, continue_config, explicit_settings
-from sae_dist.train.logging import read_history, read_metrics
 from sae_dist.train.run import train_from_config
 from tests.conftest import small_run
 from tests.test_config import CONF
@@ -55,7 +54,7 @@ def test_resume_keeps_the_saved_config_and_records_allowed_changes(tmp_path, cap
     assert [event["event"] for event in history] == ["start", "resume"]
     assert history[1]["message"] == "resumed from step 4 (tokens 512) on 1 rank"
     assert history[1]["changes"] == {"trainer.steps": [4, 6]} and history[1]["world_size"] == 1
-    saved, _, step = ckpt.read_checkpoint_config(ckpt.latest_checkpoint(run_dir))
+    saved, _, step = read_checkpoint_config(latest_checkpoint(run_dir))
     assert step == 6 and saved.trainer.steps == 6
     assert [row["step"] for row in read_metrics(run_dir)] == [2, 4, 6]
 

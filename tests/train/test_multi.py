@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sae_dist.config import ConfigError, RunConfig, sweep_members, validate
-from sae_dist.train.checkpoint import latest_checkpoint
+from sae_dist.run_dir import latest_checkpoint
 from sae_dist.train.logging import read_metrics
 from sae_dist.train.identity import RunDirectoryError
 from sae_dist.train.run import train_from_config

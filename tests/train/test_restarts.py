@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from sae_dist.run_dir import latest_checkpoint, read_history
 from sae_dist.train import checkpoint as ckpt
-from sae_dist.train.logging import read_history
 from tests.parallel.spawn_harness import spawn_checks
 from tests.train.restart_workers import JOB, two_ranks
 
@@ -65,8 +65,8 @@ def test_torchrun_restarts_resume_by_themselves_and_end_as_an_unbroken_run(job, 
     assert result.stdout.count("resumed from step 10 (tokens 1,280) on 2 ranks") == 2
     root = run_dir / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000015", "step_00000020"]
-    baseline = saved_state(ckpt.latest_checkpoint(job[1] / "baseline"))
-    restarted = saved_state(ckpt.latest_checkpoint(run_dir))
+    baseline = saved_state(latest_checkpoint(job[1] / "baseline"))
+    restarted = saved_state(latest_checkpoint(run_dir))
     assert baseline.keys() == restarted.keys()
     for key, tensor in baseline.items():
         assert torch.equal(restarted[key], tensor), key

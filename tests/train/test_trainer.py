@@ -8,8 +8,7 @@ import torch
 from sae_dist import load_sae
 from sae_dist.data import build_activation_source
 from sae_dist.data.synthetic import SyntheticSource, feature_recovery
-from sae_dist.train.checkpoint import latest_checkpoint
-from sae_dist.train.logging import read_metrics
+from sae_dist.run_dir import latest_checkpoint, read_metrics
 from sae_dist.train.run import RunDirectoryError, train_from_config
 from sae_dist.train.trainer import Trainer
 

@@ -1,7 +1,7 @@
 import pytest
 
 from sae_dist.config import SAEConfig
-from sae_dist.eval.flops import flops_per_token, training_flops
+from sae_dist.flops import flops_per_token, training_flops
 
 
 def test_paper_encoder_count_matches_spec():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sae_dist.eval.metrics import ReconstructionSums
+from sae_dist.metrics import ReconstructionSums
 
 
 def test_metrics_match_hand_computed_values():

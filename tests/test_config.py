@@ -32,6 +32,12 @@ def test_default_config_is_the_quickstart():
     assert default.model.name == "minilm-bundled" and default.data.dataset == "python-docs"
 
 
+@pytest.mark.parametrize(("group", "experts"), [("topk", 1), ("relu", 1), ("switch", 8)])
+def test_sae_group_choice_on_the_quickstart_takes_the_groups_expert_count(group, experts):
+    run = compose_run(f"sae={group}")
+    assert (run.sae.kind, run.sae.num_experts, run.sae.num_latents) == (group, experts, 6144)
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_validates(experiment):
     compose_run(f"+experiment={experiment}")

@@ -32,7 +32,6 @@ from sae_dist.config import (
     SAEConfig,
     TrainerConfig,
     as_dict,
-    default_lr,
     validate,
 )
 from sae_dist.data import build_activation_source, write_cache
@@ -40,6 +39,7 @@ from sae_dist.data.cache import MANIFEST, CacheUnitReader
 from sae_dist.eval.flops import flops_per_token
 from sae_dist.eval.metrics import ReconstructionSums
 from sae_dist.eval.plots import RunPoint, plot_pareto, run_family
+from sae_dist.models.base import default_lr
 from sae_dist.train.checkpoint import latest_checkpoint
 from sae_dist.train.run import train_from_config
 

@@ -12,6 +12,7 @@ Every SAE, built as `cls(cfg, d_model, seed, dispatcher)`:
 - `expert_sharded()`: the state-dict entries whose dim 0 splits over the expert-parallel group (their gradients are
   summed over the expert's replicas, checkpoints store them by global expert id); everything else is replicated;
 - `after_step(out, reducer, applied)`: state updated from a step's output (e.g. BatchTopK's threshold);
+- `saelens_state()`: its SAELens architecture name, config entries and weights (`sae_dist/interop/saelens.py`);
 - the SAELens-style views `W_enc [d_in, L]`, `W_dec [L, d_in]`, `b_dec [d_in]`, `d_in`, `d_sae`.
 Class-level facts, read before a model exists: `routed` (a router sends each token to experts; experts shard over
 ranks; a capacity factor applies), `uses_k`, `check_config(cfg)` and `default_lr(cfg)`.
@@ -137,6 +138,11 @@ class SAE(nn.Module, ABC):
 
     def after_step(self, out: SAEOutput, reducer: BatchReducer | None, applied: Tensor) -> None:  # noqa: B027
         """State that follows a training step's output; `applied` (0-dim bool) is False for a skipped step."""
+
+    def saelens_state(self) -> tuple[str, dict, dict[str, Tensor]]:
+        """(SAELens architecture, its config entries beyond d_in/d_sae, its weights) of a model holding every
+        expert; NotImplementedError for an architecture without a SAELens form."""
+        raise NotImplementedError(f"sae.kind={self.kind!r} has no SAELens format")
 
     # --- SAELens-style views (the local latents) ---------------------------------------------------------------
     @property

@@ -40,6 +40,10 @@ class ReLUSAE(SAE):
     def num_local_latents(self) -> int:
         return self.cfg.num_latents
 
+    def saelens_state(self) -> tuple[str, dict, dict[str, Tensor]]:
+        """SAELens's 'standard' SAE: ReLU((x - b_dec) W_enc + b_enc) W_dec + b_dec, the same math."""
+        return "standard", {}, {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+
     @property
     def W_enc(self) -> Tensor:  # noqa: N802
         return self.w_enc.T

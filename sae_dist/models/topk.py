@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from sae_dist.models.banked import BankedSAE
 from sae_dist.models.base import register
 
@@ -15,3 +17,8 @@ class TopKSAE(BankedSAE):
 
     encoder_bias = True
     default_auxk_alpha = 1 / 32
+
+    def saelens_state(self) -> tuple[str, dict, dict[str, Tensor]]:
+        """SAELens's 'topk' SAE: TopK_k(ReLU((x - b_dec) W_enc + b_enc)) W_dec + b_dec, the same math."""
+        weights = {"W_enc": self.W_enc, "b_enc": self.experts.b_enc[0], "W_dec": self.W_dec, "b_dec": self.b_dec}
+        return "topk", {"k": self.cfg.k}, weights

@@ -277,6 +277,9 @@ def validate(run: RunConfig) -> None:
     _require(ep is None or ep > 0, f"parallel.ep_size={ep} must be positive or null")
     _require(parallel.timeout_s > 0, f"parallel.timeout_s={parallel.timeout_s} must be positive")
     _positive("parallel.a2a_chunks", parallel.a2a_chunks)
+    _require(parallel.a2a_chunks == 1 or _architecture(run.sae).rows_independent,
+             f"parallel.a2a_chunks={parallel.a2a_chunks}: sae.kind={run.sae.kind!r} selects over each expert's whole "
+             "batch, which chunks would split; use 1")
     if run.sweep:
         sweep_members(run)
 

@@ -6,7 +6,8 @@ Each architecture module registers its class with `@register("<kind>")`; importi
 from __future__ import annotations
 
 # Importing an architecture registers it; this order is the order of the allowed kinds in errors.
-from sae_dist.models import switch, topk, relu  # noqa: F401, I001
+from sae_dist.models import switch, topk, relu, batchtopk  # noqa: F401, I001
+from sae_dist.models.batchtopk import BatchTopKSAE
 from sae_dist.models.base import SAE, Latents, SAEOutput, architecture, architecture_names, build_sae, register
 from sae_dist.models.dispatch import LocalDispatcher, TokenDispatcher
 from sae_dist.models.relu import ReLUSAE
@@ -14,6 +15,6 @@ from sae_dist.models.switch import SwitchSAE
 from sae_dist.models.topk import TopKSAE
 
 __all__ = [
-    "SAE", "Latents", "LocalDispatcher", "ReLUSAE", "SAEOutput", "SwitchSAE", "TokenDispatcher", "TopKSAE",
+    "SAE", "BatchTopKSAE", "Latents", "LocalDispatcher", "ReLUSAE", "SAEOutput", "SwitchSAE", "TokenDispatcher", "TopKSAE",
     "architecture", "architecture_names", "build_sae", "register",
 ]

@@ -15,7 +15,7 @@ Every SAE, built as `cls(cfg, d_model, seed, dispatcher)`:
 - `saelens_state()`: its SAELens architecture name, config entries and weights (`sae_dist/interop/saelens.py`);
 - the SAELens-style views `W_enc [d_in, L]`, `W_dec [L, d_in]`, `b_dec [d_in]`, `d_in`, `d_sae`.
 Class-level facts, read before a model exists: `routed` (a router sends each token to experts; experts shard over
-ranks; a capacity factor applies), `uses_k`, `check_config(cfg)` and `default_lr(cfg)`.
+ranks; a capacity factor applies), `uses_k`, `rows_independent`, `check_config(cfg)` and `default_lr(cfg)`.
 """
 
 from __future__ import annotations
@@ -64,6 +64,9 @@ class SAE(nn.Module, ABC):
     """A router sends each token to experts, which shard over the expert-parallel group."""
     uses_k: ClassVar[bool] = True
     """`sae.k` sets the active latents per token."""
+    rows_independent: ClassVar[bool] = True
+    """An expert's output for a row does not depend on its other rows, so its rows may arrive in chunks
+    (parallel.a2a_chunks > 1)."""
     k_aux: int = 0
     """Latents of the AuxK reconstruction (0: AuxK off)."""
 

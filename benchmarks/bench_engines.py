@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sae_dist.data.synthetic import SyntheticSource
-from sae_dist.parallel.context import is_expert_sharded
+from sae_dist.models.base import is_expert_sharded
 from sae_dist.train.run import build_trainer
 
 MB = 1e6
@@ -42,7 +42,8 @@ def adam_bytes(trainer) -> tuple[float, float]:
         tensors = [t for state in trainer.optimizer.state.values() for t in state.values()]
     held = sum(t.numel() * t.element_size() for t in tensors)
     replicas = {True: trainer.ctx.expert_replicas, False: trainer.ctx.world_size}
-    floor = sum(2 * 4 * p.numel() / replicas[is_expert_sharded(name)] for name, p in trainer.model.named_parameters())
+    model = trainer.model
+    floor = sum(2 * 4 * p.numel() / replicas[is_expert_sharded(model, name)] for name, p in model.named_parameters())
     return held, floor
 
 

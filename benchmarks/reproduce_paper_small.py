@@ -32,7 +32,6 @@ from sae_dist.config import (
     SAEConfig,
     TrainerConfig,
     as_dict,
-    default_lr,
     validate,
 )
 from sae_dist.data import build_activation_source, write_cache
@@ -41,6 +40,7 @@ from sae_dist.eval.plots import plot_pareto
 from sae_dist.eval.runs import RunPoint, run_family
 from sae_dist.flops import flops_per_token
 from sae_dist.metrics import ReconstructionSums
+from sae_dist.models.base import default_lr
 from sae_dist.run_dir import latest_checkpoint
 from sae_dist.train.run import train_from_config
 

@@ -1,26 +1,82 @@
-"""The public API for trained SAEs: load a checkpoint, then encode and decode activations.
+"""The public API: a language model's activations for text, and trained SAEs that encode and decode them.
 
-    from sae_dist import load_sae
+    from sae_dist import activations, load_sae
+    x = activations(["The cat sat on the mat."], model="minilm-bundled", layer=3)[0]   # [tokens, d] float32
     sae = load_sae("runs/quickstart/<date>")          # a run directory or a checkpoint folder
-    latents = sae.encode(x_TD)                          # Latents(values_TK, indices_TK), values include p_{e*}
-    x_hat_TD = sae.decode(latents)
+    latents = sae.encode(x)                           # Latents(values_TK, indices_TK), values include p_{e*}
+    x_hat = sae.decode(latents)
+
+`ActivationSite.of_sae(path)` reads the site an SAE was trained on (its model, block and context length).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor
 
-from sae_dist.models import build_sae
+from sae_dist.config import ModelConfig, RunConfig, validate
+from sae_dist.models import SAE, build_sae
 from sae_dist.run_dir import load_model_weights, read_checkpoint_config, resolve_checkpoint
 
 
-def load_sae(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     """The SAE saved at `path` (a checkpoint folder, or a run directory: its latest checkpoint), in eval mode."""
     folder = resolve_checkpoint(path)
     run, d_model, _ = read_checkpoint_config(folder)
     model = build_sae(run.sae, d_model, run.trainer.seed)
     load_model_weights(folder, model)
     return model.to(device).eval()
+
+
+class ActivationSite:
+    """A language model read at the output of one block, by the code the trainer's 'lm' source runs: each text
+    tokenised and cut into contexts of at most `ctx_len` tokens (`cut_documents`), the contexts run through the
+    model up to that block (`HookedLM.capture`), padding dropped.
+
+    `model` is a Hugging Face id or 'minilm-bundled'; `path` a local copy; `dtype` as `model.dtype`.
+    """
+
+    def __init__(self, model: str = "openai-community/gpt2", layer: int = 8, ctx_len: int = 128,
+                 path: str | None = None, dtype: str = "auto", device: str | torch.device = "cpu",
+                 batch_size: int = 32):
+        from sae_dist.data.lm import HookedLM, load_lm  # transformers loads when a site is made, not on import
+
+        cfg = ModelConfig(name=model, path=path, layer=layer, dtype=dtype)
+        validate(RunConfig(model=cfg))
+        self.lm_model, self.tokenizer = load_lm(cfg, device)
+        self.hooked = HookedLM(self.lm_model, layer)
+        self.ctx_len, self.batch_size = ctx_len, batch_size
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    @classmethod
+    def of_sae(cls, path: str | Path, device: str | torch.device = "cpu", batch_size: int = 32) -> ActivationSite:
+        """The site the SAE saved at `path` was trained on."""
+        run, _, _ = read_checkpoint_config(resolve_checkpoint(path))
+        m = run.model
+        return cls(m.name, m.layer, run.data.ctx_len, m.path, m.dtype, device, batch_size)
+
+    @property
+    def d_model(self) -> int:
+        return self.hooked.d_model
+
+    def __call__(self, texts: Sequence[str]) -> list[Tensor]:
+        """One float32 [tokens, d] tensor per text: its contexts in order, each with the tokenizer's special
+        tokens as in training (e.g. [CLS] ... [SEP] for BERT-like models)."""
+        from sae_dist.data.text import cut_documents
+
+        per_text = cut_documents(self.tokenizer, list(texts), self.ctx_len)
+        contexts = [context for text_contexts in per_text for context in text_contexts]
+        rows = [self.hooked.capture(contexts[i : i + self.batch_size], self.pad_id).float()
+                for i in range(0, len(contexts), self.batch_size)]
+        rows_ND = torch.cat(rows) if rows else torch.zeros(0, self.d_model, device=self.hooked.device)
+        tokens = [sum(len(c) for c in text_contexts) for text_contexts in per_text]
+        return list(rows_ND.split(tokens))
+
+
+def activations(texts: Sequence[str], model: str = "openai-community/gpt2", layer: int = 8, **options) -> list[Tensor]:
+    """A model's activations at the output of block `layer` for each text: one float32 [tokens, d] tensor per
+    text. Loads the model on every call; keep an `ActivationSite` to read many batches (`options` are its)."""
+    return ActivationSite(model, layer, **options)(texts)

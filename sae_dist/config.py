@@ -7,7 +7,6 @@ names the bad value and what is allowed.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -15,7 +14,6 @@ from omegaconf import OmegaConf
 
 from sae_dist.launcher_env import run_stamp, sweep_job_name
 
-SAE_KINDS = ("switch", "topk", "relu")
 DATA_SOURCES = ("lm", "synthetic", "cache")
 DTYPES = ("float32", "bfloat16", "float16")
 RESUME_MODES = ("auto", "true", "false")
@@ -36,7 +34,8 @@ class SAEConfig:
     """The sparse autoencoder (SPEC sections 1-2)."""
 
     kind: str = "switch"
-    """Architecture: 'switch' (Switch SAE), 'topk' (dense TopK baseline) or 'relu' (ReLU + L1 baseline)."""
+    """Architecture, by its registered name (`sae_dist.models.architecture_names()`): 'switch' (Switch SAE),
+    'topk' (dense TopK baseline), 'relu' (ReLU + L1 baseline), 'batchtopk' (Switch SAE with BatchTopK experts)."""
     num_latents: int = 65536
     """M, the total number of latents over all experts."""
     num_experts: int = 8
@@ -271,31 +270,41 @@ def validate(run: RunConfig) -> None:
     cf = parallel.capacity_factor
     _require(cf is None or cf > 0, f"parallel.capacity_factor={cf} must be positive or null (dropless)")
     if cf is not None:
-        _require(run.sae.kind == "switch",
-                 f"parallel.capacity_factor={cf} applies to Switch SAEs only (sae.kind={run.sae.kind!r}); use null")
+        _require(_architecture(run.sae).routed,
+                 f"parallel.capacity_factor={cf} applies to Switch SAEs only, the kinds with a router "
+                 f"(sae.kind={run.sae.kind!r}); use null")
     ep = parallel.ep_size
     _require(ep is None or ep > 0, f"parallel.ep_size={ep} must be positive or null")
     _require(parallel.timeout_s > 0, f"parallel.timeout_s={parallel.timeout_s} must be positive")
     _positive("parallel.a2a_chunks", parallel.a2a_chunks)
+    _require(parallel.a2a_chunks == 1 or _architecture(run.sae).rows_independent,
+             f"parallel.a2a_chunks={parallel.a2a_chunks}: sae.kind={run.sae.kind!r} selects over each expert's whole "
+             "batch, which chunks would split; use 1")
     if run.sweep:
         sweep_members(run)
 
 
+def _architecture(sae: SAEConfig) -> type:
+    """The registered class of `sae.kind` (ConfigError naming the registered kinds otherwise).
+
+    The registry lives with the models; importing it here, at call time, keeps this module free of torch at import.
+    """
+    from sae_dist.models.base import architecture
+
+    return architecture(sae.kind)
+
+
 def _validate_sae(sae: SAEConfig) -> None:
-    _one_of("sae.kind", sae.kind, SAE_KINDS)
+    cls = _architecture(sae)
     _positive("sae.num_latents", sae.num_latents)
     _positive("sae.num_experts", sae.num_experts)
     _one_of("sae.encoder_backward", sae.encoder_backward, ("auto", "sparse", "gemm"))
     _one_of("sae.decoder", sae.decoder, ("auto", "gather", "gemm"))
-    if sae.kind != "switch":
-        _require(sae.num_experts == 1, f"sae.num_experts={sae.num_experts} must be 1 for sae.kind={sae.kind!r}")
     _require(
         sae.num_latents % sae.num_experts == 0,
         f"sae.num_latents={sae.num_latents} is not divisible by sae.num_experts={sae.num_experts}",
     )
-    per_expert = sae.num_latents // sae.num_experts
-    if sae.kind != "relu":
-        _require(0 < sae.k <= per_expert, f"sae.k={sae.k} must be in [1, M/N={per_expert}]")
+    cls.check_config(sae)
     _require(sae.lb_alpha >= 0, f"sae.lb_alpha={sae.lb_alpha} must be >= 0")
     _require(sae.auxk_alpha is None or sae.auxk_alpha >= 0,
              f"sae.auxk_alpha={sae.auxk_alpha} must be >= 0 or null (the kind's default)")
@@ -389,13 +398,6 @@ def sweep_members(run: RunConfig) -> list[RunConfig]:
         layers = sorted({m.model.layer for m in members} - {run.model.layer})
         _require(not layers, f"sweep: model.layer={layers[0] if layers else ''} needs data.source=lm (one site otherwise)")
     return members
-
-
-def default_lr(sae: SAEConfig) -> float:
-    """The paper's rule: 2e-4 / sqrt(M / 2^14) for TopK and Switch SAEs; 5e-5 for the ReLU SAE."""
-    if sae.kind == "relu":
-        return 5e-5
-    return 2e-4 / math.sqrt(sae.num_latents / 2**14)
 
 
 def as_dict(run: RunConfig) -> dict:

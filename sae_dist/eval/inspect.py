@@ -27,7 +27,7 @@ from sae_dist.data.cache import read_manifest
 from sae_dist.data.lm import HookedLM, load_lm
 from sae_dist.data.text import TextContexts
 from sae_dist.eval.plots import new_figure, save_figure
-from sae_dist.models.switch import Latents
+from sae_dist.models.base import Latents
 from sae_dist.run_dir import read_checkpoint_config, resolve_checkpoint
 
 OPEN_MARK, CLOSE_MARK = "«", "»"

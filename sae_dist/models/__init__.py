@@ -1,19 +1,20 @@
-"""SAE architectures: the Switch SAE, the dense TopK SAE and the ReLU SAE, built from a typed SAEConfig."""
+"""SAE architectures behind one contract (`base.py`), built by name from a typed SAEConfig.
+
+Each architecture module registers its class with `@register("<kind>")`; importing it here is its registration.
+"""
 
 from __future__ import annotations
 
-from torch import nn
-
-from sae_dist.config import SAEConfig
+# Importing an architecture registers it; this order is the order of the allowed kinds in errors.
+from sae_dist.models import switch, topk, relu, batchtopk  # noqa: F401, I001
+from sae_dist.models.batchtopk import BatchTopKSAE
+from sae_dist.models.base import SAE, Latents, SAEOutput, architecture, architecture_names, build_sae, register
 from sae_dist.models.dispatch import LocalDispatcher, TokenDispatcher
 from sae_dist.models.relu import ReLUSAE
-from sae_dist.models.switch import Latents, SAEOutput, SwitchSAE
+from sae_dist.models.switch import SwitchSAE
+from sae_dist.models.topk import TopKSAE
 
-__all__ = ["Latents", "LocalDispatcher", "ReLUSAE", "SAEOutput", "SwitchSAE", "TokenDispatcher", "build_sae"]
-
-
-def build_sae(cfg: SAEConfig, d_model: int, seed: int, dispatcher: TokenDispatcher | None = None) -> nn.Module:
-    """The SAE of `cfg.kind`; `dispatcher` (Switch only) decides which experts live here and how tokens arrive."""
-    if cfg.kind == "relu":
-        return ReLUSAE(cfg, d_model, seed)
-    return SwitchSAE(cfg, d_model, seed, dispatcher)
+__all__ = [
+    "SAE", "BatchTopKSAE", "Latents", "LocalDispatcher", "ReLUSAE", "SAEOutput", "SwitchSAE", "TokenDispatcher", "TopKSAE",
+    "architecture", "architecture_names", "build_sae", "register",
+]

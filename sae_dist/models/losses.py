@@ -16,6 +16,9 @@ class BatchReducer(Protocol):
     def all_reduce_sum(self, t: Tensor) -> Tensor:
         """Sum of `t` over all ranks, without gradient."""
 
+    def sum_over_expert_replicas(self, t: Tensor) -> Tensor:
+        """Sum of a per-local-expert tensor over the ranks holding the same experts, without gradient."""
+
 
 def reconstruction_loss(x_TD: Tensor, x_hat_TD: Tensor) -> Tensor:
     """L_rec: mean over tokens of the sum over dims of (x - x_hat)^2 (the paper's MSE unit), in float32."""

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sae_dist.models.switch import SwitchSAE
+from sae_dist.models.banked import BankedSAE
 
 
 def all_latents(z_TM: Tensor, expert_T: Tensor, num_experts: int) -> Tensor:
@@ -25,7 +25,7 @@ def dense_decode(z_TM: Tensor, expert_T: Tensor, w_dec_NMD: Tensor) -> Tensor:
     return all_latents(z_TM, expert_T, w_dec_NMD.shape[0]) @ w_dec_NMD.flatten(0, 1)
 
 
-def naive_forward(sae: SwitchSAE, x_TD: Tensor, dead_mask_L: Tensor | None = None):
+def naive_forward(sae: BankedSAE, x_TD: Tensor, dead_mask_L: Tensor | None = None):
     """Dense forward with the weights of `sae`: (x_hat_TD, f_TL = p * z over all local latents, loss terms)."""
     bank = sae.experts
     pre_TNM = torch.einsum("td,nmd->tnm", x_TD - sae.b_pre, bank.w_enc)
@@ -68,7 +68,7 @@ def naive_forward(sae: SwitchSAE, x_TD: Tensor, dead_mask_L: Tensor | None = Non
 
 
 def reference_train_step(
-    sae: SwitchSAE,
+    sae: BankedSAE,
     optimizer: torch.optim.Optimizer,
     x_TD: Tensor,
     max_norm: float,

@@ -7,21 +7,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sae_dist.config import SAEConfig
+from sae_dist.models.base import SAE, Latents, SAEOutput, register
+from sae_dist.models.dispatch import TokenDispatcher
 from sae_dist.models.experts import expert_generator
 from sae_dist.models.losses import BatchReducer, fired_mask, l1_penalty, reconstruction_loss
-from sae_dist.models.switch import Latents, SAEOutput
 
 
-class ReLUSAE(nn.Module):
-    """Dense ReLU SAE of width M; initialised like one TopK expert (encoder rows U(-1/sqrt(d), 1/sqrt(d)))."""
+@register("relu")
+class ReLUSAE(SAE):
+    """Dense ReLU SAE of width M; initialised like one TopK expert (encoder rows U(-1/sqrt(d), 1/sqrt(d))).
 
-    k_aux = 0
-    """No AuxK: the ReLU SAE's dead latents are not revived by an auxiliary loss."""
+    No AuxK: its dead latents are not revived by an auxiliary loss. `dispatcher` is unused (no experts).
+    """
 
-    def __init__(self, cfg: SAEConfig, d_model: int, seed: int):
-        super().__init__()
-        self.cfg = cfg
-        self.d_model = d_model
+    uses_k = False
+
+    def __init__(self, cfg: SAEConfig, d_model: int, seed: int, dispatcher: TokenDispatcher | None = None):
+        super().__init__(cfg, d_model)
         bound = d_model**-0.5
         w_enc = torch.empty(cfg.num_latents, d_model).uniform_(-bound, bound, generator=expert_generator(seed, 0))
         self.w_enc = nn.Parameter(w_enc)
@@ -29,9 +31,26 @@ class ReLUSAE(nn.Module):
         self.w_dec = nn.Parameter(w_enc / w_enc.norm(dim=-1, keepdim=True))
         self.b_pre = nn.Parameter(torch.zeros(d_model))
 
+    @classmethod
+    def default_lr(cls, cfg: SAEConfig) -> float:
+        """The paper's ReLU baseline: 5e-5."""
+        return 5e-5
+
     @property
     def num_local_latents(self) -> int:
         return self.cfg.num_latents
+
+    def saelens_state(self) -> tuple[str, dict, dict[str, Tensor]]:
+        """SAELens's 'standard' SAE: ReLU((x - b_dec) W_enc + b_enc) W_dec + b_dec, the same math."""
+        return "standard", {}, {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+
+    @property
+    def W_enc(self) -> Tensor:  # noqa: N802
+        return self.w_enc.T
+
+    @property
+    def W_dec(self) -> Tensor:  # noqa: N802
+        return self.w_dec
 
     def decoder_weights(self) -> list[nn.Parameter]:
         return [self.w_dec]
@@ -55,9 +74,6 @@ class ReLUSAE(nn.Module):
 
     def fired_latents(self, out: SAEOutput) -> Tensor:
         return fired_mask(out.latent_values_RK, None, self.num_local_latents)
-
-    def active_latents(self, out: SAEOutput) -> Tensor:
-        return (out.latent_values_RK > 0).sum()
 
     @torch.no_grad()
     def encode(self, x_TD: Tensor) -> Latents:

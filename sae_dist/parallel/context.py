@@ -11,15 +11,6 @@ from torch import Tensor, nn
 
 from sae_dist.models.dispatch import LocalDispatcher, TokenDispatcher
 
-EXPERT_PREFIX = "experts."
-"""Parameters and buffers under this prefix hold this rank's experts only (dim 0: local expert); the rest of the
-model (b_pre, the router) is replicated on every rank."""
-
-
-def is_expert_sharded(name: str) -> bool:
-    """Whether a state-dict entry of an SAE is split over the expert-parallel group along dim 0."""
-    return name.startswith(EXPERT_PREFIX)
-
 
 class ParallelContext:
     """One process holding every expert."""
@@ -54,6 +45,10 @@ class ParallelContext:
     def merge_fired(self, fired_L: Tensor) -> Tensor:
         """Local latents that fired on any replica of their expert."""
         return fired_L
+
+    def sum_over_expert_replicas(self, t: Tensor) -> Tensor:
+        """Sum of a per-local-expert tensor over the ranks holding the same experts (a new tensor)."""
+        return t.clone()
 
     def sync_gradients(self, model: nn.Module) -> None:
         """Average gradients as the layout requires (no-op on one device)."""

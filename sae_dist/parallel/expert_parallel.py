@@ -23,7 +23,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from sae_dist.config import RunConfig
 from sae_dist.parallel.all_to_all import AllToAllDispatcher
 from sae_dist.parallel.comm import CommStats, all_reduce_flat_, nbytes
-from sae_dist.parallel.context import ParallelContext, is_expert_sharded
+from sae_dist.models.base import is_expert_sharded
+from sae_dist.parallel.context import ParallelContext
 from sae_dist.parallel.mesh import ExpertMesh, build_mesh, init_process_group, validate_layout
 from sae_dist.parallel.overlap import OverlappedAllToAllDispatcher
 
@@ -35,7 +36,7 @@ def split_gradients(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
     for name, param in model.named_parameters():
         if param.grad is None:
             param.grad = torch.zeros_like(param)
-        (experts if is_expert_sharded(name) else replicated).append(param.grad)
+        (experts if is_expert_sharded(model, name) else replicated).append(param.grad)
     return replicated, experts
 
 
@@ -99,6 +100,13 @@ class ExpertParallelContext(ParallelContext):
         dist.all_reduce(hits_L, group=self.mesh.dp_group)
         self.stats.add("all_reduce", nbytes(hits_L))
         return hits_L > 0
+
+    def sum_over_expert_replicas(self, t: Tensor) -> Tensor:
+        total = t.detach().clone()
+        if self.mesh.dp_size > 1:
+            dist.all_reduce(total, group=self.mesh.dp_group)
+            self.stats.add("all_reduce", nbytes(total))
+        return total
 
     def sync_gradients(self, model: nn.Module) -> None:
         replicated, experts = split_gradients(model)

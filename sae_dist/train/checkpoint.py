@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from sae_dist import checksums
 from sae_dist.config import RunConfig, as_dict
-from sae_dist.parallel.context import ParallelContext, is_expert_sharded
+from sae_dist.parallel.context import ParallelContext
 from sae_dist.run_dir import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
@@ -97,17 +97,20 @@ def _quiet_dcp() -> Iterator[None]:
         yield
 
 
-def _view(name: str, t: Tensor, ctx: ParallelContext) -> Tensor:
+def _view(sharded: bool, t: Tensor, ctx: ParallelContext) -> Tensor:
     """A state-dict entry as DCP should see it: expert-sharded tensors as global tensors."""
-    return ctx.sharded_view(t) if is_expert_sharded(name) and t.dim() else t
+    return ctx.sharded_view(t) if sharded and t.dim() else t
 
 
 def sharded_state(tensors: TrainingTensors, ctx: ParallelContext) -> dict[str, Any]:
-    """The DCP state dict: every tensor aliases live storage, expert-sharded ones viewed as global tensors."""
-    model_state = {name: _view(name, t, ctx) for name, t in tensors.model.state_dict().items()}
+    """The DCP state dict: every tensor aliases live storage, expert-sharded ones (as the model declares them)
+    viewed as global tensors."""
+    model = tensors.model
+    sharded = model.expert_sharded()
+    model_state = {name: _view(name in sharded, t, ctx) for name, t in model.state_dict().items()}
     optim_state = {
-        name: {key: _view(name, value, ctx) for key, value in tensors.optimizer.state[param].items()}
-        for name, param in tensors.model.named_parameters()
+        name: {key: _view(name in sharded, value, ctx) for key, value in tensors.optimizer.state[param].items()}
+        for name, param in model.named_parameters()
     }
     dead = {"tokens_since_fired": ctx.sharded_view(tensors.dead_L)}
     return {"model": model_state, "optim": optim_state, "dead": dead}
@@ -258,7 +261,10 @@ def load_checkpoint(folder: Path, tensors: TrainingTensors, ctx: ParallelContext
     run_state = torch.load(folder / STATE_FILE, weights_only=False)
     empty = _empty_optimizer_state(tensors, folder)
     target = sharded_state(tensors, ctx)
-    target["optim"] = {name: {key: _view(name, t, ctx) for key, t in state.items()} for name, state in empty.items()}
+    sharded = tensors.model.expert_sharded()
+    target["optim"] = {
+        name: {key: _view(name in sharded, t, ctx) for key, t in state.items()} for name, state in empty.items()
+    }
     with _quiet_dcp():
         dcp.load(target, checkpoint_id=str(folder / STATE_DIR), **_dcp_options(ctx))
     params = [p for group in tensors.optimizer.param_groups for p in group["params"]]

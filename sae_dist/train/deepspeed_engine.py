@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from sae_dist.config import ConfigError
-from sae_dist.parallel.context import is_expert_sharded
+from sae_dist.models.base import is_expert_sharded
 from sae_dist.train import checkpoint as ckpt
 from sae_dist.train.optim import build_optimizer, build_scheduler, clip_and_skip_in_adam
 from sae_dist.train.trainer import Trainer
@@ -89,7 +89,7 @@ def build_expert_parallel_module(sae: nn.Module, num_experts: int, ep_size: int)
             return self.sae(*args, **kwargs)
 
     for name, param in sae.named_parameters():
-        if is_expert_sharded(name):
+        if is_expert_sharded(sae, name):
             param.allreduce, param.group_name = False, expert_group_name(ep_size)  # DeepSpeed's MoE marks
     return ExpertParallelSAE()
 
@@ -242,7 +242,7 @@ class DeepSpeedTrainer(Trainer):
         ep_size = getattr(getattr(self.ctx, "mesh", None), "ep_size", None)
         if ep_size is None:
             raise ConfigError("trainer.engine=deepspeed runs in a process group: use launch/train.py or torchrun")
-        has_experts = any(is_expert_sharded(name) for name, _ in self.model.named_parameters())
+        has_experts = any(is_expert_sharded(self.model, name) for name, _ in self.model.named_parameters())
         module = build_expert_parallel_module(self.model, self.run.sae.num_experts, ep_size) if has_experts else None
         groups = split_params_into_different_moe_groups_for_optimizer(
             {"params": list(self.model.parameters()), "name": "replicated"}

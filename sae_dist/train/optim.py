@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from sae_dist.config import RunConfig, default_lr
+from sae_dist.config import RunConfig
+from sae_dist.models.base import default_lr
 from sae_dist.train.bf16_adam import BF16StateAdam
 from sae_dist.train.compiled import on_device
 

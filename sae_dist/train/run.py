@@ -19,6 +19,7 @@ from sae_dist.config import ConfigError, RunConfig, as_dict
 from sae_dist.data import build_activation_source
 from sae_dist.data.source import ActivationSource
 from sae_dist.metrics import ReconstructionSums
+from sae_dist.models.base import architecture
 from sae_dist.parallel.context import ParallelContext
 from sae_dist.parallel.failures import on_every_rank
 from sae_dist.parallel.mesh import expert_parallel_size, validate_layout
@@ -63,7 +64,7 @@ def prepare_run(run: RunConfig, world_size: int = 1, overrides: list[str] | None
     preflight.check_inputs(run)
     d_model = preflight.activation_width(run)
     if d_model is not None:
-        expert_shards = ep_size if run.sae.kind == "switch" else 1
+        expert_shards = ep_size if architecture(run.sae.kind).routed else 1
         preflight.check_memory(run, d_model, device, expert_shards)
         kept = len(list((run_dir / "checkpoints").glob("step_*[0-9]"))) if resume_from is not None else 0
         to_write = max(1, run.trainer.keep_checkpoints + 1 - kept)

@@ -24,7 +24,7 @@ from sae_dist.config import RunConfig
 from sae_dist.data.order import resume_state
 from sae_dist.data.source import ActivationSource
 from sae_dist.metrics import ReconstructionSums
-from sae_dist.models import SAEOutput, build_sae
+from sae_dist.models import SAEOutput, architecture, build_sae
 from sae_dist.models.auxk import AuxCandidates, DeadCandidates
 from sae_dist.models.kernels import weight_grads_in_place
 from sae_dist.models.losses import total_loss
@@ -68,7 +68,7 @@ class Trainer:
         self.ctx = ctx or ParallelContext()
         self.device = torch.device(device)
         self.d_model = source.d_model
-        dispatcher = self.ctx.dispatcher(run.sae.num_experts) if run.sae.kind == "switch" else None
+        dispatcher = self.ctx.dispatcher(run.sae.num_experts) if architecture(run.sae.kind).routed else None
         self.model = build_sae(run.sae, self.d_model, run.trainer.seed, dispatcher).to(self.device)
         self.optimizer, self.scheduler = self.build_optimizer()
         self.dead = DeadLatentTracker(self.model.num_local_latents, run.sae.dead_tokens, self.device)
@@ -113,6 +113,7 @@ class Trainer:
         lr = self.update(grad_norm, finite)
         self.renormalize_decoders(finite)
         self.track_dead_latents(out, finite)
+        self.model.after_step(out, self.ctx, finite)
         return {"out": out, "terms": terms, "loss": loss.detach(), "grad_norm": grad_norm, "lr": lr,
                 "finite": finite}
 
@@ -173,7 +174,7 @@ class Trainer:
             return None
         if self._dead_candidates is None:
             self._dead_candidates = DeadCandidates(
-                self.model.experts.num_local, self.run.sae.dead_tokens, self.run.trainer.batch_size, self.tokens
+                self.model.num_local_experts, self.run.sae.dead_tokens, self.run.trainer.batch_size, self.tokens
             )
         return self._dead_candidates.for_step(self.dead.tokens_since_fired_L)
 

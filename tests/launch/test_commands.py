@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-TOOLS = ["evaluate.py", "analyze.py", "plot.py", "inspect_features.py", "autointerp.py"]
+TOOLS = ["evaluate.py", "analyze.py", "plot.py", "inspect_features.py", "autointerp.py", "export.py"]
 
 
 @pytest.mark.parametrize("tool", TOOLS)

@@ -11,7 +11,7 @@ from torch import Tensor
 from sae_dist.config import DataConfig, RunConfig, SAEConfig, TrainerConfig, validate
 from sae_dist.data.source import ActivationSource
 from sae_dist.data.synthetic import SyntheticSource
-from sae_dist.models import build_sae
+from sae_dist.models import architecture, build_sae
 from sae_dist.run_dir import LATEST_FILE, checkpoint_name
 
 D_MODEL = 12
@@ -98,7 +98,7 @@ def tiny_run(out_dir, ep_size=None, capacity_factor=None, kind="switch", **train
                    tensorboard=False, lr=5e-3)
     options.update(trainer)
     run = RunConfig(
-        sae=SAEConfig(kind=kind, num_latents=128, num_experts=4 if kind == "switch" else 1, k=4, dead_tokens=128,
+        sae=SAEConfig(kind=kind, num_latents=128, num_experts=4 if architecture(kind).routed else 1, k=4, dead_tokens=128,
                       lb_alpha=0.1, l1_coefficient=0.05),
         data=DataConfig(source="synthetic", d_model=32, synthetic_features=64, synthetic_active=4),
         trainer=TrainerConfig(**options),

@@ -272,6 +272,15 @@ def check_training(
     assert_matches_full(trainer, single.model.state_dict(), single.dead.tokens_since_fired_L, TRAINING)
 
 
+def check_batchtopk_replicas(folder: Path, rank: int, world: int) -> None:
+    """Two replicas of every BatchTopK expert (P = 1) select over their own tokens but hold one threshold."""
+    trainer = train_ep(tiny_run(folder / "batchtopk_P1", ep_size=1, kind="batchtopk"), rank, world)
+    theta_N = trainer.model.experts.threshold_N
+    thetas = [torch.empty_like(theta_N) for _ in range(world)]
+    dist.all_gather(thetas, theta_N)
+    assert (theta_N > 0).all() and all(torch.equal(t, theta_N) for t in thetas)
+
+
 # --- checkpoints --------------------------------------------------------------------------------------------
 def resume_dir(source_run: Path, step: int, target: Path, rank: int) -> None:
     """A run folder holding only checkpoint `step` of `source_run` (rank 0 copies, everyone waits)."""
@@ -353,6 +362,10 @@ def two_ranks(rank: int, world: int, folder: Path, check) -> None:
     for kind in ("topk", "relu"):
         with check(f"data_parallel_{kind}"):
             check_training(folder, rank, world, 1, kind)
+    with check("training_batchtopk_P2"):
+        check_training(folder, rank, world, 2, "batchtopk")
+    with check("batchtopk_replicas_P1"):
+        check_batchtopk_replicas(folder, rank, world)
     for ep_size in (2, 1):
         with check(f"resume_from_4_P{ep_size}"):
             check_resume(folder, rank, world, ep_size, f"resume_2_P{ep_size}", TRAINING)

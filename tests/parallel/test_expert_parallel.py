@@ -75,6 +75,15 @@ def test_dense_sae_under_torchrun_is_data_parallel(jobs, kind):
     jobs[2].require(f"data_parallel_{kind}")
 
 
+def test_batchtopk_under_expert_parallelism_equals_single_device_trainer(jobs):
+    """Each expert gets all its tokens of the global batch (P = W): the same selection, weights and threshold."""
+    jobs[2].require("training_batchtopk_P2")
+
+
+def test_batchtopk_replicas_hold_one_threshold(jobs):
+    jobs[2].require("batchtopk_replicas_P1")
+
+
 def test_resume_on_same_layout_is_exact(jobs):
     jobs[4].require("checkpoint_save")
     jobs[4].require("resume_same_layout")

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from sae_dist.config import SAEConfig, default_lr
+from sae_dist.config import SAEConfig
+from sae_dist.models.base import default_lr
 from sae_dist.train.init import geometric_median
 from sae_dist.train.optim import (
     clipped_adam_step,

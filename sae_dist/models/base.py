@@ -1,0 +1,217 @@
+"""The SAE contract: what every architecture provides, and the registry that maps `sae.kind` to its class.
+
+An architecture is one module holding a subclass of `SAE` decorated with `@register("<kind>")`, imported by
+`sae_dist/models/__init__.py`. Everything above the models (config validation, the parallel layout, the trainer,
+loading and export) asks the registry and the class, never compares `kind` strings.
+
+Every SAE, built as `cls(cfg, d_model, seed, dispatcher)`:
+- `forward(x_TD) -> SAEOutput`; `encode(x_TD) -> Latents` (token order, global latent ids) and `decode(Latents)`;
+- `loss_terms(x_TD, out, reducer)` (unweighted, 'rec' counts once) and `loss_weights(step_fraction)`;
+- `fired_latents(out)` (bool [local latents]), `active_latents(out)` (the L0 sum over local rows);
+- `decoder_weights()` (unit-norm rows, renormalised each step), `bias_parameters()` (geometric-median init);
+- `expert_sharded()`: the state-dict entries whose dim 0 splits over the expert-parallel group (their gradients are
+  summed over the expert's replicas, checkpoints store them by global expert id); everything else is replicated;
+- `after_step(out, reducer, applied)`: state updated from a step's output (e.g. BatchTopK's threshold);
+- `saelens_state()`: its SAELens architecture name, config entries and weights (`sae_dist/interop/saelens.py`);
+- the SAELens-style views `W_enc [d_in, L]`, `W_dec [L, d_in]`, `b_dec [d_in]`, `d_in`, `d_sae`.
+Class-level facts, read before a model exists: `routed` (a router sends each token to experts; experts shard over
+ranks; a capacity factor applies), `uses_k`, `rows_independent`, `check_config(cfg)` and `default_lr(cfg)`.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
+
+from torch import Tensor, nn
+
+from sae_dist.config import ConfigError, SAEConfig
+from sae_dist.models.losses import BatchReducer
+
+if TYPE_CHECKING:
+    from sae_dist.models.dispatch import DispatchPlan, TokenDispatcher
+    from sae_dist.models.router import Routing
+
+
+class SAEOutput(NamedTuple):
+    x_hat_TD: Tensor
+    latent_values_RK: Tensor
+    """z per dispatched row (before the gate); [T, M] dense for the ReLU SAE."""
+    latent_indices_RK: Tensor | None
+    """Flat local latent ids per dispatched row; None for the ReLU SAE."""
+    routing: Routing | None
+    aux_recon_TD: Tensor | None
+    kept_T: Tensor | None = None
+    """Tokens that reached an expert (the others, dropped by a capacity limit, reconstruct as b_pre); None = all."""
+    plan: DispatchPlan | None = None
+    """The dispatch that made the rows (combine() with it returns per-row tensors to token order)."""
+
+
+class Latents(NamedTuple):
+    """Sparse latent activations in token order: f = p_{e*} * z and their global latent ids."""
+
+    values_TK: Tensor
+    indices_TK: Tensor
+
+
+class SAE(nn.Module, ABC):
+    """The contract of the module docstring; subclasses set `kind` through `@register`."""
+
+    kind: ClassVar[str]
+    routed: ClassVar[bool] = False
+    """A router sends each token to experts, which shard over the expert-parallel group."""
+    uses_k: ClassVar[bool] = True
+    """`sae.k` sets the active latents per token."""
+    rows_independent: ClassVar[bool] = True
+    """An expert's output for a row does not depend on its other rows, so its rows may arrive in chunks
+    (parallel.a2a_chunks > 1)."""
+    k_aux: int = 0
+    """Latents of the AuxK reconstruction (0: AuxK off)."""
+
+    def __init__(self, cfg: SAEConfig, d_model: int):
+        super().__init__()
+        self.cfg = cfg
+        self.d_model = d_model
+
+    # --- class-level facts -------------------------------------------------------------------------------------
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        """Raise a one-line ConfigError for settings this architecture does not take."""
+        if not cls.routed and cfg.num_experts != 1:
+            raise ConfigError(f"sae.num_experts={cfg.num_experts} must be 1 for sae.kind={cfg.kind!r}")
+        per_expert = cfg.num_latents // cfg.num_experts
+        if cls.uses_k and not 0 < cfg.k <= per_expert:
+            raise ConfigError(f"sae.k={cfg.k} must be in [1, M/N={per_expert}]")
+
+    @classmethod
+    def default_lr(cls, cfg: SAEConfig) -> float:
+        """The paper's rule for TopK-style SAEs: 2e-4 / sqrt(M / 2^14)."""
+        return 2e-4 / math.sqrt(cfg.num_latents / 2**14)
+
+    # --- the model ---------------------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def num_local_latents(self) -> int:
+        """Latents held by this process (all M unless experts are sharded over ranks)."""
+
+    @property
+    def num_local_experts(self) -> int:
+        return 1
+
+    @abstractmethod
+    def forward(self, x_TD: Tensor, dead_mask_L: Tensor | None = None) -> SAEOutput: ...
+
+    @abstractmethod
+    def loss_terms(self, x_TD: Tensor, out: SAEOutput, reducer: BatchReducer | None = None) -> dict[str, Tensor]:
+        """Unweighted loss terms; `reducer` makes batch statistics global under data or expert parallelism."""
+
+    @abstractmethod
+    def loss_weights(self, step_fraction: float) -> dict[str, float]:
+        """Weight of each term after `step_fraction` of training; terms without a weight count once."""
+
+    @abstractmethod
+    def fired_latents(self, out: SAEOutput) -> Tensor:
+        """Bool [local latents] of latents that fired in this batch."""
+
+    def active_latents(self, out: SAEOutput) -> Tensor:
+        """Number of (row, latent) pairs with a positive activation (sum of L0 over local rows)."""
+        return (out.latent_values_RK > 0).sum()
+
+    @abstractmethod
+    def encode(self, x_TD: Tensor) -> Latents:
+        """Latent activations in token order, with global latent ids."""
+
+    @abstractmethod
+    def decode(self, latents: Latents) -> Tensor:
+        """x_hat [T, d] from `encode`'s latents."""
+
+    @abstractmethod
+    def decoder_weights(self) -> list[nn.Parameter]:
+        """Parameters whose last-dim rows are unit-norm decoder directions."""
+
+    @abstractmethod
+    def bias_parameters(self) -> dict[str, nn.Parameter]:
+        """Biases initialised to the geometric median of the first batch (SPEC section 3)."""
+
+    def expert_sharded(self) -> frozenset[str]:
+        """State-dict entries split over the expert-parallel group along dim 0 (none: everything replicated)."""
+        return frozenset()
+
+    def after_step(self, out: SAEOutput, reducer: BatchReducer | None, applied: Tensor) -> None:  # noqa: B027
+        """State that follows a training step's output; `applied` (0-dim bool) is False for a skipped step."""
+
+    def saelens_state(self) -> tuple[str, dict, dict[str, Tensor]]:
+        """(SAELens architecture, its config entries beyond d_in/d_sae, its weights) of a model holding every
+        expert; NotImplementedError for an architecture without a SAELens form."""
+        raise NotImplementedError(f"sae.kind={self.kind!r} has no SAELens format")
+
+    # --- SAELens-style views (the local latents) ---------------------------------------------------------------
+    @property
+    @abstractmethod
+    def W_enc(self) -> Tensor:  # noqa: N802 (SAELens's names)
+        """[d_in, L] encoder, a view of the parameter."""
+
+    @property
+    @abstractmethod
+    def W_dec(self) -> Tensor:  # noqa: N802
+        """[L, d_in] decoder rows, a view of the parameter."""
+
+    @property
+    def b_dec(self) -> Tensor:
+        """The decoder bias b_pre [d_in] (subtracted before encoding)."""
+        return self.b_pre
+
+    @property
+    def d_in(self) -> int:
+        return self.d_model
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.num_latents
+
+
+_ARCHITECTURES: dict[str, type[SAE]] = {}
+
+
+def register(kind: str) -> Callable[[type[SAE]], type[SAE]]:
+    """Class decorator: `sae.kind=<kind>` builds this class."""
+
+    def add(cls: type[SAE]) -> type[SAE]:
+        if kind in _ARCHITECTURES:
+            raise ValueError(f"sae.kind={kind!r} is registered twice ({_ARCHITECTURES[kind].__name__}, {cls.__name__})")
+        cls.kind = kind
+        _ARCHITECTURES[kind] = cls
+        return cls
+
+    return add
+
+
+def architecture_names() -> tuple[str, ...]:
+    return tuple(_ARCHITECTURES)
+
+
+def architecture(kind: str) -> type[SAE]:
+    """The class registered as `kind`; a one-line ConfigError naming the registered kinds otherwise."""
+    try:
+        return _ARCHITECTURES[kind]
+    except KeyError:
+        raise ConfigError(f"sae.kind={kind!r} is unknown; allowed: {', '.join(_ARCHITECTURES)}") from None
+
+
+def build_sae(cfg: SAEConfig, d_model: int, seed: int, dispatcher: TokenDispatcher | None = None) -> SAE:
+    """The SAE of `cfg.kind`; `dispatcher` (routed kinds) decides which experts live here and how tokens arrive."""
+    return architecture(cfg.kind)(cfg, d_model, seed, dispatcher)
+
+
+def default_lr(cfg: SAEConfig) -> float:
+    """The learning rate of `cfg`'s architecture when trainer.lr is null."""
+    return architecture(cfg.kind).default_lr(cfg)
+
+
+def is_expert_sharded(model: nn.Module, name: str) -> bool:
+    """Whether state-dict entry `name` of `model` splits over the expert-parallel group (see `SAE.expert_sharded`)."""
+    return isinstance(model, SAE) and name in model.expert_sharded()
+
+

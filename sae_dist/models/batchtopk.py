@@ -1,0 +1,103 @@
+"""BatchTopK experts (Bussmann et al. 2024) behind a Switch router: `sae.kind=batchtopk`.
+
+Training: expert e keeps the n_e * k largest ReLU pre-activations over all n_e rows routed to it in the batch (its
+own tokens only), so a token may use more or fewer than k latents while the expert averages k per token. Inference
+(eval mode): a latent is active where its pre-activation exceeds the expert's threshold theta_e, an exponential
+moving average (decay `THRESHOLD_DECAY`) of the smallest activation each training batch kept; replicas of an expert
+average their batch minima before the update, so every replica holds the same theta.
+
+Under expert parallelism with one replica per expert (P = W), an expert receives all its tokens of the global
+batch, so the selection equals the single-device one; with W / P > 1 replicas each selects over its own share.
+The compute is the GEMM formulation (`grouped.py`): dense [rows, M_e] codes, grouped GEMMs both ways.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sae_dist.config import ConfigError, SAEConfig
+from sae_dist.models.auxk import AuxCandidates
+from sae_dist.models.banked import BankedSAE
+from sae_dist.models.base import SAEOutput, register
+from sae_dist.models.dispatch import ExpertGroups
+from sae_dist.models.experts import ExpertBank, ExpertOutput
+from sae_dist.models.grouped import expert_linear, grouped_matmul
+from sae_dist.models.losses import BatchReducer
+
+THRESHOLD_DECAY = 0.99
+"""Weight of the running threshold in each update (as in the reference implementations' EMA)."""
+
+
+def batch_topk_mask(acts_RM: Tensor, counts: list[int], k: int) -> Tensor:
+    """Bool [R, M_e]: per expert (rows grouped, `counts` rows each) its rows' count * k largest activations."""
+    keep_RM = torch.zeros_like(acts_RM, dtype=torch.bool)
+    start = 0
+    for count in counts:
+        if count:
+            block_N = acts_RM[start : start + count].flatten()
+            picks = block_N.topk(min(count * k, block_N.numel()), sorted=False).indices
+            keep_RM[start : start + count].view(-1)[picks] = True
+        start += count
+    return keep_RM
+
+
+class BatchTopKBank(ExpertBank):
+    """An `ExpertBank` selecting per expert over its batch in training and by `threshold_N` [N_local] in eval."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("threshold_N", torch.zeros(self.num_local))
+
+    def forward(
+        self, rows_RD: Tensor, groups: ExpertGroups, k: int, aux: AuxCandidates | None = None, k_aux: int = 0
+    ) -> ExpertOutput:
+        """Dense codes: values [R, M_e] (zeros where inactive) and their flat ids; no AuxK."""
+        pre_RM = expert_linear(rows_RD, self.w_enc, groups)
+        if self.b_enc is not None:
+            pre_RM = pre_RM + self.b_enc[groups.expert_R]
+        acts_RM = F.relu(pre_RM)
+        if self.training:
+            keep_RM = batch_topk_mask(acts_RM.detach(), groups.host_counts(), k)
+        else:
+            keep_RM = acts_RM > self.threshold_N.to(acts_RM.dtype)[groups.expert_R, None]
+        codes_RM = acts_RM * keep_RM
+        width = self.latents_per_expert
+        ids_RM = torch.arange(width, device=rows_RD.device) + groups.expert_R[:, None] * width
+        return ExpertOutput(codes_RM, ids_RM, grouped_matmul(codes_RM, self.w_dec, groups), None)
+
+
+@register("batchtopk")
+class BatchTopKSAE(BankedSAE):
+    """Router + N BatchTopK experts (N = 1: a dense BatchTopK SAE with a trivial router)."""
+
+    routed = True
+    rows_independent = False
+    bank_class = BatchTopKBank
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        super().check_config(cfg)
+        if cfg.auxk_alpha:
+            raise ConfigError(f"sae.auxk_alpha={cfg.auxk_alpha}: sae.kind='batchtopk' has no AuxK; use null or 0")
+
+    @torch.no_grad()
+    def after_step(self, out: SAEOutput, reducer: BatchReducer | None, applied: Tensor) -> None:
+        """theta_e <- decay * theta_e + (1 - decay) * (the replicas' mean of the smallest activation kept by
+        expert e in this batch); an expert no replica's batch reached keeps its theta; the first update sets it."""
+        bank = self.experts
+        values_RM = out.latent_values_RK.float()
+        expert_R = out.latent_indices_RK[:, 0] // self.latents_per_expert
+        kept_min_R = values_RM.masked_fill(values_RM <= 0, float("inf")).amin(dim=1)
+        min_N = torch.full((bank.num_local,), float("inf"), device=values_RM.device)
+        min_N = min_N.scatter_reduce(0, expert_R, kept_min_R, reduce="amin")
+        seen_N = torch.isfinite(min_N)
+        sums = torch.stack([torch.where(seen_N, min_N, 0.0), seen_N.float()])
+        if reducer is not None:
+            sums = reducer.sum_over_expert_replicas(sums)
+        batch_N = sums[0] / sums[1].clamp_min(1)
+        theta_N = bank.threshold_N
+        blended_N = THRESHOLD_DECAY * theta_N + (1 - THRESHOLD_DECAY) * batch_N
+        new_N = torch.where(theta_N > 0, blended_N, batch_N)  # 0: never set
+        theta_N.copy_(torch.where((sums[1] > 0) & applied, new_N, theta_N))

@@ -1,0 +1,24 @@
+"""The dense TopK SAE baseline (Gao et al. 2024): one expert of width M with an encoder bias, no router, AuxK."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from sae_dist.models.banked import BankedSAE
+from sae_dist.models.base import register
+
+
+@register("topk")
+class TopKSAE(BankedSAE):
+    """z = TopK_k(ReLU(W_enc (x - b_pre) + b_enc)), x_hat = z W_dec + b_pre; AuxK weight 1/32 by default.
+
+    The same expert kernels as the Switch SAE, on a bank of one expert that every token reaches.
+    """
+
+    encoder_bias = True
+    default_auxk_alpha = 1 / 32
+
+    def saelens_state(self) -> tuple[str, dict, dict[str, Tensor]]:
+        """SAELens's 'topk' SAE: TopK_k(ReLU((x - b_dec) W_enc + b_enc)) W_dec + b_dec, the same math."""
+        weights = {"W_enc": self.W_enc, "b_enc": self.experts.b_enc[0], "W_dec": self.W_dec, "b_dec": self.b_dec}
+        return "topk", {"k": self.cfg.k}, weights

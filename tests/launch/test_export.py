@@ -1,0 +1,84 @@
+"""launch/export.py --format saelens: each export loads in SAELens (`SAE.load_from_disk`) and its encodings and
+reconstructions equal sae-dist's; bad input is one line, exit status 2, with nothing written."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("sae_lens")
+from sae_lens import SAE  # noqa: E402
+
+import sae_dist.interop.saelens_switch  # noqa: E402, F401  (registers 'sae_dist_switch')
+from sae_dist import load_sae  # noqa: E402
+from sae_dist.data import build_activation_source  # noqa: E402
+from sae_dist.train.trainer import Trainer  # noqa: E402
+from tests.conftest import small_run  # noqa: E402
+
+SAELENS_CLASS = {"switch": "SwitchSAELens", "topk": "TopKSAE", "relu": "StandardSAE"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A few trained steps of each kind (trained weights: biases off zero, decoders moved)."""
+    out = {}
+    for kind in SAELENS_CLASS:
+        run = small_run(tmp_path_factory.mktemp(kind), kind=kind, steps=4, checkpoint_every=4, log_every=4)
+        Trainer(run, build_activation_source(run)).train()
+        out[kind] = run.trainer.out_dir
+    return out
+
+
+def dense_codes(sae, x_TD: torch.Tensor) -> torch.Tensor:
+    latents = sae.encode(x_TD)
+    codes_TM = torch.zeros(x_TD.shape[0], sae.d_sae)
+    return codes_TM.scatter_(1, latents.indices_TK, latents.values_TK.float())
+
+
+@pytest.mark.parametrize("kind", list(SAELENS_CLASS))
+def test_export_loads_in_saelens_with_equal_codes_and_reconstructions(kind, runs, command, tmp_path):
+    out = tmp_path / "saelens"
+    assert command("export.py", runs[kind], "--format", "saelens", "--out", str(out)).status == 0
+    assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+    lens = SAE.load_from_disk(out)
+    assert type(lens).__name__ == SAELENS_CLASS[kind]
+    ours = load_sae(runs[kind])
+    x_TD = torch.randn(64, ours.d_in) * 2
+    with torch.no_grad():
+        assert torch.allclose(lens.encode(x_TD), dense_codes(ours, x_TD), atol=1e-5)
+        assert torch.allclose(lens(x_TD), ours(x_TD).x_hat_TD, atol=1e-5)
+    assert lens.cfg.metadata.hook_name == "blocks.8.hook_resid_post"
+
+
+def test_switch_exports_as_one_topk_sae_per_expert(runs, command, tmp_path):
+    out = tmp_path / "experts"
+    assert command("export.py", runs["switch"], "--out", str(out), "--per-expert").status == 0
+    ours = load_sae(runs["switch"])
+    x_TD = torch.randn(256, ours.d_in) * 2
+    with torch.no_grad():
+        routing = ours.router(x_TD)
+        x_hat_TD, codes_TM = ours(x_TD).x_hat_TD, dense_codes(ours, x_TD)
+    width = ours.latents_per_expert
+    for e in range(ours.cfg.num_experts):
+        lens = SAE.load_from_disk(out / f"expert_{e:03d}")
+        assert type(lens).__name__ == "TopKSAE" and lens.cfg.k == ours.cfg.k
+        mine = routing.expert_T == e
+        assert mine.any()
+        gate_T1 = routing.gate_T[mine, None]
+        with torch.no_grad():
+            z_TM = lens.encode(x_TD[mine])
+            assert torch.allclose(gate_T1 * z_TM, codes_TM[mine, e * width:(e + 1) * width], atol=1e-5)
+            b_pre = ours.b_pre
+            assert torch.allclose(gate_T1 * (lens.decode(z_TM) - b_pre) + b_pre, x_hat_TD[mine], atol=1e-5)
+
+
+def test_bad_input_is_one_line_and_writes_nothing(runs, command, tmp_path):
+    out = tmp_path / "new"
+    command("export.py", runs["switch"], "--format", "sparsify", "--out", str(out)).one_line_error(
+        "--format='sparsify' is unknown; allowed: saelens")
+    command("export.py", str(tmp_path / "nowhere"), "--out", str(out)).one_line_error("nowhere")
+    command("export.py", runs["topk"], "--out", str(out), "--per-expert").one_line_error(
+        "--per-expert needs a Switch SAE")
+    (tmp_path / "taken").mkdir()
+    command("export.py", runs["switch"], "--out", str(tmp_path / "taken")).one_line_error("already exists")
+    assert not out.exists() and not (tmp_path / "new.tmp").exists()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sae_dist.config import RunConfig
+from sae_dist.models import architecture
 from sae_dist.run_dir import (
     EVAL_FILE,
     METRICS_FILE,
@@ -50,8 +51,6 @@ LABEL_SETTINGS = 4
 """A line's label names at most this many of the settings that tell it apart (the most telling first)."""
 TITLE_SETTINGS = ("data.source", "model.name", "model.layer", "data.dataset", "trainer.steps", "trainer.batch_size")
 """The shared settings a figure's title names (when all runs share them), in this order."""
-KINDS = {"switch": "Switch", "topk": "TopK", "relu": "ReLU"}
-FAMILIES = {kind: name for kind, name in KINDS.items() if kind != "switch"}
 
 
 @dataclass
@@ -94,16 +93,18 @@ def load_run_point(run_dir: str | Path) -> RunPoint:
 
 
 def run_family(points: Sequence[RunPoint], point: RunPoint) -> str:
-    """'TopK', 'ReLU', 'Switch FLOP-matched', 'Switch width-matched' or 'Switch' (no dense run to match)."""
+    """A dense architecture's label ('TopK', 'ReLU'), or a routed one's matched to the dense runs: 'Switch
+    FLOP-matched' (each expert as wide as a dense run), 'Switch width-matched' (as wide in total) or 'Switch'."""
     sae = point.run.sae
-    if sae.kind in FAMILIES:
-        return FAMILIES[sae.kind]
-    dense_widths = {p.run.sae.num_latents for p in points if p.run.sae.kind in FAMILIES}
+    arch = architecture(sae.kind)
+    if not arch.routed:
+        return arch.label
+    dense_widths = {p.run.sae.num_latents for p in points if not architecture(p.run.sae.kind).routed}
     if sae.num_latents // sae.num_experts in dense_widths:
-        return "Switch FLOP-matched"
+        return f"{arch.label} FLOP-matched"
     if sae.num_latents in dense_widths:
-        return "Switch width-matched"
-    return "Switch"
+        return f"{arch.label} width-matched"
+    return arch.label
 
 
 def settings(point: RunPoint) -> dict[str, Any]:
@@ -145,7 +146,7 @@ def series(points: Sequence[RunPoint], sweeps: Collection[str], order: Callable[
     fixed: dict[str, dict[str, Any]] = {}
     for point in points:
         kept = {key: value for key, value in settings(point).items() if key not in sweeps}
-        name = run_family(points, point) if by_family else KINDS.get(point.run.sae.kind, point.run.sae.kind)
+        name = run_family(points, point) if by_family else architecture(point.run.sae.kind).label
         key = json.dumps([name, kept], sort_keys=True)
         groups[key].append(point)
         fixed[key] = {"name": name, **kept}
@@ -172,7 +173,7 @@ def _differs(setting: str, groups: Sequence[dict[str, Any]]) -> bool:
 def _applies(key: str, point: RunPoint) -> bool:
     """Whether a setting means anything for the run's architecture and data (N for a dense SAE, l1 for a TopK one,
     the language model for synthetic activations do not)."""
-    kind, source = point.run.sae.kind, point.run.data.source
+    arch, source = architecture(point.run.sae.kind), point.run.data.source
     if key.startswith(("model.", "data.dataset", "data.data_files", "data.split", "data.text_column", "data.ctx_len",
                        "data.streaming")):
         return source == "lm"
@@ -183,11 +184,11 @@ def _applies(key: str, point: RunPoint) -> bool:
     if key == "data.shuffle_buffer":
         return source != "synthetic"
     if key in ("sae.num_experts", "sae.lb_alpha", "parallel.capacity_factor"):
-        return kind == "switch"
+        return arch.routed
     if key.startswith("sae.l1_"):
-        return kind == "relu"
+        return not arch.uses_k  # the L1 penalty is the sparsity of architectures without k
     if key in ("sae.k", "sae.auxk_alpha", "sae.auxk_k"):
-        return kind != "relu"
+        return arch.uses_k
     return True
 
 

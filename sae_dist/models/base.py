@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, ClassVar, NamedTuple
 from torch import Tensor, nn
 
 from sae_dist.config import ConfigError, SAEConfig
+from sae_dist.flops import FlopsPerToken
 from sae_dist.models.losses import BatchReducer
 
 if TYPE_CHECKING:
@@ -60,6 +61,8 @@ class SAE(nn.Module, ABC):
     """The contract of the module docstring; subclasses set `kind` through `@register`."""
 
     kind: ClassVar[str]
+    label: ClassVar[str]
+    """The architecture's name in plots and tables ('Switch', 'TopK')."""
     routed: ClassVar[bool] = False
     """A router sends each token to experts, which shard over the expert-parallel group."""
     uses_k: ClassVar[bool] = True
@@ -89,6 +92,18 @@ class SAE(nn.Module, ABC):
     def default_lr(cls, cfg: SAEConfig) -> float:
         """The paper's rule for TopK-style SAEs: 2e-4 / sqrt(M / 2^14)."""
         return 2e-4 / math.sqrt(cfg.num_latents / 2**14)
+
+    @classmethod
+    def flops_per_token(cls, cfg: SAEConfig, d_model: int) -> FlopsPerToken:
+        """One training step's FLOPs per token (`sae_dist.flops`), for TopK-style experts: the router (routed
+        kinds), the encoder GEMM over the chosen expert's M/N latents, a selection pass over them, the sparse decode
+        of k rows; backward: the router GEMM twice, encoder and decoder sparse over the k active rows."""
+        d, n, k = d_model, cfg.num_experts, cfg.k
+        width = cfg.num_latents // n  # the latents a token's encoder actually computes
+        router = 2 * n * d + n if cls.routed else 0  # GEMM + softmax
+        forward = router + 2 * width * d + width + 2 * k * d
+        backward = 2 * router + 4 * k * d + 4 * k * d  # input and weight gradients of encoder and decoder rows
+        return FlopsPerToken(encoder_paper=4 * width * d, forward=forward, backward=backward)
 
     # --- the model ---------------------------------------------------------------------------------------------
     @property

@@ -72,6 +72,7 @@ class BatchTopKBank(ExpertBank):
 class BatchTopKSAE(BankedSAE):
     """Router + N BatchTopK experts (N = 1: a dense BatchTopK SAE with a trivial router)."""
 
+    label = "BatchTopK"
     routed = True
     rows_independent = False
     bank_class = BatchTopKBank

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sae_dist.config import SAEConfig
+from sae_dist.flops import FlopsPerToken
 from sae_dist.models.base import SAE, Latents, SAEOutput, register
 from sae_dist.models.dispatch import TokenDispatcher
 from sae_dist.models.experts import expert_generator
@@ -20,6 +21,7 @@ class ReLUSAE(SAE):
     No AuxK: its dead latents are not revived by an auxiliary loss. `dispatcher` is unused (no experts).
     """
 
+    label = "ReLU"
     uses_k = False
 
     def __init__(self, cfg: SAEConfig, d_model: int, seed: int, dispatcher: TokenDispatcher | None = None):
@@ -35,6 +37,12 @@ class ReLUSAE(SAE):
     def default_lr(cls, cfg: SAEConfig) -> float:
         """The paper's ReLU baseline: 5e-5."""
         return 5e-5
+
+    @classmethod
+    def flops_per_token(cls, cfg: SAEConfig, d_model: int) -> FlopsPerToken:
+        """Dense encoder, ReLU and dense decoder; the backward twice each GEMM."""
+        m, d = cfg.num_latents, d_model
+        return FlopsPerToken(encoder_paper=4 * m * d, forward=2 * m * d + m + 2 * m * d, backward=2 * (4 * m * d))
 
     @property
     def num_local_latents(self) -> int:

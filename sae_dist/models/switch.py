@@ -15,6 +15,7 @@ SWITCH_ARCHITECTURE = "sae_dist_switch"
 class SwitchSAE(BankedSAE):
     """Router + N TopK experts without encoder bias; AuxK off unless `sae.auxk_alpha` is set (the paper's recipe)."""
 
+    label = "Switch"
     routed = True
 
     def saelens_state(self) -> tuple[str, dict, dict[str, Tensor]]:

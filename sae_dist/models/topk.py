@@ -15,6 +15,7 @@ class TopKSAE(BankedSAE):
     The same expert kernels as the Switch SAE, on a bank of one expert that every token reaches.
     """
 
+    label = "TopK"
     encoder_bias = True
     default_auxk_alpha = 1 / 32
 

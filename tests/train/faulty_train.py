@@ -4,6 +4,9 @@ FAULT_PLAN (JSON) maps a torchrun attempt (TORCHELASTIC_RESTART_COUNT) to one fa
     {"0": {"rank": 1, "signal": "SIGTERM", "step": 7},                    # signal at the start of step 7
      "1": {"rank": 0, "signal": "SIGKILL", "step": 20, "when": "publish"}} # during the save of step 20, after the
                                                                            # rename, before `latest` is replaced
+
+Each rank appends the status it exits with to exit_statuses.jsonl in the working folder (torchrun's own log names
+only the first failure it sees, and under load that can be a rank it killed after the rank had chosen its status).
 """
 
 from __future__ import annotations
@@ -48,4 +51,11 @@ if __name__ == "__main__":
     fault = json.loads(os.environ.get("FAULT_PLAN", "{}")).get(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if fault is not None and int(fault["rank"]) == int(os.environ.get("RANK", "0")):
         install(fault)
-    runpy.run_path(str(ROOT / "launch" / "train.py"), run_name="__main__")
+    try:
+        runpy.run_path(str(ROOT / "launch" / "train.py"), run_name="__main__")
+    except SystemExit as exc:
+        record = {"attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+                  "rank": int(os.environ.get("RANK", "0")), "status": exc.code}
+        with open("exit_statuses.jsonl", "a") as log:
+            log.write(json.dumps(record) + "\n")
+        raise

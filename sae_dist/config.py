@@ -40,6 +40,9 @@ class SAEConfig:
     """M, the total number of latents over all experts."""
     num_experts: int = 8
     """N, the number of expert SAEs (must be 1 for 'topk' and 'relu')."""
+    experts_per_token: int = 1
+    """e, the experts each token is routed to ('switch'): its e most probable, each expert's output weighted by
+    its probability; 1 is the paper's top-1 Switch SAE. A token costs e experts' encoders."""
     k: int = 32
     """Active latents per token (TopK); ignored by 'relu'."""
     lb_alpha: float = 3.0
@@ -298,6 +301,7 @@ def _validate_sae(sae: SAEConfig) -> None:
     cls = _architecture(sae)
     _positive("sae.num_latents", sae.num_latents)
     _positive("sae.num_experts", sae.num_experts)
+    _positive("sae.experts_per_token", sae.experts_per_token)
     _one_of("sae.encoder_backward", sae.encoder_backward, ("auto", "sparse", "gemm"))
     _one_of("sae.decoder", sae.decoder, ("auto", "gather", "gemm"))
     _require(

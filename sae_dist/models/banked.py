@@ -1,9 +1,11 @@
 """SAEs built on a bank of TopK experts: the Switch SAE (`switch.py`), the dense TopK SAE (`topk.py`) and
 BatchTopK experts (`batchtopk.py`) share this forward, loss and encode/decode.
 
-Forward, per token x:  with a router, p = softmax(W_router (x - b_router)) (float32), e* = argmax p (without one,
-e* = 0 and p_{e*} = 1); z = TopK_k(ReLU(W_enc^{e*} (x - b_pre) [+ b_enc])); x_hat = p_{e*} * z W_dec^{e*} + b_pre.
-Only the chosen expert's encoder runs on a token: the dispatcher groups tokens by expert first.
+Forward, per token x:  with a router, p = softmax(W_router (x - b_router)) (float32) and E(x) = the e most probable
+experts (`sae.experts_per_token`; without a router E = {0}, p_0 = 1); per expert i in E(x),
+z_i = TopK_k(ReLU(W_enc^i (x - b_pre) [+ b_enc])); x_hat = sum_{i in E(x)} p_i z_i W_dec^i + b_pre.
+Only the chosen experts' encoders run on a token: the dispatcher groups its e rows (one per chosen expert, token-major)
+by expert first. e = 1 is the paper's top-1 Switch SAE.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ class BankedSAE(SAE):
         self.latents_per_expert = cfg.num_latents // cfg.num_experts
         self.dispatcher = dispatcher or LocalDispatcher(cfg.num_experts)
         self.b_pre = nn.Parameter(torch.zeros(d_model))
-        self.router = Router(d_model, cfg.num_experts, seeded_generator(seed, 0)) if self.routed else None
+        self.router = None
+        if self.routed:
+            self.router = Router(d_model, cfg.num_experts, seeded_generator(seed, 0), cfg.experts_per_token)
         self.experts = self.bank_class(
             num_local=self.dispatcher.num_local_experts,
             latents_per_expert=self.latents_per_expert,
@@ -84,8 +88,13 @@ class BankedSAE(SAE):
     ) -> SAEOutput:
         """AuxK (when on) selects among `aux_candidates`, or among the latents where `dead_mask_L` [L] is True."""
         routing = self.router(x_TD) if self.router is not None else None
-        expert_T = routing.expert_T if routing is not None else x_TD.new_zeros(x_TD.shape[0], dtype=torch.long)
-        scores_T = routing.gate_T.detach() if routing is not None else None
+        rows_SD = x_TD - self.b_pre
+        if routing is None:
+            expert_S, scores_S = x_TD.new_zeros(x_TD.shape[0], dtype=torch.long), None
+        else:
+            expert_S, scores_S = routing.expert_TE.flatten(), routing.gate_TE.detach().flatten()
+            if routing.expert_TE.shape[1] > 1:  # one row per (token, chosen expert), token-major
+                rows_SD = rows_SD.repeat_interleave(routing.expert_TE.shape[1], dim=0)
         if aux_candidates is None and dead_mask_L is not None and self.k_aux:
             aux_candidates = dead_candidates(dead_mask_L, self.experts.num_local)
         k_aux = self.k_aux if aux_candidates is not None else 0
@@ -96,16 +105,19 @@ class BankedSAE(SAE):
             recon_R = out.recon_RD if out.aux_recon_RD is None else torch.cat([out.recon_RD, out.aux_recon_RD], 1)
             return recon_R, (out.values_RK, out.indices_RK)
 
-        run = self.dispatcher.run(x_TD - self.b_pre, expert_T, scores_T, run_experts)
+        run = self.dispatcher.run(rows_SD, expert_S, scores_S, run_experts)
         values_RK, indices_RK = run.per_row
-        recon_T = run.combined_T.float()
-        decoded_TD, aux_TD = recon_T[:, : self.d_model], recon_T[:, self.d_model :]
-        gate_T1 = routing.gate_T[:, None] if routing is not None else 1.0
-        # A token dropped by a capacity limit combines to a zero row, so its x_hat is b_pre.
-        x_hat_TD = gate_T1 * decoded_TD + self.b_pre.float()
+        recon_S = run.combined_T.float()
+        decoded_SD, aux_SD = recon_S[:, : self.d_model], recon_S[:, self.d_model :]
         aux_recon_TD = None
-        if k_aux:
-            aux_recon_TD = aux_TD * (gate_T1.detach() if routing is not None else 1.0)
+        if routing is None:
+            decoded_TD = decoded_SD
+            aux_recon_TD = aux_SD if k_aux else None
+        else:
+            decoded_TD = gate_weighted_sum(decoded_SD, routing.gate_TE)
+            aux_recon_TD = gate_weighted_sum(aux_SD, routing.gate_TE.detach()) if k_aux else None
+        # A row dropped by a capacity limit combines to zeros: a token with no row kept has x_hat = b_pre.
+        x_hat_TD = decoded_TD + self.b_pre.float()
         return SAEOutput(x_hat_TD, values_RK, indices_RK, routing, aux_recon_TD, run.plan.kept_T, run.plan)
 
     def loss_terms(self, x_TD: Tensor, out: SAEOutput, reducer: BatchReducer | None = None) -> dict[str, Tensor]:
@@ -130,18 +142,25 @@ class BankedSAE(SAE):
 
     @torch.no_grad()
     def encode(self, x_TD: Tensor) -> Latents:
-        """Latent activations f = p_{e*} z in token order, with global latent ids."""
+        """Latent activations f = p_i z_i in token order, [T, e * k] (each chosen expert's k), with global ids."""
         out = self(x_TD)
-        values_TK = self.dispatcher.combine(out.latent_values_RK, out.plan)
+        values_SK = self.dispatcher.combine(out.latent_values_RK, out.plan)
         # Ids become global before combine: under expert parallelism the rows were encoded on other ranks.
         first_latent = self.experts.first_expert * self.latents_per_expert
-        indices_TK = self.dispatcher.combine(out.latent_indices_RK + first_latent, out.plan)
-        if out.routing is not None:
-            values_TK = values_TK * out.routing.gate_T[:, None]
-        return Latents(values_TK, indices_TK)
+        indices_SK = self.dispatcher.combine(out.latent_indices_RK + first_latent, out.plan)
+        if out.routing is None:
+            return Latents(values_SK, indices_SK)
+        values_SK = values_SK * out.routing.gate_TE.flatten()[:, None]
+        shape_TE = out.routing.gate_TE.shape
+        return Latents(values_SK.unflatten(0, shape_TE).flatten(1), indices_SK.unflatten(0, shape_TE).flatten(1))
 
     @torch.no_grad()
     def decode(self, latents: Latents) -> Tensor:
         """x_hat = sum_j f_j W_dec[id_j] + b_pre for latents from `encode`."""
         local_ids = latents.indices_TK - self.experts.first_expert * self.latents_per_expert
         return sparse_decode(latents.values_TK, local_ids, self.experts.w_dec).float() + self.b_pre.float()
+
+
+def gate_weighted_sum(rows_SD: Tensor, gate_TE: Tensor) -> Tensor:
+    """sum_i p_i y_i over each token's e rows: rows [T * e, D] (token-major), gates [T, e] -> [T, D]."""
+    return (gate_TE[:, :, None] * rows_SD.unflatten(0, gate_TE.shape)).sum(1)

@@ -45,13 +45,15 @@ class SAEOutput(NamedTuple):
     routing: Routing | None
     aux_recon_TD: Tensor | None
     kept_T: Tensor | None = None
-    """Tokens that reached an expert (the others, dropped by a capacity limit, reconstruct as b_pre); None = all."""
+    """Rows that reached an expert (a dropped row, cut by a capacity limit, adds nothing to x_hat; a token with no
+    row kept reconstructs as b_pre); None = all. One per token, or per (token, slot) [T * e] under top-e routing."""
     plan: DispatchPlan | None = None
     """The dispatch that made the rows (combine() with it returns per-row tensors to token order)."""
 
 
 class Latents(NamedTuple):
-    """Sparse latent activations in token order: f = p_{e*} * z and their global latent ids."""
+    """Sparse latent activations in token order: f = p_{e*} * z and their global latent ids ([T, e * k] under
+    top-e routing: each chosen expert's k, best expert first)."""
 
     values_TK: Tensor
     indices_TK: Tensor
@@ -84,6 +86,11 @@ class SAE(nn.Module, ABC):
         """Raise a one-line ConfigError for settings this architecture does not take."""
         if not cls.routed and cfg.num_experts != 1:
             raise ConfigError(f"sae.num_experts={cfg.num_experts} must be 1 for sae.kind={cfg.kind!r}")
+        if not cls.routed and cfg.experts_per_token != 1:
+            raise ConfigError(f"sae.experts_per_token={cfg.experts_per_token} must be 1 for sae.kind={cfg.kind!r}")
+        if cfg.experts_per_token > cfg.num_experts:
+            raise ConfigError(f"sae.experts_per_token={cfg.experts_per_token} must be in [1, sae.num_experts="
+                              f"{cfg.num_experts}]")
         per_expert = cfg.num_latents // cfg.num_experts
         if cls.uses_k and not 0 < cfg.k <= per_expert:
             raise ConfigError(f"sae.k={cfg.k} must be in [1, M/N={per_expert}]")
@@ -97,13 +104,14 @@ class SAE(nn.Module, ABC):
     def flops_per_token(cls, cfg: SAEConfig, d_model: int) -> FlopsPerToken:
         """One training step's FLOPs per token (`sae_dist.flops`), for TopK-style experts: the router (routed
         kinds), the encoder GEMM over the chosen expert's M/N latents, a selection pass over them, the sparse decode
-        of k rows; backward: the router GEMM twice, encoder and decoder sparse over the k active rows."""
-        d, n, k = d_model, cfg.num_experts, cfg.k
+        of k rows; backward: the router GEMM twice, encoder and decoder sparse over the k active rows. Under top-e
+        routing every expert term counts e times (each token is e rows)."""
+        d, n, k, e = d_model, cfg.num_experts, cfg.k, cfg.experts_per_token
         width = cfg.num_latents // n  # the latents a token's encoder actually computes
         router = 2 * n * d + n if cls.routed else 0  # GEMM + softmax
-        forward = router + 2 * width * d + width + 2 * k * d
-        backward = 2 * router + 4 * k * d + 4 * k * d  # input and weight gradients of encoder and decoder rows
-        return FlopsPerToken(encoder_paper=4 * width * d, forward=forward, backward=backward)
+        forward = router + e * (2 * width * d + width + 2 * k * d)
+        backward = 2 * router + e * (4 * k * d + 4 * k * d)  # input and weight gradients of encoder and decoder rows
+        return FlopsPerToken(encoder_paper=e * 4 * width * d, forward=forward, backward=backward)
 
     # --- the model ---------------------------------------------------------------------------------------------
     @property

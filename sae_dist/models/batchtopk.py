@@ -82,6 +82,9 @@ class BatchTopKSAE(BankedSAE):
         super().check_config(cfg)
         if cfg.auxk_alpha:
             raise ConfigError(f"sae.auxk_alpha={cfg.auxk_alpha}: sae.kind='batchtopk' has no AuxK; use null or 0")
+        if cfg.experts_per_token != 1:
+            raise ConfigError(f"sae.experts_per_token={cfg.experts_per_token}: sae.kind='batchtopk' routes each token "
+                              "to one expert; use 1")
 
     @torch.no_grad()
     def after_step(self, out: SAEOutput, reducer: BatchReducer | None, applied: Tensor) -> None:

@@ -26,45 +26,50 @@ def dense_decode(z_TM: Tensor, expert_T: Tensor, w_dec_NMD: Tensor) -> Tensor:
 
 
 def naive_forward(sae: BankedSAE, x_TD: Tensor, dead_mask_L: Tensor | None = None):
-    """Dense forward with the weights of `sae`: (x_hat_TD, f_TL = p * z over all local latents, loss terms)."""
+    """Dense forward with the weights of `sae`: (x_hat_TD, f_TL = sum over chosen experts of p * z, over all local
+    latents, loss terms). Top-e routing: each of a token's e most probable experts is one slot, decoded on its own."""
     bank = sae.experts
     pre_TNM = torch.einsum("td,nmd->tnm", x_TD - sae.b_pre, bank.w_enc)
     if bank.b_enc is not None:
         pre_TNM = pre_TNM + bank.b_enc
     acts_TNM = F.relu(pre_TNM)
+    tokens = torch.arange(x_TD.shape[0], device=x_TD.device)
     if sae.router is not None:
         logits = F.linear(x_TD.float() - sae.router.b_router.float(), sae.router.weight.float())
         probs_TN = logits.softmax(-1)
-        expert_T = probs_TN.argmax(-1)
-        gate_T = probs_TN.gather(1, expert_T[:, None]).squeeze(1)
+        e = sae.cfg.experts_per_token
+        expert_TE = probs_TN.argmax(-1, keepdim=True) if e == 1 else probs_TN.topk(e, -1).indices
+        gate_TE = probs_TN.gather(1, expert_TE)
     else:
-        expert_T = torch.zeros(x_TD.shape[0], dtype=torch.long, device=x_TD.device)
-        probs_TN, gate_T = None, torch.ones(x_TD.shape[0], device=x_TD.device)
-    tokens = torch.arange(x_TD.shape[0], device=x_TD.device)
-    acts_TM = acts_TNM[tokens, expert_T]
-    top_idx = acts_TM.topk(sae.cfg.k, dim=-1).indices
-    mask_TM = torch.zeros_like(acts_TM).scatter(1, top_idx, 1.0)
-    z_TM = acts_TM * mask_TM
-    decoded_TD = dense_decode(z_TM, expert_T, bank.w_dec)
-    x_hat = gate_T[:, None] * decoded_TD.float() + sae.b_pre.float()
+        expert_TE = torch.zeros(x_TD.shape[0], 1, dtype=torch.long, device=x_TD.device)
+        probs_TN, gate_TE = None, torch.ones(x_TD.shape[0], 1, device=x_TD.device)
+    x_hat = sae.b_pre.float()
+    f_TL, aux_TD = 0.0, 0.0
+    for slot in range(expert_TE.shape[1]):
+        expert_T, gate_T = expert_TE[:, slot], gate_TE[:, slot]
+        acts_TM = acts_TNM[tokens, expert_T]
+        top_idx = acts_TM.topk(sae.cfg.k, dim=-1).indices
+        mask_TM = torch.zeros_like(acts_TM).scatter(1, top_idx, 1.0)
+        z_TM = acts_TM * mask_TM
+        x_hat = x_hat + gate_T[:, None] * dense_decode(z_TM, expert_T, bank.w_dec).float()
+        f_TL = f_TL + all_latents(z_TM * gate_T[:, None], expert_T, bank.num_local)
+        if dead_mask_L is not None:
+            dead_TM = dead_mask_L.view(bank.num_local, -1)[expert_T]
+            aux_acts = acts_TM.masked_fill(~dead_TM, float("-inf"))
+            k_aux = min(sae.k_aux, acts_TM.shape[1])
+            aux_vals, aux_idx = aux_acts.topk(k_aux, dim=-1)
+            aux_z = torch.zeros_like(acts_TM).scatter(1, aux_idx, aux_vals.clamp_min(0))
+            aux_TD = aux_TD + gate_T.detach()[:, None] * dense_decode(aux_z, expert_T, bank.w_dec).float()
     terms = {"rec": (x_TD.float() - x_hat).pow(2).sum(-1).mean()}
     if probs_TN is not None:
         n = sae.cfg.num_experts
-        f_N = torch.bincount(expert_T, minlength=n).float() / x_TD.shape[0]
+        f_N = torch.bincount(expert_TE.flatten(), minlength=n).float() / expert_TE.numel()
         terms["lb"] = n * (f_N * probs_TN.mean(0)).sum()
     if dead_mask_L is not None:
-        dead_TM = dead_mask_L.view(bank.num_local, -1)[expert_T]
-        aux_acts = acts_TM.masked_fill(~dead_TM, float("-inf"))
-        k_aux = min(sae.k_aux, acts_TM.shape[1])
-        aux_vals, aux_idx = aux_acts.topk(k_aux, dim=-1)
-        aux_z = torch.zeros_like(acts_TM).scatter(1, aux_idx, aux_vals.clamp_min(0))
-        aux_TD = dense_decode(aux_z, expert_T, bank.w_dec).float()
-        if probs_TN is not None:
-            aux_TD = aux_TD * gate_T.detach()[:, None]
         residual = (x_TD.float() - x_hat).detach()
         centred = x_TD.float() - x_TD.float().mean(0)
         terms["auxk"] = (aux_TD - residual).pow(2).sum() / centred.pow(2).sum()
-    return x_hat, all_latents(z_TM * gate_T[:, None], expert_T, bank.num_local), terms
+    return x_hat, f_TL, terms
 
 
 def reference_train_step(

@@ -1,4 +1,5 @@
-"""Top-1 routing (SPEC section 2) and the Switch Transformer load-balancing loss (SPEC section 4)."""
+"""Top-1 routing (SPEC section 2), its top-e generalisation, and the Switch Transformer load-balancing loss (SPEC
+section 4) over every (token, expert) assignment."""
 
 from __future__ import annotations
 
@@ -13,17 +14,31 @@ from torch import Tensor, nn
 class Routing(NamedTuple):
     probs_TN: Tensor
     """Router softmax, float32."""
-    expert_T: Tensor
-    """argmax expert per token (long, no gradient)."""
-    gate_T: Tensor
-    """p_{e*}, float32; the only path by which the reconstruction loss trains the router."""
+    expert_TE: Tensor
+    """The e highest-probability experts per token, best first (long, no gradient); e = 1: the argmax."""
+    gate_TE: Tensor
+    """Their probabilities p, float32; the only path by which the reconstruction loss trains the router."""
+
+    @property
+    def expert_T(self) -> Tensor:
+        """Each token's most probable expert."""
+        return self.expert_TE[:, 0]
+
+    @property
+    def gate_T(self) -> Tensor:
+        """Its probability."""
+        return self.gate_TE[:, 0]
 
 
 class Router(nn.Module):
-    """p = softmax(W_router (x - b_router)) in float32, also under autocast; e* = argmax p."""
+    """p = softmax(W_router (x - b_router)) in float32, also under autocast; each token's `experts_per_token`
+    largest p (e = 1: argmax p)."""
 
-    def __init__(self, d_model: int, num_experts: int, generator: torch.Generator | None = None):
+    def __init__(
+        self, d_model: int, num_experts: int, generator: torch.Generator | None = None, experts_per_token: int = 1
+    ):
         super().__init__()
+        self.experts_per_token = experts_per_token
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         self.b_router = nn.Parameter(torch.zeros(d_model))
         bound = d_model**-0.5  # nn.Linear's default (kaiming_uniform with a=sqrt(5)) bound
@@ -35,9 +50,11 @@ class Router(nn.Module):
         with torch.autocast(x_TD.device.type, enabled=False):
             logits_TN = F.linear(x_TD.float() - self.b_router.float(), self.weight.float())
             probs_TN = logits_TN.softmax(dim=-1)
-        expert_T = probs_TN.argmax(dim=-1)
-        gate_T = probs_TN.gather(1, expert_T[:, None]).squeeze(1)
-        return Routing(probs_TN, expert_T, gate_T)
+        if self.experts_per_token == 1:
+            expert_TE = probs_TN.argmax(dim=-1, keepdim=True)
+        else:
+            expert_TE = probs_TN.topk(self.experts_per_token, dim=-1).indices
+        return Routing(probs_TN, expert_TE, probs_TN.gather(1, expert_TE))
 
 
 def expert_counts(expert_T: Tensor, num_experts: int) -> Tensor:
@@ -51,10 +68,13 @@ def load_balancing_loss(
 ) -> Tensor:
     """L_lb = N * sum_i f_i P_i; f from hard counts (no gradient), P = mean router probability.
 
+    Under top-e routing f_i is expert i's share of all T * e assignments (sums to 1, so the minimum stays 1 at a
+    uniform router whatever e; docs/spec-notes.md).
+
     `all_reduce_counts` sums the [N] counts over ranks for global-batch balancing (expert parallelism); P stays
     local, so averaging this loss's gradient over ranks equals the single-device gradient over the global batch.
     """
-    counts_N = expert_counts(routing.expert_T, num_experts).to(torch.float32)
+    counts_N = expert_counts(routing.expert_TE.flatten(), num_experts).to(torch.float32)
     if all_reduce_counts is not None:
         counts_N = all_reduce_counts(counts_N)
     fraction_N = counts_N / counts_N.sum().clamp_min(1)

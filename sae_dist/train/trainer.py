@@ -206,11 +206,12 @@ class Trainer:
         return row
 
     def _routing_metrics(self, out: SAEOutput) -> dict[str, Any]:
-        """Expert load and, under a capacity limit, the fraction of tokens dropped (overall and per expert)."""
+        """Expert load and, under a capacity limit, the fraction of routed rows dropped (overall and per expert);
+        a row is one (token, chosen expert) pair, so each token counts e times under top-e routing."""
         num_experts = self.run.sae.num_experts
-        expert_T = out.routing.expert_T
-        dropped_T = expert_T[~out.kept_T] if out.kept_T is not None else expert_T[:0]
-        counts = torch.stack([expert_counts(expert_T, num_experts), expert_counts(dropped_T, num_experts)])
+        expert_S = out.routing.expert_TE.flatten()
+        dropped_S = expert_S[~out.kept_T] if out.kept_T is not None else expert_S[:0]
+        counts = torch.stack([expert_counts(expert_S, num_experts), expert_counts(dropped_S, num_experts)])
         routed_N, dropped_N = self.ctx.all_reduce_sum(counts.double())
         metrics: dict[str, Any] = {"expert_load": (routed_N / routed_N.sum().clamp_min(1)).tolist()}
         if out.kept_T is not None:

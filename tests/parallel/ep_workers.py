@@ -150,9 +150,13 @@ def check_overlapped_dispatch(mesh: ExpertMesh, rank: int, capacity_factor: floa
 
 
 # --- the model: forward and every gradient equal the single-device model ---------------------------------------
-def check_model_equivalence(ctx: ExpertParallelContext, rank: int, world: int) -> None:
-    cfg = SAEConfig(kind="switch", num_latents=64, num_experts=4, k=3, auxk_alpha=0.5, auxk_k=5, lb_alpha=3.0)
+def check_model_equivalence(ctx: ExpertParallelContext, rank: int, world: int, experts_per_token: int = 1) -> None:
+    cfg = SAEConfig(kind="switch", num_latents=64, num_experts=4, k=3, auxk_alpha=0.5, auxk_k=5, lb_alpha=3.0,
+                    experts_per_token=experts_per_token)
     full = routed_model(cfg)
+    if experts_per_token > 1:  # a softer router, so that every chosen expert's gate matters
+        with torch.no_grad():
+            full.router.weight.mul_(0.05)
     ep = routed_model(cfg, ctx.dispatcher(cfg.num_experts))
     load_shard(ep, full)
     x_TD = routed_batch(ROUTED_EXPERTS)
@@ -164,6 +168,8 @@ def check_model_equivalence(ctx: ExpertParallelContext, rank: int, world: int) -
     ref = full(x_TD, dead_L)
     out = ep(x_TD[mine], local_latents(dead_L, dispatcher))
     assert torch.bincount(ref.routing.expert_T, minlength=4).tolist() == [9, 6, 0, 17]
+    if experts_per_token > 1:
+        assert ref.routing.gate_TE[:, 1].min() > 0.05, "expected second experts that matter"
     torch.testing.assert_close(out.x_hat_TD, ref.x_hat_TD[mine], **MODEL)
     torch.testing.assert_close(out.aux_recon_TD, ref.aux_recon_TD[mine], **MODEL)
     fired_L = ctx.merge_fired(ep.fired_latents(out))
@@ -260,13 +266,17 @@ def assert_matches_full(trainer: Trainer, full_state: dict, dead_L: torch.Tensor
 
 
 def check_training(
-    folder: Path, rank: int, world: int, ep_size: int, kind: str = "switch", a2a_chunks: int = 1
+    folder: Path, rank: int, world: int, ep_size: int, kind: str = "switch", a2a_chunks: int = 1,
+    experts_per_token: int = 1,
 ) -> None:
     """With kind 'topk' or 'relu' (ep_size 1) this is plain data parallelism."""
-    run = tiny_run(folder / f"train_{kind}_P{ep_size}_c{a2a_chunks}", ep_size=ep_size, kind=kind)
+    name = f"{kind}_P{ep_size}_c{a2a_chunks}_e{experts_per_token}"
+    run = tiny_run(folder / f"train_{name}", ep_size=ep_size, kind=kind)
     run.parallel.a2a_chunks = a2a_chunks
+    run.sae.experts_per_token = experts_per_token
     trainer = train_ep(run, rank, world)
-    single_run = tiny_run(folder / f"single_{kind}_rank{rank}_P{ep_size}", kind=kind)
+    single_run = tiny_run(folder / f"single_{name}_rank{rank}", kind=kind)
+    single_run.sae.experts_per_token = experts_per_token
     single = Trainer(single_run, GlobalBatchSource(single_run))
     single.train()
     assert_matches_full(trainer, single.model.state_dict(), single.dead.tokens_since_fired_L, TRAINING)
@@ -364,6 +374,12 @@ def two_ranks(rank: int, world: int, folder: Path, check) -> None:
             check_training(folder, rank, world, 1, kind)
     with check("training_batchtopk_P2"):
         check_training(folder, rank, world, 2, "batchtopk")
+    with check("model_P2_e2"):
+        check_model_equivalence(ExpertParallelContext(mesh), rank, world, experts_per_token=2)
+    with check("model_overlapped_P2_e2"):
+        check_model_equivalence(ExpertParallelContext(mesh, a2a_chunks=3), rank, world, experts_per_token=2)
+    with check("training_P2_e2"):
+        check_training(folder, rank, world, 2, experts_per_token=2)
     with check("batchtopk_replicas_P1"):
         check_batchtopk_replicas(folder, rank, world)
     for ep_size in (2, 1):

@@ -80,6 +80,12 @@ def test_batchtopk_under_expert_parallelism_equals_single_device_trainer(jobs):
     jobs[2].require("training_batchtopk_P2")
 
 
+@pytest.mark.parametrize("check", ["model_P2_e2", "model_overlapped_P2_e2", "training_P2_e2"])
+def test_top2_routing_under_expert_parallelism_equals_single_device(jobs, check):
+    """Each token's two experts on (usually) different ranks: forward, losses, every gradient, encode, training."""
+    jobs[2].require(check)
+
+
 def test_batchtopk_replicas_hold_one_threshold(jobs):
     jobs[2].require("batchtopk_replicas_P1")
 

@@ -258,14 +258,29 @@ def assert_matches_full(trainer: Trainer, full_state: dict, dead_L: torch.Tensor
     assert torch.equal(trainer.dead.tokens_since_fired_L, expected_dead_L)
 
 
+RECIPE = {"sae.dead_count": "routed", "sae.dead_tokens": 32, "sae.auxk_alpha": 1 / 32, "trainer.lr_rule": "expert",
+          "trainer.lr": None}
+"""The recipe options of a Switch SAE that involve the ranks: dead counts from the global routed tokens, AuxK."""
+
+
+def with_options(run, options: dict):
+    for key, value in options.items():
+        section, name = key.split(".")
+        setattr(getattr(run, section), name, value)
+    return run
+
+
 def check_training(
-    folder: Path, rank: int, world: int, ep_size: int, kind: str = "switch", a2a_chunks: int = 1
+    folder: Path, rank: int, world: int, ep_size: int, kind: str = "switch", a2a_chunks: int = 1,
+    options: dict | None = None,
 ) -> None:
-    """With kind 'topk' or 'relu' (ep_size 1) this is plain data parallelism."""
-    run = tiny_run(folder / f"train_{kind}_P{ep_size}_c{a2a_chunks}", ep_size=ep_size, kind=kind)
+    """With kind 'topk' or 'relu' (ep_size 1) this is plain data parallelism; `options` ('section.name': value)
+    apply to both runs."""
+    tag = "_recipe" if options else ""
+    run = tiny_run(folder / f"train_{kind}_P{ep_size}_c{a2a_chunks}{tag}", ep_size=ep_size, kind=kind)
     run.parallel.a2a_chunks = a2a_chunks
-    trainer = train_ep(run, rank, world)
-    single_run = tiny_run(folder / f"single_{kind}_rank{rank}_P{ep_size}", kind=kind)
+    trainer = train_ep(with_options(run, options or {}), rank, world)
+    single_run = with_options(tiny_run(folder / f"single_{kind}_rank{rank}_P{ep_size}{tag}", kind=kind), options or {})
     single = Trainer(single_run, GlobalBatchSource(single_run))
     single.train()
     assert_matches_full(trainer, single.model.state_dict(), single.dead.tokens_since_fired_L, TRAINING)
@@ -349,6 +364,8 @@ def two_ranks(rank: int, world: int, folder: Path, check) -> None:
         check_model_equivalence(ExpertParallelContext(mesh), rank, world)
     with check("training_P2"):
         check_training(folder, rank, world, 2)
+    with check("training_recipe_P2"):
+        check_training(folder, rank, world, 2, options=RECIPE)
     for kind in ("topk", "relu"):
         with check(f"data_parallel_{kind}"):
             check_training(folder, rank, world, 1, kind)

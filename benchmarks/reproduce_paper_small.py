@@ -155,7 +155,7 @@ def main() -> None:
         token_counts = sorted({t for tokens, _, _ in by_label.values() for t in tokens})
         table.add_column("run")
         for t in token_counts:
-            table.add_column(f"{t / 1e6:.2g}M", justify="right")
+            table.add_column(f"{t / 1e6:.3g}M", justify="right")
         for column in ("FVU", "dead", "below dense at (tokens | FLOPs)"):
             table.add_column(column, justify="right")
         for label, (tokens, flops, mse) in sorted(by_label.items()):

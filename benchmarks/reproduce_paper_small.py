@@ -1,155 +1,184 @@
-"""The paper's main comparison at reduced scale, offline on CPU: dense TopK vs FLOP-matched vs width-matched Switch.
+"""The paper's main comparison as learning curves, from activation caches: dense TopK vs FLOP-matched vs
+width-matched Switch, under the paper's recipe and the recipe options.
 
-    python benchmarks/reproduce_paper_small.py [--out runs/repro] [--width 2048] [--experts 4] [--steps 600]
+    python benchmarks/reproduce_paper_small.py --train-cache DIR --heldout-cache DIR [--out runs/repro]
+        [--width 512] [--experts 8] [--ks 16 32] [--tokens 10000000] [--batch-size 4096] [--points 8]
+        [--recipes paper expert_lr] [--only NAME ...] [--report-only]
 
-MiniLM-L6 block-3 activations (d = 384) over CPython's documentation are cached once (`OUT/cache/train`, and a
-disjoint held-out slice in `OUT/cache/heldout`; both reused when present). Then, at each k, three SAEs train on the
-cache with the paper's recipe scaled down: the same batch and steps for all, and the paper's lr rule
-2e-4 / sqrt(M / 2^14) times --lr-scale (default 4: a few hundred steps instead of 100k need larger steps; the
-factor is the same for every run, so the rule's ratio between widths is kept):
-- dense TopK of width M (the baseline);
-- FLOP-matched Switch: N experts, each as wide as the dense SAE (total N * M latents, same encoder FLOPs);
-- width-matched Switch: the same total M split over N experts (N times fewer encoder FLOPs).
-Each is evaluated on the held-out activations (MSE in the paper's unit, FVU, L0), a table is printed beside the
-encoder FLOPs per token from `sae_dist.flops`, and the MSE-vs-L0 frontier is drawn to OUT/pareto.png.
-A run whose folder already holds a checkpoint is not trained again, so an interrupted reproduction continues.
+The caches are written by launch/cache_activations.py (the README gives the commands: MiniLM-L6 block 3 over the
+Python source files of the installed packages, held-out from other files). At each k, each SAE trains for
+--tokens token-steps (several passes over a small cache) from one seed and keeps --points checkpoints; each
+checkpoint is evaluated on the first --heldout-rows rows of the held-out cache (MSE in the paper's unit, FVU, L0; dead latents as logged at
+that step). The SAEs:
+- dense TopK of width M (AuxK 1/32: the baseline; one run per k, shared by the recipes);
+- FLOP-matched Switch: N experts, each as wide as the dense SAE (N * M latents, the dense SAE's encoder FLOPs);
+- width-matched Switch: the same M latents over N experts (N times fewer encoder FLOPs);
+each Switch SAE under every recipe of --recipes (RECIPES: the paper's, and the options of sae_dist/config.py).
+Printed: one table per k (held-out MSE at each token count, FVU and dead latents at the end, where each Switch
+curve crosses below the dense one in tokens and in FLOPs); written: OUT/curves.png (MSE vs tokens and vs training
+FLOPs) and OUT/results.json (every point, with date, device and load). A run that holds its last checkpoint is not
+trained again, and evaluated checkpoints are not evaluated again; --only trains the named runs and reports nothing (run
+several invocations side by side), --report-only trains nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.table import Table
 
-from sae_dist.api import load_sae
-from sae_dist.config import (
-    DataConfig,
-    ModelConfig,
-    RunConfig,
-    SAEConfig,
-    TrainerConfig,
-    as_dict,
-    validate,
-)
-from sae_dist.data import build_activation_source, write_cache
-from sae_dist.data.cache import MANIFEST, CacheUnitReader
-from sae_dist.eval.plots import plot_pareto
-from sae_dist.eval.runs import RunPoint, run_family
+from sae_dist.config import DataConfig, ModelConfig, RunConfig, SAEConfig, TrainerConfig, validate
+from sae_dist.data.cache import CacheUnitReader
+from sae_dist.eval.learning_curves import checkpoint_curve, crossing, plot_curves
 from sae_dist.flops import flops_per_token
-from sae_dist.metrics import ReconstructionSums
-from sae_dist.models.base import default_lr
 from sae_dist.run_dir import latest_checkpoint
 from sae_dist.train.run import train_from_config
 
-SHARD_TOKENS = 32768
+RECIPES: dict[str, dict[str, object]] = {
+    "paper": {},
+    "expert_lr": {"lr_rule": "expert"},
+    "expert_lr_auxk_routed": {"lr_rule": "expert", "auxk_alpha": 1 / 32, "dead_count": "routed"},
+    "expert_lr_auxk": {"lr_rule": "expert", "auxk_alpha": 1 / 32},
+}
+"""Recipes for the Switch SAEs: trainer.lr_rule and sae.* settings (the paper's recipe is every default)."""
 
 
-def build_caches(out: Path, train_tokens: int, heldout_tokens: int) -> tuple[Path, Path]:
-    """Write the train and held-out caches from one pass over the text (held-out = the tokens after train)."""
-    train_dir, heldout_dir = out / "cache" / "train", out / "cache" / "heldout"
-    if (train_dir / MANIFEST).exists() and (heldout_dir / MANIFEST).exists():
-        return train_dir, heldout_dir
-    producer = RunConfig(
-        model=ModelConfig(name="minilm-bundled", layer=3),
-        data=DataConfig(source="lm", dataset="python-docs", streaming=False, ctx_len=128, lm_batch_size=32,
-                        shuffle_buffer=65536),
-    )
-    validate(producer)
-    start = time.perf_counter()
-    source = build_activation_source(producer)
-    write_cache(source, train_dir, train_tokens, SHARD_TOKENS, config=as_dict(producer))
-    write_cache(source, heldout_dir, heldout_tokens, SHARD_TOKENS, config=as_dict(producer))
-    print(f"activation caches written in {time.perf_counter() - start:.0f} s: {train_dir}, {heldout_dir}")
-    return train_dir, heldout_dir
+def planned_runs(args: argparse.Namespace) -> dict[str, tuple[int, str, SAEConfig, str]]:
+    """name -> (k, family, SAE config, lr rule) of every run, dense first."""
+    runs = {}
+    m, n = args.width, args.experts
+    for k in args.ks:
+        runs[f"dense_k{k}"] = (k, "dense", SAEConfig(kind="topk", num_latents=m, num_experts=1, k=k,
+                                                    dead_tokens=args.dead_tokens), "total")
+        for recipe in args.recipes:
+            options = dict(RECIPES[recipe])
+            lr_rule = str(options.pop("lr_rule", "total"))
+            for family, total in (("flop_matched", m * n), ("width_matched", m)):
+                sae = SAEConfig(kind="switch", num_latents=total, num_experts=n, k=k, dead_tokens=args.dead_tokens,
+                                **options)
+                runs[f"{family}_{recipe}_k{k}"] = (k, family, sae, lr_rule)
+    return runs
 
 
-def sae_configs(width: int, experts: int, k: int) -> dict[str, SAEConfig]:
-    return {
-        "topk": SAEConfig(kind="topk", num_latents=width, num_experts=1, k=k),
-        "flop_matched": SAEConfig(kind="switch", num_latents=width * experts, num_experts=experts, k=k),
-        "width_matched": SAEConfig(kind="switch", num_latents=width, num_experts=experts, k=k),
-    }
-
-
-@torch.no_grad()
-def heldout_metrics(run_dir: Path, heldout_dir: Path, batch: int = 4096) -> dict[str, float]:
-    """MSE, FVU and L0 of the run's final SAE over every held-out activation."""
-    sae = load_sae(run_dir)
-    reader = CacheUnitReader(heldout_dir)
-    total = reader.total_rows
-    sums = None
-    for start in range(0, total, batch):
-        x_TD = reader.read_rows(start, min(start + batch, total))
-        latents = sae.encode(x_TD)
-        part = ReconstructionSums.of_batch(x_TD, sae.decode(latents), (latents.values_TK > 0).sum())
-        sums = part if sums is None else sums + part
-    return sums.metrics()
-
-
-def train_one(name: str, sae: SAEConfig, args: argparse.Namespace, train_dir: Path) -> tuple[RunConfig, float]:
-    """Train (unless already done) and return the run config and the training seconds (0 when reused)."""
+def run_config(name: str, sae: SAEConfig, lr_rule: str, args: argparse.Namespace) -> RunConfig:
+    steps = args.tokens // args.batch_size
+    every = max(steps // args.points, 1)
     run = RunConfig(
         name=name,
         sae=sae,
         model=ModelConfig(name="minilm-bundled", layer=3),
-        data=DataConfig(source="cache", cache_dir=str(train_dir), shuffle_buffer=65536),
-        trainer=TrainerConfig(batch_size=args.batch_size, steps=args.steps, lr=default_lr(sae) * args.lr_scale,
-                              log_every=max(args.steps // 20, 1),
-                              checkpoint_every=args.steps, keep_checkpoints=1, out_dir=str(args.out / name),
-                              device="cpu", progress=False, tensorboard=False),
+        data=DataConfig(source="cache", cache_dir=str(args.train_cache), shuffle_buffer=args.shuffle_buffer),
+        trainer=TrainerConfig(batch_size=args.batch_size, steps=steps, lr_rule=lr_rule, log_every=every,
+                              checkpoint_every=every, keep_checkpoints=args.points + 1,
+                              out_dir=str(args.out / name), device="cpu", progress=False, tensorboard=False),
     )
     validate(run)
-    if latest_checkpoint(args.out / name) is not None:
-        return run, 0.0
-    start = time.perf_counter()
-    train_from_config(run, eval_batches=1)
-    return run, time.perf_counter() - start
+    return run
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train-cache", type=Path, required=True)
+    parser.add_argument("--heldout-cache", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("runs/repro"))
-    parser.add_argument("--width", type=int, default=2048, help="M of the dense TopK SAE")
-    parser.add_argument("--experts", type=int, default=4, help="N of both Switch SAEs")
-    parser.add_argument("--ks", type=int, nargs="+", default=[8, 16, 32])
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--lr-scale", type=float, default=4.0, help="factor on the paper's lr rule")
-    parser.add_argument("--train-tokens", type=int, default=327_680)
-    parser.add_argument("--heldout-tokens", type=int, default=32_768)
+    parser.add_argument("--width", type=int, default=512, help="M of the dense TopK SAE")
+    parser.add_argument("--experts", type=int, default=8, help="N of both Switch SAEs")
+    parser.add_argument("--ks", type=int, nargs="+", default=[16, 32])
+    parser.add_argument("--tokens", type=int, default=10_000_000, help="training token-steps per run")
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--points", type=int, default=8, help="checkpoints (curve points) per run")
+    parser.add_argument("--dead-tokens", type=int, default=1_000_000,
+                        help="sae.dead_tokens (the paper's 10M is for 819M-token runs)")
+    parser.add_argument("--heldout-rows", type=int, default=65_536, help="held-out rows each checkpoint is scored on")
+    parser.add_argument("--shuffle-buffer", type=int, default=262_144)
+    parser.add_argument("--recipes", nargs="+", default=["paper", "expert_lr"], choices=sorted(RECIPES))
+    parser.add_argument("--only", nargs="+", default=None, help="train only these runs (names as printed)")
+    parser.add_argument("--report-only", action="store_true", help="train nothing; evaluate and plot what exists")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    begin = time.perf_counter()
-    train_dir, heldout_dir = build_caches(args.out, args.train_tokens, args.heldout_tokens)
-    d_model = CacheUnitReader(train_dir).d_model
+    for cache in (args.train_cache, args.heldout_cache):
+        if not (cache / "manifest.json").is_file():
+            parser.error(f"{cache} holds no activation cache (manifest.json); write one with launch/cache_activations.py")
+    runs = planned_runs(args)
+    unknown = sorted(set(args.only or []) - set(runs))
+    if unknown:
+        parser.error(f"--only {unknown[0]} is not a run of this plan; runs: {', '.join(runs)}")
+    d_model = CacheUnitReader(args.train_cache).d_model
+    console = Console(width=200)
 
-    points, rows = [], []
-    for k in args.ks:
-        for family, sae in sae_configs(args.width, args.experts, k).items():
-            name = f"{family}_k{k}"
-            run, seconds = train_one(name, sae, args, train_dir)
-            metrics = heldout_metrics(args.out / name, heldout_dir)
-            tokens = args.steps * args.batch_size
-            points.append(RunPoint(name=name, run=run, d_model=d_model, tokens=tokens, **metrics))
-            rows.append((name, sae, metrics, flops_per_token(sae, d_model).encoder_paper, seconds))
-            print(f"{name}: MSE {metrics['mse']:.2f} ({seconds:.0f} s)", flush=True)
+    for name, (k, family, sae, lr_rule) in runs.items():
+        if args.report_only or (args.only and name not in args.only):
+            continue
+        run = run_config(name, sae, lr_rule, args)
+        last = latest_checkpoint(args.out / name)
+        if last is not None and last.name.endswith(f"{run.trainer.steps:08d}"):
+            continue
+        start = time.perf_counter()
+        train_from_config(run, eval_batches=1)
+        console.print(f"{name}: trained in {time.perf_counter() - start:.0f} s")
+    if args.only:
+        return
 
-    header = (f"{'run':<18} {'kind':<24} {'M':>6} {'N':>3} {'k':>3} {'MSE':>8} {'FVU':>7} {'L0':>6} "
-              f"{'enc MFLOP/tok':>13}")
-    print("\n" + header + "\n" + "-" * len(header))
-    for name, sae, m, enc_flops, _ in rows:
-        family = run_family(points, next(p for p in points if p.name == name))
-        print(f"{name:<18} {family:<24} {sae.num_latents:>6} {sae.num_experts:>3} {sae.k:>3} {m['mse']:>8.2f} "
-              f"{m['fvu']:>7.4f} {m['l0']:>6.1f} {enc_flops / 1e6:>13.2f}")
-    title = f"MiniLM block 3, python-docs: dense M={args.width}, Switch N={args.experts}"
-    png = plot_pareto(points, args.out / "pareto.png", title=title)
-    summary = [{"run": name, "num_latents": sae.num_latents, "num_experts": sae.num_experts, "k": sae.k, **m,
-                "encoder_flops_per_token": f, "train_seconds": s} for name, sae, m, f, s in rows]
-    (args.out / "results.json").write_text(json.dumps(summary, indent=1))
-    print(f"\nPareto plot: {png}\nresults: {args.out / 'results.json'}\ntotal {time.perf_counter() - begin:.0f} s")
+    results, curves = [], {}
+    for name, (k, family, sae, lr_rule) in runs.items():
+        if latest_checkpoint(args.out / name) is None:
+            continue
+        points = checkpoint_curve(args.out / name, args.heldout_cache, args.heldout_rows)
+        per_token = flops_per_token(sae, d_model).encoder_paper
+        label = name.removesuffix(f"_k{k}")
+        curves.setdefault(k, {})[label] = ([p.tokens for p in points], [p.tokens * per_token for p in points],
+                                           [p.mse for p in points])
+        results.append({"run": name, "k": k, "family": family, "num_latents": sae.num_latents,
+                        "num_experts": sae.num_experts, "lr_rule": lr_rule, "dead_count": sae.dead_count,
+                        "auxk_alpha": sae.auxk_alpha, "encoder_flops_per_token": per_token,
+                        "points": [vars(p) for p in points]})
+
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load = os.getloadavg()
+    header = (f"{stamp}, {machine()}, load {load[0]:.1f}; dense M = {args.width}, Switch N = {args.experts}, "
+              f"batch {args.batch_size}, d = {d_model}")
+    for k, by_label in sorted(curves.items()):
+        dense = by_label.get("dense")
+        table = Table(title=f"held-out MSE, k = {k} ({header})")
+        token_counts = sorted({t for tokens, _, _ in by_label.values() for t in tokens})
+        table.add_column("run")
+        for t in token_counts:
+            table.add_column(f"{t / 1e6:.3g}M", justify="right")
+        for column in ("FVU", "dead", "below dense at (tokens | FLOPs)"):
+            table.add_column(column, justify="right")
+        for label, (tokens, flops, mse) in sorted(by_label.items()):
+            result = next(r for r in results if r["run"] == f"{label}_k{k}")
+            last = result["points"][-1]
+            cells = [f"{mse[tokens.index(t)]:.2f}" if t in tokens else "" for t in token_counts]
+            below = ""
+            if dense is not None and label != "dense":
+                at_tokens = crossing(tokens, mse, dense[0], dense[2])
+                at_flops = crossing(flops, mse, dense[1], dense[2])
+                below = (f"{at_tokens / 1e6:.2g}M" if at_tokens else "never") + " | " + (
+                    f"{at_flops:.2g}" if at_flops else "never")
+                result["below_dense_at"] = {"tokens": at_tokens, "flops": at_flops}
+            table.add_row(label, *cells, f"{last['fvu']:.4f}", str(last["dead"]), below)
+        console.print(table)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    title = f"MiniLM-L6 block 3 over Python sources: {header}"
+    png = plot_curves(curves, args.out / "curves.png", title) if curves else None
+    (args.out / "results.json").write_text(json.dumps({"date": stamp, "machine": machine(), "load": load,
+                                                       "args": {k: str(v) for k, v in vars(args).items()},
+                                                       "runs": results}, indent=1))
+    console.print(f"curves: {png}\nresults: {args.out / 'results.json'}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ NONFINITE_POLICIES = ("stop", "skip")
 MAX_SEED = 2**63 - 1
 ENGINES = ("torch", "deepspeed")
 ZERO_STAGES = (1, 2)
+LR_RULES = ("total", "expert")
+DEAD_COUNTS = ("tokens", "routed")
 SWEEP_KEYS = ("sae.", "model.layer", "trainer.lr", "name")
 """What a sweep item may override: the SAE, the hook site and the learning rate; the stream stays shared."""
 
@@ -56,7 +58,11 @@ class SAEConfig:
     l1_warmup_frac: float = 0.05
     """Fraction of the steps over which the L1 coefficient ramps up linearly from 0 ('relu' only)."""
     dead_tokens: int = 10_000_000
-    """A latent that has not fired for this many tokens is dead."""
+    """A latent that has not fired for this many tokens is dead (tokens as `dead_count` counts them)."""
+    dead_count: str = "tokens"
+    """What counts toward `dead_tokens`: 'tokens' (every token of the batch, for every latent: the paper) or
+    'routed' (Switch only: the tokens routed to the latent's expert, the only ones it could fire on; with N
+    experts a latent is then dead after about N times as many batch tokens)."""
     encoder_backward: str = "auto"
     """Encoder backward of the TopK experts: 'sparse' (scatter over the k selected latents), 'gemm' (grouped GEMMs
     over the scattered gradient) or 'auto' (sparse on CPU; gemm on GPU up to 32768 latents per expert)."""
@@ -129,7 +135,10 @@ class TrainerConfig:
     """Tokens per optimizer step, over all ranks (the global batch B)."""
     steps: int = 100_000
     lr: float | None = None
-    """None = 2e-4 / sqrt(M / 2^14) (TopK, Switch) or 5e-5 (ReLU)."""
+    """None = the `lr_rule` (TopK, Switch) or 5e-5 (ReLU)."""
+    lr_rule: str = "total"
+    """The default lr 2e-4 / sqrt(W / 2^14) by which width W: 'total' (W = M, all latents: the paper and the
+    authors' code) or 'expert' (W = M / N, one expert's latents; the same for TopK and ReLU)."""
     lr_decay_frac: float = 0.2
     """The learning rate decays linearly to 0 over this final fraction of the steps."""
     grad_clip: float = 1.0
@@ -315,6 +324,10 @@ def _validate_sae(sae: SAEConfig) -> None:
     _require(sae.auxk_k is None or sae.auxk_k > 0, f"sae.auxk_k={sae.auxk_k} must be positive or null (d / 2)")
     _require(sae.l1_coefficient >= 0, f"sae.l1_coefficient={sae.l1_coefficient} must be >= 0")
     _positive("sae.dead_tokens", sae.dead_tokens)
+    _one_of("sae.dead_count", sae.dead_count, DEAD_COUNTS)
+    if sae.dead_count == "routed":
+        _require(cls.routed, f"sae.dead_count='routed' applies to routed SAEs only (sae.kind={sae.kind!r}); "
+                             "use 'tokens'")
     _require(0 <= sae.l1_warmup_frac <= 1, f"sae.l1_warmup_frac={sae.l1_warmup_frac} must be in [0, 1]")
 
 
@@ -322,6 +335,7 @@ def _validate_trainer(trainer: TrainerConfig) -> None:
     for name in ("batch_size", "steps", "grad_clip", "adam_eps", "log_every", "checkpoint_every", "keep_checkpoints"):
         _positive(f"trainer.{name}", getattr(trainer, name))
     _require(trainer.lr is None or trainer.lr > 0, f"trainer.lr={trainer.lr} must be positive or null")
+    _one_of("trainer.lr_rule", trainer.lr_rule, LR_RULES)
     _require(0 <= trainer.lr_decay_frac <= 1, f"trainer.lr_decay_frac={trainer.lr_decay_frac} must be in [0, 1]")
     betas = list(trainer.adam_betas)
     _require(len(betas) == 2 and all(0 <= b < 1 for b in betas),
@@ -392,8 +406,10 @@ def sweep_members(run: RunConfig) -> list[RunConfig]:
         except ConfigError as exc:
             raise ConfigError(f"sweep[{i}]: {exc}") from None
         sae = member.sae
+        named = ("sae.kind", "sae.num_latents", "sae.num_experts", "sae.k", "model.layer", "name")
+        others = "".join(f"_{key.rsplit('.', 1)[1]}={value}" for key, value in overrides.items() if key not in named)
         member.name = str(overrides.get("name", f"{sae.kind}_M{sae.num_latents}_N{sae.num_experts}_k{sae.k}"
-                                                f"_L{member.model.layer}"))
+                                                f"_L{member.model.layer}{others}"))
         member.trainer.out_dir = f"{run.trainer.out_dir}/{member.name}"
         members.append(member)
     names = [m.name for m in members]

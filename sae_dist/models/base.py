@@ -96,9 +96,11 @@ class SAE(nn.Module, ABC):
             raise ConfigError(f"sae.k={cfg.k} must be in [1, M/N={per_expert}]")
 
     @classmethod
-    def default_lr(cls, cfg: SAEConfig) -> float:
-        """The paper's rule for TopK-style SAEs: 2e-4 / sqrt(M / 2^14)."""
-        return 2e-4 / math.sqrt(cfg.num_latents / 2**14)
+    def default_lr(cls, cfg: SAEConfig, rule: str = "total") -> float:
+        """The paper's rule for TopK-style SAEs, 2e-4 / sqrt(M / 2^14) ('total'), or with one expert's width M / N
+        in place of M ('expert'; trainer.lr_rule)."""
+        width = cfg.num_latents if rule == "total" else cfg.num_latents // cfg.num_experts
+        return 2e-4 / math.sqrt(width / 2**14)
 
     @classmethod
     def flops_per_token(cls, cfg: SAEConfig, d_model: int) -> FlopsPerToken:
@@ -228,9 +230,9 @@ def build_sae(cfg: SAEConfig, d_model: int, seed: int, dispatcher: TokenDispatch
     return architecture(cfg.kind)(cfg, d_model, seed, dispatcher)
 
 
-def default_lr(cfg: SAEConfig) -> float:
-    """The learning rate of `cfg`'s architecture when trainer.lr is null."""
-    return architecture(cfg.kind).default_lr(cfg)
+def default_lr(cfg: SAEConfig, rule: str = "total") -> float:
+    """The learning rate of `cfg`'s architecture when trainer.lr is null, by trainer.lr_rule `rule`."""
+    return architecture(cfg.kind).default_lr(cfg, rule)
 
 
 def is_expert_sharded(model: nn.Module, name: str) -> bool:

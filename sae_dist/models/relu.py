@@ -34,8 +34,8 @@ class ReLUSAE(SAE):
         self.b_pre = nn.Parameter(torch.zeros(d_model))
 
     @classmethod
-    def default_lr(cls, cfg: SAEConfig) -> float:
-        """The paper's ReLU baseline: 5e-5."""
+    def default_lr(cls, cfg: SAEConfig, rule: str = "total") -> float:
+        """The paper's ReLU baseline: 5e-5 (one width, so either rule)."""
         return 5e-5
 
     @classmethod

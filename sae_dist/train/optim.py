@@ -23,10 +23,10 @@ CLIP_EPS = 1e-6
 
 
 def build_optimizer(model: nn.Module, run: RunConfig, param_groups: list[dict] | None = None) -> torch.optim.Optimizer:
-    """Adam (no weight decay) at the configured lr or the paper's 2e-4 / sqrt(M / 2^14) rule over `param_groups`
+    """Adam (no weight decay) at the configured lr or the rule of `trainer.lr_rule` over `param_groups`
     (default: one group of every parameter of `model`): exact and fused, or with bfloat16 moments
     (`trainer.optimizer_state`)."""
-    lr = run.trainer.lr if run.trainer.lr is not None else default_lr(run.sae)
+    lr = run.trainer.lr if run.trainer.lr is not None else default_lr(run.sae, run.trainer.lr_rule)
     betas = tuple(run.trainer.adam_betas)
     params = param_groups or model.parameters()
     if run.trainer.optimizer_state == "bfloat16":

@@ -34,7 +34,7 @@ from sae_dist.parallel.failures import collective_failure
 from sae_dist.run_dir import latest_checkpoint, read_checkpoint_config
 from sae_dist.train import checkpoint as ckpt
 from sae_dist.train import identity
-from sae_dist.train.dead import DeadLatentTracker
+from sae_dist.train.dead import DeadLatentTracker, routed_tokens_L
 from sae_dist.train.init import init_biases_from_batch
 from sae_dist.train.logging import MetricsLogger, append_history
 from sae_dist.train.optim import (
@@ -164,9 +164,18 @@ class Trainer:
     def track_dead_latents(self, out: SAEOutput, finite: torch.Tensor) -> None:
         """Advance the dead-latent counters (not after a skipped step) and AuxK's candidate bookkeeping."""
         fired_L = self.ctx.merge_fired(self.model.fired_latents(out))
-        self.dead.update(fired_L, self.run.trainer.batch_size, finite)
+        self.dead.update(fired_L, self._counted_tokens(out), finite)
         if self._dead_candidates is not None:
             self._dead_candidates.after_update(self.dead.tokens_since_fired_L)
+
+    def _counted_tokens(self, out: SAEOutput) -> int | torch.Tensor:
+        """What this step adds to the dead-latent counters (`sae.dead_count`): the global batch size, or per local
+        latent the global batch's tokens routed to its expert."""
+        if self.run.sae.dead_count == "tokens":
+            return self.run.trainer.batch_size
+        experts = self.model.experts
+        return routed_tokens_L(out.routing, out.kept_T, experts.first_expert, experts.num_local,
+                               self.model.latents_per_expert, self.ctx.all_reduce_sum)
 
     def _aux_candidates(self) -> AuxCandidates | None:
         """AuxK's candidate latents for this step; None when AuxK is off or no latent can be dead yet."""

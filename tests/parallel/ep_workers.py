@@ -265,18 +265,30 @@ def assert_matches_full(trainer: Trainer, full_state: dict, dead_L: torch.Tensor
     assert torch.equal(trainer.dead.tokens_since_fired_L, expected_dead_L)
 
 
+RECIPE = {"sae.dead_count": "routed", "sae.dead_tokens": 32, "sae.auxk_alpha": 1 / 32, "trainer.lr_rule": "expert",
+          "trainer.lr": None}
+"""The recipe options of a Switch SAE that involve the ranks: dead counts from the global routed tokens, AuxK."""
+
+
+def with_options(run, options: dict):
+    for key, value in options.items():
+        section, name = key.split(".")
+        setattr(getattr(run, section), name, value)
+    return run
+
+
 def check_training(
     folder: Path, rank: int, world: int, ep_size: int, kind: str = "switch", a2a_chunks: int = 1,
-    experts_per_token: int = 1,
+    options: dict | None = None,
 ) -> None:
-    """With kind 'topk' or 'relu' (ep_size 1) this is plain data parallelism."""
-    name = f"{kind}_P{ep_size}_c{a2a_chunks}_e{experts_per_token}"
+    """With kind 'topk' or 'relu' (ep_size 1) this is plain data parallelism; `options` ('section.name': value)
+    apply to both runs."""
+    tag = "".join(f"_{key.split('.')[1]}={value}" for key, value in sorted((options or {}).items()))
+    name = f"{kind}_P{ep_size}_c{a2a_chunks}{tag}"
     run = tiny_run(folder / f"train_{name}", ep_size=ep_size, kind=kind)
     run.parallel.a2a_chunks = a2a_chunks
-    run.sae.experts_per_token = experts_per_token
-    trainer = train_ep(run, rank, world)
-    single_run = tiny_run(folder / f"single_{name}_rank{rank}", kind=kind)
-    single_run.sae.experts_per_token = experts_per_token
+    trainer = train_ep(with_options(run, options or {}), rank, world)
+    single_run = with_options(tiny_run(folder / f"single_{name}_rank{rank}", kind=kind), options or {})
     single = Trainer(single_run, GlobalBatchSource(single_run))
     single.train()
     assert_matches_full(trainer, single.model.state_dict(), single.dead.tokens_since_fired_L, TRAINING)
@@ -369,6 +381,8 @@ def two_ranks(rank: int, world: int, folder: Path, check) -> None:
         check_model_equivalence(ExpertParallelContext(mesh), rank, world)
     with check("training_P2"):
         check_training(folder, rank, world, 2)
+    with check("training_recipe_P2"):
+        check_training(folder, rank, world, 2, options=RECIPE)
     for kind in ("topk", "relu"):
         with check(f"data_parallel_{kind}"):
             check_training(folder, rank, world, 1, kind)
@@ -379,7 +393,7 @@ def two_ranks(rank: int, world: int, folder: Path, check) -> None:
     with check("model_overlapped_P2_e2"):
         check_model_equivalence(ExpertParallelContext(mesh, a2a_chunks=3), rank, world, experts_per_token=2)
     with check("training_P2_e2"):
-        check_training(folder, rank, world, 2, experts_per_token=2)
+        check_training(folder, rank, world, 2, options={"sae.experts_per_token": 2})
     with check("batchtopk_replicas_P1"):
         check_batchtopk_replicas(folder, rank, world)
     for ep_size in (2, 1):

@@ -70,6 +70,11 @@ def test_training_steps_equal_single_device_trainer(jobs, world, ep_size):
     jobs[world].require(f"training_P{ep_size}")
 
 
+def test_recipe_options_under_expert_parallelism_equal_single_device(jobs):
+    """Dead counts of routed tokens (all-reduced over the ranks), AuxK over them, the lr of the expert width."""
+    jobs[2].require("training_recipe_P2")
+
+
 @pytest.mark.parametrize("kind", ["topk", "relu"])
 def test_dense_sae_under_torchrun_is_data_parallel(jobs, kind):
     jobs[2].require(f"data_parallel_{kind}")

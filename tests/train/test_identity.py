@@ -65,10 +65,12 @@ def test_meaning_changing_overrides_are_refused_listing_each_difference(tmp_path
     train_cli(*FIRST, out)
     before = snapshot(run_dir)
     with pytest.raises(RunDirectoryError) as info:
-        train_cli(out, "sae.num_latents=1024", "trainer.seed=3", "trainer.steps=30", "trainer.lr=0.001")
+        train_cli(out, "sae.num_latents=1024", "trainer.seed=3", "trainer.steps=30", "trainer.lr=0.001",
+                  "sae.dead_count=routed", "trainer.lr_rule=expert")
     message = str(info.value)
     assert "\n" not in message
-    for difference in ("sae.num_latents 512 -> 1024", "trainer.seed 0 -> 3", "trainer.lr 0.005 -> 0.001"):
+    for difference in ("sae.num_latents 512 -> 1024", "trainer.seed 0 -> 3", "trainer.lr 0.005 -> 0.001",
+                       'sae.dead_count "tokens" -> "routed"', 'trainer.lr_rule "total" -> "expert"'):
         assert difference in message
     assert "trainer.steps" not in message.split(":")[1].split(";")[0]
     assert snapshot(run_dir) == before, "a refused resume changed the run folder"

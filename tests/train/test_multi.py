@@ -8,7 +8,7 @@ import torch
 
 from sae_dist.config import ConfigError, RunConfig, sweep_members, validate
 from sae_dist.run_dir import latest_checkpoint
-from sae_dist.train.logging import read_metrics
+from sae_dist.run_dir import read_metrics
 from sae_dist.train.identity import RunDirectoryError
 from sae_dist.train.run import train_from_config
 from tests.data.conftest import minilm, tiny_gpt2_dir  # noqa: F401 - the tiny random GPT-2 and its tokenizer
@@ -31,6 +31,7 @@ def test_sweep_members_equal_separate_runs(make_run, tmp_path):
     members = sweep_members(run)
     assert [r["trainer"].run.name for r in results] == [m.name for m in members]
     assert members[1].name == "wide_k8" and members[0].name == "switch_M256_N4_k4_L8"
+    assert members[2].name.endswith("_L8_lr=0.001")  # a setting outside the descriptor names itself
     for result, member in zip(results, members, strict=True):
         trainer = result["trainer"]
         assert trainer.run_dir == tmp_path / "run" / member.name and (trainer.run_dir / "config.yaml").is_file()

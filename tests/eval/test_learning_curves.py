@@ -1,0 +1,44 @@
+"""Learning curves: a point per checkpoint scored on a held-out cache (stored and reused), and the crossing point."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae_dist import load_sae
+from sae_dist.data import write_cache
+from sae_dist.data.cache import CacheUnitReader
+from sae_dist.data.synthetic import SyntheticSource
+from sae_dist.eval import learning_curves
+from sae_dist.eval.learning_curves import checkpoint_curve, crossing
+from sae_dist.train.run import train_from_config
+from tests.conftest import small_run
+
+
+def test_crossing_interpolates_the_reference_in_log_x():
+    reference_x, reference_y = [1, 100], [10.0, 8.0]  # at x = 10 the reference is 9
+    assert crossing([1, 10, 100], [12.0, 9.0, 7.0], reference_x, reference_y) == 10
+    assert crossing([1, 10, 100], [12.0, 9.5, 8.5], reference_x, reference_y) is None
+    assert crossing([1000], [1.0], reference_x, reference_y) is None, "outside the reference's range"
+
+
+def test_checkpoint_curve_scores_every_checkpoint_once(tmp_path, monkeypatch):
+    run = small_run(tmp_path, steps=6, log_every=2, checkpoint_every=2, keep_checkpoints=5)
+    train_from_config(run, eval_batches=1)
+    heldout = tmp_path / "heldout"
+    write_cache(SyntheticSource(64, 128, 4, 0.01, seed=9), heldout, 600, 256, config={"who": "test"})
+    points = checkpoint_curve(tmp_path / "run", heldout)
+    assert [(p.step, p.tokens) for p in points] == [(2, 512), (4, 1024), (6, 1536)]
+    assert all(p.dead is not None for p in points), "dead latents of the logged steps"
+    # The last point's MSE straight from the model's forward over every held-out row.
+    x_TD = CacheUnitReader(heldout).read_rows(0, 600)
+    with torch.no_grad():
+        x_hat_TD = load_sae(tmp_path / "run").forward(x_TD).x_hat_TD
+    assert points[-1].mse == pytest.approx(float((x_TD - x_hat_TD).pow(2).sum(1).mean()), rel=1e-5)
+    assert points[0].mse > points[-1].mse
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("a stored point was evaluated again")
+
+    monkeypatch.setattr(learning_curves, "heldout_metrics", no_evaluation)
+    assert checkpoint_curve(tmp_path / "run", heldout) == points

@@ -3,9 +3,9 @@
 A run that keeps its checkpoints (trainer.keep_checkpoints >= the number saved) is a curve: `checkpoint_curve`
 evaluates each checkpoint's SAE on a held-out activation cache (MSE in the paper's unit, FVU, L0) beside the dead
 latents its training logged at that step, and stores the points in the run folder (`curve.json`) so that a later
-call evaluates only new checkpoints. `crossing` finds where one curve drops below another on a shared axis
-(tokens or FLOPs), interpolating the other curve linearly in log-x; `plot_curves` draws MSE against tokens and
-against training FLOPs, one panel per k.
+call evaluates only new checkpoints. `interpolate` reads a curve between its points (linear in log-x), `crossing`
+finds where one curve drops below another on a shared axis (tokens or FLOPs); `plot_curves` draws MSE against tokens
+and against training FLOPs, one panel per k.
 """
 
 from __future__ import annotations
@@ -79,21 +79,25 @@ def checkpoint_curve(run_dir: Path, heldout_dir: Path, rows: int | None = None) 
     return points
 
 
+def interpolate(x: float, x_ref: Sequence[float], y_ref: Sequence[float]) -> float | None:
+    """The curve (x_ref ascending, y_ref) at x, linear in log x between its points; None outside its range."""
+    logs_ref = [math.log(v) for v in x_ref]
+    lx = math.log(x)
+    if not logs_ref[0] <= lx <= logs_ref[-1]:
+        return None
+    i = max(j for j in range(len(logs_ref)) if logs_ref[j] <= lx)
+    if i == len(logs_ref) - 1:
+        return y_ref[i]
+    t = (lx - logs_ref[i]) / (logs_ref[i + 1] - logs_ref[i])
+    return y_ref[i] + t * (y_ref[i + 1] - y_ref[i])
+
+
 def crossing(x: Sequence[float], y: Sequence[float], x_ref: Sequence[float], y_ref: Sequence[float]) -> float | None:
     """The first x (ascending) where curve (x, y) is at or below the reference curve, the reference interpolated
     linearly in log x at each of the curve's points inside the reference's x range; None if it never is."""
-    logs_ref = [math.log(v) for v in x_ref]
     for xi, yi in zip(x, y, strict=True):
-        lx = math.log(xi)
-        if not logs_ref[0] <= lx <= logs_ref[-1]:
-            continue
-        i = max(j for j in range(len(logs_ref)) if logs_ref[j] <= lx)
-        if i == len(logs_ref) - 1:
-            y_at = y_ref[i]
-        else:
-            t = (lx - logs_ref[i]) / (logs_ref[i + 1] - logs_ref[i])
-            y_at = y_ref[i] + t * (y_ref[i + 1] - y_ref[i])
-        if yi <= y_at:
+        y_at = interpolate(xi, x_ref, y_ref)
+        if y_at is not None and yi <= y_at:
             return xi
     return None
 

@@ -10,7 +10,7 @@ from sae_dist.data import write_cache
 from sae_dist.data.cache import CacheUnitReader
 from sae_dist.data.synthetic import SyntheticSource
 from sae_dist.eval import learning_curves
-from sae_dist.eval.learning_curves import checkpoint_curve, crossing
+from sae_dist.eval.learning_curves import checkpoint_curve, crossing, interpolate
 from sae_dist.train.run import train_from_config
 from tests.conftest import small_run
 
@@ -20,6 +20,14 @@ def test_crossing_interpolates_the_reference_in_log_x():
     assert crossing([1, 10, 100], [12.0, 9.0, 7.0], reference_x, reference_y) == 10
     assert crossing([1, 10, 100], [12.0, 9.5, 8.5], reference_x, reference_y) is None
     assert crossing([1000], [1.0], reference_x, reference_y) is None, "outside the reference's range"
+
+
+def test_interpolate_is_linear_in_log_x_and_none_outside():
+    x_ref, y_ref = [1, 100, 1000], [10.0, 8.0, 2.0]
+    assert interpolate(10, x_ref, y_ref) == pytest.approx(9.0)
+    assert interpolate(1000, x_ref, y_ref) == 2.0
+    assert interpolate(10 ** 2.5, x_ref, y_ref) == pytest.approx(5.0)
+    assert interpolate(0.5, x_ref, y_ref) is None and interpolate(2000, x_ref, y_ref) is None
 
 
 def test_checkpoint_curve_scores_every_checkpoint_once(tmp_path, monkeypatch):

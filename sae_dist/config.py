@@ -23,8 +23,8 @@ ENGINES = ("torch", "deepspeed")
 ZERO_STAGES = (1, 2)
 LR_RULES = ("total", "expert")
 DEAD_COUNTS = ("tokens", "routed")
-SWEEP_KEYS = ("sae.", "model.layer", "trainer.lr", "name")
-"""What a sweep item may override: the SAE, the hook site and the learning rate; the stream stays shared."""
+SWEEP_KEYS = ("model.layer", "trainer.lr", "name")
+"""What a sweep item may override besides `sae.*`: the hook site and the learning rate; the stream stays shared."""
 
 
 class ConfigError(ValueError):
@@ -394,7 +394,7 @@ def sweep_members(run: RunConfig) -> list[RunConfig]:
     members: list[RunConfig] = []
     for i, item in enumerate(run.sweep):
         overrides = _dotted(dict(item))
-        bad = [key for key in overrides if not key.startswith(SWEEP_KEYS)]
+        bad = [key for key in overrides if not (key.startswith("sae.") or key in SWEEP_KEYS)]
         _require(not bad, f"sweep[{i}].{bad[0] if bad else ''} cannot differ between the SAEs of one stream; "
                           f"a sweep item may set: sae.*, model.layer, trainer.lr, name")
         merged = OmegaConf.create(base)

@@ -82,6 +82,7 @@ def test_resume_starts_every_member_from_a_step_they_all_have(make_run, tmp_path
     [
         ([{"data": {"ctx_len": 64}}], r"sweep\[0\].data.ctx_len cannot differ"),
         ([{"trainer.batch_size": 64}], r"sweep\[0\].trainer.batch_size cannot differ"),
+        ([{"trainer.lr_decay_frac": 0.5}], r"sweep\[0\].trainer.lr_decay_frac cannot differ"),
         ([{"sae.k": 4}, {"sae.k": 4}], "sweep names must differ"),
         ([{"sae.kk": 4}], r"sweep\[0\]: sae.kk"),
         ([{"model.layer": 2}], "needs data.source=lm"),

@@ -62,8 +62,7 @@ def print_report(report: dict) -> None:
             table.add_row(key.replace("_", " "), _pm(splice, key))
     console.print(table)
     if sae["num_experts"] > 1:
-        experts = Table(title="per expert", caption="a token counts once for each expert its router chose; "
-                                                    "MSE: of those tokens; L0: their active latents in the expert")
+        experts = Table(title="per expert", caption="top-e: a token counts in all its e experts")
         for column in ("expert", "load", "tokens", "MSE", "L0", "dead"):
             experts.add_column(column, justify="right")
         for row in report["experts"]:

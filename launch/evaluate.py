@@ -62,12 +62,12 @@ def print_report(report: dict) -> None:
             table.add_row(key.replace("_", " "), _pm(splice, key))
     console.print(table)
     if sae["num_experts"] > 1:
-        experts = Table(title="per expert")
-        for column in ("expert", "load", "MSE", "dead"):
+        experts = Table(title="per expert", caption="top-e: a token counts in all its e experts")
+        for column in ("expert", "load", "tokens", "MSE", "L0", "dead"):
             experts.add_column(column, justify="right")
         for row in report["experts"]:
-            experts.add_row(str(row["expert"]), f"{row['load']:.3f}", f"{row['mse']:.3f}",
-                            f"{row['dead_latents']:,}")
+            experts.add_row(str(row["expert"]), f"{row['load']:.3f}", f"{row['tokens']:,}", f"{row['mse']:.3f}",
+                            f"{row['l0']:.2f}", f"{row['dead_latents']:,}")
         console.print(experts)
 
 

@@ -2,8 +2,9 @@
 
 RUN_DIR is a run directory (its latest checkpoint) or a checkpoint folder. --format saelens writes cfg.json and
 sae_weights.safetensors into DIR (a new folder), loadable with sae_lens's `SAE.load_from_disk(DIR)`: dense TopK
-and ReLU SAEs as SAELens's 'topk' and 'standard' SAEs, a Switch SAE as 'sae_dist_switch' (first
-`import sae_dist.interop.saelens_switch`); with --per-expert, a Switch SAE as N 'topk' SAEs in DIR/expert_NNN.
+and ReLU SAEs as SAELens's 'topk' and 'standard' SAEs, a dense BatchTopK SAE as 'jumprelu', a Switch SAE (TopK or
+BatchTopK experts) as 'sae_dist_switch' (first `import sae_dist.interop.saelens_switch`); with --per-expert, a
+Switch SAE as N 'topk' ('jumprelu' for BatchTopK experts) SAEs in DIR/expert_NNN.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ def main() -> None:
     parser.add_argument("--format", default="saelens", help=f"output format; allowed: {', '.join(FORMATS)}")
     parser.add_argument("--out", type=Path, required=True, help="the folder to write (must not exist yet)")
     parser.add_argument("--per-expert", action="store_true",
-                        help="a Switch SAE as one standard TopK SAE per expert (DIR/expert_NNN)")
+                        help="a Switch SAE as one standard SAE per expert (DIR/expert_NNN): 'topk', or "
+                             "'jumprelu' for BatchTopK experts")
     args = parser.parse_args()
     with one_line_errors():
         if args.format not in FORMATS:

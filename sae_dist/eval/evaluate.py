@@ -12,7 +12,8 @@ Held-out data, by the run's source:
 Measured:
 - over `batches` batches of at least `batch_tokens` activations (lm: whole contexts): MSE, FVU and L0 by
   `ReconstructionSums` (the one definition), dead latents (never active in the window of all batches), and per
-  expert the share of tokens routed to it, its tokens' MSE and its dead latents;
+  expert its load, its tokens' MSE, their L0 in its latents and its dead latents (`WindowStats`: under top-e routing
+  a token counts once for each of its e experts);
 - lm only, over the first `splice_contexts` contexts of the region in batches of `splice_batch_contexts`: the splice
   measures of `sae_dist.eval.splice` (next-token CE for a causal LM, pooled-embedding cosine otherwise).
 Error bars are standard errors of the per-batch values (std / sqrt(batches)). The headline value of a ratio (FVU, FR)
@@ -38,6 +39,7 @@ from sae_dist.data import HookedLM, SyntheticSource, TextContexts, build_activat
 from sae_dist.data.source import DataUnavailableError
 from sae_dist.eval.splice import MEASURE_CE, clean_pass, splice_measure, spliced_measures
 from sae_dist.metrics import ReconstructionSums
+from sae_dist.models import SAE
 from sae_dist.run_dir import read_checkpoint_config, resolve_checkpoint
 
 HELDOUT_RANK = 1_000_003
@@ -77,7 +79,13 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 
 
 class WindowStats:
-    """Reconstruction sums, firing and routing over the evaluated window, plus per-batch metric values."""
+    """Reconstruction sums, firing and routing over the evaluated window, plus per-batch metric values.
+
+    Per expert, a token counts once for each expert its routing chose (e times under top-e routing, never from its
+    latent ids): an expert's load is its share of all (token, chosen expert) assignments (the trainer's
+    `expert_load`), its MSE that of the tokens that chose it (their whole reconstruction), its L0 the active
+    latents of its own per such token.
+    """
 
     def __init__(self, num_latents: int, num_experts: int):
         self.num_experts = num_experts
@@ -87,25 +95,34 @@ class WindowStats:
         self.fired_L = torch.zeros(num_latents, dtype=torch.bool)
         self.batch_metrics: list[dict[str, float]] = []
 
-    def add(self, x_TD: Tensor, x_hat_TD: Tensor, values_TK: Tensor, indices_TK: Tensor) -> None:
-        active_TK = values_TK > 0
-        batch = ReconstructionSums.of_batch(x_TD, x_hat_TD, active_TK.sum())
+    def add(self, x_TD: Tensor, x_hat_TD: Tensor, expert_TE: Tensor, active_ids_A: Tensor) -> None:
+        """A batch: inputs and reconstructions [T, d], each token's chosen experts [T, e] (distinct), and the
+        latent id of every active (token, latent) pair [A] (A = the batch's summed L0)."""
+        batch = ReconstructionSums.of_batch(x_TD, x_hat_TD, active_ids_A.numel())
         self.sums = batch if self.sums is None else self.sums + batch
         self.batch_metrics.append(batch.metrics())
-        self.fired_L[indices_TK[active_TK].cpu()] = True
-        # All k latents of a token lie in its expert, so the first id names the expert.
-        expert_T = (indices_TK[:, 0] // self.latents_per_expert).cpu()
+        active_ids_A = active_ids_A.cpu()
+        self.fired_L[active_ids_A] = True
+        active_N = torch.bincount(active_ids_A // self.latents_per_expert, minlength=self.num_experts)
+        chose_NT = (expert_TE.cpu()[None, :, :] == torch.arange(self.num_experts)[:, None, None]).any(2)
         for e in range(self.num_experts):
-            rows = expert_T == e
+            rows = chose_NT[e].to(x_TD.device)
             if rows.any():
-                part = ReconstructionSums.of_batch(x_TD[rows], x_hat_TD[rows], active_TK[rows].sum())
+                part = ReconstructionSums.of_batch(x_TD[rows], x_hat_TD[rows], active_N[e])
                 self.expert_sums[e] = part if self.expert_sums[e] is None else self.expert_sums[e] + part
 
     @torch.no_grad()
-    def add_batch(self, sae: nn.Module, x_TD: Tensor) -> None:
-        """Encode and decode a batch of activations [T, d] and add it."""
-        latents = sae.encode(x_TD)
-        self.add(x_TD, sae.decode(latents), latents.values_TK, latents.indices_TK)
+    def add_batch(self, sae: SAE, x_TD: Tensor) -> None:
+        """Run the SAE (eval mode) on a batch of activations [T, d] and add it."""
+        out = sae(x_TD)
+        values_RK, ids_RK = out.latent_values_RK, out.latent_indices_RK
+        if ids_RK is None:  # dense codes [T, M] (ReLU): column j is latent j
+            ids_RK = torch.arange(values_RK.shape[1], device=values_RK.device).expand_as(values_RK)
+        if out.routing is None:
+            expert_TE = torch.zeros(x_TD.shape[0], 1, dtype=torch.long)
+        else:
+            expert_TE = out.routing.expert_TE
+        self.add(x_TD, out.x_hat_TD, expert_TE, ids_RK[values_RK > 0])
 
     @property
     def tokens(self) -> int:
@@ -122,12 +139,12 @@ class WindowStats:
         section["dead_latents"] = int((~self.fired_L).sum())
         section["dead_window_tokens"] = self.tokens
         dead_N = (~self.fired_L).view(self.num_experts, -1).sum(1)
+        tokens_N = [0 if sums is None else int(sums.tokens) for sums in self.expert_sums]
         experts = []
         for e, sums in enumerate(self.expert_sums):
-            tokens = 0 if sums is None else int(sums.tokens)
-            experts.append({"expert": e, "load": tokens / self.tokens, "tokens": tokens,
-                            "mse": sums.metrics()["mse"] if sums is not None else float("nan"),
-                            "dead_latents": int(dead_N[e])})
+            metrics = sums.metrics() if sums is not None else {"mse": float("nan"), "l0": float("nan")}
+            experts.append({"expert": e, "load": tokens_N[e] / sum(tokens_N), "tokens": tokens_N[e],
+                            "mse": metrics["mse"], "l0": metrics["l0"], "dead_latents": int(dead_N[e])})
         return section, experts
 
 

@@ -1,13 +1,15 @@
 """Export to SAELens's on-disk format: a folder with cfg.json and sae_weights.safetensors.
 
-Dense TopK and ReLU SAEs become SAELens's built-in 'topk' and 'standard' SAEs. A Switch SAE becomes the
-'sae_dist_switch' architecture (`import sae_dist.interop.saelens_switch` registers it with SAELens), or, with
-`per_expert`, N standard 'topk' SAEs in expert_000/, expert_001/, ...: expert e's SAE gives the latents z the
-Switch SAE computes for a token routed to e, and its reconstruction z W_dec^e + b_pre before the router gate
-(the Switch SAE's x_hat is p_e * (that - b_pre) + b_pre).
+Dense TopK and ReLU SAEs become SAELens's built-in 'topk' and 'standard' SAEs, a dense BatchTopK SAE (N = 1) its
+'jumprelu' SAE. A Switch SAE (TopK or BatchTopK experts) becomes the 'sae_dist_switch' architecture (`import
+sae_dist.interop.saelens_switch` registers it with SAELens), or, with `per_expert`, N standard SAEs ('topk', or
+'jumprelu' for BatchTopK experts) in expert_000/, expert_001/, ...: expert e's SAE gives the latents z the Switch SAE
+computes for a token routed to e, and its reconstruction z W_dec^e + b_pre before the router gate (the Switch SAE's
+x_hat is p_e * (that - b_pre) + b_pre).
 
 Only this module knows the file layout; which architecture and weights an SAE exports is the model's
-`saelens_state()` (`sae_dist/models/base.py`). Nothing here imports SAELens.
+`saelens_state()` (`sae_dist/models/base.py`) and, per expert, `BankedSAE.saelens_expert_states()`. Nothing here
+imports SAELens.
 """
 
 from __future__ import annotations
@@ -53,13 +55,6 @@ def _write_folder(folder: Path, architecture: str, entries: dict, weights: dict[
     (folder / CFG_FILE).write_text(json.dumps(cfg, indent=2))
 
 
-def expert_states(sae: BankedSAE) -> list[dict[str, Tensor]]:
-    """Each expert as a standard TopK SAE's weights (no encoder bias in a Switch SAE: zeros)."""
-    bank = sae.experts
-    return [{"W_enc": bank.w_enc[e].T, "b_enc": bank.w_enc.new_zeros(bank.latents_per_expert),
-             "W_dec": bank.w_dec[e], "b_dec": sae.b_pre} for e in range(bank.num_local)]
-
-
 def export_saelens(sae: SAE, run: RunConfig, out: Path, per_expert: bool = False) -> list[Path]:
     """Write `sae` (holding every expert) in SAELens's format into the new folder `out`; return the SAE folders.
 
@@ -71,8 +66,8 @@ def export_saelens(sae: SAE, run: RunConfig, out: Path, per_expert: bool = False
         if not isinstance(sae, BankedSAE) or sae.router is None:
             raise ValueError(f"--per-expert needs a Switch SAE (sae.kind={sae.kind!r} has no experts)")
         names = [f"expert_{e:03d}" for e in range(sae.num_local_experts)]
-        for name, weights in zip(names, expert_states(sae), strict=True):
-            _write_folder(tmp / name, "topk", {"k": sae.cfg.k}, weights, sae.d_in, run)
+        for name, (architecture, entries, weights) in zip(names, sae.saelens_expert_states(), strict=True):
+            _write_folder(tmp / name, architecture, entries, weights, sae.d_in, run)
     else:
         names = ["."]
         architecture, entries, weights = sae.saelens_state()

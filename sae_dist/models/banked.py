@@ -77,6 +77,19 @@ class BankedSAE(SAE):
     def decoder_weights(self) -> list[nn.Parameter]:
         return [self.experts.w_dec]
 
+    def saelens_expert_states(self) -> list[tuple[str, dict, dict[str, Tensor]]]:
+        """Each expert as a standalone SAELens SAE, (architecture, config entries, weights) per expert here:
+        expert e's SAE gives the latents z of a token routed to e, and z W_dec^e + b_pre (before the router gate).
+        TopK experts are SAELens's 'topk' SAEs."""
+        return [("topk", {"k": self.cfg.k}, self.expert_weights(e)) for e in range(self.num_local_experts)]
+
+    def expert_weights(self, expert: int) -> dict[str, Tensor]:
+        """Local expert `expert` under SAELens's names: W_enc [d, M_e], b_enc [M_e] (zeros where the experts have
+        no encoder bias), W_dec [M_e, d], b_dec = b_pre [d]."""
+        bank = self.experts
+        b_enc = bank.w_enc.new_zeros(bank.latents_per_expert) if bank.b_enc is None else bank.b_enc[expert]
+        return {"W_enc": bank.w_enc[expert].T, "b_enc": b_enc, "W_dec": bank.w_dec[expert], "b_dec": self.b_pre}
+
     def bias_parameters(self) -> dict[str, nn.Parameter]:
         biases = {"b_pre": self.b_pre}
         if self.router is not None:

@@ -9,6 +9,10 @@ average their batch minima before the update, so every replica holds the same th
 Under expert parallelism with one replica per expert (P = W), an expert receives all its tokens of the global
 batch, so the selection equals the single-device one; with W / P > 1 replicas each selects over its own share.
 The compute is the GEMM formulation (`grouped.py`): dense [rows, M_e] codes, grouped GEMMs both ways.
+
+SAELens export (the eval-mode SAE): each expert is a JumpReLU SAE with threshold theta_e on every latent (what
+SAELens saves its own BatchTopK SAEs as), so N = 1 is SAELens's built-in 'jumprelu' and N > 1 the 'sae_dist_switch'
+architecture with `activation` 'threshold' (or, per expert, N 'jumprelu' SAEs).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from sae_dist.models.dispatch import ExpertGroups
 from sae_dist.models.experts import ExpertBank, ExpertOutput
 from sae_dist.models.grouped import expert_linear, grouped_matmul
 from sae_dist.models.losses import BatchReducer
+from sae_dist.models.switch import switch_saelens_state
 
 THRESHOLD_DECAY = 0.99
 """Weight of the running threshold in each update (as in the reference implementations' EMA)."""
@@ -85,6 +90,24 @@ class BatchTopKSAE(BankedSAE):
         if cfg.experts_per_token != 1:
             raise ConfigError(f"sae.experts_per_token={cfg.experts_per_token}: sae.kind='batchtopk' routes each token "
                               "to one expert; use 1")
+
+    def saelens_expert_states(self) -> list[tuple[str, dict, dict[str, Tensor]]]:
+        """SAELens's 'jumprelu' SAEs, threshold theta_e on each of expert e's latents: ReLU(pre) where
+        pre > theta_e, pre = (x - b_dec) W_enc + b_enc, as this bank's eval mode (theta >= 0)."""
+        states = []
+        for e in range(self.num_local_experts):
+            weights = self.expert_weights(e)
+            weights["threshold"] = self.experts.threshold_N[e].expand(self.latents_per_expert)
+            states.append(("jumprelu", {}, weights))
+        return states
+
+    def saelens_state(self) -> tuple[str, dict, dict[str, Tensor]]:
+        """N = 1: SAELens's 'jumprelu' (the router's one expert has p = 1); N > 1: 'sae_dist_switch' selecting the
+        chosen expert's latents above its threshold (weight `threshold` [N])."""
+        if self.cfg.num_experts == 1:
+            return self.saelens_expert_states()[0]
+        architecture, entries, weights = switch_saelens_state(self)
+        return architecture, {**entries, "activation": "threshold"}, {**weights, "threshold": self.experts.threshold_N}
 
     @torch.no_grad()
     def after_step(self, out: SAEOutput, reducer: BatchReducer | None, applied: Tensor) -> None:

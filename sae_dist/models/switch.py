@@ -22,9 +22,15 @@ class SwitchSAE(BankedSAE):
     def saelens_state(self) -> tuple[str, dict, dict[str, Tensor]]:
         """The 'sae_dist_switch' architecture that `sae_dist.interop.saelens_switch` registers with SAELens (top-1
         routing only)."""
-        if self.cfg.experts_per_token != 1:
-            raise NotImplementedError(f"sae.experts_per_token={self.cfg.experts_per_token}: the SAELens export "
-                                      "routes each token to one expert; export a run with 1")
-        weights = {"W_enc": self.W_enc, "W_dec": self.W_dec, "b_dec": self.b_dec,
-                   "W_router": self.router.weight, "b_router": self.router.b_router}
-        return SWITCH_ARCHITECTURE, {"k": self.cfg.k, "num_experts": self.cfg.num_experts}, weights
+        return switch_saelens_state(self)
+
+
+def switch_saelens_state(sae: BankedSAE) -> tuple[str, dict, dict[str, Tensor]]:
+    """The 'sae_dist_switch' architecture's entries and weights of a routed SAE, its experts selecting by TopK
+    (`activation` 'topk'; BatchTopK experts change it to 'threshold' and add their thresholds)."""
+    if sae.cfg.experts_per_token != 1:
+        raise NotImplementedError(f"sae.experts_per_token={sae.cfg.experts_per_token}: the SAELens export routes "
+                                  "each token to one expert; export a run with 1")
+    weights = {"W_enc": sae.W_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec,
+               "W_router": sae.router.weight, "b_router": sae.router.b_router}
+    return SWITCH_ARCHITECTURE, {"k": sae.cfg.k, "num_experts": sae.cfg.num_experts, "activation": "topk"}, weights

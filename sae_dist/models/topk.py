@@ -20,6 +20,6 @@ class TopKSAE(BankedSAE):
     default_auxk_alpha = 1 / 32
 
     def saelens_state(self) -> tuple[str, dict, dict[str, Tensor]]:
-        """SAELens's 'topk' SAE: TopK_k(ReLU((x - b_dec) W_enc + b_enc)) W_dec + b_dec, the same math."""
-        weights = {"W_enc": self.W_enc, "b_enc": self.experts.b_enc[0], "W_dec": self.W_dec, "b_dec": self.b_dec}
-        return "topk", {"k": self.cfg.k}, weights
+        """SAELens's 'topk' SAE: TopK_k(ReLU((x - b_dec) W_enc + b_enc)) W_dec + b_dec, the same math (the bank's
+        one expert)."""
+        return self.saelens_expert_states()[0]

@@ -111,16 +111,48 @@ def test_window_stats_by_hand():
     stats = WindowStats(num_latents=6, num_experts=2)
     x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [2.0, 2.0]])
     x_hat = torch.tensor([[1.0, 1.0], [0.0, 0.0], [2.0, 2.0]])
-    values = torch.tensor([[0.5, 0.0], [1.0, 2.0], [3.0, 0.0]])
-    indices = torch.tensor([[1, 0], [4, 5], [3, 4]])  # tokens 0 -> expert 0; 1, 2 -> expert 1
-    stats.add(x, x_hat, values, indices)
+    expert_TE = torch.tensor([[0], [1], [1]])
+    active_ids = torch.tensor([1, 4, 5, 3])  # token 0: latent 1; token 1: 4, 5; token 2: 3 (latents 0 and 2 never)
+    stats.add(x, x_hat, expert_TE, active_ids)
     rec, experts = stats.report()
     assert rec["mse"] == pytest.approx((1 + 4 + 0) / 3)
     assert rec["l0"] == pytest.approx(4 / 3)
-    assert rec["dead_latents"] == 2  # latent 0 was chosen with value 0, latent 2 never chosen
+    assert rec["dead_latents"] == 2
     assert [e["load"] for e in experts] == pytest.approx([1 / 3, 2 / 3])
     assert [e["mse"] for e in experts] == pytest.approx([1.0, 2.0])
+    assert [e["l0"] for e in experts] == pytest.approx([1.0, 1.5])
     assert [e["dead_latents"] for e in experts] == [2, 0]
+
+
+def test_window_stats_count_every_expert_of_top2_routing():
+    """e = 2: each token counts in both its experts; per-expert load, tokens, MSE, L0 and dead latents equal a
+    direct computation from the routing and the token-order latents of `encode`."""
+    cfg = SAEConfig(kind="switch", num_latents=128, num_experts=4, k=4, experts_per_token=2)
+    sae = build_sae(cfg, 16, seed=3).eval()
+    x_TD = torch.randn(300, 16)
+    stats = WindowStats(cfg.num_latents, cfg.num_experts)
+    stats.add_batch(sae, x_TD)
+    rec, experts = stats.report()
+    with torch.no_grad():
+        expert_TE = sae.router(x_TD).expert_TE
+        latents = sae.encode(x_TD)
+        x_hat_TD = sae.decode(latents)
+    active_TK = latents.values_TK > 0
+    expert_TK = latents.indices_TK // 32
+    fired = torch.zeros(128, dtype=torch.bool)
+    fired[latents.indices_TK[active_TK]] = True
+    assert rec["l0"] == pytest.approx(float(active_TK.sum(1).double().mean()))
+    assert rec["dead_latents"] == int((~fired).sum())
+    assert sum(row["tokens"] for row in experts) == 2 * 300
+    for row in experts:
+        e = row["expert"]
+        rows = (expert_TE == e).any(1)
+        assert 0 < rows.sum() < 300
+        assert row["tokens"] == int(rows.sum()) and row["load"] == pytest.approx(float(rows.sum()) / 600)
+        error_T = (x_TD - x_hat_TD)[rows].double().pow(2).sum(1)
+        assert row["mse"] == pytest.approx(float(error_T.mean()), rel=1e-5)
+        assert row["l0"] == pytest.approx(float((active_TK & (expert_TK == e))[rows].sum(1).double().mean()))
+        assert row["dead_latents"] == int((~fired[e * 32:(e + 1) * 32]).sum())
 
 
 def test_mean_se_by_hand():
@@ -218,7 +250,7 @@ def test_evaluate_command_on_a_trained_synthetic_run(tmp_path, monkeypatch, caps
     fired = torch.zeros(run.sae.num_latents, dtype=torch.bool)
     fired[latents.indices_TK[latents.values_TK > 0]] = True
     assert rec["dead_latents"] == int((~fired).sum())
-    expert_T = latents.indices_TK[:, 0] // (run.sae.num_latents // 4)
+    expert_T = out_sae.routing.expert_T
     for row in report["experts"]:
         rows = expert_T == row["expert"]
         assert row["load"] == pytest.approx(float(rows.double().mean()))

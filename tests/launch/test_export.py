@@ -3,29 +3,41 @@ reconstructions equal sae-dist's; bad input is one line, exit status 2, with not
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 pytest.importorskip("sae_lens")
 from sae_lens import SAE  # noqa: E402
 
-import sae_dist.interop.saelens_switch  # noqa: E402, F401  (registers 'sae_dist_switch')
+import sae_dist.interop.saelens_switch  # noqa: E402  (registers 'sae_dist_switch')
 from sae_dist import load_sae  # noqa: E402
+from sae_dist.config import validate  # noqa: E402
 from sae_dist.data import build_activation_source  # noqa: E402
 from sae_dist.train.trainer import Trainer  # noqa: E402
 from tests.conftest import small_run  # noqa: E402
 
-SAELENS_CLASS = {"switch": "SwitchSAELens", "topk": "TopKSAE", "relu": "StandardSAE"}
+RUNS = {"switch": ("switch", 4), "topk": ("topk", 1), "relu": ("relu", 1), "batchtopk": ("batchtopk", 1),
+        "batchtopk4": ("batchtopk", 4)}
+"""Run name -> (sae.kind, N)."""
+SAELENS_CLASS = {"switch": "SwitchSAELens", "topk": "TopKSAE", "relu": "StandardSAE", "batchtopk": "JumpReLUSAE",
+                 "batchtopk4": "SwitchSAELens"}
+EXPERT_CLASS = {"switch": "TopKSAE", "batchtopk4": "JumpReLUSAE"}
+"""Each expert's SAELens class under --per-expert."""
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A few trained steps of each kind (trained weights: biases off zero, decoders moved)."""
+    """A few trained steps of each kind (trained weights: biases off zero, decoders moved, BatchTopK thresholds
+    set)."""
     out = {}
-    for kind in SAELENS_CLASS:
-        run = small_run(tmp_path_factory.mktemp(kind), kind=kind, steps=4, checkpoint_every=4, log_every=4)
+    for name, (kind, experts) in RUNS.items():
+        run = small_run(tmp_path_factory.mktemp(name), kind=kind, steps=4, checkpoint_every=4, log_every=4)
+        run = replace(run, sae=replace(run.sae, num_experts=experts))
+        validate(run)
         Trainer(run, build_activation_source(run)).train()
-        out[kind] = run.trainer.out_dir
+        out[name] = run.trainer.out_dir
     return out
 
 
@@ -35,14 +47,18 @@ def dense_codes(sae, x_TD: torch.Tensor) -> torch.Tensor:
     return codes_TM.scatter_(1, latents.indices_TK, latents.values_TK.float())
 
 
-@pytest.mark.parametrize("kind", list(SAELENS_CLASS))
-def test_export_loads_in_saelens_with_equal_codes_and_reconstructions(kind, runs, command, tmp_path):
+@pytest.mark.parametrize("name", list(RUNS))
+def test_export_loads_in_saelens_with_equal_codes_and_reconstructions(name, runs, command, tmp_path):
+    """Equal to sae-dist's eval mode (load_sae's model): BatchTopK selects by its thresholds, all set (> 0)."""
     out = tmp_path / "saelens"
-    assert command("export.py", runs[kind], "--format", "saelens", "--out", str(out)).status == 0
+    assert command("export.py", runs[name], "--format", "saelens", "--out", str(out)).status == 0
     assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
     lens = SAE.load_from_disk(out)
-    assert type(lens).__name__ == SAELENS_CLASS[kind]
-    ours = load_sae(runs[kind])
+    assert type(lens).__name__ == SAELENS_CLASS[name]
+    ours = load_sae(runs[name])
+    assert not ours.training
+    if ours.kind == "batchtopk":
+        assert (ours.experts.threshold_N > 0).all()
     x_TD = torch.randn(64, ours.d_in) * 2
     with torch.no_grad():
         assert torch.allclose(lens.encode(x_TD), dense_codes(ours, x_TD), atol=1e-5)
@@ -50,10 +66,11 @@ def test_export_loads_in_saelens_with_equal_codes_and_reconstructions(kind, runs
     assert lens.cfg.metadata.hook_name == "blocks.8.hook_resid_post"
 
 
-def test_switch_exports_as_one_topk_sae_per_expert(runs, command, tmp_path):
+@pytest.mark.parametrize("name", list(EXPERT_CLASS))
+def test_switch_exports_as_one_standard_sae_per_expert(name, runs, command, tmp_path):
     out = tmp_path / "experts"
-    assert command("export.py", runs["switch"], "--out", str(out), "--per-expert").status == 0
-    ours = load_sae(runs["switch"])
+    assert command("export.py", runs[name], "--out", str(out), "--per-expert").status == 0
+    ours = load_sae(runs[name])
     x_TD = torch.randn(256, ours.d_in) * 2
     with torch.no_grad():
         routing = ours.router(x_TD)
@@ -61,7 +78,8 @@ def test_switch_exports_as_one_topk_sae_per_expert(runs, command, tmp_path):
     width = ours.latents_per_expert
     for e in range(ours.cfg.num_experts):
         lens = SAE.load_from_disk(out / f"expert_{e:03d}")
-        assert type(lens).__name__ == "TopKSAE" and lens.cfg.k == ours.cfg.k
+        assert type(lens).__name__ == EXPERT_CLASS[name]
+        assert getattr(lens.cfg, "k", ours.cfg.k) == ours.cfg.k  # TopK experts keep k
         mine = routing.expert_T == e
         assert mine.any()
         gate_T1 = routing.gate_T[mine, None]
@@ -82,3 +100,8 @@ def test_bad_input_is_one_line_and_writes_nothing(runs, command, tmp_path):
     (tmp_path / "taken").mkdir()
     command("export.py", runs["switch"], "--out", str(tmp_path / "taken")).one_line_error("already exists")
     assert not out.exists() and not (tmp_path / "new.tmp").exists()
+
+
+def test_switch_architecture_names_an_unknown_activation():
+    with pytest.raises(ValueError, match="activation='jumprelu' is unknown; allowed: topk, threshold"):
+        sae_dist.interop.saelens_switch.SwitchSAELensConfig(d_in=4, d_sae=8, activation="jumprelu")

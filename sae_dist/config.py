@@ -23,6 +23,7 @@ ENGINES = ("torch", "deepspeed")
 ZERO_STAGES = (1, 2)
 LR_RULES = ("total", "expert")
 DEAD_COUNTS = ("tokens", "routed")
+AUXK_SCALES = ("x_variance", "gao")
 SWEEP_KEYS = ("sae.", "model.layer", "trainer.lr", "name")
 """What a sweep item may override: the SAE, the hook site and the learning rate; the stream stays shared."""
 
@@ -53,6 +54,10 @@ class SAEConfig:
     """Weight of the AuxK dead-latent loss; None = 1/32 for 'topk', 0 (off, as in the paper) for 'switch'."""
     auxk_k: int | None = None
     """Latents in the AuxK reconstruction; None = d / 2."""
+    auxk_scale: str = "x_variance"
+    """How the AuxK error S = sum (aux - e)^2 is scaled: 'x_variance' (SPEC section 2: S / Var_batch(x); beside the
+    unnormalised L_rec that weighs alpha / (per-token variance of x)) or 'gao' (Gao et al.'s balance, whose main loss
+    is normalised too: (S / T) * Var_batch(x) / Var_batch(e), e = x - x_hat, so alpha weighs normalised errors)."""
     l1_coefficient: float = 5.0
     """L1 penalty on |f| * ||W_dec row|| ('relu' only), reached after the warm-up."""
     l1_warmup_frac: float = 0.05
@@ -322,6 +327,7 @@ def _validate_sae(sae: SAEConfig) -> None:
     _require(sae.auxk_alpha is None or sae.auxk_alpha >= 0,
              f"sae.auxk_alpha={sae.auxk_alpha} must be >= 0 or null (the kind's default)")
     _require(sae.auxk_k is None or sae.auxk_k > 0, f"sae.auxk_k={sae.auxk_k} must be positive or null (d / 2)")
+    _one_of("sae.auxk_scale", sae.auxk_scale, AUXK_SCALES)
     _require(sae.l1_coefficient >= 0, f"sae.l1_coefficient={sae.l1_coefficient} must be >= 0")
     _positive("sae.dead_tokens", sae.dead_tokens)
     _one_of("sae.dead_count", sae.dead_count, DEAD_COUNTS)

@@ -131,7 +131,7 @@ class BankedSAE(SAE):
             all_reduce = None if reducer is None else reducer.all_reduce_sum
             terms["lb"] = load_balancing_loss(out.routing, self.cfg.num_experts, all_reduce)
         if out.aux_recon_TD is not None:
-            terms["auxk"] = auxk_loss(x_TD, out.x_hat_TD, out.aux_recon_TD, reducer)
+            terms["auxk"] = auxk_loss(x_TD, out.x_hat_TD, out.aux_recon_TD, reducer, self.cfg.auxk_scale)
         return terms
 
     def loss_weights(self, step_fraction: float) -> dict[str, float]:

@@ -68,6 +68,11 @@ class SAEConfig:
     """What counts toward `dead_tokens`: 'tokens' (every token of the batch, for every latent: the paper) or
     'routed' (Switch only: the tokens routed to the latent's expert, the only ones it could fire on; with N
     experts a latent is then dead after about N times as many batch tokens)."""
+    resample_every: int | None = None
+    """Dead-latent resampling (Anthropic 2023; 'switch' and 'topk'): every this many steps while the lr is at its
+    full value, each dead latent (as `dead_count` counts) gets new weights from an input of its expert in this step's
+    batch, drawn with probability proportional to its squared reconstruction error (`sae_dist/train/resample.py`);
+    None = never (the paper)."""
     encoder_backward: str = "auto"
     """Encoder backward of the TopK experts: 'sparse' (scatter over the k selected latents), 'gemm' (grouped GEMMs
     over the scattered gradient) or 'auto' (sparse on CPU; gemm on GPU up to 32768 latents per expert)."""
@@ -280,6 +285,9 @@ def validate(run: RunConfig) -> None:
     _validate_sae(run.sae)
     _validate_trainer(run.trainer)
     _validate_data(run.data)
+    _require(run.sae.resample_every is None or run.trainer.engine == "torch",
+             f"sae.resample_every={run.sae.resample_every} needs trainer.engine=torch (the DeepSpeed engine's "
+             "partitioned Adam state is not reset)")
     _one_of("model.dtype", run.model.dtype, ("auto", *DTYPES))
     _require(run.model.layer >= 0, f"model.layer={run.model.layer} must be >= 0")
     _require(bool(run.model.name) or bool(run.model.path), "model.name or model.path must be set")
@@ -334,6 +342,8 @@ def _validate_sae(sae: SAEConfig) -> None:
     if sae.dead_count == "routed":
         _require(cls.routed, f"sae.dead_count='routed' applies to routed SAEs only (sae.kind={sae.kind!r}); "
                              "use 'tokens'")
+    every = sae.resample_every
+    _require(every is None or every > 0, f"sae.resample_every={every} must be positive or null (never)")
     _require(0 <= sae.l1_warmup_frac <= 1, f"sae.l1_warmup_frac={sae.l1_warmup_frac} must be in [0, 1]")
 
 

@@ -30,6 +30,7 @@ class BankedSAE(SAE):
     """
 
     encoder_bias: bool = False
+    resamples_latents = True
     default_auxk_alpha: float = 0.0
     bank_class: type[ExpertBank] = ExpertBank
 
@@ -76,6 +77,20 @@ class BankedSAE(SAE):
 
     def decoder_weights(self) -> list[nn.Parameter]:
         return [self.experts.w_dec]
+
+    def latent_parameters(self) -> list[nn.Parameter]:
+        """The parameters that hold one row per latent, indexed [local expert, latent, ...]: W_enc, W_dec, b_enc."""
+        return list(self.experts.parameters())
+
+    @torch.no_grad()
+    def reinit_latents_(self, expert_R: Tensor, column_R: Tensor, direction_RD: Tensor, encoder_norm_R: Tensor) -> None:
+        """Give latent (local expert `expert_R`, column `column_R`) the unit decoder row `direction_RD`, the encoder
+        row `direction_RD * encoder_norm_R` and (where there is one) encoder bias 0."""
+        bank = self.experts
+        bank.w_dec[expert_R, column_R] = direction_RD.to(bank.w_dec.dtype)
+        bank.w_enc[expert_R, column_R] = (direction_RD * encoder_norm_R[:, None]).to(bank.w_enc.dtype)
+        if bank.b_enc is not None:
+            bank.b_enc[expert_R, column_R] = 0
 
     def bias_parameters(self) -> dict[str, nn.Parameter]:
         biases = {"b_pre": self.b_pre}

@@ -22,8 +22,8 @@ MAX_SEED = 2**63 - 1
 ENGINES = ("torch", "deepspeed")
 ZERO_STAGES = (1, 2)
 LR_RULES = ("total", "expert")
-DEAD_COUNTS = ("tokens", "routed")
 AUXK_SCALES = ("x_variance", "gao")
+DEAD_COUNTS = ("tokens", "routed")
 SWEEP_KEYS = ("sae.", "model.layer", "trainer.lr", "name")
 """What a sweep item may override: the SAE, the hook site and the learning rate; the stream stays shared."""
 

@@ -65,10 +65,12 @@ def resample_dead_latents(
     dead_NM = dead.dead_mask().view(bank.num_local, width)
     expert_R, column_R, row_R = [], [], []
     for local, count in enumerate(dead_NM.sum(1).tolist()):
+        if count == 0:
+            continue
         expert = bank.first_expert + local
         rows_S = (expert_G == expert).nonzero().flatten()
         weights_S = error_G[rows_S].double().cpu()
-        if count == 0 or not bool(weights_S.sum() > 0):
+        if not bool(weights_S.sum() > 0):  # no token of this expert in the batch (or no error): next time
             continue
         picks = torch.multinomial(weights_S, count, replacement=True, generator=resample_generator(seed, step, expert))
         expert_R.append(torch.full((count,), local, dtype=torch.long, device=x_TD.device))

@@ -47,18 +47,25 @@ RECIPES: dict[str, dict[str, object]] = {
     "expert_lr": {"lr_rule": "expert"},
     "expert_lr_auxk_routed": {"lr_rule": "expert", "auxk_alpha": 1 / 32, "dead_count": "routed"},
     "expert_lr_auxk": {"lr_rule": "expert", "auxk_alpha": 1 / 32},
+    "expert_lr_auxk_gao": {"lr_rule": "expert", "auxk_alpha": 1 / 32, "auxk_scale": "gao"},
+    # Every 500 steps: twice the steps after which a latent can be dead (--dead-tokens 1M / batch 4096 = 245), the
+    # ratio of Anthropic's schedule (dead after 12.5k steps, resampled every 25k), so a resampled latent has a full
+    # window to fire before it can be resampled again; at 10M token-steps (2,441 steps, lr decay from step 1,953)
+    # that is steps 500, 1000 and 1500. Dead counted in batch tokens: under dead_count=routed no latent could be dead
+    # before the decay.
+    "expert_lr_resample": {"lr_rule": "expert", "resample_every": 500},
 }
 """Recipes for the Switch SAEs: trainer.lr_rule and sae.* settings (the paper's recipe is every default)."""
 
 
-def planned_runs(args: argparse.Namespace) -> dict[str, tuple[int, str, SAEConfig, str]]:
-    """name -> (k, family, SAE config, lr rule) of every run, dense first."""
+def planned_runs(args: argparse.Namespace, recipes: list[str]) -> dict[str, tuple[int, str, SAEConfig, str]]:
+    """name -> (k, family, SAE config, lr rule) of every run under `recipes`, dense first."""
     runs = {}
     m, n = args.width, args.experts
     for k in args.ks:
         runs[f"dense_k{k}"] = (k, "dense", SAEConfig(kind="topk", num_latents=m, num_experts=1, k=k,
                                                     dead_tokens=args.dead_tokens), "total")
-        for recipe in args.recipes:
+        for recipe in recipes:
             options = dict(RECIPES[recipe])
             lr_rule = str(options.pop("lr_rule", "total"))
             for family, total in (("flop_matched", m * n), ("width_matched", m)):
@@ -105,13 +112,15 @@ def main() -> None:
     parser.add_argument("--heldout-rows", type=int, default=65_536, help="held-out rows each checkpoint is scored on")
     parser.add_argument("--shuffle-buffer", type=int, default=262_144)
     parser.add_argument("--recipes", nargs="+", default=["paper", "expert_lr"], choices=sorted(RECIPES))
-    parser.add_argument("--only", nargs="+", default=None, help="train only these runs (names as printed)")
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="train only these runs (names as printed; any recipe's, whatever --recipes)")
     parser.add_argument("--report-only", action="store_true", help="train nothing; evaluate and plot what exists")
     args = parser.parse_args()
     for cache in (args.train_cache, args.heldout_cache):
         if not (cache / "manifest.json").is_file():
             parser.error(f"{cache} holds no activation cache (manifest.json); write one with launch/cache_activations.py")
-    runs = planned_runs(args)
+    # --only may name a run of any recipe, without --recipes
+    runs = planned_runs(args, list(RECIPES) if args.only else args.recipes)
     unknown = sorted(set(args.only or []) - set(runs))
     if unknown:
         parser.error(f"--only {unknown[0]} is not a run of this plan; runs: {', '.join(runs)}")
@@ -142,7 +151,8 @@ def main() -> None:
                                            [p.mse for p in points])
         results.append({"run": name, "k": k, "family": family, "num_latents": sae.num_latents,
                         "num_experts": sae.num_experts, "lr_rule": lr_rule, "dead_count": sae.dead_count,
-                        "auxk_alpha": sae.auxk_alpha, "encoder_flops_per_token": per_token,
+                        "auxk_alpha": sae.auxk_alpha, "auxk_scale": sae.auxk_scale,
+                        "resample_every": sae.resample_every, "encoder_flops_per_token": per_token,
                         "points": [vars(p) for p in points]})
 
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

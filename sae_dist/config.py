@@ -22,6 +22,7 @@ MAX_SEED = 2**63 - 1
 ENGINES = ("torch", "deepspeed")
 ZERO_STAGES = (1, 2)
 LR_RULES = ("total", "expert")
+AUXK_SCALES = ("x_variance", "gao")
 DEAD_COUNTS = ("tokens", "routed")
 SWEEP_KEYS = ("model.layer", "trainer.lr", "name")
 """What a sweep item may override besides `sae.*`: the hook site and the learning rate; the stream stays shared."""
@@ -53,6 +54,10 @@ class SAEConfig:
     """Weight of the AuxK dead-latent loss; None = 1/32 for 'topk', 0 (off, as in the paper) for 'switch'."""
     auxk_k: int | None = None
     """Latents in the AuxK reconstruction; None = d / 2."""
+    auxk_scale: str = "x_variance"
+    """How the AuxK error S = sum (aux - e)^2 is scaled: 'x_variance' (SPEC section 2: S / Var_batch(x); beside the
+    unnormalised L_rec that weighs alpha / (per-token variance of x)) or 'gao' (Gao et al.'s balance, whose main loss
+    is normalised too: (S / T) * Var_batch(x) / Var_batch(e), e = x - x_hat, so alpha weighs normalised errors)."""
     l1_coefficient: float = 5.0
     """L1 penalty on |f| * ||W_dec row|| ('relu' only), reached after the warm-up."""
     l1_warmup_frac: float = 0.05
@@ -63,6 +68,11 @@ class SAEConfig:
     """What counts toward `dead_tokens`: 'tokens' (every token of the batch, for every latent: the paper) or
     'routed' (Switch only: the tokens routed to the latent's expert, the only ones it could fire on; with N
     experts a latent is then dead after about N times as many batch tokens)."""
+    resample_every: int | None = None
+    """Dead-latent resampling (Anthropic 2023; 'switch' and 'topk'): every this many steps while the lr is at its
+    full value, each dead latent (as `dead_count` counts) gets new weights from an input of its expert in this step's
+    batch, drawn with probability proportional to its squared reconstruction error (`sae_dist/train/resample.py`);
+    None = never (the paper)."""
     encoder_backward: str = "auto"
     """Encoder backward of the TopK experts: 'sparse' (scatter over the k selected latents), 'gemm' (grouped GEMMs
     over the scattered gradient) or 'auto' (sparse on CPU; gemm on GPU up to 32768 latents per expert)."""
@@ -275,6 +285,9 @@ def validate(run: RunConfig) -> None:
     _validate_sae(run.sae)
     _validate_trainer(run.trainer)
     _validate_data(run.data)
+    _require(run.sae.resample_every is None or run.trainer.engine == "torch",
+             f"sae.resample_every={run.sae.resample_every} needs trainer.engine=torch (the DeepSpeed engine's "
+             "partitioned Adam state is not reset)")
     _one_of("model.dtype", run.model.dtype, ("auto", *DTYPES))
     _require(run.model.layer >= 0, f"model.layer={run.model.layer} must be >= 0")
     _require(bool(run.model.name) or bool(run.model.path), "model.name or model.path must be set")
@@ -322,12 +335,15 @@ def _validate_sae(sae: SAEConfig) -> None:
     _require(sae.auxk_alpha is None or sae.auxk_alpha >= 0,
              f"sae.auxk_alpha={sae.auxk_alpha} must be >= 0 or null (the kind's default)")
     _require(sae.auxk_k is None or sae.auxk_k > 0, f"sae.auxk_k={sae.auxk_k} must be positive or null (d / 2)")
+    _one_of("sae.auxk_scale", sae.auxk_scale, AUXK_SCALES)
     _require(sae.l1_coefficient >= 0, f"sae.l1_coefficient={sae.l1_coefficient} must be >= 0")
     _positive("sae.dead_tokens", sae.dead_tokens)
     _one_of("sae.dead_count", sae.dead_count, DEAD_COUNTS)
     if sae.dead_count == "routed":
         _require(cls.routed, f"sae.dead_count='routed' applies to routed SAEs only (sae.kind={sae.kind!r}); "
                              "use 'tokens'")
+    every = sae.resample_every
+    _require(every is None or every > 0, f"sae.resample_every={every} must be positive or null (never)")
     _require(0 <= sae.l1_warmup_frac <= 1, f"sae.l1_warmup_frac={sae.l1_warmup_frac} must be in [0, 1]")
 
 

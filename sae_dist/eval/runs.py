@@ -187,7 +187,7 @@ def _applies(key: str, point: RunPoint) -> bool:
         return arch.routed
     if key.startswith("sae.l1_"):
         return not arch.uses_k  # the L1 penalty is the sparsity of architectures without k
-    if key in ("sae.k", "sae.auxk_alpha", "sae.auxk_k"):
+    if key in ("sae.k", "sae.auxk_alpha", "sae.auxk_k", "sae.auxk_scale"):
         return arch.uses_k
     return True
 

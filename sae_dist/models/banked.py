@@ -30,6 +30,7 @@ class BankedSAE(SAE):
     """
 
     encoder_bias: bool = False
+    resamples_latents = True
     default_auxk_alpha: float = 0.0
     bank_class: type[ExpertBank] = ExpertBank
 
@@ -90,6 +91,20 @@ class BankedSAE(SAE):
         b_enc = bank.w_enc.new_zeros(bank.latents_per_expert) if bank.b_enc is None else bank.b_enc[expert]
         return {"W_enc": bank.w_enc[expert].T, "b_enc": b_enc, "W_dec": bank.w_dec[expert], "b_dec": self.b_pre}
 
+    def latent_parameters(self) -> list[nn.Parameter]:
+        """The parameters that hold one row per latent, indexed [local expert, latent, ...]: W_enc, W_dec, b_enc."""
+        return list(self.experts.parameters())
+
+    @torch.no_grad()
+    def reinit_latents_(self, expert_R: Tensor, column_R: Tensor, direction_RD: Tensor, encoder_norm_R: Tensor) -> None:
+        """Give latent (local expert `expert_R`, column `column_R`) the unit decoder row `direction_RD`, the encoder
+        row `direction_RD * encoder_norm_R` and (where there is one) encoder bias 0."""
+        bank = self.experts
+        bank.w_dec[expert_R, column_R] = direction_RD.to(bank.w_dec.dtype)
+        bank.w_enc[expert_R, column_R] = (direction_RD * encoder_norm_R[:, None]).to(bank.w_enc.dtype)
+        if bank.b_enc is not None:
+            bank.b_enc[expert_R, column_R] = 0
+
     def bias_parameters(self) -> dict[str, nn.Parameter]:
         biases = {"b_pre": self.b_pre}
         if self.router is not None:
@@ -144,7 +159,7 @@ class BankedSAE(SAE):
             all_reduce = None if reducer is None else reducer.all_reduce_sum
             terms["lb"] = load_balancing_loss(out.routing, self.cfg.num_experts, all_reduce)
         if out.aux_recon_TD is not None:
-            terms["auxk"] = auxk_loss(x_TD, out.x_hat_TD, out.aux_recon_TD, reducer)
+            terms["auxk"] = auxk_loss(x_TD, out.x_hat_TD, out.aux_recon_TD, reducer, self.cfg.auxk_scale)
         return terms
 
     def loss_weights(self, step_fraction: float) -> dict[str, float]:

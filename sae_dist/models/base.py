@@ -12,6 +12,8 @@ Every SAE, built as `cls(cfg, d_model, seed, dispatcher)`:
 - `expert_sharded()`: the state-dict entries whose dim 0 splits over the expert-parallel group (their gradients are
   summed over the expert's replicas, checkpoints store them by global expert id); everything else is replicated;
 - `after_step(out, reducer, applied)`: state updated from a step's output (e.g. BatchTopK's threshold);
+- where `resamples_latents`: `latent_parameters()` and `reinit_latents_(...)`, what dead-latent resampling rewrites
+  (`sae_dist/train/resample.py`);
 - `saelens_state()`: its SAELens architecture name, config entries and weights (`sae_dist/interop/saelens.py`);
 - the SAELens-style views `W_enc [d_in, L]`, `W_dec [L, d_in]`, `b_dec [d_in]`, `d_in`, `d_sae`.
 Class-level facts, read before a model exists: `routed` (a router sends each token to experts; experts shard over
@@ -72,6 +74,9 @@ class SAE(nn.Module, ABC):
     rows_independent: ClassVar[bool] = True
     """An expert's output for a row does not depend on its other rows, so its rows may arrive in chunks
     (parallel.a2a_chunks > 1)."""
+    resamples_latents: ClassVar[bool] = False
+    """Dead latents can be given new weights (`sae.resample_every`): the model has `latent_parameters` and
+    `reinit_latents_`."""
     k_aux: int = 0
     """Latents of the AuxK reconstruction (0: AuxK off)."""
 
@@ -91,6 +96,9 @@ class SAE(nn.Module, ABC):
         if cfg.experts_per_token > cfg.num_experts:
             raise ConfigError(f"sae.experts_per_token={cfg.experts_per_token} must be in [1, sae.num_experts="
                               f"{cfg.num_experts}]")
+        if cfg.resample_every is not None and not cls.resamples_latents:
+            raise ConfigError(f"sae.resample_every={cfg.resample_every}: sae.kind={cfg.kind!r} has no dead-latent "
+                              "resampling; use null")
         per_expert = cfg.num_latents // cfg.num_experts
         if cls.uses_k and not 0 < cfg.k <= per_expert:
             raise ConfigError(f"sae.k={cfg.k} must be in [1, M/N={per_expert}]")

@@ -80,6 +80,7 @@ class BatchTopKSAE(BankedSAE):
     label = "BatchTopK"
     routed = True
     rows_independent = False
+    resamples_latents = False  # its thresholds would need resetting too; not supported
     bank_class = BatchTopKBank
 
     @classmethod

@@ -25,27 +25,52 @@ def reconstruction_loss(x_TD: Tensor, x_hat_TD: Tensor) -> Tensor:
     return (x_TD.float() - x_hat_TD.float()).pow(2).sum() / max(x_TD.shape[0], 1)
 
 
-def total_variance(x_TD: Tensor, reducer: BatchReducer | None = None) -> Tensor:
-    """Sum over tokens and dims of (x - mean_x)^2, over the global batch when a reducer is given."""
-    x = x_TD.double()
-    sums = torch.cat([x.new_tensor([x.shape[0]]), x.sum(0), x.pow(2).sum(0)])
+def total_variances(tensors_TD: list[Tensor], reducer: BatchReducer | None = None) -> Tensor:
+    """Per tensor, the sum over tokens and dims of (t - mean_t)^2, over the global batch when a reducer is given
+    (one all-reduce for all of them): float32 [len(tensors_TD)]."""
+    sums = torch.cat([torch.cat([t.new_tensor([t.shape[0]]), t.sum(0), t.pow(2).sum(0)])
+                      for t in (t_TD.detach().double() for t_TD in tensors_TD)])
     if reducer is not None:
         sums = reducer.all_reduce_sum(sums)
-    d = x_TD.shape[1]
-    count, x_sum_D, x_sq_sum_D = sums[0], sums[1 : 1 + d], sums[1 + d :]
-    return (x_sq_sum_D.sum() - x_sum_D.pow(2).sum() / count.clamp_min(1)).float()
+    variances, start = [], 0
+    for t_TD in tensors_TD:
+        d = t_TD.shape[1]
+        count, t_sum_D = sums[start], sums[start + 1 : start + 1 + d]
+        t_sq_sum_D = sums[start + 1 + d : start + 1 + 2 * d]
+        variances.append(t_sq_sum_D.sum() - t_sum_D.pow(2).sum() / count.clamp_min(1))
+        start += 1 + 2 * d
+    return torch.stack(variances).float()
 
 
-def auxk_loss(x_TD: Tensor, x_hat_TD: Tensor, aux_recon_TD: Tensor, reducer: BatchReducer | None = None) -> Tensor:
-    """AuxK (Gao et al. 2024): dead latents reconstruct the residual x - x_hat; normalised by the batch variance.
+def total_variance(x_TD: Tensor, reducer: BatchReducer | None = None) -> Tensor:
+    """Sum over tokens and dims of (x - mean_x)^2, over the global batch when a reducer is given."""
+    return total_variances([x_TD], reducer)[0]
 
-    With a reducer the variance is the global batch's and the rank's share is scaled by the world size, so that
-    the mean over ranks (what gradient averaging takes) equals the single-device loss of the global batch.
+
+def auxk_loss(
+    x_TD: Tensor, x_hat_TD: Tensor, aux_recon_TD: Tensor, reducer: BatchReducer | None = None,
+    scale: str = "x_variance",
+) -> Tensor:
+    """AuxK (Gao et al. 2024): dead latents reconstruct the residual e = x - x_hat (detached).
+
+    With S = sum over tokens and dims of (aux - e)^2, T tokens and Var(t) = sum over tokens and dims of
+    (t - mean_t)^2 of the batch (detached):
+    - 'x_variance' (SPEC section 2): S / Var(x), dimensionless; against L_rec (a per-token sum) it weighs
+      alpha * T / Var(x), i.e. alpha over the per-token variance of x.
+    - 'gao' (Gao et al.'s code: L = MSE / Var(x) + alpha * MSE_aux / Var(e), times Var(x) to put it in L_rec's
+      unit): (S / T) * Var(x) / Var(e), so that alpha weighs the normalised AuxK error against the normalised
+      reconstruction error.
+    With a reducer T and the variances are the global batch's and the rank's share is scaled by the world size, so
+    that the mean over ranks (what gradient averaging takes) equals the single-device loss of the global batch.
     """
     residual_TD = (x_TD.float() - x_hat_TD.float()).detach()
     world = 1 if reducer is None else reducer.world_size
-    error = (aux_recon_TD.float() - residual_TD).pow(2).sum()
-    return world * error / total_variance(x_TD, reducer).clamp_min(1e-12)
+    error = world * (aux_recon_TD.float() - residual_TD).pow(2).sum()
+    if scale == "x_variance":
+        return error / total_variance(x_TD, reducer).clamp_min(1e-12)
+    var_x, var_e = total_variances([x_TD, residual_TD], reducer)
+    tokens = x_TD.shape[0] * world  # every rank holds B / W tokens
+    return error * var_x / (tokens * var_e.clamp_min(1e-12))
 
 
 def l1_penalty(f_TM: Tensor, w_dec_MD: Tensor) -> Tensor:

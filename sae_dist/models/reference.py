@@ -68,7 +68,11 @@ def naive_forward(sae: BankedSAE, x_TD: Tensor, dead_mask_L: Tensor | None = Non
     if dead_mask_L is not None:
         residual = (x_TD.float() - x_hat).detach()
         centred = x_TD.float() - x_TD.float().mean(0)
-        terms["auxk"] = (aux_TD - residual).pow(2).sum() / centred.pow(2).sum()
+        error = (aux_TD - residual).pow(2).sum()
+        terms["auxk"] = error / centred.pow(2).sum()
+        if sae.cfg.auxk_scale == "gao":  # (S / T) * Var(x) / Var(e)
+            centred_e = residual - residual.mean(0)
+            terms["auxk"] = error / x_TD.shape[0] * centred.pow(2).sum() / centred_e.pow(2).sum()
     return x_hat, f_TL, terms
 
 

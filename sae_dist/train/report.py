@@ -35,6 +35,8 @@ def print_summary(
     table.add_row("FVU", f"{evaluation['fvu']:.4f}")
     table.add_row("L0", f"{evaluation['l0']:.2f}")
     table.add_row(f"dead latents (> {sae.dead_tokens:.0e} tokens)", f"{last.get('dead', 'n/a')} / {sae.num_latents}")
+    if "resampled" in last:
+        table.add_row(f"latents resampled (every {sae.resample_every} steps)", f"{last['resampled']:,}")
     if "expert_load" in last:
         table.add_row("expert load", format_load(last["expert_load"]))
     if "drop_fraction" in last:

@@ -45,6 +45,7 @@ from sae_dist.train.optim import (
     remove_parallel_gradient_,
 )
 from sae_dist.train.preemption import StopRequested, StopSignals
+from sae_dist.train.resample import resample_dead_latents, resample_due
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -86,6 +87,8 @@ class Trainer:
         """Where AuxK looks at each step; made at the first step (after any resume), since it tracks the counters."""
         self.nonfinite_steps = 0
         """Steps skipped because of NaN or inf (trainer.on_nonfinite=skip), over the whole run."""
+        self.resampled = 0
+        """Dead latents resampled (sae.resample_every) over the whole run."""
 
     def build_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
         """Adam over every parameter and the lr schedule (an engine that owns the optimizer replaces this)."""
@@ -98,7 +101,8 @@ class Trainer:
     that hooks gradient accumulation (DeepSpeed) sets it False to get them through autograd."""
 
     def train_step(self, x_TD: torch.Tensor) -> dict[str, Any]:
-        """Forward, backward, sync, clip, project decoder gradients, Adam, renormalise decoders.
+        """Forward, backward, sync, clip, project decoder gradients, Adam, renormalise decoders (and, at the steps
+        of sae.resample_every, resample dead latents: `resample_dead`).
 
         The decoder rows are renormalised after each update (the start state is unit norm), which is the spec's
         renormalise-then-forward order shifted by half a step, so a skipped step changes nothing. Returns 'out',
@@ -114,6 +118,7 @@ class Trainer:
         self.renormalize_decoders(finite)
         self.track_dead_latents(out, finite)
         self.model.after_step(out, self.ctx, finite)
+        self.resample_dead(x_TD, out, finite)
         return {"out": out, "terms": terms, "loss": loss.detach(), "grad_norm": grad_norm, "lr": lr,
                 "finite": finite}
 
@@ -168,6 +173,16 @@ class Trainer:
         if self._dead_candidates is not None:
             self._dead_candidates.after_update(self.dead.tokens_since_fired_L)
 
+    def resample_dead(self, x_TD: torch.Tensor, out: SAEOutput, finite: torch.Tensor) -> None:
+        """At a step of sae.resample_every (this one being step `self.step + 1`) whose update was applied, resample
+        the dead latents from this step's batch (`resample.py`; reads `finite` back to the host then only)."""
+        step = self.step + 1
+        if not resample_due(self.run, step) or not bool(finite):
+            return
+        self.resampled += resample_dead_latents(
+            self.model, self.optimizer, self.dead, self.ctx, x_TD, out, self.run.trainer.seed, step
+        )
+
     def _counted_tokens(self, out: SAEOutput) -> int | torch.Tensor:
         """What this step adds to the dead-latent counters (`sae.dead_count`): the global batch size, or per local
         latent the global batch's tokens routed to its expert."""
@@ -208,6 +223,8 @@ class Trainer:
         num_dead = self.ctx.all_reduce_sum(self.dead.dead_mask().sum().reshape(1).double())
         row["dead"] = int(num_dead) // self.ctx.expert_replicas
         row["dead_fraction"] = row["dead"] / self.run.sae.num_latents
+        if self.run.sae.resample_every is not None:
+            row["resampled"] = self.resampled
         if out.routing is not None:
             row.update(self._routing_metrics(out))
         row["grad_norm"] = float(result["grad_norm"])
@@ -235,7 +252,7 @@ class Trainer:
     def save(self) -> Path:
         """Write a checkpoint (collectively: every rank calls this)."""
         run_state = {"step": self.step, "tokens": self.tokens, "scheduler": self.scheduler.state_dict(),
-                     "nonfinite_steps": self.nonfinite_steps}
+                     "nonfinite_steps": self.nonfinite_steps, "resampled": self.resampled}
         rank_state = {"data": self.source.state_dict(), "torch_rng": torch.get_rng_state()}
         return ckpt.save_checkpoint(
             self.run_dir, self.run, self.d_model, self.step, self._tensors(), run_state, rank_state, self.ctx
@@ -247,6 +264,7 @@ class Trainer:
         self.step, self.tokens = run_state["step"], run_state["tokens"]
         self._dead_candidates = None  # its bookkeeping described the counters before the restore
         self.nonfinite_steps = run_state.get("nonfinite_steps", 0)
+        self.resampled = run_state.get("resampled", 0)
         self.scheduler.load_state_dict(run_state["scheduler"])
         data_states = [state["data"] for state in rank_states]
         self.source.load_state_dict(resume_state(data_states, self.ctx.rank, self.ctx.world_size))

@@ -26,9 +26,11 @@ def test_switch_decoder_gradient_flows_through_gate_only_for_router():
     assert sae.router.b_router.grad.abs().sum() > 0
 
 
-def test_dense_topk_with_auxk_matches_naive():
+@pytest.mark.parametrize("scale", ["x_variance", "gao"])
+def test_dense_topk_with_auxk_matches_naive(scale):
     torch.manual_seed(1)
     sae = make_switch(num_experts=1, latents=32, k=4, d=10, kind="topk")
+    sae.cfg.auxk_scale = scale
     assert sae.k_aux == 5 and sae.auxk_alpha == pytest.approx(1 / 32)
     x_TD = torch.randn(9, 10, dtype=torch.float64)
     dead_mask = torch.zeros(32, dtype=torch.bool)
@@ -40,12 +42,34 @@ def test_dense_topk_with_auxk_matches_naive():
     assert_same_forward_and_grads(sae, x_TD, few_dead)
 
 
-def test_switch_auxk_matches_naive():
+@pytest.mark.parametrize("scale", ["x_variance", "gao"])
+def test_switch_auxk_matches_naive(scale):
     torch.manual_seed(2)
     sae = make_switch(num_experts=2, latents=32, k=3, d=8, auxk_alpha=0.5)
+    sae.cfg.auxk_scale = scale
     x_TD = routed_inputs(8, 2, [6, 4]).double()
     dead_mask = torch.rand(32, generator=torch.Generator().manual_seed(0)) < 0.5
     assert_same_forward_and_grads(sae, x_TD, dead_mask)
+
+
+@pytest.mark.parametrize("kind", ["topk", "switch"])
+def test_gao_auxk_scale_is_the_normalised_aux_error_in_mse_units(kind):
+    """'gao': alpha weighs MSE_aux / Var(e) against MSE / Var(x) (Gao et al.'s loss), here times Var(x), with
+    MSE and Var the per-token means of sums over dims (torch.var, not the oracle's sums)."""
+    torch.manual_seed(3)
+    sae = make_switch(num_experts=2 if kind == "switch" else 1, latents=32, k=3, d=8, kind=kind, auxk_alpha=0.5)
+    x_TD = routed_inputs(8, 2, [6, 4]).double()
+    dead_mask = torch.rand(32, generator=torch.Generator().manual_seed(1)) < 0.5
+    out = sae(x_TD, dead_mask)
+    spec = sae.loss_terms(x_TD, out)["auxk"]
+    sae.cfg.auxk_scale = "gao"
+    gao = sae.loss_terms(x_TD, out)["auxk"]
+    e_TD = (x_TD - out.x_hat_TD).detach()
+    mse_aux = (out.aux_recon_TD - e_TD).pow(2).sum(1).mean()
+    var_x, var_e = x_TD.var(0, unbiased=False).sum(), e_TD.var(0, unbiased=False).sum()
+    torch.testing.assert_close(gao, (mse_aux / var_e * var_x).float(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(spec, (mse_aux / var_x).float(), rtol=1e-6, atol=0)  # the SPEC's, for contrast
+    assert gao > 10 * spec
 
 
 def test_float32_model_matches_naive_and_handles_no_tokens():

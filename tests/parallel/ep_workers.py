@@ -277,12 +277,18 @@ def with_options(run, options: dict):
     return run
 
 
+KEEP_ALIVE = {**RECIPE, "sae.auxk_scale": "gao", "sae.resample_every": 2}
+"""AuxK scaled as Gao et al. (the variances of x and of the residual over the global batch) and dead-latent
+resampling after steps 2 and 4 (latents die after 2 steps): each rank gathers the global batch and draws per expert
+what one device draws."""
+
+
 def check_training(
     folder: Path, rank: int, world: int, ep_size: int, kind: str = "switch", a2a_chunks: int = 1,
     options: dict | None = None,
-) -> None:
+) -> tuple[Trainer, Trainer]:
     """With kind 'topk' or 'relu' (ep_size 1) this is plain data parallelism; `options` ('section.name': value)
-    apply to both runs."""
+    apply to both runs. Returns (this rank's trainer, the single-device trainer)."""
     tag = "".join(f"_{key.split('.')[1]}={value}" for key, value in sorted((options or {}).items()))
     name = f"{kind}_P{ep_size}_c{a2a_chunks}{tag}"
     run = tiny_run(folder / f"train_{name}", ep_size=ep_size, kind=kind)
@@ -292,6 +298,13 @@ def check_training(
     single = Trainer(single_run, GlobalBatchSource(single_run))
     single.train()
     assert_matches_full(trainer, single.model.state_dict(), single.dead.tokens_since_fired_L, TRAINING)
+    return trainer, single
+
+
+def check_keep_alive(folder: Path, rank: int, world: int, ep_size: int) -> None:
+    """Training with KEEP_ALIVE equals one device's, with the same (global) count of resampled latents."""
+    trainer, single = check_training(folder, rank, world, ep_size, options=KEEP_ALIVE)
+    assert single.resampled > 0 and trainer.resampled == single.resampled
 
 
 def check_batchtopk_replicas(folder: Path, rank: int, world: int) -> None:
@@ -367,6 +380,8 @@ def four_ranks(rank: int, world: int, folder: Path, check) -> None:
             check_training(folder, rank, world, ep_size)
     with check("training_overlapped_P2"):
         check_training(folder, rank, world, 2, a2a_chunks=2)
+    with check("training_keep_alive_P2"):
+        check_keep_alive(folder, rank, world, 2)
     with check("checkpoint_save"):
         train_ep(tiny_run(folder / "ep_run", ep_size=2), rank, world)
     with check("resume_same_layout"):
@@ -383,6 +398,8 @@ def two_ranks(rank: int, world: int, folder: Path, check) -> None:
         check_training(folder, rank, world, 2)
     with check("training_recipe_P2"):
         check_training(folder, rank, world, 2, options=RECIPE)
+    with check("training_keep_alive_P2"):
+        check_keep_alive(folder, rank, world, 2)
     for kind in ("topk", "relu"):
         with check(f"data_parallel_{kind}"):
             check_training(folder, rank, world, 1, kind)

@@ -75,6 +75,13 @@ def test_recipe_options_under_expert_parallelism_equal_single_device(jobs):
     jobs[2].require("training_recipe_P2")
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_keep_alive_options_under_expert_parallelism_equal_single_device(jobs, world):
+    """AuxK scaled as Gao et al. and dead-latent resampling, on 2 ranks (P = 2) and on 4 (P = 2: two replicas of every
+    expert, which must draw alike): weights, dead counters and the number resampled equal one device's."""
+    jobs[world].require("training_keep_alive_P2")
+
+
 @pytest.mark.parametrize("kind", ["topk", "relu"])
 def test_dense_sae_under_torchrun_is_data_parallel(jobs, kind):
     jobs[2].require(f"data_parallel_{kind}")

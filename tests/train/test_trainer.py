@@ -75,15 +75,16 @@ class CrashingSource:
         self.source.load_state_dict(state)
 
 
-@pytest.mark.parametrize("kind", ["switch", "topk"])
-def test_resume_after_crash_equals_uninterrupted_run(tmp_path, make_run, kind):
+@pytest.mark.parametrize(("kind", "resample_every"), [("switch", None), ("topk", None), ("switch", 6)])
+def test_resume_after_crash_equals_uninterrupted_run(tmp_path, make_run, kind, resample_every):
+    """Also across dead-latent resamplings (at steps 12, 18, 24 after the resume from step 10)."""
     # small dead threshold so AuxK (topk) and the dead counters take part in the state that must be restored
     unbroken_run = make_run(kind=kind, steps=30, out_dir=str(tmp_path / "a"))
     broken_run = make_run(kind=kind, steps=30, out_dir=str(tmp_path / "b"))
     for run in (unbroken_run, broken_run):
-        run.sae.dead_tokens = 256
+        run.sae.dead_tokens, run.sae.resample_every = 256, resample_every
     unbroken = train(unbroken_run)
-    assert unbroken.dead.num_dead() > 0
+    assert unbroken.dead.num_dead() > 0 or unbroken.resampled > 0
     crashed = Trainer(broken_run, CrashingSource(build_activation_source(broken_run), crash_after=14))
     with pytest.raises(KeyboardInterrupt):
         crashed.train()
@@ -94,10 +95,18 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path, make_run, kind):
     for name, tensor in unbroken.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
     torch.testing.assert_close(resumed.dead.tokens_since_fired_L, unbroken.dead.tokens_since_fired_L)
+    params = dict(unbroken.model.named_parameters())
+    for name, param in resumed.model.named_parameters():
+        for key, value in resumed.optimizer.state[param].items():
+            torch.testing.assert_close(value, unbroken.optimizer.state[params[name]][key], rtol=0, atol=0)
     rows_a = read_metrics(tmp_path / "a")
     rows_b = read_metrics(tmp_path / "b")
     assert [r["step"] for r in rows_b] == [r["step"] for r in rows_a]
     assert [r["mse"] for r in rows_b] == [r["mse"] for r in rows_a]
+    assert [r.get("resampled") for r in rows_b] == [r.get("resampled") for r in rows_a]
+    if resample_every:
+        assert rows_b[-1]["resampled"] == resumed.resampled == unbroken.resampled
+        assert any(row["resampled"] < unbroken.resampled for row in rows_b if row["step"] > 10)
 
 
 def test_refuses_to_overwrite_an_existing_run(make_run):

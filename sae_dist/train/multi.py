@@ -7,12 +7,15 @@ in turn, so member i's batch j is the batch j that a run of member i alone would
 trained separately on the same stream (tested), at the price of one LM pass.
 
 Each member is checked and continued like a run of its own (`run.prepare_run`: its folder, its identity on resume,
-memory and disk). Resume: the members restore the newest checkpoint step that all of them have (a crash or a stop
-signal between two members' saves leaves one a checkpoint ahead), so the shared stream continues from one position.
+memory and disk). Stop signals (SIGTERM, SIGUSR1): one handler for all members, read between rounds of steps
+(`HeldSignals`), so every member takes the same last step and checkpoints it before the sweep stops. Resume: the
+members restore the newest checkpoint step that all of them have (a crash between two members' saves leaves one a
+checkpoint ahead), so the shared stream continues from one position.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from sae_dist.config import RunConfig, sweep_members
@@ -21,6 +24,7 @@ from sae_dist.data.fanout import SharedStream
 from sae_dist.parallel.context import ParallelContext
 from sae_dist.parallel.failures import on_every_rank
 from sae_dist.run_dir import CHECKPOINTS_DIR, checkpoint_name, latest_checkpoint
+from sae_dist.train.preemption import HeldSignals, StopRequested, StopSignals
 from sae_dist.train.run import RunPlan, finish_run, prepare_run, start_trainer
 from sae_dist.train.trainer import Trainer
 
@@ -70,12 +74,37 @@ def resume_from_common_step(trainers: list[Trainer]) -> int | None:
 
 def train_members(trainers: list[Trainer]) -> None:
     """Resume every member (each rewinds the shared stream to the same position), then step them in turn until all
-    have finished."""
-    running = [trainer.steps() for trainer in trainers]
-    for loop in running:
-        next(loop)
-    while running:
-        running = [loop for loop in running if next(loop, None) is not None]
+    have finished; on a stop signal every member checkpoints the same step, then StopRequested is raised."""
+    with StopSignals() as signals:
+        held = HeldSignals(signals)
+        running = {trainer: trainer.steps(held) for trainer in trainers}
+        try:
+            for loop in running.values():
+                next(loop)
+            while running:
+                held.hold()
+                running = step_round(running)
+        finally:
+            for loop in running.values():
+                loop.close()
+
+
+def step_round(running: dict[Trainer, Iterator[int]]) -> dict[Trainer, Iterator[int]]:
+    """One step of every running member (trainer: its `steps()` loop); return those still running. Raise
+    StopRequested once every member that stopped on a signal (all of them: they read one held request) has written
+    its checkpoint."""
+    still, stopped = {}, []
+    for trainer, loop in running.items():
+        try:
+            if next(loop, None) is not None:
+                still[trainer] = loop
+        except StopRequested as stop:
+            stopped.append(stop)
+    if stopped:
+        first, sweep_dir = stopped[0], next(iter(running)).run_dir.parent
+        written = f"checkpoints {first.checkpoint.name} written for {len(stopped)} SAEs of the sweep in {sweep_dir}"
+        raise StopRequested(first.signal_name, first.step, first.checkpoint, written)
+    return still
 
 
 def train_sweep(plans: list[RunPlan], ctx: ParallelContext, eval_batches: int = 4) -> list[dict[str, Any]]:

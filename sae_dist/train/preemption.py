@@ -4,7 +4,8 @@ While `StopSignals` is active, either signal only records a request. The trainin
 step: at once in one process, and at the next logging or checkpoint step under torchrun, where the ranks agree on
 it (so every rank stops after the same step). Every rank then writes the checkpoint of that step and raises
 `StopRequested`; the launcher exits with REQUEUE_EXIT_STATUS, and the same command (trainer.resume=auto) continues
-the run from that checkpoint.
+the run from that checkpoint. The SAEs of a sweep, which step in turn, share one handler and read it through
+`HeldSignals`, so that all of them stop after the same step.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 class StopRequested(Exception):
     """The run stopped on a signal after writing a checkpoint."""
 
-    def __init__(self, signal_name: str, step: int, checkpoint: Path):
+    def __init__(self, signal_name: str, step: int, checkpoint: Path, written: str | None = None):
+        """`written` describes the checkpoints written (default: 'checkpoint written: <checkpoint>')."""
         super().__init__(
-            f"stopped by {signal_name} after step {step}; checkpoint written: {checkpoint}; "
+            f"stopped by {signal_name} after step {step}; {written or f'checkpoint written: {checkpoint}'}; "
             "the same command (trainer.resume=auto) continues the run"
         )
+        self.signal_name = signal_name
         self.step = step
         self.checkpoint = checkpoint
 
@@ -52,3 +55,16 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+class HeldSignals:
+    """The stop request of `signals` as it stood at the last `hold()`. The SAEs of a sweep step in turn and read
+    this, held between rounds of steps: a signal that arrives between two members' steps or saves stops every member
+    after the same step (the next round's), and the continued sweep resumes all of them from it."""
+
+    def __init__(self, signals: StopSignals) -> None:
+        self.signals = signals
+        self.received: str | None = None
+
+    def hold(self) -> None:
+        self.received = self.signals.received

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ from sae_dist.train.optim import (
     normalize_decoder_,
     remove_parallel_gradient_,
 )
-from sae_dist.train.preemption import StopRequested, StopSignals
+from sae_dist.train.preemption import HeldSignals, StopRequested, StopSignals
 from sae_dist.train.resample import resample_dead_latents, resample_due
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -303,10 +304,10 @@ class Trainer:
             pass
         return self.last_row
 
-    def steps(self) -> Iterator[int]:
+    def steps(self, signals: HeldSignals | None = None) -> Iterator[int]:
         """The loop of `train`, yielding the step count once after resuming and then after every step (the SAEs of
         a sweep, fed by one stream, all resume first and then advance in turn: `train/multi.py`); the last logged
-        row is then in `last_row`."""
+        row is then in `last_row`. `signals`: the sweep's stop signals (None: the loop records its own)."""
         cfg = self.run.trainer
         if self.ctx.is_main:
             ckpt.remove_partial_checkpoints(self.run_dir)
@@ -323,7 +324,7 @@ class Trainer:
         doing = f"step {self.step + 1}"  # for the error message of a failed collective
         try:
             yield self.step
-            with StopSignals() as signals:
+            with StopSignals() if signals is None else nullcontext(signals) as signals:
                 while self.step < cfg.steps:
                     doing = f"step {self.step + 1}"
                     x_TD = self.source.next_batch(self.local_batch).to(self.device, non_blocking=True)
@@ -383,7 +384,7 @@ class Trainer:
         if rows_TD.shape[0]:
             init_biases_from_batch(self.model, rows_TD)
 
-    def _stop_requested(self, signals: StopSignals, at_sync_point: bool) -> str | None:
+    def _stop_requested(self, signals: StopSignals | HeldSignals, at_sync_point: bool) -> str | None:
         """The stop signal to honour after this step, if any: in one process as soon as it arrives; under torchrun
         at logging and checkpoint steps, when the ranks agree (one small all-reduce), so all stop together."""
         if not self.ctx.distributed:

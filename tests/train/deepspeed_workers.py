@@ -12,12 +12,14 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from ep_helpers import GlobalBatchSource, copy_checkpoint, shard_of, tiny_run  # noqa: E402
 
+from sae_dist.config import sweep_members  # noqa: E402
 from sae_dist.parallel.expert_parallel import ExpertParallelContext  # noqa: E402
 from sae_dist.parallel.mesh import build_mesh  # noqa: E402
 from sae_dist.run_dir import checkpoint_name, latest_checkpoint  # noqa: E402
 from sae_dist.train import checkpoint as ckpt  # noqa: E402
 from sae_dist.train.deepspeed_engine import DeepSpeedTrainer, remove_parallel_gradient_partition_  # noqa: E402
 from sae_dist.train.init import init_biases_from_batch  # noqa: E402
+from sae_dist.train.multi import prepare_sweep, train_sweep  # noqa: E402
 from sae_dist.train.optim import remove_parallel_gradient_  # noqa: E402
 from sae_dist.train.run import build_trainer  # noqa: E402
 from sae_dist.train.trainer import Trainer  # noqa: E402
@@ -166,6 +168,19 @@ def check_resume_across_engines(folder: Path, rank: int, world: int) -> None:
         assert_states_match(final_state(trainer.run), saved_state(folder, source, 6), TRAINING)
 
 
+def check_sweep(folder: Path, rank: int, world: int) -> None:
+    """A sweep (two SAEs of other k and M on one stream, P = 2, ZeRO 2: one DeepSpeed engine per member in each
+    process) ends as the torch engine's sweep: every member's weights, Adam state and dead-latent counters."""
+    for engine in ("torch", "deepspeed"):
+        run = tiny_run(folder / f"sweep_{engine}", ep_size=2, zero_stage=2, engine=engine)
+        run.sweep = [{"sae.k": 4}, {"sae.k": 8, "sae.num_latents": 64}]
+        train_sweep(prepare_sweep(run, world), ExpertParallelContext(build_mesh("cpu", 2)), eval_batches=1)
+    for member in sweep_members(run):
+        saved = [ckpt.read_global_state(latest_checkpoint(folder / f"sweep_{engine}" / member.name))
+                 for engine in ("torch", "deepspeed")]
+        assert_states_match(saved[1], saved[0], TRAINING)
+
+
 def two_ranks(rank: int, world: int, folder: Path, check) -> None:
     with check("projection_split_rows"):
         check_projection_of_split_rows(rank, world)
@@ -186,3 +201,5 @@ def two_ranks(rank: int, world: int, folder: Path, check) -> None:
         check_resume_exact(folder, rank, world)
     with check("resume_across_engines"):
         check_resume_across_engines(folder, rank, world)
+    with check("sweep"):
+        check_sweep(folder, rank, world)

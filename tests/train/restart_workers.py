@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -13,8 +15,9 @@ from sae_dist.config import ConfigError, to_run_config
 from sae_dist.data.synthetic import SyntheticSource
 from sae_dist.parallel.expert_parallel import ExpertParallelContext
 from sae_dist.parallel.failures import CollectiveError, PeerFailedError, on_every_rank
-from sae_dist.run_dir import latest_checkpoint
+from sae_dist.run_dir import checkpoint_name, latest_checkpoint
 from sae_dist.train import checkpoint as ckpt
+from sae_dist.train.preemption import StopRequested
 from sae_dist.train.run import train_from_config
 from sae_dist.train.trainer import NonFiniteError, Trainer
 from tests.train.faults import FaultySource, poison, stall
@@ -97,6 +100,40 @@ def check_stalled_rank(folder: Path, rank: int) -> None:
         assert elapsed < 30, elapsed
 
 
+def check_sweep_stop_on_one_rank(folder: Path, rank: int) -> None:
+    """SIGUSR1 to rank 1 while the second SAE of a sweep takes step 3: at the next logging step (5) the ranks agree,
+    and every member on every rank checkpoints step 5 and stops (checkpoint_every=10: on main the second member
+    alone stopped, and the sweep could not resume); the continued sweep ends as the unbroken one bit for bit."""
+
+    def sweep(name: str) -> list[Trainer]:
+        run = compose_run(*JOB, f"trainer.out_dir={folder / name}", "trainer.steps=10", "trainer.checkpoint_every=10")
+        run.sweep = [{"sae.k": 4}, {"sae.k": 8}]
+        results = train_from_config(run, ExpertParallelContext.from_config(run, "cpu"), eval_batches=1)
+        return [result["trainer"] for result in results]
+
+    unbroken = sweep("sweep_unbroken")
+    second = unbroken[1].run.name
+    train_step = Trainer.train_step
+
+    def signalled(self, x_TD):
+        if rank == 1 and self.run.name == second and self.step == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return train_step(self, x_TD)
+
+    Trainer.train_step = signalled
+    try:
+        with pytest.raises(StopRequested, match="after step 5; checkpoints step_00000005 written for 2 SAEs"):
+            sweep("sweep_stopped")
+    finally:
+        Trainer.train_step = train_step
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+    for reference in unbroken:
+        assert latest_checkpoint(folder / "sweep_stopped" / reference.run.name).name == checkpoint_name(5)
+    for resumed, reference in zip(sweep("sweep_stopped"), unbroken, strict=True):
+        for name, tensor in reference.model.state_dict().items():
+            assert torch.equal(resumed.model.state_dict()[name], tensor), name
+
+
 def two_ranks(rank: int, world: int, folder: Path, check) -> None:
     with check("baseline"):
         run = compose_run(*JOB, f"trainer.out_dir={folder / 'baseline'}")
@@ -107,5 +144,7 @@ def two_ranks(rank: int, world: int, folder: Path, check) -> None:
         check_save_fails_on_one_rank(folder, rank)
     with check("error_on_one_rank"):
         check_error_on_one_rank(rank)
+    with check("sweep_stop_on_one_rank"):
+        check_sweep_stop_on_one_rank(folder, rank)
     with check("stalled_rank"):  # last: the timed-out groups are not used again
         check_stalled_rank(folder, rank)

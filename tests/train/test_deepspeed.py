@@ -70,6 +70,11 @@ def test_checkpoints_resume_across_engines(job):
     job[1].require("resume_across_engines")
 
 
+def test_sweep_equals_torch_engine_sweep(job):
+    """Several SAEs from one stream on the DeepSpeed engine: an engine per member in one process works."""
+    job[1].require("sweep")
+
+
 def test_checkpoint_loads_through_public_api(job):
     job[1].require("training_P2_z2")
     folder = job[0] / "train_switch_P2_z2_deepspeed"

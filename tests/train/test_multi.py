@@ -1,16 +1,22 @@
 """Several SAEs from one stream (`run.sweep`): each equals the same SAE trained alone on the same stream."""
 
+import os
 import shutil
+import signal
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
+from sae_dist.cli import one_line_errors
 from sae_dist.config import ConfigError, RunConfig, sweep_members, validate
-from sae_dist.run_dir import latest_checkpoint
-from sae_dist.run_dir import read_metrics
+from sae_dist.run_dir import checkpoint_name, latest_checkpoint, read_metrics
 from sae_dist.train.identity import RunDirectoryError
+from sae_dist.train.preemption import REQUEUE_EXIT_STATUS, StopRequested
 from sae_dist.train.run import train_from_config
+from sae_dist.train.trainer import Trainer
+from tests.conftest import small_run
 from tests.data.conftest import minilm, tiny_gpt2_dir  # noqa: F401 - the tiny random GPT-2 and its tokenizer
 
 
@@ -94,3 +100,57 @@ def test_bad_sweeps_are_one_line_errors(make_run, sweep, message):
     with pytest.raises(ConfigError, match=message) as info:
         validate(run)
     assert "\n" not in str(info.value)
+
+
+STOPPED_SWEEP = [{"sae.k": 4}, {"sae.k": 8}, {"sae.num_latents": 128}]
+
+
+@pytest.fixture(scope="module")
+def unbroken_sweep(tmp_path_factory) -> list[Trainer]:
+    """The trainers of the 3-member sweep of the stop tests, 12 steps that nothing interrupted."""
+    run = small_run(tmp_path_factory.mktemp("unbroken_sweep"), steps=12, checkpoint_every=6, keep_checkpoints=1)
+    run.sweep = STOPPED_SWEEP
+    return [result["trainer"] for result in train_from_config(run, eval_batches=1)]
+
+
+@pytest.mark.parametrize(
+    ("method", "member", "steps_done", "stop_step"),
+    [("train_step", 1, 6, 8), ("save", 0, 6, 7)],
+    ids=["during_member_1s_step", "between_two_members_saves"],
+)
+def test_stop_signal_stops_every_member_after_one_step_and_the_resume_is_exact(
+    make_run, unbroken_sweep, monkeypatch, capsys, method, member, steps_done, stop_step
+):
+    """SIGUSR1 while member 1 takes step 7 (member 0 has taken it, member 2 has not), or after member 0 has saved
+    checkpoint 6 and before member 1 saves it: every member stops after the first step all of them begin after the
+    signal (8, 7) and checkpoints it, the process stops with status 75 and one line, and the resumed sweep ends bit
+    for bit as the unbroken one (each member keeps one checkpoint: on main the last member alone stopped, a step
+    ahead, with its checkpoint 6 rotated away, so the sweep could not resume; and the handler outlived the sweep)."""
+    run = make_run(steps=12, checkpoint_every=6, keep_checkpoints=1)
+    run.sweep = STOPPED_SWEEP
+    target = sweep_members(run)[member].name
+    original = getattr(Trainer, method)
+
+    def signalled(self, *args):
+        result = original(self, *args)
+        if self.run.name == target and self.step == steps_done:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return result
+
+    monkeypatch.setattr(Trainer, method, signalled)
+    with pytest.raises(StopRequested) as info:
+        train_from_config(run, eval_batches=1)
+    monkeypatch.setattr(Trainer, method, original)
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL, "the handler outlived the sweep"
+    assert info.value.step == stop_step
+    for trainer in unbroken_sweep:
+        assert latest_checkpoint(Path(run.trainer.out_dir) / trainer.run.name).name == checkpoint_name(stop_step)
+    with pytest.raises(SystemExit) as exit_info, one_line_errors():
+        raise info.value
+    assert exit_info.value.code == REQUEUE_EXIT_STATUS
+    err = capsys.readouterr().err
+    assert f"stopped by SIGUSR1 after step {stop_step}; checkpoints {checkpoint_name(stop_step)} written for 3 SAEs" in err
+    assert err.count("\n") == 1, err
+    for result, reference in zip(train_from_config(run, eval_batches=1), unbroken_sweep, strict=True):
+        assert result["trainer"].step == 12
+        assert_same_weights(result["trainer"], reference)

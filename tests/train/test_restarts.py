@@ -30,7 +30,9 @@ def job(tmp_path_factory):
     return spawn_checks(two_ranks, 2, folder, "two"), folder
 
 
-@pytest.mark.parametrize("name", ["nan_on_one_rank", "save_fails_on_one_rank", "error_on_one_rank", "stalled_rank"])
+@pytest.mark.parametrize(
+    "name", ["nan_on_one_rank", "save_fails_on_one_rank", "error_on_one_rank", "sweep_stop_on_one_rank", "stalled_rank"]
+)
 def test_two_rank_faults(job, name):
     job[0].require(name)
 

@@ -46,6 +46,9 @@ class SAEConfig:
     experts_per_token: int = 1
     """e, the experts each token is routed to ('switch'): its e most probable, each expert's output weighted by
     its probability; 1 is the paper's top-1 Switch SAE. A token costs e experts' encoders."""
+    union_topk: bool = False
+    """With e > 1 ('switch'): keep the k largest gated activations p_i a_ij over the union of a token's e experts
+    (k latents per token in all) instead of k per expert (e * k); the encoders' cost is the same."""
     k: int = 32
     """Active latents per token (TopK); ignored by 'relu'."""
     lb_alpha: float = 3.0
@@ -305,6 +308,9 @@ def validate(run: RunConfig) -> None:
     _require(parallel.a2a_chunks == 1 or _architecture(run.sae).rows_independent,
              f"parallel.a2a_chunks={parallel.a2a_chunks}: sae.kind={run.sae.kind!r} selects over each expert's whole "
              "batch, which chunks would split; use 1")
+    _require(parallel.a2a_chunks == 1 or not run.sae.union_topk,
+             f"parallel.a2a_chunks={parallel.a2a_chunks}: sae.union_topk=true exchanges every row's candidates before "
+             "it decodes, which the chunked all-to-all does not overlap; use 1")
     if run.sweep:
         sweep_members(run)
 

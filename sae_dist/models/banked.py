@@ -6,6 +6,17 @@ experts (`sae.experts_per_token`; without a router E = {0}, p_0 = 1); per expert
 z_i = TopK_k(ReLU(W_enc^i (x - b_pre) [+ b_enc])); x_hat = sum_{i in E(x)} p_i z_i W_dec^i + b_pre.
 Only the chosen experts' encoders run on a token: the dispatcher groups its e rows (one per chosen expert, token-major)
 by expert first. e = 1 is the paper's top-1 Switch SAE.
+
+Union TopK (`sae.union_topk`, e > 1): one TopK over the union of the chosen experts' latents. Per token,
+a_i = ReLU(W_enc^i (x - b_pre)) for i in E(x); keep the k largest of the gated activations {p_i a_i[j] : i in E(x),
+all j} (decoder rows are unit norm, so this ranks latents by their contribution); z_i = a_i on the kept entries,
+0 elsewhere; x_hat = sum_i p_i z_i W_dec^i + b_pre, with f = p_i z_i (k latents per token in all). Gradients flow
+through the kept values and through p_i; AuxK (when on) stays per expert, on the residual of this x_hat.
+Since p_i > 0 scales expert i's latents alike, the union's top k lies inside the union of the per-expert top k: each
+expert computes its own TopK as usual; the k candidate values of each row go back to the token's side (`combine`);
+there the top k of the e * k gated candidates becomes a keep mask, sent back to the rows (`dispatch_like`); the
+experts zero the dropped candidates and decode. An exact mask, not a threshold: the selection is torch.topk's over
+the union, ties included. Rows a capacity limit dropped are never selected ahead of a real candidate.
 """
 
 from __future__ import annotations
@@ -16,11 +27,12 @@ from torch import Tensor, nn
 from sae_dist.config import SAEConfig
 from sae_dist.models.auxk import AuxCandidates, dead_candidates
 from sae_dist.models.base import SAE, Latents, SAEOutput
-from sae_dist.models.dispatch import ExpertGroups, LocalDispatcher, TokenDispatcher
-from sae_dist.models.experts import ExpertBank, seeded_generator
+from sae_dist.models.dispatch import ExpertGroups, ExpertRun, LocalDispatcher, TokenDispatcher
+from sae_dist.models.experts import ExpertBank, ExpertOutput, seeded_generator
 from sae_dist.models.kernels import sparse_decode
 from sae_dist.models.losses import BatchReducer, auxk_loss, fired_mask, reconstruction_loss
 from sae_dist.models.router import Router, load_balancing_loss
+from sae_dist.models.selection import union_topk_mask
 
 
 class BankedSAE(SAE):
@@ -129,11 +141,12 @@ class BankedSAE(SAE):
 
         def run_experts(rows_RD: Tensor, groups: ExpertGroups) -> tuple[Tensor, tuple]:
             out = self.experts(rows_RD, groups, self.cfg.k, aux_candidates, k_aux)
-            # One combine for both reconstructions: one all-to-all under expert parallelism.
-            recon_R = out.recon_RD if out.aux_recon_RD is None else torch.cat([out.recon_RD, out.aux_recon_RD], 1)
-            return recon_R, (out.values_RK, out.indices_RK)
+            return rows_to_combine(out), (out.values_RK, out.indices_RK)
 
-        run = self.dispatcher.run(rows_SD, expert_S, scores_S, run_experts)
+        if self.cfg.union_topk:
+            run = self._run_union_topk(rows_SD, expert_S, scores_S, routing.gate_TE.detach(), aux_candidates, k_aux)
+        else:
+            run = self.dispatcher.run(rows_SD, expert_S, scores_S, run_experts)
         values_RK, indices_RK = run.per_row
         recon_S = run.combined_T.float()
         decoded_SD, aux_SD = recon_S[:, : self.d_model], recon_S[:, self.d_model :]
@@ -147,6 +160,20 @@ class BankedSAE(SAE):
         # A row dropped by a capacity limit combines to zeros: a token with no row kept has x_hat = b_pre.
         x_hat_TD = decoded_TD + self.b_pre.float()
         return SAEOutput(x_hat_TD, values_RK, indices_RK, routing, aux_recon_TD, run.plan.kept_T, run.plan)
+
+    def _run_union_topk(
+        self, rows_SD: Tensor, expert_S: Tensor, scores_S: Tensor, gate_TE: Tensor, aux: AuxCandidates | None,
+        k_aux: int,
+    ) -> ExpertRun:
+        """The experts' run under union TopK (module docstring): encode, select on the tokens' side, decode."""
+        dispatcher = self.dispatcher
+        rows_RD, plan = dispatcher.dispatch(rows_SD, expert_S, scores_S)
+        codes = self.experts.encode(rows_RD, plan.groups, self.cfg.k, aux, k_aux)
+        candidates_SK = dispatcher.combine(codes.values_RK.detach(), plan)
+        keep_SK = union_topk_mask(candidates_SK, gate_TE, plan.kept_T, self.cfg.k)
+        keep_RK = dispatcher.dispatch_like(keep_SK, plan)
+        out = self.experts.decode(codes._replace(values_RK=codes.values_RK * keep_RK), plan.groups)
+        return ExpertRun(dispatcher.combine(rows_to_combine(out), plan), (out.values_RK, out.indices_RK), plan)
 
     def loss_terms(self, x_TD: Tensor, out: SAEOutput, reducer: BatchReducer | None = None) -> dict[str, Tensor]:
         """Unweighted loss terms: 'rec', and 'lb' (Switch) and 'auxk' (when on).
@@ -170,7 +197,8 @@ class BankedSAE(SAE):
 
     @torch.no_grad()
     def encode(self, x_TD: Tensor) -> Latents:
-        """Latent activations f = p_i z_i in token order, [T, e * k] (each chosen expert's k), with global ids."""
+        """Latent activations f = p_i z_i in token order, [T, e * k] (each chosen expert's k), with global ids;
+        [T, k] under union TopK (the kept ones, largest first)."""
         out = self(x_TD)
         values_SK = self.dispatcher.combine(out.latent_values_RK, out.plan)
         # Ids become global before combine: under expert parallelism the rows were encoded on other ranks.
@@ -180,7 +208,11 @@ class BankedSAE(SAE):
             return Latents(values_SK, indices_SK)
         values_SK = values_SK * out.routing.gate_TE.flatten()[:, None]
         shape_TE = out.routing.gate_TE.shape
-        return Latents(values_SK.unflatten(0, shape_TE).flatten(1), indices_SK.unflatten(0, shape_TE).flatten(1))
+        values_TC, indices_TC = (t.unflatten(0, shape_TE).flatten(1) for t in (values_SK, indices_SK))
+        if self.cfg.union_topk:  # the e * k - k dropped candidates are zeros; at most k values are positive
+            top = values_TC.topk(self.cfg.k, dim=1)
+            return Latents(top.values, indices_TC.gather(1, top.indices))
+        return Latents(values_TC, indices_TC)
 
     @torch.no_grad()
     def decode(self, latents: Latents) -> Tensor:
@@ -192,3 +224,9 @@ class BankedSAE(SAE):
 def gate_weighted_sum(rows_SD: Tensor, gate_TE: Tensor) -> Tensor:
     """sum_i p_i y_i over each token's e rows: rows [T * e, D] (token-major), gates [T, e] -> [T, D]."""
     return (gate_TE[:, :, None] * rows_SD.unflatten(0, gate_TE.shape)).sum(1)
+
+
+def rows_to_combine(out: ExpertOutput) -> Tensor:
+    """z W_dec per row, with the AuxK reconstruction beside it when AuxK runs: one combine (one all-to-all under
+    expert parallelism) for both."""
+    return out.recon_RD if out.aux_recon_RD is None else torch.cat([out.recon_RD, out.aux_recon_RD], 1)

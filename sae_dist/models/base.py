@@ -41,7 +41,8 @@ if TYPE_CHECKING:
 class SAEOutput(NamedTuple):
     x_hat_TD: Tensor
     latent_values_RK: Tensor
-    """z per dispatched row (before the gate); [T, M] dense for the ReLU SAE."""
+    """z per dispatched row (before the gate; zero where sae.union_topk dropped a candidate); [T, M] dense for the
+    ReLU SAE."""
     latent_indices_RK: Tensor | None
     """Flat local latent ids per dispatched row; None for the ReLU SAE."""
     routing: Routing | None
@@ -55,7 +56,7 @@ class SAEOutput(NamedTuple):
 
 class Latents(NamedTuple):
     """Sparse latent activations in token order: f = p_{e*} * z and their global latent ids ([T, e * k] under
-    top-e routing: each chosen expert's k, best expert first)."""
+    top-e routing: each chosen expert's k, best expert first; [T, k] with sae.union_topk, largest first)."""
 
     values_TK: Tensor
     indices_TK: Tensor
@@ -99,6 +100,9 @@ class SAE(nn.Module, ABC):
         if cfg.resample_every is not None and not cls.resamples_latents:
             raise ConfigError(f"sae.resample_every={cfg.resample_every}: sae.kind={cfg.kind!r} has no dead-latent "
                               "resampling; use null")
+        if cfg.union_topk and cfg.experts_per_token == 1:
+            raise ConfigError("sae.union_topk=true selects over the union of a token's experts: it needs "
+                              "sae.experts_per_token > 1 (a Switch SAE); use false")
         per_expert = cfg.num_latents // cfg.num_experts
         if cls.uses_k and not 0 < cfg.k <= per_expert:
             raise ConfigError(f"sae.k={cfg.k} must be in [1, M/N={per_expert}]")

@@ -85,6 +85,8 @@ class BatchTopKSAE(BankedSAE):
 
     @classmethod
     def check_config(cls, cfg: SAEConfig) -> None:
+        if cfg.union_topk:
+            raise ConfigError("sae.union_topk=true: sae.kind='batchtopk' selects per expert over its batch; use false")
         super().check_config(cfg)
         if cfg.auxk_alpha:
             raise ConfigError(f"sae.auxk_alpha={cfg.auxk_alpha}: sae.kind='batchtopk' has no AuxK; use null or 0")

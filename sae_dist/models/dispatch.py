@@ -2,7 +2,8 @@
 
 The expert code sees only rows grouped by local expert (`ExpertGroups`); whether those rows came from a local sort
 (`LocalDispatcher`) or from an all-to-all between ranks (`sae_dist.parallel`) is hidden behind this interface.
-Dispatch is stateless: `dispatch` returns the rows and a plan, and `combine` takes that plan back, so several
+Dispatch is stateless: `dispatch` returns the rows and a plan, and `combine` takes that plan back (`dispatch_like`
+sends more per-token data along it), so several
 dispatches can be in flight at once (the overlapped all-to-all runs one per chunk). `run` does dispatch, the
 experts and combine in one call; a dispatcher that overlaps communication with compute overrides it.
 """
@@ -90,6 +91,11 @@ class TokenDispatcher(ABC):
     def combine(self, y_R: Tensor, plan: DispatchPlan) -> Tensor:
         """Inverse of the dispatch that made `plan`, for a tensor with one row per dispatched row: [R, ...] -> [T, ...]."""
 
+    @abstractmethod
+    def dispatch_like(self, y_T: Tensor, plan: DispatchPlan) -> Tensor:
+        """The forward direction of `combine`: a tensor with one row per token [T, ...] sent where `plan` sent the
+        tokens, [R, ...] in the dispatched rows' order (tokens the plan dropped are not sent)."""
+
     def run(self, x_TD: Tensor, expert_T: Tensor, scores_T: Tensor | None, expert_fn: ExpertFn) -> ExpertRun:
         """Dispatch, run the local experts on their rows, combine their first output."""
         rows_RD, plan = self.dispatch(x_TD, expert_T, scores_T)
@@ -124,8 +130,12 @@ class LocalDispatcher(TokenDispatcher):
         counts_L = expert_counts(expert_T, self.num_local_experts)
         host_counts = counts_L.tolist() if counts_L.device.type == "cpu" else None
         groups = ExpertGroups.from_counts(counts_L, x_TD.shape[0], host_counts)
-        return x_TD[order_T], DispatchPlan(x_TD.shape[0], groups, None, (inverse_T,))
+        return x_TD[order_T], DispatchPlan(x_TD.shape[0], groups, None, (order_T, inverse_T))
 
     def combine(self, y_R: Tensor, plan: DispatchPlan) -> Tensor:
-        (inverse_T,) = plan.state
+        _, inverse_T = plan.state
         return y_R[inverse_T]
+
+    def dispatch_like(self, y_T: Tensor, plan: DispatchPlan) -> Tensor:
+        order_T, _ = plan.state
+        return y_T[order_T]

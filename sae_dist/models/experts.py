@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from sae_dist.models.auxk import AuxCandidates
 from sae_dist.models.dispatch import ExpertGroups
-from sae_dist.models.formulation import choose_formulation
+from sae_dist.models.formulation import Formulation, choose_formulation
 from sae_dist.models.grouped import gemm_decode, gemm_encode
 from sae_dist.models.kernels import sparse_decode, sparse_encode
 
@@ -24,11 +24,24 @@ def expert_generator(seed: int, global_expert_id: int) -> torch.Generator:
     return seeded_generator(seed, 1 + global_expert_id)
 
 
-class ExpertOutput(NamedTuple):
+class ExpertCodes(NamedTuple):
+    """The encoder's selections for rows grouped by local expert (`ExpertBank.encode`)."""
+
     values_RK: Tensor
     """z: the k largest ReLU pre-activations per row (zeros where fewer are positive)."""
     indices_RK: Tensor
     """Flat local latent ids (local expert e, latent j -> e * M_e + j)."""
+    aux_values_RA: Tensor | None
+    """AuxK's selection among the dead candidates ([R, 0] when there are none), or None when AuxK does not run."""
+    aux_indices_RA: Tensor | None
+    """Its flat local latent ids, or None."""
+
+
+class ExpertOutput(NamedTuple):
+    values_RK: Tensor
+    """The decoded codes z (`ExpertCodes.values_RK`, with any entries the caller zeroed)."""
+    indices_RK: Tensor
+    """Their flat local latent ids."""
     recon_RD: Tensor
     """z W_dec: the decoded rows, before the router gate and b_pre."""
     aux_recon_RD: Tensor | None
@@ -73,18 +86,34 @@ class ExpertBank(nn.Module):
         self, rows_RD: Tensor, groups: ExpertGroups, k: int, aux: AuxCandidates | None = None, k_aux: int = 0
     ) -> ExpertOutput:
         """Encode and decode rows grouped by local expert; AuxK selects among `aux` candidates when given."""
-        formulation = choose_formulation(self.encoder_backward, self.decoder, rows_RD.device, self.latents_per_expert)
+        return self.decode(self.encode(rows_RD, groups, k, aux, k_aux), groups)
+
+    def encode(
+        self, rows_RD: Tensor, groups: ExpertGroups, k: int, aux: AuxCandidates | None = None, k_aux: int = 0
+    ) -> ExpertCodes:
+        """Each row's TopK_k inside its expert (and AuxK's selection among `aux` candidates when k_aux > 0)."""
+        sparse = self._formulation(rows_RD).encoder_backward == "sparse"
         aux = aux if k_aux else None
-        encode = gemm_encode if formulation.encoder_backward == "gemm" else sparse_encode
+        encode = sparse_encode if sparse else gemm_encode
         values_RK, ids_RK, aux_values_RA, aux_ids_RA = encode(rows_RD, self.w_enc, self.b_enc, groups, k, aux, k_aux)
+        if aux is None:
+            return ExpertCodes(values_RK, ids_RK, None, None)
+        return ExpertCodes(values_RK, ids_RK, aux_values_RA, aux_ids_RA)
+
+    def decode(self, codes: ExpertCodes, groups: ExpertGroups) -> ExpertOutput:
+        """z W_dec per row for the codes (and the AuxK codes) of `encode`, possibly with some values zeroed."""
+        gemm = self._formulation(codes.values_RK).decoder == "gemm"
 
         def decode(values: Tensor, ids: Tensor) -> Tensor:
-            if formulation.decoder == "gemm":
-                return gemm_decode(values, ids, self.w_dec, groups)
-            return sparse_decode(values, ids, self.w_dec)
+            return gemm_decode(values, ids, self.w_dec, groups) if gemm else sparse_decode(values, ids, self.w_dec)
 
-        recon_RD = decode(values_RK, ids_RK)
+        recon_RD = decode(codes.values_RK, codes.indices_RK)
         aux_recon_RD = None
-        if aux is not None:  # no candidate columns (nothing dead here): a zero reconstruction, no compute
-            aux_recon_RD = decode(aux_values_RA, aux_ids_RA) if aux_ids_RA.shape[1] else torch.zeros_like(recon_RD)
-        return ExpertOutput(values_RK, ids_RK, recon_RD, aux_recon_RD)
+        if codes.aux_indices_RA is not None:  # no candidate columns (nothing dead here): a zero reconstruction
+            aux_ids_RA = codes.aux_indices_RA
+            aux_recon_RD = decode(codes.aux_values_RA, aux_ids_RA) if aux_ids_RA.shape[1] else torch.zeros_like(recon_RD)
+        return ExpertOutput(codes.values_RK, codes.indices_RK, recon_RD, aux_recon_RD)
+
+    def _formulation(self, rows: Tensor) -> Formulation:
+        """`sae.encoder_backward` and `sae.decoder` with 'auto' resolved for these rows' device."""
+        return choose_formulation(self.encoder_backward, self.decoder, rows.device, self.latents_per_expert)

@@ -25,9 +25,11 @@ def dense_decode(z_TM: Tensor, expert_T: Tensor, w_dec_NMD: Tensor) -> Tensor:
     return all_latents(z_TM, expert_T, w_dec_NMD.shape[0]) @ w_dec_NMD.flatten(0, 1)
 
 
-def naive_forward(sae: BankedSAE, x_TD: Tensor, dead_mask_L: Tensor | None = None):
+def naive_forward(sae: BankedSAE, x_TD: Tensor, dead_mask_L: Tensor | None = None, kept_TE: Tensor | None = None):
     """Dense forward with the weights of `sae`: (x_hat_TD, f_TL = sum over chosen experts of p * z, over all local
-    latents, loss terms). Top-e routing: each of a token's e most probable experts is one slot, decoded on its own."""
+    latents, loss terms). Top-e routing: each of a token's e most probable experts is one slot, decoded on its own;
+    under union TopK the slots' z come from one TopK over all of the chosen experts' gated activations. `kept_TE`
+    (bool [T, e]): slots a capacity limit dropped add nothing and take no part in the union."""
     bank = sae.experts
     pre_TNM = torch.einsum("td,nmd->tnm", x_TD - sae.b_pre, bank.w_enc)
     if bank.b_enc is not None:
@@ -43,13 +45,22 @@ def naive_forward(sae: BankedSAE, x_TD: Tensor, dead_mask_L: Tensor | None = Non
     else:
         expert_TE = torch.zeros(x_TD.shape[0], 1, dtype=torch.long, device=x_TD.device)
         probs_TN, gate_TE = None, torch.ones(x_TD.shape[0], 1, device=x_TD.device)
+    kept_TE = torch.ones_like(expert_TE, dtype=torch.bool) if kept_TE is None else kept_TE
+    if sae.cfg.union_topk:
+        gated_TEM = (acts_TNM[tokens[:, None], expert_TE] * gate_TE[:, :, None]).masked_fill(
+            ~kept_TE[:, :, None], float("-inf"))
+        union_idx = gated_TEM.flatten(1).topk(sae.cfg.k, dim=-1).indices
+        union_TEM = torch.zeros_like(gated_TEM).flatten(1).scatter(1, union_idx, 1.0).view_as(gated_TEM)
     x_hat = sae.b_pre.float()
     f_TL, aux_TD = 0.0, 0.0
     for slot in range(expert_TE.shape[1]):
-        expert_T, gate_T = expert_TE[:, slot], gate_TE[:, slot]
+        expert_T, gate_T = expert_TE[:, slot], gate_TE[:, slot] * kept_TE[:, slot]
         acts_TM = acts_TNM[tokens, expert_T]
-        top_idx = acts_TM.topk(sae.cfg.k, dim=-1).indices
-        mask_TM = torch.zeros_like(acts_TM).scatter(1, top_idx, 1.0)
+        if sae.cfg.union_topk:
+            mask_TM = union_TEM[:, slot]
+        else:
+            top_idx = acts_TM.topk(sae.cfg.k, dim=-1).indices
+            mask_TM = torch.zeros_like(acts_TM).scatter(1, top_idx, 1.0)
         z_TM = acts_TM * mask_TM
         x_hat = x_hat + gate_T[:, None] * dense_decode(z_TM, expert_T, bank.w_dec).float()
         f_TL = f_TL + all_latents(z_TM * gate_T[:, None], expert_T, bank.num_local)

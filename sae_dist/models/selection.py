@@ -1,4 +1,5 @@
-"""The latent selections every TopK-style formulation shares: TopK of ReLU, and AuxK's TopK among dead candidates."""
+"""The latent selections every TopK-style formulation shares: TopK of ReLU, AuxK's TopK among dead candidates, and
+the TopK over the union of a token's experts (sae.union_topk)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,18 @@ def aux_topk(pre_RM: Tensor, ids_RC: Tensor, dead_RC: Tensor, k_aux: int) -> tup
     aux_pre_RC = pre_RM.gather(1, ids_RC).masked_fill(~dead_RC, float("-inf"))
     values_RA, picks_RA = topk_relu(aux_pre_RC, min(k_aux, ids_RC.shape[1]), sorted=True)
     return values_RA, ids_RC.gather(1, picks_RA)
+
+
+def union_topk_mask(values_SK: Tensor, gate_TE: Tensor, kept_S: Tensor | None, k: int) -> Tensor:
+    """Bool [T * e, k]: the k largest gated candidates p_i * values[i, j] over each token's e rows (token-major).
+
+    `values_SK` holds each (token, expert) row's own TopK (ReLU values, no gradient), `gate_TE` the float32 gates.
+    Rows a capacity limit dropped (`kept_S` False) are -inf: never chosen ahead of a real candidate. An exact mask
+    of torch.topk's choice, so the selection equals torch.topk over the gated union whatever the ties.
+    """
+    gated_SK = values_SK * gate_TE.flatten()[:, None]
+    if kept_S is not None:
+        gated_SK = gated_SK.masked_fill(~kept_S[:, None], float("-inf"))
+    gated_TC = gated_SK.view(gate_TE.shape[0], gate_TE.shape[1] * values_SK.shape[1])
+    picks_TK = gated_TC.topk(k, dim=1, sorted=False).indices
+    return torch.zeros_like(gated_TC, dtype=torch.bool).scatter_(1, picks_TK, True).view_as(values_SK)

@@ -5,8 +5,9 @@ dispatch, on every rank of the expert-parallel group (P ranks, L = N / P experts
   2. exchange the per-expert counts (all_to_all_single of N integers);
   3. send the token rows with those split sizes (all_to_all_single, differentiable);
   4. regroup the received rows from (source rank, local expert) to (local expert, source rank).
-combine reverses 4, 3 (splits swapped) and 1; dropped tokens come back as zero rows. Every rank issues every
-collective, also with zero rows, so ranks never wait on a collective another rank skipped.
+combine reverses 4, 3 (splits swapped) and 1; dropped tokens come back as zero rows. dispatch_like repeats 1, 3 and 4
+for another per-token tensor along the same plan. Every rank issues every collective, also with zero rows, so ranks
+never wait on a collective another rank skipped.
 """
 
 from __future__ import annotations
@@ -72,3 +73,9 @@ class AllToAllDispatcher(TokenDispatcher):
         y_S = AllToAllRows.apply(y_R[ungroup_R], sent_P, received_P, self.group, self.stats)
         # Tokens that were not sent (dropped) get zeros.
         return y_S.new_zeros((plan.tokens, *y_S.shape[1:])).index_copy(0, order_S, y_S)
+
+    def dispatch_like(self, y_T: Tensor, plan: DispatchPlan) -> Tensor:
+        order_S, sent_P, received_P, ungroup_R = plan.state
+        received_R = AllToAllRows.apply(y_T[order_S], received_P, sent_P, self.group, self.stats)
+        # grouped[ungroup[i]] = received[i]: the regrouping by local expert of `dispatch`.
+        return torch.empty_like(received_R).index_copy(0, ungroup_R, received_R)

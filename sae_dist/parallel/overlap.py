@@ -29,7 +29,8 @@ class OverlappedAllToAllDispatcher(AllToAllDispatcher):
     """`AllToAllDispatcher` whose `run` exchanges tokens in `chunks` pieces, overlapping transfer and compute.
 
     A plan from `run` has `groups` None (each chunk is grouped by itself) and state (order_S: token ids in the
-    order sent, grouped by chunk; per chunk: (sent_P, received_P, ungroup_R)).
+    order sent, grouped by chunk; per chunk: (sent_P, received_P, ungroup_R)). `dispatch_like` takes plans of the
+    plain `dispatch` only: sae.union_topk, which needs it, runs with parallel.a2a_chunks = 1.
     """
 
     def __init__(

@@ -47,6 +47,17 @@ def make_switch(
     return sae
 
 
+def top_e_switch(experts_per_token: int, union_topk: bool = False, **kwargs):
+    """`make_switch` routing each token to `experts_per_token` experts (`union_topk`: one TopK over their union), its
+    router softened so that every chosen expert's gate matters (logits of a few units)."""
+    sae = make_switch(**kwargs)
+    sae.cfg.experts_per_token = sae.router.experts_per_token = experts_per_token
+    sae.cfg.union_topk = union_topk
+    with torch.no_grad():
+        sae.router.weight.mul_(0.05)
+    return sae
+
+
 def assert_same_forward_and_grads(sae, x_TD, dead_mask_L=None, grad_atol=1e-6):
     """Forward, loss terms, encode() and every gradient of `sae` equal the dense-then-mask oracle's."""
     out = sae(x_TD, dead_mask_L)

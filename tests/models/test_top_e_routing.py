@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from model_helpers import assert_same_forward_and_grads, make_switch, routed_inputs
+from model_helpers import assert_same_forward_and_grads, routed_inputs, top_e_switch
 
 from sae_dist.config import ConfigError, SAEConfig, validate
 from sae_dist.data import build_activation_source
@@ -15,15 +15,6 @@ from sae_dist.train.dead import DeadLatentTracker
 from sae_dist.train.trainer import Trainer
 from tests.conftest import small_run
 from tests.train.test_step import assert_same_weights
-
-
-def top_e_switch(experts_per_token: int, **kwargs):
-    """`make_switch`'s router, softened so that every chosen expert's gate matters (logits of a few units)."""
-    sae = make_switch(**kwargs)
-    sae.cfg.experts_per_token = sae.router.experts_per_token = experts_per_token
-    with torch.no_grad():
-        sae.router.weight.mul_(0.05)
-    return sae
 
 
 @pytest.mark.parametrize("experts_per_token", [2, 4])
@@ -64,11 +55,14 @@ def test_top_e_float32_handles_no_tokens():
     assert sae.encode(torch.zeros(0, 8)).values_TK.shape == (0, 8)
 
 
-def test_trainer_steps_with_top2_routing_equal_reference_steps(tmp_path):
-    """Six steps of the fused trainer (AuxK on from the third) equal the straightforward step on the oracle."""
+@pytest.mark.parametrize("union_topk", [False, True])
+def test_trainer_steps_with_top2_routing_equal_reference_steps(tmp_path, union_topk):
+    """Six steps of the fused trainer (AuxK on from the third) equal the straightforward step on the oracle, with each
+    expert's own TopK or one TopK over the union (sae.union_topk)."""
     batch = 64
     run = small_run(tmp_path, kind="switch", batch_size=batch, steps=1000, lr=1e-3, grad_clip=0.7)
     run.sae.experts_per_token, run.sae.dead_tokens, run.sae.auxk_alpha = 2, 2 * batch, 0.5
+    run.sae.union_topk = union_topk
     trainer = Trainer(run, build_activation_source(run))
     source = build_activation_source(run)
     reference = copy.deepcopy(trainer.model)

@@ -22,6 +22,7 @@ from ep_helpers import (
 
 from sae_dist.config import SAEConfig
 from sae_dist.models.losses import total_loss
+from sae_dist.models.reference import naive_forward
 from sae_dist.parallel.all_to_all import AllToAllDispatcher
 from sae_dist.parallel.expert_parallel import ExpertParallelContext
 from sae_dist.parallel.mesh import ExpertMesh, build_mesh
@@ -78,6 +79,8 @@ def check_dispatch_identity(mesh: ExpertMesh, rank: int) -> None:
         assert counts[5 - dispatcher.first_local_expert] == 0
     # Identity experts: combine returns the input, for any trailing shape and for integer rows too.
     assert plan.groups.counts_L.tolist() == counts
+    assert torch.equal(dispatcher.dispatch_like(x_TD.detach(), plan), rows_RD.detach())
+    assert torch.equal(dispatcher.dispatch_like(x_TD[:, :3] > 2, plan), rows_RD[:, :3] > 2)  # bool rows too
     y_TD = dispatcher.combine(rows_RD, plan)
     torch.testing.assert_close(y_TD, x_TD, **EXACT)
     torch.testing.assert_close(dispatcher.combine(rows_RD.view(-1, 2, 3), plan), x_TD.view(-1, 2, 3), **EXACT)
@@ -102,6 +105,7 @@ def check_dispatch_capacity(mesh: ExpertMesh, rank: int) -> None:
     kept_T = plan.kept_T
     # Expert of the five: keeps the two 0.9s (positions 1, 4); the 0.6 pair and the single token all fit.
     assert kept_T.tolist() == [False, True, False, False, True, True, True, True]
+    assert torch.equal(dispatcher.dispatch_like(x_TD.detach(), plan), rows_RD.detach())  # dropped ones not sent
     sent_N = torch.bincount(expert_T[kept_T], minlength=num_experts)
     assert int(sent_N.max()) <= limit
     y_TD = dispatcher.combine(rows_RD, plan)
@@ -150,13 +154,23 @@ def check_overlapped_dispatch(mesh: ExpertMesh, rank: int, capacity_factor: floa
 
 
 # --- the model: forward and every gradient equal the single-device model ---------------------------------------
-def check_model_equivalence(ctx: ExpertParallelContext, rank: int, world: int, experts_per_token: int = 1) -> None:
+def top_e_model(experts_per_token: int, union_topk: bool = False, dispatcher=None):
+    """A `routed_model` (M = 64, N = 4, k = 3, AuxK on) whose router is softer under top-e routing, so that every
+    chosen expert's gate matters (and, under union TopK, later experts win some of a token's k)."""
     cfg = SAEConfig(kind="switch", num_latents=64, num_experts=4, k=3, auxk_alpha=0.5, auxk_k=5, lb_alpha=3.0,
-                    experts_per_token=experts_per_token)
-    full = routed_model(cfg)
-    if experts_per_token > 1:  # a softer router, so that every chosen expert's gate matters
+                    experts_per_token=experts_per_token, union_topk=union_topk)
+    full = routed_model(cfg, dispatcher)
+    if experts_per_token > 1:
         with torch.no_grad():
-            full.router.weight.mul_(0.05)
+            full.router.weight.mul_(0.015 if union_topk else 0.05)
+    return full
+
+
+def check_model_equivalence(
+    ctx: ExpertParallelContext, rank: int, world: int, experts_per_token: int = 1, union_topk: bool = False
+) -> None:
+    full = top_e_model(experts_per_token, union_topk)
+    cfg = full.cfg
     ep = routed_model(cfg, ctx.dispatcher(cfg.num_experts))
     load_shard(ep, full)
     x_TD = routed_batch(ROUTED_EXPERTS)
@@ -206,6 +220,32 @@ def check_model_equivalence(ctx: ExpertParallelContext, rank: int, world: int, e
     latents, ref_latents = ep.encode(x_TD[mine]), full.encode(x_TD)
     assert torch.equal(latents.indices_TK, ref_latents.indices_TK[mine])
     torch.testing.assert_close(latents.values_TK, ref_latents.values_TK[mine], **MODEL)
+    if union_topk:  # k latents per token, some from a later expert (on another rank, for most tokens)
+        later_TK = (ref_latents.indices_TK // 16 != ref.routing.expert_T[:, None]) & (ref_latents.values_TK > 0)
+        assert latents.indices_TK.shape[1] == cfg.k and later_TK.any()
+
+
+def check_union_capacity(ctx: ExpertParallelContext, rank: int, world: int) -> None:
+    """Union TopK with capacity drops (cf = 1): a dropped row takes no part in its token's union, so the forward,
+    encode and fired latents equal the oracle's with those rows left out of E(x)."""
+    full = top_e_model(2, union_topk=True)
+    ep = top_e_model(2, union_topk=True, dispatcher=ctx.dispatcher(4))
+    load_shard(ep, full)
+    x_TD = routed_batch(ROUTED_EXPERTS)
+    tokens = x_TD.shape[0] // world
+    x_mine = x_TD[rank * tokens : (rank + 1) * tokens]
+    out = ep(x_mine)
+    kept_TE = out.kept_T.view(-1, 2)
+    one_of_two = ctx.all_reduce_sum((kept_TE[:, 0] ^ kept_TE[:, 1]).sum())
+    assert one_of_two > 0, "expected tokens with one row dropped and one kept"
+    ref_x_hat, ref_f_TL, _ = naive_forward(full, x_mine, kept_TE=kept_TE)
+    torch.testing.assert_close(out.x_hat_TD, ref_x_hat, **MODEL)
+    latents = ep.encode(x_mine)
+    dense_f = torch.zeros_like(ref_f_TL).scatter_add(1, latents.indices_TK, latents.values_TK)
+    torch.testing.assert_close(dense_f, ref_f_TL, **MODEL)
+    fired_L = ctx.merge_fired(ep.fired_latents(out))
+    all_fired_L = ctx.all_reduce_sum((ref_f_TL > 0).any(0).to(torch.int32)) > 0
+    assert torch.equal(fired_L, local_latents(all_fired_L, ep.dispatcher))
 
 
 def check_model_capacity(ctx: ExpertParallelContext, rank: int, world: int) -> None:
@@ -268,6 +308,10 @@ def assert_matches_full(trainer: Trainer, full_state: dict, dead_L: torch.Tensor
 RECIPE = {"sae.dead_count": "routed", "sae.dead_tokens": 32, "sae.auxk_alpha": 1 / 32, "trainer.lr_rule": "expert",
           "trainer.lr": None}
 """The recipe options of a Switch SAE that involve the ranks: dead counts from the global routed tokens, AuxK."""
+
+
+UNION = {"sae.experts_per_token": 2, "sae.union_topk": True}
+"""Top-2 routing with one TopK over the union of a token's two experts."""
 
 
 def with_options(run, options: dict):
@@ -373,8 +417,12 @@ def four_ranks(rank: int, world: int, folder: Path, check) -> None:
             check_model_equivalence(ExpertParallelContext(mesh), rank, world)
         with check(f"model_overlapped_P{ep_size}"):
             check_model_equivalence(ExpertParallelContext(mesh, a2a_chunks=3), rank, world)
+        with check(f"model_P{ep_size}_union"):
+            check_model_equivalence(ExpertParallelContext(mesh), rank, world, experts_per_token=2, union_topk=True)
     with check("model_capacity"):
         check_model_capacity(ExpertParallelContext(build_mesh("cpu", 4), capacity_factor=1.0), rank, world)
+    with check("model_capacity_union"):
+        check_union_capacity(ExpertParallelContext(build_mesh("cpu", 4), capacity_factor=1.0), rank, world)
     for ep_size in (4, 2, 1):
         with check(f"training_P{ep_size}"):
             check_training(folder, rank, world, ep_size)
@@ -382,6 +430,8 @@ def four_ranks(rank: int, world: int, folder: Path, check) -> None:
         check_training(folder, rank, world, 2, a2a_chunks=2)
     with check("training_keep_alive_P2"):
         check_keep_alive(folder, rank, world, 2)
+    with check("training_P2_union"):
+        check_training(folder, rank, world, 2, options=UNION)
     with check("checkpoint_save"):
         train_ep(tiny_run(folder / "ep_run", ep_size=2), rank, world)
     with check("resume_same_layout"):
@@ -411,6 +461,10 @@ def two_ranks(rank: int, world: int, folder: Path, check) -> None:
         check_model_equivalence(ExpertParallelContext(mesh, a2a_chunks=3), rank, world, experts_per_token=2)
     with check("training_P2_e2"):
         check_training(folder, rank, world, 2, options={"sae.experts_per_token": 2})
+    with check("model_P2_union"):
+        check_model_equivalence(ExpertParallelContext(mesh), rank, world, experts_per_token=2, union_topk=True)
+    with check("training_P2_union"):
+        check_training(folder, rank, world, 2, options=UNION)
     with check("batchtopk_replicas_P1"):
         check_batchtopk_replicas(folder, rank, world)
     for ep_size in (2, 1):

@@ -98,6 +98,15 @@ def test_top2_routing_under_expert_parallelism_equals_single_device(jobs, check)
     jobs[2].require(check)
 
 
+@pytest.mark.parametrize("world,check", [(2, "model_P2_union"), (4, "model_P4_union"), (4, "model_P2_union"),
+                                         (4, "model_P1_union"), (2, "training_P2_union"), (4, "training_P2_union"),
+                                         (4, "model_capacity_union")])
+def test_union_topk_under_expert_parallelism_equals_single_device(jobs, world, check):
+    """Union TopK with each token's candidates from two ranks: forward, losses, every gradient, encode, training (4
+    ranks: 2 data-parallel replicas at P = 2), and capacity drops left out of the union."""
+    jobs[world].require(check)
+
+
 def test_batchtopk_replicas_hold_one_threshold(jobs):
     jobs[2].require("batchtopk_replicas_P1")
 

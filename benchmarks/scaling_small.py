@@ -21,12 +21,11 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-from matplotlib.ticker import EngFormatter, FormatStrFormatter, LogLocator, NullFormatter
 from rich.console import Console
 from rich.table import Table
 
 from sae_dist.data.cache import CacheUnitReader
-from sae_dist.eval.learning_curves import CurvePoint, checkpoint_curve, interpolate
+from sae_dist.eval.learning_curves import CurvePoint, checkpoint_curve, interpolate, log_log_axes
 from sae_dist.eval.plots import new_figure, save_figure
 from sae_dist.flops import flops_per_token
 from sae_dist.run_dir import read_run_config
@@ -113,15 +112,7 @@ def plot(runs: list[dict], out: Path, title: str) -> Path:
         flops = [r["points"][-1].tokens * r["flops_per_token"] for r in mine]
         axes[0, 1].plot(sorted(flops), [m for _, m in sorted(zip(flops, mse, strict=True))], marker="o", **style)
     for ax, xlabel in zip(axes[0], ("total latents", "training FLOPs (encoder, paper's count)"), strict=True):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
-        ax.yaxis.set_major_locator(LogLocator(subs=(1, 1.5, 2, 3, 4, 5, 7)))
-        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-        for axis in (ax.xaxis, ax.yaxis):
-            axis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("held-out MSE after all tokens")
+        log_log_axes(ax, xlabel, "held-out MSE after all tokens")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     axes[0, 0].set_title("equal tokens")

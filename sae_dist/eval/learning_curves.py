@@ -102,6 +102,21 @@ def crossing(x: Sequence[float], y: Sequence[float], x_ref: Sequence[float], y_r
     return None
 
 
+def log_log_axes(ax, xlabel: str, ylabel: str) -> None:
+    """Log axes for curves that span a decade or two: ticks at 1, 2 and 5 of each decade on x (engineering
+    notation) and at 1 to 7 on y, nothing in between."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+    ax.yaxis.set_major_locator(LogLocator(subs=(1, 1.5, 2, 3, 4, 5, 7)))
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+
+
 def plot_curves(curves: dict[int, dict[str, tuple[list[float], list[float], list[float]]]], out: Path,
                 title: str) -> Path:
     """MSE vs tokens (top row) and vs training FLOPs (bottom row), one column per k.
@@ -116,17 +131,7 @@ def plot_curves(curves: dict[int, dict[str, tuple[list[float], list[float], list
             axes[1, column].plot(flops, mse, marker="o", markersize=3, label=label, **style)
         for row, xlabel in enumerate(("training tokens (token-steps)", "training FLOPs (encoder, paper's count)")):
             ax = axes[row, column]
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            # Curves span less than a decade or two: label 1, 2 and 5 of each decade, nothing in between.
-            ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
-            ax.xaxis.set_major_formatter(EngFormatter(sep=""))
-            ax.yaxis.set_major_locator(LogLocator(subs=(1, 1.5, 2, 3, 4, 5, 7)))
-            ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-            for axis in (ax.xaxis, ax.yaxis):
-                axis.set_minor_formatter(NullFormatter())
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("held-out MSE")
+            log_log_axes(ax, xlabel, "held-out MSE")
             ax.set_title(f"k = {k}")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)

@@ -111,10 +111,15 @@ def plot(runs: list[dict], out: Path, title: str) -> Path:
         axes[0, 0].plot([r["latents"] for r in mine], mse, marker="o", **style)
         flops = [r["points"][-1].tokens * r["flops_per_token"] for r in mine]
         axes[0, 1].plot(sorted(flops), [m for _, m in sorted(zip(flops, mse, strict=True))], marker="o", **style)
+        for run, x, y in zip(mine, flops, mse, strict=True):
+            axes[0, 1].annotate(f"L = {run['latents']:,}", (x, y), textcoords="offset points", xytext=(6, 4),
+                                fontsize=7, color=style["color"])
     for ax, xlabel in zip(axes[0], ("total latents", "training FLOPs (encoder, paper's count)"), strict=True):
         log_log_axes(ax, xlabel, "held-out MSE after all tokens")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
+    latents = sorted({r["latents"] for r in runs})
+    axes[0, 0].set_xticks(latents, [f"{m:,}" for m in latents])
     axes[0, 0].set_title("equal tokens")
     axes[0, 1].set_title("equal FLOPs: compare at one x")
     fig.suptitle(title, fontsize=9)

@@ -104,12 +104,12 @@ def crossing(x: Sequence[float], y: Sequence[float], x_ref: Sequence[float], y_r
 
 def log_log_axes(ax, xlabel: str, ylabel: str) -> None:
     """Log axes for curves that span a decade or two: ticks at 1, 2 and 5 of each decade on x (engineering
-    notation) and at 1 to 7 on y, nothing in between."""
+    notation) and at 1 to 8 (and 1.5, 2.5) on y, nothing in between."""
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
     ax.xaxis.set_major_formatter(EngFormatter(sep=""))
-    ax.yaxis.set_major_locator(LogLocator(subs=(1, 1.5, 2, 3, 4, 5, 7)))
+    ax.yaxis.set_major_locator(LogLocator(subs=(1, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8)))
     ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     for axis in (ax.xaxis, ax.yaxis):
         axis.set_minor_formatter(NullFormatter())

@@ -113,6 +113,7 @@ def plot(runs: list[dict], out: Path, title: str) -> Path:
     recipes = list(dict.fromkeys(r["recipe"] for r in runs if r["recipe"] is not None))
     lines = [(None, {"color": "black", "linewidth": 2.2, "label": "dense TopK"})]
     lines += [(recipe, {"color": f"C{i + 1}"}) for i, recipe in enumerate(recipes)]
+    labelled: set[tuple[bool, float]] = set()
     for recipe, style in lines:
         mine = sorted((r for r in runs if r["recipe"] == recipe), key=lambda r: r["latents"])
         if recipe is not None:
@@ -122,6 +123,9 @@ def plot(runs: list[dict], out: Path, title: str) -> Path:
         flops = [r["points"][-1].tokens * r["flops_per_token"] for r in mine]
         axes[0, 1].plot(sorted(flops), [m for _, m in sorted(zip(flops, mse, strict=True))], marker="o", **style)
         for run, x, y in zip(mine, flops, mse, strict=True):
+            if (recipe is None, x) in labelled:  # another recipe's point of the same L sits here
+                continue
+            labelled.add((recipe is None, x))
             axes[0, 1].annotate(f"L = {run['latents']:,}", (x, y), textcoords="offset points", xytext=(6, 4),
                                 fontsize=7, color=style["color"])
     for ax, xlabel in zip(axes[0], ("total latents", "training FLOPs (encoder, paper's count)"), strict=True):

@@ -34,9 +34,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from datasets import Dataset
 from rich.console import Console
 from rich.table import Table
-from transformers import GPT2Config, GPT2Model
+from transformers import AutoTokenizer, GPT2Config, GPT2Model
 
 from sae_dist.config import DataConfig, ModelConfig, RunConfig, SAEConfig, TrainerConfig, validate
 from sae_dist.data import CachedActivationSource, lm_activation_source, load_lm, write_cache
@@ -121,7 +122,8 @@ def base_run(args, workdir: Path) -> RunConfig:
         model = ModelConfig(name="minilm-bundled", layer=3)
         sae = SAEConfig(num_latents=6144, num_experts=8, k=32)
     else:
-        _, tokenizer = load_lm(ModelConfig(name="minilm-bundled"))
+        tokenizer = (AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer
+                     else load_lm(ModelConfig(name="minilm-bundled"))[1])
         model = ModelConfig(name="gpt2-random", path=random_gpt2(workdir / "gpt2", tokenizer), layer=8)
         sae = SAEConfig(num_latents=65536, num_experts=8, k=32)
     data = DataConfig(dataset="python-docs", streaming=False, lm_batch_size=args.lm_batch, shuffle_buffer=args.buffer,
@@ -183,21 +185,33 @@ class ConstantSource(ActivationSource):
 
 
 def job_rate(run: RunConfig, source: ActivationSource, device: torch.device, out_dir: Path) -> Rate:
-    """Tokens/s and tokens per CPU-s of the training loop after its first metrics window (which holds the first
-    shuffle block's fill and warm-up): the steady state."""
+    """Tokens/s and tokens per CPU-s of the training loop from the end of its first metrics window (which holds
+    the first shuffle block's fill and warm-up) to the step before its last (whose final checkpoint write, seconds
+    at GPU step rates, is no part of the steady state)."""
     run = replace(run, trainer=replace(run.trainer, out_dir=str(out_dir)))
     trainer = Trainer(run, source, device=device)
+    first, last = run.trainer.log_every, run.trainer.steps - 1
     marks: list[tuple[float, float]] = []
     for step in trainer.steps():
-        if step == run.trainer.log_every:
+        if step in (first, last):
             synchronize(device)
             marks.append((time.perf_counter(), cpu_seconds()))
-    synchronize(device)
-    marks.append((time.perf_counter(), cpu_seconds()))
     source.close()
-    tokens = (run.trainer.steps - run.trainer.log_every) * run.trainer.batch_size
+    tokens = (last - first) * run.trainer.batch_size
     (wall_0, cpu_0), (wall_1, cpu_1) = marks
     return Rate(tokens / (wall_1 - wall_0), tokens / (cpu_1 - cpu_0))
+
+
+def packed_sequences(run: RunConfig, tokenizer) -> Dataset:
+    """The text as one token stream (each document after a separator token) cut into rows of ctx_len tokens: what
+    sparsify's `chunk_and_tokenize` makes, which returned a single row under transformers 5.17 (a GPU image's)."""
+    texts = list(load_text_dataset(run.data)[run.data.text_column])
+    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    stream = [token for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+              for token in (separator, *ids)]
+    rows = len(stream) // run.data.ctx_len
+    ids_RT = torch.tensor(stream[: rows * run.data.ctx_len]).view(rows, run.data.ctx_len)
+    return Dataset.from_dict({"input_ids": ids_RT.numpy()}).with_format("torch")
 
 
 def sparsify_rate(run: RunConfig, model, tokenizer, steps: int, out_dir: Path) -> Rate:
@@ -206,16 +220,16 @@ def sparsify_rate(run: RunConfig, model, tokenizer, steps: int, out_dir: Path) -
     state from two runs of different lengths; batches of batch_size / ctx_len sequences."""
     from sparsify import SaeConfig, TrainConfig
     from sparsify import Trainer as SparsifyTrainer
-    from sparsify.data import chunk_and_tokenize
 
-    sequences = chunk_and_tokenize(load_text_dataset(run.data), tokenizer, max_seq_len=run.data.ctx_len, num_proc=1)
+    sequences = packed_sequences(run, tokenizer)
     per_batch = run.trainer.batch_size // run.data.ctx_len
     hookpoint = f"{'h' if hasattr(model, 'h') else 'encoder.layer'}.{run.model.layer}"
 
     def fit(batches: int) -> tuple[float, float]:
         cfg = TrainConfig(SaeConfig(num_latents=run.sae.num_latents, k=run.sae.k), batch_size=per_batch,
                           hookpoints=[hookpoint], save_every=10**9, log_to_wandb=False, save_dir=str(out_dir))
-        trainer = SparsifyTrainer(cfg, sequences.select(range(batches * per_batch)), model)
+        rows = [i % len(sequences) for i in range(batches * per_batch)]  # epochs over a short text
+        trainer = SparsifyTrainer(cfg, sequences.select(rows), model)
         start, start_cpu = time.perf_counter(), cpu_seconds()
         trainer.fit()
         return time.perf_counter() - start, cpu_seconds() - start_cpu
@@ -236,6 +250,8 @@ def main() -> None:
     parser.add_argument("--buffer", type=int, default=16384, help="shuffle block rows")
     parser.add_argument("--cache-tokens", type=int, default=262144)
     parser.add_argument("--documents", type=int, default=400, help="documents tokenised for the tokenise stage")
+    parser.add_argument("--tokenizer", help="--lm gpt2: a tokenizer folder to pair with it (default: the bundled "
+                        "MiniLM package's; on a machine without the package, a copy of its tokenizer files)")
     parser.add_argument("--no-peer", dest="peer", action="store_false", help="skip the eai-sparsify comparison")
     parser.set_defaults(peer=importlib.util.find_spec("sparsify") is not None)
     args = parser.parse_args()
@@ -280,8 +296,11 @@ def main() -> None:
                                                                     peak / flops_per_token(dense.sae, d_model).total)
         jobs[f"job: LM source, prefetch 4, dense TopK M={dense.sae.num_latents}"] = job_rate(
             dense, build(run, model, tokenizer, 4, device), device, workdir / "job_topk")
-        jobs[f"peer: eai-sparsify job, dense TopK M={dense.sae.num_latents}"] = sparsify_rate(
-            run, model, tokenizer, args.steps, workdir / "sparsify")
+        peer = f"peer: eai-sparsify job, dense TopK M={dense.sae.num_latents}"
+        try:
+            jobs[peer] = sparsify_rate(run, model, tokenizer, args.steps, workdir / "sparsify")
+        except Exception as exc:  # the peer's failure is a result to show, not a reason to lose the table
+            jobs[f"{peer}: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})"] = None
     print_table(args, run, d_model, stages, jobs, peak, bandwidth)
 
 
@@ -331,7 +350,7 @@ def print_table(args, run, d_model, stages, jobs, peak, bandwidth) -> None:
                   f"{serial.wall / slowest_lm_job.wall:.0%}")
     for name, value in jobs.items():
         if "sparsify" in name:
-            table.add_row(name, f"{value.wall:,.0f}", "", "", f"{value.cpu:,.0f}", "")
+            table.add_row(name, *((f"{value.wall:,.0f}", "", "", f"{value.cpu:,.0f}", "") if value else ("-",) * 5))
             continue
         slowest = slowest_cache_job if "cache" in name else slowest_lm_job
         if "TopK" in name:
@@ -351,7 +370,7 @@ def print_table(args, run, d_model, stages, jobs, peak, bandwidth) -> None:
     console.print(f"machine: {machine}; measured GEMM {peak / 1e9:,.0f} GFLOP/s, copy {bandwidth / 1e9:,.1f} GB/s; "
                   f"cache read / SAE step = {cache.wall / sae.wall:.1f}x")
     print(json.dumps({"stages": {k: v._asdict() for k, (v, _) in stages.items()},
-                      "jobs": {k: v._asdict() for k, v in jobs.items()}}))
+                      "jobs": {k: v._asdict() for k, v in jobs.items() if v}}))
 
 
 if __name__ == "__main__":

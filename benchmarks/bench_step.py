@@ -15,6 +15,7 @@ the N = 1 floor by the floors' median ratio), so slow phases of the machine canc
     python benchmarks/bench_step.py --device cpu                    # d = 768, k = 32, B = 4096, M = 16384, 65536
     python benchmarks/bench_step.py --device cuda                   # B = 8192, M up to 2^20, bf16 autocast
     python benchmarks/bench_step.py --latents 65536 --experts 1 8   # a subset
+    python benchmarks/bench_step.py --device cuda --latents 65536 --experts 8 --no-peers --profile 15
 """
 
 from __future__ import annotations
@@ -100,14 +101,16 @@ def gemm_floor(batch: int, d: int, width: int, device: torch.device, dtype: torc
     return lambda: x_BD @ w_DM
 
 
-def sae_dist_step(kind: str, latents: int, experts: int, args, x_BD: torch.Tensor, dead_fraction: float = 0.0):
+def sae_dist_step(kind: str, latents: int, experts: int, args, x_BD: torch.Tensor, dead_fraction: float = 0.0,
+                  optimizer_state: str = "float32"):
     """Trainer.train_step of a Switch (or dense TopK) SAE; AuxK on only when `dead_fraction` > 0."""
     run = RunConfig(
         sae=SAEConfig(kind=kind, num_latents=latents, num_experts=experts, k=args.k,
-                      auxk_alpha=1 / 32 if dead_fraction else 0.0),
+                      auxk_alpha=1 / 32 if dead_fraction else 0.0, encoder_backward=args.encoder_backward,
+                      decoder=args.decoder),
         data=DataConfig(source="synthetic", d_model=args.d),
         trainer=TrainerConfig(batch_size=args.batch, steps=10**6, progress=False, tensorboard=False,
-                              device=args.device, dtype=args.dtype, out_dir="unused"),
+                              device=args.device, dtype=args.dtype, out_dir="unused", optimizer_state=optimizer_state),
     )
     validate(run)
     trainer = Trainer(run, SyntheticSource.from_config(run.data, seed=0), device=args.device)
@@ -179,6 +182,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="measured steps per implementation")
     parser.add_argument("--reference-repeats", type=int, default=2, help="measured dense-then-mask steps (0: skip)")
     parser.add_argument("--no-peers", action="store_true", help="skip sparsify and the dense-then-mask step")
+    parser.add_argument("--encoder-backward", default="auto", choices=["auto", "sparse", "gemm"])
+    parser.add_argument("--decoder", default="auto", choices=["auto", "gather", "gemm"])
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="after the table, torch.profiler's top ROWS operators of the first M's widest step")
+    parser.add_argument("--bf16-state", action="store_true",
+                        help="add a row for the widest Switch SAE with trainer.optimizer_state=bfloat16")
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -191,7 +200,8 @@ def main() -> None:
     x_BD = x_BD.to(device)
 
     title = (f"Training step, d = {args.d}, k = {args.k}, B = {args.batch}, {args.dtype}; {machine(device)}; "
-             f"torch {torch.__version__}; {datetime.date.today()}; load {os.getloadavg()[0]:.1f} at start")
+             f"torch {torch.__version__}; {datetime.date.today()}; load {os.getloadavg()[0]:.1f} at start; "
+             f"formulation {args.encoder_backward}/{args.decoder}")
     table = Table(title=title)
     for column in ("step", "M", "N", "ms/step", "tokens/s", "peak GiB", "x routed floor", "x dense floor",
                    "vs sparsify"):
@@ -217,6 +227,11 @@ def main() -> None:
                 rows.append(("sae-dist dense TopK (AuxK on, 10% dead)", 1, measure(
                     partial(sae_dist_step, "topk", latents, 1, args, x_BD, 0.1), floors[1], args.repeats, clock,
                     device)))
+        widest = max(experts)
+        if args.bf16_state and widest > 1:
+            rows.append(("sae-dist Switch, bf16 Adam moments", widest, measure(
+                partial(sae_dist_step, "switch", latents, widest, args, x_BD, optimizer_state="bfloat16"),
+                floors[widest], args.repeats, clock, device)))
         switch_n = next((n for n in experts if n > 1), None)
         if switch_n and args.reference_repeats and not args.no_peers:
             rows.append(("authors' dense-then-mask Switch", switch_n, measure(
@@ -232,6 +247,27 @@ def main() -> None:
                           f"{result['per_floor']:.2f}", f"{dense_multiple[id(result)]:.2f}", vs_peer)
         console.print(f"M = {latents} done, load {os.getloadavg()[0]:.1f}")
     console.print(table)
+    if args.profile:
+        latents, n = latent_sizes[0], max(n for n in args.experts if latent_sizes[0] % n == 0)
+        console.print(f"torch.profiler, 3 steps of {'dense TopK' if n == 1 else 'Switch'} M = {latents}, N = {n}:")
+        console.print(profile_table(sae_dist_step("topk" if n == 1 else "switch", latents, n, args, x_BD), device,
+                                    args.profile), soft_wrap=True)
+
+
+def profile_table(step: Callable[[], object], device: torch.device, rows: int) -> str:
+    """torch.profiler's operator table over 3 steps after 2 warm-up steps, by device time on a GPU."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    for _ in range(2):
+        step()
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(3):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=48)
 
 
 if __name__ == "__main__":

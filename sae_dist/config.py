@@ -78,10 +78,10 @@ class SAEConfig:
     None = never (the paper)."""
     encoder_backward: str = "auto"
     """Encoder backward of the TopK experts: 'sparse' (scatter over the k selected latents), 'gemm' (grouped GEMMs
-    over the scattered gradient) or 'auto' (sparse on CPU; gemm on GPU up to 32768 latents per expert)."""
+    over the scattered gradient) or 'auto' (sparse on CPU; gemm on GPU up to 8192 latents per expert)."""
     decoder: str = "auto"
     """Decoder of the TopK experts: 'gather' (the k selected rows), 'gemm' (a grouped GEMM over the scattered codes)
-    or 'auto' (gather on CPU; gemm on GPU up to 32768 latents per expert)."""
+    or 'auto' (gather on CPU; gemm on GPU up to 8192 latents per expert)."""
 
 
 @dataclass

@@ -52,6 +52,7 @@ def _produce(
                 batch = source.next_batch(batch_size)
                 ready = None
                 if stream is not None:
+                    batch = batch.to(stream.device, non_blocking=True)  # a source that yields host rows
                     ready = torch.cuda.Event()
                     ready.record(stream)
                 item = _Batch(batch, source.state_dict(), ready)

@@ -9,12 +9,11 @@ Both formulations compute the same forward and gradients (tests/models check eve
 The rule for 'auto':
 - CPU: sparse and gather. Measured here (2 cores, d = 768, k = 32, 4096 tokens, M_e = 8192): the weight-gradient
   scatter takes ~60 ms where the dense GEMM over the scattered gradient takes ~440 ms, the forward GEMM's cost.
-- CUDA: gemm and gemm for expert widths up to `GEMM_MAX_WIDTH`, sparse and gather above it. On an H100 the
-  grouped GEMMs of an M_e = 8192 expert take ~0.2 ms where the scatter/gather kernels took ~4 ms (issue 7's
-  profile); at very large widths the dense [rows, M_e] gradient grows to gigabytes (16 GB at 8192 rows and
-  M_e = 2^20 in bf16) and its GEMMs to 2x the forward's, while the sparse backward's cost does not depend on M_e.
-  The threshold itself is not measured yet (no GPU here): it is the widest expert the probe ran (N = 32 at
-  M = 2^20).
+- CUDA: gemm and gemm for expert widths up to `GEMM_MAX_WIDTH`, sparse and gather above it. The GEMM
+  formulation's backward costs grow with B x M_e and the sparse one's with B x k x d, so the crossover is a width,
+  whatever N and B. Measured on an H200 (bf16, d = 768, k = 32, B = 8192, 2026-11-26, full steps): at M_e = 2048
+  gemm 6.4 ms against sparse 8.0; at M_e = 8192 gemm 6.9 against 7.5 (N = 8) and 19.1 against 18.9 (N = 32 of
+  M = 262144); at M_e = 32768 gemm 23.2 against sparse 20.6; at M_e = 65536 (dense TopK) 22.7 against 16.1.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-GEMM_MAX_WIDTH = 32768
+GEMM_MAX_WIDTH = 8192
 """Widest expert (latents) for which 'auto' picks the GEMM formulation on a GPU."""
 
 

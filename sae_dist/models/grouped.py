@@ -83,7 +83,12 @@ def gemm_encode(
     num_experts, width, _ = w_enc_NMD.shape
     pre_RM = expert_linear(x_RD, w_enc_NMD, groups)
     if b_enc_NM is not None:
-        pre_RM = pre_RM + (b_enc_NM[0] if num_experts == 1 else b_enc_NM[groups.expert_R])
+        # In the GEMM's dtype, as autocast adds a Linear's bias: a float32 bias would promote [R, M_e] to float32
+        # (at M = 2^20, 32 GB for B = 8192, and TopK over twice the bytes). In place where no gradient is needed
+        # (the sparse formulation's forward): no second [R, M_e] tensor.
+        bias_NM = b_enc_NM.to(pre_RM.dtype)
+        bias_RM = bias_NM[0] if num_experts == 1 else bias_NM[groups.expert_R]
+        pre_RM = pre_RM + bias_RM if pre_RM.requires_grad else pre_RM.add_(bias_RM)
     values_RK, columns_RK = topk_relu(pre_RM, k)
     offset_R1 = groups.expert_R[:, None] * width
     if aux is None or not aux.ids_NC.shape[1]:

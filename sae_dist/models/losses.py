@@ -28,7 +28,8 @@ def reconstruction_loss(x_TD: Tensor, x_hat_TD: Tensor) -> Tensor:
 def total_variances(tensors_TD: list[Tensor], reducer: BatchReducer | None = None) -> Tensor:
     """Per tensor, the sum over tokens and dims of (t - mean_t)^2, over the global batch when a reducer is given
     (one all-reduce for all of them): float32 [len(tensors_TD)]."""
-    sums = torch.cat([torch.cat([t.new_tensor([t.shape[0]]), t.sum(0), t.pow(2).sum(0)])
+    # The count as a fill, not a tensor from a Python list: that would be a host-to-device copy, which waits.
+    sums = torch.cat([torch.cat([t.new_full((1,), t.shape[0]), t.sum(0), t.pow(2).sum(0)])
                       for t in (t_TD.detach().double() for t_TD in tensors_TD)])
     if reducer is not None:
         sums = reducer.all_reduce_sum(sums)

@@ -2,8 +2,8 @@
 
 Each piece makes as few passes over the parameters as it can, with no temporary of their size: fused Adam (which
 also applies the clip factor and skips a non-finite step, through the `grad_scale` / `found_inf` arguments that
-GradScaler uses), decoder renormalisation and the gradient projection (one compiled kernel each on a GPU,
-`compiled.py`; in eager PyTorch a row-norm pass and a scaling pass, and row-batched dot products then one fused
+GradScaler uses), decoder renormalisation and the gradient projection (one compiled row-reduction kernel each on a
+GPU, `compiled.py`; in eager PyTorch a row-norm pass and a scaling pass, and row-batched dot products then one fused
 multiply-subtract).
 """
 
@@ -74,10 +74,16 @@ def _normalize_rows_(w: Tensor, apply: Tensor) -> None:
 
 
 def _project_rows_(w: Tensor, grad: Tensor) -> None:
-    # Row-batched dot products and updates: no temporary of the weight's size.
+    # Eager: row-batched dot products and updates, no temporary of the weight's size.
     rows_L1D, grads_L1D = w.view(-1, 1, w.shape[-1]), grad.view(-1, 1, w.shape[-1])
     parallel_L11 = torch.bmm(grads_L1D, rows_L1D.transpose(1, 2))
     grads_L1D.baddbmm_(parallel_L11, rows_L1D, alpha=-1)
+
+
+def _project_rows_pointwise_(w: Tensor, grad: Tensor) -> None:
+    # For the compiler: one row-reduction kernel that reads each row once. (The bmm form above stays two cuBLAS
+    # calls when compiled, and cuBLAS's K = 1 batched GEMM took 29 of a 73 ms H200 step at M = 2^20.)
+    grad.sub_((grad * w).sum(-1, keepdim=True) * w)
 
 
 @torch.no_grad()
@@ -95,4 +101,4 @@ def remove_parallel_gradient_(w_dec: nn.Parameter) -> None:
     unit norm (it renormalises after every update), so no norm is recomputed here.
     """
     if w_dec.grad is not None:
-        on_device(_project_rows_, w_dec.detach(), w_dec.grad)
+        on_device(_project_rows_pointwise_ if w_dec.is_cuda else _project_rows_, w_dec.detach(), w_dec.grad)

@@ -151,3 +151,20 @@ def test_sparse_encoder_in_column_chunks_matches_naive(monkeypatch):
     x_TD = routed_inputs(12, 4, [7, 1, 0, 12])
     dead_L = torch.rand(64, generator=torch.Generator().manual_seed(4)) < 0.5
     assert_same_forward_and_grads(sae, x_TD, dead_L)
+
+
+def test_encoder_pre_activations_stay_in_the_autocast_dtype():
+    """Under bf16 autocast the encoder bias (dense TopK's) joins the pre-activations in bf16, as autocast's Linear
+    adds its bias: TopK runs over a bf16 [rows, M] tensor, never a float32 copy of it."""
+    sae = make_switch(num_experts=1, latents=48, k=4, d=8, kind="topk", dtype=torch.float32)
+    bank = sae.experts
+    with torch.no_grad():
+        bank.b_enc.normal_(0, 0.5, generator=torch.Generator().manual_seed(4))
+    rows_RD, groups = _grouped_rows([11], 8, host_counts=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        values_RK, ids_RK, _, _ = gemm_encode(rows_RD, bank.w_enc, bank.b_enc, groups, 4)
+    pre_RM = rows_RD.bfloat16() @ bank.w_enc[0].bfloat16().T + bank.b_enc[0].bfloat16()
+    expected_values, expected_ids = torch.topk(pre_RM, 4)
+    assert values_RK.dtype == torch.bfloat16
+    torch.testing.assert_close(values_RK.sort(1).values, expected_values.relu().sort(1).values, rtol=0, atol=0)
+    assert torch.equal(ids_RK.sort(1).values, expected_ids.sort(1).values)

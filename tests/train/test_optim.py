@@ -32,6 +32,20 @@ def test_remove_parallel_gradient_leaves_orthogonal_part():
     torch.testing.assert_close((w.grad * w).sum(-1), torch.zeros(6), rtol=0, atol=1e-6)
 
 
+def test_gpu_form_of_the_projection_equals_the_eager_form():
+    """The row-reduction form that a GPU compiles gives the eager bmm form's gradient."""
+    from sae_dist.train.optim import _project_rows_, _project_rows_pointwise_
+
+    g = torch.Generator().manual_seed(0)
+    w_NMD = torch.nn.functional.normalize(torch.randn(3, 50, 16, generator=g), dim=-1)
+    grads = [torch.randn(3, 50, 16, generator=g) for _ in range(2)]
+    grads[1].copy_(grads[0])
+    _project_rows_(w_NMD, grads[0])
+    _project_rows_pointwise_(w_NMD, grads[1])
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close((grads[1] * w_NMD).sum(-1), torch.zeros(3, 50), rtol=0, atol=1e-5)
+
+
 def test_normalize_and_project_a_decoder_of_many_rows():
     w = torch.nn.Parameter(torch.randn(3000, 4, generator=torch.Generator().manual_seed(0)) * 3)
     direction = w.detach() / w.detach().norm(dim=-1, keepdim=True)

@@ -10,7 +10,8 @@ Floors: the dense GEMM x[B, d] @ W[d, M] and the routed GEMM x[B, d] @ W[d, M/N]
 and of a Switch SAE. The machine is shared and its load drifts, so every measured step is paired with a routed-GEMM
 timing taken just before it: "x routed floor" is the median of step / floor over the pairs, and "vs sparsify" is
 the ratio of the two implementations' floor multiples (each implementation at its own N's floor is converted to
-the N = 1 floor by the floors' median ratio), so slow phases of the machine cancel out.
+the N = 1 floor by the floors' median ratio), so slow phases of the machine cancel out. On a GPU, which nothing
+else shares, "vs sparsify" is the plain ratio of the two steps' medians.
 
     python benchmarks/bench_step.py --device cpu                    # d = 768, k = 32, B = 4096, M = 16384, 65536
     python benchmarks/bench_step.py --device cuda                   # B = 8192, M up to 2^20, bf16 autocast
@@ -241,7 +242,11 @@ def main() -> None:
         dense_multiple = {id(r): r["per_floor"] * floor_s[n] / floor_s[1] for _, n, r in rows}
         peer = rows[0][2] if not args.no_peers else None
         for label, n, result in rows:
-            vs_peer = f"{dense_multiple[id(peer)] / dense_multiple[id(result)]:.2f}x" if peer else ""
+            vs_peer = ""
+            if peer:
+                ratio = (peer["seconds"] / result["seconds"] if cuda
+                         else dense_multiple[id(peer)] / dense_multiple[id(result)])
+                vs_peer = f"{ratio:.2f}x"
             table.add_row(label, str(latents), str(n), f"{result['seconds'] * 1e3:.1f}",
                           f"{args.batch / result['seconds']:,.0f}", f"{result['peak'] / GIB:.2f}",
                           f"{result['per_floor']:.2f}", f"{dense_multiple[id(result)]:.2f}", vs_peer)

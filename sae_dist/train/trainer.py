@@ -114,7 +114,9 @@ class Trainer:
         out, terms, loss = self.forward_loss(x_TD)
         self.backward(loss)
         grad_norm = self.sync_clip_project()
-        finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm) & torch.isfinite(x_TD).all()
+        # A non-finite batch makes L_rec (a sum over all of it) and the global gradient norm non-finite: checking
+        # the two scalars covers it without a pass over the batch.
+        finite = torch.isfinite(torch.stack([loss.detach().float(), grad_norm.float()])).all()
         lr = self.update(grad_norm, finite)
         self.renormalize_decoders(finite)
         self.track_dead_latents(out, finite)

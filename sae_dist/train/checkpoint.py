@@ -147,8 +147,10 @@ def save_checkpoint(
     run_state: dict[str, Any],
     rank_state: dict[str, Any],
     ctx: ParallelContext,
+    rotate: bool = True,
 ) -> Path:
-    """Write checkpoint `step` collectively, point `latest` at it, and keep only the newest `keep_checkpoints`.
+    """Write checkpoint `step` collectively, point `latest` at it, and keep only the newest `keep_checkpoints`
+    (unless not `rotate`: then the caller rotates, `rotate_checkpoints`).
 
     `run_state` (identical on all ranks) is written by rank 0, `rank_state` by each rank. Raises
     NonFiniteWeightsError (writing nothing) when a weight is NaN or inf, CheckpointWriteError (one line, naming the
@@ -192,7 +194,8 @@ def save_checkpoint(
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         write_atomically(root / LATEST_FILE, final.name.encode())
-        rotate_checkpoints(root, run.trainer.keep_checkpoints, step)
+        if rotate:
+            rotate_checkpoints(root, run.trainer.keep_checkpoints, step)
 
     write_in_phases(ctx, device, (make_folder, write_shards, publish), root, describe,
                     lambda: _discard_unpublished(tmp, final, run_dir), CheckpointWriteError)

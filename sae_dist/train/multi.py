@@ -10,7 +10,8 @@ Each member is checked and continued like a run of its own (`run.prepare_run`: i
 memory and disk). Stop signals (SIGTERM, SIGUSR1): one handler for all members, read between rounds of steps
 (`HeldSignals`), so every member takes the same last step and checkpoints it before the sweep stops. Resume: the
 members restore the newest checkpoint step that all of them have (a crash between two members' saves leaves one a
-checkpoint ahead), so the shared stream continues from one position.
+checkpoint ahead), so the shared stream continues from one position. So that such a step exists whatever
+`trainer.keep_checkpoints`, members rotate their older checkpoints away only once every member has saved.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ def build_members(plans: list[RunPlan], ctx: ParallelContext) -> list[Trainer]:
     trainers = []
     for i, plan in enumerate(plans):
         site = layers.index(plan.run.model.layer) if lm else 0
-        trainers.append(start_trainer(plan, ctx, stream.view(i, slice(site * width, (site + 1) * width))))
+        trainer = start_trainer(plan, ctx, stream.view(i, slice(site * width, (site + 1) * width)))
+        trainer.defer_rotation = True  # step_round rotates once every member has saved
+        trainers.append(trainer)
     return trainers
 
 
@@ -100,6 +103,9 @@ def step_round(running: dict[Trainer, Iterator[int]]) -> dict[Trainer, Iterator[
                 still[trainer] = loop
         except StopRequested as stop:
             stopped.append(stop)
+    for trainer in running:  # every member has saved this round's step, if it was a checkpoint step
+        if trainer.saved_step == trainer.step:
+            trainer.rotate_checkpoints()
     if stopped:
         first, sweep_dir = stopped[0], next(iter(running)).run_dir.parent
         written = f"checkpoints {first.checkpoint.name} written for {len(stopped)} SAEs of the sweep in {sweep_dir}"

@@ -32,7 +32,7 @@ from sae_dist.models.losses import total_loss
 from sae_dist.models.router import expert_counts
 from sae_dist.parallel.context import ParallelContext
 from sae_dist.parallel.failures import collective_failure
-from sae_dist.run_dir import latest_checkpoint, read_checkpoint_config
+from sae_dist.run_dir import CHECKPOINTS_DIR, latest_checkpoint, read_checkpoint_config
 from sae_dist.train import checkpoint as ckpt
 from sae_dist.train import identity
 from sae_dist.train.dead import DeadLatentTracker, routed_tokens_L
@@ -97,6 +97,12 @@ class Trainer:
         return optimizer, build_scheduler(optimizer, self.run)
 
     # --- one optimisation step -------------------------------------------------------------------------------
+    defer_rotation: bool = False
+    """Whether `save` leaves older checkpoints for `rotate_checkpoints` (a sweep rotates once every member has saved
+    a step, so that a crash between two members' saves leaves them a checkpoint in common)."""
+    saved_step: int | None = None
+    """The step of the last checkpoint this trainer wrote."""
+
     weight_grads_in_place: bool = True
     """Whether the sparse kernels add their weight gradients straight into `.grad` (see `backward`); an engine
     that hooks gradient accumulation (DeepSpeed) sets it False to get them through autograd."""
@@ -253,13 +259,19 @@ class Trainer:
         return ckpt.TrainingTensors(self.model, self.optimizer, self.dead.tokens_since_fired_L)
 
     def save(self) -> Path:
-        """Write a checkpoint (collectively: every rank calls this)."""
+        """Write a checkpoint (collectively: every rank calls this); older ones are rotated away at once unless
+        `defer_rotation`."""
         run_state = {"step": self.step, "tokens": self.tokens, "scheduler": self.scheduler.state_dict(),
                      "nonfinite_steps": self.nonfinite_steps, "resampled": self.resampled}
         rank_state = {"data": self.source.state_dict(), "torch_rng": torch.get_rng_state()}
-        return ckpt.save_checkpoint(
-            self.run_dir, self.run, self.d_model, self.step, self._tensors(), run_state, rank_state, self.ctx
-        )
+        self.saved_step = self.step
+        return ckpt.save_checkpoint(self.run_dir, self.run, self.d_model, self.step, self._tensors(), run_state,
+                                    rank_state, self.ctx, rotate=not self.defer_rotation)
+
+    def rotate_checkpoints(self) -> None:
+        """Keep only the newest `trainer.keep_checkpoints` checkpoints (rank 0 deletes the others)."""
+        if self.ctx.is_main:
+            ckpt.rotate_checkpoints(self.run_dir / CHECKPOINTS_DIR, self.run.trainer.keep_checkpoints, self.step)
 
     def restore(self, folder: Path) -> None:
         """Continue from a checkpoint written on any layout (see `checkpoint` for the data-position rule)."""

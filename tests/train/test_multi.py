@@ -154,3 +154,37 @@ def test_stop_signal_stops_every_member_after_one_step_and_the_resume_is_exact(
     for result, reference in zip(train_from_config(run, eval_batches=1), unbroken_sweep, strict=True):
         assert result["trainer"].step == 12
         assert_same_weights(result["trainer"], reference)
+
+
+class HardKill(BaseException):
+    """Stands for a SIGKILL: nothing of the sweep runs after it."""
+
+
+def test_a_hard_kill_between_two_members_saves_resumes_with_one_checkpoint_kept(make_run, unbroken_sweep,
+                                                                               monkeypatch):
+    """keep_checkpoints=1, the process killed after member 0 has written checkpoint 12 and before member 1 has:
+    member 0 keeps checkpoint 6 beside it (rotation waits for every member; on main it was deleted, and no step was
+    left in common), the resumed sweep ends bit for bit as the unbroken one, and each member then keeps one."""
+    run = make_run(steps=12, checkpoint_every=6, keep_checkpoints=1)
+    run.sweep = STOPPED_SWEEP
+    members = [member.name for member in sweep_members(run)]
+    original = Trainer.save
+
+    def killed_before_member_1_saves(self):
+        if self.run.name == members[1] and self.step == 12:
+            raise HardKill
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "save", killed_before_member_1_saves)
+    with pytest.raises(HardKill):
+        train_from_config(run, eval_batches=1)
+    monkeypatch.setattr(Trainer, "save", original)
+    out = Path(run.trainer.out_dir)
+    held = {name: sorted(p.name for p in (out / name / "checkpoints").glob("step_*")) for name in members}
+    assert held == {members[0]: [checkpoint_name(6), checkpoint_name(12)], members[1]: [checkpoint_name(6)],
+                    members[2]: [checkpoint_name(6)]}
+    for result, reference in zip(train_from_config(run, eval_batches=1), unbroken_sweep, strict=True):
+        assert result["trainer"].step == 12
+        assert_same_weights(result["trainer"], reference)
+    for name in members:
+        assert [p.name for p in (out / name / "checkpoints").glob("step_*")] == [checkpoint_name(12)]

@@ -23,7 +23,7 @@ test: install
 
 # Shell scripts (shellcheck) and the Dockerfile (hadolint); CI runs this before the tests.
 lint: install
-	$(VENV)/bin/shellcheck -x launch/slurm/*.sbatch launch/slurm/common.sh .ci/run
+	$(VENV)/bin/shellcheck -x launch/slurm/*.sbatch launch/slurm/common.sh .ci/run benchmarks/gpu_suite.sh
 	$(VENV)/bin/hadolint docker/Dockerfile
 
 # The Docker image's pins: every package of the venv the tests ran in (torch without the CPU build's +cpu).

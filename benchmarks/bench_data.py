@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import resource
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -255,6 +256,9 @@ def main() -> None:
     parser.add_argument("--no-peer", dest="peer", action="store_false", help="skip the eai-sparsify comparison")
     parser.set_defaults(peer=importlib.util.find_spec("sparsify") is not None)
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is available here; use --device cpu", file=sys.stderr)
+        sys.exit(2)
     device = torch.device(args.device)
     workdir = Path(tempfile.mkdtemp(prefix="bench_data_"))
     run = base_run(args, workdir)

@@ -27,6 +27,7 @@ import gc
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -190,6 +191,9 @@ def main() -> None:
     parser.add_argument("--bf16-state", action="store_true",
                         help="add a row for the widest Switch SAE with trainer.optimizer_state=bfloat16")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is available here; use --device cpu", file=sys.stderr)
+        sys.exit(2)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     args.batch = args.batch or (8192 if cuda else 4096)

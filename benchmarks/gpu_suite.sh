@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Every GPU check and figure of the README in one bounded run (about 7 minutes on an H200), for a GPU lent briefly:
+#   bash benchmarks/gpu_suite.sh [LOG_DIR] [TOKENIZER_DIR]
+# LOG_DIR (default gpu_logs/) receives one log per part; TOKENIZER_DIR pairs the random GPT-2 with a tokenizer where
+# the bundled MiniLM package is not installed (a copy of its tokenizer files). Each part has its own time limit, so
+# a failure or a hang costs that part only; the tables are printed at the end.
+set -u
+LOG=${1:-gpu_logs}
+TOKENIZER=${2:-}
+mkdir -p "$LOG"
+export PYTHONUNBUFFERED=1
+T0=$(date +%s)
+part() {
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name (limit ${limit}s, at $(($(date +%s) - T0))s)"
+  timeout "$limit" "$@" >"$LOG/$name.log" 2>&1
+  echo "=== $name exit $? at $(($(date +%s) - T0))s"
+}
+TOKENIZER_ARGS=()
+[ -n "$TOKENIZER" ] && TOKENIZER_ARGS=(--tokenizer "$TOKENIZER")
+GPT2=$(mktemp -d)
+python3 - "$GPT2" "$TOKENIZER" <<'PY'
+import sys
+import torch
+from transformers import AutoTokenizer, GPT2Config, GPT2Model
+from sae_dist.config import ModelConfig
+from sae_dist.data import load_lm
+folder, tokenizer_dir = sys.argv[1], sys.argv[2]
+tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else load_lm(ModelConfig(name="minilm-bundled"))[1]
+torch.manual_seed(0)
+config = GPT2Config(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
+GPT2Model(config).save_pretrained(folder)
+tokenizer.save_pretrained(folder)
+PY
+
+part cuda_tests 90 python3 -m pytest tests/train/test_cuda.py -q -p no:cacheprovider
+part step_65k 90 python3 benchmarks/bench_step.py --device cuda --latents 65536 --bf16-state --profile 25
+part step_262k 60 python3 benchmarks/bench_step.py --device cuda --latents 262144
+part step_1m 120 python3 benchmarks/bench_step.py --device cuda --latents 1048576 --reference-repeats 0 --bf16-state \
+  --profile 20
+part dense_1m_profile 60 python3 benchmarks/bench_step.py --device cuda --latents 1048576 --experts 1 --no-peers \
+  --profile 20
+part data 150 python3 benchmarks/bench_data.py --lm gpt2 "${TOKENIZER_ARGS[@]}" --device cuda --batch 8192 \
+  --lm-batch 256 --buffer 65536 --steps 60 --log-every 10
+part job 90 python3 launch/train.py +experiment=switch_65k model.path="$GPT2" data=python_docs trainer.device=cuda \
+  trainer.steps=300 trainer.log_every=25 trainer.checkpoint_every=100000 trainer.out_dir="$GPT2/job" \
+  trainer.progress=false
+cp "$GPT2/job/metrics.jsonl" "$LOG/job_metrics.jsonl" 2>/dev/null
+echo "=== done at $(($(date +%s) - T0))s"
+for name in cuda_tests step_65k step_262k step_1m dense_1m_profile data; do
+  echo "##### $name"
+  grep -h "│\|passed\|failed" "$LOG/$name.log" | tail -c 2500
+done
+echo "##### job: tokens/s per metrics window"
+python3 -c "import json, sys; print([round(json.loads(l)['tokens_per_s']) for l in open(sys.argv[1])])" \
+  "$LOG/job_metrics.jsonl" 2>/dev/null

@@ -45,7 +45,7 @@ from sae_dist.data import CachedActivationSource, lm_activation_source, load_lm,
 from sae_dist.data.shuffle import BlockShuffleSource
 from sae_dist.data.source import ActivationSource
 from sae_dist.data.text import Documents, load_text_dataset
-from sae_dist.data.tokenize import Tokenization
+from sae_dist.data.tokenize import PretokenizedContexts, Tokenization
 from sae_dist.flops import flops_per_token
 from sae_dist.train.init import init_biases_from_batch
 from sae_dist.train.trainer import Trainer
@@ -137,9 +137,12 @@ def base_run(args, workdir: Path) -> RunConfig:
     return run
 
 
-def tokenise_rate(run: RunConfig, tokenizer, workers: int, documents: int) -> Rate:
+def tokenise_rate(run: RunConfig, tokenizer, workers: int, documents: int, pretokenized: bool = False) -> Rate:
+    """Contexts per second of `documents` documents: tokenised in this thread or `workers` processes, or read from
+    the dataset pretokenised (data.pretokenize) once beforehand."""
     docs = Documents(load_text_dataset(run.data), run.data.text_column)
-    tokenization = Tokenization(tokenizer, run.data.ctx_len, workers)
+    tokenization = (PretokenizedContexts(docs.dataset, tokenizer, run.data.ctx_len, run.data.text_column, workers)
+                    if pretokenized else Tokenization(tokenizer, run.data.ctx_len, workers))
     units = list(range(documents))
 
     def work() -> int:
@@ -273,6 +276,8 @@ def main() -> None:
     stages = {
         "tokenise (in this thread)": (tokenise_rate(run, tokenizer, 0, args.documents), None),
         "tokenise (2 worker processes)": (tokenise_rate(run, tokenizer, 2, args.documents), None),
+        "read pretokenised contexts (data.pretokenize)": (
+            tokenise_rate(run, tokenizer, os.cpu_count() or 1, args.documents, pretokenized=True), None),
         f"LM forward to block {run.model.layer} ({run.data.lm_batch_size} contexts/forward)":
             (lm_rate(lm_source, args.buffer, device), peak / lm_flops),
         "SAE step": (sae_step_rate(run, d_model, device), peak / sae_flops),
@@ -285,10 +290,13 @@ def main() -> None:
     cache.close()
 
     no_prefetch = replace(run.data, prefetch=0)
+    pretokenised = replace(run, data=replace(run.data, pretokenize=True))
     jobs = {
         "job: LM source, no prefetch": job_rate(replace(run, data=no_prefetch), build(run, model, tokenizer, 0, device),
                                                 device, workdir / "job_serial"),
         "job: LM source, prefetch 4": job_rate(run, build(run, model, tokenizer, 4, device), device, workdir / "job_lm"),
+        "job: LM source, pretokenised, prefetch 4": job_rate(
+            pretokenised, build(pretokenised, model, tokenizer, 4, device), device, workdir / "job_pretokenised"),
         "job: cache source, prefetch 4": job_rate(
             replace(run, data=replace(run.data, source="cache", cache_dir=str(cache_dir))),
             prefetched(CachedActivationSource(cache_dir, args.buffer, device=device), 4, device), device,

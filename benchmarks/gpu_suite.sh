@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check and figure of the README in one bounded run (about 7 minutes on an H200), for a GPU lent briefly:
+# Every GPU check and figure of the README in one bounded run (about 8 minutes on an H200), for a GPU lent briefly:
 #   bash benchmarks/gpu_suite.sh [LOG_DIR] [TOKENIZER_DIR]
 # LOG_DIR (default gpu_logs/) receives one log per part; TOKENIZER_DIR pairs the random GPT-2 with a tokenizer where
 # the bundled MiniLM package is not installed (a copy of its tokenizer files). Each part has its own time limit, so
@@ -47,11 +47,17 @@ part job 90 python3 launch/train.py +experiment=switch_65k model.path="$GPT2" da
   trainer.steps=300 trainer.log_every=25 trainer.checkpoint_every=100000 trainer.out_dir="$GPT2/job" \
   trainer.progress=false
 cp "$GPT2/job/metrics.jsonl" "$LOG/job_metrics.jsonl" 2>/dev/null
+part job_pretokenized 90 python3 launch/train.py +experiment=switch_65k model.path="$GPT2" data=python_docs \
+  data.pretokenize=true trainer.device=cuda trainer.steps=300 trainer.log_every=25 trainer.checkpoint_every=100000 \
+  trainer.out_dir="$GPT2/job_pretokenized" trainer.progress=false
+cp "$GPT2/job_pretokenized/metrics.jsonl" "$LOG/job_pretokenized_metrics.jsonl" 2>/dev/null
 echo "=== done at $(($(date +%s) - T0))s"
 for name in cuda_tests step_65k step_262k step_1m dense_1m_profile data; do
   echo "##### $name"
   grep -h "│\|passed\|failed" "$LOG/$name.log" | tail -c 2500
 done
-echo "##### job: tokens/s per metrics window"
-python3 -c "import json, sys; print([round(json.loads(l)['tokens_per_s']) for l in open(sys.argv[1])])" \
-  "$LOG/job_metrics.jsonl" 2>/dev/null
+for job in job job_pretokenized; do
+  echo "##### $job: tokens/s per metrics window"
+  python3 -c "import json, sys; print([round(json.loads(l)['tokens_per_s']) for l in open(sys.argv[1])])" \
+    "$LOG/${job}_metrics.jsonl" 2>/dev/null
+done

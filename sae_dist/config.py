@@ -133,6 +133,10 @@ class DataConfig:
     0 produces each batch in the training loop."""
     tokenizer_workers: int | None = None
     """Processes that tokenise text ahead of the LM; null = 0 on a CPU (the LM needs its cores), up to 4 on a GPU."""
+    pretokenize: bool = False
+    """Tokenise the whole dataset once before training ('lm' source, map-style datasets: `datasets.map` over every
+    core, cached on disk by `datasets` for Hub and file datasets) instead of during it: the same contexts, with no
+    tokenizer on the training job's path."""
     cache_verify: bool = True
     """Check the sha256 of every cache shard when a 'cache' source opens (split over the ranks); the sizes and
     headers of all shards are checked regardless."""
@@ -395,6 +399,8 @@ def _validate_data(data: DataConfig) -> None:
     _one_of("data.sample_by", data.sample_by, ("line", "paragraph", "document"))
     workers = data.tokenizer_workers
     _require(workers is None or workers >= 0, f"data.tokenizer_workers={workers} must be >= 0 or null (auto)")
+    _require(not (data.pretokenize and data.streaming),
+             "data.pretokenize=true needs data.streaming=false (a streamed dataset is read in order, not by index)")
 
 
 def _dotted(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

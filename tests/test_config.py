@@ -82,6 +82,7 @@ def test_switch_65k_is_the_paper_recipe():
          "trainer.optimizer_state='bfloat16' needs trainer.engine=torch"),
         (["trainer.out_dir= "], "trainer.out_dir must not be empty"),
         (["data=synthetic", "data.synthetic_noise=-0.1"], "data.synthetic_noise=-0.1 must be >= 0"),
+        (["data=openwebtext", "data.pretokenize=true"], "data.pretokenize=true needs data.streaming=false"),
         (["sae.bogus=1"],
          r"Could not override 'sae.bogus'.*\+sae.bogus=1 \(sae.bogus: Key 'bogus' not in 'SAEConfig'\)"),
         (["sae=gated"], "Could not find 'sae/gated'; allowed: relu, switch, topk"),

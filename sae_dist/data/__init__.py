@@ -18,7 +18,7 @@ from sae_dist.data.shuffle import BlockShuffleSource
 from sae_dist.data.source import ActivationSource, DataUnavailableError
 from sae_dist.data.synthetic import SyntheticSource, feature_recovery
 from sae_dist.data.text import Documents, TextContexts, load_text_dataset
-from sae_dist.data.tokenize import Tokenization
+from sae_dist.data.tokenize import PretokenizedContexts, Tokenization
 
 __all__ = [
     "ActivationSource",
@@ -63,7 +63,11 @@ def lm_activation_source(
     data = run.data
     lm = HookedLM(model, list(layers) if layers is not None else run.model.layer)
     documents = Documents(load_text_dataset(data), data.text_column)
-    tokenization = Tokenization(tokenizer, data.ctx_len, tokenizer_workers(run, lm.device))
+    if data.pretokenize:
+        tokenization = PretokenizedContexts(documents.dataset, tokenizer, data.ctx_len, data.text_column,
+                                            len(os.sched_getaffinity(0)))
+    else:
+        tokenization = Tokenization(tokenizer, data.ctx_len, tokenizer_workers(run, lm.device))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     reader = LMUnitReader(lm, documents, tokenization, data.lm_batch_size, pad_id)
     return BlockShuffleSource(reader, data.shuffle_buffer, run.trainer.seed, rank, world_size)

@@ -21,7 +21,7 @@ from sae_dist.config import ConfigError, ModelConfig
 from sae_dist.data.shuffle import PreparedUnit
 from sae_dist.data.source import DataUnavailableError, require_hub
 from sae_dist.data.text import Documents
-from sae_dist.data.tokenize import Tokenization
+from sae_dist.data.tokenize import PretokenizedContexts, Tokenization
 
 MINILM_BUNDLED = "minilm-bundled"
 
@@ -216,7 +216,12 @@ class LMUnitReader:
     pads little), and keeps the activations at every token."""
 
     def __init__(
-        self, lm: HookedLM, documents: Documents, tokenization: Tokenization, lm_batch_size: int, pad_id: int
+        self,
+        lm: HookedLM,
+        documents: Documents,
+        tokenization: Tokenization | PretokenizedContexts,
+        lm_batch_size: int,
+        pad_id: int,
     ) -> None:
         self.lm = lm
         self.documents = documents

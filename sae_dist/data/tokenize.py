@@ -1,10 +1,11 @@
-"""Tokenisation off the critical path: documents become token contexts in order, in this thread or in worker
-processes.
+"""Tokenisation off the critical path: documents become token contexts in order, in this thread, in worker
+processes, or once before training.
 
 With `workers` = 0 the calling thread (the prefetch thread) tokenises batches of documents with the fast
 tokenizer; with `workers` > 0 a pool of processes does, `2 * workers` batches ahead, so neither the
 tokenizer nor the Python work of cutting contexts competes with the training thread for the GIL. Results come
-back in order either way, so the stream is the same.
+back in order either way, so the stream is the same. `PretokenizedContexts` (data.pretokenize) cuts every
+document once with `datasets.map` before training and then only reads token ids: the same contexts again.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 
 import numpy as np
+from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from sae_dist.data.text import Documents, cut_documents
@@ -78,3 +80,35 @@ class Tokenization:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+
+
+def _cut_for_map(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, ctx_len: int, text_column: str) -> dict:
+    return {"contexts": [[ids.tolist() for ids in doc]
+                         for doc in cut_documents(tokenizer, batch[text_column], ctx_len)]}
+
+
+class PretokenizedContexts:
+    """`Tokenization`'s contexts from a dataset cut once before training (`datasets.map` over `num_proc`
+    processes; `datasets` caches the result on disk when the dataset has cache files, so a rerun reads it)."""
+
+    def __init__(
+        self, dataset: Dataset, tokenizer: PreTrainedTokenizerBase, ctx_len: int, text_column: str, num_proc: int
+    ) -> None:
+        self.ids = dataset.map(
+            _cut_for_map,
+            fn_kwargs={"tokenizer": tokenizer, "ctx_len": ctx_len, "text_column": text_column},
+            batched=True,
+            batch_size=DOCS_PER_CALL,
+            num_proc=num_proc if num_proc > 1 else None,
+            remove_columns=dataset.column_names,
+            desc="pretokenising",
+        )
+
+    def contexts(self, documents: Documents, units: Iterator[int]) -> Iterator[tuple[int, list[np.ndarray]]]:
+        """(document index, its contexts) for each of `units`, in order, read from the pretokenised dataset."""
+        while batch := [unit for _, unit in zip(range(DOCS_PER_CALL), units)]:
+            rows = self.ids[[g % documents.per_epoch for g in batch]]["contexts"]
+            yield from zip(batch, ([np.asarray(ids, dtype=np.int32) for ids in doc] for doc in rows), strict=True)
+
+    def close(self) -> None:
+        pass

@@ -34,6 +34,7 @@ MAY_CHANGE = (
     "data.lm_batch_size",
     "data.prefetch",
     "data.tokenizer_workers",
+    "data.pretokenize",
     "data.cache_verify",
 )
 """Settings a continued run may change: none changes what the SAE learns from which data (the world size, not a

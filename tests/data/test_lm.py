@@ -169,6 +169,14 @@ def test_prefetched_lm_source_equals_the_plain_one(tiny_gpt2_dir):
     ahead.close()
 
 
+def test_pretokenized_lm_source_equals_the_live_one(tiny_gpt2_dir):
+    live = build_activation_source(tiny_run(tiny_gpt2_dir, prefetch=0))
+    pretokenized = build_activation_source(tiny_run(tiny_gpt2_dir, prefetch=0, pretokenize=True, streaming=False))
+    for _ in range(4):
+        assert torch.equal(live.next_batch(128), pretokenized.next_batch(128))
+    assert live.state_dict() == pretokenized.state_dict()
+
+
 def test_several_layers_in_one_pass_equal_one_layer_each(tiny_gpt2):
     model, tokenizer = tiny_gpt2
     contexts = [np.asarray(ids, dtype=np.int32) for ids in tokenizer(TEXTS)["input_ids"]]

@@ -2,6 +2,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from sae_dist.config import ConfigError, DataConfig
@@ -149,21 +150,25 @@ def test_batched_cutting_equals_one_document_at_a_time(tokenizer):
         assert [c.tolist() for c in contexts] == [ids for ids in alone if ids]
 
 
-def test_tokenizer_workers_give_the_same_contexts_in_order(tokenizer):
+@pytest.mark.parametrize("way", ["workers", "pretokenized"])
+def test_tokenizer_workers_and_pretokenizing_give_the_same_contexts_in_order(tokenizer, way):
+    """Units from several epochs (200 > the documents of one), repeated and out of order."""
     from sae_dist.data.text import Documents
-    from sae_dist.data.tokenize import Tokenization
+    from sae_dist.data.tokenize import PretokenizedContexts, Tokenization
 
     documents = Documents(load_text_dataset(pydoc()), "text")
+    assert documents.per_epoch < 200
     units = [3, 1, 200, 7, 7, 0] + list(range(40, 180))
     inline = list(Tokenization(tokenizer, 32).contexts(documents, iter(units)))
-    pool = Tokenization(tokenizer, 32, workers=2)
+    other = (Tokenization(tokenizer, 32, workers=2) if way == "workers"
+             else PretokenizedContexts(documents.dataset, tokenizer, 32, "text", num_proc=2))
     try:
-        in_workers = list(pool.contexts(documents, iter(units)))
+        contexts = list(other.contexts(documents, iter(units)))
     finally:
-        pool.close()
-    assert [u for u, _ in in_workers] == [u for u, _ in inline] == units
-    for (_, a), (_, b) in zip(inline, in_workers, strict=True):
-        assert [c.tolist() for c in a] == [c.tolist() for c in b]
+        other.close()
+    assert [u for u, _ in contexts] == [u for u, _ in inline] == units
+    for (_, a), (_, b) in zip(inline, contexts, strict=True):
+        assert [c.tolist() for c in a] == [c.tolist() for c in b] and all(c.dtype == np.int32 for c in b)
 
 
 def test_text_files_as_whole_documents(tmp_path):

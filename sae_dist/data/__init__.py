@@ -64,8 +64,9 @@ def lm_activation_source(
     lm = HookedLM(model, list(layers) if layers is not None else run.model.layer)
     documents = Documents(load_text_dataset(data), data.text_column)
     if data.pretokenize:
-        tokenization = PretokenizedContexts(documents.dataset, tokenizer, data.ctx_len, data.text_column,
-                                            len(os.sched_getaffinity(0)))
+        # Every core, shared by the ranks of this node (each pretokenises, or reads what `datasets` cached).
+        processes = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        tokenization = PretokenizedContexts(documents.dataset, tokenizer, data.ctx_len, data.text_column, processes)
     else:
         tokenization = Tokenization(tokenizer, data.ctx_len, tokenizer_workers(run, lm.device))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

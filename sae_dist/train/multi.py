@@ -103,8 +103,8 @@ def step_round(running: dict[Trainer, Iterator[int]]) -> dict[Trainer, Iterator[
                 still[trainer] = loop
         except StopRequested as stop:
             stopped.append(stop)
-    for trainer in running:  # every member has saved this round's step, if it was a checkpoint step
-        if trainer.saved_step == trainer.step:
+    for trainer in running:  # every member has checkpointed this round's step, if it was one to checkpoint
+        if stopped or trainer.checkpoint_due():
             trainer.rotate_checkpoints()
     if stopped:
         first, sweep_dir = stopped[0], next(iter(running)).run_dir.parent

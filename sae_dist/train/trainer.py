@@ -100,9 +100,6 @@ class Trainer:
     defer_rotation: bool = False
     """Whether `save` leaves older checkpoints for `rotate_checkpoints` (a sweep rotates once every member has saved
     a step, so that a crash between two members' saves leaves them a checkpoint in common)."""
-    saved_step: int | None = None
-    """The step of the last checkpoint this trainer wrote."""
-
     weight_grads_in_place: bool = True
     """Whether the sparse kernels add their weight gradients straight into `.grad` (see `backward`); an engine
     that hooks gradient accumulation (DeepSpeed) sets it False to get them through autograd."""
@@ -264,9 +261,12 @@ class Trainer:
         run_state = {"step": self.step, "tokens": self.tokens, "scheduler": self.scheduler.state_dict(),
                      "nonfinite_steps": self.nonfinite_steps, "resampled": self.resampled}
         rank_state = {"data": self.source.state_dict(), "torch_rng": torch.get_rng_state()}
-        self.saved_step = self.step
         return ckpt.save_checkpoint(self.run_dir, self.run, self.d_model, self.step, self._tensors(), run_state,
                                     rank_state, self.ctx, rotate=not self.defer_rotation)
+
+    def checkpoint_due(self) -> bool:
+        """Whether the loop checkpoints the step just taken (every `trainer.checkpoint_every`, and the last)."""
+        return self.step % self.run.trainer.checkpoint_every == 0 or self.step == self.run.trainer.steps
 
     def rotate_checkpoints(self) -> None:
         """Keep only the newest `trainer.keep_checkpoints` checkpoints (rank 0 deletes the others)."""
@@ -351,7 +351,7 @@ class Trainer:
                     unchecked.append((self.step, result["finite"]))
                     bar.update(1)
                     at_log = self.step % cfg.log_every == 0 or self.step == cfg.steps
-                    at_checkpoint = self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps
+                    at_checkpoint = self.checkpoint_due()
                     stop = self._stop_requested(signals, at_log or at_checkpoint)
                     if at_log or at_checkpoint or stop:
                         self._check_finite(unchecked)

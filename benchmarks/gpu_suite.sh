@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_suite.sh [LOG_DIR] [TOKENIZER_DIR]
 # LOG_DIR (default gpu_logs/) receives one log per part; TOKENIZER_DIR pairs the random GPT-2 with a tokenizer where
 # the bundled MiniLM package is not installed (a copy of its tokenizer files). Each part has its own time limit, so
-# a failure or a hang costs that part only; the tables are printed at the end.
+# a failure or a hang costs that part only; the tables are printed at the end. Where py-spy is on the PATH, the live
+# job is also profiled by thread (GIL holders only: benchmarks/stack_profile.py).
 set -u
 LOG=${1:-gpu_logs}
 TOKENIZER=${2:-}
@@ -51,9 +52,23 @@ part job_pretokenized 90 python3 launch/train.py +experiment=switch_65k model.pa
   data.pretokenize=true trainer.device=cuda trainer.steps=300 trainer.log_every=25 trainer.checkpoint_every=100000 \
   trainer.out_dir="$GPT2/job_pretokenized" trainer.progress=false
 cp "$GPT2/job_pretokenized/metrics.jsonl" "$LOG/job_pretokenized_metrics.jsonl" 2>/dev/null
+if command -v py-spy >/dev/null; then  # which thread holds the GIL, and where, in the live job's steady state
+  echo "=== job_gil_profile (at $(($(date +%s) - T0))s)"
+  python3 launch/train.py +experiment=switch_65k model.path="$GPT2" data=python_docs trainer.device=cuda \
+    trainer.steps=100000 trainer.log_every=25 trainer.out_dir="$GPT2/job_profiled" trainer.progress=false \
+    >"$LOG/job_profiled.log" 2>&1 &
+  job=$!
+  sleep 45  # past the start-up (imports, the model, the tokenising processes, compilation)
+  timeout 40 py-spy record --pid "$job" --duration 15 --format raw --threads --gil --rate 200 -o "$LOG/job_gil.txt" \
+    >/dev/null 2>&1
+  kill "$job" 2>/dev/null  # SIGTERM: the run checkpoints and stops
+  wait "$job" 2>/dev/null
+  python3 benchmarks/stack_profile.py "$LOG/job_gil.txt" --top 10 >"$LOG/job_gil_summary.log" 2>&1
+fi
 echo "=== done at $(($(date +%s) - T0))s"
-for name in cuda_tests step_65k step_262k step_1m dense_1m_profile data; do
+for name in cuda_tests step_65k step_262k step_1m dense_1m_profile data job_gil_summary; do
   echo "##### $name"
+  if [ "$name" = job_gil_summary ]; then tail -c 4000 "$LOG/$name.log" 2>/dev/null; continue; fi
   grep -h "│\|passed\|failed" "$LOG/$name.log" | tail -c 2500
 done
 for job in job job_pretokenized; do

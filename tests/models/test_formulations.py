@@ -168,3 +168,18 @@ def test_encoder_pre_activations_stay_in_the_autocast_dtype():
     assert values_RK.dtype == torch.bfloat16
     torch.testing.assert_close(values_RK.sort(1).values, expected_values.relu().sort(1).values, rtol=0, atol=0)
     assert torch.equal(ids_RK.sort(1).values, expected_ids.sort(1).values)
+
+
+def test_encoder_bias_added_in_place_without_gradients_gives_the_same_selection():
+    """The sparse formulation's GPU forward runs `gemm_encode` without autograd, where the bias is added in place."""
+    sae = make_switch(num_experts=1, latents=48, k=4, d=8, kind="topk", dtype=torch.float32)
+    bank = sae.experts
+    with torch.no_grad():
+        bank.b_enc.normal_(0, 0.5, generator=torch.Generator().manual_seed(5))
+    rows_RD, groups = _grouped_rows([11], 8, host_counts=False)
+    tracked = gemm_encode(rows_RD, bank.w_enc, bank.b_enc, groups, 4)
+    with torch.no_grad():
+        in_place = gemm_encode(rows_RD, bank.w_enc, bank.b_enc, groups, 4)
+    assert tracked[0].requires_grad and not in_place[0].requires_grad
+    for a, b in zip(tracked, in_place, strict=True):
+        assert torch.equal(a.detach(), b)

@@ -43,11 +43,12 @@ def test_cuda_trainer_steps_equal_cpu_reference_steps(tmp_path, kind, formulatio
         assert_same_weights(trainer.model, reference, {"rtol": 1e-3, "atol": 1e-5})
 
 
-def test_cuda_bf16_switch_step_reads_nothing_back_to_the_host(tmp_path):
-    """The GEMM formulation in bf16 autocast (grouped_mm's fused path), AuxK over dead latents included: after
-    warm-up steps, a step issues no synchronising call (`torch.cuda.set_sync_debug_mode('warn')` warns at each
-    one; all of them are listed on failure)."""
-    run = step_run(tmp_path, "switch", ("gemm", "gemm"))
+@pytest.mark.parametrize(("kind", "formulation"), [("switch", ("gemm", "gemm")), ("topk", ("sparse", "gather"))])
+def test_cuda_bf16_step_reads_nothing_back_to_the_host(tmp_path, kind, formulation):
+    """Both formulations in bf16 autocast (the GEMM one through grouped_mm's fused path), AuxK over dead latents
+    included: after warm-up steps, a step issues no synchronising call (`torch.cuda.set_sync_debug_mode('warn')`
+    warns at each one; all of them are listed on failure)."""
+    run = step_run(tmp_path, kind, formulation)
     run.trainer.device, run.trainer.dtype = "cuda", "bfloat16"
     trainer = Trainer(run, build_activation_source(run), device="cuda")
     source = build_activation_source(run)

@@ -41,7 +41,7 @@ from rich.table import Table
 from transformers import AutoTokenizer, GPT2Config, GPT2Model
 
 from sae_dist.config import DataConfig, ModelConfig, RunConfig, SAEConfig, TrainerConfig, validate
-from sae_dist.data import CachedActivationSource, lm_activation_source, load_lm, write_cache
+from sae_dist.data import CachedActivationSource, lm_activation_source, load_lm, pretokenize_processes, write_cache
 from sae_dist.data.shuffle import BlockShuffleSource
 from sae_dist.data.source import ActivationSource
 from sae_dist.data.text import Documents, load_text_dataset
@@ -277,7 +277,7 @@ def main() -> None:
         "tokenise (in this thread)": (tokenise_rate(run, tokenizer, 0, args.documents), None),
         "tokenise (2 worker processes)": (tokenise_rate(run, tokenizer, 2, args.documents), None),
         "read pretokenised contexts (data.pretokenize)": (
-            tokenise_rate(run, tokenizer, os.cpu_count() or 1, args.documents, pretokenized=True), None),
+            tokenise_rate(run, tokenizer, pretokenize_processes(), args.documents, pretokenized=True), None),
         f"LM forward to block {run.model.layer} ({run.data.lm_batch_size} contexts/forward)":
             (lm_rate(lm_source, args.buffer, device), peak / lm_flops),
         "SAE step": (sae_step_rate(run, d_model, device), peak / sae_flops),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check and figure of the README in one bounded run (about 8 minutes on an H200), for a GPU lent briefly:
+# Every GPU check and figure of the README in one bounded run (about 8 minutes on an H200, 1.5 more with py-spy), for a GPU lent briefly:
 #   bash benchmarks/gpu_suite.sh [LOG_DIR] [TOKENIZER_DIR]
 # LOG_DIR (default gpu_logs/) receives one log per part; TOKENIZER_DIR pairs the random GPT-2 with a tokenizer where
 # the bundled MiniLM package is not installed (a copy of its tokenizer files). Each part has its own time limit, so

@@ -134,9 +134,9 @@ class DataConfig:
     tokenizer_workers: int | None = None
     """Processes that tokenise text ahead of the LM; null = 0 on a CPU (the LM needs its cores), up to 4 on a GPU."""
     pretokenize: bool = False
-    """Tokenise the whole dataset once before training ('lm' source, map-style datasets: `datasets.map` over every
-    core, cached on disk by `datasets` for Hub and file datasets) instead of during it: the same contexts, with no
-    tokenizer on the training job's path."""
+    """Tokenise the whole dataset once before training ('lm' source, map-style datasets: `datasets.map` over the
+    node's cores, shared by its ranks; cached on disk by `datasets` for Hub and file datasets) instead of during it:
+    the same contexts, with no tokenizer on the training job's path."""
     cache_verify: bool = True
     """Check the sha256 of every cache shard when a 'cache' source opens (split over the ranks); the sizes and
     headers of all shards are checked regardless."""

@@ -35,6 +35,7 @@ __all__ = [
     "find_blocks",
     "lm_activation_source",
     "load_lm",
+    "pretokenize_processes",
     "read_manifest",
     "resume_state",
     "splice",
@@ -48,6 +49,12 @@ def tokenizer_workers(run: RunConfig, device: torch.device) -> int:
     if run.data.tokenizer_workers is not None:
         return run.data.tokenizer_workers
     return 0 if device.type == "cpu" else max(0, min(4, len(os.sched_getaffinity(0)) - 2))
+
+
+def pretokenize_processes() -> int:
+    """Processes for `data.pretokenize`: the cores of this node, shared by its ranks (each rank pretokenises, or
+    reads what `datasets` cached)."""
+    return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def lm_activation_source(
@@ -64,9 +71,8 @@ def lm_activation_source(
     lm = HookedLM(model, list(layers) if layers is not None else run.model.layer)
     documents = Documents(load_text_dataset(data), data.text_column)
     if data.pretokenize:
-        # Every core, shared by the ranks of this node (each pretokenises, or reads what `datasets` cached).
-        processes = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        tokenization = PretokenizedContexts(documents.dataset, tokenizer, data.ctx_len, data.text_column, processes)
+        tokenization = PretokenizedContexts(documents.dataset, tokenizer, data.ctx_len, data.text_column,
+                                            pretokenize_processes())
     else:
         tokenization = Tokenization(tokenizer, data.ctx_len, tokenizer_workers(run, lm.device))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -104,7 +104,7 @@ def gemm_floor(batch: int, d: int, width: int, device: torch.device, dtype: torc
 
 
 def sae_dist_step(kind: str, latents: int, experts: int, args, x_BD: torch.Tensor, dead_fraction: float = 0.0,
-                  optimizer_state: str = "float32"):
+                  optimizer_state: str = "float32", cuda_graph: bool = True):
     """Trainer.train_step of a Switch (or dense TopK) SAE; AuxK on only when `dead_fraction` > 0."""
     run = RunConfig(
         sae=SAEConfig(kind=kind, num_latents=latents, num_experts=experts, k=args.k,
@@ -112,7 +112,8 @@ def sae_dist_step(kind: str, latents: int, experts: int, args, x_BD: torch.Tenso
                       decoder=args.decoder),
         data=DataConfig(source="synthetic", d_model=args.d),
         trainer=TrainerConfig(batch_size=args.batch, steps=10**6, progress=False, tensorboard=False,
-                              device=args.device, dtype=args.dtype, out_dir="unused", optimizer_state=optimizer_state),
+                              device=args.device, dtype=args.dtype, out_dir="unused", optimizer_state=optimizer_state,
+                              cuda_graph=cuda_graph),
     )
     validate(run)
     trainer = Trainer(run, SyntheticSource.from_config(run.data, seed=0), device=args.device)
@@ -151,14 +152,27 @@ def dense_then_mask_step(latents: int, experts: int, args, x_BD: torch.Tensor):
     return lambda: reference_train_step(sae, optimizer, x_BD, 1.0)
 
 
+GPU_STEPS_PER_TIMING = 5
+"""Consecutive steps per CUDA-event timing on a GPU: as in training, the host queues a step while the GPU runs
+the previous one (timing one step alone would add the host's start-up latency of every step)."""
+
+
 def measure(build: Callable[[], Callable[[], object]], floor: Callable[[], object], repeats: int, clock: Clock,
             device: torch.device) -> dict:
-    """Build, warm up, then `repeats` pairs of (routed floor, step): median step, median step / floor, peak."""
+    """Build, warm up, then `repeats` pairs of (routed floor, step): median step, median step / floor, peak. On a
+    GPU a step's time is that of `GPU_STEPS_PER_TIMING` consecutive steps, divided."""
+    per_timing = GPU_STEPS_PER_TIMING if device.type == "cuda" else 1
     with PeakMemory(device) as memory:
-        step = build()
-        step()
-        pairs = [(clock(floor), clock(step)) for _ in range(repeats)]
-    del step
+        one_step = build()
+        for _ in range(3 if device.type == "cuda" else 1):  # CUDA: warm-up and graph capture (step_graph.py)
+            one_step()
+
+        def step():
+            for _ in range(per_timing):
+                one_step()
+
+        pairs = [(clock(floor), clock(step) / per_timing) for _ in range(repeats)]
+    del step, one_step
     gc.collect()  # a trainer holds reference cycles: free its gigabytes before the next implementation
     return {"seconds": statistics.median(s for _, s in pairs),
             "per_floor": statistics.median(s / f for f, s in pairs), "peak": memory.peak}
@@ -228,6 +242,10 @@ def main() -> None:
             label = "sae-dist dense TopK (AuxK off)" if n == 1 else "sae-dist Switch"
             rows.append((label, n, measure(partial(sae_dist_step, kind, latents, n, args, x_BD), floors[n],
                                            args.repeats, clock, device)))
+            if n > 1 and cuda and n == max(experts) and latents == latent_sizes[0]:
+                rows.append(("sae-dist Switch, eager (no CUDA graphs)", n, measure(
+                    partial(sae_dist_step, kind, latents, n, args, x_BD, cuda_graph=False), floors[n], args.repeats,
+                    clock, device)))
             if n == 1:
                 rows.append(("sae-dist dense TopK (AuxK on, 10% dead)", 1, measure(
                     partial(sae_dist_step, "topk", latents, 1, args, x_BD, 0.1), floors[1], args.repeats, clock,
@@ -259,7 +277,9 @@ def main() -> None:
     if args.profile:
         latents, n = latent_sizes[0], max(n for n in args.experts if latent_sizes[0] % n == 0)
         console.print(f"torch.profiler, 3 steps of {'dense TopK' if n == 1 else 'Switch'} M = {latents}, N = {n}:")
-        console.print(profile_table(sae_dist_step("topk" if n == 1 else "switch", latents, n, args, x_BD), device,
+        # Eager (no CUDA graphs): the profiler then names the operator behind each kernel.
+        console.print(profile_table(sae_dist_step("topk" if n == 1 else "switch", latents, n, args, x_BD,
+                                                  cuda_graph=False), device,
                                     args.profile), soft_wrap=True)
 
 

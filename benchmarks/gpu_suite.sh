@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
-# Every GPU check and figure of the README in one bounded run (about 8 minutes on an H200, 1.5 more with py-spy), for a GPU lent briefly:
+# Every GPU check and figure of the README in one bounded run (about 8 minutes on an H200, from the parts timed there; 1.5 more with py-spy), for a GPU lent briefly:
 #   bash benchmarks/gpu_suite.sh [LOG_DIR] [TOKENIZER_DIR]
-# LOG_DIR (default gpu_logs/) receives one log per part; TOKENIZER_DIR pairs the random GPT-2 with a tokenizer where
-# the bundled MiniLM package is not installed (a copy of its tokenizer files). Each part has its own time limit, so
-# a failure or a hang costs that part only; the tables are printed at the end. Where py-spy is on the PATH, the live
-# job is also profiled by thread (GIL holders only: benchmarks/stack_profile.py).
+# LOG_DIR (default gpu_logs/) receives all.log, every part's output appended as it ends (so a run cut short keeps
+# what it did), and the jobs' metrics; TOKENIZER_DIR pairs the random GPT-2 with a tokenizer where the bundled
+# MiniLM package is not installed (a copy of its tokenizer files). Each part has its own time limit, so a failure
+# or a hang costs that part only; the most telling parts run first, and the tables are printed at the end. Where
+# py-spy is on the PATH, the live job is also profiled by thread (GIL holders only: benchmarks/stack_profile.py).
 set -u
 LOG=${1:-gpu_logs}
 TOKENIZER=${2:-}
+PARTS=$(mktemp -d)
 mkdir -p "$LOG"
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
 part() {
-  local name=$1 limit=$2
+  local name=$1 limit=$2 status
   shift 2
   echo "=== $name (limit ${limit}s, at $(($(date +%s) - T0))s)"
-  timeout "$limit" "$@" >"$LOG/$name.log" 2>&1
-  echo "=== $name exit $? at $(($(date +%s) - T0))s"
+  timeout "$limit" "$@" >"$PARTS/$name.log" 2>&1
+  status=$?
+  { echo "########## $name: exit $status at $(($(date +%s) - T0))s"; cat "$PARTS/$name.log"; } >>"$LOG/all.log"
+  echo "=== $name exit $status at $(($(date +%s) - T0))s"
 }
 TOKENIZER_ARGS=()
 [ -n "$TOKENIZER" ] && TOKENIZER_ARGS=(--tokenizer "$TOKENIZER")
@@ -35,41 +39,41 @@ GPT2Model(config).save_pretrained(folder)
 tokenizer.save_pretrained(folder)
 PY
 
-part cuda_tests 90 python3 -m pytest tests/train/test_cuda.py -q -p no:cacheprovider
-part step_65k 90 python3 benchmarks/bench_step.py --device cuda --latents 65536 --bf16-state --profile 25
-part step_262k 60 python3 benchmarks/bench_step.py --device cuda --latents 262144
-part step_1m 120 python3 benchmarks/bench_step.py --device cuda --latents 1048576 --reference-repeats 0 --bf16-state \
+part cuda_tests 150 python3 -m pytest tests/train/test_cuda.py -q -p no:cacheprovider
+part step_65k 100 python3 benchmarks/bench_step.py --device cuda --latents 65536 --bf16-state --profile 25
+part step_1m 130 python3 benchmarks/bench_step.py --device cuda --latents 1048576 --reference-repeats 0 --bf16-state \
   --profile 20
-part dense_1m_profile 60 python3 benchmarks/bench_step.py --device cuda --latents 1048576 --experts 1 --no-peers \
-  --profile 20
-part data 150 python3 benchmarks/bench_data.py --lm gpt2 "${TOKENIZER_ARGS[@]}" --device cuda --batch 8192 \
-  --lm-batch 256 --buffer 65536 --steps 60 --log-every 10
-part job 90 python3 launch/train.py +experiment=switch_65k model.path="$GPT2" data=python_docs trainer.device=cuda \
-  trainer.steps=300 trainer.log_every=25 trainer.checkpoint_every=100000 trainer.out_dir="$GPT2/job" \
-  trainer.progress=false
-cp "$GPT2/job/metrics.jsonl" "$LOG/job_metrics.jsonl" 2>/dev/null
+part optimizer 60 python3 benchmarks/bench_optimizer.py --device cuda
 part job_pretokenized 90 python3 launch/train.py +experiment=switch_65k model.path="$GPT2" data=python_docs \
   data.pretokenize=true trainer.device=cuda trainer.steps=300 trainer.log_every=25 trainer.checkpoint_every=100000 \
   trainer.out_dir="$GPT2/job_pretokenized" trainer.progress=false
 cp "$GPT2/job_pretokenized/metrics.jsonl" "$LOG/job_pretokenized_metrics.jsonl" 2>/dev/null
+part job 90 python3 launch/train.py +experiment=switch_65k model.path="$GPT2" data=python_docs trainer.device=cuda \
+  trainer.steps=300 trainer.log_every=25 trainer.checkpoint_every=100000 trainer.out_dir="$GPT2/job" \
+  trainer.progress=false
+cp "$GPT2/job/metrics.jsonl" "$LOG/job_metrics.jsonl" 2>/dev/null
+part data 150 python3 benchmarks/bench_data.py --lm gpt2 "${TOKENIZER_ARGS[@]}" --device cuda --batch 8192 \
+  --lm-batch 256 --buffer 65536 --steps 60 --log-every 10
+part step_262k 60 python3 benchmarks/bench_step.py --device cuda --latents 262144
 if command -v py-spy >/dev/null; then  # which thread holds the GIL, and where, in the live job's steady state
   echo "=== job_gil_profile (at $(($(date +%s) - T0))s)"
   python3 launch/train.py +experiment=switch_65k model.path="$GPT2" data=python_docs trainer.device=cuda \
     trainer.steps=100000 trainer.log_every=25 trainer.out_dir="$GPT2/job_profiled" trainer.progress=false \
-    >"$LOG/job_profiled.log" 2>&1 &
+    >"$PARTS/job_profiled.log" 2>&1 &
   job=$!
   sleep 45  # past the start-up (imports, the model, the tokenising processes, compilation)
-  timeout 40 py-spy record --pid "$job" --duration 15 --format raw --threads --gil --rate 200 -o "$LOG/job_gil.txt" \
+  timeout 40 py-spy record --pid "$job" --duration 15 --format raw --threads --gil --rate 200 -o "$PARTS/job_gil.txt" \
     >/dev/null 2>&1
   kill "$job" 2>/dev/null  # SIGTERM: the run checkpoints and stops
   wait "$job" 2>/dev/null
-  python3 benchmarks/stack_profile.py "$LOG/job_gil.txt" --top 10 >"$LOG/job_gil_summary.log" 2>&1
+  python3 benchmarks/stack_profile.py "$PARTS/job_gil.txt" --top 10 >"$PARTS/job_gil_summary.log" 2>&1
+  cat "$PARTS/job_gil_summary.log" >>"$LOG/all.log"
 fi
 echo "=== done at $(($(date +%s) - T0))s"
-for name in cuda_tests step_65k step_262k step_1m dense_1m_profile data job_gil_summary; do
+for name in cuda_tests step_65k step_1m optimizer data step_262k job_gil_summary; do
   echo "##### $name"
-  if [ "$name" = job_gil_summary ]; then tail -c 4000 "$LOG/$name.log" 2>/dev/null; continue; fi
-  grep -h "│\|passed\|failed" "$LOG/$name.log" | tail -c 2500
+  if [ "$name" = job_gil_summary ]; then tail -c 4000 "$PARTS/$name.log" 2>/dev/null; continue; fi
+  grep -h "│\|passed\|failed\|Error" "$PARTS/$name.log" 2>/dev/null | tail -c 2500
 done
 for job in job job_pretokenized; do
   echo "##### $job: tokens/s per metrics window"

@@ -185,6 +185,9 @@ class TrainerConfig:
     optimizer_state: str = "float32"
     """Adam's moments: 'float32' (exact fused Adam) or 'bfloat16' (half the optimizer memory and 20 instead of 28
     bytes moved per parameter per step; not exact Adam: the stored moments are rounded to bfloat16)."""
+    cuda_graph: bool = True
+    """On one GPU (not under torchrun), replay the step's device work as CUDA graphs: the host launches two graphs
+    and the optimizer instead of some 200 operators (sae_dist/train/step_graph.py). Results are the same."""
     engine: str = "torch"
     """'torch' (the project's own step) or 'deepspeed' (DeepSpeed's ZeRO optimizer; needs the 'deepspeed' extra)."""
     zero_stage: int = 1

@@ -43,8 +43,16 @@ def candidates_of_width(dead_NM: Tensor, width: int) -> AuxCandidates:
 def dead_candidates(dead_mask_L: Tensor, num_local_experts: int) -> AuxCandidates:
     """Exactly the dead latents of `dead_mask_L` [N_local * M_e] (reads their count back to the host)."""
     dead_NM = dead_mask_L.view(num_local_experts, -1)
-    width = int(dead_NM.sum(1).max()) if dead_NM.numel() else 0
-    return candidates_of_width(dead_NM, width)
+    return candidates_of_width(dead_NM, _most_dead(dead_NM))
+
+
+def _most_dead(dead_NM: Tensor) -> int:
+    return int(dead_NM.sum(1).max()) if dead_NM.numel() else 0
+
+
+def power_of_two_at_least(width: int) -> int:
+    """The smallest power of two >= `width` (0 for 0)."""
+    return 0 if width == 0 else 1 << (width - 1).bit_length()
 
 
 class _HostCount:
@@ -76,8 +84,11 @@ class DeadCandidates:
     returns None and AuxK does not run.
     """
 
-    def __init__(self, num_local_experts: int, dead_tokens: int, batch_tokens: int, tokens_seen: int):
+    def __init__(self, num_local_experts: int, dead_tokens: int, batch_tokens: int, tokens_seen: int,
+                 round_width: bool = False):
         self.num_local_experts = num_local_experts
+        self.round_width = round_width
+        """Pad the list to a power of two (few distinct widths: each is a CUDA graph of the step)."""
         self.dead_tokens = dead_tokens
         self.batch_tokens = batch_tokens
         self.max_counter = tokens_seen
@@ -91,8 +102,12 @@ class DeadCandidates:
             return None
         dead_NM = (tokens_since_fired_L >= self.dead_tokens).view(self.num_local_experts, -1)
         if len(self._marks) < 2 or self._marks[0] is None:  # just started or resumed: count now, once
-            return dead_candidates(dead_NM.flatten(), self.num_local_experts)
-        return candidates_of_width(dead_NM, self._marks[0].read())
+            width = _most_dead(dead_NM)
+        else:
+            width = self._marks[0].read()
+        if self.round_width:
+            width = min(power_of_two_at_least(width), dead_NM.shape[1])
+        return candidates_of_width(dead_NM, width)
 
     def after_update(self, tokens_since_fired_L: Tensor) -> None:
         """Record, after this step's counter update, which latents the step after next may find dead."""

@@ -232,6 +232,7 @@ class DeepSpeedTrainer(Trainer):
     context (a process group, also of one rank)."""
 
     weight_grads_in_place = False
+    graph_capturable = False
 
     def build_optimizer(self):
         """Adam over DeepSpeed's parameter groups (replicated, and experts per expert group) inside the engine;

@@ -47,6 +47,7 @@ from sae_dist.train.optim import (
 )
 from sae_dist.train.preemption import HeldSignals, StopRequested, StopSignals
 from sae_dist.train.resample import resample_dead_latents, resample_due
+from sae_dist.train.step_graph import StepGraphs
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -90,6 +91,14 @@ class Trainer:
         """Steps skipped because of NaN or inf (trainer.on_nonfinite=skip), over the whole run."""
         self.resampled = 0
         """Dead latents resampled (sae.resample_every) over the whole run."""
+        self._graphs = StepGraphs(self) if self.graphs_apply() else None
+        """The step's CUDA graphs (trainer.cuda_graph), where they apply."""
+
+    def graphs_apply(self) -> bool:
+        """Whether the step replays CUDA graphs: trainer.cuda_graph on one GPU, outside torchrun (whose collectives
+        read split sizes back to the host)."""
+        return (self.run.trainer.cuda_graph and self.device.type == "cuda" and not self.ctx.distributed
+                and self.graph_capturable)
 
     def build_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
         """Adam over every parameter and the lr schedule (an engine that owns the optimizer replaces this)."""
@@ -100,6 +109,8 @@ class Trainer:
     defer_rotation: bool = False
     """Whether `save` leaves older checkpoints for `rotate_checkpoints` (a sweep rotates once every member has saved
     a step, so that a crash between two members' saves leaves them a checkpoint in common)."""
+    graph_capturable: bool = True
+    """Whether the step's device work may be captured as CUDA graphs (an engine with its own update sets False)."""
     weight_grads_in_place: bool = True
     """Whether the sparse kernels add their weight gradients straight into `.grad` (see `backward`); an engine
     that hooks gradient accumulation (DeepSpeed) sets it False to get them through autograd."""
@@ -112,31 +123,58 @@ class Trainer:
         renormalise-then-forward order shifted by half a step, so a skipped step changes nothing. Returns 'out',
         'terms', 'loss', 'grad_norm', 'lr' and 'finite': a 0-dim bool on the device, False when the batch, the loss
         or the gradient norm was not finite; then no update was applied at all (parameters, Adam moments and
-        steps, dead-latent counters). Nothing is read back to the host on one device.
+        steps, dead-latent counters). Nothing is read back to the host on one device. On one GPU the device work
+        before and after the update replays as CUDA graphs (`step_graph.py`); then 'out', 'terms', 'loss' and
+        'grad_norm' are valid until the next step.
         """
-        out, terms, loss = self.forward_loss(x_TD)
+        aux = self._aux_candidates()
+        weights = self.model.loss_weights(self.step / self.run.trainer.steps)
+        graphs = self._graphs
+        capture = graphs is not None and graphs.ready(x_TD, aux, weights)
+        result = graphs.before_update(x_TD, aux, weights) if capture else None
+        if result is not None:
+            result["lr"] = self.update(result["grad_norm"], result["finite"])
+            if not graphs.after_update():
+                self.after_update(result)
+            result["finite"] = result["finite"].clone()  # the loop keeps it past the next replay
+        else:
+            result = self.before_update(x_TD, aux, weights)
+            result["lr"] = self.update(result["grad_norm"], result["finite"])
+            self.after_update(result)
+        if self._dead_candidates is not None:
+            self._dead_candidates.after_update(self.dead.tokens_since_fired_L)
+        self.resample_dead(x_TD, result["out"], result["finite"])
+        return result
+
+    def before_update(self, x_TD: torch.Tensor, aux: AuxCandidates | None, weights: dict[str, float]
+                      ) -> dict[str, Any]:
+        """The step up to the update: 'out', 'terms', 'loss', 'grad_norm' and 'finite' (see `train_step`)."""
+        out, terms, loss = self.forward_loss(x_TD, aux, weights)
         self.backward(loss)
         grad_norm = self.sync_clip_project()
         # A non-finite batch makes L_rec (a sum over all of it) and the global gradient norm non-finite: checking
         # the two scalars covers it without a pass over the batch.
         finite = torch.isfinite(torch.stack([loss.detach().float(), grad_norm.float()])).all()
-        lr = self.update(grad_norm, finite)
-        self.renormalize_decoders(finite)
-        self.track_dead_latents(out, finite)
-        self.model.after_step(out, self.ctx, finite)
-        self.resample_dead(x_TD, out, finite)
-        return {"out": out, "terms": terms, "loss": loss.detach(), "grad_norm": grad_norm, "lr": lr,
-                "finite": finite}
+        return {"out": out, "terms": terms, "loss": loss.detach(), "grad_norm": grad_norm, "finite": finite}
 
-    def forward_loss(self, x_TD: torch.Tensor) -> tuple[SAEOutput, dict[str, torch.Tensor], torch.Tensor]:
+    def after_update(self, result: dict[str, Any]) -> None:
+        """The step's device work after the update: decoder renormalisation, dead-latent counters, model state."""
+        self.renormalize_decoders(result["finite"])
+        self.track_dead_latents(result["out"], result["finite"])
+        self.model.after_step(result["out"], self.ctx, result["finite"])
+
+    def forward_loss(
+        self, x_TD: torch.Tensor, aux: AuxCandidates | None = None, weights: dict[str, float] | None = None
+    ) -> tuple[SAEOutput, dict[str, torch.Tensor], torch.Tensor]:
         """(model output, loss terms, total loss) of this rank's tokens, under the configured autocast; AuxK (when
-        on) over this step's dead-latent candidates."""
+        on) over `aux`, this step's dead-latent candidates; `weights` default to the model's at this step."""
         model = self.model
-        aux = self._aux_candidates()
+        if weights is None:
+            weights = model.loss_weights(self.step / self.run.trainer.steps)
         with self._autocast(), weight_grads_in_place(self.weight_grads_in_place):
             out = model(x_TD) if aux is None else model(x_TD, aux_candidates=aux)
             terms = model.loss_terms(x_TD, out, self.ctx)
-            loss = total_loss(terms, model.loss_weights(self.step / self.run.trainer.steps))
+            loss = total_loss(terms, weights)
         return out, terms, loss
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -173,11 +211,9 @@ class Trainer:
             normalize_decoder_(w_dec, apply)
 
     def track_dead_latents(self, out: SAEOutput, finite: torch.Tensor) -> None:
-        """Advance the dead-latent counters (not after a skipped step) and AuxK's candidate bookkeeping."""
+        """Advance the dead-latent counters (not after a skipped step)."""
         fired_L = self.ctx.merge_fired(self.model.fired_latents(out))
         self.dead.update(fired_L, self._counted_tokens(out), finite)
-        if self._dead_candidates is not None:
-            self._dead_candidates.after_update(self.dead.tokens_since_fired_L)
 
     def resample_dead(self, x_TD: torch.Tensor, out: SAEOutput, finite: torch.Tensor) -> None:
         """At a step of sae.resample_every (this one being step `self.step + 1`) whose update was applied, resample
@@ -188,6 +224,8 @@ class Trainer:
         self.resampled += resample_dead_latents(
             self.model, self.optimizer, self.dead, self.ctx, x_TD, out, self.run.trainer.seed, step
         )
+        if self._graphs is not None:
+            self._graphs.reset()
 
     def _counted_tokens(self, out: SAEOutput) -> int | torch.Tensor:
         """What this step adds to the dead-latent counters (`sae.dead_count`): the global batch size, or per local
@@ -204,13 +242,16 @@ class Trainer:
             return None
         if self._dead_candidates is None:
             self._dead_candidates = DeadCandidates(
-                self.model.num_local_experts, self.run.sae.dead_tokens, self.run.trainer.batch_size, self.tokens
+                self.model.num_local_experts, self.run.sae.dead_tokens, self.run.trainer.batch_size, self.tokens,
+                round_width=self._graphs is not None,
             )
         return self._dead_candidates.for_step(self.dead.tokens_since_fired_L)
 
     def _autocast(self):
         dtype = AUTOCAST_DTYPES.get(self.run.trainer.dtype)
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+        # No cast cache under graphs: cached casts would outlive the capture's autocast region.
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None,
+                              cache_enabled=self._graphs is None)
 
     # --- statistics ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -278,6 +319,8 @@ class Trainer:
         run_state, rank_states = ckpt.load_checkpoint(folder, self._tensors(), self.ctx)
         self.step, self.tokens = run_state["step"], run_state["tokens"]
         self._dead_candidates = None  # its bookkeeping described the counters before the restore
+        if self._graphs is not None:
+            self._graphs.reset()
         self.nonfinite_steps = run_state.get("nonfinite_steps", 0)
         self.resampled = run_state.get("resampled", 0)
         self.scheduler.load_state_dict(run_state["scheduler"])

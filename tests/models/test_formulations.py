@@ -106,12 +106,15 @@ def test_auxk_selection_does_not_depend_on_the_candidate_width():
         torch.testing.assert_close(padded, exact, rtol=0, atol=0)
 
 
-def test_dead_candidates_cover_every_dead_latent_without_reading_the_device():
-    """Simulated training: latents fire at random; each step's candidates hold every dead latent of that step."""
-    num_experts, width, batch, dead_tokens = 2, 16, 100, 350
+@pytest.mark.parametrize("round_width", [False, True])
+def test_dead_candidates_cover_every_dead_latent_without_reading_the_device(round_width):
+    """Simulated training: latents fire at random; each step's candidates hold every dead latent of that step
+    (padded to a power of two, or the expert's width, with `round_width`: the widths of the CUDA graphs)."""
+    num_experts, width, batch, dead_tokens = 2, 24, 100, 350
     g = torch.Generator().manual_seed(3)
     counters_L = torch.zeros(num_experts * width, dtype=torch.long)
-    tracker = DeadCandidates(num_experts, dead_tokens, batch, tokens_seen=0)
+    tracker = DeadCandidates(num_experts, dead_tokens, batch, tokens_seen=0, round_width=round_width)
+    widths = set()
     seen_dead = 0
     for step in range(12):
         candidates = tracker.for_step(counters_L)
@@ -122,10 +125,13 @@ def test_dead_candidates_cover_every_dead_latent_without_reading_the_device():
             listed_NM = torch.zeros_like(dead_NM).scatter(1, candidates.ids_NC, candidates.dead_NC)
             assert torch.equal(listed_NM, dead_NM)
             seen_dead += int(dead_NM.sum())
+            widths.add(candidates.ids_NC.shape[1])
         fired_L = torch.rand(counters_L.shape, generator=g) < 0.3
         counters_L = (counters_L + batch).masked_fill(fired_L, 0)
         tracker.after_update(counters_L)
     assert seen_dead > 0
+    if round_width:
+        assert widths <= {0, 1, 2, 4, 8, 16, width} and len(widths) > 1, widths
 
 
 def test_router_runs_in_float32_under_bf16_autocast():

@@ -1,9 +1,10 @@
 """On a CUDA GPU (skipped elsewhere): the trainer's step there (fused Adam, `torch.compile`d renormalisation and
-projection, grouped_mm) equals the straightforward step on the CPU; the bf16 step runs without reading the device
-back to the host; the compiled bf16-state Adam equals its eager CPU form; prefetch through a CUDA stream hands over
-the source's batches unchanged."""
+projection, grouped_mm, CUDA graphs) equals the straightforward step on the CPU; the bf16 step runs without reading
+the device back to the host; steps and training runs replayed from CUDA graphs equal eager ones; the compiled
+bf16-state Adam equals its eager CPU form; prefetch through a CUDA stream hands over the source's batches unchanged."""
 
 import copy
+import json
 import warnings
 
 import pytest
@@ -14,6 +15,7 @@ from sae_dist.models.reference import reference_train_step
 from sae_dist.train.dead import DeadLatentTracker
 from sae_dist.train.init import init_biases_from_batch
 from sae_dist.train.trainer import Trainer
+from tests.parallel.ep_helpers import copy_checkpoint
 from tests.train.test_step import BATCH, assert_same_weights, step_run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -43,13 +45,16 @@ def test_cuda_trainer_steps_equal_cpu_reference_steps(tmp_path, kind, formulatio
         assert_same_weights(trainer.model, reference, {"rtol": 1e-3, "atol": 1e-5})
 
 
-@pytest.mark.parametrize(("kind", "formulation"), [("switch", ("gemm", "gemm")), ("topk", ("sparse", "gather"))])
+FORMULATIONS = [("switch", ("gemm", "gemm")), ("topk", ("sparse", "gather"))]
+
+
+@pytest.mark.parametrize(("kind", "formulation"), FORMULATIONS)
 def test_cuda_bf16_step_reads_nothing_back_to_the_host(tmp_path, kind, formulation):
     """Both formulations in bf16 autocast (the GEMM one through grouped_mm's fused path), AuxK over dead latents
-    included: after warm-up steps, a step issues no synchronising call (`torch.cuda.set_sync_debug_mode('warn')`
-    warns at each one; all of them are listed on failure)."""
+    included, eagerly (no CUDA graphs, whose capture synchronises): after warm-up steps, a step issues no
+    synchronising call (`torch.cuda.set_sync_debug_mode('warn')` warns at each one; all are listed on failure)."""
     run = step_run(tmp_path, kind, formulation)
-    run.trainer.device, run.trainer.dtype = "cuda", "bfloat16"
+    run.trainer.device, run.trainer.dtype, run.trainer.cuda_graph = "cuda", "bfloat16", False
     trainer = Trainer(run, build_activation_source(run), device="cuda")
     source = build_activation_source(run)
     batches = [source.next_batch(BATCH).cuda() for _ in range(6)]
@@ -68,6 +73,98 @@ def test_cuda_bf16_step_reads_nothing_back_to_the_host(tmp_path, kind, formulati
              if "called a synchronizing CUDA operation" in str(w.message)]
     assert not syncs, "\n".join(syncs)
     assert all(bool(r["finite"]) for r in results) and "auxk" in results[-1]["terms"]
+
+
+def _bf16_trainers(tmp_path, kind, formulation, **trainer_fields) -> dict[bool, Trainer]:
+    """Two bf16 trainers of the same run on the GPU, keyed by whether they replay CUDA graphs."""
+    trainers = {}
+    for graphs in (False, True):
+        run = step_run(tmp_path / f"graphs_{graphs}", kind, formulation)
+        run.trainer.device, run.trainer.dtype, run.trainer.cuda_graph = "cuda", "bfloat16", graphs
+        for name, value in trainer_fields.items():
+            setattr(run.trainer, name, value)
+        trainers[graphs] = Trainer(run, build_activation_source(run), device="cuda")
+    assert trainers[True]._graphs is not None and trainers[False]._graphs is None
+    return trainers
+
+
+@pytest.mark.parametrize(("kind", "formulation"), FORMULATIONS)
+def test_cuda_graph_steps_equal_eager_steps(tmp_path, kind, formulation):
+    """Twelve bf16 steps from CUDA graphs equal eager ones: captured after warm-up, again for each new AuxK
+    candidate width (AuxK runs from the third step), a NaN batch skipped (no update) in between. Compared: every
+    step's loss, gradient norm and finite flag, then the weights, Adam's state and the dead-latent counters."""
+    trainers = _bf16_trainers(tmp_path, kind, formulation, on_nonfinite="skip")
+    source = build_activation_source(trainers[False].run)
+    batches = [source.next_batch(BATCH).cuda() for _ in range(12)]
+    batches[7] = batches[7].clone()
+    batches[7][3, 5] = float("nan")
+    for trainer in trainers.values():
+        init_biases_from_batch(trainer.model, batches[0])
+    for step, x_TD in enumerate(batches):
+        eager, graphed = (trainers[g].train_step(x_TD) for g in (False, True))
+        assert bool(graphed["finite"]) == bool(eager["finite"]) == (step != 7)
+        for key in ("loss", "grad_norm"):
+            torch.testing.assert_close(graphed[key], eager[key], rtol=1e-4, atol=1e-6, equal_nan=True,
+                                       msg=lambda m, key=key, step=step: f"step {step} {key}: {m}")
+    assert trainers[True]._graphs.before is not None  # the last steps replayed a graph
+    assert_same_weights(trainers[True].model, trainers[False].model, {"rtol": 1e-3, "atol": 1e-5})
+    adam = {g: trainers[g].optimizer for g in trainers}
+    for param_g, param_e in zip(trainers[True].model.parameters(), trainers[False].model.parameters(), strict=True):
+        for key, value in adam[False].state[param_e].items():
+            torch.testing.assert_close(adam[True].state[param_g][key], value, rtol=1e-3, atol=1e-6)
+    assert torch.equal(trainers[True].dead.tokens_since_fired_L, trainers[False].dead.tokens_since_fired_L)
+
+
+def test_cuda_graph_training_run_equals_eager_run_through_a_resume(tmp_path):
+    """`Trainer.train` with CUDA graphs: its metrics rows (read from the graphs' outputs at logging steps) equal an
+    eager run's; a run stopped at its step-6 checkpoint and resumed (graphs dropped, captured anew) logs the same
+    rows again."""
+    trainers = _bf16_trainers(tmp_path, "switch", ("gemm", "gemm"), steps=12, log_every=3, checkpoint_every=6)
+
+    def rows(trainer: Trainer) -> list[dict]:
+        lines = (trainer.run_dir / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines]
+
+    for trainer in trainers.values():
+        trainer.train()
+    eager, graphed = rows(trainers[False]), rows(trainers[True])
+    assert [r["step"] for r in graphed] == [3, 6, 9, 12]
+    for eager_row, graph_row in zip(eager, graphed, strict=True):
+        for key in ("loss", "mse", "grad_norm", "dead"):
+            assert graph_row[key] == pytest.approx(eager_row[key], rel=1e-3, abs=1e-6), (graph_row["step"], key)
+    resumed_run = copy.deepcopy(trainers[True].run)
+    resumed_run.trainer.out_dir = str(tmp_path / "resumed")
+    copy_checkpoint(trainers[True].run_dir, 6, tmp_path / "resumed")
+    resumed = Trainer(resumed_run, build_activation_source(resumed_run), device="cuda")
+    resumed.train()
+    for graph_row, resumed_row in zip(graphed[2:], rows(resumed), strict=True):
+        assert resumed_row["loss"] == pytest.approx(graph_row["loss"], rel=1e-3), resumed_row["step"]
+
+
+def test_cuda_step_that_cannot_be_captured_runs_eagerly(tmp_path, monkeypatch, capsys):
+    """An operator that cannot be captured (here a read back to the host inside the step): one warning, then every
+    step runs eagerly and equals the eager trainer's."""
+    trainers = _bf16_trainers(tmp_path, "switch", ("gemm", "gemm"))
+    graphed = trainers[True]
+    plain_before_update = graphed.before_update
+
+    def reads_back(*args):
+        result = plain_before_update(*args)
+        float(result["loss"])  # a host synchronisation: forbidden while capturing
+        return result
+
+    monkeypatch.setattr(graphed, "before_update", reads_back)
+    source = build_activation_source(graphed.run)
+    batches = [source.next_batch(BATCH).cuda() for _ in range(6)]
+    for trainer in trainers.values():
+        init_biases_from_batch(trainer.model, batches[0])
+    for x_TD in batches:
+        eager, captured = (trainers[g].train_step(x_TD) for g in (False, True))
+        torch.testing.assert_close(captured["loss"], eager["loss"], rtol=1e-4, atol=1e-6)
+    assert graphed._graphs.failed and graphed._graphs.before is None
+    printed = capsys.readouterr()
+    assert (printed.out + printed.err).count("cannot be captured as a CUDA graph") == 1
+    assert_same_weights(graphed.model, trainers[False].model, {"rtol": 1e-3, "atol": 1e-5})
 
 
 def test_cuda_bf16_state_adam_equals_its_cpu_form():

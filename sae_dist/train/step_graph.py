@@ -54,7 +54,6 @@ class StepGraphs:
         self.x_TD: Tensor | None = None
         self.aux: AuxCandidates | None = None
         self.result: dict[str, Any] = {}
-        self.grads: list[tuple[Tensor, Tensor]] = []
 
     def ready(self, x_TD: Tensor, aux: AuxCandidates | None, weights: dict[str, float]) -> bool:
         """Whether this step runs from graphs (replayed, or captured now); False: it runs eagerly."""
@@ -83,16 +82,13 @@ class StepGraphs:
             graph = self._capture(lambda: self.trainer.before_update(self.x_TD, self.aux, weights))
             if graph is None:
                 return None
-            self.before = graph
-            self.grads = [(p, p.grad) for p in self.trainer.model.parameters() if p.grad is not None]
+            self.before = graph  # the parameters' .grad are now the tensors its backward writes
         else:
             self.x_TD.copy_(x_TD)
             if aux is not None:
                 self.aux.ids_NC.copy_(aux.ids_NC)
                 self.aux.dead_NC.copy_(aux.dead_NC)
         self.before.replay()
-        for param, grad in self.grads:  # what the graph's backward writes (an eager step in between replaced them)
-            param.grad = grad
         return dict(self.result)
 
     def after_update(self) -> bool:

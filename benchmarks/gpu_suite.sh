@@ -38,6 +38,7 @@ PY
 part cuda_tests 90 python3 -m pytest tests/train/test_cuda.py -q -p no:cacheprovider
 part step_65k 90 python3 benchmarks/bench_step.py --device cuda --latents 65536 --bf16-state --profile 25
 part step_262k 60 python3 benchmarks/bench_step.py --device cuda --latents 262144
+part optimizer 60 python3 benchmarks/bench_optimizer.py --device cuda
 part step_1m 120 python3 benchmarks/bench_step.py --device cuda --latents 1048576 --reference-repeats 0 --bf16-state \
   --profile 20
 part dense_1m_profile 60 python3 benchmarks/bench_step.py --device cuda --latents 1048576 --experts 1 --no-peers \
@@ -66,7 +67,7 @@ if command -v py-spy >/dev/null; then  # which thread holds the GIL, and where, 
   python3 benchmarks/stack_profile.py "$LOG/job_gil.txt" --top 10 >"$LOG/job_gil_summary.log" 2>&1
 fi
 echo "=== done at $(($(date +%s) - T0))s"
-for name in cuda_tests step_65k step_262k step_1m dense_1m_profile data job_gil_summary; do
+for name in cuda_tests step_65k step_262k optimizer step_1m dense_1m_profile data job_gil_summary; do
   echo "##### $name"
   if [ "$name" = job_gil_summary ]; then tail -c 4000 "$LOG/$name.log" 2>/dev/null; continue; fi
   grep -h "│\|passed\|failed" "$LOG/$name.log" | tail -c 2500

@@ -36,7 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 ELEMENTS_PER_PROGRAM = 1024
-"""Elements one program updates (per tensor), or at the least of the row kernel (rows are whole in a program)."""
+"""Elements one program updates per tensor; the row kernel takes as many whole rows as fit, at least one."""
 ELEMENTS_PER_THREAD = 8
 """Elements per thread and tensor, which sets the warps per program (4 for 1024 elements)."""
 

@@ -234,7 +234,8 @@ def test_trainer_steps_and_checkpoints_equal_the_torch_adam_trainer(tmp_path):
         for p, q in zip(trainers[saver].model.parameters(), resumed[name].model.parameters()):
             saved, loaded = trainers[saver].optimizer.state[p], resumed[name].optimizer.state[q]
             assert loaded["step"].dtype == torch.float32 and float(loaded["step"]) == float(saved["step"]) == 3
-            assert torch.equal(loaded["exp_avg"], saved["exp_avg"]) and torch.equal(loaded["exp_avg_sq"], saved["exp_avg_sq"])
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(loaded[key], saved[key]), key
     # Restored trainers restart AuxK's candidate bookkeeping, so they are compared with each other.
     for x_TD in batches[3:]:
         step_all(list(resumed.values()), x_TD)

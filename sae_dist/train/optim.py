@@ -1,9 +1,12 @@
 """The optimisation recipe (SPEC section 4): Adam, the lr rule and schedule, clipping and the decoder-norm constraint.
 
-Each piece makes as few passes over the parameters as it can, with no temporary of their size: fused Adam (which
-also applies the clip factor and skips a non-finite step, through the `grad_scale` / `found_inf` arguments that
-GradScaler uses), decoder renormalisation and the gradient projection (one compiled row-reduction kernel each on a
-GPU, `compiled.py`; in eager PyTorch a row-norm pass and a scaling pass, and row-batched dot products then one fused
+Each piece makes as few passes over the parameters as it can, with no temporary of their size. On a GPU, Adam is
+`triton_adam.TritonAdam`: one kernel per parameter, which also applies the clip factor and skips a non-finite step,
+and for the decoder weights also projects the gradient and renormalises the rows in that same pass. Elsewhere (a
+CPU, or an engine's own parameter groups) it is torch's fused Adam (or `bf16_adam.BF16StateAdam`), which takes the
+clip factor and the skip through the `grad_scale` / `found_inf` arguments that GradScaler uses, beside separate
+decoder renormalisation and gradient projection passes (one compiled row-reduction kernel each on a GPU,
+`compiled.py`; in eager PyTorch a row-norm pass and a scaling pass, and row-batched dot products then one fused
 multiply-subtract).
 """
 
@@ -24,14 +27,37 @@ CLIP_EPS = 1e-6
 
 def build_optimizer(model: nn.Module, run: RunConfig, param_groups: list[dict] | None = None) -> torch.optim.Optimizer:
     """Adam (no weight decay) at the configured lr or the rule of `trainer.lr_rule` over `param_groups`
-    (default: one group of every parameter of `model`): exact and fused, or with bfloat16 moments
-    (`trainer.optimizer_state`)."""
+    (default: one group of every parameter of `model`): exact, or with bfloat16 moments (`trainer.optimizer_state`).
+
+    `TritonAdam` (which also keeps `model.decoder_weights()` at unit norm) when the parameters are on a GPU, Triton
+    imports and no `param_groups` are given; torch's fused Adam or BF16StateAdam otherwise (an engine's own groups,
+    DeepSpeed's, get these)."""
     lr = run.trainer.lr if run.trainer.lr is not None else default_lr(run.sae, run.trainer.lr_rule)
     betas = tuple(run.trainer.adam_betas)
+    bf16_state = run.trainer.optimizer_state == "bfloat16"
+    triton_adam = _triton_adam() if param_groups is None and all(p.is_cuda for p in model.parameters()) else None
+    if triton_adam is not None:
+        return triton_adam(model.parameters(), lr=lr, betas=betas, eps=run.trainer.adam_eps,
+                           state_dtype=torch.bfloat16 if bf16_state else torch.float32,
+                           unit_norm_rows=model.decoder_weights())
     params = param_groups or model.parameters()
-    if run.trainer.optimizer_state == "bfloat16":
+    if bf16_state:
         return BF16StateAdam(params, lr=lr, betas=betas, eps=run.trainer.adam_eps)
     return torch.optim.Adam(params, lr=lr, betas=betas, eps=run.trainer.adam_eps, fused=True)
+
+
+def _triton_adam() -> type[torch.optim.Optimizer] | None:
+    try:  # Triton comes with torch's CUDA wheels; a CPU install has none.
+        from sae_dist.train.triton_adam import TritonAdam
+    except ImportError:
+        return None
+    return TritonAdam
+
+
+def optimizer_keeps_unit_rows(optimizer: torch.optim.Optimizer, w_dec: Tensor) -> bool:
+    """Whether `optimizer`'s update itself projects `w_dec`'s gradient and renormalises its rows (TritonAdam's
+    `unit_norm_rows`), so that the training step must not."""
+    return w_dec in getattr(optimizer, "unit_norm_rows", ())
 
 
 def clipped_adam_step(optimizer: torch.optim.Optimizer, grad_norm: Tensor, max_norm: float, apply: Tensor) -> None:
@@ -46,7 +72,8 @@ def clipped_adam_step(optimizer: torch.optim.Optimizer, grad_norm: Tensor, max_n
 
 
 def clip_and_skip_in_adam(adam: torch.optim.Optimizer, grad_norm: Tensor, max_norm: float, apply: Tensor) -> None:
-    """Make `adam`'s next step (fused Adam or BF16StateAdam) clip by `grad_norm` and skip unless `apply`."""
+    """Make `adam`'s next step (fused Adam, BF16StateAdam or TritonAdam) clip by `grad_norm` and skip unless
+    `apply`."""
     adam.grad_scale = ((grad_norm.float() + CLIP_EPS) / max_norm).clamp_min(1.0)
     adam.found_inf = (~apply).float()
 

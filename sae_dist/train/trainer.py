@@ -43,6 +43,7 @@ from sae_dist.train.optim import (
     build_scheduler,
     clipped_adam_step,
     normalize_decoder_,
+    optimizer_keeps_unit_rows,
     remove_parallel_gradient_,
 )
 from sae_dist.train.preemption import HeldSignals, StopRequested, StopSignals
@@ -188,13 +189,15 @@ class Trainer:
         loss.backward()
 
     def sync_clip_project(self) -> torch.Tensor:
-        """Reduce gradients over ranks, remove each decoder row's gradient component along the row; return the
-        global norm, which `update` clips by (fused Adam scales the gradients in its own pass)."""
+        """Reduce gradients over ranks, remove each decoder row's gradient component along the row (unless the
+        optimizer does it in its update); return the global norm of the unprojected gradients, which `update` clips
+        by (the optimizer scales the gradients in its own pass)."""
         self.ctx.sync_gradients(self.model)
         grad_norm = self.ctx.grad_norm(self.model)
         # Clipping scales every gradient alike, so projecting before Adam applies the clip factor is the same.
         for w_dec in self.model.decoder_weights():
-            remove_parallel_gradient_(w_dec)
+            if not optimizer_keeps_unit_rows(self.optimizer, w_dec):
+                remove_parallel_gradient_(w_dec)
         return grad_norm
 
     def update(self, grad_norm: torch.Tensor, finite: torch.Tensor) -> float:
@@ -206,9 +209,11 @@ class Trainer:
         return lr
 
     def renormalize_decoders(self, apply: torch.Tensor | None = None) -> None:
-        """Scale every decoder row to unit norm (not where `apply`, a 0-dim bool, is False)."""
+        """Scale every decoder row to unit norm (not where `apply`, a 0-dim bool, is False), except those of the
+        weights the optimizer renormalises in its update."""
         for w_dec in self.model.decoder_weights():
-            normalize_decoder_(w_dec, apply)
+            if not optimizer_keeps_unit_rows(self.optimizer, w_dec):
+                normalize_decoder_(w_dec, apply)
 
     def track_dead_latents(self, out: SAEOutput, finite: torch.Tensor) -> None:
         """Advance the dead-latent counters (not after a skipped step)."""

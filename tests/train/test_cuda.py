@@ -1,7 +1,9 @@
-"""On a CUDA GPU (skipped elsewhere): the trainer's step there (fused Adam, `torch.compile`d renormalisation and
-projection, grouped_mm, CUDA graphs) equals the straightforward step on the CPU; the bf16 step runs without reading
-the device back to the host; steps and training runs replayed from CUDA graphs equal eager ones; the compiled
-bf16-state Adam equals its eager CPU form; prefetch through a CUDA stream hands over the source's batches unchanged."""
+"""On a CUDA GPU (skipped elsewhere): the trainer's step there (TritonAdam with the decoder's projection and
+renormalisation in its update, grouped_mm, CUDA graphs) equals the straightforward step on the CPU and the step
+with torch's fused Adam and separate passes; TritonAdam's step replays in a CUDA graph; the bf16 step runs without
+reading the device back to the host; steps and training runs replayed from CUDA graphs equal eager ones; the
+compiled bf16-state Adam equals its eager CPU form; prefetch through a CUDA stream hands over the source's batches
+unchanged."""
 
 import copy
 import json
@@ -204,3 +206,82 @@ def test_cuda_prefetch_hands_over_the_source_batches_unchanged(tmp_path):
             torch.testing.assert_close(got.cpu(), batch, rtol=0, atol=0)
     finally:
         prefetched.close()
+
+
+@pytest.mark.parametrize("state", ["float32", "bfloat16"])
+def test_cuda_triton_adam_trainer_steps_equal_the_torch_optimizer_steps(tmp_path, state):
+    """On a GPU the trainer's optimizer is TritonAdam (the decoder projected and renormalised in its update); its
+    steps equal those of the trainer with torch's fused Adam (or the compiled BF16StateAdam) and the separate
+    projection and renormalisation passes."""
+    from sae_dist.train.bf16_adam import BF16StateAdam
+    from sae_dist.train.optim import build_scheduler
+    from sae_dist.train.triton_adam import TritonAdam
+
+    run = step_run(tmp_path, "switch", ("gemm", "gemm"))
+    run.trainer.device, run.trainer.optimizer_state = "cuda", state
+    source = build_activation_source(run)
+    batches = [source.next_batch(BATCH).cuda() for _ in range(6)]
+    trainers = [Trainer(run, build_activation_source(run), device="cuda") for _ in range(2)]
+    assert isinstance(trainers[0].optimizer, TritonAdam)
+    cfg = run.trainer
+    params = trainers[1].model.parameters()
+    trainers[1].optimizer = (torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
+                                              fused=True) if state == "float32"
+                             else BF16StateAdam(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps))
+    trainers[1].scheduler = build_scheduler(trainers[1].optimizer, run)
+    # bf16 moments: a moment rounded to the neighbouring bfloat16 (fused arithmetic) moves a parameter by ~lr/250.
+    tol = {"rtol": 1e-5, "atol": 1e-6} if state == "float32" else {"rtol": 0, "atol": 1e-4}
+    for trainer in trainers:
+        init_biases_from_batch(trainer.model, batches[0])
+    for step, x_TD in enumerate(batches):
+        for trainer in trainers:
+            assert bool(trainer.train_step(x_TD)["finite"])
+        for (name, ours), theirs in zip(trainers[0].model.named_parameters(), trainers[1].model.parameters()):
+            torch.testing.assert_close(ours, theirs, **tol, msg=lambda m: f"step {step}, {name}: {m}")
+
+
+def test_cuda_triton_adam_step_replays_in_a_cuda_graph():
+    """TritonAdam's step captured in a CUDA graph, replayed with new gradients, clip factors, a skip and the lr that
+    LambdaLR writes into the group's lr tensor, equals the same steps run eagerly, bit for bit."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from sae_dist.train.triton_adam import TritonAdam
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(300, 96), (5000,)]
+    start = [torch.nn.functional.normalize(torch.randn(shapes[0], device="cuda", generator=g), dim=-1),
+             torch.randn(shapes[1], device="cuda", generator=g)]
+
+    def build():
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        optimizer = TritonAdam(params, lr=torch.tensor(0.01, device="cuda"), betas=(0.9, 0.999), eps=1e-8,
+                               unit_norm_rows=params[:1])
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        optimizer.grad_scale, optimizer.found_inf = torch.ones((), device="cuda"), torch.zeros((), device="cuda")
+        return params, optimizer, LambdaLR(optimizer, lambda step: 1 / (1 + step))
+
+    (eager_params, eager, eager_lr), (graph_params, captured, graph_lr) = build(), build()
+    for optimizer in (eager, captured):  # compiles the kernels and makes the state before the capture
+        optimizer.step()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph):
+        captured.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    for scale, skip in [(1.0, False), (3.0, False), (2.0, True), (1.5, False)]:
+        grads = [torch.randn(shape, device="cuda", generator=g) for shape in shapes]
+        for optimizer, params in ((eager, eager_params), (captured, graph_params)):
+            for p, grad in zip(params, grads):
+                p.grad.copy_(grad)
+            optimizer.grad_scale.fill_(scale)
+            optimizer.found_inf.fill_(float(skip))
+        eager.step()
+        graph.replay()
+        for schedule in (eager_lr, graph_lr):
+            schedule.step()
+        for ours, theirs in zip(graph_params, eager_params):
+            assert torch.equal(ours, theirs)
+            assert torch.equal(captured.state[ours]["exp_avg_sq"], eager.state[theirs]["exp_avg_sq"])
+        assert float(captured.state[graph_params[1]]["step"]) == float(eager.state[eager_params[1]]["step"])

@@ -240,3 +240,27 @@ def test_context_cutter_without_room_for_tokens_is_a_config_error(tokenizer):
 
     with pytest.raises(ConfigError, match="data.ctx_len=2 leaves no room"):
         ContextCutter(tokenizer, 2)
+
+
+@pytest.mark.parametrize(("cores", "local_ranks", "device", "expected"), [
+    (16, None, "cuda", 8),  # the target needs 8 workers; a 16-core node has them to spare
+    (96, "8", "cuda", 8),
+    (64, "8", "cuda", 6),  # 8 cores per rank, 2 kept for the trainer
+    (16, "8", "cuda", 0),
+    (3, None, "cuda", 1),
+    (16, None, "cpu", 0),  # the LM needs the CPU's cores
+])
+def test_tokenizer_workers_rule(monkeypatch, cores, local_ranks, device, expected):
+    import torch
+
+    from sae_dist.config import RunConfig
+    from sae_dist.data import pretokenize_processes, tokenizer_workers
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
+    if local_ranks is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_ranks)
+    assert tokenizer_workers(RunConfig(data=pydoc()), torch.device(device)) == expected
+    assert tokenizer_workers(RunConfig(data=pydoc(tokenizer_workers=3)), torch.device(device)) == 3
+    assert pretokenize_processes() == cores // int(local_ranks or 1)

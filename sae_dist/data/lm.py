@@ -168,7 +168,8 @@ class HookedLM:
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
         # No key/value cache: GPT-2-like models build one by default (config.use_cache) and nothing reads it.
-        self._forward_options = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+        accepts_cache = "use_cache" in inspect.signature(model.forward).parameters
+        self._forward_options = {"use_cache": False} if accepts_cache else {}
 
     @torch.inference_mode()
     def _hidden_states(self, input_ids_BT: Tensor, attention_mask_BT: Tensor | None) -> list[Tensor]:

@@ -132,7 +132,9 @@ class DataConfig:
     """Batches produced ahead in a background thread (on a GPU in its own CUDA stream) while the SAE trains;
     0 produces each batch in the training loop."""
     tokenizer_workers: int | None = None
-    """Processes that tokenise text ahead of the LM; null = 0 on a CPU (the LM needs its cores), up to 4 on a GPU."""
+    """Single-threaded processes that tokenise text ahead of the LM; null = 0 on a CPU (the LM needs its cores; the
+    prefetch thread tokenises with the Rust tokenizer's own threads), beside a GPU enough for 1M tokens/s at 125k per
+    process (8), at most the rank's share of the node's cores (affinity / LOCAL_WORLD_SIZE) less 2."""
     pretokenize: bool = False
     """Tokenise the whole dataset once before training ('lm' source, map-style datasets: `datasets.map` over the
     node's cores, shared by its ranks; cached on disk by `datasets` for Hub and file datasets) instead of during it:

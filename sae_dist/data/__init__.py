@@ -43,18 +43,37 @@ __all__ = [
 ]
 
 
+TOKENS_PER_S_PER_GPU = 1_000_000
+"""What one GPU's LM and SAE step consume (GPT-2 small to block 8 and the Switch SAE on an H100/H200, bf16)."""
+TOKENS_PER_S_PER_WORKER = 125_000
+"""Tokens/s of one tokenising process, on the safe side: 242k from 2 workers beside an H200 before `ContextCutter`
+(issue 8), which cuts 1.36x more per CPU-second on this project's 2-core CPU (about 0.5M there; python-docs,
+MiniLM's tokenizer, 2026-11-26)."""
+CORES_FOR_THE_TRAINER = 2
+"""Cores a rank keeps for itself: the training thread and the prefetch thread (LM launches, shuffling)."""
+
+
+def cores_per_local_rank() -> int:
+    """The cores this process may run on, shared by the node's ranks (LOCAL_WORLD_SIZE, set by torchrun)."""
+    return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def tokenizer_workers(run: RunConfig, device: torch.device) -> int:
-    """`data.tokenizer_workers`, 'auto' (null) resolved: none on a CPU, whose cores the LM needs; on a GPU up to
-    4, leaving cores for the training process."""
+    """`data.tokenizer_workers`, 'auto' (null) resolved: none on a CPU, whose cores the LM needs; beside a GPU as
+    many as reach TOKENS_PER_S_PER_GPU at TOKENS_PER_S_PER_WORKER each (8), within the rank's share of the node's
+    cores less CORES_FOR_THE_TRAINER."""
     if run.data.tokenizer_workers is not None:
         return run.data.tokenizer_workers
-    return 0 if device.type == "cpu" else max(0, min(4, len(os.sched_getaffinity(0)) - 2))
+    if device.type == "cpu":
+        return 0
+    wanted = -(-TOKENS_PER_S_PER_GPU // TOKENS_PER_S_PER_WORKER)
+    return max(0, min(wanted, cores_per_local_rank() - CORES_FOR_THE_TRAINER))
 
 
 def pretokenize_processes() -> int:
     """Processes for `data.pretokenize`: the cores of this node, shared by its ranks (each rank pretokenises, or
     reads what `datasets` cached)."""
-    return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return cores_per_local_rank()
 
 
 def lm_activation_source(

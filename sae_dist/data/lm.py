@@ -8,6 +8,7 @@ well, which replaces a block's output by an SAE reconstruction.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -166,10 +167,13 @@ class HookedLM:
         self.d_model: int = model.config.hidden_size * len(self.layers)
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
+        # No key/value cache: GPT-2-like models build one by default (config.use_cache) and nothing reads it.
+        accepts_cache = "use_cache" in inspect.signature(model.forward).parameters
+        self._forward_options = {"use_cache": False} if accepts_cache else {}
 
     @torch.inference_mode()
-    def _hidden_states(self, input_ids_BT: Tensor, attention_mask_BT: Tensor) -> list[Tensor]:
-        """Outputs [B, T, d] of the hooked blocks, in the order of `layers`."""
+    def _hidden_states(self, input_ids_BT: Tensor, attention_mask_BT: Tensor | None) -> list[Tensor]:
+        """Outputs [B, T, d] of the hooked blocks, in the order of `layers`; a None mask is a batch without padding."""
         captured: dict[int, Tensor] = {}
         last = max(range(len(self.layers)), key=self.layers.__getitem__)
 
@@ -183,7 +187,7 @@ class HookedLM:
 
         handles = [block.register_forward_hook(hook(i)) for i, block in enumerate(self.blocks)]
         try:
-            self.model(input_ids=input_ids_BT, attention_mask=attention_mask_BT)
+            self.model(input_ids=input_ids_BT, attention_mask=attention_mask_BT, **self._forward_options)
         except _StopForward:
             pass
         finally:
@@ -201,13 +205,20 @@ class HookedLM:
     def capture(self, contexts: Sequence[np.ndarray], pad_id: int) -> Tensor:
         """Activations of right-padded `contexts` (token ids) at their tokens, row-major over (context,
         position): [n, d_model] in the model's dtype on its device. Inputs go through pinned memory and
-        non-blocking copies, and the rows are gathered by index, so nothing waits for the device."""
+        non-blocking copies, and the rows are gathered by index, so nothing waits for the device. A batch of
+        contexts of one length goes without a mask: attention runs its kernel without one (flash attention on a
+        GPU) and the model inspects no mask on the device."""
         ids_BT, mask_BT, flat_N = pad_contexts(contexts, pad_id)
-        if self.device.type == "cuda":
-            ids_BT, mask_BT, flat_N = (t.pin_memory() for t in (ids_BT, mask_BT, flat_N))
-        ids_BT, mask_BT, flat_N = (t.to(self.device, non_blocking=True) for t in (ids_BT, mask_BT, flat_N))
-        hidden = self._hidden_states(ids_BT, mask_BT)
+        unpadded = len(flat_N) == mask_BT.numel()
+        hidden = self._hidden_states(self._to_device(ids_BT), None if unpadded else self._to_device(mask_BT))
+        if unpadded:
+            return torch.cat([h.flatten(0, 1) for h in hidden], dim=1)
+        flat_N = self._to_device(flat_N)
         return torch.cat([h.flatten(0, 1).index_select(0, flat_N) for h in hidden], dim=1)
+
+    def _to_device(self, host: Tensor) -> Tensor:
+        """`host` on the model's device, through pinned memory to a GPU, without waiting for the copy."""
+        return (host.pin_memory() if self.device.type == "cuda" else host).to(self.device, non_blocking=True)
 
 
 class LMUnitReader:

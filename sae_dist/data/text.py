@@ -12,6 +12,7 @@ epochs follow each other) and the ranks share them out as `order.py` says. `Text
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Iterator
 
@@ -84,8 +85,7 @@ class TextContexts:
     ) -> None:
         self.dataset = dataset
         """This rank's documents."""
-        self.tokenizer = tokenizer
-        self.ctx_len = ctx_len
+        self.cut = ContextCutter(tokenizer, ctx_len)
         self.text_column = text_column
         self.seek({"epoch": 0, "doc": 0, "ctx": 0})
 
@@ -119,7 +119,7 @@ class TextContexts:
         """Token ids of the next context, 1 to `ctx_len` of them."""
         while True:
             if self._contexts is None:
-                self._contexts = [ids.tolist() for ids in cut_documents(self.tokenizer, [self._next_text()], self.ctx_len)[0]]
+                self._contexts = [ids.tolist() for ids in self.cut([self._next_text()])[0]]
             if self._ctx < len(self._contexts):
                 self._ctx += 1
                 return self._contexts[self._ctx - 1]
@@ -142,6 +142,65 @@ def cut_documents(tokenizer: PreTrainedTokenizerBase, texts: list[str], ctx_len:
         if ids:
             contexts[doc].append(np.asarray(ids, dtype=np.int32))
     return contexts
+
+
+class ContextCutter:
+    """`cut_documents` for one tokenizer and `ctx_len`, without its per-context Python work: the Rust tokenizer
+    encodes a batch without special tokens or offsets (`encode_batch_fast`, over several threads unless
+    TOKENIZERS_PARALLELISM=false) and NumPy cuts each document's ids into runs of `ctx_len` minus the special
+    tokens, each framed by them. The tokenizer's truncation with overflow cuts the same runs and frames them the
+    same way, so the contexts are those of `cut_documents` (tested). A tokenizer that has no Rust backend,
+    truncates on the left, or whose post-processor does more than frame the ids is cut by `cut_documents`.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, ctx_len: int) -> None:
+        self.tokenizer, self.ctx_len = tokenizer, ctx_len
+        self._backend = _unbounded_backend(tokenizer)
+        self._frame = _special_frame(self._backend) if self._backend is not None else None
+        self.fast = self._frame is not None
+        """Whether texts are cut by the fast path (else by `cut_documents`)."""
+        if self.fast and ctx_len <= sum(len(ids) for ids in self._frame):
+            raise ConfigError(f"data.ctx_len={ctx_len} leaves no room for text beside the tokenizer's special tokens")
+
+    def __call__(self, texts: list[str]) -> list[list[np.ndarray]]:
+        """Each text's contexts: int32 token ids, at most `ctx_len` each, in order."""
+        if not self.fast:
+            return cut_documents(self.tokenizer, texts, self.ctx_len)
+        prefix, suffix = self._frame
+        body = self.ctx_len - len(prefix) - len(suffix)
+        contexts: list[list[np.ndarray]] = []
+        for encoding in self._backend.encode_batch_fast(texts, add_special_tokens=False):
+            ids = np.array(encoding.ids, dtype=np.int32)
+            # A text of no tokens is one context of the special tokens alone (none without them), as truncation has it.
+            starts = range(0, len(ids), body) if len(ids) else range(1 if len(prefix) + len(suffix) else 0)
+            contexts.append([np.concatenate((prefix, ids[start : start + body], suffix)) for start in starts])
+        return contexts
+
+
+def _unbounded_backend(tokenizer: PreTrainedTokenizerBase):
+    """A private copy of the tokenizer's Rust backend without truncation or padding (the wrapper sets both on its
+    backend per call), or None where the fast path cannot stand for the wrapper."""
+    if not getattr(tokenizer, "is_fast", False) or tokenizer.truncation_side != "right":
+        return None
+    backend = copy.deepcopy(tokenizer.backend_tokenizer)
+    backend.no_truncation()
+    backend.no_padding()
+    backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+    return backend
+
+
+def _special_frame(backend) -> tuple[np.ndarray, np.ndarray] | None:
+    """(prefix, suffix) int32 ids that the post-processor puts around a single sequence's ids, or None when it does
+    anything else (checked on two sequences of different lengths, one empty)."""
+    probe = backend.encode("The quick brown fox, 42.", add_special_tokens=False)
+    ids, framed = probe.ids, backend.post_process(probe).ids
+    starts = [p for p in range(len(framed) - len(ids) + 1) if framed[p : p + len(ids)] == ids] if ids else []
+    if not starts:
+        return None
+    prefix, suffix = framed[: starts[0]], framed[starts[0] + len(ids) :]
+    if backend.post_process(backend.encode("", add_special_tokens=False)).ids != prefix + suffix:
+        return None
+    return np.array(prefix, dtype=np.int32), np.array(suffix, dtype=np.int32)
 
 
 class Documents:

@@ -2,8 +2,9 @@
 processes, or once before training.
 
 With `workers` = 0 the calling thread (the prefetch thread) tokenises batches of documents with the fast
-tokenizer; with `workers` > 0 a pool of processes does, `2 * workers` batches ahead, so neither the
-tokenizer nor the Python work of cutting contexts competes with the training thread for the GIL. Results come
+tokenizer (`ContextCutter`: the Rust tokenizer on all cores, without the GIL); with `workers` > 0 a pool of
+single-threaded processes does, `2 * workers` batches ahead, so neither the tokenizer nor the Python work of
+cutting contexts competes with the training thread for the GIL or its cores. Results come
 back in order either way, so the stream is the same. `PretokenizedContexts` (data.pretokenize) cuts every
 document once with `datasets.map` before training and then only reads token ids: the same contexts again.
 """
@@ -11,6 +12,7 @@ document once with `datasets.map` before training and then only reads token ids:
 from __future__ import annotations
 
 import multiprocessing
+import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -19,7 +21,7 @@ import numpy as np
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from sae_dist.data.text import Documents, cut_documents
+from sae_dist.data.text import ContextCutter, Documents
 
 DOCS_PER_CALL = 64
 """Documents tokenised per tokenizer call (one worker task)."""
@@ -27,20 +29,22 @@ DOCS_PER_CALL = 64
 _worker_state: dict = {}
 
 
-def _init_worker(tokenizer: PreTrainedTokenizerBase, ctx_len: int) -> None:
-    _worker_state.update(tokenizer=tokenizer, ctx_len=ctx_len)
+def _init_worker(cut: ContextCutter) -> None:
+    # One core per worker: the pool's size is the parallelism (the Rust tokenizer would otherwise start a thread
+    # per core of the node in every worker).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_state.update(cut=cut)
 
 
 def _cut_in_worker(texts: list[str]) -> list[list[np.ndarray]]:
-    return cut_documents(_worker_state["tokenizer"], texts, _worker_state["ctx_len"])
+    return _worker_state["cut"](texts)
 
 
 class Tokenization:
     """Cuts the documents of a `Documents` into contexts of at most `ctx_len` tokens."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, ctx_len: int, workers: int = 0) -> None:
-        self.tokenizer = tokenizer
-        self.ctx_len = ctx_len
+        self.cut = ContextCutter(tokenizer, ctx_len)
         self.workers = workers
         self._pool: ProcessPoolExecutor | None = None
 
@@ -54,7 +58,7 @@ class Tokenization:
                 self.workers,
                 mp_context=context,
                 initializer=_init_worker,
-                initargs=(self.tokenizer, self.ctx_len),
+                initargs=(self.cut,),
             )
         return self._pool
 
@@ -70,7 +74,7 @@ class Tokenization:
                 if self.workers:
                     in_flight.append((batch, self._executor().submit(_cut_in_worker, texts)))
                 else:
-                    in_flight.append((batch, cut_documents(self.tokenizer, texts, self.ctx_len)))
+                    in_flight.append((batch, self.cut(texts)))
             if not in_flight:
                 return
             batch, result = in_flight.popleft()
@@ -82,9 +86,8 @@ class Tokenization:
             self._pool = None
 
 
-def _cut_for_map(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, ctx_len: int, text_column: str) -> dict:
-    return {"contexts": [[ids.tolist() for ids in doc]
-                         for doc in cut_documents(tokenizer, batch[text_column], ctx_len)]}
+def _cut_for_map(batch: dict[str, list], cut: ContextCutter, text_column: str) -> dict:
+    return {"contexts": [[ids.tolist() for ids in doc] for doc in cut(batch[text_column])]}
 
 
 class PretokenizedContexts:
@@ -96,7 +99,7 @@ class PretokenizedContexts:
     ) -> None:
         self.ids = dataset.map(
             _cut_for_map,
-            fn_kwargs={"tokenizer": tokenizer, "ctx_len": ctx_len, "text_column": text_column},
+            fn_kwargs={"cut": ContextCutter(tokenizer, ctx_len), "text_column": text_column},
             batched=True,
             batch_size=DOCS_PER_CALL,
             num_proc=num_proc if num_proc > 1 else None,

@@ -40,6 +40,21 @@ def test_hook_equals_hidden_states_at_non_padding_positions(lm, layer):
     torch.testing.assert_close(acts, reference[mask.bool()], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("lengths", [(9, 9, 9), (9, 4, 9)])
+def test_capture_equals_hidden_states_with_or_without_padding(lm, lengths):
+    """Contexts of one length go without a mask (and skip the gather), others with one: both give the model's
+    hidden states at the tokens, as with the full mask."""
+    model, tokenizer = lm
+    ids = tokenizer(" ".join(TEXTS), add_special_tokens=False)["input_ids"]
+    contexts = [np.array(ids[i : i + n], dtype=np.int32) for i, n in enumerate(lengths)]
+    ids_BT = torch.tensor([c.tolist() + [0] * (max(lengths) - len(c)) for c in contexts])
+    mask_BT = torch.tensor([[1] * len(c) + [0] * (max(lengths) - len(c)) for c in contexts])
+    acts = HookedLM(model, 1).capture(contexts, pad_id=0)
+    with torch.inference_mode():
+        reference = model(input_ids=ids_BT, attention_mask=mask_BT, output_hidden_states=True).hidden_states[2]
+    torch.testing.assert_close(acts, reference[mask_BT.bool()], rtol=1e-5, atol=1e-5)
+
+
 def test_padding_dropped_and_harmless(lm):
     model, tokenizer = lm
     ids, mask = padded(tokenizer)

@@ -176,3 +176,91 @@ def test_text_files_as_whole_documents(tmp_path):
     data = DataConfig(dataset="text", data_files=files, sample_by="document", streaming=False)
     by_file = load_text_dataset(data)["text"]
     assert by_file == [Path(f).read_text() for f in files]
+
+
+VARIED_TEXTS = [
+    "",
+    "   \n\t ",
+    "short",
+    "naïve café, Ærøskøbing, 東京, Привет мир, emoji 🙂🚀 and a zero\u200bwidth space",
+    "[CLS] literal special tokens [SEP] inside [PAD] a text [UNK]",
+    "word " * 700,  # several full contexts and a short last one
+    "x" * 5000,  # one long word
+]
+
+
+def byte_level_tokenizer(texts: list[str], frame: str | None):
+    """A GPT-2-like byte-level BPE tokenizer trained on `texts`: no special tokens (frame None), or a BOS
+    prefix ('bos') as Llama's has."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=["<s>"],
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    backend.post_processor = (processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+                              if frame == "bos" else processors.ByteLevel(trim_offsets=False))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>")
+
+
+@pytest.mark.parametrize("kind", ["bert", "bert-left-truncation", "byte-level", "byte-level-bos"])
+@pytest.mark.parametrize("ctx_len", [4, 32, 128])
+def test_context_cutter_equals_the_tokenizers_own_cut(tokenizer, kind, ctx_len):
+    """The fast path (Rust ids without specials, cut and framed by NumPy) gives the contexts of the tokenizer's
+    truncation with overflow, text by text, on empty, unicode, long and special-token texts; for BERT also the
+    hand cut of `tokenizer(text)["input_ids"]` into [CLS] + runs of ctx_len - 2 + [SEP]."""
+    import copy
+
+    from sae_dist.data.text import ContextCutter
+
+    texts = VARIED_TEXTS + load_text_dataset(pydoc())["text"][:30]
+    if kind.startswith("byte-level"):
+        tok = byte_level_tokenizer(texts, "bos" if kind.endswith("bos") else None)
+    else:
+        tok = copy.deepcopy(tokenizer)
+        tok.truncation_side = "left" if kind.endswith("left-truncation") else "right"
+    cut_texts = ContextCutter(tok, ctx_len)
+    assert cut_texts.fast == (kind != "bert-left-truncation")
+    contexts = cut_texts(texts)
+    for text, cut in zip(texts, contexts, strict=True):
+        alone = tok(text, max_length=ctx_len, truncation=True, return_overflowing_tokens=True)["input_ids"]
+        assert [c.tolist() for c in cut] == [ids for ids in alone if ids]
+        assert all(c.dtype == np.int32 for c in cut)
+        if kind == "bert":
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            runs = [ids[i : i + ctx_len - 2] for i in range(0, len(ids), ctx_len - 2)] or [[]]
+            assert [c.tolist() for c in cut] == [[tok.cls_token_id, *run, tok.sep_token_id] for run in runs]
+    assert sum(len(cut) > 1 for cut in contexts) >= 3  # long texts were cut into several contexts
+
+
+def test_context_cutter_without_room_for_tokens_is_a_config_error(tokenizer):
+    from sae_dist.data.text import ContextCutter
+
+    with pytest.raises(ConfigError, match="data.ctx_len=2 leaves no room"):
+        ContextCutter(tokenizer, 2)
+
+
+@pytest.mark.parametrize(("cores", "local_ranks", "device", "expected"), [
+    (16, None, "cuda", 8),  # the target needs 8 workers; a 16-core node has them to spare
+    (96, "8", "cuda", 8),
+    (64, "8", "cuda", 6),  # 8 cores per rank, 2 kept for the trainer
+    (16, "8", "cuda", 0),
+    (3, None, "cuda", 1),
+    (16, None, "cpu", 0),  # the LM needs the CPU's cores
+])
+def test_tokenizer_workers_rule(monkeypatch, cores, local_ranks, device, expected):
+    import torch
+
+    from sae_dist.config import RunConfig
+    from sae_dist.data import pretokenize_processes, tokenizer_workers
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
+    if local_ranks is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_ranks)
+    assert tokenizer_workers(RunConfig(data=pydoc()), torch.device(device)) == expected
+    assert tokenizer_workers(RunConfig(data=pydoc(tokenizer_workers=3)), torch.device(device)) == 3
+    assert pretokenize_processes() == cores // int(local_ranks or 1)

@@ -104,7 +104,7 @@ def gemm_floor(batch: int, d: int, width: int, device: torch.device, dtype: torc
 
 
 def sae_dist_step(kind: str, latents: int, experts: int, args, x_BD: torch.Tensor, dead_fraction: float = 0.0,
-                  optimizer_state: str = "float32", cuda_graph: bool = True):
+                  optimizer_state: str = "float32", cuda_graph: bool = False):
     """Trainer.train_step of a Switch (or dense TopK) SAE; AuxK on only when `dead_fraction` > 0."""
     run = RunConfig(
         sae=SAEConfig(kind=kind, num_latents=latents, num_experts=experts, k=args.k,
@@ -164,7 +164,7 @@ def measure(build: Callable[[], Callable[[], object]], floor: Callable[[], objec
     per_timing = GPU_STEPS_PER_TIMING if device.type == "cuda" else 1
     with PeakMemory(device) as memory:
         one_step = build()
-        for _ in range(3 if device.type == "cuda" else 1):  # CUDA: warm-up and graph capture (step_graph.py)
+        for _ in range(3 if device.type == "cuda" else 1):  # CUDA: warm-up (and graph capture: step_graph.py)
             one_step()
 
         def step():
@@ -243,8 +243,8 @@ def main() -> None:
             rows.append((label, n, measure(partial(sae_dist_step, kind, latents, n, args, x_BD), floors[n],
                                            args.repeats, clock, device)))
             if n > 1 and cuda and n == max(experts) and latents == latent_sizes[0]:
-                rows.append(("sae-dist Switch, eager (no CUDA graphs)", n, measure(
-                    partial(sae_dist_step, kind, latents, n, args, x_BD, cuda_graph=False), floors[n], args.repeats,
+                rows.append(("sae-dist Switch, CUDA graphs (trainer.cuda_graph=true)", n, measure(
+                    partial(sae_dist_step, kind, latents, n, args, x_BD, cuda_graph=True), floors[n], args.repeats,
                     clock, device)))
             if n == 1:
                 rows.append(("sae-dist dense TopK (AuxK on, 10% dead)", 1, measure(
@@ -277,9 +277,7 @@ def main() -> None:
     if args.profile:
         latents, n = latent_sizes[0], max(n for n in args.experts if latent_sizes[0] % n == 0)
         console.print(f"torch.profiler, 3 steps of {'dense TopK' if n == 1 else 'Switch'} M = {latents}, N = {n}:")
-        # Eager (no CUDA graphs): the profiler then names the operator behind each kernel.
-        console.print(profile_table(sae_dist_step("topk" if n == 1 else "switch", latents, n, args, x_BD,
-                                                  cuda_graph=False), device,
+        console.print(profile_table(sae_dist_step("topk" if n == 1 else "switch", latents, n, args, x_BD), device,
                                     args.profile), soft_wrap=True)
 
 

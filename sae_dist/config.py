@@ -166,8 +166,11 @@ class TrainerConfig:
     seed: int = 0
     device: str = "auto"
     """'auto' (cuda if available, else cpu), 'cpu' or 'cuda'."""
-    dtype: str = "float32"
-    """Autocast dtype of the SAE forward (float32 disables autocast); the router is float32 regardless."""
+    dtype: str = "auto"
+    """Autocast dtype of the SAE forward (float32 disables autocast); the router is float32 regardless. 'auto':
+    bfloat16 on a GPU, whose fused grouped GEMMs take bfloat16 only (in float32, torch's grouped_mm falls back to a
+    loop that reads the group offsets back to the host at every call), float32 on a CPU. Parameters and Adam's
+    state stay float32 either way."""
     out_dir: str = "runs/default"
     log_every: int = 10
     checkpoint_every: int = 1000
@@ -187,9 +190,10 @@ class TrainerConfig:
     optimizer_state: str = "float32"
     """Adam's moments: 'float32' (exact fused Adam) or 'bfloat16' (half the optimizer memory and 20 instead of 28
     bytes moved per parameter per step; not exact Adam: the stored moments are rounded to bfloat16)."""
-    cuda_graph: bool = True
+    cuda_graph: bool = False
     """On one GPU (not under torchrun), replay the step's device work as CUDA graphs: the host launches two graphs
-    and the optimizer instead of some 200 operators (sae_dist/train/step_graph.py). Results are the same."""
+    and the optimizer instead of some 200 operators (sae_dist/train/step_graph.py). Off by default until its
+    equality test with the eager step has passed on a GPU (README, Benchmarks)."""
     engine: str = "torch"
     """'torch' (the project's own step) or 'deepspeed' (DeepSpeed's ZeRO optimizer; needs the 'deepspeed' extra)."""
     zero_stage: int = 1
@@ -372,7 +376,7 @@ def _validate_trainer(trainer: TrainerConfig) -> None:
     _require(len(betas) == 2 and all(0 <= b < 1 for b in betas),
              f"trainer.adam_betas={betas} must be two values in [0, 1)")
     _require(0 <= trainer.seed <= MAX_SEED, f"trainer.seed={trainer.seed} must be in [0, 2^63 - 1]")
-    _one_of("trainer.dtype", trainer.dtype, DTYPES)
+    _one_of("trainer.dtype", trainer.dtype, ("auto", *DTYPES))
     _one_of("trainer.device", trainer.device, ("auto", "cpu", "cuda"))
     _one_of("trainer.engine", trainer.engine, ENGINES)
     _one_of("trainer.optimizer_state", trainer.optimizer_state, ("float32", "bfloat16"))

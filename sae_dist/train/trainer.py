@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_map_only
 from tqdm.auto import tqdm
 
 from sae_dist.config import RunConfig
@@ -51,6 +52,13 @@ from sae_dist.train.resample import resample_dead_latents, resample_due
 from sae_dist.train.step_graph import StepGraphs
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def autocast_dtype(dtype: str, device: torch.device) -> str:
+    """`trainer.dtype` resolved: 'auto' is bfloat16 on a GPU and float32 (no autocast) elsewhere."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device.type == "cuda" else "float32"
 
 
 class NonFiniteError(ValueError):
@@ -156,6 +164,10 @@ class Trainer:
         # A non-finite batch makes L_rec (a sum over all of it) and the global gradient norm non-finite: checking
         # the two scalars covers it without a pass over the batch.
         finite = torch.isfinite(torch.stack([loss.detach().float(), grad_norm.float()])).all()
+        # Detached: a result that outlives the step must not keep its autograd graph alive. That graph holds the
+        # parameters' gradient accumulators, which then keep the stream they were made on; the next step's
+        # backward on another stream (a CUDA graph's capture) would have to wait for it.
+        out, terms = tree_map_only(torch.Tensor, torch.Tensor.detach, (out, terms))
         return {"out": out, "terms": terms, "loss": loss.detach(), "grad_norm": grad_norm, "finite": finite}
 
     def after_update(self, result: dict[str, Any]) -> None:
@@ -253,7 +265,7 @@ class Trainer:
         return self._dead_candidates.for_step(self.dead.tokens_since_fired_L)
 
     def _autocast(self):
-        dtype = AUTOCAST_DTYPES.get(self.run.trainer.dtype)
+        dtype = AUTOCAST_DTYPES.get(autocast_dtype(self.run.trainer.dtype, self.device))
         # No cast cache under graphs: cached casts would outlive the capture's autocast region.
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None,
                               cache_enabled=self._graphs is None)

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("kind", ["switch", "topk"])
 def test_cuda_trainer_steps_equal_cpu_reference_steps(tmp_path, kind, formulation):
     run = step_run(tmp_path, kind, formulation)
-    run.trainer.device = "cuda"
+    run.trainer.device, run.trainer.dtype = "cuda", "float32"
     trainer = Trainer(run, build_activation_source(run), device="cuda")
     source = build_activation_source(run)
     batches = [source.next_batch(BATCH).cpu() for _ in range(6)]

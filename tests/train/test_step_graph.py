@@ -34,6 +34,17 @@ def test_graphs_are_used_after_warm_up_steps_of_the_same_key():
 
 def test_graphs_apply_on_one_gpu_only(tmp_path):
     run = step_run(tmp_path, "switch")
-    assert run.trainer.cuda_graph
+    run.trainer.cuda_graph = True
     trainer = Trainer(run, build_activation_source(run))
     assert not trainer.graphs_apply() and trainer._graphs is None
+
+
+def test_step_result_holds_no_autograd_graph(tmp_path):
+    """A result kept past the step (the loop keeps the last one) must not keep the step's autograd graph, and with
+    it the parameters' gradient accumulators, alive: on a GPU the next step's capture would wait on their stream."""
+    run = step_run(tmp_path, "switch")
+    trainer = Trainer(run, build_activation_source(run))
+    result = trainer.train_step(trainer.source.next_batch(run.trainer.batch_size))
+    out = result["out"]
+    tensors = [out.x_hat_TD, out.latent_values_RK, *out.routing, *result["terms"].values(), result["loss"]]
+    assert all(not t.requires_grad and t.grad_fn is None for t in tensors)

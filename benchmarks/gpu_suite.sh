@@ -52,6 +52,10 @@ part job 90 python3 launch/train.py +experiment=switch_65k model.path="$GPT2" da
   trainer.steps=300 trainer.log_every=25 trainer.checkpoint_every=100000 trainer.out_dir="$GPT2/job" \
   trainer.progress=false
 cp "$GPT2/job/metrics.jsonl" "$LOG/job_metrics.jsonl" 2>/dev/null
+part job_lm_compiled 120 python3 launch/train.py +experiment=switch_65k model.path="$GPT2" model.compile=true \
+  data=python_docs trainer.device=cuda trainer.steps=400 trainer.log_every=25 trainer.checkpoint_every=100000 \
+  trainer.out_dir="$GPT2/job_lm_compiled" trainer.progress=false
+cp "$GPT2/job_lm_compiled/metrics.jsonl" "$LOG/job_lm_compiled_metrics.jsonl" 2>/dev/null
 part data 150 python3 benchmarks/bench_data.py --lm gpt2 "${TOKENIZER_ARGS[@]}" --device cuda --batch 8192 \
   --lm-batch 256 --buffer 65536 --steps 60 --log-every 10
 part step_262k 60 python3 benchmarks/bench_step.py --device cuda --latents 262144
@@ -75,7 +79,7 @@ for name in cuda_tests step_65k step_1m optimizer data step_262k job_gil_summary
   if [ "$name" = job_gil_summary ]; then tail -c 4000 "$PARTS/$name.log" 2>/dev/null; continue; fi
   grep -h "│\|passed\|failed\|Error" "$PARTS/$name.log" 2>/dev/null | tail -c 2500
 done
-for job in job job_pretokenized; do
+for job in job job_pretokenized job_lm_compiled; do
   echo "##### $job: tokens/s per metrics window"
   python3 -c "import json, sys; print([round(json.loads(l)['tokens_per_s']) for l in open(sys.argv[1])])" \
     "$LOG/${job}_metrics.jsonl" 2>/dev/null

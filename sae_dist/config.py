@@ -96,6 +96,10 @@ class ModelConfig:
     """Hooked block, 0-indexed: activations are the output of this block, i.e. hidden_states[layer + 1]."""
     dtype: str = "auto"
     """dtype the language model runs in: 'auto' (bfloat16 on a GPU, float32 on a CPU), or one of DTYPES."""
+    compile: bool = False
+    """`torch.compile` every block up to the hooked one (their forward; the capture hooks stay eager), so that a
+    block's elementwise work runs fused (GPT-2's tanh GELU is seven kernels eager). The first batches pay the
+    compilation; shapes are dynamic, so new batch sizes and context lengths do not compile again."""
 
 
 @dataclass

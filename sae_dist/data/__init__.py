@@ -87,7 +87,7 @@ def lm_activation_source(
     """The 'lm' source over a loaded model: blocks `layers` (default: `model.layer`) read over `run.data`'s text,
     this rank's documents, block-shuffled (no prefetch)."""
     data = run.data
-    lm = HookedLM(model, list(layers) if layers is not None else run.model.layer)
+    lm = HookedLM(model, list(layers) if layers is not None else run.model.layer, run.model.compile)
     documents = Documents(load_text_dataset(data), data.text_column)
     if data.pretokenize:
         tokenization = PretokenizedContexts(documents.dataset, tokenizer, data.ctx_len, data.text_column,

@@ -152,9 +152,10 @@ def pad_contexts(contexts: Sequence[np.ndarray], pad_id: int) -> tuple[Tensor, T
 class HookedLM:
     """Reads the output of blocks `layers` (block l = `hidden_states[l + 1]` of `output_hidden_states=True`,
     except that for the last block of GPT-2-like models that entry also has the final norm) without running
-    later blocks. Rows of several layers are concatenated in the order given: [n, len(layers) * d]."""
+    later blocks. Rows of several layers are concatenated in the order given: [n, len(layers) * d].
+    `compile_blocks` (model.compile) compiles the model's blocks that run, in place."""
 
-    def __init__(self, model: PreTrainedModel, layers: int | Sequence[int]) -> None:
+    def __init__(self, model: PreTrainedModel, layers: int | Sequence[int], compile_blocks: bool = False) -> None:
         blocks = find_blocks(model)
         self.layers = [layers] if isinstance(layers, int) else list(layers)
         for layer in self.layers:
@@ -170,6 +171,9 @@ class HookedLM:
         # No key/value cache: GPT-2-like models build one by default (config.use_cache) and nothing reads it.
         accepts_cache = "use_cache" in inspect.signature(model.forward).parameters
         self._forward_options = {"use_cache": False} if accepts_cache else {}
+        if compile_blocks:  # model.compile: the blocks that run, in place (their hooks stay outside the compiled code)
+            for block in blocks[: max(self.layers) + 1]:
+                block.forward = torch.compile(block.forward, dynamic=True)
 
     @torch.inference_mode()
     def _hidden_states(self, input_ids_BT: Tensor, attention_mask_BT: Tensor | None) -> list[Tensor]:

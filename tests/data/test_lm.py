@@ -55,6 +55,23 @@ def test_capture_equals_hidden_states_with_or_without_padding(lm, lengths):
     torch.testing.assert_close(acts, reference[mask_BT.bool()], rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_blocks_capture_the_eager_activations(tiny_gpt2_dir):
+    """model.compile: the compiled blocks (dynamic shapes: batches of other sizes and lengths, padded or not) give
+    the eager activations; blocks after the hooked one are left alone."""
+    config = ModelConfig(name="unused", path=str(tiny_gpt2_dir))
+    eager_model, tokenizer = load_lm(config)
+    compiled_model, _ = load_lm(config)  # compiled in place: not the session's shared model
+    eager, compiled = HookedLM(eager_model, 1), HookedLM(compiled_model, 1, compile_blocks=True)
+    ids = tokenizer(" ".join(TEXTS), add_special_tokens=False)["input_ids"]
+    for lengths in [(9, 9, 9), (9, 4, 9), (12, 12), (7, 3, 5, 2)]:
+        contexts = [np.array(ids[i : i + n], dtype=np.int32) for i, n in enumerate(lengths)]
+        torch.testing.assert_close(compiled.capture(contexts, pad_id=0), eager.capture(contexts, pad_id=0),
+                                   rtol=1e-5, atol=1e-5, msg=lambda m, lengths=lengths: f"{lengths}: {m}")
+    blocks = find_blocks(compiled_model)
+    assert all(hasattr(b.forward, "_torchdynamo_orig_callable") for b in blocks[:2])
+    assert not hasattr(blocks[2].forward, "_torchdynamo_orig_callable")
+
+
 def test_padding_dropped_and_harmless(lm):
     model, tokenizer = lm
     ids, mask = padded(tokenizer)

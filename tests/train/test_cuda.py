@@ -218,7 +218,7 @@ def test_cuda_triton_adam_trainer_steps_equal_the_torch_optimizer_steps(tmp_path
     from sae_dist.train.triton_adam import TritonAdam
 
     run = step_run(tmp_path, "switch", ("gemm", "gemm"))
-    run.trainer.device, run.trainer.optimizer_state = "cuda", state
+    run.trainer.device, run.trainer.optimizer_state, run.trainer.dtype = "cuda", state, "float32"
     source = build_activation_source(run)
     batches = [source.next_batch(BATCH).cuda() for _ in range(6)]
     trainers = [Trainer(run, build_activation_source(run), device="cuda") for _ in range(2)]

@@ -139,8 +139,8 @@ class Trainer:
         aux = self._aux_candidates()
         weights = self.model.loss_weights(self.step / self.run.trainer.steps)
         graphs = self._graphs
-        capture = graphs is not None and graphs.ready(x_TD, aux, weights)
-        result = graphs.before_update(x_TD, aux, weights) if capture else None
+        from_graphs = graphs is not None and graphs.ready(x_TD, aux, weights)
+        result = graphs.before_update(x_TD, aux, weights) if from_graphs else None  # None: run it eagerly
         if result is not None:
             result["lr"] = self.update(result["grad_norm"], result["finite"])
             if not graphs.after_update():

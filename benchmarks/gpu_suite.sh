@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU check and figure of the README in one bounded run (about 8 minutes on an H200, from the parts timed there; 1.5 more with py-spy), for a GPU lent briefly:
+# Every GPU check and figure of the README in one bounded run, for a GPU lent briefly: at most 10.5 minutes (the
+# parts' limits; 1.5 more with py-spy), never yet run whole; the parts run on an H200 took 20 to 60 s each:
 #   bash benchmarks/gpu_suite.sh [LOG_DIR] [TOKENIZER_DIR]
 # LOG_DIR (default gpu_logs/) receives all.log, every part's output appended as it ends (so a run cut short keeps
 # what it did), and the jobs' metrics; TOKENIZER_DIR pairs the random GPT-2 with a tokenizer where the bundled
@@ -39,26 +40,26 @@ GPT2Model(config).save_pretrained(folder)
 tokenizer.save_pretrained(folder)
 PY
 
-part cuda_tests 150 python3 -m pytest tests/train/test_cuda.py -q -p no:cacheprovider
-part step_65k 100 python3 benchmarks/bench_step.py --device cuda --latents 65536 --bf16-state --profile 25
-part step_1m 130 python3 benchmarks/bench_step.py --device cuda --latents 1048576 --reference-repeats 0 --bf16-state \
+part cuda_tests 100 python3 -m pytest tests/train/test_cuda.py -q -p no:cacheprovider
+part step_65k 60 python3 benchmarks/bench_step.py --device cuda --latents 65536 --bf16-state --profile 25
+part step_1m 90 python3 benchmarks/bench_step.py --device cuda --latents 1048576 --reference-repeats 0 --bf16-state \
   --profile 20
-part optimizer 60 python3 benchmarks/bench_optimizer.py --device cuda
-part job_pretokenized 90 python3 launch/train.py +experiment=switch_65k model.path="$GPT2" data=python_docs \
+part optimizer 40 python3 benchmarks/bench_optimizer.py --device cuda
+part job_pretokenized 60 python3 launch/train.py +experiment=switch_65k model.path="$GPT2" data=python_docs \
   data.pretokenize=true trainer.device=cuda trainer.steps=300 trainer.log_every=25 trainer.checkpoint_every=100000 \
   trainer.out_dir="$GPT2/job_pretokenized" trainer.progress=false
 cp "$GPT2/job_pretokenized/metrics.jsonl" "$LOG/job_pretokenized_metrics.jsonl" 2>/dev/null
-part job 90 python3 launch/train.py +experiment=switch_65k model.path="$GPT2" data=python_docs trainer.device=cuda \
+part job 60 python3 launch/train.py +experiment=switch_65k model.path="$GPT2" data=python_docs trainer.device=cuda \
   trainer.steps=300 trainer.log_every=25 trainer.checkpoint_every=100000 trainer.out_dir="$GPT2/job" \
   trainer.progress=false
 cp "$GPT2/job/metrics.jsonl" "$LOG/job_metrics.jsonl" 2>/dev/null
-part job_lm_compiled 120 python3 launch/train.py +experiment=switch_65k model.path="$GPT2" model.compile=true \
+part job_lm_compiled 90 python3 launch/train.py +experiment=switch_65k model.path="$GPT2" model.compile=true \
   data=python_docs trainer.device=cuda trainer.steps=400 trainer.log_every=25 trainer.checkpoint_every=100000 \
   trainer.out_dir="$GPT2/job_lm_compiled" trainer.progress=false
 cp "$GPT2/job_lm_compiled/metrics.jsonl" "$LOG/job_lm_compiled_metrics.jsonl" 2>/dev/null
-part data 150 python3 benchmarks/bench_data.py --lm gpt2 "${TOKENIZER_ARGS[@]}" --device cuda --batch 8192 \
+part data 80 python3 benchmarks/bench_data.py --lm gpt2 "${TOKENIZER_ARGS[@]}" --device cuda --batch 8192 \
   --lm-batch 256 --buffer 65536 --steps 60 --log-every 10
-part step_262k 60 python3 benchmarks/bench_step.py --device cuda --latents 262144
+part step_262k 40 python3 benchmarks/bench_step.py --device cuda --latents 262144
 if command -v py-spy >/dev/null; then  # which thread holds the GIL, and where, in the live job's steady state
   echo "=== job_gil_profile (at $(($(date +%s) - T0))s)"
   python3 launch/train.py +experiment=switch_65k model.path="$GPT2" data=python_docs trainer.device=cuda \

@@ -25,11 +25,19 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from sae_dist.cli import check_output, one_line_errors, run_hydra_app
-from sae_dist.config import CacheJobConfig, ConfigError, RunConfig, TrainerConfig, as_dict, to_cache_job_config
+from sae_dist.config import (
+    CacheJobConfig,
+    ConfigError,
+    RunConfig,
+    TrainerConfig,
+    as_dict,
+    resolve_dtype,
+    to_cache_job_config,
+)
 from sae_dist.data import PrefetchingSource, lm_activation_source, load_lm
 from sae_dist.data.cache import CACHE_DTYPES, MANIFEST
 from sae_dist.data.cache_writer import CacheExistsError, finish_cache, rank_rows, write_shards
-from sae_dist.data.lm import MINILM_BUNDLED, lm_dtype
+from sae_dist.data.lm import MINILM_BUNDLED
 from sae_dist.train import preflight
 
 BARRIER_TIMEOUT = timedelta(hours=2)
@@ -77,7 +85,7 @@ def cache_activations(job: CacheJobConfig, rank: int, world_size: int, device: t
     if rank == 0:
         metadata = {
             "model": {"name": job.model.name, "path": job.model.path, "revision": model_revision(job, model),
-                      "dtype": lm_dtype(job.model.dtype, device)},
+                      "dtype": resolve_dtype(job.model.dtype, torch.device(device).type)},
             "site": {"layer": job.model.layer, "what": f"output of block {job.model.layer} (hidden_states[{job.model.layer + 1}])"},
             "dataset": {key: settings["data"][key] for key in ("dataset", "data_files", "split", "text_column", "ctx_len")},
             "config": as_dict(run),

@@ -23,6 +23,14 @@ ENGINES = ("torch", "deepspeed")
 ZERO_STAGES = (1, 2)
 LR_RULES = ("total", "expert")
 AUXK_SCALES = ("x_variance", "gao")
+
+
+def resolve_dtype(dtype: str, device_type: str) -> str:
+    """A dtype setting (`model.dtype`, `trainer.dtype`) resolved for a device type ('cuda', 'cpu'): 'auto' is
+    bfloat16 on a GPU and float32 elsewhere (CPUs without fast bf16 GEMMs)."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device_type == "cuda" else "float32"
 DEAD_COUNTS = ("tokens", "routed")
 SWEEP_KEYS = ("model.layer", "trainer.lr", "name")
 """What a sweep item may override besides `sae.*`: the hook site and the learning rate; the stream stays shared."""

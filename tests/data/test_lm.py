@@ -249,10 +249,10 @@ def test_bfloat16_lm_fills_bfloat16_blocks_and_serves_float32(tiny_gpt2_dir):
 
 
 def test_auto_dtype_is_bfloat16_on_gpu_only():
-    from sae_dist.data.lm import lm_dtype
+    from sae_dist.config import resolve_dtype
 
-    assert lm_dtype("auto", "cpu") == "float32" and lm_dtype("auto", "cuda") == "bfloat16"
-    assert lm_dtype("float16", "cuda") == "float16"
+    assert resolve_dtype("auto", "cpu") == "float32" and resolve_dtype("auto", "cuda") == "bfloat16"
+    assert resolve_dtype("float16", "cuda") == "float16"
 
 
 def test_ranks_read_disjoint_documents(tiny_gpt2_dir):

@@ -262,8 +262,13 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available here; use --device cpu", file=sys.stderr)
         sys.exit(2)
+    with tempfile.TemporaryDirectory(prefix="bench_data_") as workdir:  # its runs' checkpoints take gigabytes
+        measure(args, Path(workdir))
+
+
+def measure(args, workdir: Path) -> None:
+    """Time every stage and job, then print the table."""
     device = torch.device(args.device)
-    workdir = Path(tempfile.mkdtemp(prefix="bench_data_"))
     run = base_run(args, workdir)
     model, tokenizer = load_lm(run.model, device)
     lm_source = lm_activation_source(run, model, tokenizer)

@@ -79,11 +79,12 @@ def scatter_outer_add_(grad_LD: Tensor, indices_RS: Tensor, coef_RS: Tensor, row
     if not indices_RS.numel():
         return
     rows, per_row = indices_RS.shape
-    flat_ids = indices_RS.flatten()
-    order = torch.argsort(flat_ids, stable=True)
-    latents = torch.arange(grad_LD.shape[0] + 1, device=flat_ids.device)
-    crow = torch.searchsorted(flat_ids[order], latents)
-    coef_LR = _csr(crow, order // per_row, coef_RS.flatten()[order].to(grad_LD.dtype), (grad_LD.shape[0], rows))
+    # int32 ids and CSR indices (valid below 2^31 nonzeros): the sort reads and moves half the bytes of int64's.
+    sorted_ids, order = torch.sort(indices_RS.flatten().int(), stable=True)
+    latents = torch.arange(grad_LD.shape[0] + 1, device=sorted_ids.device, dtype=torch.int32)
+    crow = torch.searchsorted(sorted_ids, latents, out_int32=True)
+    columns = (order // per_row).int()
+    coef_LR = _csr(crow, columns, coef_RS.flatten()[order].to(grad_LD.dtype), (grad_LD.shape[0], rows))
     grad_LD.addmm_(coef_LR, rows_RD.to(grad_LD.dtype))
 
 

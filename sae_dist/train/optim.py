@@ -101,10 +101,11 @@ def _normalize_rows_(w: Tensor, apply: Tensor) -> None:
 
 
 def _project_rows_(w: Tensor, grad: Tensor) -> None:
-    # Eager: row-batched dot products and updates, no temporary of the weight's size.
+    # Eager: row-batched dot products and an in-place update, no temporary of the weight's size. (`baddbmm_` for
+    # the update took 4.8 ms against addcmul_'s 0.5 at [6144, 384] on a CPU, and 77 against 8 ms at [65536, 384].)
     rows_L1D, grads_L1D = w.view(-1, 1, w.shape[-1]), grad.view(-1, 1, w.shape[-1])
     parallel_L11 = torch.bmm(grads_L1D, rows_L1D.transpose(1, 2))
-    grads_L1D.baddbmm_(parallel_L11, rows_L1D, alpha=-1)
+    grads_L1D.addcmul_(parallel_L11, rows_L1D, value=-1)
 
 
 def _project_rows_pointwise_(w: Tensor, grad: Tensor) -> None:

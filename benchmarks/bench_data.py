@@ -222,6 +222,8 @@ def sparsify_rate(run: RunConfig, model, tokenizer, steps: int, out_dir: Path) -
     """EleutherAI's sparsify on the same model, site and text: a dense TopK SAE of the same width and k trained
     inside the hook of a full LM forward per batch (its design: no shuffle buffer, nothing overlapped). Steady
     state from two runs of different lengths; batches of batch_size / ctx_len sequences."""
+    if run.trainer.device != "cuda":  # its Triton decoder, imported whenever Triton is installed, needs a GPU driver
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
     from sparsify import SaeConfig, TrainConfig
     from sparsify import Trainer as SparsifyTrainer
 

@@ -129,6 +129,8 @@ def sae_dist_step(kind: str, latents: int, experts: int, args, x_BD: torch.Tenso
 def sparsify_step(latents: int, args, x_BD: torch.Tensor):
     """eai-sparsify's step as its Trainer runs it: decoder renorm, forward (bf16 autocast on CUDA), FVU backward,
     parallel-gradient removal, torch Adam at its lr rule; no clip, AuxK off (its defaults)."""
+    if x_BD.device.type != "cuda":  # its Triton decoder, imported whenever Triton is installed, needs a GPU driver
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
     from sparsify import SparseCoder, SparseCoderConfig
 
     sae = SparseCoder(args.d, SparseCoderConfig(num_latents=latents, k=args.k), device=x_BD.device)

@@ -59,9 +59,7 @@ class BatchTopKBank(ExpertBank):
         self, rows_RD: Tensor, groups: ExpertGroups, k: int, aux: AuxCandidates | None = None, k_aux: int = 0
     ) -> ExpertOutput:
         """Dense codes: values [R, M_e] (zeros where inactive) and their flat ids; no AuxK."""
-        pre_RM = expert_linear(rows_RD, self.w_enc, groups)
-        if self.b_enc is not None:
-            pre_RM = pre_RM + self.b_enc[groups.expert_R]
+        pre_RM = expert_linear(rows_RD, self.w_enc, groups, self.b_enc)
         acts_RM = F.relu(pre_RM)
         if self.training:
             keep_RM = batch_topk_mask(acts_RM.detach(), groups.host_counts(), k)

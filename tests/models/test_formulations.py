@@ -8,7 +8,7 @@ from model_helpers import assert_same_forward_and_grads, make_switch, routed_inp
 
 from sae_dist.models.auxk import DeadCandidates, candidates_of_width, dead_candidates
 from sae_dist.models.dispatch import ExpertGroups
-from sae_dist.models.grouped import gemm_decode, gemm_encode
+from sae_dist.models.grouped import expert_linear, gemm_decode, gemm_encode
 from sae_dist.models.kernels import sparse_decode, sparse_encode, weight_grads_in_place
 from sae_dist.models.router import Router
 
@@ -160,8 +160,8 @@ def test_sparse_encoder_in_column_chunks_matches_naive(monkeypatch):
 
 
 def test_encoder_pre_activations_stay_in_the_autocast_dtype():
-    """Under bf16 autocast the encoder bias (dense TopK's) joins the pre-activations in bf16, as autocast's Linear
-    adds its bias: TopK runs over a bf16 [rows, M] tensor, never a float32 copy of it."""
+    """Under bf16 autocast the encoder bias (dense TopK's) joins the pre-activations inside the bf16 GEMM, which
+    accumulates in float32 and rounds once: TopK runs over a bf16 [rows, M] tensor, never a float32 copy of it."""
     sae = make_switch(num_experts=1, latents=48, k=4, d=8, kind="topk", dtype=torch.float32)
     bank = sae.experts
     with torch.no_grad():
@@ -169,23 +169,30 @@ def test_encoder_pre_activations_stay_in_the_autocast_dtype():
     rows_RD, groups = _grouped_rows([11], 8, host_counts=False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         values_RK, ids_RK, _, _ = gemm_encode(rows_RD, bank.w_enc, bank.b_enc, groups, 4)
-    pre_RM = rows_RD.bfloat16() @ bank.w_enc[0].bfloat16().T + bank.b_enc[0].bfloat16()
+    bf16 = [t.bfloat16().float() for t in (rows_RD, bank.w_enc[0], bank.b_enc[0])]
+    pre_RM = (bf16[0] @ bf16[1].T + bf16[2]).bfloat16()
     expected_values, expected_ids = torch.topk(pre_RM, 4)
     assert values_RK.dtype == torch.bfloat16
     torch.testing.assert_close(values_RK.sort(1).values, expected_values.relu().sort(1).values, rtol=0, atol=0)
     assert torch.equal(ids_RK.sort(1).values, expected_ids.sort(1).values)
 
 
-def test_encoder_bias_added_in_place_without_gradients_gives_the_same_selection():
-    """The sparse formulation's GPU forward runs `gemm_encode` without autograd, where the bias is added in place."""
-    sae = make_switch(num_experts=1, latents=48, k=4, d=8, kind="topk", dtype=torch.float32)
-    bank = sae.experts
-    with torch.no_grad():
-        bank.b_enc.normal_(0, 0.5, generator=torch.Generator().manual_seed(5))
-    rows_RD, groups = _grouped_rows([11], 8, host_counts=False)
-    tracked = gemm_encode(rows_RD, bank.w_enc, bank.b_enc, groups, 4)
-    with torch.no_grad():
-        in_place = gemm_encode(rows_RD, bank.w_enc, bank.b_enc, groups, 4)
-    assert tracked[0].requires_grad and not in_place[0].requires_grad
-    for a, b in zip(tracked, in_place, strict=True):
-        assert torch.equal(a.detach(), b)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_expert_linear_with_bias_equals_each_experts_affine_map(dtype):
+    """The bias as an extra GEMM column (grouped_mm in float32, its per-expert loop in float64): x W_e^T + b_e per
+    expert, an expert without rows among them, and the gradients of x, W and b."""
+    generator = torch.Generator().manual_seed(6)
+    rows_RD, groups = _grouped_rows([5, 0, 6], 8, host_counts=dtype == torch.float64)
+    rows_RD = rows_RD.to(dtype).requires_grad_()
+    w_NMD = torch.randn(3, 16, 8, generator=generator, dtype=dtype, requires_grad=True)
+    b_NM = torch.randn(3, 16, generator=generator, dtype=dtype, requires_grad=True)
+    upstream_RM = torch.randn(11, 16, generator=generator, dtype=dtype)
+    pre_RM = expert_linear(rows_RD, w_NMD, groups, b_NM)
+    expert_R = groups.expert_R
+    expected_RM = torch.einsum("rd,rmd->rm", rows_RD, w_NMD[expert_R]) + b_NM[expert_R]
+    torch.testing.assert_close(pre_RM, expected_RM)
+    grads = torch.autograd.grad((pre_RM * upstream_RM).sum(), [rows_RD, w_NMD, b_NM])
+    expected = torch.autograd.grad((expected_RM * upstream_RM).sum(), [rows_RD, w_NMD, b_NM])
+    for grad, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(grad, want)
+    assert grads[2][1].abs().sum() == 0 and grads[2][0].abs().sum() > 0  # expert 1 has no rows

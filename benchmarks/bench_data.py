@@ -6,10 +6,10 @@ contexts), reading a bfloat16 cache (`CachedActivationSource.next_batch`), and t
 (`Trainer.train_step`). Then the whole job (`Trainer.train`, steady-state tokens/s from its metrics windows) on
 the LM source without and with prefetch, and on the cache. The job's ratio is against its slowest stage; floors
 are the machine's measured GEMM rate divided by the stage's FLOPs per token, and its measured copy bandwidth
-for the cache. On a CPU both stages share the same cores, so the best the job can do there is the serial bound
-1 / (1/LM + 1/SAE); the table shows the job against it as well.
+for the cache. On a CPU both stages share the same cores: a job that only time-shares them runs at the serial
+bound 1 / (1/LM + 1/SAE), and above it where a stage alone leaves a core idle; the table shows the job against it.
 
-    python benchmarks/bench_data.py [--lm minilm|gpt2] [--device cpu|cuda] [--steps 40] [--batch 1024]
+    python benchmarks/bench_data.py [--lm minilm|gpt2] [--device cpu|cuda] [--steps 40] [--batch 8192]
 
 With eai-sparsify installed (`pip install -e ".[bench]"`) the table ends with the peer: sparsify's training job on
 the same model, site and text with a dense TopK SAE of the same width, beside this project's job with that SAE.
@@ -249,7 +249,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lm", choices=("minilm", "gpt2"), default="minilm")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--batch", type=int, default=1024, help="SAE batch (tokens per step)")
+    parser.add_argument("--batch", type=int, default=TrainerConfig.batch_size,
+                        help="SAE batch (tokens per step; default: trainer.batch_size's, %(default)s)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--log-every", type=int, default=5)
     parser.add_argument("--lm-batch", type=int, default=64, help="contexts per LM forward")

@@ -14,7 +14,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from sae_dist.config import ConfigError, RunConfig, from_dict, resume_mode
+import torch
+
+from sae_dist.config import ConfigError, RunConfig, from_dict, resolve_dtype, resume_mode
 from sae_dist.run_dir import flat_settings, latest_checkpoint, read_checkpoint_config, read_run_config
 
 MAY_CHANGE = (
@@ -39,6 +41,10 @@ MAY_CHANGE = (
 )
 """Settings a continued run may change: none changes what the SAE learns from which data (the world size, not a
 setting, may change too)."""
+
+DTYPE_SETTINGS = ("model.dtype", "trainer.dtype")
+"""Compared as the dtypes they resolve to on this run's device: a run saved with float32 before 'auto' was the
+default continues under 'auto' on a CPU, where 'auto' means float32, and keeps its saved value."""
 
 THIS_INVOCATION = ("trainer.out_dir", "trainer.resume")
 """How this command found the run: always taken from the command, never compared."""
@@ -79,6 +85,14 @@ def _show(value: Any) -> str:
     return "null" if value is None else json.dumps(value) if isinstance(value, str) else str(value)
 
 
+def _same_setting(path: str, saved: Any, value: Any, current: RunConfig) -> bool:
+    if path in DTYPE_SETTINGS and saved is not None:
+        device = current.trainer.device
+        device_type = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        return resolve_dtype(saved, device_type) == resolve_dtype(value, device_type)
+    return value == saved
+
+
 def continue_config(
     saved: RunConfig, current: RunConfig, overrides: list[str] | None = None
 ) -> tuple[RunConfig, dict[str, list]]:
@@ -93,7 +107,7 @@ def continue_config(
     for path, value in new.items():
         if path in THIS_INVOCATION:
             merged[path] = value
-        elif _given(path, named) and value != old.get(path):
+        elif _given(path, named) and not _same_setting(path, old.get(path), value, current):
             if path in MAY_CHANGE:
                 merged[path], changes[path] = value, [old.get(path), value]
             else:

@@ -140,3 +140,19 @@ def test_the_readme_capacity_pair_keeps_its_capacity_factor(tmp_path):
     assert merged.parallel.capacity_factor == 1.25 and changes == {}
     with pytest.raises(RunDirectoryError, match="parallel.capacity_factor 1.25 -> null"):
         continue_config(saved, current, ["trainer.out_dir=runs/ep", "parallel.capacity_factor=null"])
+
+
+def test_a_dtype_setting_compares_as_the_dtype_it_resolves_to(tmp_path):
+    """A run saved with trainer.dtype=float32 (the default before 'auto') continues under a command whose configs
+    say 'auto' on a CPU, where 'auto' is float32, keeping its saved value; on a GPU 'auto' is bfloat16: refused."""
+    saved = small_run(tmp_path)
+    saved.trainer.dtype = saved.model.dtype = "float32"
+    saved.trainer.device = "cpu"
+    current = small_run(tmp_path)
+    current.trainer.dtype = current.model.dtype = "auto"
+    current.trainer.device = "cpu"
+    merged, changes = continue_config(saved, current)
+    assert changes == {} and merged.trainer.dtype == "float32" and merged.model.dtype == "float32"
+    current.trainer.device = "cuda"
+    with pytest.raises(RunDirectoryError, match='trainer.dtype "float32" -> "auto"'):
+        continue_config(saved, current)

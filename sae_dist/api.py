@@ -33,7 +33,7 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
 
 class ActivationSite:
     """A language model read at the output of one block, by the code the trainer's 'lm' source runs: each text
-    tokenised and cut into contexts of at most `ctx_len` tokens (`cut_documents`), the contexts run through the
+    tokenised and cut into contexts of at most `ctx_len` tokens (`ContextCutter`), the contexts run through the
     model up to that block (`HookedLM.capture`), padding dropped.
 
     `model` is a Hugging Face id or 'minilm-bundled'; `path` a local copy; `dtype` as `model.dtype`.
@@ -43,12 +43,14 @@ class ActivationSite:
                  path: str | None = None, dtype: str = "auto", device: str | torch.device = "cpu",
                  batch_size: int = 32):
         from sae_dist.data.lm import HookedLM, load_lm  # transformers loads when a site is made, not on import
+        from sae_dist.data.text import ContextCutter
 
         cfg = ModelConfig(name=model, path=path, layer=layer, dtype=dtype)
         validate(RunConfig(model=cfg))
         self.lm_model, self.tokenizer = load_lm(cfg, device)
         self.hooked = HookedLM(self.lm_model, layer)
         self.ctx_len, self.batch_size = ctx_len, batch_size
+        self.cut = ContextCutter(self.tokenizer, ctx_len)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     @classmethod
@@ -65,9 +67,7 @@ class ActivationSite:
     def __call__(self, texts: Sequence[str]) -> list[Tensor]:
         """One float32 [tokens, d] tensor per text: its contexts in order, each with the tokenizer's special
         tokens as in training (e.g. [CLS] ... [SEP] for BERT-like models)."""
-        from sae_dist.data.text import cut_documents
-
-        per_text = cut_documents(self.tokenizer, list(texts), self.ctx_len)
+        per_text = self.cut(list(texts))
         contexts = [context for text_contexts in per_text for context in text_contexts]
         rows = [self.hooked.capture(contexts[i : i + self.batch_size], self.pad_id).float()
                 for i in range(0, len(contexts), self.batch_size)]

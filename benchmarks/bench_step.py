@@ -203,7 +203,8 @@ def main() -> None:
     parser.add_argument("--encoder-backward", default="auto", choices=["auto", "sparse", "gemm"])
     parser.add_argument("--decoder", default="auto", choices=["auto", "gather", "gemm"])
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
-                        help="after the table, torch.profiler's top ROWS operators of the first M's widest step")
+                        help="after the table, torch.profiler's top ROWS operators of the first M's narrowest (dense TopK "
+                        "when N = 1 is timed) and widest steps")
     parser.add_argument("--bf16-state", action="store_true",
                         help="add a row for the widest Switch SAE with trainer.optimizer_state=bfloat16")
     args = parser.parse_args()
@@ -277,10 +278,12 @@ def main() -> None:
         console.print(f"M = {latents} done, load {os.getloadavg()[0]:.1f}")
     console.print(table)
     if args.profile:
-        latents, n = latent_sizes[0], max(n for n in args.experts if latent_sizes[0] % n == 0)
-        console.print(f"torch.profiler, 3 steps of {'dense TopK' if n == 1 else 'Switch'} M = {latents}, N = {n}:")
-        console.print(profile_table(sae_dist_step("topk" if n == 1 else "switch", latents, n, args, x_BD), device,
-                                    args.profile), soft_wrap=True)
+        latents = latent_sizes[0]
+        timed = [n for n in args.experts if latents % n == 0]
+        for n in sorted({min(timed), max(timed)}):  # dense TopK (when timed) and the widest Switch SAE
+            console.print(f"torch.profiler, 3 steps of {'dense TopK' if n == 1 else 'Switch'} M = {latents}, N = {n}:")
+            console.print(profile_table(sae_dist_step("topk" if n == 1 else "switch", latents, n, args, x_BD), device,
+                                        args.profile), soft_wrap=True)
 
 
 def profile_table(step: Callable[[], object], device: torch.device, rows: int) -> str:

@@ -42,7 +42,7 @@ PY
 
 part cuda_tests 100 python3 -m pytest tests/train/test_cuda.py -q -p no:cacheprovider
 part step_65k 60 python3 benchmarks/bench_step.py --device cuda --latents 65536 --bf16-state --profile 25
-part step_1m 90 python3 benchmarks/bench_step.py --device cuda --latents 1048576 --reference-repeats 0 --bf16-state \
+part step_1m 90 python3 benchmarks/bench_step.py --device cuda --latents 1048576 --experts 1 32 --reference-repeats 0 --bf16-state \
   --profile 20
 part optimizer 40 python3 benchmarks/bench_optimizer.py --device cuda
 part job_pretokenized 60 python3 launch/train.py +experiment=switch_65k model.path="$GPT2" data=python_docs \

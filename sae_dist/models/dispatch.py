@@ -110,6 +110,26 @@ def inverse_permutation(order: Tensor) -> Tensor:
     return inverse
 
 
+class _PermuteRows(torch.autograd.Function):
+    """rows[order] for a permutation `order`, whose backward is the gather grad[inverse]: indexing's own backward
+    is a scatter-add (autograd cannot know the indices are a permutation), 3x the gather's time on a CPU."""
+
+    @staticmethod
+    def forward(ctx, rows, order, inverse):
+        ctx.save_for_backward(inverse)
+        return rows[order]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse], None, None
+
+
+def permute_rows(rows: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
+    """rows[order], differentiable, where `inverse` is the inverse permutation of `order`."""
+    return _PermuteRows.apply(rows, order, inverse)
+
+
 def sort_by_expert(expert_T: Tensor) -> tuple[Tensor, Tensor]:
     """Stable sort of tokens by expert id: (order_T, inverse_T) with x[order][inverse] == x."""
     order_T = torch.argsort(expert_T, stable=True)
@@ -130,12 +150,12 @@ class LocalDispatcher(TokenDispatcher):
         counts_L = expert_counts(expert_T, self.num_local_experts)
         host_counts = counts_L.tolist() if counts_L.device.type == "cpu" else None
         groups = ExpertGroups.from_counts(counts_L, x_TD.shape[0], host_counts)
-        return x_TD[order_T], DispatchPlan(x_TD.shape[0], groups, None, (order_T, inverse_T))
+        return permute_rows(x_TD, order_T, inverse_T), DispatchPlan(x_TD.shape[0], groups, None, (order_T, inverse_T))
 
     def combine(self, y_R: Tensor, plan: DispatchPlan) -> Tensor:
-        _, inverse_T = plan.state
-        return y_R[inverse_T]
+        order_T, inverse_T = plan.state
+        return permute_rows(y_R, inverse_T, order_T)
 
     def dispatch_like(self, y_T: Tensor, plan: DispatchPlan) -> Tensor:
-        order_T, _ = plan.state
-        return y_T[order_T]
+        order_T, inverse_T = plan.state
+        return permute_rows(y_T, order_T, inverse_T)

@@ -88,3 +88,18 @@ def test_bad_union_topk_gives_one_line_errors(tmp_path, kind, experts_per_token,
     with pytest.raises(ConfigError, match=message) as info:
         validate(run)
     assert "\n" not in str(info.value)
+
+
+def test_dispatch_and_combine_gradients_equal_indexing():
+    """The dispatcher's row permutations back-propagate by a gather with the inverse permutation: the same
+    gradients as indexing's scatter-add."""
+    dispatcher = LocalDispatcher(3)
+    x_TD = torch.randn(7, 2, requires_grad=True)
+    expert_T = torch.tensor([2, 0, 1, 0, 2, 2, 1])
+    upstream_TD = torch.randn(7, 2)
+    rows_RD, plan = dispatcher.dispatch(x_TD, expert_T)
+    scale_RD = torch.arange(14.0).view(7, 2)  # a row-dependent op between the permutations
+    (dispatcher.combine(rows_RD * scale_RD, plan) * upstream_TD).sum().backward()
+    order_T = torch.argsort(expert_T, stable=True)
+    expected_TD = (scale_RD * upstream_TD[order_T])[torch.argsort(order_T)]
+    torch.testing.assert_close(x_TD.grad, expected_TD, rtol=0, atol=0)

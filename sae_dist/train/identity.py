@@ -14,10 +14,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from sae_dist.config import ConfigError, RunConfig, from_dict, resolve_dtype, resume_mode
 from sae_dist.run_dir import flat_settings, latest_checkpoint, read_checkpoint_config, read_run_config
+from sae_dist.train.preflight import check_device
 
 MAY_CHANGE = (
     "name",
@@ -86,9 +85,9 @@ def _show(value: Any) -> str:
 
 
 def _same_setting(path: str, saved: Any, value: Any, current: RunConfig) -> bool:
+    """Whether a setting given on a continuing command equals the saved one (see `DTYPE_SETTINGS`)."""
     if path in DTYPE_SETTINGS and saved is not None:
-        device = current.trainer.device
-        device_type = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        device_type = check_device(current.trainer.device).type
         return resolve_dtype(saved, device_type) == resolve_dtype(value, device_type)
     return value == saved
 

@@ -142,7 +142,7 @@ def test_the_readme_capacity_pair_keeps_its_capacity_factor(tmp_path):
         continue_config(saved, current, ["trainer.out_dir=runs/ep", "parallel.capacity_factor=null"])
 
 
-def test_a_dtype_setting_compares_as_the_dtype_it_resolves_to(tmp_path):
+def test_a_dtype_setting_compares_as_the_dtype_it_resolves_to(tmp_path, monkeypatch):
     """A run saved with trainer.dtype=float32 (the default before 'auto') continues under a command whose configs
     say 'auto' on a CPU, where 'auto' is float32, keeping its saved value; on a GPU 'auto' is bfloat16: refused."""
     saved = small_run(tmp_path)
@@ -154,5 +154,6 @@ def test_a_dtype_setting_compares_as_the_dtype_it_resolves_to(tmp_path):
     merged, changes = continue_config(saved, current)
     assert changes == {} and merged.trainer.dtype == "float32" and merged.model.dtype == "float32"
     current.trainer.device = "cuda"
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # the comparison as on a GPU machine
     with pytest.raises(RunDirectoryError, match='trainer.dtype "float32" -> "auto"'):
         continue_config(saved, current)

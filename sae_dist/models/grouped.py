@@ -116,6 +116,6 @@ def gemm_decode(values_RK: Tensor, flat_ids_RK: Tensor, w_dec_NMD: Tensor, group
     width = w_dec_NMD.shape[1]
     columns_RK = flat_ids_RK - groups.expert_R[:, None] * width
     dtype = compute_dtype(values_RK)
-    codes_RM = values_RK.new_zeros(values_RK.shape[0], width, dtype=dtype)
-    codes_RM = codes_RM.scatter(1, columns_RK, values_RK.to(dtype))
+    # In place into the fresh zeros: the out-of-place scatter copied the [R, M_e] tensor once more.
+    codes_RM = values_RK.new_zeros(values_RK.shape[0], width, dtype=dtype).scatter_(1, columns_RK, values_RK.to(dtype))
     return grouped_matmul(codes_RM, w_dec_NMD, groups)

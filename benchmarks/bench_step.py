@@ -203,8 +203,8 @@ def main() -> None:
     parser.add_argument("--encoder-backward", default="auto", choices=["auto", "sparse", "gemm"])
     parser.add_argument("--decoder", default="auto", choices=["auto", "gather", "gemm"])
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
-                        help="after the table, torch.profiler's top ROWS operators of the first M's narrowest (dense TopK "
-                        "when N = 1 is timed) and widest steps")
+                        help="after the table, torch.profiler's top ROWS operators of the first M's narrowest "
+                        "(dense TopK when N = 1 is timed) and widest steps")
     parser.add_argument("--bf16-state", action="store_true",
                         help="add a row for the widest Switch SAE with trainer.optimizer_state=bfloat16")
     args = parser.parse_args()

@@ -43,6 +43,7 @@ from sae_dist.data.synthetic import SyntheticSource
 from sae_dist.models import build_sae
 from sae_dist.models.reference import reference_train_step
 from sae_dist.train.init import init_biases_from_batch
+from sae_dist.train.profiling import operator_table, profiler_for
 from sae_dist.train.trainer import Trainer
 
 GIB = 2**30
@@ -288,18 +289,14 @@ def main() -> None:
 
 def profile_table(step: Callable[[], object], device: torch.device, rows: int) -> str:
     """torch.profiler's operator table over 3 steps after 2 warm-up steps, by device time on a GPU."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
     for _ in range(2):
         step()
-    with torch.profiler.profile(activities=activities) as profiler:
+    with profiler_for(device) as profiler:
         for _ in range(3):
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return profiler.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=48)
+    return operator_table(profiler, device, rows)
 
 
 if __name__ == "__main__":

@@ -51,8 +51,9 @@ part job_pretokenized 60 python3 launch/train.py +experiment=switch_65k model.pa
 cp "$GPT2/job_pretokenized/metrics.jsonl" "$LOG/job_pretokenized_metrics.jsonl" 2>/dev/null
 part job 60 python3 launch/train.py +experiment=switch_65k model.path="$GPT2" data=python_docs trainer.device=cuda \
   trainer.steps=300 trainer.log_every=25 trainer.checkpoint_every=100000 trainer.out_dir="$GPT2/job" \
-  trainer.progress=false
+  trainer.progress=false trainer.profile_steps=10
 cp "$GPT2/job/metrics.jsonl" "$LOG/job_metrics.jsonl" 2>/dev/null
+cp "$GPT2"/job/profile/*.txt "$LOG/" 2>/dev/null  # the profiled window's operators and the GPU's busy fraction
 part job_lm_compiled 90 python3 launch/train.py +experiment=switch_65k model.path="$GPT2" model.compile=true \
   data=python_docs trainer.device=cuda trainer.steps=400 trainer.log_every=25 trainer.checkpoint_every=100000 \
   trainer.out_dir="$GPT2/job_lm_compiled" trainer.progress=false

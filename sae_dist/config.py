@@ -206,6 +206,9 @@ class TrainerConfig:
     """On one GPU (not under torchrun), replay the step's device work as CUDA graphs: the host launches two graphs
     and the optimizer instead of some 200 operators (sae_dist/train/step_graph.py). Off by default until its
     equality test with the eager step has passed on a GPU (README, Benchmarks)."""
+    profile_steps: int = 0
+    """Profile this many steps with torch.profiler after the first metrics window: a Chrome trace and the top
+    operators per rank in the run's profile/ folder, rank 0's printed (sae_dist/train/profiling.py); 0: none."""
     engine: str = "torch"
     """'torch' (the project's own step) or 'deepspeed' (DeepSpeed's ZeRO optimizer; needs the 'deepspeed' extra)."""
     zero_stage: int = 1
@@ -396,6 +399,8 @@ def _validate_trainer(trainer: TrainerConfig) -> None:
              f"trainer.optimizer_state={trainer.optimizer_state!r} needs trainer.engine=torch (DeepSpeed keeps "
              "float32 moments)")
     _require(trainer.zero_stage in ZERO_STAGES, f"trainer.zero_stage={trainer.zero_stage} is unknown; allowed: 1, 2")
+    _require(trainer.profile_steps >= 0,
+             f"trainer.profile_steps={trainer.profile_steps} must be 0 (none) or positive")
     _require(bool(str(trainer.out_dir).strip()), "trainer.out_dir must not be empty")
     trainer.resume = resume_mode(trainer)
     _one_of("trainer.resume", trainer.resume, RESUME_MODES)

@@ -81,6 +81,7 @@ def test_switch_65k_is_the_paper_recipe():
         (["trainer.optimizer_state=bfloat16", "trainer.engine=deepspeed"],
          "trainer.optimizer_state='bfloat16' needs trainer.engine=torch"),
         (["trainer.out_dir= "], "trainer.out_dir must not be empty"),
+        (["trainer.profile_steps=-1"], r"trainer.profile_steps=-1 must be 0 \(none\) or positive"),
         (["data=synthetic", "data.synthetic_noise=-0.1"], "data.synthetic_noise=-0.1 must be >= 0"),
         (["data=openwebtext", "data.pretokenize=true"], "data.pretokenize=true needs data.streaming=false"),
         (["sae.bogus=1"],

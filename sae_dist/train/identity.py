@@ -26,6 +26,7 @@ MAY_CHANGE = (
     "trainer.keep_checkpoints",
     "trainer.progress",
     "trainer.tensorboard",
+    "trainer.profile_steps",
     "trainer.device",
     "trainer.on_nonfinite",
     "trainer.engine",

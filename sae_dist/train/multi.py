@@ -54,6 +54,7 @@ def build_members(plans: list[RunPlan], ctx: ParallelContext) -> list[Trainer]:
         site = layers.index(plan.run.model.layer) if lm else 0
         trainer = start_trainer(plan, ctx, stream.view(i, slice(site * width, (site + 1) * width)))
         trainer.defer_rotation = True  # step_round rotates once every member has saved
+        trainer.profiles = i == 0  # one profiler at a time; the first member's window covers every member's steps
         trainers.append(trainer)
     return trainers
 

@@ -48,6 +48,7 @@ from sae_dist.train.optim import (
     remove_parallel_gradient_,
 )
 from sae_dist.train.preemption import HeldSignals, StopRequested, StopSignals
+from sae_dist.train.profiling import StepProfiler
 from sae_dist.train.resample import resample_dead_latents, resample_due
 from sae_dist.train.step_graph import StepGraphs
 
@@ -111,6 +112,9 @@ class Trainer:
     defer_rotation: bool = False
     """Whether `save` leaves older checkpoints for `rotate_checkpoints` (a sweep rotates once every member has saved
     a step, so that a crash between two members' saves leaves them a checkpoint in common)."""
+    profiles: bool = True
+    """Whether this trainer's loop runs the `trainer.profile_steps` window (one member of a sweep does: one profiler
+    at a time, and its window covers every member's steps)."""
     graph_capturable: bool = True
     """Whether the step's device work may be captured as CUDA graphs (an engine with its own update sets False)."""
     weight_grads_in_place: bool = True
@@ -389,7 +393,9 @@ class Trainer:
         session_start, session_start_tokens = window_start, self.tokens
         unchecked: list[tuple[int, torch.Tensor]] = []  # (step, finite flag on the device) since the last read
         doing = f"step {self.step + 1}"  # for the error message of a failed collective
+        profiler = self._step_profiler()
         try:
+            profiler.after_step(self.step)
             yield self.step
             with StopSignals() if signals is None else nullcontext(signals) as signals:
                 while self.step < cfg.steps:
@@ -418,6 +424,7 @@ class Trainer:
                         checkpoint = self.save()
                     if stop:
                         raise StopRequested(stop, self.step, checkpoint)
+                    profiler.after_step(self.step)
                     yield self.step
         except RuntimeError as exc:
             failure = collective_failure(exc, self.ctx.rank, self.run.parallel.timeout_s, doing)
@@ -425,11 +432,20 @@ class Trainer:
                 raise
             raise failure from exc
         finally:
+            profiler.close()
             bar.close()
             if logger is not None:
                 logger.close()
         self.tokens_per_s = (self.tokens - session_start_tokens) / max(time.perf_counter() - session_start, 1e-9)
         self.last_row = last_row
+
+    def _step_profiler(self) -> StepProfiler:
+        """The window of `trainer.profile_steps` steps after this session's first metrics window (none when 0)."""
+        cfg = self.run.trainer
+        steps = cfg.profile_steps if self.profiles else 0
+        first = min(self.step + cfg.log_every, max(cfg.steps - steps, self.step))
+        last = min(first + steps, cfg.steps)
+        return StepProfiler(first, last, self.run_dir, self.ctx.rank, self.device, show=self.ctx.is_main)
 
     def _log(
         self, x_TD: torch.Tensor, result: dict[str, Any], tokens_per_s: float, logger: MetricsLogger | None, bar: tqdm

@@ -23,6 +23,9 @@ ENGINES = ("torch", "deepspeed")
 ZERO_STAGES = (1, 2)
 LR_RULES = ("total", "expert")
 AUXK_SCALES = ("x_variance", "gao")
+DEAD_COUNTS = ("tokens", "routed")
+SWEEP_KEYS = ("model.layer", "trainer.lr", "name")
+"""What a sweep item may override besides `sae.*`: the hook site and the learning rate; the stream stays shared."""
 
 
 def resolve_dtype(dtype: str, device_type: str) -> str:
@@ -31,9 +34,6 @@ def resolve_dtype(dtype: str, device_type: str) -> str:
     if dtype != "auto":
         return dtype
     return "bfloat16" if device_type == "cuda" else "float32"
-DEAD_COUNTS = ("tokens", "routed")
-SWEEP_KEYS = ("model.layer", "trainer.lr", "name")
-"""What a sweep item may override besides `sae.*`: the hook site and the learning rate; the stream stays shared."""
 
 
 class ConfigError(ValueError):

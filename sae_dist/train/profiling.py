@@ -63,20 +63,20 @@ class StepProfiler:
         if step == self.first_step and self.profiler is None and step < self.last_step:
             self._synchronize()
             self.profiler = profiler_for(self.device, all_threads=True)
-            self.profiler.__enter__()
+            self.profiler.start()
             self.started = time.perf_counter()
         elif step == self.last_step and self.profiler is not None:
             self._synchronize()
             wall_s = time.perf_counter() - self.started
             profiler, self.profiler = self.profiler, None
-            profiler.__exit__(None, None, None)
+            profiler.stop()
             self._write(profiler, wall_s)
 
     def close(self) -> None:
         """Stop an unfinished window (the loop ended early) without writing it."""
         if self.profiler is not None:
             profiler, self.profiler = self.profiler, None
-            profiler.__exit__(None, None, None)
+            profiler.stop()
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":

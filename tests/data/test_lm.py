@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaModel
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model, LlamaConfig, LlamaModel
 
 from sae_dist.config import ConfigError, ModelConfig, RunConfig
 from sae_dist.data import DataUnavailableError, HookedLM, build_activation_source, find_blocks, load_lm, splice
@@ -264,3 +264,18 @@ def test_ranks_read_disjoint_documents(tiny_gpt2_dir):
         blocks.append(source._current.units)
         assert all(unit % 3 == rank for unit in blocks[-1])
     assert [block[0] for block in blocks] == [0, 1, 2]
+
+
+def test_loaded_gpt2_runs_one_gelu_kernel_with_the_original_activations(tiny_gpt2_dir):
+    """GPT-2's 'gelu_new' (a chain of elementwise operators) becomes torch's tanh GELU in `load_lm`: the model
+    computes the activations of the model as transformers builds it."""
+    fused, tokenizer = load_lm(ModelConfig(name="unused", path=str(tiny_gpt2_dir)))
+    original = GPT2Model.from_pretrained(tiny_gpt2_dir).eval()
+    assert original.config.activation_function == "gelu_new"
+    assert [type(block.mlp.act) for block in fused.h] == [nn.GELU] * len(fused.h)
+    ids, mask = padded(tokenizer)
+    with torch.inference_mode():
+        expected = original(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        got = fused(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    for layer_expected, layer_got in zip(expected, got, strict=True):
+        torch.testing.assert_close(layer_got, layer_expected, rtol=1e-5, atol=1e-5)

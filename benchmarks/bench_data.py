@@ -101,6 +101,13 @@ def copy_bandwidth(device: torch.device) -> float:
     return rate(lambda: dst.copy_(src), 2 * src.numel(), device)
 
 
+def machine_line(device: torch.device) -> str:
+    """The GPU's name, or the CPU with its threads and the load at the time."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}"
+
+
 def lm_flops_per_token(model, layer: int, ctx_len: int) -> float:
     """2 x parameters of the blocks up to `layer` plus attention scores and mixing (4 * ctx_len * d per block)."""
     blocks = sum(p.numel() for block in list(model.h if hasattr(model, "h") else model.encoder.layer)[: layer + 1]
@@ -383,11 +390,7 @@ def print_table(args, run, d_model, stages, jobs, peak, bandwidth) -> None:
         table.add_row(name, f"{value.wall:,.0f}", "", "", f"{value.cpu:,.0f}", ratio)
     console = Console(width=160)
     console.print(table)
-    if args.device == "cuda":
-        machine = torch.cuda.get_device_name()
-    else:
-        machine = f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}"
-    console.print(f"machine: {machine}; measured GEMM {peak / 1e9:,.0f} GFLOP/s, copy {bandwidth / 1e9:,.1f} GB/s; "
+    console.print(f"machine: {machine_line(torch.device(args.device))}; measured GEMM {peak / 1e9:,.0f} GFLOP/s, copy {bandwidth / 1e9:,.1f} GB/s; "
                   f"cache read / SAE step = {cache.wall / sae.wall:.1f}x")
     print(json.dumps({"stages": {k: v._asdict() for k, (v, _) in stages.items()},
                       "jobs": {k: v._asdict() for k, v in jobs.items() if v}}))

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Every GPU check and figure of the README in one bounded run, for a GPU lent briefly: at most 10.5 minutes (the
+# Every GPU check and figure of the README in one bounded run, for a GPU lent briefly: at most 12 minutes (the
 # parts' limits; 1.5 more with py-spy), never yet run whole; the parts run on an H200 took 20 to 60 s each:
 #   bash benchmarks/gpu_suite.sh [LOG_DIR] [TOKENIZER_DIR]
+#   GPU_SUITE_PARTS="cuda_tests step_65k lm job step_1m" bash benchmarks/gpu_suite.sh LOG_DIR   # these parts only
 # LOG_DIR (default gpu_logs/) receives all.log, every part's output appended as it ends (so a run cut short keeps
 # what it did), and the jobs' metrics; TOKENIZER_DIR pairs the random GPT-2 with a tokenizer where the bundled
 # MiniLM package is not installed (a copy of its tokenizer files). Each part has its own time limit, so a failure
-# or a hang costs that part only; the most telling parts run first, and the tables are printed at the end. Where
-# py-spy is on the PATH, the live job is also profiled by thread (GIL holders only: benchmarks/stack_profile.py).
+# or a hang costs that part only; the most telling parts run first, and the tables are printed at the end.
+# GPU_SUITE_PARTS (space-separated part names) splits the suite over calls shorter than its whole. Where py-spy is
+# on the PATH, the live job is also profiled by thread (GIL holders only: benchmarks/stack_profile.py; part
+# job_gil_profile).
 set -u
 LOG=${1:-gpu_logs}
 TOKENIZER=${2:-}
@@ -14,9 +17,11 @@ PARTS=$(mktemp -d)
 mkdir -p "$LOG"
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
+wanted() { [ -z "${GPU_SUITE_PARTS:-}" ] || [[ " $GPU_SUITE_PARTS " == *" $1 "* ]]; }
 part() {
   local name=$1 limit=$2 status
   shift 2
+  wanted "$name" || return 0
   echo "=== $name (limit ${limit}s, at $(($(date +%s) - T0))s)"
   timeout "$limit" "$@" >"$PARTS/$name.log" 2>&1
   status=$?
@@ -42,26 +47,27 @@ PY
 
 part cuda_tests 100 python3 -m pytest tests/train/test_cuda.py -q -p no:cacheprovider
 part step_65k 60 python3 benchmarks/bench_step.py --device cuda --latents 65536 --bf16-state --profile 25
-part step_1m 90 python3 benchmarks/bench_step.py --device cuda --latents 1048576 --experts 1 32 --reference-repeats 0 --bf16-state \
-  --profile 20
-part optimizer 40 python3 benchmarks/bench_optimizer.py --device cuda
-part job_pretokenized 60 python3 launch/train.py +experiment=switch_65k model.path="$GPT2" data=python_docs \
-  data.pretokenize=true trainer.device=cuda trainer.steps=300 trainer.log_every=25 trainer.checkpoint_every=100000 \
-  trainer.out_dir="$GPT2/job_pretokenized" trainer.progress=false
-cp "$GPT2/job_pretokenized/metrics.jsonl" "$LOG/job_pretokenized_metrics.jsonl" 2>/dev/null
+part lm 90 python3 benchmarks/bench_lm.py --device cuda
 part job 60 python3 launch/train.py +experiment=switch_65k model.path="$GPT2" data=python_docs trainer.device=cuda \
   trainer.steps=300 trainer.log_every=25 trainer.checkpoint_every=100000 trainer.out_dir="$GPT2/job" \
   trainer.progress=false trainer.profile_steps=10
 cp "$GPT2/job/metrics.jsonl" "$LOG/job_metrics.jsonl" 2>/dev/null
 cp "$GPT2"/job/profile/*.txt "$LOG/" 2>/dev/null  # the profiled window's operators and the GPU's busy fraction
+part step_1m 90 python3 benchmarks/bench_step.py --device cuda --latents 1048576 --experts 1 32 --reference-repeats 0 --bf16-state \
+  --profile 20
 part job_lm_compiled 90 python3 launch/train.py +experiment=switch_65k model.path="$GPT2" model.compile=true \
   data=python_docs trainer.device=cuda trainer.steps=400 trainer.log_every=25 trainer.checkpoint_every=100000 \
   trainer.out_dir="$GPT2/job_lm_compiled" trainer.progress=false
 cp "$GPT2/job_lm_compiled/metrics.jsonl" "$LOG/job_lm_compiled_metrics.jsonl" 2>/dev/null
+part job_pretokenized 60 python3 launch/train.py +experiment=switch_65k model.path="$GPT2" data=python_docs \
+  data.pretokenize=true trainer.device=cuda trainer.steps=300 trainer.log_every=25 trainer.checkpoint_every=100000 \
+  trainer.out_dir="$GPT2/job_pretokenized" trainer.progress=false
+cp "$GPT2/job_pretokenized/metrics.jsonl" "$LOG/job_pretokenized_metrics.jsonl" 2>/dev/null
 part data 80 python3 benchmarks/bench_data.py --lm gpt2 "${TOKENIZER_ARGS[@]}" --device cuda --batch 8192 \
   --lm-batch 256 --buffer 65536 --steps 60 --log-every 10
+part optimizer 40 python3 benchmarks/bench_optimizer.py --device cuda
 part step_262k 40 python3 benchmarks/bench_step.py --device cuda --latents 262144
-if command -v py-spy >/dev/null; then  # which thread holds the GIL, and where, in the live job's steady state
+if command -v py-spy >/dev/null && wanted job_gil_profile; then  # which thread holds the GIL, and where, in the live job's steady state
   echo "=== job_gil_profile (at $(($(date +%s) - T0))s)"
   python3 launch/train.py +experiment=switch_65k model.path="$GPT2" data=python_docs trainer.device=cuda \
     trainer.steps=100000 trainer.log_every=25 trainer.out_dir="$GPT2/job_profiled" trainer.progress=false \
@@ -76,7 +82,7 @@ if command -v py-spy >/dev/null; then  # which thread holds the GIL, and where, 
   cat "$PARTS/job_gil_summary.log" >>"$LOG/all.log"
 fi
 echo "=== done at $(($(date +%s) - T0))s"
-for name in cuda_tests step_65k step_1m optimizer data step_262k job_gil_summary; do
+for name in cuda_tests step_65k lm step_1m optimizer data step_262k job_gil_summary; do
   echo "##### $name"
   if [ "$name" = job_gil_summary ]; then tail -c 4000 "$PARTS/$name.log" 2>/dev/null; continue; fi
   grep -h "│\|passed\|failed\|Error" "$PARTS/$name.log" 2>/dev/null | tail -c 2500

@@ -201,6 +201,18 @@ def test_prefetched_lm_source_equals_the_plain_one(tiny_gpt2_dir):
     ahead.close()
 
 
+def test_compiled_lm_in_the_prefetch_thread_serves_the_eager_batches(tiny_gpt2_dir):
+    """model.compile with prefetch (the job's default): the blocks compile and run in the producer thread."""
+    plain = build_activation_source(tiny_run(tiny_gpt2_dir, prefetch=0))
+    compiled_run = tiny_run(tiny_gpt2_dir, prefetch=2)
+    compiled_run.model.compile = True
+    ahead = build_activation_source(compiled_run)
+    for _ in range(3):
+        torch.testing.assert_close(ahead.next_batch(128), plain.next_batch(128), rtol=1e-5, atol=1e-5)
+    assert plain.state_dict() == ahead.state_dict()
+    ahead.close()
+
+
 def test_pretokenized_lm_source_equals_the_live_one(tiny_gpt2_dir):
     live = build_activation_source(tiny_run(tiny_gpt2_dir, prefetch=0))
     pretokenized = build_activation_source(tiny_run(tiny_gpt2_dir, prefetch=0, pretokenize=True, streaming=False))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check and figure of the README in one bounded run, for a GPU lent briefly: at most 12 minutes (the
+# Every GPU check and figure of the README in one bounded run, for a GPU lent briefly: at most 13 minutes (the
 # parts' limits; 1.5 more with py-spy), never yet run whole; the parts run on an H200 took 20 to 60 s each:
 #   bash benchmarks/gpu_suite.sh [LOG_DIR] [TOKENIZER_DIR]
 #   GPU_SUITE_PARTS="cuda_tests step_65k lm job step_1m" bash benchmarks/gpu_suite.sh LOG_DIR   # these parts only
@@ -55,6 +55,7 @@ cp "$GPT2/job/metrics.jsonl" "$LOG/job_metrics.jsonl" 2>/dev/null
 cp "$GPT2"/job/profile/*.txt "$LOG/" 2>/dev/null  # the profiled window's operators and the GPU's busy fraction
 part step_1m 90 python3 benchmarks/bench_step.py --device cuda --latents 1048576 --experts 1 32 --reference-repeats 0 --bf16-state \
   --profile 20
+part topk 60 python3 benchmarks/bench_topk.py --device cuda
 part job_lm_compiled 90 python3 launch/train.py +experiment=switch_65k model.path="$GPT2" model.compile=true \
   data=python_docs trainer.device=cuda trainer.steps=400 trainer.log_every=25 trainer.checkpoint_every=100000 \
   trainer.out_dir="$GPT2/job_lm_compiled" trainer.progress=false
@@ -82,7 +83,7 @@ if command -v py-spy >/dev/null && wanted job_gil_profile; then  # which thread 
   cat "$PARTS/job_gil_summary.log" >>"$LOG/all.log"
 fi
 echo "=== done at $(($(date +%s) - T0))s"
-for name in cuda_tests step_65k lm step_1m optimizer data step_262k job_gil_summary; do
+for name in cuda_tests step_65k lm step_1m topk optimizer data step_262k job_gil_summary; do
   echo "##### $name"
   if [ "$name" = job_gil_summary ]; then tail -c 4000 "$PARTS/$name.log" 2>/dev/null; continue; fi
   grep -h "│\|passed\|failed\|Error" "$PARTS/$name.log" 2>/dev/null | tail -c 2500

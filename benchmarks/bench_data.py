@@ -47,6 +47,7 @@ from sae_dist.data.source import ActivationSource
 from sae_dist.data.text import Documents, load_text_dataset
 from sae_dist.data.tokenize import PretokenizedContexts, Tokenization
 from sae_dist.flops import flops_per_token
+from sae_dist.host_memory import keep_freed_host_memory
 from sae_dist.train.init import init_biases_from_batch
 from sae_dist.train.trainer import Trainer
 
@@ -272,6 +273,7 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available here; use --device cpu", file=sys.stderr)
         sys.exit(2)
+    keep_freed_host_memory()  # as the launch commands run the job
     with tempfile.TemporaryDirectory(prefix="bench_data_") as workdir:  # its runs' checkpoints take gigabytes
         measure(args, Path(workdir))
 

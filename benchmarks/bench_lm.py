@@ -2,7 +2,9 @@
 beside its GEMM floor, measured in one process.
 
 Rows: the model as transformers builds it (GPT-2's tanh GELU as a chain of elementwise operators), as `load_lm`
-runs it (that GELU as one kernel, `fuse_tanh_gelu`) and with `model.compile=true` (its blocks compiled), each
+runs it (that GELU as one kernel, `fuse_tanh_gelu`), on a CPU also with freed host memory kept for reuse as the
+launch commands keep it (`host_memory`), and with `model.compile=true` (its blocks compiled; on a CPU with the
+memory kept), each
 through `HookedLM.capture` as the 'lm' source calls it: `--contexts` contexts of `--ctx` random token ids, no
 padding, up to block `--layer`. The variants take turns, round after round, so that a shared machine's load
 drifts over all of them alike; each figure is the median over the rounds. The floor is the measured GEMM rate
@@ -32,6 +34,7 @@ from transformers import GPT2Config, GPT2Model
 from sae_dist.config import ModelConfig, resolve_dtype
 from sae_dist.data import HookedLM, load_lm
 from sae_dist.data.lm import fuse_tanh_gelu
+from sae_dist.host_memory import keep_freed_host_memory
 
 MODELS = {"gpt2": (8, 12, 1024), "minilm": (3, 6, 512)}
 """Per --lm: the default hooked block, the number of blocks and the longest context."""
@@ -55,27 +58,33 @@ def measure(args) -> tuple[dict[str, Rate], float, float]:
     device = torch.device(args.device)
     models = build_models(args.lm, device)
     last = list(models.values())[-1]
-    models["model.compile (blocks compiled)"] = copy.deepcopy(last)
-    lms = {name: HookedLM(model, args.layer, compile_blocks=name.startswith("model.compile"))
-           for name, model in models.items()}
+    kept = f"{list(models)[-1]}, freed host memory kept"
+    if device.type == "cpu":
+        models[kept] = last
+    compiled = "model.compile (blocks compiled)" + (", freed host memory kept" if device.type == "cpu" else "")
+    models[compiled] = copy.deepcopy(last)
+    lms = {name: HookedLM(model, args.layer, compile_blocks=name == compiled) for name, model in models.items()}
+    keeps = {name: "host memory kept" in name for name in lms}
     rng = np.random.default_rng(0)
     vocab = last.config.vocab_size
     contexts = [rng.integers(0, vocab, args.ctx).astype(np.int32) for _ in range(args.contexts)]
     tokens = args.contexts * args.ctx
 
-    def forward(lm: HookedLM) -> None:
-        lm.capture(contexts, pad_id=0)
+    def forward(name: str) -> None:
+        keep_freed_host_memory(keeps[name])
+        lms[name].capture(contexts, pad_id=0)
         synchronize(device)
 
-    for lm in lms.values():  # warm-up: compilation, the allocator, cuBLAS's choices
+    for name in lms:  # warm-up: compilation, the allocator, cuBLAS's choices
         for _ in range(2):
-            forward(lm)
+            forward(name)
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in lms}
     for _ in range(args.rounds):
-        for name, lm in lms.items():
+        for name in lms:
             start, start_cpu = time.perf_counter(), cpu_seconds()
-            forward(lm)
+            forward(name)
             times[name].append((time.perf_counter() - start, cpu_seconds() - start_cpu))
+    keep_freed_host_memory(False)
     rates = {name: Rate(tokens / statistics.median(t for t, _ in pairs), tokens / statistics.median(c for _, c in pairs))
              for name, pairs in times.items()}
     dtype = next(last.parameters()).dtype

@@ -29,6 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from sae_dist.config import ConfigError, RunConfig, error_line
 from sae_dist.data.source import DataUnavailableError
+from sae_dist.host_memory import keep_freed_host_memory
 from sae_dist.parallel.failures import CollectiveError, PeerFailedError
 from sae_dist.run_dir import (
     CONFIG_FILE,
@@ -138,9 +139,11 @@ def one_line_errors() -> Iterator[None]:
 
 
 def run_hydra_app(app: Callable[[], None]) -> None:
-    """Run a `@hydra.main` app so that Hydra's own errors (an unknown key, a value of the wrong type), which it
-    re-raises with HYDRA_FULL_ERROR, end in one line too."""
+    """Run a `@hydra.main` app (training, caching activations) so that Hydra's own errors (an unknown key, a value
+    of the wrong type), which it re-raises with HYDRA_FULL_ERROR, end in one line too; with freed host memory kept
+    for reuse (`host_memory`: a CPU's LM forwards then fault no pages in)."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    keep_freed_host_memory()
     with one_line_errors():
         app()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import shutil
 import signal
+import threading
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ from sae_dist.run_dir import (
     verify_files,
 )
 from sae_dist.train import checkpoint as ckpt
+from sae_dist.train.run import train_from_config
 from sae_dist.train.preemption import REQUEUE_EXIT_STATUS, StopRequested
 from sae_dist.train.trainer import NonFiniteError, Trainer
 from tests.conftest import small_run
@@ -201,3 +203,28 @@ def test_stop_signal_checkpoints_the_step_and_the_resume_is_exact(make_run, unbr
     resumed = trainer_for(run)
     resumed.train()
     assert_same_weights(resumed, unbroken)
+
+
+@pytest.mark.parametrize("sweep", [None, [{"sae.k": 4}, {"sae.k": 8}]], ids=["run", "sweep"])
+@pytest.mark.parametrize("fault", ["signal", "nan"])
+def test_a_run_that_stops_early_stops_its_prefetch_thread(make_run, monkeypatch, sweep, fault):
+    """A stop signal or an error ends `train_from_config` with the prefetch thread stopped. Before, the daemon
+    thread outlived the run: the quickstart stopped by SIGTERM wrote its checkpoint, then the interpreter ended the
+    thread inside an LM forward, and the process aborted (`terminate called without an active exception`, status
+    134) in place of exiting 75."""
+    run = make_run(steps=12)
+    run.sweep = sweep
+    assert run.data.prefetch > 0
+    train_step = Trainer.train_step
+
+    def faulty_step(self, x_TD):
+        if self.step + 1 == 5 and fault == "signal":
+            send(signal.SIGUSR1)(x_TD)
+        elif self.step + 1 == 5:
+            x_TD = poison(3)(x_TD)
+        return train_step(self, x_TD)
+
+    monkeypatch.setattr(Trainer, "train_step", faulty_step)
+    with pytest.raises(StopRequested if fault == "signal" else NonFiniteError):
+        train_from_config(run)
+    assert not [t for t in threading.enumerate() if t.name == "activation-prefetch" and t.is_alive()]

@@ -110,7 +110,7 @@ def step_round(running: dict[Trainer, Iterator[int]]) -> dict[Trainer, Iterator[
     if stopped:
         first, sweep_dir = stopped[0], next(iter(running)).run_dir.parent
         written = f"checkpoints {first.checkpoint.name} written for {len(stopped)} SAEs of the sweep in {sweep_dir}"
-        raise StopRequested(first.signal_name, first.step, first.checkpoint, written)
+        raise StopRequested(first.signal_name, first.step, first.checkpoint, written, sweep_dir)
     return still
 
 

@@ -199,7 +199,9 @@ def test_stop_signal_checkpoints_the_step_and_the_resume_is_exact(make_run, unbr
     with pytest.raises(SystemExit) as exit_info, one_line_errors():
         raise info.value
     assert exit_info.value.code == REQUEUE_EXIT_STATUS
-    assert "stopped by SIGUSR1 after step 7" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "stopped by SIGUSR1 after step 7" in err
+    assert f"the same command with trainer.out_dir={run.trainer.out_dir} (trainer.resume=auto) continues" in err
     resumed = trainer_for(run)
     resumed.train()
     assert_same_weights(resumed, unbroken)
@@ -225,6 +227,7 @@ def test_a_run_that_stops_early_stops_its_prefetch_thread(make_run, monkeypatch,
         return train_step(self, x_TD)
 
     monkeypatch.setattr(Trainer, "train_step", faulty_step)
+    before = set(threading.enumerate())  # other tests' trainers may hold producers of their own
     with pytest.raises(StopRequested if fault == "signal" else NonFiniteError):
         train_from_config(run)
-    assert not [t for t in threading.enumerate() if t.name == "activation-prefetch" and t.is_alive()]
+    assert not [t for t in set(threading.enumerate()) - before if t.name == "activation-prefetch"]

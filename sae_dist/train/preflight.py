@@ -83,6 +83,9 @@ def check_inputs(run: RunConfig) -> None:
         check_model_folder(run.model)
         if data.dataset in LOCAL_BUILDERS:
             check_data_files(data)
+        elif data.data_files:  # else read by nothing: the run would train on data.dataset without a word
+            raise ConfigError(f"data.data_files is read by data.dataset={'/'.join(LOCAL_BUILDERS)}, not by "
+                              f"data.dataset={data.dataset!r}: add data.dataset=text (or another of them)")
     elif data.source == "cache":
         read_cache_manifest(data.cache_dir)
 

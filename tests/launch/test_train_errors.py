@@ -40,6 +40,8 @@ def cases(tmp_path, text_file):
         (["trainer.batch_size=abc"], "trainer.batch_size"),
         (["data.dataset=text", f"data.data_files=[{tmp_path / 'missing.txt'}]"], "missing.txt does not exist"),
         (["data.dataset=text", f"data.data_files=[{empty}]"], "empty.txt is empty"),
+        ([f"data.data_files=[{text_file}]"], "data.data_files is read by data.dataset=text/json/csv/parquet/arrow, "
+                                            "not by data.dataset='python-docs': add data.dataset=text"),
         (["data.dataset=text", f"data.data_files=[{tmp_path / '*.json'}]"], "no file matches"),
         ([f"model.path={empty_folder}", "data.dataset=text", f"data.data_files=[{text_file}]"],
          "holds no transformers model (no config.json)"),

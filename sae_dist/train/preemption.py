@@ -10,6 +10,7 @@ turn, share one handler and read it through `HeldSignals`, so that all of them s
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 from pathlib import Path
@@ -29,10 +30,13 @@ class StopRequested(Exception):
         the trainer.out_dir that continues the run (default: the checkpoint's run folder). The message names it
         because a command without trainer.out_dir starts a new folder, named by its start time, unless a SLURM
         requeue or a torchrun restart runs it."""
-        out_dir = out_dir or checkpoint.parent.parent
+        folder = str(out_dir or checkpoint.parent.parent)
+        # A multirun job's folder ('.../sae.k=16,sae.num_experts=4') must be quoted for Hydra and for the shell.
+        plain = re.fullmatch(r"[\w./-]+", folder)
+        override = f"trainer.out_dir={folder}" if plain else f"\"trainer.out_dir='{folder}'\""
         super().__init__(
             f"stopped by {signal_name} after step {step}; {written or f'checkpoint written: {checkpoint}'}; "
-            f"the same command with trainer.out_dir={out_dir} (trainer.resume=auto) continues the run"
+            f"the same command with {override} (trainer.resume=auto) continues the run"
         )
         self.signal_name = signal_name
         self.step = step

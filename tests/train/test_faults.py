@@ -8,9 +8,11 @@ left on device" and left the partial folder behind; a corrupted checkpoint file 
 from __future__ import annotations
 
 import errno
+import shlex
 import shutil
 import signal
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -231,3 +233,15 @@ def test_a_run_that_stops_early_stops_its_prefetch_thread(make_run, monkeypatch,
     with pytest.raises(StopRequested if fault == "signal" else NonFiniteError):
         train_from_config(run)
     assert not [t for t in set(threading.enumerate()) - before if t.name == "activation-prefetch"]
+
+
+@pytest.mark.parametrize("folder", ["runs/quickstart/2026-11-26_06-56-32", "runs/q/2026/sae.k=16,sae.num_experts=4"])
+def test_the_stop_line_names_a_folder_that_hydra_reads_back(folder):
+    """The trainer.out_dir that the stop line offers parses back to the run's folder, also a multirun job's, whose
+    '=' and ',' Hydra reads as syntax unless quoted."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    message = str(StopRequested("SIGTERM", 3, Path(folder) / "checkpoints" / "step_00000003"))
+    words = shlex.split(message.split("the same command with ", 1)[1].split(" (trainer.resume=auto)")[0])
+    (override,) = OverridesParser.create().parse_overrides(words)
+    assert override.key_or_group == "trainer.out_dir" and override.value() == folder

@@ -75,10 +75,12 @@ def cache_activations(job: CacheJobConfig, rank: int, world_size: int, device: t
     quota = rank_rows(cache.num_tokens, rank, world_size)
     bar = tqdm(total=quota, unit="tok", unit_scale=True, disable=not (cache.progress and rank == 0))
     start = time.perf_counter()
-    write_shards(source, out, cache.num_tokens, cache.shard_tokens, CACHE_DTYPES[cache.dtype], settings,
-                 rank, world_size, bar.update)
-    bar.close()
-    source.close()
+    try:
+        write_shards(source, out, cache.num_tokens, cache.shard_tokens, CACHE_DTYPES[cache.dtype], settings,
+                     rank, world_size, bar.update)
+    finally:
+        bar.close()
+        source.close()  # also on an error: see `data.prefetch.PrefetchingSource.close`
     elapsed = time.perf_counter() - start
     if world_size > 1:
         dist.barrier()

@@ -7,8 +7,8 @@ A run folder that already holds the run continues it (trainer.resume=auto), so a
 requeue running the same command resumes from the latest checkpoint.
 
 Exit statuses (sae_dist/cli.py): 0 done; 2 bad input, with one line on stderr before any model or data is loaded;
-75 stopped by SIGTERM or SIGUSR1 after writing a checkpoint (run the same command to continue); 1 a collective
-failed because another rank died or stalled.
+75 stopped by SIGTERM or SIGUSR1 after writing a checkpoint (the same command with its trainer.out_dir continues);
+1 a collective failed because another rank died or stalled.
 """
 
 from __future__ import annotations

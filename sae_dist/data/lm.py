@@ -98,7 +98,8 @@ def load_lm(
         try:
             model, tokenizer = _from_pretrained(auto_class, cfg.name, dtype, local_files_only=True)
         except OSError:
-            hint = f"run `huggingface-cli download {cfg.name}` where there is network and set model.path=/path/to/copy"
+            hint = (f"run `hf download {cfg.name} --local-dir /path/to/copy` where there is network and set "
+                    "model.path=/path/to/copy")
             require_hub(cfg.name, "model", hint)
             try:
                 model, tokenizer = _from_pretrained(auto_class, cfg.name, dtype)

@@ -136,5 +136,8 @@ class PrefetchingSource(ActivationSource):
         self.source.load_state_dict(state)
 
     def close(self) -> None:
+        """Stop the producer. Call it before the process exits, also on an error: a daemon producer still inside
+        torch when the interpreter finalises is ended mid-call and aborts the process (`terminate called without
+        an active exception`, status 134 in place of the launcher's exit status)."""
         self._stop_thread()
         self.source.close()

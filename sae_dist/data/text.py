@@ -50,7 +50,9 @@ def load_text_dataset(data: DataConfig) -> Dataset | IterableDataset:
     if data.dataset in LOCAL_BUILDERS:
         if not data.data_files:
             raise ConfigError(f"data.dataset={data.dataset!r} needs data.data_files=[...]")
-        options = {"sample_by": data.sample_by} if data.dataset == "text" else {}
+        # A byte that is not UTF-8 reads as U+FFFD rather than stopping the job: a tree of sources (the README's
+        # site-packages corpus) holds a file in another encoding here and there.
+        options = {"sample_by": data.sample_by, "encoding_errors": "replace"} if data.dataset == "text" else {}
         try:
             ds = load_dataset(
                 data.dataset, data_files=list(data.data_files), split=data.split, streaming=data.streaming, **options

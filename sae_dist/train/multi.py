@@ -110,7 +110,7 @@ def step_round(running: dict[Trainer, Iterator[int]]) -> dict[Trainer, Iterator[
     if stopped:
         first, sweep_dir = stopped[0], next(iter(running)).run_dir.parent
         written = f"checkpoints {first.checkpoint.name} written for {len(stopped)} SAEs of the sweep in {sweep_dir}"
-        raise StopRequested(first.signal_name, first.step, first.checkpoint, written)
+        raise StopRequested(first.signal_name, first.step, first.checkpoint, written, sweep_dir)
     return still
 
 
@@ -120,8 +120,9 @@ def train_sweep(plans: list[RunPlan], ctx: ParallelContext, eval_batches: int = 
         for plan in plans:
             print(f"run folder: {plan.folder.describe()}", flush=True)
     trainers = on_every_rank(lambda: build_members(plans, ctx))
-    resume_from_common_step(trainers)
-    train_members(trainers)
-    results = [finish_run(trainer, eval_batches) for trainer in trainers]
-    trainers[0].source.close()
-    return results
+    try:
+        resume_from_common_step(trainers)
+        train_members(trainers)
+        return [finish_run(trainer, eval_batches) for trainer in trainers]
+    finally:
+        trainers[0].source.close()  # also on a stop signal or an error: see `data.prefetch.PrefetchingSource.close`

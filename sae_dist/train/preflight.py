@@ -83,6 +83,9 @@ def check_inputs(run: RunConfig) -> None:
         check_model_folder(run.model)
         if data.dataset in LOCAL_BUILDERS:
             check_data_files(data)
+        elif data.data_files:  # else read by nothing: the run would train on data.dataset without a word
+            raise ConfigError(f"data.data_files is read by data.dataset={'/'.join(LOCAL_BUILDERS)}, not by "
+                              f"data.dataset={data.dataset!r}: add data.dataset=text (or another of them)")
     elif data.source == "cache":
         read_cache_manifest(data.cache_dir)
 
@@ -96,17 +99,20 @@ def check_data_files(data: DataConfig) -> None:
     if data.dataset == "text" and data.text_column != "text":
         raise ConfigError(f"data.text_column={data.text_column!r}: the 'text' builder's column is 'text'")
     for pattern in data.data_files:
-        matches = glob.glob(pattern) if glob.has_magic(pattern) else [pattern]
-        if not matches:
-            raise ConfigError(f"data.data_files: no file matches {pattern!r}")
-        for name in matches:
-            path = Path(name)
-            if not path.exists():
-                raise ConfigError(f"data.data_files: {name} does not exist")
-            if not path.is_file():
-                raise ConfigError(f"data.data_files: {name} is not a file")
-            if path.stat().st_size == 0:
-                raise ConfigError(f"data.data_files: {name} is empty")
+        if glob.has_magic(pattern):
+            # Empty files among a glob's matches (a package's __init__.py) hold no text, not a mistake.
+            files = [Path(name) for name in glob.glob(pattern, recursive=True) if Path(name).is_file()]
+            if not any(path.stat().st_size for path in files):
+                raise ConfigError(f"data.data_files: no file matches {pattern!r}" if not files else
+                                  f"data.data_files: every file that {pattern!r} matches is empty")
+            continue
+        path = Path(pattern)
+        if not path.exists():
+            raise ConfigError(f"data.data_files: {pattern} does not exist")
+        if not path.is_file():
+            raise ConfigError(f"data.data_files: {pattern} is not a file")
+        if path.stat().st_size == 0:
+            raise ConfigError(f"data.data_files: {pattern} is empty")
 
 
 def _model_folder(cfg: ModelConfig) -> Path | None:

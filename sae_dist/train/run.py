@@ -127,10 +127,11 @@ def train_planned(plan: RunPlan, ctx: ParallelContext, eval_batches: int = 4) ->
     if ctx.is_main:
         print(f"run folder: {plan.folder.describe()}", flush=True)
     trainer = on_every_rank(lambda: start_trainer(plan, ctx))
-    trainer.train()
-    result = finish_run(trainer, eval_batches)
-    trainer.source.close()
-    return result
+    try:
+        trainer.train()
+        return finish_run(trainer, eval_batches)
+    finally:
+        trainer.source.close()  # also on a stop signal or an error: see `data.prefetch.PrefetchingSource.close`
 
 
 def finish_run(trainer: Trainer, eval_batches: int) -> dict[str, Any]:

@@ -1,11 +1,13 @@
 """launch/cache_activations.py: one process and two torchrun ranks write caches that hold exactly the live
 activations of each rank."""
 
+import errno
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -66,6 +68,25 @@ def test_one_process_caches_the_live_activations(tiny_gpt2_dir, tmp_path):
     with pytest.raises(CacheExistsError, match="already holds an activation cache"):
         app.cache_activations(job, 0, 1, torch.device("cpu"))
     assert before == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
+
+
+def test_a_failed_write_stops_the_prefetch_thread(tiny_gpt2_dir, tmp_path, monkeypatch):
+    """A write that fails (here a full disk after the first batch) leaves no prefetch thread running: one still
+    inside the LM when the interpreter exits aborts the process in place of its one-line error."""
+    spec = importlib.util.spec_from_file_location("cache_activations", SCRIPT)
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+
+    def full_disk(source, *args):
+        source.next_batch(100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(app, "write_shards", full_disk)
+    job = compose_job(*overrides(tiny_gpt2_dir, tmp_path / "cache"), "data.prefetch=2")
+    before = set(threading.enumerate())
+    with pytest.raises(OSError, match="No space left"):
+        app.cache_activations(job, 0, 1, torch.device("cpu"))
+    assert not [t for t in set(threading.enumerate()) - before if t.name == "activation-prefetch"]
 
 
 def test_two_ranks_write_disjoint_shards_of_the_live_activations(tiny_gpt2_dir, tmp_path):

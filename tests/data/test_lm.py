@@ -1,4 +1,6 @@
+import importlib.metadata
 import json
+import re
 import time
 
 import numpy as np
@@ -164,6 +166,10 @@ def test_unavailable_hub_model_fails_fast(name, hub_reachable):
     assert time.perf_counter() - start < 10
     message = str(info.value)
     assert "\n" not in message and name in message and "model.path=" in message
+    # The command it suggests exists (huggingface_hub 1.0 replaced `huggingface-cli` by `hf`).
+    program = re.search(r"run `(\S+) download ", message).group(1)
+    hub_scripts = importlib.metadata.distribution("huggingface_hub").entry_points.select(group="console_scripts")
+    assert program in hub_scripts.names, message
 
 
 def tiny_run(tiny_gpt2_dir, **data) -> RunConfig:

@@ -178,6 +178,18 @@ def test_text_files_as_whole_documents(tmp_path):
     assert by_file == [Path(f).read_text() for f in files]
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_file_that_is_not_utf8_reads_with_replacement_characters(tmp_path, streaming):
+    """site-packages/**/*.py (the README's corpus) holds a Latin-1 file: the text builder stopped with a
+    UnicodeDecodeError traceback."""
+    good, latin1 = tmp_path / "good.py", tmp_path / "latin1.py"
+    good.write_text("def f():\n    return 1\n")
+    latin1.write_bytes("# coding: latin-1\nname = 'caf\xe9'\n".encode("latin-1"))
+    data = DataConfig(dataset="text", data_files=[str(tmp_path / "*.py")], sample_by="document", streaming=streaming)
+    texts = sorted(row["text"] for row in load_text_dataset(data))
+    assert texts == sorted([good.read_text(), "# coding: latin-1\nname = 'caf\ufffd'\n"])
+
+
 VARIED_TEXTS = [
     "",
     "   \n\t ",

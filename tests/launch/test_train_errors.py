@@ -40,7 +40,10 @@ def cases(tmp_path, text_file):
         (["trainer.batch_size=abc"], "trainer.batch_size"),
         (["data.dataset=text", f"data.data_files=[{tmp_path / 'missing.txt'}]"], "missing.txt does not exist"),
         (["data.dataset=text", f"data.data_files=[{empty}]"], "empty.txt is empty"),
+        ([f"data.data_files=[{text_file}]"], "data.data_files is read by data.dataset=text/json/csv/parquet/arrow, "
+                                            "not by data.dataset='python-docs': add data.dataset=text"),
         (["data.dataset=text", f"data.data_files=[{tmp_path / '*.json'}]"], "no file matches"),
+        (["data.dataset=text", f"data.data_files=[{tmp_path / 'em*.txt'}]"], "every file that"),
         ([f"model.path={empty_folder}", "data.dataset=text", f"data.data_files=[{text_file}]"],
          "holds no transformers model (no config.json)"),
         ([f"model.path={a_file}"], "is not a folder"),
@@ -108,10 +111,16 @@ def test_torchrun_layout_errors_print_once_and_every_rank_exits_2(command, no_lo
             assert outcome.err.strip() == ""
 
 
-def test_a_good_command_gets_past_the_checks(command, no_loading, out, text_file):
-    """The documented local-text form passes every check and reaches the loading (the tripwire)."""
+@pytest.mark.parametrize("glob", [False, True])
+def test_a_good_command_gets_past_the_checks(command, no_loading, out, text_file, glob):
+    """The documented local-text form passes every check and reaches the loading (the tripwire); so does a
+    recursive glob that also matches an empty file (a package's __init__.py in the README's site-packages corpus,
+    refused before)."""
+    (text_file.parent / "pkg").mkdir()
+    (text_file.parent / "pkg" / "__init__.txt").touch()
+    files = text_file.parent / "**" / "*.txt" if glob else text_file
     with pytest.raises(AssertionError, match="loaded a model or data"):
-        command("train.py", "data.dataset=text", f"data.data_files=[{text_file}]", out)
+        command("train.py", "data.dataset=text", f"data.data_files=['{files}']", out)
 
 
 def test_a_dataset_that_refuses_the_request_is_one_line(capsys):

@@ -8,8 +8,11 @@ left on device" and left the partial folder behind; a corrupted checkpoint file 
 from __future__ import annotations
 
 import errno
+import shlex
 import shutil
 import signal
+import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +29,7 @@ from sae_dist.run_dir import (
     verify_files,
 )
 from sae_dist.train import checkpoint as ckpt
+from sae_dist.train.run import train_from_config
 from sae_dist.train.preemption import REQUEUE_EXIT_STATUS, StopRequested
 from sae_dist.train.trainer import NonFiniteError, Trainer
 from tests.conftest import small_run
@@ -197,7 +201,47 @@ def test_stop_signal_checkpoints_the_step_and_the_resume_is_exact(make_run, unbr
     with pytest.raises(SystemExit) as exit_info, one_line_errors():
         raise info.value
     assert exit_info.value.code == REQUEUE_EXIT_STATUS
-    assert "stopped by SIGUSR1 after step 7" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "stopped by SIGUSR1 after step 7" in err
+    assert f"the same command with trainer.out_dir={run.trainer.out_dir} (trainer.resume=auto) continues" in err
     resumed = trainer_for(run)
     resumed.train()
     assert_same_weights(resumed, unbroken)
+
+
+@pytest.mark.parametrize("sweep", [None, [{"sae.k": 4}, {"sae.k": 8}]], ids=["run", "sweep"])
+@pytest.mark.parametrize("fault", ["signal", "nan"])
+def test_a_run_that_stops_early_stops_its_prefetch_thread(make_run, monkeypatch, sweep, fault):
+    """A stop signal or an error ends `train_from_config` with the prefetch thread stopped. Before, the daemon
+    thread outlived the run: the quickstart stopped by SIGTERM wrote its checkpoint, then the interpreter ended the
+    thread inside an LM forward, and the process aborted (`terminate called without an active exception`, status
+    134) in place of exiting 75."""
+    run = make_run(steps=12)
+    run.sweep = sweep
+    assert run.data.prefetch > 0
+    train_step = Trainer.train_step
+
+    def faulty_step(self, x_TD):
+        if self.step + 1 == 5 and fault == "signal":
+            send(signal.SIGUSR1)(x_TD)
+        elif self.step + 1 == 5:
+            x_TD = poison(3)(x_TD)
+        return train_step(self, x_TD)
+
+    monkeypatch.setattr(Trainer, "train_step", faulty_step)
+    before = set(threading.enumerate())  # other tests' trainers may hold producers of their own
+    with pytest.raises(StopRequested if fault == "signal" else NonFiniteError):
+        train_from_config(run)
+    assert not [t for t in set(threading.enumerate()) - before if t.name == "activation-prefetch"]
+
+
+@pytest.mark.parametrize("folder", ["runs/quickstart/2026-11-26_06-56-32", "runs/q/2026/sae.k=16,sae.num_experts=4"])
+def test_the_stop_line_names_a_folder_that_hydra_reads_back(folder):
+    """The trainer.out_dir that the stop line offers parses back to the run's folder, also a multirun job's, whose
+    '=' and ',' Hydra reads as syntax unless quoted."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    message = str(StopRequested("SIGTERM", 3, Path(folder) / "checkpoints" / "step_00000003"))
+    words = shlex.split(message.split("the same command with ", 1)[1].split(" (trainer.resume=auto)")[0])
+    (override,) = OverridesParser.create().parse_overrides(words)
+    assert override.key_or_group == "trainer.out_dir" and override.value() == folder

@@ -150,6 +150,7 @@ def test_stop_signal_stops_every_member_after_one_step_and_the_resume_is_exact(
     assert exit_info.value.code == REQUEUE_EXIT_STATUS
     err = capsys.readouterr().err
     assert f"stopped by SIGUSR1 after step {stop_step}; checkpoints {checkpoint_name(stop_step)} written for 3 SAEs" in err
+    assert f"the same command with trainer.out_dir={run.trainer.out_dir} (trainer.resume=auto)" in err
     assert err.count("\n") == 1, err
     for result, reference in zip(train_from_config(run, eval_batches=1), unbroken_sweep, strict=True):
         assert result["trainer"].step == 12

@@ -36,7 +36,7 @@ from sae_dist.config import (
 )
 from sae_dist.data import PrefetchingSource, lm_activation_source, load_lm
 from sae_dist.data.cache import CACHE_DTYPES, MANIFEST
-from sae_dist.data.cache_writer import CacheExistsError, finish_cache, rank_rows, write_shards
+from sae_dist.data.cache_writer import CacheExistsError, finish_cache, rank_rows, rows_written, write_shards
 from sae_dist.data.lm import MINILM_BUNDLED
 from sae_dist.train import preflight
 
@@ -74,7 +74,7 @@ def cache_activations(job: CacheJobConfig, rank: int, world_size: int, device: t
     settings = {"model": asdict(job.model), "data": asdict(job.data), "seed": cache.seed}
     quota = rank_rows(cache.num_tokens, rank, world_size)
     bar = tqdm(total=quota, unit="tok", unit_scale=True, disable=not (cache.progress and rank == 0))
-    start = time.perf_counter()
+    resumed_rows, start = rows_written(out, rank), time.perf_counter()
     try:
         write_shards(source, out, cache.num_tokens, cache.shard_tokens, CACHE_DTYPES[cache.dtype], settings,
                      rank, world_size, bar.update)
@@ -94,7 +94,8 @@ def cache_activations(job: CacheJobConfig, rank: int, world_size: int, device: t
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         manifest = finish_cache(out, world_size, metadata)
-        print(f"cache: {manifest} ({cache.num_tokens:,} rows; rank 0 wrote {quota / elapsed:,.0f} rows/s)")
+        rate = f"; rank 0 wrote {(quota - resumed_rows) / elapsed:,.0f} rows/s" if quota > resumed_rows else ""
+        print(f"cache: {manifest} ({cache.num_tokens:,} rows{rate})")
     if world_size > 1:
         dist.barrier()
     return out / MANIFEST

@@ -54,6 +54,12 @@ def progress_file(out: Path, rank: int) -> Path:
     return out / f"progress_{rank:05d}.json"
 
 
+def rows_written(out_dir: str | os.PathLike, rank: int) -> int:
+    """Rows of rank `rank`'s shards already in `out_dir` (from its progress file; 0 without one)."""
+    path = progress_file(Path(out_dir), rank)
+    return sum(entry["rows"] for entry in json.loads(path.read_text())["shards"]) if path.exists() else 0
+
+
 def rank_rows(num_tokens: int, rank: int, world_size: int) -> int:
     return num_tokens // world_size + (rank < num_tokens % world_size)
 

@@ -150,6 +150,7 @@ def test_interrupted_write_resumes_to_the_same_bytes(tmp_path, monkeypatch):
         "progress_00000.json", "shard_00000_000000.safetensors", "shard_00000_000001.safetensors"]
     with pytest.raises(DataUnavailableError, match="unfinished cache"):
         CachedActivationSource(cut, 128)
+    assert cache_writer.rows_written(cut, 0) == 600 and cache_writer.rows_written(cut, 1) == 0  # the resumed rows
     monkeypatch.setattr(cache_writer, "save_file", real_save)
     write_cache(RowIds(), cut, 1000, 300)
     for name in sorted(p.name for p in (tmp_path / "whole").iterdir()):

@@ -15,11 +15,11 @@ def test_profile_window_writes_trace_and_table_and_changes_nothing(make_run, tmp
     profiled.train()
     summary = capsys.readouterr().out
     folder = profiled.run_dir / "profile"
-    assert sorted(p.name for p in folder.iterdir()) == ["steps_5-8_rank_0.json.gz", "steps_5-8_rank_0.txt"]
-    events = json.loads(gzip.decompress((folder / "steps_5-8_rank_0.json.gz").read_bytes()))["traceEvents"]
+    assert sorted(p.name for p in folder.iterdir()) == ["steps_6-8_rank_0.json.gz", "steps_6-8_rank_0.txt"]
+    events = json.loads(gzip.decompress((folder / "steps_6-8_rank_0.json.gz").read_bytes()))["traceEvents"]
     names = {event.get("name") for event in events}
     assert "aten::mm" in names and "Optimizer.step#Adam.step" in names
-    table = (folder / "steps_5-8_rank_0.txt").read_text()
+    table = (folder / "steps_6-8_rank_0.txt").read_text()
     assert table.startswith("torch.profiler, steps 6-8 (3)") and "aten::" in table
     assert table.splitlines()[0] in summary
 
@@ -38,5 +38,5 @@ def test_window_ends_with_the_run_and_a_sweep_profiles_once(make_run):
     run.sweep = [{"sae.k": 4}, {"sae.k": 8}]
     results = train_from_config(run, eval_batches=1)
     first, second = (result["trainer"].run_dir for result in results)
-    assert sorted(p.name for p in (first / "profile").iterdir()) == ["steps_2-6_rank_0.json.gz", "steps_2-6_rank_0.txt"]
+    assert sorted(p.name for p in (first / "profile").iterdir()) == ["steps_3-6_rank_0.json.gz", "steps_3-6_rank_0.txt"]
     assert not (second / "profile").exists()

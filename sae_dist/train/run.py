@@ -82,7 +82,7 @@ def _write_new_run(plan: RunPlan, world_size: int, ep_size: int) -> None:
     if not config.exists():
         write_atomically(config, OmegaConf.to_yaml(OmegaConf.create(as_dict(plan.run))).encode())
     append_history(run_dir, {"event": "start" if not plan.continues else "restart before the first checkpoint",
-                             "world_size": world_size, "ep_size": ep_size})
+                             "step": 0, "tokens": 0, "world_size": world_size, "ep_size": ep_size})
 
 
 def start_trainer(plan: RunPlan, ctx: ParallelContext, source: ActivationSource | None = None) -> Trainer:

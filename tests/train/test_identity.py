@@ -52,6 +52,7 @@ def test_resume_keeps_the_saved_config_and_records_allowed_changes(tmp_path, cap
     assert (run_dir / "config.yaml").read_bytes() == config_yaml
     history = read_history(run_dir)
     assert [event["event"] for event in history] == ["start", "resume"]
+    assert (history[0]["step"], history[0]["tokens"], history[1]["step"], history[1]["tokens"]) == (0, 0, 4, 512)
     assert history[1]["message"] == "resumed from step 4 (tokens 512) on 1 rank"
     assert history[1]["changes"] == {"trainer.steps": [4, 6]} and history[1]["world_size"] == 1
     saved, _, step = read_checkpoint_config(latest_checkpoint(run_dir))

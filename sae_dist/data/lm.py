@@ -79,6 +79,11 @@ def _from_pretrained(auto_class: type, source: str, dtype: str, **kwargs) -> tup
     return model, AutoTokenizer.from_pretrained(source, **kwargs)
 
 
+def hub_download_hint(name: str) -> str:
+    """What to do where a Hub model cannot be downloaded."""
+    return f"run `hf download {name} --local-dir /path/to/copy` where there is network and set model.path=/path/to/copy"
+
+
 def load_lm(
     cfg: ModelConfig, device: str | torch.device = "cpu", auto_class: type = AutoModel
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -98,8 +103,7 @@ def load_lm(
         try:
             model, tokenizer = _from_pretrained(auto_class, cfg.name, dtype, local_files_only=True)
         except OSError:
-            hint = (f"run `hf download {cfg.name} --local-dir /path/to/copy` where there is network and set "
-                    "model.path=/path/to/copy")
+            hint = hub_download_hint(cfg.name)
             require_hub(cfg.name, "model", hint)
             try:
                 model, tokenizer = _from_pretrained(auto_class, cfg.name, dtype)

@@ -37,6 +37,14 @@ _LOCAL_HINT = (
 )
 
 
+def require_hub_dataset(data: DataConfig) -> None:
+    """A dataset that only the Hub has (not a builtin, a local builder or a folder) is reachable there, unless
+    HF_HUB_OFFLINE is set (then `datasets` reads its cache): else one-line DataUnavailableError, within seconds."""
+    local = data.dataset in (PYDOC_TOPICS, PYTHON_DOCS, *LOCAL_BUILDERS) or os.path.exists(data.dataset)
+    if not local and not datasets.config.HF_HUB_OFFLINE:
+        require_hub(data.dataset, "dataset", _LOCAL_HINT)
+
+
 def load_text_dataset(data: DataConfig) -> Dataset | IterableDataset:
     """The full (all ranks) document dataset named by `data.dataset`, reduced to the text column."""
     if data.dataset == PYDOC_TOPICS:
@@ -62,9 +70,7 @@ def load_text_dataset(data: DataConfig) -> Dataset | IterableDataset:
     elif os.path.exists(data.dataset):
         ds = load_dataset(data.dataset, split=data.split, streaming=data.streaming)
     else:
-        # With HF_HUB_OFFLINE set, `datasets` reads its cache; otherwise fail fast rather than retry for ~30 s.
-        if not datasets.config.HF_HUB_OFFLINE:
-            require_hub(data.dataset, "dataset", _LOCAL_HINT)
+        require_hub_dataset(data)  # fail fast rather than let `datasets` retry for ~30 s
         try:
             ds = load_dataset(data.dataset, split=data.split, streaming=data.streaming)
         except (OSError, ValueError) as exc:

@@ -19,8 +19,9 @@ import torch
 
 from sae_dist.config import ConfigError, DataConfig, ModelConfig, RunConfig, SAEConfig
 from sae_dist.data.cache import MANIFEST
-from sae_dist.data.lm import MINILM_BUNDLED
-from sae_dist.data.text import LOCAL_BUILDERS
+from sae_dist.data.lm import MINILM_BUNDLED, hub_download_hint
+from sae_dist.data.source import require_hub
+from sae_dist.data.text import LOCAL_BUILDERS, require_hub_dataset
 from sae_dist.train.agreed_writes import existing_ancestor
 
 BYTES_PER_TRAINED_PARAMETER = 16
@@ -77,15 +78,20 @@ def require_free_space(folder: OutputFolder, option: str, needed: int, what: str
 
 # --- inputs -------------------------------------------------------------------------------------------------------
 def check_inputs(run: RunConfig) -> None:
-    """The data files, the model folder and the activation cache named by `run` exist and are not empty."""
+    """The data files, the model folder and the activation cache named by `run` exist and are not empty; a model
+    or dataset that only the Hub has answers there (one request each, seconds), so that an offline machine is told
+    before a run folder is made."""
     data = run.data
     if data.source == "lm":
         check_model_folder(run.model)
+        if model_config(run.model) is None:  # neither a local folder nor in this machine's Hub cache
+            require_hub(run.model.name, "model", hub_download_hint(run.model.name))
         if data.dataset in LOCAL_BUILDERS:
             check_data_files(data)
         elif data.data_files:  # else read by nothing: the run would train on data.dataset without a word
             raise ConfigError(f"data.data_files is read by data.dataset={'/'.join(LOCAL_BUILDERS)}, not by "
                               f"data.dataset={data.dataset!r}: add data.dataset=text (or another of them)")
+        require_hub_dataset(data)
     elif data.source == "cache":
         read_cache_manifest(data.cache_dir)
 

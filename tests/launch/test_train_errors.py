@@ -64,6 +64,10 @@ def cases(tmp_path, text_file):
         (["data.ctx_len=100000"], "data.ctx_len=100000 exceeds the model's 512 positions"),
         (["trainer.resume=true"], "trainer.resume=true but trainer.out_dir="),
         (["+experiment=nope"], "Could not find 'experiment/nope'; allowed: "),
+        # Only the Hub has them, and it does not answer (offline) or has no such repository: told before the run
+        # folder is made, not at the model's loading.
+        (["model.name=sae-dist-tests/no-such-model"], "cannot download model 'sae-dist-tests/no-such-model'"),
+        (["data.dataset=sae-dist-tests/no-such-dataset"], "cannot download dataset 'sae-dist-tests/no-such-dataset'"),
     ]
 
 

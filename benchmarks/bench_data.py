@@ -4,7 +4,9 @@ Stages, each measured alone on this machine: tokenising text into contexts (`Tok
 in worker processes), the LM forward up to the hooked block (`LMUnitReader.fill`, batches of `lm_batch_size`
 contexts), reading a bfloat16 cache (`CachedActivationSource.next_batch`), and the SAE training step
 (`Trainer.train_step`). Then the whole job (`Trainer.train`, steady-state tokens/s from its metrics windows) on
-the LM source without and with prefetch, and on the cache. The job's ratio is against its slowest stage; floors
+the LM source without and with prefetch (and once more with glibc's default malloc: everything else runs with
+freed host memory kept, as the launch commands run, `sae_dist/host_memory.py`), and on the cache. The job's ratio
+is against its slowest stage; floors
 are the machine's measured GEMM rate divided by the stage's FLOPs per token, and its measured copy bandwidth
 for the cache. On a CPU both stages share the same cores: a job that only time-shares them runs at the serial
 bound 1 / (1/LM + 1/SAE), and above it where a stage alone leaves a core idle; the table shows the job against it.
@@ -312,6 +314,8 @@ def measure(args, workdir: Path) -> None:
         "job: LM source, no prefetch": job_rate(replace(run, data=no_prefetch), build(run, model, tokenizer, 0, device),
                                                 device, workdir / "job_serial"),
         "job: LM source, prefetch 4": job_rate(run, build(run, model, tokenizer, 4, device), device, workdir / "job_lm"),
+        "job: LM source, prefetch 4, glibc's default malloc": default_malloc(lambda: job_rate(
+            run, build(run, model, tokenizer, 4, device), device, workdir / "job_lm_default_malloc")),
         "job: LM source, pretokenised, prefetch 4": job_rate(
             pretokenised, build(pretokenised, model, tokenizer, 4, device), device, workdir / "job_pretokenised"),
         "job: cache source, prefetch 4": job_rate(
@@ -345,6 +349,16 @@ class RandomRows(ActivationSource):
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+def default_malloc(measure):
+    """`measure()` with glibc's malloc defaults (freed memory returned, large blocks mapped afresh), as a process
+    runs without the launch commands' `keep_freed_host_memory`."""
+    keep_freed_host_memory(False)
+    try:
+        return measure()
+    finally:
+        keep_freed_host_memory()
 
 
 def prefetched(source: ActivationSource, depth: int, device: torch.device) -> ActivationSource:

@@ -10,7 +10,7 @@ from sae_dist.host_memory import keep_freed_host_memory
 assert keep_freed_host_memory(sys.argv[1] == "keep")
 torch.ones(2**24)  # 64 MiB, above glibc's largest mmap threshold
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
+for _ in range(20):
     torch.ones(2**24)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
@@ -23,5 +23,6 @@ def minor_faults(setting: str) -> int:
 
 def test_kept_memory_is_reused_without_page_faults():
     pages_per_tensor = 2**26 // 4096
-    assert minor_faults("default") >= 9 * pages_per_tensor  # every allocation maps and faults its pages again
-    assert minor_faults("keep") <= 1.5 * pages_per_tensor  # about one tensor's pages in all
+    default = minor_faults("default")
+    assert default >= 18 * pages_per_tensor  # every one of the 20 allocations maps and faults its pages again
+    assert minor_faults("keep") <= default / 4  # one to three tensors' pages in all, measured

@@ -11,7 +11,9 @@ and of a Switch SAE. The machine is shared and its load drifts, so every measure
 timing taken just before it: "x routed floor" is the median of step / floor over the pairs, and "vs sparsify" is
 the ratio of the two implementations' floor multiples (each implementation at its own N's floor is converted to
 the N = 1 floor by the floors' median ratio), so slow phases of the machine cancel out. On a GPU, which nothing
-else shares, "vs sparsify" is the plain ratio of the two steps' medians.
+else shares, "vs sparsify" is the plain ratio of the two steps' medians. On a CPU the process keeps freed host
+memory for reuse, as the launch commands run (`sae_dist.host_memory`), and gives it back before each
+implementation, so that the peak-memory column reads that implementation's own resident set.
 
     python benchmarks/bench_step.py --device cpu                    # d = 768, k = 32, B = 4096, M = 16384, 65536
     python benchmarks/bench_step.py --device cuda                   # B = 8192, M up to 2^20, bf16 autocast
@@ -40,6 +42,7 @@ from rich.table import Table
 
 from sae_dist.config import DataConfig, RunConfig, SAEConfig, TrainerConfig, validate
 from sae_dist.data.synthetic import SyntheticSource
+from sae_dist.host_memory import keep_freed_host_memory, release_freed_host_memory
 from sae_dist.models import build_sae
 from sae_dist.models.reference import reference_train_step
 from sae_dist.train.init import init_biases_from_batch
@@ -70,7 +73,8 @@ class Clock:
 
 class PeakMemory:
     """Peak memory of what is built and run inside the block: CUDA's allocator peak, or the process's peak
-    resident set on a CPU (Linux: reset through /proc/self/clear_refs), above the level at entry."""
+    resident set on a CPU (Linux: reset through /proc/self/clear_refs), above the level at entry, where the
+    memory that malloc kept from earlier blocks is first given back to the system."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -81,6 +85,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated()
         else:
+            release_freed_host_memory()
             Path("/proc/self/clear_refs").write_text("5")
             self.start = self._status("VmRSS")
         self.peak = 0
@@ -214,6 +219,8 @@ def main() -> None:
         sys.exit(2)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    if not cuda:
+        keep_freed_host_memory()  # as the launch commands run (sae_dist.host_memory); sparsify's step gains too
     args.batch = args.batch or (8192 if cuda else 4096)
     args.dtype = "bfloat16" if cuda else "float32"
     latent_sizes = args.latents or ([65536, 262144, 1048576] if cuda else [16384, 65536])

@@ -20,12 +20,30 @@ _KEPT = {_M_TRIM_THRESHOLD: 2**31 - 1, _M_MMAP_MAX: 0}
 _GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
 
 
+def _glibc(name: str):
+    """glibc's function `name`, or None where the C library has none."""
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c")), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def keep_freed_host_memory(keep: bool = True) -> bool:
     """Make malloc keep freed memory for reuse (`keep`), or restore glibc's defaults; return whether the C library
     took the settings (False where it has no glibc `mallopt`)."""
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
-    except (OSError, AttributeError):
+    mallopt = _glibc("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return all(mallopt(parameter, value) == 1 for parameter, value in (_KEPT if keep else _GLIBC_DEFAULTS).items())
+
+
+def release_freed_host_memory() -> bool:
+    """Give the memory that malloc keeps back to the system now (glibc's `malloc_trim(0)`, every arena), so that
+    the resident set falls to what is in use, e.g. before measuring a peak; return whether glibc did so."""
+    malloc_trim = _glibc("malloc_trim")
+    if malloc_trim is None:
+        return False
+    malloc_trim.argtypes, malloc_trim.restype = (ctypes.c_size_t,), ctypes.c_int
+    malloc_trim(0)
+    return True

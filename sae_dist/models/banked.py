@@ -223,6 +223,8 @@ class BankedSAE(SAE):
 
 def gate_weighted_sum(rows_SD: Tensor, gate_TE: Tensor) -> Tensor:
     """sum_i p_i y_i over each token's e rows: rows [T * e, D] (token-major), gates [T, e] -> [T, D]."""
+    if gate_TE.shape[1] == 1:  # top-1: one product, no [T, 1, D] sum and its backward
+        return rows_SD * gate_TE
     return (gate_TE[:, :, None] * rows_SD.unflatten(0, gate_TE.shape)).sum(1)
 
 

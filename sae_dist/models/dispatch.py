@@ -112,17 +112,18 @@ def inverse_permutation(order: Tensor) -> Tensor:
 
 class _PermuteRows(torch.autograd.Function):
     """rows[order] for a permutation `order`, whose backward is the gather grad[inverse]: indexing's own backward
-    is a scatter-add (autograd cannot know the indices are a permutation), 3x the gather's time on a CPU."""
+    is a scatter-add (autograd cannot know the indices are a permutation), 3x the gather's time on a CPU. Both
+    gathers are `index_select`, half the time of indexing's on a CPU."""
 
     @staticmethod
     def forward(ctx, rows, order, inverse):
         ctx.save_for_backward(inverse)
-        return rows[order]
+        return rows.index_select(0, order)
 
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        return grad[inverse], None, None
+        return grad.index_select(0, inverse), None, None
 
 
 def permute_rows(rows: Tensor, order: Tensor, inverse: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ from sae_dist.models.auxk import AuxCandidates
 from sae_dist.models.dispatch import ExpertGroups
 from sae_dist.models.formulation import Formulation, choose_formulation
 from sae_dist.models.grouped import gemm_decode, gemm_encode
-from sae_dist.models.kernels import sparse_decode, sparse_encode
+from sae_dist.models.kernels import SharedLatentOrder, sparse_decode, sparse_encode
 
 
 def seeded_generator(seed: int, stream: int) -> torch.Generator:
@@ -35,6 +35,8 @@ class ExpertCodes(NamedTuple):
     """AuxK's selection among the dead candidates ([R, 0] when there are none), or None when AuxK does not run."""
     aux_indices_RA: Tensor | None
     """Its flat local latent ids, or None."""
+    latent_order: SharedLatentOrder | None = None
+    """The sparse formulation's sort of `indices_RK`, shared by the encoder's and the decoder's backward."""
 
 
 class ExpertOutput(NamedTuple):
@@ -92,22 +94,28 @@ class ExpertBank(nn.Module):
         self, rows_RD: Tensor, groups: ExpertGroups, k: int, aux: AuxCandidates | None = None, k_aux: int = 0
     ) -> ExpertCodes:
         """Each row's TopK_k inside its expert (and AuxK's selection among `aux` candidates when k_aux > 0)."""
-        sparse = self._formulation(rows_RD).encoder_backward == "sparse"
         aux = aux if k_aux else None
-        encode = sparse_encode if sparse else gemm_encode
-        values_RK, ids_RK, aux_values_RA, aux_ids_RA = encode(rows_RD, self.w_enc, self.b_enc, groups, k, aux, k_aux)
+        order = None
+        if self._formulation(rows_RD).encoder_backward == "sparse":
+            order = SharedLatentOrder()
+            codes = sparse_encode(rows_RD, self.w_enc, self.b_enc, groups, k, aux, k_aux, order)
+        else:
+            codes = gemm_encode(rows_RD, self.w_enc, self.b_enc, groups, k, aux, k_aux)
+        values_RK, ids_RK, aux_values_RA, aux_ids_RA = codes
         if aux is None:
-            return ExpertCodes(values_RK, ids_RK, None, None)
-        return ExpertCodes(values_RK, ids_RK, aux_values_RA, aux_ids_RA)
+            return ExpertCodes(values_RK, ids_RK, None, None, order)
+        return ExpertCodes(values_RK, ids_RK, aux_values_RA, aux_ids_RA, order)
 
     def decode(self, codes: ExpertCodes, groups: ExpertGroups) -> ExpertOutput:
         """z W_dec per row for the codes (and the AuxK codes) of `encode`, possibly with some values zeroed."""
         gemm = self._formulation(codes.values_RK).decoder == "gemm"
 
-        def decode(values: Tensor, ids: Tensor) -> Tensor:
-            return gemm_decode(values, ids, self.w_dec, groups) if gemm else sparse_decode(values, ids, self.w_dec)
+        def decode(values: Tensor, ids: Tensor, order: SharedLatentOrder | None = None) -> Tensor:
+            if gemm:
+                return gemm_decode(values, ids, self.w_dec, groups)
+            return sparse_decode(values, ids, self.w_dec, order)
 
-        recon_RD = decode(codes.values_RK, codes.indices_RK)
+        recon_RD = decode(codes.values_RK, codes.indices_RK, codes.latent_order)
         aux_recon_RD = None
         if codes.aux_indices_RA is not None:  # no candidate columns (nothing dead here): a zero reconstruction
             aux_ids_RA = codes.aux_indices_RA

@@ -4,8 +4,9 @@ Rows arrive grouped by local expert (`ExpertGroups`). The encoder runs one GEMM 
 only, so a token pays for M/N latents, not M, and picks its TopK inside the expert (and, for AuxK, the top k_aux
 among candidate dead columns). The backward touches only the selected latents: the input gradient is an
 `embedding_bag` over the selected encoder rows, the weight gradient a scatter of outer products into them. The
-decoder reads the k selected rows per token (`embedding_bag`); its backward is a row-wise dot for the values and
-the same scatter for the weights. On a CPU this beats dense GEMMs over the scattered gradient by far; on a GPU
+decoder reads the k selected rows per token (`embedding_bag`); its backward is a sampled GEMM for the values and
+the same scatter for the weights. The scatters and the sampled GEMM take the ids in latent-major order, sorted once
+per step for the decoder's and the encoder's backward (`SharedLatentOrder`). On a CPU this beats dense GEMMs over the scattered gradient by far; on a GPU
 scatter and gather are memory-bound, and `grouped.py` holds the GEMM formulation of the same math.
 
 Latent ids are "flat": local expert e's latent j is e * M_e + j, indexing the [N * M_e, d] flattened weights.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -69,40 +71,69 @@ def _csr(crow: Tensor, columns: Tensor, values: Tensor, size: tuple[int, int]) -
         return torch.sparse_csr_tensor(crow, columns, values, size=size, check_invariants=False)
 
 
-def scatter_outer_add_(grad_LD: Tensor, indices_RS: Tensor, coef_RS: Tensor, rows_RD: Tensor) -> None:
-    """grad_LD[indices[r, s]] += coef[r, s] * rows[r] for every r, s, in place.
+class LatentMajor(NamedTuple):
+    """[R, S] latent ids in latent-major order (a stable sort of the flattened ids): the CSR pattern of the [L, R]
+    matrix with a nonzero where row r selects latent l."""
+
+    crow_L: Tensor
+    """CSR row pointers over the L latents, int32 [L + 1]."""
+    rows_N: Tensor
+    """The row r of each selection in that order, int32 [R * S] (the CSR column indices)."""
+    order_N: Tensor
+    """Its position in the flattened ids, long [R * S]."""
+    shape: tuple[int, int]
+    """(L, R)."""
+
+
+def latent_major(indices_RS: Tensor, num_latents: int) -> LatentMajor:
+    """The latent-major order of `indices_RS` (ids in [0, num_latents)); int32 indices (below 2^31 selections):
+    the sort reads and moves half the bytes of int64's."""
+    rows, per_row = indices_RS.shape
+    sorted_ids, order = torch.sort(indices_RS.flatten().int(), stable=True)
+    latents = torch.arange(num_latents + 1, device=sorted_ids.device, dtype=torch.int32)
+    crow = torch.searchsorted(sorted_ids, latents, out_int32=True)
+    return LatentMajor(crow, (order // per_row).int(), order, (num_latents, rows))
+
+
+class SharedLatentOrder:
+    """One id tensor's `latent_major` order, sorted by the first backward that needs it and reused by the next:
+    the decoder's backward, then the encoder's, over the same codes."""
+
+    def __init__(self) -> None:
+        self._layout: LatentMajor | None = None
+
+    def of(self, indices_RS: Tensor, num_latents: int) -> LatentMajor:
+        if self._layout is None or self._layout.order_N.numel() != indices_RS.numel():
+            self._layout = latent_major(indices_RS, num_latents)
+        return self._layout
+
+
+def scatter_outer_add_(grad_LD: Tensor, layout: LatentMajor, coef_RS: Tensor, rows_RD: Tensor) -> None:
+    """grad_LD[indices[r, s]] += coef[r, s] * rows[r] for every r, s, in place (`layout`: the indices' order).
 
     One sparse-dense product grad += C @ rows, with C the [L, R] matrix of the coefficients in latent-major CSR
-    layout (a stable sort of the ids): each latent's row sums its own rows in a fixed order, in parallel over
-    latents, with no [R, S, d] temporary and none of `index_add_`'s cost in proportion to the whole of `grad`.
+    layout: each latent's row sums its own rows in a fixed order, in parallel over latents, with no [R, S, d]
+    temporary and none of `index_add_`'s cost in proportion to the whole of `grad`.
     """
-    if not indices_RS.numel():
+    if not layout.order_N.numel():
         return
-    rows, per_row = indices_RS.shape
-    # int32 ids and CSR indices (valid below 2^31 nonzeros): the sort reads and moves half the bytes of int64's.
-    sorted_ids, order = torch.sort(indices_RS.flatten().int(), stable=True)
-    latents = torch.arange(grad_LD.shape[0] + 1, device=sorted_ids.device, dtype=torch.int32)
-    crow = torch.searchsorted(sorted_ids, latents, out_int32=True)
-    columns = (order // per_row).int()
-    coef_LR = _csr(crow, columns, coef_RS.flatten()[order].to(grad_LD.dtype), (grad_LD.shape[0], rows))
+    coef_LR = _csr(layout.crow_L, layout.rows_N, coef_RS.flatten()[layout.order_N].to(grad_LD.dtype), layout.shape)
     grad_LD.addmm_(coef_LR, rows_RD.to(grad_LD.dtype))
 
 
-def gathered_dots(indices_RK: Tensor, weight_LD: Tensor, rows_RD: Tensor) -> Tensor:
-    """out[r, j] = weight[indices[r, j]] . rows[r], [R, K] in the weight's dtype; the indices of a row are distinct.
+def gathered_dots(layout: LatentMajor, weight_LD: Tensor, rows_RD: Tensor, per_row: int) -> Tensor:
+    """out[r, j] = weight[indices[r, j]] . rows[r], [R, per_row] in the weight's dtype (`layout`: the indices'
+    order; the indices of a row are distinct).
 
-    `torch.sparse.sampled_addmm` computes rows @ weight^T only where a row's indices point (its columns sorted),
-    reading each weight row once per use, with no [R, K, d] gather.
+    `torch.sparse.sampled_addmm` computes weight @ rows^T only where a latent's rows are, reading each weight row
+    once, with no [R, K, d] gather; the dots come in latent-major order and go back to their (r, j) places.
     """
-    rows, per_row = indices_RK.shape
-    if not indices_RK.numel():
+    rows = rows_RD.shape[0]
+    if not layout.order_N.numel():
         return weight_LD.new_zeros(rows, per_row)
-    sorted_RK, unsort_RK = indices_RK.sort(dim=1)
-    crow = torch.arange(0, rows * per_row + 1, per_row, device=indices_RK.device)
-    pattern = _csr(crow, sorted_RK.flatten(), weight_LD.new_zeros(rows * per_row), (rows, weight_LD.shape[0]))
-    dots_RK = torch.sparse.sampled_addmm(pattern, rows_RD.to(weight_LD.dtype), weight_LD.T, beta=0.0).values()
-    dots_RK = dots_RK.view(rows, per_row)
-    return torch.empty_like(dots_RK).scatter_(1, unsort_RK, dots_RK)
+    pattern = _csr(layout.crow_L, layout.rows_N, weight_LD.new_zeros(layout.order_N.numel()), layout.shape)
+    dots_N = torch.sparse.sampled_addmm(pattern, weight_LD, rows_RD.to(weight_LD.dtype).T, beta=0.0).values()
+    return torch.empty_like(dots_N).index_copy_(0, layout.order_N, dots_N).view(rows, per_row)
 
 
 def _weight_grad(param: nn.Parameter, in_place: bool) -> Tensor:
@@ -206,12 +237,13 @@ class SparseTopKEncoder(torch.autograd.Function):
     """z = TopK_k(ReLU(W_enc^e x + b_enc^e)) (and the AuxK selection) with a sparse backward."""
 
     @staticmethod
-    def forward(ctx, x_RD, w_enc_NMD, b_enc_NM, groups, k, aux, k_aux):
+    def forward(ctx, x_RD, w_enc_NMD, b_enc_NM, groups, k, aux, k_aux, order):
         values_RK, ids_RK, aux_values_RA, aux_ids_RA = select_latents(x_RD, w_enc_NMD, b_enc_NM, groups, k, aux, k_aux)
         # Saved (so autograd notices an in-place change before the backward) and kept as the parameter whose
         # .grad the in-place backward writes.
         ctx.save_for_backward(x_RD, w_enc_NMD, values_RK, ids_RK, aux_values_RA, aux_ids_RA)
         ctx.weight, ctx.has_bias, ctx.in_place = w_enc_NMD, b_enc_NM is not None, _IN_PLACE["enabled"]
+        ctx.order = order if order is not None else SharedLatentOrder()
         ctx.mark_non_differentiable(ids_RK, aux_ids_RA)
         return values_RK, ids_RK, aux_values_RA, aux_ids_RA
 
@@ -222,28 +254,32 @@ class SparseTopKEncoder(torch.autograd.Function):
         # ReLU: no gradient flows through selections that were clamped to zero.
         grad_RS = torch.cat([grad_values_RK * (values_RK > 0), grad_aux_RA * (aux_values_RA > 0)], 1)
         grad_RS = grad_RS.to(weight_LD.dtype)
-        ids_RS = torch.cat([ids_RK, aux_ids_RA], 1)
+        # With AuxK's selections beside them the ids differ from the decoder's, whose order is then not shared.
+        ids_RS, order = ids_RK, ctx.order
+        if aux_ids_RA.shape[1]:
+            ids_RS, order = torch.cat([ids_RK, aux_ids_RA], 1), SharedLatentOrder()
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = F.embedding_bag(ids_RS, weight_LD, mode="sum", per_sample_weights=grad_RS).to(x_RD.dtype)
         if ctx.needs_input_grad[1]:
             grad_w = _weight_grad(ctx.weight, ctx.in_place)
-            scatter_outer_add_(grad_w.view_as(weight_LD), ids_RS, grad_RS, x_RD)
+            scatter_outer_add_(grad_w.view_as(weight_LD), order.of(ids_RS, weight_LD.shape[0]), grad_RS, x_RD)
             grad_w = None if ctx.in_place else grad_w
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = weight_LD.new_zeros(weight_LD.shape[0]).index_add_(0, ids_RS.flatten(), grad_RS.flatten())
             grad_b = grad_b.view(weight_NMD.shape[:2])
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
 class SparseDecoder(torch.autograd.Function):
     """sum_j values[r, j] * W_dec[ids[r, j]] -> [R, d], reading only the selected decoder rows; sparse backward."""
 
     @staticmethod
-    def forward(ctx, values_RK, ids_RK, w_dec_NMD):
+    def forward(ctx, values_RK, ids_RK, w_dec_NMD, order):
         weight_LD = w_dec_NMD.flatten(0, 1)
         ctx.save_for_backward(values_RK, ids_RK, w_dec_NMD)
         ctx.weight, ctx.in_place = w_dec_NMD, _IN_PLACE["enabled"]
+        ctx.order = order if order is not None else SharedLatentOrder()
         return F.embedding_bag(ids_RK, weight_LD, mode="sum", per_sample_weights=values_RK.to(weight_LD.dtype))
 
     @staticmethod
@@ -252,12 +288,14 @@ class SparseDecoder(torch.autograd.Function):
         weight_LD = weight_NMD.flatten(0, 1)
         grad_values = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_values = gathered_dots(ids_RK, weight_LD, grad_RD).to(values_RK.dtype)
+            layout = ctx.order.of(ids_RK, weight_LD.shape[0])
+            grad_values = gathered_dots(layout, weight_LD, grad_RD, ids_RK.shape[1]).to(values_RK.dtype)
         if ctx.needs_input_grad[2]:
             grad_w = _weight_grad(ctx.weight, ctx.in_place)
-            scatter_outer_add_(grad_w.view_as(weight_LD), ids_RK, values_RK.to(weight_LD.dtype), grad_RD)
+            layout = ctx.order.of(ids_RK, weight_LD.shape[0])
+            scatter_outer_add_(grad_w.view_as(weight_LD), layout, values_RK.to(weight_LD.dtype), grad_RD)
             grad_w = None if ctx.in_place else grad_w
-        return grad_values, None, grad_w
+        return grad_values, None, grad_w, None
 
 
 def sparse_encode(
@@ -268,17 +306,22 @@ def sparse_encode(
     k: int,
     aux: AuxCandidates | None = None,
     k_aux: int = 0,
+    order: SharedLatentOrder | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Encode expert-grouped rows, already centred (x - b_pre).
 
     w_enc_NMD: encoder weights [N, M_e, d]; b_enc_NM: [N, M_e] or None. Returns (values_RK, flat ids_RK,
-    aux_values_RA, aux flat ids_RA); the aux pair is empty (A = 0) unless `aux` candidates are given.
+    aux_values_RA, aux flat ids_RA); the aux pair is empty (A = 0) unless `aux` candidates are given. `order`,
+    given also to the `sparse_decode` of these codes, lets the two backwards sort the ids once.
     """
     if x_RD.shape[0] != groups.expert_R.shape[0]:
         raise ValueError(f"expert groups cover {groups.expert_R.shape[0]} rows but there are {x_RD.shape[0]}")
-    return SparseTopKEncoder.apply(x_RD, w_enc_NMD, b_enc_NM, groups, k, aux, k_aux)
+    return SparseTopKEncoder.apply(x_RD, w_enc_NMD, b_enc_NM, groups, k, aux, k_aux, order)
 
 
-def sparse_decode(values_RK: Tensor, flat_ids_RK: Tensor, w_dec_NMD: Tensor) -> Tensor:
-    """sum_j values[r, j] * W_dec[ids[r, j]] -> [R, d] (flat ids into the [N * M_e, d] flattened decoder)."""
-    return SparseDecoder.apply(values_RK, flat_ids_RK, w_dec_NMD)
+def sparse_decode(
+    values_RK: Tensor, flat_ids_RK: Tensor, w_dec_NMD: Tensor, order: SharedLatentOrder | None = None
+) -> Tensor:
+    """sum_j values[r, j] * W_dec[ids[r, j]] -> [R, d] (flat ids into the [N * M_e, d] flattened decoder);
+    `order`: the one given to `sparse_encode` for these ids."""
+    return SparseDecoder.apply(values_RK, flat_ids_RK, w_dec_NMD, order)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from model_helpers import assert_same_forward_and_grads, make_switch, routed_inputs
 
+from sae_dist.models import kernels
 from sae_dist.models.auxk import DeadCandidates, candidates_of_width, dead_candidates
 from sae_dist.models.dispatch import ExpertGroups
 from sae_dist.models.grouped import expert_linear, gemm_decode, gemm_encode
@@ -26,6 +27,22 @@ def test_switch_with_auxk_matches_naive(formulation, dtype):
     dead_L = torch.rand(64, generator=torch.Generator().manual_seed(1)) < 0.5
     out = assert_same_forward_and_grads(sae, x_TD, dead_L, grad_atol=1e-5)
     assert (out.latent_values_RK == 0).any(), "expected fewer positive pre-activations than k"
+
+
+@pytest.mark.parametrize("auxk_alpha", [0.0, 0.5])
+def test_sparse_backwards_sort_the_shared_ids_once(monkeypatch, auxk_alpha):
+    """The decoder's and the encoder's backward share one sort of the codes' ids, and their gradients still equal
+    the oracle's; with AuxK, whose selections join the encoder's ids, three: the codes', the encoder's and the
+    AuxK decoder's."""
+    torch.manual_seed(2)
+    sae = make_switch(num_experts=4, latents=64, k=6, d=12, auxk_alpha=auxk_alpha, dtype=torch.float64,
+                      formulation=("sparse", "gather"))
+    x_TD = routed_inputs(12, 4, [5, 3, 0, 9])
+    sorts = []
+    original = kernels.latent_major
+    monkeypatch.setattr(kernels, "latent_major", lambda *args: sorts.append(args) or original(*args))
+    assert_same_forward_and_grads(sae, x_TD, torch.arange(64) % 4 == 0 if auxk_alpha else None, grad_atol=1e-8)
+    assert len(sorts) == (3 if auxk_alpha else 1)
 
 
 @pytest.mark.parametrize("formulation", FORMULATIONS)

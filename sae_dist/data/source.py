@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -56,13 +57,20 @@ HUB_PROBE_TIMEOUT_S = 5.0
 """Seconds one Hub metadata request may take before the Hub counts as unreachable."""
 
 
+@functools.cache
+def _hub_answers(repo_id: str, repo_type: str) -> None:
+    """One metadata request; an answer is remembered for the process (the preflight and the loader both ask),
+    a failure is not."""
+    HfApi().repo_info(repo_id, repo_type=repo_type, timeout=HUB_PROBE_TIMEOUT_S)
+
+
 def require_hub(repo_id: str, repo_type: str, hint: str) -> None:
     """Raise a one-line DataUnavailableError at once unless `repo_id` answers on the Hugging Face Hub.
 
     One metadata request with a short timeout and no retries: the download clients retry for ~30 s first.
     """
     try:
-        HfApi().repo_info(repo_id, repo_type=repo_type, timeout=HUB_PROBE_TIMEOUT_S)
+        _hub_answers(repo_id, repo_type)
     except Exception as exc:  # offline mode, DNS, timeout, not found, gated: all mean "cannot download"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataUnavailableError(f"cannot download {repo_type} '{repo_id}' from the Hub ({reason}); {hint}") from None

@@ -46,7 +46,7 @@ tokenizer.save_pretrained(folder)
 PY
 
 part cuda_tests 100 python3 -m pytest tests/train/test_cuda.py -q -p no:cacheprovider
-part step_65k 60 python3 benchmarks/bench_step.py --device cuda --latents 65536 --bf16-state --profile 25
+part step_65k 60 python3 benchmarks/bench_step.py --device cuda --latents 65536 --experts 1 8 --bf16-state --profile 25  # N = 8: the target's
 part lm 90 python3 benchmarks/bench_lm.py --device cuda
 part job 60 python3 launch/train.py +experiment=switch_65k model.path="$GPT2" data=python_docs trainer.device=cuda \
   trainer.steps=300 trainer.log_every=25 trainer.checkpoint_every=100000 trainer.out_dir="$GPT2/job" \

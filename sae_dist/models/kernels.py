@@ -6,8 +6,9 @@ among candidate dead columns). The backward touches only the selected latents: t
 `embedding_bag` over the selected encoder rows, the weight gradient a scatter of outer products into them. The
 decoder reads the k selected rows per token (`embedding_bag`); its backward is a sampled GEMM for the values and
 the same scatter for the weights. The scatters and the sampled GEMM take the ids in latent-major order, sorted once
-per step for the decoder's and the encoder's backward (`SharedLatentOrder`). On a CPU this beats dense GEMMs over the scattered gradient by far; on a GPU
-scatter and gather are memory-bound, and `grouped.py` holds the GEMM formulation of the same math.
+per step for the decoder's and the encoder's backward (`SharedLatentOrder`). On a CPU this beats dense GEMMs over
+the scattered gradient by far; on a GPU scatter and gather are memory-bound, and `grouped.py` holds the GEMM
+formulation of the same math.
 
 Latent ids are "flat": local expert e's latent j is e * M_e + j, indexing the [N * M_e, d] flattened weights.
 

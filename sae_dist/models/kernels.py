@@ -12,10 +12,11 @@ formulation of the same math.
 
 Latent ids are "flat": local expert e's latent j is e * M_e + j, indexing the [N * M_e, d] flattened weights.
 
-Inside `weight_grads_in_place()`, the backward adds the weight gradients straight into the parameters' `.grad`
-(allocating it when None) instead of returning a new [N, M_e, d] tensor for autograd to accumulate: a fresh
-gradient of that size costs a CPU more in page faults than the scatter itself. Outside it, gradients flow through
-autograd as usual (what `torch.autograd.grad` needs).
+Inside `weight_grads_in_place()`, the backward writes the weight gradients straight into the parameters' `.grad`
+instead of returning a new [N, M_e, d] tensor for autograd to accumulate: where `.grad` is None, into the weight's
+buffer of the previous steps, overwritten (`_weight_grad`); a fresh gradient of that size costs a CPU more in page
+faults than the scatter itself, and zeroing one costs a pass over it. Outside it, gradients flow through autograd
+as usual (what `torch.autograd.grad` needs).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from sae_dist.models.auxk import AuxCandidates
 from sae_dist.models.dispatch import ExpertGroups
@@ -109,17 +111,20 @@ class SharedLatentOrder:
         return self._layout
 
 
-def scatter_outer_add_(grad_LD: Tensor, layout: LatentMajor, coef_RS: Tensor, rows_RD: Tensor) -> None:
-    """grad_LD[indices[r, s]] += coef[r, s] * rows[r] for every r, s, in place (`layout`: the indices' order).
+def scatter_outer_(grad_LD: Tensor, layout: LatentMajor, coef_RS: Tensor, rows_RD: Tensor, beta: float) -> None:
+    """grad_LD = beta * grad_LD + sum over r, s of coef[r, s] * rows[r] in row indices[r, s], in place (`layout`:
+    the indices' order); beta = 0 ignores what grad_LD held (no zeroing pass, NaN or not).
 
-    One sparse-dense product grad += C @ rows, with C the [L, R] matrix of the coefficients in latent-major CSR
-    layout: each latent's row sums its own rows in a fixed order, in parallel over latents, with no [R, S, d]
-    temporary and none of `index_add_`'s cost in proportion to the whole of `grad`.
+    One sparse-dense product grad = beta * grad + C @ rows, with C the [L, R] matrix of the coefficients in
+    latent-major CSR layout: each latent's row sums its own rows in a fixed order, in parallel over latents, with
+    no [R, S, d] temporary and none of `index_add_`'s cost in proportion to the whole of `grad`.
     """
     if not layout.order_N.numel():
+        if beta == 0:
+            grad_LD.zero_()
         return
     coef_LR = _csr(layout.crow_L, layout.rows_N, coef_RS.flatten()[layout.order_N].to(grad_LD.dtype), layout.shape)
-    grad_LD.addmm_(coef_LR, rows_RD.to(grad_LD.dtype))
+    torch.addmm(grad_LD, coef_LR, rows_RD.to(grad_LD.dtype), beta=beta, out=grad_LD)
 
 
 def gathered_dots(layout: LatentMajor, weight_LD: Tensor, rows_RD: Tensor, per_row: int) -> Tensor:
@@ -137,13 +142,26 @@ def gathered_dots(layout: LatentMajor, weight_LD: Tensor, rows_RD: Tensor, per_r
     return torch.empty_like(dots_N).index_copy_(0, layout.order_N, dots_N).view(rows, per_row)
 
 
-def _weight_grad(param: nn.Parameter, in_place: bool) -> Tensor:
-    """The buffer a weight gradient is scattered into: `param.grad` itself in place, else a new zero tensor."""
+_GRAD_BUFFERS = WeakIdKeyDictionary()
+"""Per weight, the tensor its gradient is written into at every step (also the step's `.grad`)."""
+
+
+def _weight_grad(param: nn.Parameter, in_place: bool) -> tuple[Tensor, float]:
+    """The tensor a weight gradient is written into and the beta to write it with (`scatter_outer_`).
+
+    In place, `param.grad` itself: where the step has not set it yet (None), the weight's buffer of the previous
+    steps becomes `.grad` and is overwritten (beta 0: no zeroing pass over [M, d], nor its read; no fresh tensor
+    to fault in on a CPU, to capture or allocate on a GPU); else it is added to (beta 1). Otherwise a new tensor.
+    """
     if not in_place:
-        return torch.zeros_like(param)
-    if param.grad is None:
-        param.grad = torch.zeros_like(param)
-    return param.grad
+        return torch.empty_like(param), 0.0
+    if param.grad is not None:
+        return param.grad, 1.0
+    buffer = _GRAD_BUFFERS.get(param)
+    if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != (param.shape, param.dtype, param.device):
+        buffer = _GRAD_BUFFERS[param] = torch.empty_like(param)
+    param.grad = buffer
+    return buffer, 0.0
 
 
 def _expert_topk(
@@ -263,8 +281,8 @@ class SparseTopKEncoder(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = F.embedding_bag(ids_RS, weight_LD, mode="sum", per_sample_weights=grad_RS).to(x_RD.dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = _weight_grad(ctx.weight, ctx.in_place)
-            scatter_outer_add_(grad_w.view_as(weight_LD), order.of(ids_RS, weight_LD.shape[0]), grad_RS, x_RD)
+            grad_w, beta = _weight_grad(ctx.weight, ctx.in_place)
+            scatter_outer_(grad_w.view_as(weight_LD), order.of(ids_RS, weight_LD.shape[0]), grad_RS, x_RD, beta)
             grad_w = None if ctx.in_place else grad_w
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = weight_LD.new_zeros(weight_LD.shape[0]).index_add_(0, ids_RS.flatten(), grad_RS.flatten())
@@ -292,9 +310,9 @@ class SparseDecoder(torch.autograd.Function):
             layout = ctx.order.of(ids_RK, weight_LD.shape[0])
             grad_values = gathered_dots(layout, weight_LD, grad_RD, ids_RK.shape[1]).to(values_RK.dtype)
         if ctx.needs_input_grad[2]:
-            grad_w = _weight_grad(ctx.weight, ctx.in_place)
+            grad_w, beta = _weight_grad(ctx.weight, ctx.in_place)
             layout = ctx.order.of(ids_RK, weight_LD.shape[0])
-            scatter_outer_add_(grad_w.view_as(weight_LD), layout, values_RK.to(weight_LD.dtype), grad_RD)
+            scatter_outer_(grad_w.view_as(weight_LD), layout, values_RK.to(weight_LD.dtype), grad_RD, beta)
             grad_w = None if ctx.in_place else grad_w
         return grad_values, None, grad_w, None
 

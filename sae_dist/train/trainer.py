@@ -190,11 +190,12 @@ class Trainer:
     def backward(self, loss: torch.Tensor) -> None:
         """This rank's gradients of `loss` into `.grad` (replacing the previous step's).
 
-        On a CPU the gradient buffers persist and are zeroed in place: a fresh [M, d] tensor costs more in page
-        faults than the sparse backward that fills it. On a GPU the caching allocator makes a fresh one free, and
-        setting them to None saves a memset and autograd's accumulation pass.
+        The gradients are set to None first, which spares a zeroing pass and autograd's accumulation: the sparse
+        kernels then overwrite their weights' buffers of the previous steps (`kernels._weight_grad`; a fresh
+        [M, d] tensor would cost a CPU more in page faults than the backward that fills it), and autograd hands
+        over the other gradients as it makes them.
         """
-        self.optimizer.zero_grad(set_to_none=self.device.type != "cpu")
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
 
     def sync_clip_project(self) -> torch.Tensor:

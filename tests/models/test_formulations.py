@@ -99,6 +99,34 @@ def test_weight_grads_in_place_equal_autograd(existing_grad):
     assert expected[0].abs().sum() > 0 and expected[1].abs().sum() > 0
 
 
+@pytest.mark.parametrize("counts", [[5, 0, 6], [0, 0, 0]])
+def test_weight_grads_overwrite_the_previous_steps_buffer(counts):
+    """With .grad None, the in-place backward makes the weight's buffer of the previous step its .grad again and
+    overwrites it: whatever the buffer held (NaN here) is ignored, in the rows of an expert without tokens too,
+    and also when no row has a token at all."""
+    sae = make_switch(num_experts=3, latents=48, k=4, d=8, kind="switch", dtype=torch.float32)
+    bank = sae.experts
+    rows_RD, groups = _grouped_rows(counts, 8, True)
+    upstream_RD = torch.randn(sum(counts), 8)
+
+    def loss():
+        values, ids, _, _ = sparse_encode(rows_RD, bank.w_enc, None, groups, 4)
+        return (sparse_decode(values, ids, bank.w_dec) * upstream_RD).sum()
+
+    expected = torch.autograd.grad(loss(), [bank.w_enc, bank.w_dec])
+    with weight_grads_in_place():
+        loss().backward()
+    buffers = [bank.w_enc.grad, bank.w_dec.grad]
+    for buffer in buffers:
+        buffer.fill_(float("nan"))
+    bank.w_enc.grad = bank.w_dec.grad = None
+    with weight_grads_in_place():
+        loss().backward()
+    for param, grad, buffer in zip([bank.w_enc, bank.w_dec], expected, buffers):
+        assert param.grad is buffer
+        torch.testing.assert_close(param.grad, grad, rtol=1e-6, atol=1e-6)
+
+
 def test_gemm_formulation_takes_an_expanded_upstream_gradient():
     """grouped_mm's backward rejects stride-0 gradients (from .sum()); the formulation makes them contiguous."""
     sae = make_switch(num_experts=3, latents=48, k=4, d=8, dtype=torch.float32)

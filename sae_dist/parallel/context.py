@@ -55,8 +55,8 @@ class ParallelContext:
 
     def grad_norm(self, model: nn.Module) -> Tensor:
         """The global gradient norm, a 0-dim tensor in at least float32 on the parameters' device."""
-        norms = torch.stack(torch._foreach_norm([p.grad for p in model.parameters() if p.grad is not None]))
-        return torch.linalg.vector_norm(norms.to(torch.promote_types(norms.dtype, torch.float32)))
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        return squared_norm(grads, next(model.parameters()).device).sqrt()
 
     def barrier(self) -> None:
         """Wait for every rank."""
@@ -65,3 +65,20 @@ class ParallelContext:
         """A checkpoint view of a tensor split over the expert-parallel group along dim 0 (experts or their
         latents): its global tensor, for `torch.distributed.checkpoint`. On one device, the tensor itself."""
         return local
+
+
+def squared_norm(tensors: list[Tensor], device: torch.device) -> Tensor:
+    """Sum of squares of all elements, in at least float32, 0-dim on `device`.
+
+    On a GPU one fused pass (`_foreach_norm`). On a CPU each tensor's rows first, then the norm of the row norms:
+    a whole-tensor float32 norm there sums its squares in one running total, off by 0.02% at 8M elements and 0.4%
+    at 100M (the clip's factor with it), and takes 1.5 to 3 times as long.
+    """
+    if not tensors:
+        return torch.zeros((), device=device)
+    if device.type == "cpu":
+        norms = torch.stack([torch.linalg.vector_norm(torch.linalg.vector_norm(
+            t.reshape(-1, t.shape[-1]) if t.dim() else t.reshape(1, 1), dim=1)) for t in tensors])
+    else:
+        norms = torch.stack(torch._foreach_norm(tensors))
+    return norms.to(torch.promote_types(norms.dtype, torch.float32)).square().sum()

@@ -24,7 +24,7 @@ from sae_dist.config import RunConfig
 from sae_dist.parallel.all_to_all import AllToAllDispatcher
 from sae_dist.parallel.comm import CommStats, all_reduce_flat_, nbytes
 from sae_dist.models.base import is_expert_sharded
-from sae_dist.parallel.context import ParallelContext
+from sae_dist.parallel.context import ParallelContext, squared_norm
 from sae_dist.parallel.mesh import ExpertMesh, build_mesh, init_process_group, validate_layout
 from sae_dist.parallel.overlap import OverlappedAllToAllDispatcher
 
@@ -38,14 +38,6 @@ def split_gradients(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
             param.grad = torch.zeros_like(param)
         (experts if is_expert_sharded(model, name) else replicated).append(param.grad)
     return replicated, experts
-
-
-def squared_norm(tensors: list[Tensor], device: torch.device) -> Tensor:
-    """Sum of squares of all elements, in at least float32 (one fused pass per tensor)."""
-    if not tensors:
-        return torch.zeros((), device=device)
-    norms = torch.stack(torch._foreach_norm(tensors))
-    return norms.to(torch.promote_types(norms.dtype, torch.float32)).square().sum()
 
 
 class ExpertParallelContext(ParallelContext):

@@ -27,7 +27,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from bench_step import machine
 from datasets import Dataset
 from rich.console import Console
 from rich.table import Table
@@ -105,10 +105,8 @@ def copy_bandwidth(device: torch.device) -> float:
 
 
 def machine_line(device: torch.device) -> str:
-    """The GPU's name, or the CPU with its threads and the load at the time."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}"
+    """The GPU's name, or the CPU with its threads and the load at the time (`bench_step.machine`)."""
+    return machine(device) if device.type == "cuda" else f"{machine(device)}, load {os.getloadavg()[0]:.1f}"
 
 
 def lm_flops_per_token(model, layer: int, ctx_len: int) -> float:
@@ -406,8 +404,8 @@ def print_table(args, run, d_model, stages, jobs, peak, bandwidth) -> None:
         table.add_row(name, f"{value.wall:,.0f}", "", "", f"{value.cpu:,.0f}", ratio)
     console = Console(width=160)
     console.print(table)
-    console.print(f"machine: {machine_line(torch.device(args.device))}; measured GEMM {peak / 1e9:,.0f} GFLOP/s, copy {bandwidth / 1e9:,.1f} GB/s; "
-                  f"cache read / SAE step = {cache.wall / sae.wall:.1f}x")
+    console.print(f"machine: {machine_line(torch.device(args.device))}; measured GEMM {peak / 1e9:,.0f} GFLOP/s, "
+                  f"copy {bandwidth / 1e9:,.1f} GB/s; cache read / SAE step = {cache.wall / sae.wall:.1f}x")
     print(json.dumps({"stages": {k: v._asdict() for k, (v, _) in stages.items()},
                       "jobs": {k: v._asdict() for k, v in jobs.items() if v}}))
 

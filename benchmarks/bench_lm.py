@@ -5,8 +5,8 @@ Rows: the model as transformers builds it (GPT-2's tanh GELU as a chain of eleme
 runs it (that GELU as one kernel, `fuse_tanh_gelu`), on a CPU also with freed host memory kept for reuse as the
 launch commands keep it (`host_memory`), and with `model.compile=true` (its blocks compiled; on a CPU with the
 memory kept), each through `HookedLM.capture` as the 'lm' source calls it: `--contexts` contexts of `--ctx`
-random token ids, no padding, up to block `--layer`. The variants take turns, round after round, so that a shared machine's load
-drifts over all of them alike; each figure is the median over the rounds. The floor is the measured GEMM rate
+random token ids, no padding, up to block `--layer`. The variants take turns, round after round, so that a shared
+machine's load drifts over all of them alike; each figure is the median over the rounds. The floor is the measured GEMM rate
 over the forward's FLOPs per token (2 x the blocks' parameters plus attention).
 
     python benchmarks/bench_lm.py --device cpu                      # GPT-2 small (random weights) to block 8
@@ -84,8 +84,8 @@ def measure(args) -> tuple[dict[str, Rate], float, float]:
             start, start_cpu = time.perf_counter(), cpu_seconds()
             forward(name)
             times[name].append((time.perf_counter() - start, cpu_seconds() - start_cpu))
-    rates = {name: Rate(tokens / statistics.median(t for t, _ in pairs), tokens / statistics.median(c for _, c in pairs))
-             for name, pairs in times.items()}
+    rates = {name: Rate(tokens / statistics.median(t for t, _ in pairs),
+                        tokens / statistics.median(c for _, c in pairs)) for name, pairs in times.items()}
     dtype = next(last.parameters()).dtype
     peak = gemm_flops(device, dtype)
     return rates, peak / lm_flops_per_token(last, args.layer, args.ctx), peak

@@ -54,7 +54,8 @@ class StepProfiler:
     def __init__(self, first_step: int, last_step: int, run_dir: Path, rank: int, device: torch.device, show: bool):
         self.first_step, self.last_step = first_step, last_step
         self.device, self.show = device, show
-        self.stem = Path(run_dir) / PROFILE_DIR / f"steps_{first_step + 1}-{last_step}_rank_{rank}"  # as the summary counts
+        # Named by the steps the summary counts.
+        self.stem = Path(run_dir) / PROFILE_DIR / f"steps_{first_step + 1}-{last_step}_rank_{rank}"
         self.profiler: torch.profiler.profile | None = None
         self.started = 0.0
 

@@ -12,7 +12,7 @@ from sae_dist.models.base import register
 class TopKSAE(BankedSAE):
     """z = TopK_k(ReLU(W_enc (x - b_pre) + b_enc)), x_hat = z W_dec + b_pre; AuxK weight 1/32 by default.
 
-    The same expert kernels as the Switch SAE, on a bank of one expert that every token reaches.
+    The same expert compute as the Switch SAE, on a bank of one expert that every token reaches.
     """
 
     label = "TopK"

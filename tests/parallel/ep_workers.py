@@ -22,7 +22,7 @@ from ep_helpers import (
 
 from sae_dist.config import SAEConfig
 from sae_dist.models.losses import total_loss
-from sae_dist.models.reference import naive_forward
+from tests.reference import naive_forward
 from sae_dist.parallel.all_to_all import AllToAllDispatcher
 from sae_dist.parallel.expert_parallel import ExpertParallelContext
 from sae_dist.parallel.mesh import ExpertMesh, build_mesh

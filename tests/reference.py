@@ -1,7 +1,9 @@
 """The authors' dense formulation of the Switch SAE: every expert's encoder on every token, then mask.
 
-It realises none of the FLOP saving; it is the oracle that the sparse, expert-grouped model is tested against and
-the baseline that benchmarks compare with.
+It realises none of the FLOP saving; it is the oracle that the sparse, expert-grouped model is tested against (in
+tests/models, tests/train and tests/parallel) and the dense-then-mask baseline of `benchmarks/bench_step.py`, which
+imports it as `tests.reference` with the repository root on its path. It stays out of the package: nothing that
+trains or evaluates runs it.
 """
 
 from __future__ import annotations

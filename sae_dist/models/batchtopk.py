@@ -50,7 +50,8 @@ def batch_topk_mask(acts_RM: Tensor, counts: list[int], k: int) -> Tensor:
 
 
 class BatchTopKBank(ExpertBank):
-    """An `ExpertBank` selecting per expert over its batch in training and by `threshold_N` [N_local] in eval."""
+    """An `ExpertBank` selecting per expert over its batch in training and by `threshold_N` [N_local] in eval; its
+    `forward` runs grouped GEMMs itself, not the bank's chosen compute."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -28,7 +28,8 @@ def expert_generator(seed: int, global_expert_id: int) -> torch.Generator:
 
 class ExpertOutput(NamedTuple):
     values_RK: Tensor
-    """The decoded codes z (`ExpertCodes.values_RK`, with any entries the caller zeroed)."""
+    """The decoded codes z (`ExpertCodes.values_RK`, with any entries the caller zeroed); K = M_e for the dense
+    codes of BatchTopK experts."""
     indices_RK: Tensor
     """Their flat local latent ids."""
     recon_RD: Tensor

@@ -24,9 +24,9 @@ from torch import Tensor
 
 from sae_dist.config import ConfigError, SAEConfig
 from sae_dist.models.auxk import AuxCandidates
-from sae_dist.models.banked import BankedSAE
 from sae_dist.models.base import SAEOutput, register
 from sae_dist.models.dispatch import ExpertGroups
+from sae_dist.models.expert_sae import ExpertSAE
 from sae_dist.models.experts import ExpertBank, ExpertOutput
 from sae_dist.models.gemm_compute import expert_linear, grouped_matmul
 from sae_dist.models.losses import BatchReducer
@@ -74,7 +74,7 @@ class BatchTopKBank(ExpertBank):
 
 
 @register("batchtopk")
-class BatchTopKSAE(BankedSAE):
+class BatchTopKSAE(ExpertSAE):
     """Router + N BatchTopK experts (N = 1: a dense BatchTopK SAE with a trivial router)."""
 
     label = "BatchTopK"

@@ -1,4 +1,4 @@
-"""SAEs built on a bank of TopK experts: the Switch SAE (`switch.py`), the dense TopK SAE (`topk.py`) and
+"""SAEs built on a bank of TopK experts (`ExpertSAE`): the Switch SAE (`switch.py`), the dense TopK SAE (`topk.py`) and
 BatchTopK experts (`batchtopk.py`) share this forward, loss and encode/decode.
 
 Forward, per token x:  with a router, p = softmax(W_router (x - b_router)) (float32) and E(x) = the e most probable
@@ -37,8 +37,9 @@ from sae_dist.models.selection import union_topk_mask
 from sae_dist.models.sparse_compute import weighted_row_sum
 
 
-class BankedSAE(SAE):
-    """b_pre, an optional router, and an `ExpertBank` of the experts this dispatcher holds here.
+class ExpertSAE(SAE):
+    """An SAE whose latents live in experts: b_pre, an optional router, and an `ExpertBank` of the experts this
+    dispatcher holds here.
 
     Subclasses choose the router (`routed`), the encoder bias, the default AuxK weight and the bank class.
     """

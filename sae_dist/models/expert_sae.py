@@ -1,5 +1,5 @@
-"""SAEs built on a bank of TopK experts (`ExpertSAE`): the Switch SAE (`switch.py`), the dense TopK SAE (`topk.py`) and
-BatchTopK experts (`batchtopk.py`) share this forward, loss and encode/decode.
+"""SAEs built on a bank of TopK experts (`ExpertSAE`): the Switch SAE (`switch.py`), the dense TopK SAE
+(`topk.py`) and BatchTopK experts (`batchtopk.py`) share this forward, loss and encode/decode.
 
 Forward, per token x:  with a router, p = softmax(W_router (x - b_router)) (float32) and E(x) = the e most probable
 experts (`sae.experts_per_token`; without a router E = {0}, p_0 = 1); per expert i in E(x),

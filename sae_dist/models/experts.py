@@ -94,7 +94,8 @@ class ExpertBank(nn.Module):
         """Graphs built inside write W_enc's and W_dec's gradients into `.grad` where their compute can (see
         `sparse_compute.py`)."""
         with ExitStack() as stack:
-            for compute in {id(c): c for c in (self.encoder_compute, self.decoder_compute)}.values():
+            unique = {id(c): c for c in (self.encoder_compute, self.decoder_compute)}  # one when the halves share
+            for compute in unique.values():
                 stack.enter_context(compute.in_place_weight_grads(enabled))
             yield
 

@@ -4,7 +4,7 @@ A step is what one optimizer update costs: forward, loss, backward, projection, 
 renormalisation (sparsify's own step has no clip). Rows, at each M: sae-dist's Switch SAE for each N > 1 and its dense TopK SAE (N = 1) with
 AuxK off and with AuxK on while 10% of the latents are dead; eai-sparsify's dense TopK step as its Trainer runs it
 (AuxK off, its default; the optional `bench` extra); and the authors' dense-then-mask formulation of the Switch SAE
-(`sae_dist.models.reference.reference_train_step`, at the first N > 1).
+(`tests/reference.py`'s `reference_train_step`, at the first N > 1).
 
 Floors: the dense GEMM x[B, d] @ W[d, M] and the routed GEMM x[B, d] @ W[d, M/N], the encoder forward of a dense
 and of a Switch SAE. The machine is shared and its load drifts, so every measured step is paired with a routed-GEMM
@@ -44,10 +44,12 @@ from sae_dist.config import DataConfig, RunConfig, SAEConfig, TrainerConfig, val
 from sae_dist.data.synthetic import SyntheticSource
 from sae_dist.host_memory import keep_freed_host_memory, release_freed_host_memory
 from sae_dist.models import build_sae
-from sae_dist.models.reference import reference_train_step
 from sae_dist.train.init import init_biases_from_batch
 from sae_dist.train.profiling import operator_table, profiler_for
 from sae_dist.train.trainer import Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the dense oracle lives in tests/, beside the package
+from tests.reference import reference_train_step  # noqa: E402
 
 GIB = 2**30
 

@@ -8,7 +8,7 @@ computes for a token routed to e, and its reconstruction z W_dec^e + b_pre befor
 x_hat is p_e * (that - b_pre) + b_pre).
 
 Only this module knows the file layout; which architecture and weights an SAE exports is the model's
-`saelens_state()` (`sae_dist/models/base.py`) and, per expert, `BankedSAE.saelens_expert_states()`. Nothing here
+`saelens_state()` (`sae_dist/models/base.py`) and, per expert, `ExpertSAE.saelens_expert_states()`. Nothing here
 imports SAELens.
 """
 
@@ -23,8 +23,8 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from sae_dist.config import RunConfig
-from sae_dist.models.banked import BankedSAE
 from sae_dist.models.base import SAE
+from sae_dist.models.expert_sae import ExpertSAE
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -63,7 +63,7 @@ def export_saelens(sae: SAE, run: RunConfig, out: Path, per_expert: bool = False
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if per_expert:
-        if not isinstance(sae, BankedSAE) or sae.router is None:
+        if not isinstance(sae, ExpertSAE) or sae.router is None:
             raise ValueError(f"--per-expert needs a Switch SAE (sae.kind={sae.kind!r} has no experts)")
         names = [f"expert_{e:03d}" for e in range(sae.num_local_experts)]
         for name, (architecture, entries, weights) in zip(names, sae.saelens_expert_states(), strict=True):

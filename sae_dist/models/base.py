@@ -5,7 +5,10 @@ An architecture is one module holding a subclass of `SAE` decorated with `@regis
 loading and export) asks the registry and the class, never compares `kind` strings.
 
 Every SAE, built as `cls(cfg, d_model, seed, dispatcher)`:
-- `forward(x_TD) -> SAEOutput`; `encode(x_TD) -> Latents` (token order, global latent ids) and `decode(Latents)`;
+- `forward(x_TD, aux_candidates=None) -> SAEOutput` (AuxK, where the SAE has it, over this step's dead-latent
+  candidates); `encode(x_TD) -> Latents` (token order, global latent ids) and `decode(Latents)`;
+- `in_place_weight_grads(enabled)`: a context in which the forward's graphs write weight gradients straight into
+  `.grad` where the expert compute can (the trainer's step; off for `torch.autograd.grad` and gradient hooks);
 - `loss_terms(x_TD, out, reducer)` (unweighted, 'rec' counts once) and `loss_weights(step_fraction)`;
 - `fired_latents(out)` (bool [local latents]), `active_latents(out)` (the L0 sum over local rows);
 - `decoder_weights()` (unit-norm rows, renormalised each step), `bias_parameters()` (geometric-median init);
@@ -25,6 +28,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 from torch import Tensor, nn
@@ -34,6 +38,7 @@ from sae_dist.flops import FlopsPerToken
 from sae_dist.models.losses import BatchReducer
 
 if TYPE_CHECKING:
+    from sae_dist.models.auxk import AuxCandidates
     from sae_dist.models.dispatch import DispatchPlan, TokenDispatcher
     from sae_dist.models.router import Routing
 
@@ -138,7 +143,15 @@ class SAE(nn.Module, ABC):
         return 1
 
     @abstractmethod
-    def forward(self, x_TD: Tensor, dead_mask_L: Tensor | None = None) -> SAEOutput: ...
+    def forward(self, x_TD: Tensor, aux_candidates: AuxCandidates | None = None) -> SAEOutput:
+        """The model on tokens x_TD [T, d]; AuxK (where the SAE has it and it is on) selects among
+        `aux_candidates`, the dead latents of this step (`auxk.py`), and does not run without them."""
+
+    def in_place_weight_grads(self, enabled: bool) -> AbstractContextManager[None]:
+        """A context whose forwards' graphs write weight gradients straight into `.grad` (where `.grad` is None,
+        into a buffer the model keeps, overwritten; else added to) if `enabled`, sparing autograd a fresh
+        gradient and its accumulation; nothing changes for an SAE without such an expert compute."""
+        return nullcontext()
 
     @abstractmethod
     def loss_terms(self, x_TD: Tensor, out: SAEOutput, reducer: BatchReducer | None = None) -> dict[str, Tensor]:

@@ -8,7 +8,8 @@ average their batch minima before the update, so every replica holds the same th
 
 Under expert parallelism with one replica per expert (P = W), an expert receives all its tokens of the global
 batch, so the selection equals the single-device one; with W / P > 1 replicas each selects over its own share.
-The compute is the GEMM formulation (`grouped.py`): dense [rows, M_e] codes, grouped GEMMs both ways.
+The compute is grouped GEMMs both ways (`gemm_compute.py`) over dense [rows, M_e] codes, whatever
+sae.encoder_backward and sae.decoder say: the selection needs every activation of an expert's rows.
 
 SAELens export (the eval-mode SAE): each expert is a JumpReLU SAE with threshold theta_e on every latent (what
 SAELens saves its own BatchTopK SAEs as), so N = 1 is SAELens's built-in 'jumprelu' and N > 1 the 'sae_dist_switch'
@@ -23,11 +24,11 @@ from torch import Tensor
 
 from sae_dist.config import ConfigError, SAEConfig
 from sae_dist.models.auxk import AuxCandidates
-from sae_dist.models.banked import BankedSAE
 from sae_dist.models.base import SAEOutput, register
 from sae_dist.models.dispatch import ExpertGroups
+from sae_dist.models.expert_sae import ExpertSAE
 from sae_dist.models.experts import ExpertBank, ExpertOutput
-from sae_dist.models.grouped import expert_linear, grouped_matmul
+from sae_dist.models.gemm_compute import expert_linear, grouped_matmul
 from sae_dist.models.losses import BatchReducer
 from sae_dist.models.switch import switch_saelens_state
 
@@ -49,7 +50,8 @@ def batch_topk_mask(acts_RM: Tensor, counts: list[int], k: int) -> Tensor:
 
 
 class BatchTopKBank(ExpertBank):
-    """An `ExpertBank` selecting per expert over its batch in training and by `threshold_N` [N_local] in eval."""
+    """An `ExpertBank` selecting per expert over its batch in training and by `threshold_N` [N_local] in eval; its
+    `forward` runs grouped GEMMs itself, not the bank's chosen compute."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -72,7 +74,7 @@ class BatchTopKBank(ExpertBank):
 
 
 @register("batchtopk")
-class BatchTopKSAE(BankedSAE):
+class BatchTopKSAE(ExpertSAE):
     """Router + N BatchTopK experts (N = 1: a dense BatchTopK SAE with a trivial router)."""
 
     label = "BatchTopK"

@@ -6,6 +6,9 @@ Dispatch is stateless: `dispatch` returns the rows and a plan, and `combine` tak
 sends more per-token data along it), so several
 dispatches can be in flight at once (the overlapped all-to-all runs one per chunk). `run` does dispatch, the
 experts and combine in one call; a dispatcher that overlaps communication with compute overrides it.
+
+Suffix T below counts the dispatcher's input rows: one per token under top-1 routing, one per (token, chosen
+expert) under top-e routing (what the SAE calls S = T * e, token-major); R counts the dispatched rows.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ class DispatchPlan(NamedTuple):
     groups: ExpertGroups | None
     """How the dispatched rows split into local experts; None when they went in several chunks, each grouped."""
     kept_T: Tensor | None
-    """Tokens that reached an expert; None when the dispatcher is dropless."""
+    """Input rows that reached an expert; None when the dispatcher is dropless."""
     state: tuple
     """Dispatcher-specific permutations and split sizes."""
 
@@ -60,7 +63,7 @@ class ExpertRun(NamedTuple):
     """The result of `TokenDispatcher.run`."""
 
     combined_T: Tensor
-    """The experts' first output, back in token order (dropped tokens get zero rows)."""
+    """The experts' first output, back in the input rows' order (dropped rows get zero rows)."""
     per_row: tuple
     """The experts' other outputs, one row per dispatched row, in the order `plan` describes."""
     plan: DispatchPlan

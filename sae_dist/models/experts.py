@@ -1,7 +1,10 @@
-"""A bank of TopK expert SAEs: encoder and decoder weights of the experts held on this device."""
+"""A bank of TopK expert SAEs: encoder and decoder weights of the experts held on this device, and the expert
+compute that runs them."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import NamedTuple
 
 import torch
@@ -9,9 +12,8 @@ from torch import Tensor, nn
 
 from sae_dist.models.auxk import AuxCandidates
 from sae_dist.models.dispatch import ExpertGroups
-from sae_dist.models.formulation import Formulation, choose_formulation
-from sae_dist.models.grouped import gemm_decode, gemm_encode
-from sae_dist.models.kernels import SharedLatentOrder, sparse_decode, sparse_encode
+from sae_dist.models.expert_compute import ExpertCodes
+from sae_dist.models.formulation import choose_compute
 
 
 def seeded_generator(seed: int, stream: int) -> torch.Generator:
@@ -24,24 +26,10 @@ def expert_generator(seed: int, global_expert_id: int) -> torch.Generator:
     return seeded_generator(seed, 1 + global_expert_id)
 
 
-class ExpertCodes(NamedTuple):
-    """The encoder's selections for rows grouped by local expert (`ExpertBank.encode`)."""
-
-    values_RK: Tensor
-    """z: the k largest ReLU pre-activations per row (zeros where fewer are positive)."""
-    indices_RK: Tensor
-    """Flat local latent ids (local expert e, latent j -> e * M_e + j)."""
-    aux_values_RA: Tensor | None
-    """AuxK's selection among the dead candidates ([R, 0] when there are none), or None when AuxK does not run."""
-    aux_indices_RA: Tensor | None
-    """Its flat local latent ids, or None."""
-    latent_order: SharedLatentOrder | None = None
-    """The sparse formulation's sort of `indices_RK`, shared by the encoder's and the decoder's backward."""
-
-
 class ExpertOutput(NamedTuple):
     values_RK: Tensor
-    """The decoded codes z (`ExpertCodes.values_RK`, with any entries the caller zeroed)."""
+    """The decoded codes z (`ExpertCodes.values_RK`, with any entries the caller zeroed); K = M_e for the dense
+    codes of BatchTopK experts."""
     indices_RK: Tensor
     """Their flat local latent ids."""
     recon_RD: Tensor
@@ -53,8 +41,9 @@ class ExpertOutput(NamedTuple):
 class ExpertBank(nn.Module):
     """Experts `first_expert .. first_expert + num_local - 1`: W_enc, W_dec [N_local, M_e, d], b_enc [N_local, M_e].
 
-    `encoder_backward` and `decoder` choose the formulation of the compute (`formulation.py`; 'auto' decides by
-    device and expert width at each call).
+    `encoder_backward` and `decoder` (`sae.encoder_backward`, `sae.decoder`) choose the expert compute of the
+    encoder and of the decoder once, for the device the weights are on (`formulation.py`): at construction, and
+    again when the bank moves to another device (`.to`, `.cuda`), 'auto' deciding by that device.
     """
 
     def __init__(
@@ -79,10 +68,36 @@ class ExpertBank(nn.Module):
         self.w_enc = nn.Parameter(w_enc)
         self.w_dec = nn.Parameter(w_enc / w_enc.norm(dim=-1, keepdim=True))
         self.b_enc = nn.Parameter(torch.zeros(num_local, latents_per_expert)) if encoder_bias else None
+        self._choose_compute()
+
+    def _choose_compute(self) -> None:
+        self.compute_device = self.w_enc.device
+        """The device the compute was chosen for."""
+        self.encoder_compute, self.decoder_compute = choose_compute(
+            self.encoder_backward, self.decoder, self.compute_device, self.latents_per_expert
+        )
+
+    def _apply(self, fn, recurse: bool = True):
+        """Every move of the weights (`.to`, `.cuda`, `.double`) passes here: a new device chooses the compute
+        again, as the rule depends on it."""
+        bank = super()._apply(fn, recurse)
+        if self.w_enc.device != self.compute_device:
+            self._choose_compute()
+        return bank
 
     @property
     def num_local(self) -> int:
         return self.w_enc.shape[0]
+
+    @contextmanager
+    def in_place_weight_grads(self, enabled: bool) -> Iterator[None]:
+        """Graphs built inside write W_enc's and W_dec's gradients into `.grad` where their compute can (see
+        `sparse_compute.py`)."""
+        with ExitStack() as stack:
+            unique = {id(c): c for c in (self.encoder_compute, self.decoder_compute)}  # one when the halves share
+            for compute in unique.values():
+                stack.enter_context(compute.in_place_weight_grads(enabled))
+            yield
 
     def forward(
         self, rows_RD: Tensor, groups: ExpertGroups, k: int, aux: AuxCandidates | None = None, k_aux: int = 0
@@ -95,33 +110,15 @@ class ExpertBank(nn.Module):
     ) -> ExpertCodes:
         """Each row's TopK_k inside its expert (and AuxK's selection among `aux` candidates when k_aux > 0)."""
         aux = aux if k_aux else None
-        order = None
-        if self._formulation(rows_RD).encoder_backward == "sparse":
-            order = SharedLatentOrder()
-            codes = sparse_encode(rows_RD, self.w_enc, self.b_enc, groups, k, aux, k_aux, order)
-        else:
-            codes = gemm_encode(rows_RD, self.w_enc, self.b_enc, groups, k, aux, k_aux)
-        values_RK, ids_RK, aux_values_RA, aux_ids_RA = codes
-        if aux is None:
-            return ExpertCodes(values_RK, ids_RK, None, None, order)
-        return ExpertCodes(values_RK, ids_RK, aux_values_RA, aux_ids_RA, order)
+        return self.encoder_compute.encode(rows_RD, self.w_enc, self.b_enc, groups, k, aux, k_aux)
 
     def decode(self, codes: ExpertCodes, groups: ExpertGroups) -> ExpertOutput:
         """z W_dec per row for the codes (and the AuxK codes) of `encode`, possibly with some values zeroed."""
-        gemm = self._formulation(codes.values_RK).decoder == "gemm"
-
-        def decode(values: Tensor, ids: Tensor, order: SharedLatentOrder | None = None) -> Tensor:
-            if gemm:
-                return gemm_decode(values, ids, self.w_dec, groups)
-            return sparse_decode(values, ids, self.w_dec, order)
-
-        recon_RD = decode(codes.values_RK, codes.indices_RK, codes.latent_order)
+        compute = self.decoder_compute
+        recon_RD = compute.decode(codes.values_RK, codes.indices_RK, self.w_dec, groups, codes.latent_order)
         aux_recon_RD = None
         if codes.aux_indices_RA is not None:  # no candidate columns (nothing dead here): a zero reconstruction
             aux_ids_RA = codes.aux_indices_RA
-            aux_recon_RD = decode(codes.aux_values_RA, aux_ids_RA) if aux_ids_RA.shape[1] else torch.zeros_like(recon_RD)
+            aux_recon_RD = (compute.decode(codes.aux_values_RA, aux_ids_RA, self.w_dec, groups)
+                            if aux_ids_RA.shape[1] else torch.zeros_like(recon_RD))
         return ExpertOutput(codes.values_RK, codes.indices_RK, recon_RD, aux_recon_RD)
-
-    def _formulation(self, rows: Tensor) -> Formulation:
-        """`sae.encoder_backward` and `sae.decoder` with 'auto' resolved for these rows' device."""
-        return choose_formulation(self.encoder_backward, self.decoder, rows.device, self.latents_per_expert)

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from sae_dist.config import SAEConfig
 from sae_dist.flops import FlopsPerToken
+from sae_dist.models.auxk import AuxCandidates
 from sae_dist.models.base import SAE, Latents, SAEOutput, register
 from sae_dist.models.dispatch import TokenDispatcher
 from sae_dist.models.experts import expert_generator
@@ -66,7 +67,8 @@ class ReLUSAE(SAE):
     def bias_parameters(self) -> dict[str, nn.Parameter]:
         return {"b_pre": self.b_pre}
 
-    def forward(self, x_TD: Tensor, dead_mask_L: Tensor | None = None) -> SAEOutput:
+    def forward(self, x_TD: Tensor, aux_candidates: AuxCandidates | None = None) -> SAEOutput:
+        """f = ReLU(W_enc (x - b_pre) + b_enc) [T, M] dense; `aux_candidates` is unused (no AuxK)."""
         f_TM = F.relu(F.linear(x_TD - self.b_pre, self.w_enc, self.b_enc))
         x_hat_TD = (f_TM @ self.w_dec).float() + self.b_pre.float()
         return SAEOutput(x_hat_TD, f_TM, None, None, None)

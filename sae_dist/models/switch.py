@@ -1,19 +1,19 @@
 """The Switch SAE (SPEC section 2): a float32 router sends each token to one (or `sae.experts_per_token`) of N TopK
-experts (`banked.py`)."""
+experts (`expert_sae.py`)."""
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from sae_dist.models.banked import BankedSAE
 from sae_dist.models.base import register
+from sae_dist.models.expert_sae import ExpertSAE
 
 SWITCH_ARCHITECTURE = "sae_dist_switch"
 """The name of the Switch SAE's architecture in SAELens's registry."""
 
 
 @register("switch")
-class SwitchSAE(BankedSAE):
+class SwitchSAE(ExpertSAE):
     """Router + N TopK experts without encoder bias; AuxK off unless `sae.auxk_alpha` is set (the paper's recipe)."""
 
     label = "Switch"
@@ -25,7 +25,7 @@ class SwitchSAE(BankedSAE):
         return switch_saelens_state(self)
 
 
-def switch_saelens_state(sae: BankedSAE) -> tuple[str, dict, dict[str, Tensor]]:
+def switch_saelens_state(sae: ExpertSAE) -> tuple[str, dict, dict[str, Tensor]]:
     """The 'sae_dist_switch' architecture's entries and weights of a routed SAE, its experts selecting by TopK
     (`activation` 'topk'; BatchTopK experts change it to 'threshold' and add their thresholds)."""
     if sae.cfg.experts_per_token != 1:

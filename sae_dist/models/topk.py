@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from sae_dist.models.banked import BankedSAE
 from sae_dist.models.base import register
+from sae_dist.models.expert_sae import ExpertSAE
 
 
 @register("topk")
-class TopKSAE(BankedSAE):
+class TopKSAE(ExpertSAE):
     """z = TopK_k(ReLU(W_enc (x - b_pre) + b_enc)), x_hat = z W_dec + b_pre; AuxK weight 1/32 by default.
 
-    The same expert kernels as the Switch SAE, on a bank of one expert that every token reaches.
+    The same expert compute as the Switch SAE, on a bank of one expert that every token reaches.
     """
 
     label = "TopK"

@@ -11,8 +11,6 @@ parameter is replicated and this is plain data parallelism.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -124,12 +122,3 @@ class ExpertParallelContext(ParallelContext):
     def sharded_view(self, local: Tensor) -> Tensor:
         return DTensor.from_local(local, self.mesh.device_mesh, [Replicate(), Shard(0)], run_check=False)
 
-
-@contextmanager
-def expert_parallel_context(run: RunConfig, device_type: str) -> Iterator[ExpertParallelContext]:
-    """The context of a torchrun job; the process group is destroyed on exit, also after an error."""
-    ctx = ExpertParallelContext.from_config(run, device_type)
-    try:
-        yield ctx
-    finally:
-        dist.destroy_process_group()

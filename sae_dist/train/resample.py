@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from sae_dist.config import RunConfig
-from sae_dist.models.banked import BankedSAE
 from sae_dist.models.base import SAEOutput
+from sae_dist.models.expert_sae import ExpertSAE
 from sae_dist.parallel.context import ParallelContext
 from sae_dist.train.dead import DeadLatentTracker
 
@@ -45,7 +45,7 @@ def resample_generator(seed: int, step: int, expert: int) -> torch.Generator:
 
 @torch.no_grad()
 def resample_dead_latents(
-    model: BankedSAE,
+    model: ExpertSAE,
     optimizer: torch.optim.Optimizer,
     dead: DeadLatentTracker,
     ctx: ParallelContext,

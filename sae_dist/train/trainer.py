@@ -28,7 +28,6 @@ from sae_dist.data.source import ActivationSource
 from sae_dist.metrics import ReconstructionSums
 from sae_dist.models import SAEOutput, architecture, build_sae
 from sae_dist.models.auxk import AuxCandidates, DeadCandidates
-from sae_dist.models.kernels import weight_grads_in_place
 from sae_dist.models.losses import total_loss
 from sae_dist.models.router import expert_counts
 from sae_dist.parallel.context import ParallelContext
@@ -181,7 +180,7 @@ class Trainer:
         model = self.model
         if weights is None:
             weights = model.loss_weights(self.step / self.run.trainer.steps)
-        with self._autocast(), weight_grads_in_place(self.weight_grads_in_place):
+        with self._autocast(), model.in_place_weight_grads(self.weight_grads_in_place):
             out = model(x_TD) if aux is None else model(x_TD, aux_candidates=aux)
             terms = model.loss_terms(x_TD, out, self.ctx)
             loss = total_loss(terms, weights)

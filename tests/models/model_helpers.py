@@ -4,7 +4,8 @@ import torch
 
 from sae_dist.config import SAEConfig
 from sae_dist.models import build_sae
-from sae_dist.models.reference import naive_forward
+from sae_dist.models.auxk import dead_candidates
+from tests.reference import naive_forward
 
 
 def routed_inputs(d: int, num_experts: int, tokens_per_expert: list[int], seed: int = 0):
@@ -59,8 +60,10 @@ def top_e_switch(experts_per_token: int, union_topk: bool = False, **kwargs):
 
 
 def assert_same_forward_and_grads(sae, x_TD, dead_mask_L=None, grad_atol=1e-6):
-    """Forward, loss terms, encode() and every gradient of `sae` equal the dense-then-mask oracle's."""
-    out = sae(x_TD, dead_mask_L)
+    """Forward, loss terms, encode() and every gradient of `sae` equal the dense-then-mask oracle's; AuxK over the
+    latents where `dead_mask_L` [L] is True."""
+    aux = None if dead_mask_L is None else dead_candidates(dead_mask_L, sae.num_local_experts)
+    out = sae(x_TD, aux_candidates=aux)
     terms = sae.loss_terms(x_TD, out)
     ref_x_hat, ref_f, ref_terms = naive_forward(sae, x_TD, dead_mask_L)
     torch.testing.assert_close(out.x_hat_TD, ref_x_hat, rtol=1e-5, atol=1e-5)

@@ -36,7 +36,7 @@ def naive(sae, x_TD: torch.Tensor):
         elif len(rows):
             keep_TM[rows] = acts_TM[rows] > bank.threshold_N[e]
     z_TM = acts_TM * keep_TM
-    # The model's output precision: x_hat and the losses in float32 (as `naive_forward` of reference.py).
+    # The model's output precision: x_hat and the losses in float32 (as `naive_forward` of tests/reference.py).
     x_hat = gate_T[:, None] * torch.einsum("tm,tmd->td", z_TM, bank.w_dec[expert_T]).float() + sae.b_pre.float()
     n = sae.cfg.num_experts
     f_N = torch.bincount(expert_T, minlength=n).to(x_TD.dtype) / len(x_TD)

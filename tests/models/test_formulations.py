@@ -2,16 +2,19 @@
 its per-expert fallback, weight gradients in place or through autograd) equals the dense-then-mask oracle; AuxK's
 candidate lists and the float32 router are checked here too."""
 
+import copy
+
 import pytest
 import torch
 from model_helpers import assert_same_forward_and_grads, make_switch, routed_inputs
 
-from sae_dist.models import kernels
+from sae_dist.models import sparse_compute
 from sae_dist.models.auxk import DeadCandidates, candidates_of_width, dead_candidates
 from sae_dist.models.dispatch import ExpertGroups
-from sae_dist.models.grouped import expert_linear, gemm_decode, gemm_encode
-from sae_dist.models.kernels import sparse_decode, sparse_encode, weight_grads_in_place
+from sae_dist.models.formulation import GEMM_MAX_WIDTH, choose_compute
+from sae_dist.models.gemm_compute import GemmCompute, expert_linear
 from sae_dist.models.router import Router
+from sae_dist.models.sparse_compute import SparseCompute
 
 FORMULATIONS = [(encoder, decoder) for encoder in ("sparse", "gemm") for decoder in ("gather", "gemm")]
 """(sae.encoder_backward, sae.decoder) pairs; float32 runs grouped_mm, float64 its per-expert fallback."""
@@ -39,8 +42,8 @@ def test_sparse_backwards_sort_the_shared_ids_once(monkeypatch, auxk_alpha):
                       formulation=("sparse", "gather"))
     x_TD = routed_inputs(12, 4, [5, 3, 0, 9])
     sorts = []
-    original = kernels.latent_major
-    monkeypatch.setattr(kernels, "latent_major", lambda *args: sorts.append(args) or original(*args))
+    original = sparse_compute.latent_major
+    monkeypatch.setattr(sparse_compute, "latent_major", lambda *args: sorts.append(args) or original(*args))
     assert_same_forward_and_grads(sae, x_TD, torch.arange(64) % 4 == 0 if auxk_alpha else None, grad_atol=1e-8)
     assert len(sorts) == (3 if auxk_alpha else 1)
 
@@ -53,6 +56,67 @@ def test_dense_topk_with_bias_and_few_dead_matches_naive(formulation):
     dead_L = torch.zeros(32, dtype=torch.bool)
     dead_L[[3, 17]] = True  # fewer dead latents than k_aux = 5
     assert_same_forward_and_grads(sae, x_TD, dead_L, grad_atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("device", "width", "settings", "expected"),
+    [
+        ("cpu", 64, ("auto", "auto"), ("sparse", "sparse")),
+        ("cuda", GEMM_MAX_WIDTH, ("auto", "auto"), ("gemm", "gemm")),
+        ("cuda", GEMM_MAX_WIDTH + 1, ("auto", "auto"), ("sparse", "sparse")),
+        ("cpu", 64, ("gemm", "gather"), ("gemm", "sparse")),
+        ("cuda", 64, ("sparse", "auto"), ("sparse", "gemm")),
+    ],
+)
+def test_compute_rule(device, width, settings, expected):
+    """'auto' is sparse on a CPU and GEMM on a GPU up to GEMM_MAX_WIDTH; explicit settings pass through; one compute
+    serves both halves when they are of one formulation."""
+    kinds = {SparseCompute: "sparse", GemmCompute: "gemm"}
+    encoder, decoder = choose_compute(*settings, torch.device(device), width)
+    assert (kinds[type(encoder)], kinds[type(decoder)]) == expected
+    assert (encoder is decoder) == (expected[0] == expected[1])
+
+
+def test_compute_is_chosen_again_when_the_bank_moves(monkeypatch):
+    """A model is built on the CPU and then moved: the move chooses its compute for the new device; a change of
+    dtype keeps the compute and what it owns."""
+    from sae_dist.models import experts
+
+    sae = make_switch(num_experts=2, latents=16, k=2, d=6, dtype=torch.float32)
+    compute = sae.experts.encoder_compute
+    assert isinstance(compute, SparseCompute) and sae.experts.decoder_compute is compute
+    devices = []
+    monkeypatch.setattr(experts, "choose_compute",
+                        lambda *args: devices.append(args[2]) or (GemmCompute(), GemmCompute()))
+    sae.double()
+    assert sae.experts.encoder_compute is compute and devices == []
+    sae.to("meta")
+    assert devices == [torch.device("meta")] and isinstance(sae.experts.encoder_compute, GemmCompute)
+
+
+def test_each_model_owns_its_in_place_weight_grads():
+    """`in_place_weight_grads` on one model leaves another's gradients to autograd; a deep copy shares no buffer."""
+    torch.manual_seed(4)
+    first = make_switch(num_experts=2, latents=16, k=2, d=6, dtype=torch.float32, formulation=("sparse", "gather"))
+    second = copy.deepcopy(first)
+    assert second.experts.encoder_compute is second.experts.decoder_compute
+    assert second.experts.encoder_compute is not first.experts.encoder_compute
+    x_TD = routed_inputs(6, 2, [5, 3]).float()
+    with first.in_place_weight_grads(True):
+        first_loss, second_loss = (m.loss_terms(x_TD, m(x_TD))["rec"] for m in (first, second))
+    assert not second.experts.encoder_compute.in_place and not first.experts.encoder_compute.in_place
+    first_loss.backward()
+    second_loss.backward()
+    for ours, theirs in zip(first.parameters(), second.parameters(), strict=True):
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-6, atol=1e-7)
+    first_buffers = [first.experts.w_enc.grad, first.experts.w_dec.grad]
+    first.zero_grad(set_to_none=True)
+    second.zero_grad(set_to_none=True)
+    with first.in_place_weight_grads(True), second.in_place_weight_grads(True):
+        for m in (first, second):
+            m.loss_terms(x_TD, m(x_TD))["rec"].backward()
+    assert first.experts.w_enc.grad is first_buffers[0] and first.experts.w_dec.grad is first_buffers[1]
+    assert second.experts.w_dec.grad is not first_buffers[1]
 
 
 def _grouped_rows(counts: list[int], d: int, host_counts: bool):
@@ -69,26 +133,28 @@ def test_sparse_encoder_grouped_gemm_forward_equals_the_per_expert_loop():
     outputs = []
     for host_counts in (True, False):
         rows_RD, groups = _grouped_rows([5, 0, 6], 8, host_counts)
-        outputs.append(sparse_encode(rows_RD, bank.w_enc, None, groups, 4, aux, 5))
+        outputs.append(SparseCompute().encode(rows_RD, bank.w_enc, None, groups, 4, aux, 5)[:4])
     for loop, grouped in zip(*outputs):
         torch.testing.assert_close(grouped, loop, rtol=1e-6, atol=1e-6)
 
 
+def _sparse_loss(compute, bank, rows_RD, groups, upstream_RD):
+    codes = compute.encode(rows_RD, bank.w_enc, None, groups, 4, None, 0)
+    return (compute.decode(codes.values_RK, codes.indices_RK, bank.w_dec, groups, codes.latent_order)
+            * upstream_RD).sum()
+
+
 @pytest.mark.parametrize("existing_grad", [False, True])
 def test_weight_grads_in_place_equal_autograd(existing_grad):
-    """Inside weight_grads_in_place the sparse kernels add their weight gradients to .grad themselves."""
+    """Inside in_place_weight_grads(True) the sparse compute adds its weight gradients to .grad itself."""
     sae = make_switch(num_experts=3, latents=48, k=4, d=8, kind="switch", dtype=torch.float32)
-    bank = sae.experts
+    bank, compute = sae.experts, SparseCompute()
     rows_RD, groups = _grouped_rows([5, 0, 6], 8, True)
     upstream_RD = torch.randn(11, 8)
 
     def loss(in_place: bool):
-        if in_place:
-            with weight_grads_in_place():
-                values, ids, _, _ = sparse_encode(rows_RD, bank.w_enc, None, groups, 4)
-                return (sparse_decode(values, ids, bank.w_dec) * upstream_RD).sum()
-        values, ids, _, _ = sparse_encode(rows_RD, bank.w_enc, None, groups, 4)
-        return (sparse_decode(values, ids, bank.w_dec) * upstream_RD).sum()
+        with compute.in_place_weight_grads(in_place):
+            return _sparse_loss(compute, bank, rows_RD, groups, upstream_RD)
 
     expected = torch.autograd.grad(loss(False), [bank.w_enc, bank.w_dec])
     start = [torch.randn_like(bank.w_enc), torch.randn_like(bank.w_dec)] if existing_grad else [None, None]
@@ -105,22 +171,21 @@ def test_weight_grads_overwrite_the_previous_steps_buffer(counts):
     overwrites it: whatever the buffer held (NaN here) is ignored, in the rows of an expert without tokens too,
     and also when no row has a token at all."""
     sae = make_switch(num_experts=3, latents=48, k=4, d=8, kind="switch", dtype=torch.float32)
-    bank = sae.experts
+    bank, compute = sae.experts, SparseCompute()
     rows_RD, groups = _grouped_rows(counts, 8, True)
     upstream_RD = torch.randn(sum(counts), 8)
 
     def loss():
-        values, ids, _, _ = sparse_encode(rows_RD, bank.w_enc, None, groups, 4)
-        return (sparse_decode(values, ids, bank.w_dec) * upstream_RD).sum()
+        return _sparse_loss(compute, bank, rows_RD, groups, upstream_RD)
 
     expected = torch.autograd.grad(loss(), [bank.w_enc, bank.w_dec])
-    with weight_grads_in_place():
+    with compute.in_place_weight_grads(True):
         loss().backward()
     buffers = [bank.w_enc.grad, bank.w_dec.grad]
     for buffer in buffers:
         buffer.fill_(float("nan"))
     bank.w_enc.grad = bank.w_dec.grad = None
-    with weight_grads_in_place():
+    with compute.in_place_weight_grads(True):
         loss().backward()
     for param, grad, buffer in zip([bank.w_enc, bank.w_dec], expected, buffers):
         assert param.grad is buffer
@@ -131,8 +196,9 @@ def test_gemm_formulation_takes_an_expanded_upstream_gradient():
     """grouped_mm's backward rejects stride-0 gradients (from .sum()); the formulation makes them contiguous."""
     sae = make_switch(num_experts=3, latents=48, k=4, d=8, dtype=torch.float32)
     rows_RD, groups = _grouped_rows([5, 0, 6], 8, False)
-    values, ids, _, _ = gemm_encode(rows_RD, sae.experts.w_enc, None, groups, 4)
-    gemm_decode(values, ids, sae.experts.w_dec, groups).sum().backward()
+    compute = GemmCompute()
+    codes = compute.encode(rows_RD, sae.experts.w_enc, None, groups, 4, None, 0)
+    compute.decode(codes.values_RK, codes.indices_RK, sae.experts.w_dec, groups).sum().backward()
     assert sae.experts.w_enc.grad.abs().sum() > 0
 
 
@@ -190,15 +256,13 @@ def test_router_runs_in_float32_under_bf16_autocast():
     torch.testing.assert_close(autocast.probs_TN, plain.probs_TN, rtol=0, atol=0)
 
 
-def test_sparse_encoder_in_column_chunks_matches_naive(monkeypatch):
+def test_sparse_encoder_in_column_chunks_matches_naive():
     """Wide experts are encoded in chunks of latents (each weight read once) whose TopKs are merged: shrink the
     chunk so that 16 latents span four chunks, with AuxK candidates in every chunk."""
-    from sae_dist.models import kernels
-
-    monkeypatch.setattr(kernels, "_PRE_CHUNK_ELEMENTS", 4 * 7)
-    monkeypatch.setattr(kernels, "_MIN_CHUNK_COLUMNS", 4)
     torch.manual_seed(3)
     sae = make_switch(num_experts=4, latents=64, k=5, d=12, auxk_alpha=0.5, formulation=("sparse", "gather"))
+    compute = sae.experts.encoder_compute
+    compute.chunk_elements, compute.min_chunk_columns = 4 * 7, 4
     x_TD = routed_inputs(12, 4, [7, 1, 0, 12])
     dead_L = torch.rand(64, generator=torch.Generator().manual_seed(4)) < 0.5
     assert_same_forward_and_grads(sae, x_TD, dead_L)
@@ -213,7 +277,7 @@ def test_encoder_pre_activations_stay_in_the_autocast_dtype():
         bank.b_enc.normal_(0, 0.5, generator=torch.Generator().manual_seed(4))
     rows_RD, groups = _grouped_rows([11], 8, host_counts=False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        values_RK, ids_RK, _, _ = gemm_encode(rows_RD, bank.w_enc, bank.b_enc, groups, 4)
+        values_RK, ids_RK = GemmCompute().encode(rows_RD, bank.w_enc, bank.b_enc, groups, 4, None, 0)[:2]
     bf16 = [t.bfloat16().float() for t in (rows_RD, bank.w_enc[0], bank.b_enc[0])]
     pre_RM = (bf16[0] @ bf16[1].T + bf16[2]).bfloat16()
     expected_values, expected_ids = torch.topk(pre_RM, 4)

@@ -4,6 +4,8 @@ import pytest
 import torch
 from model_helpers import assert_same_forward_and_grads, make_switch, routed_inputs
 
+from sae_dist.models.auxk import dead_candidates
+
 
 @pytest.mark.parametrize("k", [3, 16])  # 16 = all latents of an expert: most selections are not positive
 def test_switch_matches_naive_with_an_empty_expert(k):
@@ -60,7 +62,7 @@ def test_gao_auxk_scale_is_the_normalised_aux_error_in_mse_units(kind):
     sae = make_switch(num_experts=2 if kind == "switch" else 1, latents=32, k=3, d=8, kind=kind, auxk_alpha=0.5)
     x_TD = routed_inputs(8, 2, [6, 4]).double()
     dead_mask = torch.rand(32, generator=torch.Generator().manual_seed(1)) < 0.5
-    out = sae(x_TD, dead_mask)
+    out = sae(x_TD, aux_candidates=dead_candidates(dead_mask, sae.num_local_experts))
     spec = sae.loss_terms(x_TD, out)["auxk"]
     sae.cfg.auxk_scale = "gao"
     gao = sae.loss_terms(x_TD, out)["auxk"]

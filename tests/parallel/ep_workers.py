@@ -21,8 +21,8 @@ from ep_helpers import (
 )
 
 from sae_dist.config import SAEConfig
+from sae_dist.models.auxk import dead_candidates
 from sae_dist.models.losses import total_loss
-from sae_dist.models.reference import naive_forward
 from sae_dist.parallel.all_to_all import AllToAllDispatcher
 from sae_dist.parallel.expert_parallel import ExpertParallelContext
 from sae_dist.parallel.mesh import ExpertMesh, build_mesh
@@ -31,6 +31,7 @@ from sae_dist.parallel.permute import capacity
 from sae_dist.run_dir import checkpoint_name
 from sae_dist.train import checkpoint as ckpt
 from sae_dist.train.trainer import Trainer
+from tests.reference import naive_forward
 
 EXACT = dict(rtol=0, atol=0)
 MODEL = dict(rtol=1e-5, atol=1e-6)
@@ -179,8 +180,8 @@ def check_model_equivalence(
     dead_L = torch.rand(cfg.num_latents, generator=torch.Generator().manual_seed(5)) < 0.5
     dispatcher = ep.dispatcher
 
-    ref = full(x_TD, dead_L)
-    out = ep(x_TD[mine], local_latents(dead_L, dispatcher))
+    ref = full(x_TD, dead_candidates(dead_L, full.num_local_experts))
+    out = ep(x_TD[mine], dead_candidates(local_latents(dead_L, dispatcher), ep.num_local_experts))
     assert torch.bincount(ref.routing.expert_T, minlength=4).tolist() == [9, 6, 0, 17]
     if experts_per_token > 1:
         assert ref.routing.gate_TE[:, 1].min() > 0.05, "expected second experts that matter"

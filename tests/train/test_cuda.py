@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from sae_dist.data import PrefetchingSource, build_activation_source
-from sae_dist.models.reference import reference_train_step
 from sae_dist.train.dead import DeadLatentTracker
 from sae_dist.train.init import init_biases_from_batch
 from sae_dist.train.trainer import Trainer
 from tests.parallel.ep_helpers import copy_checkpoint
+from tests.reference import reference_train_step
 from tests.train.test_step import BATCH, assert_same_weights, step_run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from sae_dist.data import build_activation_source
-from sae_dist.models.reference import reference_train_step
 from sae_dist.train.dead import DeadLatentTracker
 from sae_dist.train.init import init_biases_from_batch
 from sae_dist.train.trainer import Trainer
 from tests.conftest import small_run
+from tests.reference import reference_train_step
 
 BATCH = 64
 

@@ -1,5 +1,5 @@
-"""SAEs built on a bank of TopK experts: the Switch SAE (`switch.py`), the dense TopK SAE (`topk.py`) and
-BatchTopK experts (`batchtopk.py`) share this forward, loss and encode/decode.
+"""SAEs built on a bank of TopK experts (`ExpertSAE`): the Switch SAE (`switch.py`), the dense TopK SAE
+(`topk.py`) and BatchTopK experts (`batchtopk.py`) share this forward, loss and encode/decode.
 
 Forward, per token x:  with a router, p = softmax(W_router (x - b_router)) (float32) and E(x) = the e most probable
 experts (`sae.experts_per_token`; without a router E = {0}, p_0 = 1); per expert i in E(x),
@@ -21,22 +21,25 @@ the union, ties included. Rows a capacity limit dropped are never selected ahead
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+
 import torch
 from torch import Tensor, nn
 
 from sae_dist.config import SAEConfig
-from sae_dist.models.auxk import AuxCandidates, dead_candidates
+from sae_dist.models.auxk import AuxCandidates
 from sae_dist.models.base import SAE, Latents, SAEOutput
 from sae_dist.models.dispatch import ExpertGroups, ExpertRun, LocalDispatcher, TokenDispatcher
 from sae_dist.models.experts import ExpertBank, ExpertOutput, seeded_generator
-from sae_dist.models.kernels import sparse_decode
 from sae_dist.models.losses import BatchReducer, auxk_loss, fired_mask, reconstruction_loss
 from sae_dist.models.router import Router, load_balancing_loss
 from sae_dist.models.selection import union_topk_mask
+from sae_dist.models.sparse_compute import weighted_row_sum
 
 
-class BankedSAE(SAE):
-    """b_pre, an optional router, and an `ExpertBank` of the experts this dispatcher holds here.
+class ExpertSAE(SAE):
+    """An SAE whose latents live in experts: b_pre, an optional router, and an `ExpertBank` of the experts this
+    dispatcher holds here.
 
     Subclasses choose the router (`routed`), the encoder bias, the default AuxK weight and the bank class.
     """
@@ -123,10 +126,11 @@ class BankedSAE(SAE):
             biases["b_router"] = self.router.b_router
         return biases
 
-    def forward(
-        self, x_TD: Tensor, dead_mask_L: Tensor | None = None, aux_candidates: AuxCandidates | None = None
-    ) -> SAEOutput:
-        """AuxK (when on) selects among `aux_candidates`, or among the latents where `dead_mask_L` [L] is True."""
+    def in_place_weight_grads(self, enabled: bool) -> AbstractContextManager[None]:
+        return self.experts.in_place_weight_grads(enabled)
+
+    def forward(self, x_TD: Tensor, aux_candidates: AuxCandidates | None = None) -> SAEOutput:
+        """AuxK (when on) selects among `aux_candidates`; without them it does not run."""
         routing = self.router(x_TD) if self.router is not None else None
         rows_SD = x_TD - self.b_pre
         if routing is None:
@@ -135,8 +139,6 @@ class BankedSAE(SAE):
             expert_S, scores_S = routing.expert_TE.flatten(), routing.gate_TE.detach().flatten()
             if routing.expert_TE.shape[1] > 1:  # one row per (token, chosen expert), token-major
                 rows_SD = rows_SD.repeat_interleave(routing.expert_TE.shape[1], dim=0)
-        if aux_candidates is None and dead_mask_L is not None and self.k_aux:
-            aux_candidates = dead_candidates(dead_mask_L, self.experts.num_local)
         k_aux = self.k_aux if aux_candidates is not None else 0
 
         def run_experts(rows_RD: Tensor, groups: ExpertGroups) -> tuple[Tensor, tuple]:
@@ -218,7 +220,7 @@ class BankedSAE(SAE):
     def decode(self, latents: Latents) -> Tensor:
         """x_hat = sum_j f_j W_dec[id_j] + b_pre for latents from `encode`."""
         local_ids = latents.indices_TK - self.experts.first_expert * self.latents_per_expert
-        return sparse_decode(latents.values_TK, local_ids, self.experts.w_dec).float() + self.b_pre.float()
+        return weighted_row_sum(latents.values_TK, local_ids, self.experts.w_dec).float() + self.b_pre.float()
 
 
 def gate_weighted_sum(rows_SD: Tensor, gate_TE: Tensor) -> Tensor:

@@ -1,6 +1,7 @@
-"""The GEMM formulation of the expert compute: grouped GEMMs forward and backward, no scatter or gather of weights.
+"""The grouped-GEMM formulation of the expert compute (`GemmCompute`): grouped GEMMs forward and backward, no
+scatter or gather of weight rows.
 
-Same math as the sparse formulation (`kernels.py`), arranged for a GPU, where a dense GEMM over an expert's own
+Same math as the sparse formulation (`sparse_compute.py`), arranged for a GPU, where a dense GEMM over an expert's own
 rows is cheap and scatter/gather of weight rows is slow and memory-bound:
 - encoder: pre = x W_enc^e^T for every expert's rows in one `torch.nn.functional.grouped_mm`; TopK (and AuxK) on
   it; autograd's backward scatters the selected gradients into a dense [R, M_e] tensor and runs the grouped GEMMs
@@ -8,10 +9,13 @@ rows is cheap and scatter/gather of weight rows is slow and memory-bound:
 - decoder: the codes scattered into a dense [R, M_e] tensor, then one grouped GEMM with W_dec^e; the backward is
   two grouped GEMMs and a gather.
 Nothing is read back to the host. Where `grouped_mm` cannot run (torch < 2.9, float64, rows not 16-byte aligned)
-a per-expert loop of the same GEMMs takes its place.
+a per-expert loop of the same GEMMs takes its place. `expert_linear` and `grouped_matmul` also serve the BatchTopK
+experts (`batchtopk.py`) and the sparse encoder's forward on a GPU.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +23,11 @@ from torch import Tensor
 
 from sae_dist.models.auxk import AuxCandidates
 from sae_dist.models.dispatch import ExpertGroups
+from sae_dist.models.expert_compute import ExpertCodes, ExpertCompute
 from sae_dist.models.selection import aux_topk, topk_relu
+
+if TYPE_CHECKING:
+    from sae_dist.models.sparse_compute import SharedLatentOrder
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -98,7 +106,8 @@ def gemm_encode(
     aux: AuxCandidates | None = None,
     k_aux: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """`kernels.sparse_encode` computed with grouped GEMMs and autograd: same outputs, dense backward."""
+    """`GemmCompute.encode` as (values_RK, flat ids_RK, aux_values_RA, aux flat ids_RA), the aux pair empty
+    (A = 0) without candidates; differentiable through autograd."""
     width = w_enc_NMD.shape[1]
     pre_RM = expert_linear(x_RD, w_enc_NMD, groups, b_enc_NM)
     values_RK, columns_RK = topk_relu(pre_RM, k)
@@ -112,10 +121,40 @@ def gemm_encode(
 
 
 def gemm_decode(values_RK: Tensor, flat_ids_RK: Tensor, w_dec_NMD: Tensor, groups: ExpertGroups) -> Tensor:
-    """`kernels.sparse_decode` as one grouped GEMM over the codes scattered into [R, M_e]."""
+    """`GemmCompute.decode`: one grouped GEMM over the codes scattered into [R, M_e]."""
     width = w_dec_NMD.shape[1]
     columns_RK = flat_ids_RK - groups.expert_R[:, None] * width
     dtype = compute_dtype(values_RK)
     # In place into the fresh zeros: the out-of-place scatter copied the [R, M_e] tensor once more.
     codes_RM = values_RK.new_zeros(values_RK.shape[0], width, dtype=dtype).scatter_(1, columns_RK, values_RK.to(dtype))
     return grouped_matmul(codes_RM, w_dec_NMD, groups)
+
+
+class GemmCompute(ExpertCompute):
+    """The grouped-GEMM formulation; stateless: autograd accumulates its gradients, so `in_place_weight_grads`
+    changes nothing."""
+
+    def encode(
+        self,
+        rows_RD: Tensor,
+        w_enc_NMD: Tensor,
+        b_enc_NM: Tensor | None,
+        groups: ExpertGroups,
+        k: int,
+        aux: AuxCandidates | None,
+        k_aux: int,
+    ) -> ExpertCodes:
+        values_RK, ids_RK, aux_values_RA, aux_ids_RA = gemm_encode(rows_RD, w_enc_NMD, b_enc_NM, groups, k, aux, k_aux)
+        if aux is None:
+            return ExpertCodes(values_RK, ids_RK, None, None)
+        return ExpertCodes(values_RK, ids_RK, aux_values_RA, aux_ids_RA)
+
+    def decode(
+        self,
+        values_RK: Tensor,
+        ids_RK: Tensor,
+        w_dec_NMD: Tensor,
+        groups: ExpertGroups,
+        latent_order: SharedLatentOrder | None = None,
+    ) -> Tensor:
+        return gemm_decode(values_RK, ids_RK, w_dec_NMD, groups)

@@ -1,7 +1,9 @@
 """The authors' dense formulation of the Switch SAE: every expert's encoder on every token, then mask.
 
-It realises none of the FLOP saving; it is the oracle that the sparse, expert-grouped model is tested against and
-the baseline that benchmarks compare with.
+It realises none of the FLOP saving; it is the oracle that the sparse, expert-grouped model is tested against (in
+tests/models, tests/train and tests/parallel) and the dense-then-mask baseline of `benchmarks/bench_step.py`, which
+imports it as `tests.reference` with the repository root on its path. It stays out of the package: nothing that
+trains or evaluates runs it.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sae_dist.models.banked import BankedSAE
+from sae_dist.models.expert_sae import ExpertSAE
 
 
 def all_latents(z_TM: Tensor, expert_T: Tensor, num_experts: int) -> Tensor:
@@ -25,7 +27,7 @@ def dense_decode(z_TM: Tensor, expert_T: Tensor, w_dec_NMD: Tensor) -> Tensor:
     return all_latents(z_TM, expert_T, w_dec_NMD.shape[0]) @ w_dec_NMD.flatten(0, 1)
 
 
-def naive_forward(sae: BankedSAE, x_TD: Tensor, dead_mask_L: Tensor | None = None, kept_TE: Tensor | None = None):
+def naive_forward(sae: ExpertSAE, x_TD: Tensor, dead_mask_L: Tensor | None = None, kept_TE: Tensor | None = None):
     """Dense forward with the weights of `sae`: (x_hat_TD, f_TL = sum over chosen experts of p * z, over all local
     latents, loss terms). Top-e routing: each of a token's e most probable experts is one slot, decoded on its own;
     under union TopK the slots' z come from one TopK over all of the chosen experts' gated activations. `kept_TE`
@@ -88,7 +90,7 @@ def naive_forward(sae: BankedSAE, x_TD: Tensor, dead_mask_L: Tensor | None = Non
 
 
 def reference_train_step(
-    sae: BankedSAE,
+    sae: ExpertSAE,
     optimizer: torch.optim.Optimizer,
     x_TD: Tensor,
     max_norm: float,

@@ -64,7 +64,7 @@ ON_RESUME = (FIXED, CHANGEABLE, PER_COMMAND)
 VALIDATE = "sae_dist.config.validate"
 LAYOUT = "sae_dist.parallel.mesh.validate_layout"
 PREFLIGHT = "sae_dist.train.preflight"
-ARCHITECTURE = "the architecture's check_config (sae_dist/models)"
+ARCHITECTURE = "sae_dist.models.base.SAE.check_config"
 CHECKERS = (VALIDATE, LAYOUT, PREFLIGHT, ARCHITECTURE)
 
 
@@ -104,7 +104,7 @@ class SAEConfig:
     kind: str = option("switch", checked_by=(VALIDATE,))
     """Architecture, by its registered name (`sae_dist.models.architecture_names()`): 'switch' (Switch SAE),
     'topk' (dense TopK baseline), 'relu' (ReLU + L1 baseline), 'batchtopk' (Switch SAE with BatchTopK experts)."""
-    num_latents: int = option(65536, checked_by=(VALIDATE, LAYOUT))
+    num_latents: int = option(65536, checked_by=(VALIDATE,))
     """M, the total number of latents over all experts."""
     num_experts: int = option(8, checked_by=(VALIDATE, ARCHITECTURE, LAYOUT))
     """N, the number of expert SAEs (must be 1 for 'topk' and 'relu')."""

@@ -84,24 +84,25 @@ class OptionFacts:
 
 
 FACTS_KEY = "sae_dist"
+"""The key of a field's metadata that holds its OptionFacts."""
 
 
-def option(default: Any = MISSING, *, default_factory: Callable[[], Any] | Any = MISSING, on_resume: str = FIXED,
+def option(default: Any = MISSING, *, default_factory: Callable[[], Any] | None = None, on_resume: str = FIXED,
            changes_math: bool = True, performance: bool = False,
            checked_by: tuple[str, ...] = (VALIDATE,)) -> Any:
-    """A dataclass field carrying its `OptionFacts`."""
-    facts = OptionFacts(on_resume, changes_math, performance, checked_by)
-    if default_factory is not MISSING:
-        return field(default_factory=default_factory, metadata={FACTS_KEY: facts})
-    return field(default=default, metadata={FACTS_KEY: facts})
-
+    """A dataclass field carrying its `OptionFacts` (the defaults: fixed on resume, part of what is learned, checked
+    by `validate`)."""
+    metadata = {FACTS_KEY: OptionFacts(on_resume, changes_math, performance, checked_by)}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class SAEConfig:
     """The sparse autoencoder (SPEC sections 1-2)."""
 
-    kind: str = option("switch", checked_by=(VALIDATE,))
+    kind: str = option("switch")
     """Architecture, by its registered name (`sae_dist.models.architecture_names()`): 'switch' (Switch SAE),
     'topk' (dense TopK baseline), 'relu' (ReLU + L1 baseline), 'batchtopk' (Switch SAE with BatchTopK experts)."""
     num_latents: int = option(65536, checked_by=(VALIDATE,))

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from sae_dist.data.cache_writer import write_cache
+from sae_dist.data.synthetic import SyntheticSource
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "sae_dist"
 
@@ -234,10 +237,22 @@ def test_bad_option_is_reported_before_the_heavy_libraries_load(bad):
     assert _loaded(result) == []
 
 
+TINY_RUN = ["trainer.steps=2", "trainer.batch_size=64", "trainer.log_every=1", "trainer.progress=false",
+            "trainer.tensorboard=false", "sae.num_latents=256", "sae.num_experts=4", "sae.k=4"]
+
+
 def test_a_synthetic_run_trains_without_transformers_or_datasets(tmp_path):
-    result = _train(["data=synthetic", "trainer.steps=2", "trainer.batch_size=64", "trainer.log_every=1",
-                     f"trainer.out_dir={tmp_path / 'run'}", "trainer.progress=false", "trainer.tensorboard=false",
-                     "sae.num_latents=256", "data.d_model=32", "data.synthetic_features=64"])
+    result = _train(["data=synthetic", *TINY_RUN, f"trainer.out_dir={tmp_path / 'run'}", "data.d_model=32",
+                     "data.synthetic_features=64"])
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "run" / "checkpoints").is_dir()
+    assert _loaded(result) == []
+
+
+def test_a_cached_run_trains_without_transformers_or_datasets(tmp_path):
+    write_cache(SyntheticSource(32, 64, 4, 0.01), tmp_path / "cache", num_tokens=512, shard_tokens=256)
+    result = _train(["data=cache", f"data.cache_dir={tmp_path / 'cache'}", "data.shuffle_buffer=256", *TINY_RUN,
+                     f"trainer.out_dir={tmp_path / 'run'}"])
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "run" / "checkpoints").is_dir()
     assert _loaded(result) == []

@@ -279,7 +279,8 @@ class TrainerConfig:
 class ParallelConfig:
     """Expert parallelism (SPEC section 8)."""
 
-    ep_size: int | None = option(None, on_resume=CHANGEABLE, changes_math=False, checked_by=(VALIDATE, LAYOUT))
+    ep_size: int | None = option(None, on_resume=CHANGEABLE, changes_math=False,
+                                 checked_by=(VALIDATE, LAYOUT))
     """P, the ranks that together hold all experts; None = the world size."""
     capacity_factor: float | None = option(None, checked_by=(VALIDATE, LAYOUT))
     """None = dropless; c caps each (rank, expert) pair at ceil(c * T_local / N) tokens (Switch SAE under torchrun)."""

@@ -5,6 +5,7 @@ experiment first and the performance switches apart. Regenerate with `python -m 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from sae_dist.cli import field_docs
 from sae_dist.config import (
@@ -58,7 +59,7 @@ def _rows(performance: bool) -> list[str]:
 
 
 def _row(name: str, default: str, facts: OptionFacts, doc: str) -> str:
-    first_sentence = doc.split(". ")[0].rstrip(".").replace("|", "\\|")
+    first_sentence = re.split(r"(?<=[A-Za-z0-9)'])\. (?=[A-Z'])", doc)[0].rstrip(".").replace("|", "\\|")
     learned = "yes" if facts.changes_math else "no"
     checked = ", ".join(f"`{checker}`" for checker in facts.checked_by) or "-"
     on_resume = f"**{facts.on_resume}**" if facts.on_resume == CHANGEABLE else facts.on_resume
@@ -66,7 +67,8 @@ def _row(name: str, default: str, facts: OptionFacts, doc: str) -> str:
 
 
 def options_markdown() -> str:
-    head = "| option | default | on resume | changes what is learned | checked by | what it is |\n|---|---|---|---|---|---|"
+    head = ("| option | default | on resume | changes what is learned | checked by | what it is |\n"
+            "|---|---|---|---|---|---|")
     return "\n".join([
         HEADER,
         "## What an experiment chooses",

@@ -89,7 +89,7 @@ def hub_download_hint(name: str) -> str:
 
 
 def load_lm(
-    cfg: ModelConfig, device: str | torch.device = "cpu", auto_class: type | None = None
+    cfg: ModelConfig, device: str | torch.device = "cpu", auto_class: type | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) for `cfg`, in eval mode without gradients, on `device`, in `cfg.dtype` (`config.resolve_dtype`),
     its tanh-approximated GELUs as one kernel each (`fuse_tanh_gelu`).

@@ -16,7 +16,6 @@ import sys
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Iterator
-
 from typing import TYPE_CHECKING
 
 import numpy as np

@@ -17,14 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from omegaconf import OmegaConf
 
 from sae_dist.launcher_env import run_stamp, sweep_job_name
-
-if TYPE_CHECKING:
-    from sae_dist.flops import FlopsPerToken
 
 DATA_SOURCES = ("lm", "synthetic", "cache")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -327,7 +324,8 @@ def options_where(predicate: Callable[[OptionFacts], bool]) -> tuple[str, ...]:
 
 # --- the rules of each SAE kind ------------------------------------------------------------------------------------
 class ArchitectureFacts(Protocol):
-    """What validation and the layout read from an SAE kind's registered class (`sae_dist.models.base.SAE`)."""
+    """An SAE kind's registered class (`sae_dist.models.base.SAE`) as validation and the layout read it; the FLOPs
+    count (`sae_dist.flops`) reads its `flops_per_token` too."""
 
     routed: bool
     uses_k: bool
@@ -335,9 +333,6 @@ class ArchitectureFacts(Protocol):
 
     @classmethod
     def check_config(cls, cfg: SAEConfig) -> None: ...
-
-    @classmethod
-    def flops_per_token(cls, cfg: SAEConfig, d_model: int) -> FlopsPerToken: ...
 
 
 _lookup_architecture: Callable[[str], ArchitectureFacts] | None = None

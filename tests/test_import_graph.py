@@ -2,9 +2,10 @@
 and the training launcher's imports: bad input is reported, and synthetic runs train, without the heavy libraries.
 
 The graph is read from the source with `ast`: every `import` statement of every module, at module level or inside a
-function. Imports under `if TYPE_CHECKING:` never run, so they cannot close an import cycle and are left out of the
-cycle check; a name they bring in is still a dependency on what it names, so the layer check counts them: a lower
-floor must not name a higher floor's types either.
+function. Imports under `if TYPE_CHECKING:` count like the others, in the cycle check and the floor check: they never
+run, but a module that names another's types depends on it all the same, and a type-only cycle becomes an import
+error the day one of its imports is needed at run time (an isinstance, a default value). The guard hides a cycle;
+it does not remove it.
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ class Import:
     imported: str
     line: int
     in_function: bool
-    type_checking: bool
 
 
 def module_name(path: Path) -> str:
@@ -58,12 +58,6 @@ def module_name(path: Path) -> str:
 
 def all_modules() -> dict[str, Path]:
     return {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
-
-
-def _is_type_checking(node: ast.If) -> bool:
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def _targets(node: ast.Import | ast.ImportFrom, importer: str, is_package: bool, modules: set[str]) -> list[str]:
@@ -85,19 +79,15 @@ def imports_of(name: str, path: Path, modules: set[str]) -> list[Import]:
     tree = ast.parse(path.read_text(), str(path))
     found: list[Import] = []
 
-    def visit(node: ast.AST, in_function: bool, type_checking: bool) -> None:
+    def visit(node: ast.AST, in_function: bool) -> None:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, (ast.Import, ast.ImportFrom)):
                 for target in _targets(child, name, path.name == "__init__.py", modules):
-                    found.append(Import(name, target, child.lineno, in_function, type_checking))
-            elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-                visit(child, True, type_checking)
-            elif isinstance(child, ast.If) and _is_type_checking(child):
-                visit(child, in_function, True)
+                    found.append(Import(name, target, child.lineno, in_function))
             else:
-                visit(child, in_function, type_checking)
+                visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)))
 
-    visit(tree, False, False)
+    visit(tree, False)
     return found
 
 
@@ -168,7 +158,7 @@ def test_every_module_is_on_a_floor():
 
 
 def test_no_import_cycle():
-    found = cycles([edge for edge in import_graph() if not edge.type_checking])
+    found = cycles(import_graph())
     assert not found, "import cycles: " + "; ".join(" <-> ".join(component) for component in found)
 
 
@@ -184,7 +174,7 @@ def test_no_import_climbs_a_floor():
 
 def test_the_graph_reader_finds_what_it_should(tmp_path):
     """The reader on a known file: a relative import, a submodule named by `from package import`, an import in a
-    function and one under TYPE_CHECKING."""
+    function and one under TYPE_CHECKING (a module-level import like the others)."""
     source = tmp_path / "m.py"
     source.write_text(
         "from typing import TYPE_CHECKING\n"
@@ -196,12 +186,11 @@ def test_the_graph_reader_finds_what_it_should(tmp_path):
         "    import sae_dist.flops\n"
     )
     modules = {"sae_dist.run_dir", "sae_dist.config", "sae_dist.models.base", "sae_dist.flops"}
-    found = {(imp.imported, imp.in_function, imp.type_checking)
-             for imp in imports_of("sae_dist.m", source, modules)}
-    assert found == {("sae_dist.run_dir", False, False), ("sae_dist.config", False, False),
-                     ("sae_dist.models.base", False, True), ("sae_dist.flops", True, False)}
-    a_to_b = Import("a", "b", 1, False, False)
-    b_to_a = Import("b", "a", 1, False, False)
+    found = {(imp.imported, imp.in_function) for imp in imports_of("sae_dist.m", source, modules)}
+    assert found == {("sae_dist.run_dir", False), ("sae_dist.config", False), ("sae_dist.models.base", False),
+                     ("sae_dist.flops", True)}
+    a_to_b = Import("a", "b", 1, False)
+    b_to_a = Import("b", "a", 1, False)
     assert cycles([a_to_b, b_to_a]) == [["a", "b"]]
     assert cycles([a_to_b]) == []
 

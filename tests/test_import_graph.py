@@ -1,5 +1,6 @@
 """The package's import graph: no cycle, no function-level import of a sae_dist module, no import that climbs a floor;
-and the training launcher's imports: bad input is reported, and synthetic runs train, without the heavy libraries.
+and the training launcher's imports: bad input is reported, and synthetic and cached runs train, without the heavy
+libraries.
 
 The graph is read from the source with `ast`: every `import` statement of every module, at module level or inside a
 function. Imports under `if TYPE_CHECKING:` count like the others, in the cycle check and the floor check: they never

@@ -6,6 +6,7 @@ import functools
 from abc import ABC, abstractmethod
 
 import numpy as np
+from huggingface_hub import HfApi
 from torch import Tensor
 
 
@@ -60,8 +61,6 @@ HUB_PROBE_TIMEOUT_S = 5.0
 def _hub_answers(repo_id: str, repo_type: str) -> None:
     """One metadata request; an answer is remembered for the process (the preflight and the loader both ask),
     a failure is not."""
-    from huggingface_hub import HfApi  # only runs that read the Hub load its client
-
     HfApi().repo_info(repo_id, repo_type=repo_type, timeout=HUB_PROBE_TIMEOUT_S)
 
 

@@ -18,13 +18,13 @@ from pathlib import Path
 
 from sae_dist.cli import (
     add_config_options,
-    check_inspection,
     check_output,
     command_parser,
     fail,
     one_line_errors,
     require_positive,
 )
+from sae_dist.cli_inspection import check_inspection
 from sae_dist.eval.autointerp import AutoInterpConfig, ChatClient, run_autointerp
 from sae_dist.eval.inspect import inspect_checkpoint
 from sae_dist.run_dir import write_atomically

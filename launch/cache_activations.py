@@ -31,6 +31,7 @@ from sae_dist.config import (
     RunConfig,
     TrainerConfig,
     as_dict,
+    register_configs,
     resolve_dtype,
     to_cache_job_config,
 )
@@ -131,6 +132,7 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    register_configs()
     run_hydra_app(hydra_main)
 
 

@@ -9,7 +9,8 @@ DIR/features.txt (the same as text, active tokens in «»), and DIR/histograms.p
 
 from __future__ import annotations
 
-from sae_dist.cli import check_inspection, check_output, command_parser, one_line_errors, require_positive
+from sae_dist.cli import check_output, command_parser, one_line_errors, require_positive
+from sae_dist.cli_inspection import check_inspection
 from sae_dist.eval.inspect import inspect_checkpoint, write_report
 
 

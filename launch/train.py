@@ -17,12 +17,17 @@ import os
 from datetime import timedelta
 
 import hydra
+import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from sae_dist.cli import one_line_errors, run_hydra_app
-from sae_dist.config import RunConfig, to_run_config
-from sae_dist.parallel.mesh import launched_by_torchrun, validate_layout
+from sae_dist.config import RunConfig, register_configs, to_run_config
+from sae_dist.parallel.expert_parallel import ExpertParallelContext
+from sae_dist.parallel.failures import on_every_rank
+from sae_dist.parallel.mesh import broadcast_object, init_process_group, launched_by_torchrun, validate_layout
+from sae_dist.train.deepspeed_engine import import_deepspeed
+from sae_dist.train.multi import prepare_sweep, train_sweep
 from sae_dist.train.preflight import check_device
 from sae_dist.train.run import prepare_run, train_from_config, train_planned
 
@@ -30,12 +35,6 @@ from sae_dist.train.run import prepare_run, train_from_config, train_planned
 def train_distributed(run: RunConfig, overrides: list[str]) -> None:
     """One rank of a torchrun job: check the layout, join the process group, agree on the run folder and the run's
     config, build the expert-parallel context from that config, train, leave."""
-    import torch.distributed as dist
-
-    from sae_dist.parallel.expert_parallel import ExpertParallelContext
-    from sae_dist.parallel.failures import on_every_rank
-    from sae_dist.parallel.mesh import broadcast_object, init_process_group
-
     world = int(os.environ.get("WORLD_SIZE", "1"))  # 1: the DeepSpeed engine in one process
     validate_layout(run, world)
     device = check_device(run.trainer.device)
@@ -44,8 +43,6 @@ def train_distributed(run: RunConfig, overrides: list[str]) -> None:
         # Ranks on other nodes may have resolved the default folder's stamp otherwise.
         run.trainer.out_dir = broadcast_object(run.trainer.out_dir)
         if run.sweep:
-            from sae_dist.train.multi import prepare_sweep, train_sweep
-
             plans = on_every_rank(lambda: prepare_sweep(run, world, overrides))
             train_sweep(plans, ExpertParallelContext.from_config(plans[0].run, plans[0].device.type))
         else:
@@ -61,8 +58,6 @@ def hydra_main(cfg: DictConfig) -> None:
         run = to_run_config(cfg)
         overrides = list(HydraConfig.get().overrides.task)
         if run.trainer.engine == "deepspeed":
-            from sae_dist.train.deepspeed_engine import import_deepspeed
-
             import_deepspeed(check_device(run.trainer.device).type)  # a missing install fails here, before any work
         if launched_by_torchrun() or run.trainer.engine == "deepspeed":
             train_distributed(run, overrides)
@@ -71,6 +66,7 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    register_configs()
     run_hydra_app(hydra_main)
 
 

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 
 from sae_dist.config import ModelConfig, RunConfig, validate
+from sae_dist.data.lm import HookedLM, load_lm
+from sae_dist.data.text import ContextCutter
 from sae_dist.models import SAE, build_sae
 from sae_dist.run_dir import load_model_weights, read_checkpoint_config, resolve_checkpoint
 
@@ -36,15 +38,13 @@ class ActivationSite:
     tokenised and cut into contexts of at most `ctx_len` tokens (`ContextCutter`), the contexts run through the
     model up to that block (`HookedLM.capture`), padding dropped.
 
-    `model` is a Hugging Face id or 'minilm-bundled'; `path` a local copy; `dtype` as `model.dtype`.
+    `model` is a Hugging Face id or 'minilm-bundled'; `path` a local copy; `dtype` as `model.dtype`. transformers
+    loads when a site is made, not when this module is imported.
     """
 
     def __init__(self, model: str = "openai-community/gpt2", layer: int = 8, ctx_len: int = 128,
                  path: str | None = None, dtype: str = "auto", device: str | torch.device = "cpu",
                  batch_size: int = 32):
-        from sae_dist.data.lm import HookedLM, load_lm  # transformers loads when a site is made, not on import
-        from sae_dist.data.text import ContextCutter
-
         cfg = ModelConfig(name=model, path=path, layer=layer, dtype=dtype)
         validate(RunConfig(model=cfg))
         self.lm_model, self.tokenizer = load_lm(cfg, device)

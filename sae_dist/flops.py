@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sae_dist.config import SAEConfig
+from sae_dist.config import SAEConfig, architecture_facts
 
 
 @dataclass(frozen=True)
@@ -30,9 +30,7 @@ class FlopsPerToken:
 
 def flops_per_token(sae: SAEConfig, d_model: int) -> FlopsPerToken:
     """FLOPs per token of one training step for `sae` on d-dimensional activations (its architecture's count)."""
-    from sae_dist.models.base import architecture  # the models import this module for FlopsPerToken
-
-    return architecture(sae.kind).flops_per_token(sae, d_model)
+    return architecture_facts(sae.kind).flops_per_token(sae, d_model)
 
 
 def training_flops(sae: SAEConfig, d_model: int, tokens: int) -> dict[str, float]:

@@ -9,7 +9,26 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from sae_dist.config import ConfigError, RunConfig, error_line, to_run_config
+from sae_dist.config import (
+    ARCHITECTURE,
+    CHECKERS,
+    LAYOUT,
+    ON_RESUME,
+    PREFLIGHT,
+    VALIDATE,
+    ConfigError,
+    RunConfig,
+    error_line,
+    option_facts,
+    options_where,
+    register_configs,
+    to_run_config,
+)
+from sae_dist.eval import runs
+from sae_dist.options_doc import options_markdown
+from sae_dist.train import identity
+
+register_configs()
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -140,3 +159,66 @@ def test_paper_experiment_without_network_fails_at_once_naming_the_download(tmp_
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert "openai-community/gpt2" in lines[0] and "model.path=" in lines[0]
     assert elapsed < 60
+
+
+# --- each option's facts ----------------------------------------------------------------------------------------
+CHECKER_SOURCES = {
+    VALIDATE: ROOT / "sae_dist" / "config.py",
+    LAYOUT: ROOT / "sae_dist" / "parallel" / "mesh.py",
+    PREFLIGHT: ROOT / "sae_dist" / "train" / "preflight.py",
+    ARCHITECTURE: ROOT / "sae_dist" / "models" / "base.py",
+}
+
+
+def test_every_option_declares_its_facts():
+    facts = option_facts()
+    assert len(facts) == 71 and "sae.k" in facts and "parallel.timeout_s" in facts
+    for name, fact in facts.items():
+        assert fact.on_resume in ON_RESUME, name
+        assert set(fact.checked_by) <= set(CHECKERS), name
+
+
+def test_the_checkers_an_option_names_read_it():
+    """An option that names a checker is read by that checker's code (its dotted or its bare name)."""
+    code = {checker: path.read_text() for checker, path in CHECKER_SOURCES.items()}
+    validate_code = code[VALIDATE][code[VALIDATE].index("def validate("):]
+    code[VALIDATE] = validate_code
+    for name, fact in option_facts().items():
+        for checker in fact.checked_by:
+            bare = name.rsplit(".", 1)[-1]
+            assert name in code[checker] or f'"{bare}"' in code[checker] or f".{bare}" in code[checker], (name, checker)
+
+
+def test_identity_and_plots_read_the_declared_facts():
+    """What a continued run may change and what never splits a plot's line: the settings of before the facts moved
+    beside the options, now derived from them."""
+    assert set(identity.MAY_CHANGE) == {
+        "name", "trainer.steps", "trainer.log_every", "trainer.checkpoint_every", "trainer.keep_checkpoints",
+        "trainer.progress", "trainer.tensorboard", "trainer.profile_steps", "trainer.device", "trainer.on_nonfinite",
+        "trainer.engine", "trainer.zero_stage", "parallel.ep_size", "parallel.timeout_s", "data.lm_batch_size",
+        "data.prefetch", "data.tokenizer_workers", "data.pretokenize", "data.cache_verify",
+    }
+    assert set(identity.THIS_INVOCATION) == {"trainer.out_dir", "trainer.resume"}
+    assert runs.NOT_COMPARED == (set(identity.MAY_CHANGE) | set(identity.THIS_INVOCATION)) - {"trainer.steps"}
+
+
+def test_performance_switches_are_declared_apart():
+    assert options_where(lambda facts: facts.performance) == (
+        "sae.encoder_backward", "sae.decoder", "model.compile", "data.lm_batch_size", "data.prefetch",
+        "data.tokenizer_workers", "data.pretokenize", "trainer.optimizer_state", "trainer.cuda_graph",
+        "trainer.engine", "trainer.zero_stage", "parallel.a2a_chunks",
+    )
+
+
+def test_the_options_page_is_current():
+    assert (ROOT / "docs" / "options.md").read_text() == options_markdown(), (
+        "docs/options.md is stale: python -m sae_dist.options_doc > docs/options.md")
+
+
+def test_importing_the_config_registers_nothing_with_hydra():
+    code = ("import sys; from hydra.core.config_store import ConfigStore; import sae_dist.config as c; "
+            "print(c.SCHEMA_NAME + '.yaml' in ConfigStore.instance().repo); c.register_configs(); "
+            "print(c.SCHEMA_NAME + '.yaml' in ConfigStore.instance().repo)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}).stdout.split()
+    assert out == ["False", "True"]

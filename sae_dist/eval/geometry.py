@@ -19,6 +19,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from sae_dist.eval.plots import new_figure, save_figure
+
 DUPLICATE_COSINE = 0.9
 _CHUNK_ELEMENTS = 2**24
 """Cosines held at once: 64 MB of float32."""
@@ -130,8 +132,6 @@ def tsne_2d(rows_NMD: Tensor, max_points: int = 4000, seed: int = 0) -> tuple[Te
 
 def plot_tsne(embeddings: dict[str, tuple[Tensor, Tensor]], out: str | Path, title: str = "") -> Path:
     """One scatter panel per named embedding (e.g. 'encoder', 'decoder'), points coloured by expert."""
-    from sae_dist.eval.plots import new_figure, save_figure
-
     fig, axes = new_figure(1, len(embeddings), figsize=(5.0 * len(embeddings), 4.6))
     for ax, (name, (points_P2, expert_P)) in zip(axes[0], embeddings.items(), strict=True):
         scatter = ax.scatter(points_P2[:, 0], points_P2[:, 1], c=expert_P, cmap="tab20", s=3, linewidths=0)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sae_dist.config import RunConfig
+from sae_dist.config import RunConfig, options_where
 from sae_dist.models import architecture
 from sae_dist.run_dir import (
     EVAL_FILE,
@@ -36,10 +36,10 @@ from sae_dist.run_dir import (
     read_metrics,
     read_run_config,
 )
-from sae_dist.train.identity import MAY_CHANGE, THIS_INVOCATION
 
-NOT_COMPARED = (set(MAY_CHANGE) | set(THIS_INVOCATION)) - {"trainer.steps"}
-"""Settings that do not change what an SAE learns (where it ran, how often it logged): never split a line."""
+NOT_COMPARED = set(options_where(lambda facts: not facts.changes_math))
+"""Settings that do not change what an SAE learns (where it ran, how often it logged), as each option declares
+(`sae_dist.config.option`): never split a line."""
 SHORT_NAMES = {
     "sae.kind": "kind", "sae.num_experts": "N", "sae.num_latents": "M", "sae.k": "k", "trainer.steps": "steps",
     "trainer.batch_size": "batch", "trainer.lr": "lr", "data.source": "data", "model.name": "model",

@@ -19,9 +19,8 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from sae_dist.config import ConfigError, RunConfig
+from sae_dist.config import ConfigError, RunConfig, architecture_facts
 from sae_dist.launcher_env import restart_count
-from sae_dist.models.base import architecture
 
 
 def launched_by_torchrun() -> bool:
@@ -33,7 +32,7 @@ def expert_parallel_size(run: RunConfig, world_size: int) -> int:
     """P: parallel.ep_size, by default the whole world for a routed SAE and 1 (pure data parallel) otherwise."""
     if run.parallel.ep_size is not None:
         return run.parallel.ep_size
-    return world_size if architecture(run.sae.kind).routed else 1
+    return world_size if architecture_facts(run.sae.kind).routed else 1
 
 
 def validate_layout(run: RunConfig, world_size: int) -> int:

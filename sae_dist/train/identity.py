@@ -2,9 +2,10 @@
 
 The saved config is the truth: the latest checkpoint's config.json, or, before the first checkpoint, the run's
 config.yaml (written once when the run starts, never rewritten). When a run continues, a setting given on the
-command line must equal the saved one unless it is in `MAY_CHANGE` (how long to train, how often to log and
-checkpoint, where and on how many ranks); an accepted change is recorded in the run's resume history. A setting
-not given keeps its saved value, so `trainer.out_dir=RUN` alone continues RUN exactly as it was defined.
+command line must equal the saved one unless it may change (`MAY_CHANGE`, as each option declares in
+`sae_dist/config.py`: how long to train, how often to log and checkpoint, where and on how many ranks); an
+accepted change is recorded in the run's resume history. A setting not given keeps its saved value, so
+`trainer.out_dir=RUN` alone continues RUN exactly as it was defined.
 """
 
 from __future__ import annotations
@@ -14,40 +15,29 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from sae_dist.config import ConfigError, RunConfig, from_dict, resolve_dtype, resume_mode
+from sae_dist.config import (
+    CHANGEABLE,
+    PER_COMMAND,
+    ConfigError,
+    RunConfig,
+    from_dict,
+    options_where,
+    resolve_dtype,
+    resume_mode,
+)
 from sae_dist.run_dir import flat_settings, latest_checkpoint, read_checkpoint_config, read_run_config
 from sae_dist.train.preflight import check_device
 
-MAY_CHANGE = (
-    "name",
-    "trainer.steps",
-    "trainer.log_every",
-    "trainer.checkpoint_every",
-    "trainer.keep_checkpoints",
-    "trainer.progress",
-    "trainer.tensorboard",
-    "trainer.profile_steps",
-    "trainer.device",
-    "trainer.on_nonfinite",
-    "trainer.engine",
-    "trainer.zero_stage",
-    "parallel.ep_size",
-    "parallel.timeout_s",
-    "data.lm_batch_size",
-    "data.prefetch",
-    "data.tokenizer_workers",
-    "data.pretokenize",
-    "data.cache_verify",
-)
-"""Settings a continued run may change: none changes what the SAE learns from which data (the world size, not a
-setting, may change too)."""
+MAY_CHANGE = options_where(lambda facts: facts.on_resume == CHANGEABLE)
+"""Settings a continued run may change, as each option declares (`sae_dist.config.option`): none changes what the
+SAE learns from which data (the world size, not a setting, may change too)."""
 
 DTYPE_SETTINGS = ("model.dtype", "trainer.dtype")
 """Compared as the dtypes they resolve to on this run's device: a run saved with float32 before 'auto' was the
 default continues under 'auto' on a CPU, where 'auto' means float32, and keeps its saved value."""
 
-THIS_INVOCATION = ("trainer.out_dir", "trainer.resume")
-"""How this command found the run: always taken from the command, never compared."""
+THIS_INVOCATION = options_where(lambda facts: facts.on_resume == PER_COMMAND)
+"""How this command found the run (trainer.out_dir, trainer.resume): always taken from the command, never compared."""
 
 
 class RunDirectoryError(ConfigError):

@@ -10,7 +10,9 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from sae_dist.config import RunConfig, to_run_config
+from sae_dist.config import RunConfig, register_configs, to_run_config
+
+register_configs()
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 GRIDS = sorted(p.stem for p in (CONF / "experiment" / "paper").glob("*.yaml"))

@@ -53,10 +53,11 @@ def no_loading(monkeypatch):
     import sae_dist.eval.inspect
     import sae_dist.train.run
 
-    monkeypatch.setattr(sae_dist.data.lm, "load_lm", tripwire)
     monkeypatch.setattr(sae_dist.train.run, "build_activation_source", tripwire)
     for module in (sae_dist.api, sae_dist.eval.evaluate, sae_dist.eval.inspect):
         monkeypatch.setattr(module, "load_sae", tripwire)
+    for module in (sae_dist.data.lm, sae_dist.api, sae_dist.eval.evaluate, sae_dist.eval.inspect):  # bound by name
+        monkeypatch.setattr(module, "load_lm", tripwire)
 
 
 @pytest.fixture

@@ -13,6 +13,10 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from sae_dist.config import register_configs
+
+register_configs()
+
 ROOT = Path(__file__).resolve().parents[2]
 SLURM = ROOT / "launch" / "slurm"
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from sae_dist.config import ConfigError, to_run_config
+from sae_dist.config import ConfigError, register_configs, to_run_config
 from sae_dist.data.synthetic import SyntheticSource
 from sae_dist.parallel.expert_parallel import ExpertParallelContext
 from sae_dist.parallel.failures import CollectiveError, PeerFailedError, on_every_rank
@@ -21,6 +21,8 @@ from sae_dist.train.preemption import StopRequested
 from sae_dist.train.run import train_from_config
 from sae_dist.train.trainer import NonFiniteError, Trainer
 from tests.train.faults import FaultySource, poison, stall
+
+register_configs()
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 JOB = ["name=restart", "data=synthetic", "data.d_model=32", "sae.num_latents=256", "sae.num_experts=4", "sae.k=4",

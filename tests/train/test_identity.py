@@ -10,12 +10,14 @@ from __future__ import annotations
 import pytest
 from hydra import compose, initialize_config_dir
 
-from sae_dist.config import to_run_config
+from sae_dist.config import register_configs, to_run_config
 from sae_dist.run_dir import latest_checkpoint, read_checkpoint_config, read_history, read_metrics
 from sae_dist.train.identity import RunDirectoryError, continue_config, explicit_settings
 from sae_dist.train.run import train_from_config
 from tests.conftest import small_run
 from tests.test_config import CONF
+
+register_configs()
 
 FIRST = ["data=synthetic", "data.d_model=32", "sae.num_latents=512", "sae.num_experts=4", "sae.k=4",
          "trainer.batch_size=128", "trainer.steps=4", "trainer.log_every=2", "trainer.checkpoint_every=2",

@@ -18,11 +18,11 @@ from sae_dist.config import ConfigError, RunConfig, error_line, to_run_config
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
-def compose_config(overrides: list[str]) -> DictConfig:
-    """conf/config.yaml with `overrides`, unresolved (Hydra's errors as one-line ConfigErrors)."""
+def compose_config(overrides: list[str], config_name: str = "config") -> DictConfig:
+    """conf/<config_name>.yaml with `overrides`, unresolved (Hydra's errors as one-line ConfigErrors)."""
     try:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return compose(config_name="config", overrides=list(overrides))
+            return compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(error_line(exc)) from None
 

@@ -36,6 +36,8 @@ MEANING = {
                         "`sae_dist/parallel/mesh.py`).",
 }
 """Meanings the page states otherwise than the field's docstring, where the docstring falls short of the code."""
+MATH_CITATION = re.compile(r"(?:SPEC|docs/math\.md) section (\d+)")
+"""A docstring's citation of the math, as a link to its section of docs/math.md."""
 START, END = "<!-- config-table:start -->", "<!-- config-table:end -->"
 RUN_STAMP = re.compile(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d$")
 
@@ -85,7 +87,8 @@ def rows() -> list[list[str]]:
         for field in dataclasses.fields(cls):
             values = [render(composed[label][group][field.name]) for label in COMPOSED]
             key = f"{group}.{field.name}"
-            meaning = MEANING.get(key, docs.get(field.name, ""))
+            meaning = MATH_CITATION.sub(r"[the math, section \1](math.md#section-\1)",
+                                        MEANING.get(key, docs.get(field.name, "")))
             table.append([f"`{key}`", render(default_of(field)), *values, meaning])
     return table
 

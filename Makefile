@@ -31,7 +31,7 @@ lint: install
 docs: install
 	$(PY) -m pip install -q -e ".[docs]"
 	sed -e 's#](docs/#](#g' README.md > docs/index.md
-	$(VENV)/bin/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 # The Docker image's pins: every package of the venv the tests ran in (torch without the CPU build's +cpu).
 constraints: install

@@ -133,6 +133,7 @@ def world_size(command: Command) -> int:
 
 
 def flags(args: tuple[str, ...]) -> list[str]:
-    """The `--options` among a command's arguments (`--out=x` as `--out`, an optional `[--batches 20]` as `--batches`)."""
+    """The `--options` among a command's arguments (`--out=x` as `--out`; an optional `[--batches 20]` as
+    `--batches`)."""
     options = (arg.lstrip("[") for arg in args)
     return [option.split("=", 1)[0].rstrip("]") for option in options if option.startswith("--")]

@@ -19,7 +19,7 @@ from tests.test_config import CONF
 
 FIRST = ["data=synthetic", "data.d_model=32", "sae.num_latents=512", "sae.num_experts=4", "sae.k=4",
          "trainer.batch_size=128", "trainer.steps=4", "trainer.log_every=2", "trainer.checkpoint_every=2",
-         "trainer.progress=false", "trainer.tensorboard=false", "trainer.lr=0.005"]
+         "trainer.progress=false", "trainer.tensorboard=false", "trainer.lr=0.005", "recipe=paper"]
 
 
 def train_cli(*overrides: str, eval_batches: int = 1) -> dict:

@@ -5,7 +5,7 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: install quickstart test lint constraints bench
+.PHONY: install quickstart test lint docs constraints bench
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,13 @@ test: install
 lint: install
 	$(VENV)/bin/shellcheck -x launch/slurm/*.sbatch launch/slurm/common.sh .ci/run benchmarks/gpu_suite.sh
 	$(VENV)/bin/hadolint docker/Dockerfile
+
+# The site over docs/ into site/; its front page is this README with its links made relative to docs/. --strict: a
+# broken link or a page left out of the nav fails.
+docs: install
+	$(PY) -m pip install -q -e ".[docs]"
+	sed -e 's#](docs/#](#g' README.md > docs/index.md
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 # The Docker image's pins: every package of the venv the tests ran in (torch without the CPU build's +cpu).
 constraints: install

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU check and figure of the README in one bounded run, for a GPU lent briefly: at most 13 minutes (the
-# parts' limits; 1.5 more with py-spy), never yet run whole; the parts run on an H200 took 20 to 60 s each:
+# Every GPU check and figure of docs/performance.md in one bounded run: at most 13 minutes (the parts' limits; 1.5
+# more with py-spy), not yet run whole; the parts run on an H200 took 20 to 60 s each:
 #   bash benchmarks/gpu_suite.sh [LOG_DIR] [TOKENIZER_DIR]
 #   GPU_SUITE_PARTS="cuda_tests step_65k lm job step_1m" bash benchmarks/gpu_suite.sh LOG_DIR   # these parts only
 # LOG_DIR (default gpu_logs/) receives all.log, every part's output appended as it ends (so a run cut short keeps

@@ -116,7 +116,7 @@ def test_bad_values_give_one_line_errors(overrides, message):
 
 
 def test_documented_key_value_forms_work_as_written(tmp_path):
-    """`data.data_files=[a.txt]` and `data.cache_dir=...` as the README and the error hints write them (on main:
+    """`data.data_files=[a.txt]` and `data.cache_dir=...` as the README and the error hints write them (formerly:
     Hydra's `Key ... is not in struct`; only `+data.data_files=` worked)."""
     run = compose_run("data.dataset=text", "data.data_files=[a.txt,b.txt]", f"data.cache_dir={tmp_path}",
                       "model.path=/models/gpt2", "sae.l1_coefficient=2")

@@ -1,4 +1,4 @@
-"""The default run folder is found again after a torchrun restart or a SLURM requeue (on main it held the time of
+"""The default run folder is found again after a torchrun restart or a SLURM requeue (formerly it held the time of
 each start, so a restart trained from step 0 in a new folder)."""
 
 import os

@@ -52,9 +52,9 @@ __all__ = [
 TOKENS_PER_S_PER_GPU = 1_000_000
 """What one GPU's LM and SAE step consume (GPT-2 small to block 8 and the Switch SAE on an H100/H200, bf16)."""
 TOKENS_PER_S_PER_WORKER = 125_000
-"""Tokens/s of one tokenising process, on the safe side: 242k from 2 workers beside an H200 before `ContextCutter`
-(issue 8), which cuts 1.36x more per CPU-second on this project's 2-core CPU (about 0.5M there; python-docs,
-MiniLM's tokenizer, 2026-11-26)."""
+"""Tokens/s of one tokenising process, on the safe side: 242k from 2 workers beside an NVIDIA H200 before
+`ContextCutter`, which cuts 1.36x more per CPU-second (about 0.5M on one AMD EPYC core; python-docs, MiniLM's
+tokenizer, 2026-11-26; docs/performance-log.md)."""
 CORES_FOR_THE_TRAINER = 2
 """Cores a rank keeps for itself: the training thread and the prefetch thread (LM launches, shuffling)."""
 

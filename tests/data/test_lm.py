@@ -62,7 +62,7 @@ def test_compiled_blocks_capture_the_eager_activations(tiny_gpt2_dir):
     the eager activations; blocks after the hooked one are left alone."""
     config = ModelConfig(name="unused", path=str(tiny_gpt2_dir))
     eager_model, tokenizer = load_lm(config)
-    compiled_model, _ = load_lm(config)  # compiled in place: not the session's shared model
+    compiled_model, _ = load_lm(config)  # compiled in place: not the session-scoped shared model
     eager, compiled = HookedLM(eager_model, 1), HookedLM(compiled_model, 1, compile_blocks=True)
     ids = tokenizer(" ".join(TEXTS), add_special_tokens=False)["input_ids"]
     for lengths in [(9, 9, 9), (9, 4, 9), (12, 12), (7, 3, 5, 2)]:

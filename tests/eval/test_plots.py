@@ -80,7 +80,7 @@ def point(name, kind="switch", m=1024, n=4, k=8, steps=20, mse=1.0, l0=8.0) -> R
 
 
 def test_a_line_joins_only_runs_that_differ_in_the_swept_settings():
-    """On main every Switch run with the same N was one line, whatever its width or length."""
+    """Formerly every Switch run with the same N was one line, whatever its width or length."""
     points = [point("topk_k8", "topk", m=256), point("topk_k16", "topk", m=256, k=16, l0=16),
               point("flop_k8"), point("flop_k16", k=16, l0=16), point("flop_k8_long", steps=40),
               point("width_k8", m=256)]

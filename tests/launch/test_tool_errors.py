@@ -1,5 +1,5 @@
 """evaluate.py, analyze.py, plot.py, inspect_features.py, autointerp.py and load_sae on damaged checkpoints and bad
-options: one line, exit status 2 (on main: tracebacks, or a silent load of corrupted weights)."""
+options: one line, exit status 2 (formerly: tracebacks, or a silent load of corrupted weights)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """launch/train.py refuses every bad input with one line and exit status 2, before any model or data is loaded.
 
-Each case failed on main with a traceback (exit 1), a Hydra message over several lines, or was accepted without a
-word; the issue lists them (issue 9, "Measured on main")."""
+Each case formerly failed with a traceback (exit 1), a Hydra message over several lines, or was accepted without a
+word."""
 
 from __future__ import annotations
 

@@ -104,7 +104,7 @@ def check_stalled_rank(folder: Path, rank: int) -> None:
 
 def check_sweep_stop_on_one_rank(folder: Path, rank: int) -> None:
     """SIGUSR1 to rank 1 while the second SAE of a sweep takes step 3: at the next logging step (5) the ranks agree,
-    and every member on every rank checkpoints step 5 and stops (checkpoint_every=10: on main the second member
+    and every member on every rank checkpoints step 5 and stops (checkpoint_every=10: formerly the second member
     alone stopped, and the sweep could not resume); the continued sweep ends as the unbroken one bit for bit."""
 
     def sweep(name: str) -> list[Trainer]:

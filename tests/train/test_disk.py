@@ -1,5 +1,5 @@
 """Real full and read-only disks: a small tmpfs mounted in a private mount namespace of a forked child (Linux; as
-root, or where unprivileged user namespaces are allowed). On main a full disk during a save gave a 72-line
+root, or where unprivileged user namespaces are allowed). Formerly a full disk during a save gave a 72-line
 traceback without "No space left on device" and the partial folder kept the disk full; a read-only out_dir was
 found only after the model and data were loaded."""
 

@@ -1,7 +1,7 @@
 """Faults in one process: non-finite batches, damaged checkpoints, full and read-only disks, leftovers of killed
 saves, and SIGTERM / SIGUSR1 (the multi-rank and torchrun cases are in test_restarts.py).
 
-On main: NaN in 12 of 8,192 rows turned every weight into NaN and the run exited 0, and checkpoint rotation then
+Formerly: NaN in 12 of 8,192 rows turned every weight into NaN and the run exited 0, and checkpoint rotation then
 deleted the good checkpoints and kept the NaN ones; a full disk gave a 72-line traceback that never said "No space
 left on device" and left the partial folder behind; a corrupted checkpoint file loaded silently."""
 

@@ -1,7 +1,7 @@
 """A run keeps its identity: on resume the saved config is the truth, meaning-changing overrides are refused with
 one line listing each difference, harmless ones are recorded in the resume history, never over config.yaml.
 
-On main, `trainer.resume=true` took the model and settings from the command line and rewrote config.yaml, a
+Formerly, `trainer.resume=true` took the model and settings from the command line and rewrote config.yaml, a
 changed `sae.num_latents` gave a raw traceback after config.yaml was rewritten, `trainer.resume=true` on a folder
 without a checkpoint silently started at step 0, and no run said "resumed from step N"."""
 
@@ -21,7 +21,7 @@ register_configs()
 
 FIRST = ["data=synthetic", "data.d_model=32", "sae.num_latents=512", "sae.num_experts=4", "sae.k=4",
          "trainer.batch_size=128", "trainer.steps=4", "trainer.log_every=2", "trainer.checkpoint_every=2",
-         "trainer.progress=false", "trainer.tensorboard=false", "trainer.lr=0.005"]
+         "trainer.progress=false", "trainer.tensorboard=false", "trainer.lr=0.005", "recipe=paper"]
 
 
 def train_cli(*overrides: str, eval_batches: int = 1) -> dict:

@@ -124,7 +124,7 @@ def test_stop_signal_stops_every_member_after_one_step_and_the_resume_is_exact(
     """SIGUSR1 while member 1 takes step 7 (member 0 has taken it, member 2 has not), or after member 0 has saved
     checkpoint 6 and before member 1 saves it: every member stops after the first step all of them begin after the
     signal (8, 7) and checkpoints it, the process stops with status 75 and one line, and the resumed sweep ends bit
-    for bit as the unbroken one (each member keeps one checkpoint: on main the last member alone stopped, a step
+    for bit as the unbroken one (each member keeps one checkpoint: formerly the last member alone stopped, a step
     ahead, with its checkpoint 6 rotated away, so the sweep could not resume; and the handler outlived the sweep)."""
     run = make_run(steps=12, checkpoint_every=6, keep_checkpoints=1)
     run.sweep = STOPPED_SWEEP
@@ -164,7 +164,7 @@ class HardKill(BaseException):
 def test_a_hard_kill_between_two_members_saves_resumes_with_one_checkpoint_kept(make_run, unbroken_sweep,
                                                                                monkeypatch):
     """keep_checkpoints=1, the process killed after member 0 has written checkpoint 12 and before member 1 has:
-    member 0 keeps checkpoint 6 beside it (rotation waits for every member; on main it was deleted, and no step was
+    member 0 keeps checkpoint 6 beside it (rotation waits for every member; formerly it was deleted, and no step was
     left in common), the resumed sweep ends bit for bit as the unbroken one, and each member then keeps one."""
     run = make_run(steps=12, checkpoint_every=6, keep_checkpoints=1)
     run.sweep = STOPPED_SWEEP

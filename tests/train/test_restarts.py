@@ -1,7 +1,7 @@
 """Fault tolerance across ranks: a real torchrun job that is signalled and killed and restarts by itself, and a
 2-rank gloo job for what needs ranks to disagree (NaN on one rank, a full disk on one rank, a stalled rank).
 
-On main, `torchrun --max-restarts=2` after a killed rank refused to restart ("already holds checkpoints") or, with
+Formerly, `torchrun --max-restarts=2` after a killed rank refused to restart ("already holds checkpoints") or, with
 trainer.resume=true and the default folder, trained from step 0 in a new folder; a stalled rank left the others
 blocked for 30 minutes; NaN under torchrun reached the weights."""
 

@@ -21,7 +21,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from sae_dist.models.auxk import AuxCandidates
     from sae_dist.models.dispatch import ExpertGroups
-    from sae_dist.models.sparse_compute import SharedLatentOrder
+    from sae_dist.models.latent_order import SharedLatentOrder
 
 
 class ExpertCodes(NamedTuple):

@@ -27,7 +27,7 @@ from sae_dist.models.expert_compute import ExpertCodes, ExpertCompute
 from sae_dist.models.selection import aux_topk, topk_relu
 
 if TYPE_CHECKING:
-    from sae_dist.models.sparse_compute import SharedLatentOrder
+    from sae_dist.models.latent_order import SharedLatentOrder
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

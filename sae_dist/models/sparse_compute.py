@@ -23,7 +23,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +33,7 @@ from sae_dist.models.auxk import AuxCandidates
 from sae_dist.models.dispatch import ExpertGroups
 from sae_dist.models.expert_compute import ExpertCodes, ExpertCompute
 from sae_dist.models.gemm_compute import compute_dtype, gemm_encode
+from sae_dist.models.latent_order import LatentMajor, SharedLatentOrder, latent_major
 from sae_dist.models.selection import aux_topk
 
 PRE_CHUNK_ELEMENTS = 1 << 25
@@ -47,43 +47,6 @@ def _csr(crow: Tensor, columns: Tensor, values: Tensor, size: tuple[int, int]) -
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         return torch.sparse_csr_tensor(crow, columns, values, size=size, check_invariants=False)
-
-
-class LatentMajor(NamedTuple):
-    """[R, S] latent ids in latent-major order (a stable sort of the flattened ids): the CSR pattern of the [L, R]
-    matrix with a nonzero where row r selects latent l."""
-
-    crow_L: Tensor
-    """CSR row pointers over the L latents, int32 [L + 1]."""
-    rows_N: Tensor
-    """The row r of each selection in that order, int32 [R * S] (the CSR column indices)."""
-    order_N: Tensor
-    """Its position in the flattened ids, long [R * S]."""
-    shape: tuple[int, int]
-    """(L, R)."""
-
-
-def latent_major(indices_RS: Tensor, num_latents: int) -> LatentMajor:
-    """The latent-major order of `indices_RS` (ids in [0, num_latents)); int32 indices (below 2^31 selections):
-    the sort reads and moves half the bytes of int64's."""
-    rows, per_row = indices_RS.shape
-    sorted_ids, order = torch.sort(indices_RS.flatten().int(), stable=True)
-    latents = torch.arange(num_latents + 1, device=sorted_ids.device, dtype=torch.int32)
-    crow = torch.searchsorted(sorted_ids, latents, out_int32=True)
-    return LatentMajor(crow, (order // per_row).int(), order, (num_latents, rows))
-
-
-class SharedLatentOrder:
-    """One id tensor's `latent_major` order, sorted by the first backward that needs it and reused by the next:
-    the decoder's backward, then the encoder's, over the same codes."""
-
-    def __init__(self) -> None:
-        self._layout: LatentMajor | None = None
-
-    def of(self, indices_RS: Tensor, num_latents: int) -> LatentMajor:
-        if self._layout is None or self._layout.order_N.numel() != indices_RS.numel():
-            self._layout = latent_major(indices_RS, num_latents)
-        return self._layout
 
 
 def scatter_outer_(grad_LD: Tensor, layout: LatentMajor, coef_RS: Tensor, rows_RD: Tensor, beta: float) -> None:

@@ -22,6 +22,7 @@ ranks; a capacity factor applies), `uses_k`, `rows_independent`, `check_config(c
 
 from __future__ import annotations
 
+import contextlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 
 from sae_dist.config import ConfigError, SAEConfig
 from sae_dist.flops import FlopsPerToken
+from sae_dist.models import kernels
 from sae_dist.models.losses import BatchReducer
 
 if TYPE_CHECKING:
@@ -175,6 +177,11 @@ class SAE(nn.Module, ABC):
     def expert_sharded(self) -> frozenset[str]:
         """State-dict entries split over the expert-parallel group along dim 0 (none: everything replicated)."""
         return frozenset()
+
+    def in_place_weight_grads(self, enabled: bool) -> contextlib.AbstractContextManager:
+        """A block inside which the backward of this model's sparse kernels writes their weight gradients straight
+        into `.grad` (`enabled`), or hands them to autograd (an engine that hooks gradient accumulation)."""
+        return kernels.weight_grads_in_place(enabled)
 
     def after_step(self, out: SAEOutput, reducer: BatchReducer | None, applied: Tensor) -> None:  # noqa: B027
         """State that follows a training step's output; `applied` (0-dim bool) is False for a skipped step."""

@@ -42,7 +42,7 @@ def test_cuda_trainer_steps_equal_cpu_reference_steps(tmp_path, kind, formulatio
         dead_mask_L = ref_dead.dead_mask() if step * BATCH >= run.sae.dead_tokens else None
         ref_loss, f_TL = reference_train_step(reference, ref_optimizer, x_TD, cfg.grad_clip, dead_mask_L)
         ref_dead.update((f_TL > 0).any(0), BATCH)
-        torch.testing.assert_close(result["loss"].cpu(), ref_loss, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(result.loss.cpu(), ref_loss, rtol=1e-4, atol=1e-5)
         assert torch.equal(trainer.dead.tokens_since_fired_L.cpu(), ref_dead.tokens_since_fired_L)
         assert_same_weights(trainer.model, reference, {"rtol": 1e-3, "atol": 1e-5})
 
@@ -74,7 +74,7 @@ def test_cuda_bf16_step_reads_nothing_back_to_the_host(tmp_path, kind, formulati
     syncs = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
              if "called a synchronizing CUDA operation" in str(w.message)]
     assert not syncs, "\n".join(syncs)
-    assert all(bool(r["finite"]) for r in results) and "auxk" in results[-1]["terms"]
+    assert all(bool(r.finite) for r in results) and "auxk" in results[-1].terms
 
 
 def _bf16_trainers(tmp_path, kind, formulation, **trainer_fields) -> dict[bool, Trainer]:
@@ -104,7 +104,7 @@ def test_cuda_graph_steps_equal_eager_steps(tmp_path, kind, formulation):
         init_biases_from_batch(trainer.model, batches[0])
     for step, x_TD in enumerate(batches):
         eager, graphed = (trainers[g].train_step(x_TD) for g in (False, True))
-        assert bool(graphed["finite"]) == bool(eager["finite"]) == (step != 7)
+        assert bool(graphed.finite) == bool(eager.finite) == (step != 7)
         for key in ("loss", "grad_norm"):
             torch.testing.assert_close(graphed[key], eager[key], rtol=1e-4, atol=1e-6, equal_nan=True,
                                        msg=lambda m, key=key, step=step: f"step {step} {key}: {m}")
@@ -152,7 +152,7 @@ def test_cuda_step_that_cannot_be_captured_runs_eagerly(tmp_path, monkeypatch, c
 
     def reads_back(*args):
         result = plain_before_update(*args)
-        float(result["loss"])  # a host synchronisation: forbidden while capturing
+        float(result.loss)  # a host synchronisation: forbidden while capturing
         return result
 
     monkeypatch.setattr(graphed, "before_update", reads_back)
@@ -162,7 +162,7 @@ def test_cuda_step_that_cannot_be_captured_runs_eagerly(tmp_path, monkeypatch, c
         init_biases_from_batch(trainer.model, batches[0])
     for x_TD in batches:
         eager, captured = (trainers[g].train_step(x_TD) for g in (False, True))
-        torch.testing.assert_close(captured["loss"], eager["loss"], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(captured.loss, eager.loss, rtol=1e-4, atol=1e-6)
     assert graphed._graphs.failed and graphed._graphs.before is None
     printed = capsys.readouterr()
     assert (printed.out + printed.err).count("cannot be captured as a CUDA graph") == 1
@@ -235,7 +235,7 @@ def test_cuda_triton_adam_trainer_steps_equal_the_torch_optimizer_steps(tmp_path
         init_biases_from_batch(trainer.model, batches[0])
     for step, x_TD in enumerate(batches):
         for trainer in trainers:
-            assert bool(trainer.train_step(x_TD)["finite"])
+            assert bool(trainer.train_step(x_TD).finite)
         for (name, ours), theirs in zip(trainers[0].model.named_parameters(), trainers[1].model.parameters()):
             torch.testing.assert_close(ours, theirs, **tol, msg=lambda m: f"step {step}, {name}: {m}")
 

@@ -68,7 +68,7 @@ def test_dead_counters_and_auxk_candidates_follow_the_definition(tmp_path, dead_
         result = trainer.train_step(x_TD)
         trainer.step += 1
         trainer.tokens += 64
-        expected_L = reference_counters(expected_L, result["out"], run.sae.num_experts, 64, dead_count == "routed")
+        expected_L = reference_counters(expected_L, result.out, run.sae.num_experts, 64, dead_count == "routed")
         assert torch.equal(trainer.dead.tokens_since_fired_L, expected_L)
     assert saw_dead
 

@@ -216,7 +216,7 @@ def test_trainer_steps_and_checkpoints_equal_the_torch_adam_trainer(tmp_path):
 
     def step_all(ts: list[Trainer], x_TD: torch.Tensor) -> None:
         for t in ts:
-            assert bool(t.train_step(x_TD)["finite"])
+            assert bool(t.train_step(x_TD).finite)
         for t in ts[1:]:
             for (name, p), q in zip(ts[0].model.named_parameters(), t.model.parameters()):
                 torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")

@@ -84,7 +84,7 @@ class Trainer:
 
     # --- the parts' state, as the loop's callers read it -------------------------------------------------------
     step = property(lambda self: self.state.step, lambda self, value: setattr(self.state, "step", value))
-    tokens = property(lambda self: self.state.tokens)
+    tokens = property(lambda self: self.state.tokens, lambda self, value: setattr(self.state, "tokens", value))
     nonfinite_steps = property(lambda self: self.state.nonfinite_steps)
     resampled = property(lambda self: self.latents.resampled)
     dead = property(lambda self: self.latents.dead)

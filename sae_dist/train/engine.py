@@ -16,6 +16,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from sae_dist.config import RunConfig
 from sae_dist.parallel.context import ParallelContext
+from sae_dist.train.deepspeed_engine import DeepSpeedEngine
 from sae_dist.train.optim import build_optimizer, build_scheduler, clipped_adam_step
 
 
@@ -77,3 +78,10 @@ class TorchEngine:
 
     def optimizer_state(self) -> torch.optim.Optimizer:
         return self.optimizer
+
+
+def build_engine(run: RunConfig, model: nn.Module, ctx: ParallelContext, device: torch.device) -> Engine:
+    """The engine of `trainer.engine`: PyTorch's, or DeepSpeed's (which imports DeepSpeed only then)."""
+    if run.trainer.engine == "deepspeed":
+        return DeepSpeedEngine(model, run, ctx, device)
+    return TorchEngine(model, run, ctx)

@@ -17,11 +17,11 @@ from torch import Tensor
 from torch.utils._pytree import tree_map_only
 
 from sae_dist.config import RunConfig, resolve_dtype
-from sae_dist.models import SAE, SAEOutput
+from sae_dist.models import SAE, SAEOutput, architecture, build_sae
 from sae_dist.models.auxk import AuxCandidates
 from sae_dist.models.losses import total_loss
 from sae_dist.parallel.context import ParallelContext
-from sae_dist.train.engine import Engine
+from sae_dist.train.engine import Engine, build_engine
 from sae_dist.train.latents import LatentBookkeeping
 from sae_dist.train.step_graph import StepGraphs
 
@@ -133,3 +133,16 @@ class TrainStep:
             terms = self.model.loss_terms(x_TD, out, self.ctx)
             loss = total_loss(terms, weights)
         return out, terms, loss
+
+
+def build_step(run: RunConfig, d_model: int, ctx: ParallelContext | None = None,
+               device: torch.device | str = "cpu") -> TrainStep:
+    """The SAE of `run` on activations of width `d_model` (built from trainer.seed, on `device`, sharded as `ctx`
+    lays it out) with its engine, latent bookkeeping and step; no file is read or written."""
+    ctx, device = ctx or ParallelContext(), torch.device(device)
+    dispatcher = ctx.dispatcher(run.sae.num_experts) if architecture(run.sae.kind).routed else None
+    model = build_sae(run.sae, d_model, run.trainer.seed, dispatcher).to(device)
+    engine = build_engine(run, model, ctx, device)
+    graphs = graphs_apply(run, device, ctx, engine)
+    latents = LatentBookkeeping(model, run, ctx, device, round_width=graphs)
+    return TrainStep(model, engine, latents, ctx, run, device, graphs)

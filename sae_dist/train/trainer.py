@@ -24,29 +24,18 @@ from tqdm.auto import tqdm
 
 from sae_dist.config import RunConfig
 from sae_dist.data.source import ActivationSource
-from sae_dist.models import architecture, build_sae
 from sae_dist.parallel.context import ParallelContext
 from sae_dist.parallel.failures import collective_failure
-from sae_dist.train.deepspeed_engine import DeepSpeedEngine
-from sae_dist.train.engine import Engine, TorchEngine
 from sae_dist.train.init import init_biases_from_batch
-from sae_dist.train.latents import LatentBookkeeping
 from sae_dist.train.logging import MetricsLogger
 from sae_dist.train.nonfinite import FiniteFlags, NonFiniteError
 from sae_dist.train.preemption import HeldSignals, StopRequested, StopSignals, agreed_stop
 from sae_dist.train.profiling import StepProfiler
-from sae_dist.train.step import StepResult, TrainStep, graphs_apply
+from sae_dist.train.step import StepResult, build_step
 from sae_dist.train.step_metrics import StepMetrics
 from sae_dist.train.train_state import CheckpointManager, TrainState
 
-__all__ = ["NonFiniteError", "Trainer", "build_engine"]
-
-
-def build_engine(run: RunConfig, model: torch.nn.Module, ctx: ParallelContext, device: torch.device) -> Engine:
-    """The engine of `trainer.engine`: PyTorch's, or DeepSpeed's (which imports DeepSpeed only then)."""
-    if run.trainer.engine == "deepspeed":
-        return DeepSpeedEngine(model, run, ctx, device)
-    return TorchEngine(model, run, ctx)
+__all__ = ["NonFiniteError", "Trainer"]
 
 
 class Trainer:
@@ -58,12 +47,8 @@ class Trainer:
         self.run, self.source, self.ctx, self.device = run, source, ctx or ParallelContext(), torch.device(device)
         self.d_model = source.d_model
         ctx = self.ctx
-        dispatcher = ctx.dispatcher(run.sae.num_experts) if architecture(run.sae.kind).routed else None
-        self.model = build_sae(run.sae, self.d_model, run.trainer.seed, dispatcher).to(self.device)
-        self.engine = build_engine(run, self.model, ctx, self.device)
-        graphs = graphs_apply(run, self.device, ctx, self.engine)
-        self.latents = LatentBookkeeping(self.model, run, ctx, self.device, round_width=graphs)
-        self.stepper = TrainStep(self.model, self.engine, self.latents, ctx, run, self.device, graphs)
+        self.stepper = build_step(run, self.d_model, ctx, self.device)
+        self.model, self.engine, self.latents = self.stepper.model, self.stepper.engine, self.stepper.latents
         self.metrics = StepMetrics(self.model, self.latents, ctx, run)
         self.state = TrainState(self.model, self.engine, self.latents, source)
         self.checkpoints = CheckpointManager(self.state, run, self.d_model, ctx)

@@ -6,9 +6,9 @@ component along each row removed before the update, the rows renormalised after 
 the skip of a non-finite step from `clip_and_skip`, so the training step never touches the rows itself.
 - `triton_backend.TritonAdam` where the parameters are on a GPU: one kernel per parameter, the decoder's
   projection, update and renormalisation in one pass;
-- `torch_backend.TorchAdam` (torch's fused Adam) or `torch_backend.BF16StateAdam` (bfloat16 moments) elsewhere, and
-  for an engine's own parameter groups (DeepSpeed's flat partitions, whose rows its engine projects and renormalises
-  with the torch backend's passes).
+- `torch_backend.TorchAdam` (torch's fused Adam) or `torch_backend.BF16StateAdam` (bfloat16 moments) elsewhere.
+An engine's own parameter groups (DeepSpeed's flat partitions) get torch's fused Adam or BF16StateAdam without the
+row constraint; that engine applies the torch backend's projection and renormalisation to its rows itself.
 """
 
 from __future__ import annotations
@@ -42,7 +42,10 @@ def build_optimizer(model: nn.Module, run: RunConfig, param_groups: list[dict] |
     eps = run.trainer.adam_eps
     bf16_state = run.trainer.optimizer_state == "bfloat16"
     if param_groups is not None:
-        return (BF16StateAdam if bf16_state else TorchAdam)(param_groups, lr=lr, betas=betas, eps=eps)
+        if bf16_state:
+            return BF16StateAdam(param_groups, lr=lr, betas=betas, eps=eps)
+        # torch's own class: DeepSpeed's ZeRO takes the optimizers it was tested with only.
+        return torch.optim.Adam(param_groups, lr=lr, betas=betas, eps=eps, fused=True)
     unit_rows = model.decoder_weights()
     if TritonAdam is not None and all(p.is_cuda for p in model.parameters()):
         return TritonAdam(model.parameters(), lr=lr, betas=betas, eps=eps, unit_norm_rows=unit_rows,

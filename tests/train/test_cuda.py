@@ -1,8 +1,8 @@
 """On a CUDA GPU (skipped elsewhere): the trainer's step there (TritonAdam with the decoder's projection and
 renormalisation in its update, grouped_mm, CUDA graphs) equals the straightforward step on the CPU and the step
 with torch's fused Adam and separate passes; TritonAdam's step replays in a CUDA graph; the bf16 step runs without
-reading the device back to the host; steps and training runs replayed from CUDA graphs equal eager ones; the
-compiled bf16-state Adam equals its eager CPU form; prefetch through a CUDA stream hands over the source's batches
+reading the device back to the host; steps and training runs replayed from CUDA graphs equal eager ones;
+BF16StateAdam on the GPU equals its CPU form; prefetch through a CUDA stream hands over the source's batches
 unchanged."""
 
 import copy
@@ -86,7 +86,7 @@ def _bf16_trainers(tmp_path, kind, formulation, **trainer_fields) -> dict[bool, 
         for name, value in trainer_fields.items():
             setattr(run.trainer, name, value)
         trainers[graphs] = Trainer(run, build_activation_source(run), device="cuda")
-    assert trainers[True]._graphs is not None and trainers[False]._graphs is None
+    assert trainers[True].stepper.graphs is not None and trainers[False].stepper.graphs is None
     return trainers
 
 
@@ -108,7 +108,7 @@ def test_cuda_graph_steps_equal_eager_steps(tmp_path, kind, formulation):
         for key in ("loss", "grad_norm"):
             torch.testing.assert_close(graphed[key], eager[key], rtol=1e-4, atol=1e-6, equal_nan=True,
                                        msg=lambda m, key=key, step=step: f"step {step} {key}: {m}")
-    assert trainers[True]._graphs.before is not None  # the last steps replayed a graph
+    assert trainers[True].stepper.graphs.before is not None  # the last steps replayed a graph
     assert_same_weights(trainers[True].model, trainers[False].model, {"rtol": 1e-3, "atol": 1e-5})
     adam = {g: trainers[g].optimizer for g in trainers}
     for param_g, param_e in zip(trainers[True].model.parameters(), trainers[False].model.parameters(), strict=True):
@@ -163,15 +163,15 @@ def test_cuda_step_that_cannot_be_captured_runs_eagerly(tmp_path, monkeypatch, c
     for x_TD in batches:
         eager, captured = (trainers[g].train_step(x_TD) for g in (False, True))
         torch.testing.assert_close(captured.loss, eager.loss, rtol=1e-4, atol=1e-6)
-    assert graphed._graphs.failed and graphed._graphs.before is None
+    assert graphed.stepper.graphs.failed and graphed.stepper.graphs.before is None
     printed = capsys.readouterr()
     assert (printed.out + printed.err).count("cannot be captured as a CUDA graph") == 1
     assert_same_weights(graphed.model, trainers[False].model, {"rtol": 1e-3, "atol": 1e-5})
 
 
 def test_cuda_bf16_state_adam_equals_its_cpu_form():
-    """The compiled one-kernel update on the GPU against the eager chunked update on the CPU, clip and skip included."""
-    from sae_dist.train.bf16_adam import BF16StateAdam
+    """The chunked update on the GPU against the same on the CPU, clip and skip included."""
+    from sae_dist.train.optim.torch_backend import BF16StateAdam
 
     g = torch.Generator().manual_seed(0)
     start = torch.randn(5000, generator=g)
@@ -211,11 +211,11 @@ def test_cuda_prefetch_hands_over_the_source_batches_unchanged(tmp_path):
 @pytest.mark.parametrize("state", ["float32", "bfloat16"])
 def test_cuda_triton_adam_trainer_steps_equal_the_torch_optimizer_steps(tmp_path, state):
     """On a GPU the trainer's optimizer is TritonAdam (the decoder projected and renormalised in its update); its
-    steps equal those of the trainer with torch's fused Adam (or the compiled BF16StateAdam) and the separate
-    projection and renormalisation passes."""
-    from sae_dist.train.bf16_adam import BF16StateAdam
+    steps equal those of the trainer with the torch backend (torch's fused Adam or BF16StateAdam between the
+    projection and renormalisation passes)."""
     from sae_dist.train.optim import build_scheduler
-    from sae_dist.train.triton_adam import TritonAdam
+    from sae_dist.train.optim.torch_backend import BF16StateAdam, TorchAdam
+    from sae_dist.train.optim.triton_backend import TritonAdam
 
     run = step_run(tmp_path, "switch", ("gemm", "gemm"))
     run.trainer.device, run.trainer.optimizer_state, run.trainer.dtype = "cuda", state, "float32"
@@ -224,11 +224,11 @@ def test_cuda_triton_adam_trainer_steps_equal_the_torch_optimizer_steps(tmp_path
     trainers = [Trainer(run, build_activation_source(run), device="cuda") for _ in range(2)]
     assert isinstance(trainers[0].optimizer, TritonAdam)
     cfg = run.trainer
-    params = trainers[1].model.parameters()
-    trainers[1].optimizer = (torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
-                                              fused=True) if state == "float32"
-                             else BF16StateAdam(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps))
-    trainers[1].scheduler = build_scheduler(trainers[1].optimizer, run)
+    torch_adam = TorchAdam if state == "float32" else BF16StateAdam
+    engine = trainers[1].engine
+    engine.optimizer = torch_adam(trainers[1].model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                                  eps=cfg.adam_eps, unit_norm_rows=trainers[1].model.decoder_weights())
+    engine.scheduler = build_scheduler(engine.optimizer, run)
     # bf16 moments: a moment rounded to the neighbouring bfloat16 (fused arithmetic) moves a parameter by ~lr/250.
     tol = {"rtol": 1e-5, "atol": 1e-6} if state == "float32" else {"rtol": 0, "atol": 1e-4}
     for trainer in trainers:
@@ -245,7 +245,7 @@ def test_cuda_triton_adam_step_replays_in_a_cuda_graph():
     LambdaLR writes into the group's lr tensor, equals the same steps run eagerly, bit for bit."""
     from torch.optim.lr_scheduler import LambdaLR
 
-    from sae_dist.train.triton_adam import TritonAdam
+    from sae_dist.train.optim.triton_backend import TritonAdam
 
     g = torch.Generator(device="cuda").manual_seed(0)
     shapes = [(300, 96), (5000,)]

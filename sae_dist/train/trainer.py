@@ -39,14 +39,13 @@ __all__ = ["NonFiniteError", "Trainer"]
 
 
 class Trainer:
-    """Trains one SAE on batches from an activation source; its parts are `step`, `state`, `checkpoints`,
-    `metrics`."""
+    """Trains one SAE on batches from an activation source. Its parts: `stepper` (the step, with the model, engine
+    and latent bookkeeping), `metrics`, `state` and `checkpoints`; the methods below the loop delegate to them."""
 
     def __init__(self, run: RunConfig, source: ActivationSource, ctx: ParallelContext | None = None,
                  device: torch.device | str = "cpu"):
         self.run, self.source, self.ctx, self.device = run, source, ctx or ParallelContext(), torch.device(device)
-        self.d_model = source.d_model
-        ctx = self.ctx
+        self.d_model, ctx = source.d_model, self.ctx
         self.stepper = build_step(run, self.d_model, ctx, self.device)
         self.model, self.engine, self.latents = self.stepper.model, self.stepper.engine, self.stepper.latents
         self.metrics = StepMetrics(self.model, self.latents, ctx, run)

@@ -1,7 +1,8 @@
 """TritonAdam's kernels under Triton's interpreter (on the CPU) equal the straightforward update: torch's Adam
 (`foreach=False`) on the clipped gradients, for unit-norm rows after the gradient projection and before the
-renormalisation of the torch backend, and `torch_backend.bf16_adam_update_` for bfloat16 moments; over steps with a changing lr,
-clipped and unclipped, with a skipped one, on sizes that are no multiple of the block. Its state dict is torch
+renormalisation of the torch backend (also rows wider than the row kernel), and `torch_backend.bf16_adam_update_`
+for bfloat16 moments; over steps with a changing lr, clipped and unclipped, with a skipped one, on sizes that are no
+multiple of the block. Its state dict is torch
 Adam's, through the trainer's checkpoints too, and the trainer's steps with it equal those with torch's fused Adam.
 
 Triton picks its interpreter when it is imported, so these run in a process of their own started with
@@ -44,7 +45,7 @@ def set_grads(params, grads, skip: bool) -> None:
 
 
 def clip_and_skip(optimizer, scale: float, skip: bool) -> None:
-    """Gradients divided by `scale`; no update if `skip` (what `optim.clip_and_skip_in_adam` sets)."""
+    """Gradients divided by `scale`; no update if `skip` (what `optim.clip_and_skip` sets)."""
     optimizer.grad_scale, optimizer.found_inf = torch.tensor(scale), torch.tensor(float(skip))
 
 

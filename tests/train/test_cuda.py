@@ -11,11 +11,14 @@ import warnings
 
 import pytest
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
 from sae_dist.data import PrefetchingSource, build_activation_source
 from sae_dist.models.reference import reference_train_step
 from sae_dist.train.dead import DeadLatentTracker
 from sae_dist.train.init import init_biases_from_batch
+from sae_dist.train.optim import TritonAdam, build_scheduler
+from sae_dist.train.optim.torch_backend import BF16StateAdam, TorchAdam
 from sae_dist.train.trainer import Trainer
 from tests.parallel.ep_helpers import copy_checkpoint
 from tests.train.test_step import BATCH, assert_same_weights, step_run
@@ -171,8 +174,6 @@ def test_cuda_step_that_cannot_be_captured_runs_eagerly(tmp_path, monkeypatch, c
 
 def test_cuda_bf16_state_adam_equals_its_cpu_form():
     """The chunked update on the GPU against the same on the CPU, clip and skip included."""
-    from sae_dist.train.optim.torch_backend import BF16StateAdam
-
     g = torch.Generator().manual_seed(0)
     start = torch.randn(5000, generator=g)
     params = {device: torch.nn.Parameter(start.clone().to(device)) for device in ("cpu", "cuda")}
@@ -213,10 +214,6 @@ def test_cuda_triton_adam_trainer_steps_equal_the_torch_optimizer_steps(tmp_path
     """On a GPU the trainer's optimizer is TritonAdam (the decoder projected and renormalised in its update); its
     steps equal those of the trainer with the torch backend (torch's fused Adam or BF16StateAdam between the
     projection and renormalisation passes)."""
-    from sae_dist.train.optim import build_scheduler
-    from sae_dist.train.optim.torch_backend import BF16StateAdam, TorchAdam
-    from sae_dist.train.optim.triton_backend import TritonAdam
-
     run = step_run(tmp_path, "switch", ("gemm", "gemm"))
     run.trainer.device, run.trainer.optimizer_state, run.trainer.dtype = "cuda", state, "float32"
     source = build_activation_source(run)
@@ -243,10 +240,6 @@ def test_cuda_triton_adam_trainer_steps_equal_the_torch_optimizer_steps(tmp_path
 def test_cuda_triton_adam_step_replays_in_a_cuda_graph():
     """TritonAdam's step captured in a CUDA graph, replayed with new gradients, clip factors, a skip and the lr that
     LambdaLR writes into the group's lr tensor, equals the same steps run eagerly, bit for bit."""
-    from torch.optim.lr_scheduler import LambdaLR
-
-    from sae_dist.train.optim.triton_backend import TritonAdam
-
     g = torch.Generator(device="cuda").manual_seed(0)
     shapes = [(300, 96), (5000,)]
     start = [torch.nn.functional.normalize(torch.randn(shapes[0], device="cuda", generator=g), dim=-1),

@@ -11,6 +11,7 @@ from sae_dist.data import build_activation_source
 from sae_dist.models.reference import reference_train_step
 from sae_dist.train.dead import DeadLatentTracker
 from sae_dist.train.init import init_biases_from_batch
+from sae_dist.train.step import build_step
 from sae_dist.train.trainer import Trainer
 from tests.conftest import small_run
 
@@ -128,3 +129,25 @@ def test_bf16_optimizer_state_resumes_bit_for_bit(tmp_path):
         torch.testing.assert_close(resumed.model.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
     for state in resumed.optimizer.state.values():
         assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+
+
+def test_step_built_alone_equals_the_trainers_step_and_writes_nothing(tmp_path, monkeypatch):
+    """`build_step` (what benchmarks time) gives the trainer's model and steps bit for bit, reading and writing no
+    file: the run folder it is given is never made."""
+    run = step_run(tmp_path / "never made", "switch")
+    trainer = Trainer(run, build_activation_source(run))
+    monkeypatch.chdir(tmp_path)
+    step = build_step(run, trainer.d_model)
+    for (name, a), b in zip(trainer.model.state_dict().items(), step.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    source = build_activation_source(run)
+    batches = [source.next_batch(BATCH) for _ in range(4)]
+    for model in (trainer.model, step.model):
+        init_biases_from_batch(model, batches[0])
+    for i, x_TD in enumerate(batches):
+        ours, theirs = step(x_TD, i, i * BATCH), trainer.train_step(x_TD)
+        trainer.step, trainer.tokens = i + 1, (i + 1) * BATCH
+        assert torch.equal(ours.loss, theirs.loss) and ours.lr == theirs.lr and bool(ours.finite)
+    for (name, a), b in zip(trainer.model.state_dict().items(), step.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert list(tmp_path.iterdir()) == []

@@ -6,8 +6,8 @@ It implements `engine.Engine`; the step (`step.TrainStep`) calls it in the torch
    matmuls, fp32 weights, gradients and reductions, as in the torch engine; DeepSpeed's own bf16 mode would keep the
    router, b_pre and the decoder rows in bf16, which SPEC section 2 keeps in fp32). The sparse kernels hand their
    weight gradients to autograd (`weight_grads_in_place = False`), whose accumulation DeepSpeed hooks.
-2. Backward: DeepSpeed's `engine.backward`, whose ZeRO hooks reduce the gradients into partitions. Expert parameters are
-   DeepSpeed MoE parameters of group "ep_size_P": DeepSpeed divides every gradient bucket by the data-parallel world
+2. Backward: DeepSpeed's `engine.backward`, whose ZeRO hooks reduce the gradients into partitions. Expert parameters
+   are DeepSpeed MoE parameters of group "ep_size_P": DeepSpeed divides every gradient bucket by the data-parallel world
    size W and sums expert buckets over their W/P expert-data-parallel replicas only, replicated ones over all W
    ranks: SPEC section 8's scaling (replicated averaged over W, experts summed over replicas and divided by W).
 3. The true global norm: from each rank's gradient partitions (every element of the global gradient lives in
@@ -15,8 +15,7 @@ It implements `engine.Engine`; the step (`step.TrainStep`) calls it in the torch
 4. Project: each decoder row's gradient loses its component along the row (the optimizer's torch backend,
    `torch_backend.row_dots` and `remove_row_components_`, on the rows a partition touches); a row may straddle two
    partitions, so the per-row dot products are summed over the parameter's partition group in between.
-5. Adam: DeepSpeed's `engine.step()`, the torch backend's fused Adam on the fp32 partitions, which clips
-   by the global norm and skips a non-finite step inside its own pass as in the torch engine (`grad_scale`,
+5. Adam: DeepSpeed's `engine.step()`, torch's fused Adam on the fp32 partitions, which clips by the global norm and skips a non-finite step inside its own pass as in the torch engine (`grad_scale`,
    `found_inf`); DeepSpeed's clipping and its own norm are off. The masters first take the module's parameters (a
    local copy): parameters are fp32 throughout, so this carries in only what was written to the module since the
    last step (the renormalised rows of step 6, the geometric-median biases, a restored checkpoint). Then the
@@ -163,7 +162,7 @@ def scatter_full(param: nn.Parameter, value: Tensor, flat_partitions: list[Tenso
         flat_partitions[mapping.param_group_index].narrow(0, hp.start, hp.numel).copy_(part)
 
 
-class ZeroAdamView:
+class ZeroAdamState:
     """The ZeRO optimizer's Adam state as `engine.Engine.optimizer_state` gives it to checkpoints: built
     collectively, it holds every parameter's full Adam state (gathered from the partitions) in torch Adam's
     per-parameter form; `load_state_dict` scatters such a state back into the partitions.
@@ -282,8 +281,8 @@ class DeepSpeedEngine:
             normalize_rows_(w_dec.detach(), finite)
         return lr
 
-    def optimizer_state(self) -> ZeroAdamView:
-        return ZeroAdamView(self.model, self.optimizer)
+    def optimizer_state(self) -> ZeroAdamState:
+        return ZeroAdamState(self.model, self.optimizer)
 
 
 def check_expert_groups(mesh, ep_size: int) -> None:

@@ -6,20 +6,22 @@ It implements `engine.Engine`; the step (`step.TrainStep`) calls it in the torch
    matmuls, fp32 weights, gradients and reductions, as in the torch engine; DeepSpeed's own bf16 mode would keep the
    router, b_pre and the decoder rows in bf16, which SPEC section 2 keeps in fp32). The sparse kernels hand their
    weight gradients to autograd (`weight_grads_in_place = False`), whose accumulation DeepSpeed hooks.
-2. Backward: DeepSpeed's `engine.backward`, whose ZeRO hooks reduce the gradients into partitions. Expert parameters
-   are DeepSpeed MoE parameters of group "ep_size_P": DeepSpeed divides every gradient bucket by the data-parallel world
-   size W and sums expert buckets over their W/P expert-data-parallel replicas only, replicated ones over all W
-   ranks: SPEC section 8's scaling (replicated averaged over W, experts summed over replicas and divided by W).
+2. Backward: DeepSpeed's `engine.backward`, whose ZeRO hooks reduce the gradients into partitions. Expert
+   parameters are DeepSpeed MoE parameters of group "ep_size_P": DeepSpeed divides every gradient bucket by the
+   data-parallel world size W and sums expert buckets over their W/P expert-data-parallel replicas only, replicated
+   ones over all W ranks: SPEC section 8's scaling (replicated averaged over W, experts summed over replicas and
+   divided by W).
 3. The true global norm: from each rank's gradient partitions (every element of the global gradient lives in
    exactly one partition, so the partitions' squared norms summed over all ranks give the global one).
 4. Project: each decoder row's gradient loses its component along the row (the optimizer's torch backend,
    `torch_backend.row_dots` and `remove_row_components_`, on the rows a partition touches); a row may straddle two
    partitions, so the per-row dot products are summed over the parameter's partition group in between.
-5. Adam: DeepSpeed's `engine.step()`, torch's fused Adam on the fp32 partitions, which clips by the global norm and skips a non-finite step inside its own pass as in the torch engine (`grad_scale`,
-   `found_inf`); DeepSpeed's clipping and its own norm are off. The masters first take the module's parameters (a
-   local copy): parameters are fp32 throughout, so this carries in only what was written to the module since the
-   last step (the renormalised rows of step 6, the geometric-median biases, a restored checkpoint). Then the
-   parameters are all-gathered and the lr schedule steps.
+5. Adam: DeepSpeed's `engine.step()`, torch's fused Adam on the fp32 partitions, which clips by the global norm and
+   skips a non-finite step inside its own pass as in the torch engine (`grad_scale`, `found_inf`); DeepSpeed's
+   clipping and its own norm are off. The masters first take the module's parameters (a local copy): parameters are
+   fp32 throughout, so this carries in only what was written to the module since the last step (the renormalised
+   rows of step 6, the geometric-median biases, a restored checkpoint). Then the parameters are all-gathered and the
+   lr schedule steps.
 6. Renormalise decoder rows: the torch backend's `normalize_rows_` on the module's parameters.
 
 Checkpoints use the project's format (`checkpoint.py`): Adam's moments are gathered from the partitions per

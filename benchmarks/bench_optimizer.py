@@ -2,8 +2,8 @@
 
 One update of a [M, d] decoder (unit-norm rows: gradient projection, Adam, renormalisation) and a [M, d] encoder
 (Adam), the clip acting, on each backend of the optimizer (`sae_dist/train/optim/`): torch's fused Adam alone (what
-the update would cost without the decoder's constraint), the torch backend (`TorchAdam`, or the bf16-moment
-`BF16StateAdam`: the update between the projection and renormalisation passes), and on a GPU the Triton backend
+the update would cost without the decoder's constraint), the torch backend (`TorchAdam`: torch's fused Adam, or its
+bf16-moment update, between the projection and renormalisation passes), and on a GPU the Triton backend
 (`TritonAdam`), which does all of it in one pass over each weight.
 
 Bytes: what the implementation's passes read and write at the least (Adam 28 bytes per element with float32
@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sae_dist.train.optim import TritonAdam, clipped_adam_step
-from sae_dist.train.optim.torch_backend import BF16StateAdam, TorchAdam
+from sae_dist.train.optim.torch_backend import TorchAdam
 
 ADAM_BYTES = {"float32": 28, "bfloat16": 20}
 """Bytes per element of one Adam pass: parameter and both moments read and written, the gradient read."""
@@ -58,12 +58,8 @@ def build_update(kind: str, state: str, latents: int, d: int, device: torch.devi
         w.grad = torch.randn(latents, d, device=device, generator=g)
     params, hyper = [decoder, encoder], {"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8}
     unit_rows = [] if kind == "fused" else [decoder]
-    if kind == "triton":
-        optimizer = TritonAdam(params, **hyper, state_dtype=getattr(torch, state), unit_norm_rows=unit_rows)
-    elif state == "bfloat16":
-        optimizer = BF16StateAdam(params, **hyper, unit_norm_rows=unit_rows)
-    else:
-        optimizer = TorchAdam(params, **hyper, unit_norm_rows=unit_rows)
+    adam = TritonAdam if kind == "triton" else TorchAdam
+    optimizer = adam(params, **hyper, state_dtype=getattr(torch, state), unit_norm_rows=unit_rows)
     grad_norm, apply = torch.tensor(2.0, device=device), torch.tensor(True, device=device)
     return lambda: clipped_adam_step(optimizer, grad_norm, 1.0, apply)
 
@@ -90,8 +86,8 @@ def main() -> None:
     elements = 2 * latents * args.d
     rows = [("torch fused Adam, no decoder passes", "fused", "float32"),
             ("torch fused Adam + projection + renormalisation", "separate", "float32")]
-    if cuda:  # BF16StateAdam on a CPU is eager chunks, slower than float32 Adam (it saves memory there)
-        rows += [("BF16StateAdam + projection + renormalisation", "separate", "bfloat16"),
+    if cuda:  # bf16 moments on a CPU are eager chunks, slower than float32 Adam (it saves memory there)
+        rows += [("torch Adam, bf16 moments + projection + renormalisation", "separate", "bfloat16"),
                  ("TritonAdam (projection, renormalisation inside)", "triton", "float32"),
                  ("TritonAdam (projection, renormalisation inside)", "triton", "bfloat16")]
     title = (f"One optimizer update of a [{latents}, {args.d}] decoder and encoder; {machine(device)}; "

@@ -2,7 +2,7 @@
 renormalisation in its update, grouped_mm, CUDA graphs) equals the straightforward step on the CPU and the step
 with torch's fused Adam and separate passes; TritonAdam's step replays in a CUDA graph; the bf16 step runs without
 reading the device back to the host; steps and training runs replayed from CUDA graphs equal eager ones;
-BF16StateAdam on the GPU equals its CPU form; prefetch through a CUDA stream hands over the source's batches
+the bfloat16-moment torch Adam on the GPU equals its CPU form; prefetch through a CUDA stream hands over the source's batches
 unchanged."""
 
 import copy
@@ -18,7 +18,7 @@ from sae_dist.models.reference import reference_train_step
 from sae_dist.train.dead import DeadLatentTracker
 from sae_dist.train.init import init_biases_from_batch
 from sae_dist.train.optim import TritonAdam, build_scheduler
-from sae_dist.train.optim.torch_backend import BF16StateAdam, TorchAdam
+from sae_dist.train.optim.torch_backend import TorchAdam
 from sae_dist.train.trainer import Trainer
 from tests.parallel.ep_helpers import copy_checkpoint
 from tests.train.test_step import BATCH, assert_same_weights, step_run
@@ -177,7 +177,8 @@ def test_cuda_bf16_state_adam_equals_its_cpu_form():
     g = torch.Generator().manual_seed(0)
     start = torch.randn(5000, generator=g)
     params = {device: torch.nn.Parameter(start.clone().to(device)) for device in ("cpu", "cuda")}
-    optimizers = {device: BF16StateAdam([p], lr=0.01, betas=(0.9, 0.999), eps=1e-8) for device, p in params.items()}
+    optimizers = {device: TorchAdam([p], lr=0.01, betas=(0.9, 0.999), eps=1e-8, state_dtype=torch.bfloat16)
+                  for device, p in params.items()}
     for scale, skip in [(1.0, False), (2.5, False), (1.0, True), (1.0, False)]:
         grad = torch.randn(5000, generator=g)
         for device, optimizer in optimizers.items():
@@ -212,7 +213,7 @@ def test_cuda_prefetch_hands_over_the_source_batches_unchanged(tmp_path):
 @pytest.mark.parametrize("state", ["float32", "bfloat16"])
 def test_cuda_triton_adam_trainer_steps_equal_the_torch_optimizer_steps(tmp_path, state):
     """On a GPU the trainer's optimizer is TritonAdam (the decoder projected and renormalised in its update); its
-    steps equal those of the trainer with the torch backend (torch's fused Adam or BF16StateAdam between the
+    steps equal those of the trainer with the torch backend (torch's fused Adam or its bfloat16-moment update between the
     projection and renormalisation passes)."""
     run = step_run(tmp_path, "switch", ("gemm", "gemm"))
     run.trainer.device, run.trainer.optimizer_state, run.trainer.dtype = "cuda", state, "float32"
@@ -221,10 +222,10 @@ def test_cuda_triton_adam_trainer_steps_equal_the_torch_optimizer_steps(tmp_path
     trainers = [Trainer(run, build_activation_source(run), device="cuda") for _ in range(2)]
     assert isinstance(trainers[0].optimizer, TritonAdam)
     cfg = run.trainer
-    torch_adam = TorchAdam if state == "float32" else BF16StateAdam
     engine = trainers[1].engine
-    engine.optimizer = torch_adam(trainers[1].model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
-                                  eps=cfg.adam_eps, unit_norm_rows=trainers[1].model.decoder_weights())
+    engine.optimizer = TorchAdam(trainers[1].model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                                 eps=cfg.adam_eps, state_dtype=getattr(torch, state),
+                                 unit_norm_rows=trainers[1].model.decoder_weights())
     engine.scheduler = build_scheduler(engine.optimizer, run)
     # bf16 moments: a moment rounded to the neighbouring bfloat16 (fused arithmetic) moves a parameter by ~lr/250.
     tol = {"rtol": 1e-5, "atol": 1e-6} if state == "float32" else {"rtol": 0, "atol": 1e-4}

@@ -6,9 +6,11 @@ component along each row removed before the update, the rows renormalised after 
 the skip of a non-finite step from `clip_and_skip`, so the training step never touches the rows itself.
 - `triton_backend.TritonAdam` where the parameters are on a GPU: one kernel per parameter, the decoder's
   projection, update and renormalisation in one pass;
-- `torch_backend.TorchAdam` (torch's fused Adam) or `torch_backend.BF16StateAdam` (bfloat16 moments) elsewhere.
-An engine's own parameter groups (DeepSpeed's flat partitions) get torch's fused Adam or BF16StateAdam without the
-row constraint; that engine applies the torch backend's projection and renormalisation to its rows itself.
+- `torch_backend.TorchAdam` elsewhere: torch's fused Adam, or its own update for bfloat16 moments, between the
+  projection and renormalisation passes.
+Both take `state_dtype` (float32: exact Adam; bfloat16 moments) and save torch Adam's state dict. An engine's own
+parameter groups (DeepSpeed's flat partitions) get torch's fused Adam without the row constraint; that engine applies
+the torch backend's projection and renormalisation to its rows itself.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from sae_dist.config import RunConfig
 from sae_dist.models.base import default_lr
-from sae_dist.train.optim.torch_backend import BF16StateAdam, TorchAdam
+from sae_dist.train.optim.torch_backend import TorchAdam
 
 try:  # Triton comes with torch's CUDA wheels; a CPU install may have none.
     from sae_dist.train.optim.triton_backend import TritonAdam
@@ -34,24 +36,19 @@ def build_optimizer(model: nn.Module, run: RunConfig, param_groups: list[dict] |
     """Adam (no weight decay) at the configured lr or the rule of `trainer.lr_rule`, exact or with bfloat16 moments
     (`trainer.optimizer_state`), keeping `model.decoder_weights()` at unit norm.
 
-    `param_groups`: an engine's own groups (DeepSpeed's), which get the torch backend without the row constraint
-    (the engine applies it); default: one group of every parameter of `model`, on the Triton backend when they are
-    on a GPU and Triton imports."""
+    `param_groups`: an engine's own groups (DeepSpeed's), which get torch's fused Adam without the row constraint
+    (the engine applies it; bfloat16 moments are refused there at validation); default: one group of every
+    parameter of `model`, on the Triton backend when they are on a GPU and Triton imports."""
     lr = run.trainer.lr if run.trainer.lr is not None else default_lr(run.sae, run.trainer.lr_rule)
     betas = tuple(run.trainer.adam_betas)
     eps = run.trainer.adam_eps
-    bf16_state = run.trainer.optimizer_state == "bfloat16"
-    if param_groups is not None:
-        if bf16_state:
-            return BF16StateAdam(param_groups, lr=lr, betas=betas, eps=eps)
-        # torch's own class: DeepSpeed's ZeRO takes the optimizers it was tested with only.
+    if param_groups is not None:  # torch's own class: DeepSpeed's ZeRO takes the optimizers it was tested with only
         return torch.optim.Adam(param_groups, lr=lr, betas=betas, eps=eps, fused=True)
-    unit_rows = model.decoder_weights()
-    if TritonAdam is not None and all(p.is_cuda for p in model.parameters()):
-        return TritonAdam(model.parameters(), lr=lr, betas=betas, eps=eps, unit_norm_rows=unit_rows,
-                          state_dtype=torch.bfloat16 if bf16_state else torch.float32)
-    adam = BF16StateAdam if bf16_state else TorchAdam
-    return adam(model.parameters(), lr=lr, betas=betas, eps=eps, unit_norm_rows=unit_rows)
+    state_dtype = torch.bfloat16 if run.trainer.optimizer_state == "bfloat16" else torch.float32
+    on_gpu = all(p.is_cuda for p in model.parameters())
+    adam = TritonAdam if TritonAdam is not None and on_gpu else TorchAdam
+    return adam(model.parameters(), lr=lr, betas=betas, eps=eps, state_dtype=state_dtype,
+                unit_norm_rows=model.decoder_weights())
 
 
 def clip_and_skip(adam: torch.optim.Optimizer, grad_norm: Tensor, max_norm: float, apply: Tensor) -> None:

@@ -1,5 +1,5 @@
-"""Adam with unit-norm decoder rows in PyTorch operators: the backend of a CPU, and of every parameter group that
-is not the model's own (DeepSpeed's flat partitions).
+"""Adam with unit-norm decoder rows in PyTorch operators: the backend of a CPU (its row passes also serve the
+DeepSpeed engine).
 
 The decoder-norm constraint is two passes around the update, written once here: before it, each row's gradient
 loses its component along the row (`project_rows_`, the tangent-space projection that keeps Adam from growing the
@@ -8,14 +8,14 @@ norms; rows are unit norm on entry, so no norm is recomputed), after it each row
 products and one fused multiply-subtract (`row_dots`, `remove_row_components_`: the DeepSpeed engine calls the two
 halves on its gradient partitions, summing the dot products of a row split between ranks in between).
 
-The optimizers: `TorchAdam`, torch's fused Adam (exact, float32 moments), and `BF16StateAdam`, Adam with its moments
+The optimizer, `TorchAdam`, is torch's Adam with float32 moments (exact; torch's fused kernel) or with its moments
 stored in bfloat16 (trainer.optimizer_state=bfloat16): 20 bytes per element moved instead of 28 and half the state
-memory. Its update is computed in float32 from the stored moments; only the stored moments are rounded (to
+memory. That update is computed in float32 from the stored moments; only the stored moments are rounded (to
 nearest), so it is not exact Adam: bfloat16 keeps 8 significant bits, so a second moment's decay by beta2 = 0.999
 per step (0.1%) is below its resolution (0.4%), and the second moment of a latent that stops firing stays where it
 was instead of decaying. It runs in eager chunks, so it saves memory rather than time.
 
-Both take the clip factor and the skip of a non-finite step through the `grad_scale` (gradients are divided by it)
+It takes the clip factor and the skip of a non-finite step through the `grad_scale` (gradients are divided by it)
 and `found_inf` (> 0: no change at all, step count and rows included) attributes that GradScaler uses
 (`optim.clip_and_skip`).
 """
@@ -31,7 +31,7 @@ ROW_NORM_FLOOR = 1e-12
 """The smallest row norm divided by when renormalising."""
 
 _CHUNK = 1 << 20
-"""Elements per chunk of `BF16StateAdam`'s update, bounding its float32 temporaries."""
+"""Elements per chunk of the bfloat16-moment update, bounding its float32 temporaries."""
 
 
 def row_dots(w: Tensor, grad: Tensor) -> Tensor:
@@ -60,40 +60,6 @@ def normalize_rows_(w: Tensor, apply: Tensor | None = None) -> None:
     w.mul_(torch.where(apply, scale, 1.0))
 
 
-class KeepsUnitRows:
-    """What both torch optimizers add to Adam: `unit_norm_rows` (the decoder weights) projected before the update
-    and renormalised after it, unless the step is skipped."""
-
-    unit_norm_rows: tuple[Tensor, ...] = ()
-    found_inf: Tensor | None = None
-
-    def _project(self) -> None:
-        for w in self.unit_norm_rows:
-            if w.grad is not None:
-                project_rows_(w.detach(), w.grad)
-
-    def _renormalize(self) -> None:
-        apply = None if self.found_inf is None else self.found_inf <= 0
-        for w in self.unit_norm_rows:
-            normalize_rows_(w.detach(), apply)
-
-
-class TorchAdam(KeepsUnitRows, torch.optim.Adam):
-    """torch's fused Adam (no weight decay) that keeps `unit_norm_rows` at unit norm; its state is torch Adam's."""
-
-    def __init__(self, params, lr: float, betas: tuple[float, float], eps: float,
-                 unit_norm_rows: Iterable[Tensor] = ()):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, fused=True)
-        self.unit_norm_rows = tuple(unit_norm_rows)
-
-    @torch.no_grad()
-    def step(self, closure=None) -> None:
-        """One update of every parameter with a gradient (`closure` is not supported)."""
-        self._project()
-        super().step()
-        self._renormalize()
-
-
 @torch.no_grad()
 def bf16_adam_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, lr: Tensor,
                       beta1: float, beta2: float, eps: float, grad_scale: Tensor, skip: Tensor) -> None:
@@ -110,13 +76,17 @@ def bf16_adam_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: 
     exp_avg_sq.copy_(torch.where(skip, exp_avg_sq, v.to(exp_avg_sq.dtype)))
 
 
-class BF16StateAdam(KeepsUnitRows, torch.optim.Optimizer):
-    """Adam (no weight decay) with bfloat16 moments, float32 parameters and arithmetic; keeps `unit_norm_rows` at
-    unit norm."""
+class TorchAdam(torch.optim.Adam):
+    """Adam (no weight decay) that keeps `unit_norm_rows` (the decoder weights) at unit norm: the projection before
+    the update and the renormalisation after it, unless the step is skipped. `state_dtype`: float32 moments (exact
+    Adam: torch's fused kernel) or bfloat16 moments (`bf16_adam_update_`). Its state is torch Adam's."""
 
     def __init__(self, params, lr: float, betas: tuple[float, float], eps: float,
-                 unit_norm_rows: Iterable[Tensor] = ()):
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+                 state_dtype: torch.dtype = torch.float32, unit_norm_rows: Iterable[Tensor] = ()):
+        if state_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"state_dtype={state_dtype}: float32 or bfloat16")
+        super().__init__(params, lr=lr, betas=betas, eps=eps, fused=state_dtype == torch.float32)
+        self.state_dtype = state_dtype
         self.unit_norm_rows = tuple(unit_norm_rows)
         self.grad_scale: Tensor | None = None
         self.found_inf: Tensor | None = None
@@ -124,7 +94,18 @@ class BF16StateAdam(KeepsUnitRows, torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None) -> None:
         """One update of every parameter with a gradient (`closure` is not supported)."""
-        self._project()
+        for w in self.unit_norm_rows:
+            if w.grad is not None:
+                project_rows_(w.detach(), w.grad)
+        if self.state_dtype == torch.float32:
+            super().step()  # the fused kernel reads grad_scale and found_inf
+        else:
+            self._bf16_step()
+        apply = None if self.found_inf is None else self.found_inf <= 0
+        for w in self.unit_norm_rows:
+            normalize_rows_(w.detach(), apply)
+
+    def _bf16_step(self) -> None:
         device = self.param_groups[0]["params"][0].device
         grad_scale = self.grad_scale if self.grad_scale is not None else torch.ones((), device=device)
         skip = self.found_inf > 0 if self.found_inf is not None else torch.zeros((), dtype=torch.bool, device=device)
@@ -144,12 +125,11 @@ class BF16StateAdam(KeepsUnitRows, torch.optim.Optimizer):
                 for start in range(0, flat[0].numel(), _CHUNK):
                     bf16_adam_update_(*[t[start : start + _CHUNK] for t in flat], state["step"], lr, beta1, beta2,
                                       group["eps"], grad_scale, skip)
-        self._renormalize()
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch casts loaded floating-point state to the parameters' dtype; the moments go back to bfloat16."""
+        """torch casts loaded floating-point state to the parameters' dtype; the moments go back to `state_dtype`."""
         super().load_state_dict(state_dict)
         for state in self.state.values():
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in state:
-                    state[key] = state[key].to(torch.bfloat16)
+                    state[key] = state[key].to(self.state_dtype)

@@ -3,7 +3,7 @@
 Stages, each measured alone on this machine: tokenising text into contexts (`Tokenization`, in this thread and
 in worker processes), the LM forward up to the hooked block (`LMUnitReader.fill`, batches of `lm_batch_size`
 contexts), reading a bfloat16 cache (`CachedActivationSource.next_batch`), and the SAE training step
-(`Trainer.train_step`). Then the whole job (`Trainer.train`, steady-state tokens/s from its metrics windows) on
+(`step.TrainStep`). Then the whole job (`Trainer.train`, steady-state tokens/s from its metrics windows) on
 the LM source without and with prefetch (and once more with glibc's default malloc: everything else runs with
 freed host memory kept, as the launch commands run, `sae_dist/host_memory.py`), and on the cache. The job's ratio
 is against its slowest stage; floors
@@ -51,6 +51,7 @@ from sae_dist.data.tokenize import PretokenizedContexts, Tokenization
 from sae_dist.flops import flops_per_token
 from sae_dist.host_memory import keep_freed_host_memory
 from sae_dist.train.init import init_biases_from_batch
+from sae_dist.train.step import build_step
 from sae_dist.train.trainer import Trainer
 
 
@@ -176,10 +177,10 @@ def lm_rate(source: BlockShuffleSource, tokens: int, device: torch.device) -> Ra
 
 def sae_step_rate(run: RunConfig, d_model: int, device: torch.device) -> Rate:
     source = ConstantSource(torch.randn(run.trainer.batch_size, d_model, device=device) * 3)
-    trainer = Trainer(run, source, device=device)
+    step = build_step(run, d_model, device=device)
     x_TD = source.next_batch(run.trainer.batch_size)
-    init_biases_from_batch(trainer.model, x_TD)
-    return timed(lambda: trainer.train_step(x_TD), run.trainer.batch_size, device, repeats=5)
+    init_biases_from_batch(step.model, x_TD)
+    return timed(lambda: step(x_TD, 0, 0), run.trainer.batch_size, device, repeats=5)
 
 
 class ConstantSource(ActivationSource):

@@ -32,7 +32,7 @@ from sae_dist.config import DataConfig, RunConfig, SAEConfig, TrainerConfig, val
 from sae_dist.data.synthetic import SyntheticSource
 from sae_dist.parallel.context import ParallelContext
 from sae_dist.train.init import init_biases_from_batch
-from sae_dist.train.trainer import Trainer
+from sae_dist.train.step import TrainStep, build_step
 
 MB = 1e6
 
@@ -42,27 +42,28 @@ def bench_run(args, ep_size: int | None = None, a2a_chunks: int = 1) -> RunConfi
         sae=SAEConfig(kind="switch", num_latents=args.latents, num_experts=args.experts, k=args.k),
         data=DataConfig(source="synthetic", d_model=args.d, synthetic_features=4 * args.d, synthetic_active=16),
         trainer=TrainerConfig(batch_size=args.batch, steps=1000, progress=False, tensorboard=False,
-                              device=args.device, out_dir="unused"),
+                              device=args.device),
     )
     run.parallel.ep_size, run.parallel.a2a_chunks = ep_size, a2a_chunks
     validate(run)
     return run
 
 
-def time_steps(trainer: Trainer, ctx: ParallelContext, args) -> tuple[list[float], dict[str, float]]:
+def time_steps(step: TrainStep, ctx: ParallelContext, args) -> tuple[list[float], dict[str, float]]:
     """Seconds per step (slowest rank) and bytes per step by kind (this rank) over `args.steps` measured steps."""
-    source = SyntheticSource.from_config(trainer.run.data, seed=0, rank=ctx.rank)
-    x_TD = source.next_batch(trainer.local_batch).to(trainer.device)
-    init_biases_from_batch(trainer.model, ctx.gather_rows(x_TD))
+    run, device = step.run, torch.device(args.device)
+    source = SyntheticSource.from_config(run.data, seed=0, rank=ctx.rank)
+    x_TD = source.next_batch(ctx.local_batch_size(run.trainer.batch_size)).to(device)
+    init_biases_from_batch(step.model, ctx.gather_rows(x_TD))
     stats = getattr(ctx, "stats", None)
     times = []
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup and stats is not None:
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup and stats is not None:
             stats.reset()
         ctx.barrier()
         start = time.perf_counter()
-        trainer.train_step(x_TD)
-        if trainer.device.type == "cuda":
+        step(x_TD, 0, 0)
+        if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(slowest(time.perf_counter() - start, ctx))
     per_step = {} if stats is None else {kind: n / args.steps for kind, n in stats.bytes.items()}
@@ -88,8 +89,7 @@ def rank_main(rank: int, world: int, ep_size: int, chunks: int, port: int, args,
     device = torch.device(args.device)
     run.parallel.timeout_s = 120
     ctx = ExpertParallelContext.from_config(run, device.type)
-    trainer = Trainer(run, SyntheticSource.from_config(run.data, 0, rank), ctx, device)
-    times, per_step = time_steps(trainer, ctx, args)
+    times, per_step = time_steps(build_step(run, args.d, ctx, device), ctx, args)
     kinds = sorted(per_step)
     totals = ctx.all_reduce_sum(torch.tensor([per_step[k] for k in kinds], dtype=torch.float64))
     if rank == 0:
@@ -102,8 +102,7 @@ def measure(world: int, ep_size: int, chunks: int, args) -> tuple[list[float], d
         torch.set_num_threads(args.threads)
         run = bench_run(args)
         ctx = ParallelContext()
-        trainer = Trainer(run, SyntheticSource.from_config(run.data, 0), ctx, torch.device(args.device))
-        return time_steps(trainer, ctx, args)
+        return time_steps(build_step(run, args.d, ctx, args.device), ctx, args)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -1,10 +1,10 @@
 """The optimizer update alone against its memory-bandwidth floor.
 
 One update of a [M, d] decoder (unit-norm rows: gradient projection, Adam, renormalisation) and a [M, d] encoder
-(Adam), the clip acting, in each implementation: torch's fused Adam alone (what the update would cost without the
-decoder's constraint), torch's fused Adam (or the bf16-moment BF16StateAdam) with the trainer's separate projection
-and renormalisation passes (`optim.py`, compiled on a GPU), and on a GPU TritonAdam, which does all of it in one
-pass over each weight.
+(Adam), the clip acting, on each backend of the optimizer (`sae_dist/train/optim/`): torch's fused Adam alone (what
+the update would cost without the decoder's constraint), the torch backend (`TorchAdam`: torch's fused Adam, or its
+bf16-moment update, between the projection and renormalisation passes), and on a GPU the Triton backend
+(`TritonAdam`), which does all of it in one pass over each weight.
 
 Bytes: what the implementation's passes read and write at the least (Adam 28 bytes per element with float32
 moments, 20 with bfloat16; the projection 12 and the renormalisation 8 per decoder element). Floor: one pass of the
@@ -29,8 +29,8 @@ from bench_step import Clock, machine
 from rich.console import Console
 from rich.table import Table
 
-from sae_dist.train.bf16_adam import BF16StateAdam
-from sae_dist.train.optim import clipped_adam_step, normalize_decoder_, remove_parallel_gradient_
+from sae_dist.train.optim import TritonAdam, clipped_adam_step
+from sae_dist.train.optim.torch_backend import TorchAdam
 
 ADAM_BYTES = {"float32": 28, "bfloat16": 20}
 """Bytes per element of one Adam pass: parameter and both moments read and written, the gradient read."""
@@ -48,8 +48,8 @@ def copy_bandwidth(device: torch.device, clock: Clock) -> float:
 
 
 def build_update(kind: str, state: str, latents: int, d: int, device: torch.device) -> Callable[[], None]:
-    """One optimizer update of fresh weights as `kind` ('fused', 'separate', 'triton') runs it; the weights'
-    gradient norm is twice the max norm, so the clip acts."""
+    """One optimizer update of fresh weights as `kind` ('fused': no unit rows, 'separate': the torch backend,
+    'triton') runs it; the weights' gradient norm is twice the max norm, so the clip acts."""
     g = torch.Generator(device).manual_seed(0)
     decoder = torch.nn.Parameter(torch.nn.functional.normalize(torch.randn(latents, d, device=device, generator=g),
                                                                dim=-1))
@@ -57,24 +57,11 @@ def build_update(kind: str, state: str, latents: int, d: int, device: torch.devi
     for w in (decoder, encoder):
         w.grad = torch.randn(latents, d, device=device, generator=g)
     params, hyper = [decoder, encoder], {"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8}
-    if kind == "triton":
-        from sae_dist.train.triton_adam import TritonAdam
-
-        optimizer = TritonAdam(params, **hyper, state_dtype=getattr(torch, state), unit_norm_rows=[decoder])
-    elif state == "bfloat16":
-        optimizer = BF16StateAdam(params, **hyper)
-    else:
-        optimizer = torch.optim.Adam(params, **hyper, fused=True)
+    unit_rows = [] if kind == "fused" else [decoder]
+    adam = TritonAdam if kind == "triton" else TorchAdam
+    optimizer = adam(params, **hyper, state_dtype=getattr(torch, state), unit_norm_rows=unit_rows)
     grad_norm, apply = torch.tensor(2.0, device=device), torch.tensor(True, device=device)
-
-    def update() -> None:
-        if kind == "separate":
-            remove_parallel_gradient_(decoder)
-        clipped_adam_step(optimizer, grad_norm, 1.0, apply)
-        if kind == "separate":
-            normalize_decoder_(decoder, apply)
-
-    return update
+    return lambda: clipped_adam_step(optimizer, grad_norm, 1.0, apply)
 
 
 def main() -> None:
@@ -99,8 +86,8 @@ def main() -> None:
     elements = 2 * latents * args.d
     rows = [("torch fused Adam, no decoder passes", "fused", "float32"),
             ("torch fused Adam + projection + renormalisation", "separate", "float32")]
-    if cuda:  # BF16StateAdam on a CPU is eager chunks, slower than float32 Adam (it saves memory there)
-        rows += [("BF16StateAdam + projection + renormalisation", "separate", "bfloat16"),
+    if cuda:  # bf16 moments on a CPU are eager chunks, slower than float32 Adam (it saves memory there)
+        rows += [("torch Adam, bf16 moments + projection + renormalisation", "separate", "bfloat16"),
                  ("TritonAdam (projection, renormalisation inside)", "triton", "float32"),
                  ("TritonAdam (projection, renormalisation inside)", "triton", "bfloat16")]
     title = (f"One optimizer update of a [{latents}, {args.d}] decoder and encoder; {machine(device)}; "

@@ -46,7 +46,7 @@ from sae_dist.host_memory import keep_freed_host_memory, release_freed_host_memo
 from sae_dist.models import build_sae
 from sae_dist.train.init import init_biases_from_batch
 from sae_dist.train.profiling import operator_table, profiler_for
-from sae_dist.train.trainer import Trainer
+from sae_dist.train.step import build_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the dense oracle lives in tests/, beside the package
 from tests.reference import reference_train_step  # noqa: E402
@@ -113,25 +113,26 @@ def gemm_floor(batch: int, d: int, width: int, device: torch.device, dtype: torc
 
 def sae_dist_step(kind: str, latents: int, experts: int, args, x_BD: torch.Tensor, dead_fraction: float = 0.0,
                   optimizer_state: str = "float32", cuda_graph: bool = False):
-    """Trainer.train_step of a Switch (or dense TopK) SAE; AuxK on only when `dead_fraction` > 0."""
+    """The training step of a Switch (or dense TopK) SAE; AuxK on only when `dead_fraction` > 0."""
     run = RunConfig(
         sae=SAEConfig(kind=kind, num_latents=latents, num_experts=experts, k=args.k,
                       auxk_alpha=1 / 32 if dead_fraction else 0.0, encoder_backward=args.encoder_backward,
                       decoder=args.decoder),
         data=DataConfig(source="synthetic", d_model=args.d),
         trainer=TrainerConfig(batch_size=args.batch, steps=10**6, progress=False, tensorboard=False,
-                              device=args.device, dtype=args.dtype, out_dir="unused", optimizer_state=optimizer_state,
+                              device=args.device, dtype=args.dtype, optimizer_state=optimizer_state,
                               cuda_graph=cuda_graph),
     )
     validate(run)
-    trainer = Trainer(run, SyntheticSource.from_config(run.data, seed=0), device=args.device)
-    init_biases_from_batch(trainer.model, x_BD)
+    step = build_step(run, args.d, device=args.device)
+    init_biases_from_batch(step.model, x_BD)
+    tokens = 0
     if dead_fraction:
         g = torch.Generator().manual_seed(0)
-        dead_L = (torch.rand(latents, generator=g) < dead_fraction).to(trainer.device)
-        trainer.dead.tokens_since_fired_L.masked_fill_(dead_L, run.sae.dead_tokens)
-        trainer.tokens = run.sae.dead_tokens  # the counters say so; AuxK runs from the first step
-    return lambda: trainer.train_step(x_BD)
+        dead_L = (torch.rand(latents, generator=g) < dead_fraction).to(x_BD.device)
+        step.latents.dead.tokens_since_fired_L.masked_fill_(dead_L, run.sae.dead_tokens)
+        tokens = run.sae.dead_tokens  # the counters say so; AuxK runs from the first step
+    return lambda: step(x_BD, 0, tokens)
 
 
 def sparsify_step(latents: int, args, x_BD: torch.Tensor):

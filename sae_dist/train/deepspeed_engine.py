@@ -1,26 +1,28 @@
 """The DeepSpeed engine (`trainer.engine=deepspeed`): the same models, data and step, with DeepSpeed's ZeRO optimizer
 (stage 1 or 2) holding Adam's state and the fp32 master weights partitioned over the ranks and reducing gradients.
 
-The step, in the torch engine's order (`Trainer.train_step`), and who does each part:
-1. Forward and loss: `Trainer.forward_loss`, unchanged, with its autocast (`trainer.dtype=bfloat16` on GPU: bf16
+It implements `engine.Engine`; the step (`step.TrainStep`) calls it in the torch engine's order:
+1. Forward and loss: `TrainStep.forward_loss`, unchanged, with its autocast (`trainer.dtype=bfloat16` on GPU: bf16
    matmuls, fp32 weights, gradients and reductions, as in the torch engine; DeepSpeed's own bf16 mode would keep the
    router, b_pre and the decoder rows in bf16, which SPEC section 2 keeps in fp32). The sparse kernels hand their
    weight gradients to autograd (`weight_grads_in_place = False`), whose accumulation DeepSpeed hooks.
-2. Backward: `engine.backward`, whose ZeRO hooks reduce the gradients into partitions. Expert parameters are
-   DeepSpeed MoE parameters of group "ep_size_P": DeepSpeed divides every gradient bucket by the data-parallel world
-   size W and sums expert buckets over their W/P expert-data-parallel replicas only, replicated ones over all W
-   ranks: SPEC section 8's scaling (replicated averaged over W, experts summed over replicas and divided by W).
+2. Backward: DeepSpeed's `engine.backward`, whose ZeRO hooks reduce the gradients into partitions. Expert
+   parameters are DeepSpeed MoE parameters of group "ep_size_P": DeepSpeed divides every gradient bucket by the
+   data-parallel world size W and sums expert buckets over their W/P expert-data-parallel replicas only, replicated
+   ones over all W ranks: SPEC section 8's scaling (replicated averaged over W, experts summed over replicas and
+   divided by W).
 3. The true global norm: from each rank's gradient partitions (every element of the global gradient lives in
    exactly one partition, so the partitions' squared norms summed over all ranks give the global one).
-4. Project: each decoder row's gradient loses its component along the row; a row may straddle two partitions, so
-   the per-row dot products are summed over the parameter's partition group.
-5. Adam: `engine.step()`, the torch engine's fused Adam on the fp32 partitions, which clips
-   by the global norm and skips a non-finite step inside its own pass as in the torch engine (`grad_scale`,
-   `found_inf`); DeepSpeed's clipping and its own norm are off. The masters first take the module's parameters (a
-   local copy): parameters are fp32 throughout, so this carries in only what was written to the module since the
-   last step (the renormalised rows of step 6, the geometric-median biases, a restored checkpoint). Then the
-   parameters are all-gathered and the lr schedule steps.
-6. Renormalise decoder rows: the torch engine's code on the module's parameters.
+4. Project: each decoder row's gradient loses its component along the row (the optimizer's torch backend,
+   `torch_backend.row_dots` and `remove_row_components_`, on the rows a partition touches); a row may straddle two
+   partitions, so the per-row dot products are summed over the parameter's partition group in between.
+5. Adam: DeepSpeed's `engine.step()`, torch's fused Adam on the fp32 partitions, which clips by the global norm and
+   skips a non-finite step inside its own pass as in the torch engine (`grad_scale`, `found_inf`); DeepSpeed's
+   clipping and its own norm are off. The masters first take the module's parameters (a local copy): parameters are
+   fp32 throughout, so this carries in only what was written to the module since the last step (the renormalised
+   rows of step 6, the geometric-median biases, a restored checkpoint). Then the parameters are all-gathered and the
+   lr schedule steps.
+6. Renormalise decoder rows: the torch backend's `normalize_rows_` on the module's parameters.
 
 Checkpoints use the project's format (`checkpoint.py`): Adam's moments are gathered from the partitions per
 parameter on save and scattered back on load, so a run resumes on either engine, on any valid layout, and
@@ -41,11 +43,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from sae_dist.config import ConfigError
+from sae_dist.config import ConfigError, RunConfig
 from sae_dist.models.base import is_expert_sharded
-from sae_dist.train import checkpoint as ckpt
-from sae_dist.train.optim import build_optimizer, build_scheduler, clip_and_skip_in_adam
-from sae_dist.train.trainer import Trainer
+from sae_dist.parallel.context import ParallelContext
+from sae_dist.train.optim import build_optimizer, build_scheduler, clip_and_skip
+from sae_dist.train.optim.torch_backend import normalize_rows_, remove_row_components_, row_dots
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -118,10 +120,10 @@ def grad_partition(param: nn.Parameter) -> tuple[Tensor, int] | None:
 
 
 @torch.no_grad()
-def remove_parallel_gradient_partition_(w_dec: nn.Parameter, part: tuple[Tensor, int] | None) -> None:
-    """`optim.remove_parallel_gradient_` on a partition of w_dec's gradient (collective over its partition group).
-
-    The partition is padded to whole rows, so a row held whole is projected exactly as in the torch engine."""
+def project_partition_(w_dec: nn.Parameter, part: tuple[Tensor, int] | None) -> None:
+    """The torch backend's projection of decoder rows on a partition of w_dec's gradient (collective over its
+    partition group): the rows the partition touches, padded to whole rows, with each row's dot product summed
+    over the ranks that hold a part of it. The rows must be unit norm."""
     d = w_dec.shape[-1]
     rows_LD = w_dec.detach().reshape(-1, d)
     dots_L = rows_LD.new_zeros(rows_LD.shape[0])
@@ -129,14 +131,13 @@ def remove_parallel_gradient_partition_(w_dec: nn.Parameter, part: tuple[Tensor,
         grad, start = part
         first, end = start // d, (start + grad.numel() - 1) // d + 1  # the rows this partition touches
         lead = start - first * d
-        unit_RD = rows_LD[first:end] / rows_LD[first:end].norm(dim=-1, keepdim=True).clamp_min(1e-12)
         grad_RD = grad.new_zeros((end - first) * d)
         grad_RD[lead : lead + grad.numel()] = grad
         grad_RD = grad_RD.view(-1, d)
-        dots_L[first:end] = (grad_RD * unit_RD).sum(dim=-1)
+        dots_L[first:end] = row_dots(rows_LD[first:end], grad_RD).view(-1)
     dist.all_reduce(dots_L, group=w_dec._dp_group)
     if part is not None:
-        grad_RD.sub_(dots_L[first:end, None] * unit_RD)
+        remove_row_components_(grad_RD, dots_L[first:end].view(-1, 1, 1), rows_LD[first:end])
         grad.copy_(grad_RD.view(-1)[lead : lead + grad.numel()])
 
 
@@ -163,10 +164,10 @@ def scatter_full(param: nn.Parameter, value: Tensor, flat_partitions: list[Tenso
         flat_partitions[mapping.param_group_index].narrow(0, hp.start, hp.numel).copy_(part)
 
 
-class ZeroAdamView:
-    """What `checkpoint.TrainingTensors.optimizer` reads and writes, over a ZeRO optimizer: built collectively,
-    it holds every parameter's full Adam state (gathered from the partitions) in torch Adam's per-parameter form;
-    `load_state_dict` scatters such a state back into the partitions.
+class ZeroAdamState:
+    """The ZeRO optimizer's Adam state as `engine.Engine.optimizer_state` gives it to checkpoints: built
+    collectively, it holds every parameter's full Adam state (gathered from the partitions) in torch Adam's
+    per-parameter form; `load_state_dict` scatters such a state back into the partitions.
 
     Adam's state is read from torch's Adam on DeepSpeed's flat fp32 partitions directly: DeepSpeed 0.19.8's
     `safe_get_full_optimizer_state` links the state of the first parameter group only (it links after the first
@@ -223,68 +224,67 @@ class SharedScheduleLR(LambdaLR):
         )
 
 
-# --- the trainer ----------------------------------------------------------------------------------------------
-class DeepSpeedTrainer(Trainer):
-    """`Trainer` whose optimizer, gradient reduction and update are DeepSpeed's (steps 2-5 in the module doc).
-
-    Overrides `build_optimizer`, `backward`, `sync_clip_project`, `update` and `_tensors`; `forward_loss`,
-    `renormalize_decoders`, the loop, metrics and checkpoint files are the torch engine's. Needs an expert-parallel
-    context (a process group, also of one rank)."""
+# --- the engine ----------------------------------------------------------------------------------------------
+class DeepSpeedEngine:
+    """`engine.Engine` over DeepSpeed's ZeRO optimizer (steps 2-6 in the module doc): Adam over DeepSpeed's
+    parameter groups (replicated, and experts per expert group) inside a DeepSpeed engine. Needs an
+    expert-parallel context (a process group, also of one rank)."""
 
     weight_grads_in_place = False
     graph_capturable = False
 
-    def build_optimizer(self):
-        """Adam over DeepSpeed's parameter groups (replicated, and experts per expert group) inside the engine;
-        returns (the ZeRO optimizer, the lr schedule), and keeps the engine as `self.engine`."""
-        deepspeed = import_deepspeed(self.device.type)
+    def __init__(self, model: nn.Module, run: RunConfig, ctx: ParallelContext, device: torch.device):
+        deepspeed = import_deepspeed(device.type)
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-        ep_size = getattr(getattr(self.ctx, "mesh", None), "ep_size", None)
+        ep_size = getattr(getattr(ctx, "mesh", None), "ep_size", None)
         if ep_size is None:
             raise ConfigError("trainer.engine=deepspeed runs in a process group: use launch/train.py or torchrun")
-        has_experts = any(is_expert_sharded(self.model, name) for name, _ in self.model.named_parameters())
-        module = build_expert_parallel_module(self.model, self.run.sae.num_experts, ep_size) if has_experts else None
+        self.model, self.device, self.max_norm = model, device, run.trainer.grad_clip
+        has_experts = any(is_expert_sharded(model, name) for name, _ in model.named_parameters())
+        module = build_expert_parallel_module(model, run.sae.num_experts, ep_size) if has_experts else None
         groups = split_params_into_different_moe_groups_for_optimizer(
-            {"params": list(self.model.parameters()), "name": "replicated"}
+            {"params": list(model.parameters()), "name": "replicated"}
         )
-        adam = build_optimizer(self.model, self.run, groups)
-        scheduler = build_scheduler(adam, self.run, SharedScheduleLR)
+        adam = build_optimizer(model, run, groups)
+        self.scheduler = build_scheduler(adam, run, SharedScheduleLR)
         deepspeed.init_distributed(dist_backend=dist.get_backend())
-        config = deepspeed_config(self.run.trainer.zero_stage, self.ctx.local_batch_size(self.run.trainer.batch_size))
-        self.engine, zero, _, _ = deepspeed.initialize(
-            model=module or self.model, optimizer=adam, lr_scheduler=scheduler, config=config
+        config = deepspeed_config(run.trainer.zero_stage, ctx.local_batch_size(run.trainer.batch_size))
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=module or model, optimizer=adam, lr_scheduler=self.scheduler, config=config
         )
         if has_experts:
-            check_expert_groups(self.ctx.mesh, ep_size)
-        return zero, scheduler
+            check_expert_groups(ctx.mesh, ep_size)
 
     def backward(self, loss: Tensor) -> None:
         self.engine.backward(loss)
 
     @torch.no_grad()
-    def sync_clip_project(self) -> Tensor:
-        """The global norm of the reduced gradient partitions (which `update` clips by); project the decoder rows'
-        gradients."""
+    def reduce_gradients(self) -> Tensor:
+        """The global norm of the reduced gradient partitions (steps 2-3), then the decoder rows' projection on them
+        (step 4: the partitions can be edited only between the backward and the update)."""
         parts = {param: grad_partition(param) for param in self.model.parameters()}
         grads = [part[0] for part in parts.values() if part is not None]
         squares = [torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32)).square() for g in grads]
         total_sq = torch.stack(squares).sum() if squares else torch.zeros((), device=self.device)
         dist.all_reduce(total_sq)
         for w_dec in self.model.decoder_weights():
-            remove_parallel_gradient_partition_(w_dec, parts[w_dec])
+            project_partition_(w_dec, parts[w_dec])
         return total_sq.sqrt()
 
     def update(self, grad_norm: Tensor, finite: Tensor) -> float:
-        """Step 5: masters refreshed from the module, then DeepSpeed's step with the torch engine's clip and skip."""
+        """Steps 5-6: masters refreshed from the module, DeepSpeed's step with the clip and skip of the torch
+        backend, then the decoder rows renormalised."""
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.refresh_fp32_params()
-        clip_and_skip_in_adam(self.optimizer.optimizer, grad_norm, self.run.trainer.grad_clip, finite)
+        clip_and_skip(self.optimizer.optimizer, grad_norm, self.max_norm, finite)
         self.engine.step()
+        for w_dec in self.model.decoder_weights():
+            normalize_rows_(w_dec.detach(), finite)
         return lr
 
-    def _tensors(self) -> ckpt.TrainingTensors:
-        return ckpt.TrainingTensors(self.model, ZeroAdamView(self.model, self.optimizer), self.dead.tokens_since_fired_L)
+    def optimizer_state(self) -> ZeroAdamState:
+        return ZeroAdamState(self.model, self.optimizer)
 
 
 def check_expert_groups(mesh, ep_size: int) -> None:

@@ -6,7 +6,7 @@ side by side); a `SharedStream` hands each batch to every member, cut to its sit
 in turn, so member i's batch j is the batch j that a run of member i alone would see: a sweep equals its members
 trained separately on the same stream (tested), at the price of one LM pass.
 
-Each member is checked and continued like a run of its own (`run.prepare_run`: its folder, its identity on resume,
+Each member is checked and continued like a run of its own (`plan.prepare_run`: its folder, its identity on resume,
 memory and disk). Stop signals (SIGTERM, SIGUSR1): one handler for all members, read between rounds of steps
 (`HeldSignals`), so every member takes the same last step and checkpoints it before the sweep stops. Resume: the
 members restore the newest checkpoint step that all of them have (a crash between two members' saves leaves one a
@@ -26,12 +26,12 @@ from sae_dist.parallel.context import ParallelContext
 from sae_dist.parallel.failures import on_every_rank
 from sae_dist.run_dir import CHECKPOINTS_DIR, checkpoint_name, latest_checkpoint
 from sae_dist.train.preemption import HeldSignals, StopRequested, StopSignals
-from sae_dist.train.run import RunPlan, finish_run, prepare_run, start_trainer
+from sae_dist.train.plan import RunPlan, finish_run, prepare_run, start_trainer
 from sae_dist.train.trainer import Trainer
 
 
 def prepare_sweep(run: RunConfig, world_size: int = 1, overrides: list[str] | None = None) -> list[RunPlan]:
-    """Every member of `run.sweep` checked as a run of its own (see `run.prepare_run`)."""
+    """Every member of `run.sweep` checked as a run of its own (see `plan.prepare_run`)."""
     return [prepare_run(member, world_size, overrides) for member in sweep_members(run)]
 
 
@@ -115,7 +115,7 @@ def step_round(running: dict[Trainer, Iterator[int]]) -> dict[Trainer, Iterator[
 
 
 def train_sweep(plans: list[RunPlan], ctx: ParallelContext, eval_batches: int = 4) -> list[dict[str, Any]]:
-    """Train the prepared members of a sweep from one stream; return each member's result (`run.finish_run`)."""
+    """Train the prepared members of a sweep from one stream; return each member's result (`plan.finish_run`)."""
     if ctx.is_main:
         for plan in plans:
             print(f"run folder: {plan.folder.describe()}", flush=True)

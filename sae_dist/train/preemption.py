@@ -16,6 +16,10 @@ import threading
 from pathlib import Path
 from types import FrameType
 
+import torch
+
+from sae_dist.parallel.context import ParallelContext
+
 REQUEUE_EXIT_STATUS = 75
 """EX_TEMPFAIL (sysexits.h): stopped on request with a checkpoint written; run the same command again."""
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -77,3 +81,18 @@ class HeldSignals:
 
     def hold(self) -> None:
         self.received = self.signals.received
+
+
+def agreed_stop(signals: StopSignals | HeldSignals, ctx: ParallelContext, device: torch.device,
+                at_sync_point: bool) -> str | None:
+    """The stop signal to honour after this step, if any: in one process as soon as it arrives; under torchrun at
+    logging and checkpoint steps (`at_sync_point`), when the ranks agree (one small all-reduce), so all stop
+    together."""
+    if not ctx.distributed:
+        return signals.received
+    if not at_sync_point:
+        return None
+    flag = torch.tensor([0.0 if signals.received is None else 1.0], device=device)
+    if float(ctx.all_reduce_sum(flag).sum()) == 0:
+        return None
+    return signals.received or "a stop signal to another rank"

@@ -95,7 +95,7 @@ def resample_dead_latents(
 def reset_adam_rows_(
     optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], expert_R: Tensor, column_R: Tensor
 ) -> None:
-    """Zero Adam's moments (exp_avg, exp_avg_sq: fused float32 Adam and BF16StateAdam alike) at rows
+    """Zero Adam's moments (exp_avg, exp_avg_sq: float32 or bfloat16 moments alike) at rows
     [expert_R, column_R] of `params`; the step counts stay."""
     for param in params:
         state = optimizer.state.get(param, {})

@@ -1,12 +1,12 @@
 """CUDA graphs of the training step (trainer.cuda_graph): its device work captured once, then replayed.
 
-The eager step launches some 190 operators one by one from Python; a replayed graph launches them all at once. On
-an H200 (Switch, B = 8192, bf16, with TritonAdam) that took the step from 4.1 to 3.9 ms at M = 65,536 and from 21.9
-to 21.4 ms at M = 2^20 (README, Benchmarks). The step splits
-where host work has to run between device work (`Trainer.train_step`):
-1. before the update, a graph: forward, loss, backward, gradient norm and projection, the finite flag;
-2. the update, eager: the optimizer and the lr schedule, whose step counts and lr the host keeps;
-3. after the update, a graph: decoder renormalisation, the dead-latent counters, the model's after-step state.
+The eager step launches some 190 operators one by one from Python; a replayed graph launches them all at once, which
+shortens a step whose kernels are shorter than their launches (README, Benchmarks). The step splits
+where host work has to run between device work (`step.TrainStep`):
+1. before the update, a graph: forward, loss, backward, gradient norm, the finite flag;
+2. the update, eager: the optimizer (with the decoder-row constraint) and the lr schedule, whose step counts and lr
+   the host keeps;
+3. after the update, a graph: the dead-latent counters, the model's after-step state.
 
 A graph replays what the Python code did when it was captured: the same tensors, shapes and Python constants. So
 the batch and AuxK's candidates are copied into buffers that the graph reads, and a graph's key holds what the
@@ -19,7 +19,8 @@ the run goes on eagerly.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,18 +28,17 @@ from tqdm.auto import tqdm
 
 from sae_dist.models.auxk import AuxCandidates
 
-if TYPE_CHECKING:
-    from sae_dist.train.trainer import Trainer
-
 WARMUP_STEPS = 2
 """Eager steps of a key before its graphs are captured."""
 
 
 class StepGraphs:
-    """The two graphs of one trainer's step and the buffers they read; see the module doc."""
+    """The two graphs of one step and the buffers they read; see the module doc. `before_update(x_TD, aux, weights)`
+    and `after_update(its result)` are the step's device work before and after the update (`step.TrainStep`)."""
 
-    def __init__(self, trainer: Trainer):
-        self.trainer = trainer
+    def __init__(self, before_update: Callable[[Tensor, AuxCandidates | None, dict[str, float]], Any],
+                 after_update: Callable[[Any], None]):
+        self.before_update_work, self.after_update_work = before_update, after_update
         self.key: tuple | None = None
         """The key of the captured (or about to be captured) graphs."""
         self.warming: tuple[tuple | None, int] = (None, 0)
@@ -54,7 +54,7 @@ class StepGraphs:
         self.after: torch.cuda.CUDAGraph | None = None
         self.x_TD: Tensor | None = None
         self.aux: AuxCandidates | None = None
-        self.result: dict[str, Any] = {}
+        self.result: Any = None
 
     def ready(self, x_TD: Tensor, aux: AuxCandidates | None, weights: dict[str, float]) -> bool:
         """Whether this step runs from graphs (replayed, or captured now); False: it runs eagerly."""
@@ -73,14 +73,13 @@ class StepGraphs:
         self.key = key
         return True
 
-    def before_update(self, x_TD: Tensor, aux: AuxCandidates | None, weights: dict[str, float]
-                      ) -> dict[str, Any] | None:
+    def before_update(self, x_TD: Tensor, aux: AuxCandidates | None, weights: dict[str, float]) -> Any:
         """Part 1 of the step on `x_TD`: capture it at the first call of a key, then replay; the result's tensors
         are the graph's outputs. None: the capture failed, run the step eagerly."""
         if self.before is None:
             self.x_TD = x_TD.clone()
             self.aux = None if aux is None else AuxCandidates(aux.ids_NC.clone(), aux.dead_NC.clone())
-            graph = self._capture(lambda: self.trainer.before_update(self.x_TD, self.aux, weights))
+            graph = self._capture(lambda: self.before_update_work(self.x_TD, self.aux, weights))
             if graph is None:
                 return None
             self.before = graph  # the parameters' .grad are now the tensors its backward writes
@@ -90,13 +89,13 @@ class StepGraphs:
                 self.aux.ids_NC.copy_(aux.ids_NC)
                 self.aux.dead_NC.copy_(aux.dead_NC)
         self.before.replay()
-        return dict(self.result)
+        return self.result
 
     def after_update(self) -> bool:
         """Part 3 of the step: captured at its first call (in the first graph's memory pool), then replayed.
         False: the capture failed, run it eagerly."""
         if self.after is None:
-            self.after = self._capture(lambda: self.trainer.after_update(self.result), self.before.pool())
+            self.after = self._capture(lambda: self.after_update_work(self.result), self.before.pool())
             if self.after is None:
                 return False
         self.after.replay()

@@ -17,10 +17,10 @@ from sae_dist.parallel.expert_parallel import ExpertParallelContext  # noqa: E40
 from sae_dist.parallel.mesh import build_mesh  # noqa: E402
 from sae_dist.run_dir import checkpoint_name, latest_checkpoint  # noqa: E402
 from sae_dist.train import checkpoint as ckpt  # noqa: E402
-from sae_dist.train.deepspeed_engine import DeepSpeedTrainer, remove_parallel_gradient_partition_  # noqa: E402
+from sae_dist.train.deepspeed_engine import DeepSpeedEngine, project_partition_  # noqa: E402
 from sae_dist.train.init import init_biases_from_batch  # noqa: E402
 from sae_dist.train.multi import prepare_sweep, train_sweep  # noqa: E402
-from sae_dist.train.optim import remove_parallel_gradient_  # noqa: E402
+from sae_dist.train.optim.torch_backend import normalize_rows_, project_rows_  # noqa: E402
 from sae_dist.train.run import build_trainer  # noqa: E402
 from sae_dist.train.trainer import Trainer  # noqa: E402
 
@@ -50,15 +50,16 @@ def check_one_step(folder: Path, rank: int, world: int, ep_size: int, stage: int
     runs = [tiny_run(folder / f"{name}_{engine}", ep_size=ep_size, kind=kind, zero_stage=stage, grad_clip=0.05,
                      dtype=dtype) for engine in ("torch", "deepspeed")]
     reference, trainer = build(runs[0], rank, world, "torch"), build(runs[1], rank, world, "deepspeed")
-    assert isinstance(trainer, DeepSpeedTrainer)
+    assert isinstance(trainer.engine, DeepSpeedEngine)
     x_TD = reference.source.next_batch(reference.local_batch)
     results = []
     for t in (reference, trainer):
         init_biases_from_batch(t.model, t.ctx.gather_rows(x_TD))  # module weights only: DeepSpeed must pick it up
-        t.renormalize_decoders()
-        out, terms, loss = t.forward_loss(x_TD)
-        t.backward(loss)
-        results.append((out, terms, loss, t.sync_clip_project()))
+        for w_dec in t.model.decoder_weights():
+            normalize_rows_(w_dec.detach())
+        out, terms, loss = t.stepper.forward_loss(x_TD, None, t.model.loss_weights(0.0))
+        t.engine.backward(loss)
+        results.append((out, terms, loss, t.engine.reduce_gradients()))
     (ref_out, ref_terms, ref_loss, ref_norm), (out, terms, loss, norm) = results
     torch.testing.assert_close(out.x_hat_TD, ref_out.x_hat_TD, **EXACT)
     for term in ref_terms:
@@ -69,23 +70,27 @@ def check_one_step(folder: Path, rank: int, world: int, ep_size: int, stage: int
     from deepspeed.utils import safe_get_full_grad
 
     ref_params = dict(reference.model.named_parameters())
+    expected_grads = {pname: param.grad.clone() for pname, param in ref_params.items()}
+    decoders = {id(w_dec) for w_dec in reference.model.decoder_weights()}
+    for pname, param in ref_params.items():  # the torch engine projects inside its optimizer's step
+        if id(param) in decoders:
+            project_rows_(param.detach(), expected_grads[pname])
     for pname, param in trainer.model.named_parameters():
-        expected = ref_params[pname].grad
-        torch.testing.assert_close(safe_get_full_grad(param), expected, **MODEL, msg=lambda m: f"{pname}: {m}")
+        torch.testing.assert_close(safe_get_full_grad(param), expected_grads[pname], **MODEL,
+                                   msg=lambda m: f"{pname}: {m}")
     for w_dec in trainer.model.decoder_weights():  # projected: no row's gradient has a component along it
         full = safe_get_full_grad(w_dec)
         assert (full * w_dec).sum(-1).abs().max() < 1e-6 * full.abs().max()
     finite = torch.tensor(True)
     for t, t_norm in ((reference, ref_norm), (trainer, norm)):
-        t.update(t_norm, finite)
-        t.renormalize_decoders(finite)
+        t.engine.update(t_norm, finite)
     for pname, param in trainer.model.named_parameters():
         torch.testing.assert_close(param, ref_params[pname], **MODEL, msg=lambda m: f"{pname}: {m}")
 
 
 def check_projection_of_split_rows(rank: int, world: int) -> None:
     """A decoder gradient split between two ranks in the middle of a row (and held by one rank alone) is projected
-    exactly as the whole gradient is by the torch engine's `remove_parallel_gradient_`."""
+    exactly as the whole gradient is by the torch backend's `project_rows_`."""
     g = torch.Generator().manual_seed(0)
     rows = torch.randn(3, 5, 7, generator=g, dtype=torch.float64)
     w_dec = torch.nn.Parameter(rows / rows.norm(dim=-1, keepdim=True))  # unit rows, as the step keeps them
@@ -93,11 +98,11 @@ def check_projection_of_split_rows(rank: int, world: int) -> None:
     full_grad = torch.randn(3, 5, 7, generator=g, dtype=torch.float64)
     expected = torch.nn.Parameter(w_dec.detach().clone())
     expected.grad = full_grad.clone()
-    remove_parallel_gradient_(expected)
+    project_rows_(expected.detach(), expected.grad)
     for split in (52, 105):  # mid-row (52 = 7 * 7 + 3); everything on rank 0
         bounds = [(0, split), (split, 105)][rank]
         part = full_grad.flatten()[bounds[0] : bounds[1]].clone()
-        remove_parallel_gradient_partition_(w_dec, (part, bounds[0]) if part.numel() else None)
+        project_partition_(w_dec, (part, bounds[0]) if part.numel() else None)
         torch.testing.assert_close(part, expected.grad.flatten()[bounds[0] : bounds[1]], rtol=1e-12, atol=1e-15)
 
 
@@ -143,7 +148,7 @@ def check_resume_exact(folder: Path, rank: int, world: int) -> None:
     source = "train_switch_P2_z2_deepspeed"
     trainer = resume(folder, source, "resume_ds_from_ds", rank, world, "deepspeed", ep_size=2, zero_stage=2)
     saved = saved_state(folder, "resume_ds_from_ds", 3)
-    adam_state = trainer._tensors().optimizer.state
+    adam_state = trainer.engine.optimizer_state().state
     params = dict(trainer.model.named_parameters())
     dispatcher = trainer.model.dispatcher
     for name, tensor in trainer.model.state_dict().items():

@@ -1,8 +1,8 @@
 """On a CUDA GPU (skipped elsewhere): the trainer's step there (TritonAdam with the decoder's projection and
 renormalisation in its update, grouped_mm, CUDA graphs) equals the straightforward step on the CPU and the step
 with torch's fused Adam and separate passes; TritonAdam's step replays in a CUDA graph; the bf16 step runs without
-reading the device back to the host; steps and training runs replayed from CUDA graphs equal eager ones; the
-compiled bf16-state Adam equals its eager CPU form; prefetch through a CUDA stream hands over the source's batches
+reading the device back to the host; steps and training runs replayed from CUDA graphs equal eager ones;
+the bfloat16-moment torch Adam on the GPU equals its CPU form; prefetch through a CUDA stream hands over the source's batches
 unchanged."""
 
 import copy
@@ -11,10 +11,13 @@ import warnings
 
 import pytest
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
 from sae_dist.data import PrefetchingSource, build_activation_source
 from sae_dist.train.dead import DeadLatentTracker
 from sae_dist.train.init import init_biases_from_batch
+from sae_dist.train.optim import TritonAdam, build_scheduler
+from sae_dist.train.optim.torch_backend import TorchAdam
 from sae_dist.train.trainer import Trainer
 from tests.parallel.ep_helpers import copy_checkpoint
 from tests.reference import reference_train_step
@@ -42,7 +45,7 @@ def test_cuda_trainer_steps_equal_cpu_reference_steps(tmp_path, kind, formulatio
         dead_mask_L = ref_dead.dead_mask() if step * BATCH >= run.sae.dead_tokens else None
         ref_loss, f_TL = reference_train_step(reference, ref_optimizer, x_TD, cfg.grad_clip, dead_mask_L)
         ref_dead.update((f_TL > 0).any(0), BATCH)
-        torch.testing.assert_close(result["loss"].cpu(), ref_loss, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(result.loss.cpu(), ref_loss, rtol=1e-4, atol=1e-5)
         assert torch.equal(trainer.dead.tokens_since_fired_L.cpu(), ref_dead.tokens_since_fired_L)
         assert_same_weights(trainer.model, reference, {"rtol": 1e-3, "atol": 1e-5})
 
@@ -74,7 +77,7 @@ def test_cuda_bf16_step_reads_nothing_back_to_the_host(tmp_path, kind, formulati
     syncs = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
              if "called a synchronizing CUDA operation" in str(w.message)]
     assert not syncs, "\n".join(syncs)
-    assert all(bool(r["finite"]) for r in results) and "auxk" in results[-1]["terms"]
+    assert all(bool(r.finite) for r in results) and "auxk" in results[-1].terms
 
 
 def _bf16_trainers(tmp_path, kind, formulation, **trainer_fields) -> dict[bool, Trainer]:
@@ -86,7 +89,7 @@ def _bf16_trainers(tmp_path, kind, formulation, **trainer_fields) -> dict[bool, 
         for name, value in trainer_fields.items():
             setattr(run.trainer, name, value)
         trainers[graphs] = Trainer(run, build_activation_source(run), device="cuda")
-    assert trainers[True]._graphs is not None and trainers[False]._graphs is None
+    assert trainers[True].stepper.graphs is not None and trainers[False].stepper.graphs is None
     return trainers
 
 
@@ -104,11 +107,11 @@ def test_cuda_graph_steps_equal_eager_steps(tmp_path, kind, formulation):
         init_biases_from_batch(trainer.model, batches[0])
     for step, x_TD in enumerate(batches):
         eager, graphed = (trainers[g].train_step(x_TD) for g in (False, True))
-        assert bool(graphed["finite"]) == bool(eager["finite"]) == (step != 7)
+        assert bool(graphed.finite) == bool(eager.finite) == (step != 7)
         for key in ("loss", "grad_norm"):
             torch.testing.assert_close(graphed[key], eager[key], rtol=1e-4, atol=1e-6, equal_nan=True,
                                        msg=lambda m, key=key, step=step: f"step {step} {key}: {m}")
-    assert trainers[True]._graphs.before is not None  # the last steps replayed a graph
+    assert trainers[True].stepper.graphs.before is not None  # the last steps replayed a graph
     assert_same_weights(trainers[True].model, trainers[False].model, {"rtol": 1e-3, "atol": 1e-5})
     adam = {g: trainers[g].optimizer for g in trainers}
     for param_g, param_e in zip(trainers[True].model.parameters(), trainers[False].model.parameters(), strict=True):
@@ -152,7 +155,7 @@ def test_cuda_step_that_cannot_be_captured_runs_eagerly(tmp_path, monkeypatch, c
 
     def reads_back(*args):
         result = plain_before_update(*args)
-        float(result["loss"])  # a host synchronisation: forbidden while capturing
+        float(result.loss)  # a host synchronisation: forbidden while capturing
         return result
 
     monkeypatch.setattr(graphed, "before_update", reads_back)
@@ -162,21 +165,20 @@ def test_cuda_step_that_cannot_be_captured_runs_eagerly(tmp_path, monkeypatch, c
         init_biases_from_batch(trainer.model, batches[0])
     for x_TD in batches:
         eager, captured = (trainers[g].train_step(x_TD) for g in (False, True))
-        torch.testing.assert_close(captured["loss"], eager["loss"], rtol=1e-4, atol=1e-6)
-    assert graphed._graphs.failed and graphed._graphs.before is None
+        torch.testing.assert_close(captured.loss, eager.loss, rtol=1e-4, atol=1e-6)
+    assert graphed.stepper.graphs.failed and graphed.stepper.graphs.before is None
     printed = capsys.readouterr()
     assert (printed.out + printed.err).count("cannot be captured as a CUDA graph") == 1
     assert_same_weights(graphed.model, trainers[False].model, {"rtol": 1e-3, "atol": 1e-5})
 
 
 def test_cuda_bf16_state_adam_equals_its_cpu_form():
-    """The compiled one-kernel update on the GPU against the eager chunked update on the CPU, clip and skip included."""
-    from sae_dist.train.bf16_adam import BF16StateAdam
-
+    """The chunked update on the GPU against the same on the CPU, clip and skip included."""
     g = torch.Generator().manual_seed(0)
     start = torch.randn(5000, generator=g)
     params = {device: torch.nn.Parameter(start.clone().to(device)) for device in ("cpu", "cuda")}
-    optimizers = {device: BF16StateAdam([p], lr=0.01, betas=(0.9, 0.999), eps=1e-8) for device, p in params.items()}
+    optimizers = {device: TorchAdam([p], lr=0.01, betas=(0.9, 0.999), eps=1e-8, state_dtype=torch.bfloat16)
+                  for device, p in params.items()}
     for scale, skip in [(1.0, False), (2.5, False), (1.0, True), (1.0, False)]:
         grad = torch.randn(5000, generator=g)
         for device, optimizer in optimizers.items():
@@ -211,12 +213,8 @@ def test_cuda_prefetch_hands_over_the_source_batches_unchanged(tmp_path):
 @pytest.mark.parametrize("state", ["float32", "bfloat16"])
 def test_cuda_triton_adam_trainer_steps_equal_the_torch_optimizer_steps(tmp_path, state):
     """On a GPU the trainer's optimizer is TritonAdam (the decoder projected and renormalised in its update); its
-    steps equal those of the trainer with torch's fused Adam (or the compiled BF16StateAdam) and the separate
-    projection and renormalisation passes."""
-    from sae_dist.train.bf16_adam import BF16StateAdam
-    from sae_dist.train.optim import build_scheduler
-    from sae_dist.train.triton_adam import TritonAdam
-
+    steps equal those of the trainer with the torch backend (torch's fused Adam or its bfloat16-moment update between the
+    projection and renormalisation passes)."""
     run = step_run(tmp_path, "switch", ("gemm", "gemm"))
     run.trainer.device, run.trainer.optimizer_state, run.trainer.dtype = "cuda", state, "float32"
     source = build_activation_source(run)
@@ -224,18 +222,18 @@ def test_cuda_triton_adam_trainer_steps_equal_the_torch_optimizer_steps(tmp_path
     trainers = [Trainer(run, build_activation_source(run), device="cuda") for _ in range(2)]
     assert isinstance(trainers[0].optimizer, TritonAdam)
     cfg = run.trainer
-    params = trainers[1].model.parameters()
-    trainers[1].optimizer = (torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
-                                              fused=True) if state == "float32"
-                             else BF16StateAdam(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps))
-    trainers[1].scheduler = build_scheduler(trainers[1].optimizer, run)
+    engine = trainers[1].engine
+    engine.optimizer = TorchAdam(trainers[1].model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                                 eps=cfg.adam_eps, state_dtype=getattr(torch, state),
+                                 unit_norm_rows=trainers[1].model.decoder_weights())
+    engine.scheduler = build_scheduler(engine.optimizer, run)
     # bf16 moments: a moment rounded to the neighbouring bfloat16 (fused arithmetic) moves a parameter by ~lr/250.
     tol = {"rtol": 1e-5, "atol": 1e-6} if state == "float32" else {"rtol": 0, "atol": 1e-4}
     for trainer in trainers:
         init_biases_from_batch(trainer.model, batches[0])
     for step, x_TD in enumerate(batches):
         for trainer in trainers:
-            assert bool(trainer.train_step(x_TD)["finite"])
+            assert bool(trainer.train_step(x_TD).finite)
         for (name, ours), theirs in zip(trainers[0].model.named_parameters(), trainers[1].model.parameters()):
             torch.testing.assert_close(ours, theirs, **tol, msg=lambda m: f"step {step}, {name}: {m}")
 
@@ -243,10 +241,6 @@ def test_cuda_triton_adam_trainer_steps_equal_the_torch_optimizer_steps(tmp_path
 def test_cuda_triton_adam_step_replays_in_a_cuda_graph():
     """TritonAdam's step captured in a CUDA graph, replayed with new gradients, clip factors, a skip and the lr that
     LambdaLR writes into the group's lr tensor, equals the same steps run eagerly, bit for bit."""
-    from torch.optim.lr_scheduler import LambdaLR
-
-    from sae_dist.train.triton_adam import TritonAdam
-
     g = torch.Generator(device="cuda").manual_seed(0)
     shapes = [(300, 96), (5000,)]
     start = [torch.nn.functional.normalize(torch.randn(shapes[0], device="cuda", generator=g), dim=-1),

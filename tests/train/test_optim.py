@@ -6,63 +6,45 @@ import torch
 from sae_dist.config import SAEConfig
 from sae_dist.models.base import default_lr
 from sae_dist.train.init import geometric_median
-from sae_dist.train.optim import (
-    clipped_adam_step,
-    lr_multiplier,
-    normalize_decoder_,
-    remove_parallel_gradient_,
-)
+from sae_dist.train.optim import clipped_adam_step, lr_multiplier
+from sae_dist.train.optim.torch_backend import TorchAdam, normalize_rows_, project_rows_
 
 
-def test_normalize_decoder_rows_to_unit_norm():
+def test_normalize_rows_to_unit_norm():
     w = torch.randn(3, 5, 7) * 4
     direction = w / w.norm(dim=-1, keepdim=True)
-    normalize_decoder_(w)
+    normalize_rows_(w)
     torch.testing.assert_close(w.norm(dim=-1), torch.ones(3, 5))
     torch.testing.assert_close(w, direction)
 
 
-def test_remove_parallel_gradient_leaves_orthogonal_part():
+def test_projection_leaves_the_orthogonal_part():
     w = torch.nn.Parameter(torch.nn.functional.normalize(torch.randn(6, 4), dim=-1))
     orthogonal = torch.randn(6, 4)
     orthogonal -= (orthogonal * w).sum(-1, keepdim=True) * w
     w.grad = orthogonal + 2.5 * w.detach()
-    remove_parallel_gradient_(w)
+    project_rows_(w.detach(), w.grad)
     torch.testing.assert_close(w.grad, orthogonal, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close((w.grad * w).sum(-1), torch.zeros(6), rtol=0, atol=1e-6)
-
-
-def test_gpu_form_of_the_projection_equals_the_eager_form():
-    """The row-reduction form that a GPU compiles gives the eager bmm form's gradient."""
-    from sae_dist.train.optim import _project_rows_, _project_rows_pointwise_
-
-    g = torch.Generator().manual_seed(0)
-    w_NMD = torch.nn.functional.normalize(torch.randn(3, 50, 16, generator=g), dim=-1)
-    grads = [torch.randn(3, 50, 16, generator=g) for _ in range(2)]
-    grads[1].copy_(grads[0])
-    _project_rows_(w_NMD, grads[0])
-    _project_rows_pointwise_(w_NMD, grads[1])
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close((grads[1] * w_NMD).sum(-1), torch.zeros(3, 50), rtol=0, atol=1e-5)
 
 
 def test_normalize_and_project_a_decoder_of_many_rows():
     w = torch.nn.Parameter(torch.randn(3000, 4, generator=torch.Generator().manual_seed(0)) * 3)
     direction = w.detach() / w.detach().norm(dim=-1, keepdim=True)
-    normalize_decoder_(w)
+    normalize_rows_(w)
     torch.testing.assert_close(w.detach(), direction)
     w.grad = torch.randn(3000, 4)
     expected = w.grad - (w.grad * direction).sum(-1, keepdim=True) * direction
-    remove_parallel_gradient_(w)
+    project_rows_(w.detach(), w.grad)
     torch.testing.assert_close(w.grad, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_normalize_decoder_leaves_rows_alone_after_a_skipped_step():
+def test_normalize_rows_leaves_rows_alone_after_a_skipped_step():
     w = torch.randn(3, 5, 7) * 4
     before = w.clone()
-    normalize_decoder_(w, apply=torch.tensor(False))
+    normalize_rows_(w, apply=torch.tensor(False))
     assert torch.equal(w, before)
-    normalize_decoder_(w, apply=torch.tensor(True))
+    normalize_rows_(w, apply=torch.tensor(True))
     torch.testing.assert_close(w.norm(dim=-1), torch.ones(3, 5))
 
 
@@ -132,12 +114,10 @@ def test_geometric_median_of_collinear_symmetric_points_is_centre():
 def test_bf16_state_adam_is_adam_with_moments_rounded_to_bf16():
     """Against the textbook update with the stored moments rounded to bfloat16 after each step; close to exact
     Adam; clipping through grad_scale and skipping through found_inf as the fused optimizer does."""
-    from sae_dist.train.bf16_adam import BF16StateAdam
-
     g = torch.Generator().manual_seed(0)
     param = torch.nn.Parameter(torch.randn(3000, generator=g))
     exact = torch.nn.Parameter(param.detach().clone())
-    ours = BF16StateAdam([param], lr=0.01, betas=(0.9, 0.999), eps=1e-8)
+    ours = TorchAdam([param], lr=0.01, betas=(0.9, 0.999), eps=1e-8, state_dtype=torch.bfloat16)
     adam = torch.optim.Adam([exact], lr=0.01, foreach=False)
     p_ref, m, v = param.detach().clone(), torch.zeros(3000, dtype=torch.bfloat16), torch.zeros(3000, dtype=torch.bfloat16)
     for step, (scale, skip) in enumerate([(1.0, False), (2.5, False), (1.0, True), (1.0, False)]):
@@ -158,3 +138,31 @@ def test_bf16_state_adam_is_adam_with_moments_rounded_to_bf16():
         assert torch.equal(ours.state[param]["exp_avg"], m) and torch.equal(ours.state[param]["exp_avg_sq"], v)
         torch.testing.assert_close(param.detach(), exact.detach(), rtol=0, atol=3e-4)
     assert float(ours.state[param]["step"]) == 3
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_torch_backend_keeps_unit_rows_and_skips_when_told(state_dtype):
+    """Its step is the projection, the clipped update of the same optimizer without unit rows, then the
+    renormalisation, bit for bit; a skipped step leaves rows, other parameters and state alone."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(torch.nn.functional.normalize(torch.randn(3, 20, 8, generator=g), dim=-1))
+    b = torch.nn.Parameter(torch.randn(8, generator=g))
+    ref_w, ref_b = (torch.nn.Parameter(p.detach().clone()) for p in (w, b))
+    ours = TorchAdam([w, b], lr=0.01, betas=(0.9, 0.999), eps=1e-8, state_dtype=state_dtype, unit_norm_rows=[w])
+    plain = TorchAdam([ref_w, ref_b], lr=0.01, betas=(0.9, 0.999), eps=1e-8, state_dtype=state_dtype)
+    for step in range(3):
+        grads = [torch.randn(p.shape, generator=g) + 2 * p.detach() for p in (w, b)]
+        w.grad, b.grad = (grad.clone() for grad in grads)
+        ref_w.grad, ref_b.grad = (grad.clone() for grad in grads)
+        norm = torch.linalg.vector_norm(torch.stack([grad.norm() for grad in grads]))
+        clipped_adam_step(ours, norm, 1.0, torch.tensor(True))
+        project_rows_(ref_w.detach(), ref_w.grad)
+        clipped_adam_step(plain, norm, 1.0, torch.tensor(True))
+        normalize_rows_(ref_w.detach())
+        assert torch.equal(w.detach(), ref_w.detach()) and torch.equal(b.detach(), ref_b.detach()), step
+    torch.testing.assert_close(w.detach().norm(dim=-1), torch.ones(3, 20))
+    before = [w.detach().clone(), b.detach().clone(), ours.state[w]["exp_avg"].clone()]
+    w.grad, b.grad = torch.full_like(w, float("nan")), torch.full_like(b, float("nan"))
+    clipped_adam_step(ours, torch.tensor(float("nan")), 1.0, torch.tensor(False))
+    assert torch.equal(w.detach(), before[0]) and torch.equal(b.detach(), before[1])
+    assert torch.equal(ours.state[w]["exp_avg"], before[2]) and float(ours.state[w]["step"]) == 3

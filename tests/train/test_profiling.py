@@ -18,7 +18,7 @@ def test_profile_window_writes_trace_and_table_and_changes_nothing(make_run, tmp
     assert sorted(p.name for p in folder.iterdir()) == ["steps_6-8_rank_0.json.gz", "steps_6-8_rank_0.txt"]
     events = json.loads(gzip.decompress((folder / "steps_6-8_rank_0.json.gz").read_bytes()))["traceEvents"]
     names = {event.get("name") for event in events}
-    assert "aten::mm" in names and "Optimizer.step#Adam.step" in names
+    assert "aten::mm" in names and "Optimizer.step#TorchAdam.step" in names
     table = (folder / "steps_6-8_rank_0.txt").read_text()
     assert table.startswith("torch.profiler, steps 6-8 (3)") and "aten::" in table
     assert table.splitlines()[0] in summary

@@ -23,7 +23,8 @@ def test_lr_rule_by_total_or_expert_width(tmp_path):
     topk = SAEConfig(kind="topk", num_latents=2**16, num_experts=1)
     assert default_lr(topk, "expert") == default_lr(topk) == pytest.approx(1e-4)
     run = small_run(tmp_path, lr=None, lr_rule="expert")
-    optimizer = build_optimizer(torch.nn.Linear(2, 2), run)
+    layer = torch.nn.Linear(2, 2)
+    optimizer = build_optimizer(layer, run, [{"params": list(layer.parameters())}])
     assert optimizer.param_groups[0]["lr"] == pytest.approx(2e-4 / math.sqrt(run.sae.num_latents / 4 / 2**14))
 
 
@@ -58,7 +59,7 @@ def test_dead_counters_and_auxk_candidates_follow_the_definition(tmp_path, dead_
         if step == 0:
             trainer._init_biases(x_TD)
         dead_L = expected_L >= run.sae.dead_tokens
-        candidates = trainer._aux_candidates()
+        candidates = trainer.latents.aux_candidates(trainer.tokens)
         if dead_L.any():
             saw_dead = True
             chosen_L = torch.zeros_like(dead_L)
@@ -68,7 +69,7 @@ def test_dead_counters_and_auxk_candidates_follow_the_definition(tmp_path, dead_
         result = trainer.train_step(x_TD)
         trainer.step += 1
         trainer.tokens += 64
-        expected_L = reference_counters(expected_L, result["out"], run.sae.num_experts, 64, dead_count == "routed")
+        expected_L = reference_counters(expected_L, result.out, run.sae.num_experts, 64, dead_count == "routed")
         assert torch.equal(trainer.dead.tokens_since_fired_L, expected_L)
     assert saw_dead
 

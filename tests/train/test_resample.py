@@ -86,7 +86,7 @@ def test_resampling_equals_the_reference(tmp_path, kind, options):
         plain_result = plain.train_step(x_TD)
         if step % 4 == 0:
             dead_before = int(plain.dead.dead_mask().sum())
-            count = reference_resample(plain, x_TD, plain_result["out"], step)
+            count = reference_resample(plain, x_TD, plain_result.out, step)
             assert 0 < count <= dead_before
             total += count
         for t in (trainer, plain):

@@ -10,6 +10,7 @@ import torch
 from sae_dist.data import build_activation_source
 from sae_dist.train.dead import DeadLatentTracker
 from sae_dist.train.init import init_biases_from_batch
+from sae_dist.train.step import build_step
 from sae_dist.train.trainer import Trainer
 from tests.conftest import small_run
 from tests.reference import reference_train_step
@@ -58,8 +59,8 @@ def test_trainer_steps_equal_reference_steps(tmp_path, kind, formulation):
         ref_loss, f_TL = reference_train_step(reference, ref_optimizer, x_TD, cfg.grad_clip, dead_mask_L)
         ref_dead.update((f_TL > 0).any(0), BATCH)
         auxk_steps += bool(auxk and dead_mask_L.any())
-        assert bool(result["finite"]) and ("auxk" in result["terms"]) == auxk
-        torch.testing.assert_close(result["loss"], ref_loss, rtol=1e-5, atol=1e-5)
+        assert bool(result.finite) and ("auxk" in result.terms) == auxk
+        torch.testing.assert_close(result.loss, ref_loss, rtol=1e-5, atol=1e-5)
         assert torch.equal(trainer.dead.tokens_since_fired_L, ref_dead.tokens_since_fired_L)
         assert_same_weights(trainer.model, reference, {"rtol": 1e-4, "atol": 1e-6})
     assert auxk_steps >= 2, "expected dead latents in several steps"
@@ -75,14 +76,14 @@ def test_non_finite_batch_applies_no_update(tmp_path):
     for trainer in trainers:
         init_biases_from_batch(trainer.model, batches[0])
         for x_TD in batches[:3]:
-            assert bool(trainer.train_step(x_TD)["finite"])
+            assert bool(trainer.train_step(x_TD).finite)
     skipping = trainers[0]
     before = copy.deepcopy((skipping.model.state_dict(), skipping.optimizer.state_dict()["state"]))
     counters = skipping.dead.tokens_since_fired_L.clone()
     bad_TD = batches[3].clone()
     bad_TD[5, 7] = float("nan")
     result = skipping.train_step(bad_TD)
-    assert not bool(result["finite"]) and result["finite"].dim() == 0
+    assert not bool(result.finite) and result.finite.dim() == 0
     after = (skipping.model.state_dict(), skipping.optimizer.state_dict()["state"])
     for name, tensor in before[0].items():
         torch.testing.assert_close(after[0][name], tensor, rtol=0, atol=0, msg=name)
@@ -91,7 +92,7 @@ def test_non_finite_batch_applies_no_update(tmp_path):
             torch.testing.assert_close(after[1][index][key], tensor, rtol=0, atol=0, msg=f"{index}.{key}")
     assert torch.equal(skipping.dead.tokens_since_fired_L, counters)
     for trainer in trainers:
-        assert bool(trainer.train_step(batches[3])["finite"])
+        assert bool(trainer.train_step(batches[3]).finite)
     for (name, a), b in zip(trainers[0].model.state_dict().items(), trainers[1].model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
@@ -105,8 +106,8 @@ def test_bf16_autocast_step_runs_with_a_float32_router(tmp_path, formulation):
     init_biases_from_batch(trainer.model, x_TD)
     plain = trainer.model.router(x_TD)
     result = trainer.train_step(x_TD)
-    assert bool(result["finite"]) and result["out"].routing.probs_TN.dtype == torch.float32
-    assert torch.equal(result["out"].routing.expert_T, plain.expert_T)
+    assert bool(result.finite) and result.out.routing.probs_TN.dtype == torch.float32
+    assert torch.equal(result.out.routing.expert_T, plain.expert_T)
 
 
 def test_bf16_optimizer_state_resumes_bit_for_bit(tmp_path):
@@ -128,3 +129,25 @@ def test_bf16_optimizer_state_resumes_bit_for_bit(tmp_path):
         torch.testing.assert_close(resumed.model.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
     for state in resumed.optimizer.state.values():
         assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+
+
+def test_step_built_alone_equals_the_trainers_step_and_writes_nothing(tmp_path, monkeypatch):
+    """`build_step` (what benchmarks time) gives the trainer's model and steps bit for bit, reading and writing no
+    file: the run folder it is given is never made."""
+    run = step_run(tmp_path / "never made", "switch")
+    trainer = Trainer(run, build_activation_source(run))
+    monkeypatch.chdir(tmp_path)
+    step = build_step(run, trainer.d_model)
+    for (name, a), b in zip(trainer.model.state_dict().items(), step.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    source = build_activation_source(run)
+    batches = [source.next_batch(BATCH) for _ in range(4)]
+    for model in (trainer.model, step.model):
+        init_biases_from_batch(model, batches[0])
+    for i, x_TD in enumerate(batches):
+        ours, theirs = step(x_TD, i, i * BATCH), trainer.train_step(x_TD)
+        trainer.step, trainer.tokens = i + 1, (i + 1) * BATCH
+        assert torch.equal(ours.loss, theirs.loss) and ours.lr == theirs.lr and bool(ours.finite)
+    for (name, a), b in zip(trainer.model.state_dict().items(), step.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert list(tmp_path.iterdir()) == []

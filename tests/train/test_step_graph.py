@@ -17,7 +17,7 @@ def _aux(width: int) -> AuxCandidates:
 def test_graphs_are_used_after_warm_up_steps_of_the_same_key():
     """Each key (shapes, AuxK width, loss weights) first runs WARMUP_STEPS eager steps; a change of key drops the
     captured graphs and warms up again."""
-    graphs = StepGraphs(trainer=None)
+    graphs = StepGraphs(before_update=None, after_update=None)
     x_TD = torch.zeros(8, 4)
     steps = [(x_TD, None, {"auxk": 0.5})] * (WARMUP_STEPS + 2)
     steps += [(x_TD, _aux(4), {"auxk": 0.5})] * (WARMUP_STEPS + 1)
@@ -36,7 +36,7 @@ def test_graphs_apply_on_one_gpu_only(tmp_path):
     run = step_run(tmp_path, "switch")
     run.trainer.cuda_graph = True
     trainer = Trainer(run, build_activation_source(run))
-    assert not trainer.graphs_apply() and trainer._graphs is None
+    assert trainer.stepper.graphs is None
 
 
 def test_step_result_holds_no_autograd_graph(tmp_path):
@@ -45,6 +45,6 @@ def test_step_result_holds_no_autograd_graph(tmp_path):
     run = step_run(tmp_path, "switch")
     trainer = Trainer(run, build_activation_source(run))
     result = trainer.train_step(trainer.source.next_batch(run.trainer.batch_size))
-    out = result["out"]
-    tensors = [out.x_hat_TD, out.latent_values_RK, *out.routing, *result["terms"].values(), result["loss"]]
+    out = result.out
+    tensors = [out.x_hat_TD, out.latent_values_RK, *out.routing, *result.terms.values(), result.loss]
     assert all(not t.requires_grad and t.grad_fn is None for t in tensors)

@@ -1,7 +1,8 @@
 """TritonAdam's kernels under Triton's interpreter (on the CPU) equal the straightforward update: torch's Adam
 (`foreach=False`) on the clipped gradients, for unit-norm rows after the gradient projection and before the
-renormalisation of `optim.py`, and `bf16_adam.adam_update_` for bfloat16 moments; over steps with a changing lr,
-clipped and unclipped, with a skipped one, on sizes that are no multiple of the block. Its state dict is torch
+renormalisation of the torch backend (also rows wider than the row kernel), and `torch_backend.bf16_adam_update_`
+for bfloat16 moments; over steps with a changing lr, clipped and unclipped, with a skipped one, on sizes that are no
+multiple of the block. Its state dict is torch
 Adam's, through the trainer's checkpoints too, and the trainer's steps with it equal those with torch's fused Adam.
 
 Triton picks its interpreter when it is imported, so these run in a process of their own started with
@@ -17,20 +18,16 @@ from torch.nn import Parameter
 from torch.optim.lr_scheduler import LambdaLR
 
 from sae_dist.data import build_activation_source
-from sae_dist.train.bf16_adam import adam_update_ as bf16_reference_update_
 from sae_dist.train.init import init_biases_from_batch
-from sae_dist.train.optim import (
-    build_scheduler,
-    normalize_decoder_,
-    optimizer_keeps_unit_rows,
-    remove_parallel_gradient_,
-)
+from sae_dist.train.optim import build_scheduler
+from sae_dist.train.optim.torch_backend import bf16_adam_update_ as bf16_reference_update_
+from sae_dist.train.optim.torch_backend import normalize_rows_, project_rows_
 from sae_dist.train.trainer import Trainer
 from tests.train.test_step import BATCH, step_run
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("run by test_triton_adam.py, with TRITON_INTERPRET=1", allow_module_level=True)
-ta = pytest.importorskip("sae_dist.train.triton_adam")
+ta = pytest.importorskip("sae_dist.train.optim.triton_backend")
 
 BETAS, EPS, LR = (0.9, 0.99), 1e-8, 0.01
 
@@ -48,7 +45,7 @@ def set_grads(params, grads, skip: bool) -> None:
 
 
 def clip_and_skip(optimizer, scale: float, skip: bool) -> None:
-    """Gradients divided by `scale`; no update if `skip` (what `optim.clip_and_skip_in_adam` sets)."""
+    """Gradients divided by `scale`; no update if `skip` (what `optim.clip_and_skip` sets)."""
     optimizer.grad_scale, optimizer.found_inf = torch.tensor(scale), torch.tensor(float(skip))
 
 
@@ -90,16 +87,19 @@ def test_flat_update_equals_torch_adam(tensor_lr):
     assert ours.param_groups[0]["lr"] == pytest.approx(LR * lr_lambda(len(SCHEDULE)))
 
 
-@pytest.mark.parametrize("shape", [(3, 50, 96), (70, 300)], ids=["NMD", "MD"])
-def test_unit_rows_update_equals_projection_adam_renormalisation(shape):
-    """[N, M_e, d] and [M, d] weights, d no power of two (masked columns) and rows no multiple of a program's."""
+@pytest.mark.parametrize("shape, max_row_width", [((3, 50, 96), None), ((70, 300), None), ((3, 50, 96), 64)],
+                         ids=["NMD", "MD", "wider than the row kernel"])
+def test_unit_rows_update_equals_projection_adam_renormalisation(shape, max_row_width, monkeypatch):
+    """[N, M_e, d] and [M, d] weights, d no power of two (masked columns) and rows no multiple of a program's; and
+    rows wider than the row kernel takes, which get the flat kernel between the torch backend's passes."""
+    if max_row_width is not None:
+        monkeypatch.setattr(ta, "MAX_ROW_WIDTH", max_row_width)
     g = torch.Generator().manual_seed(1)
     w = Parameter(torch.nn.functional.normalize(torch.randn(shape, generator=g), dim=-1))
     reference = Parameter(w.detach().clone())
     ours = ta.TritonAdam([w], lr=LR, betas=BETAS, eps=EPS, unit_norm_rows=[w])
     adam = torch.optim.Adam([reference], lr=LR, betas=BETAS, eps=EPS, foreach=False)
     schedules = [LambdaLR(optimizer, lr_lambda) for optimizer in (ours, adam)]
-    assert optimizer_keeps_unit_rows(ours, w) and not optimizer_keeps_unit_rows(adam, reference)
     for step, (scale, skip) in enumerate(SCHEDULE):
         grad = torch.randn(shape, generator=g) + 3 * w.detach()  # a large component along the rows
         before = w.detach().clone()
@@ -110,10 +110,10 @@ def test_unit_rows_update_equals_projection_adam_renormalisation(shape):
             assert torch.equal(w.detach(), before)
         else:
             reference.grad = grad.clone()
-            remove_parallel_gradient_(reference)
+            project_rows_(reference.detach(), reference.grad)
             reference.grad /= scale
             adam.step()
-            normalize_decoder_(reference)
+            normalize_rows_(reference.detach())
         for schedule in schedules:
             schedule.step()
         torch.testing.assert_close(w.detach(), reference.detach(), rtol=1e-5, atol=1e-6,
@@ -124,8 +124,8 @@ def test_unit_rows_update_equals_projection_adam_renormalisation(shape):
 
 @pytest.mark.parametrize("unit_rows", [False, True])
 def test_bf16_moments_equal_the_bf16_state_update(unit_rows):
-    """Against `bf16_adam.adam_update_` (after the projection and before the renormalisation for unit rows): the
-    same moments, rounded to the same bfloat16 values, and the same parameters."""
+    """Against `torch_backend.bf16_adam_update_` (after the projection and before the renormalisation for unit
+    rows): the same moments, rounded to the same bfloat16 values, and the same parameters."""
     g = torch.Generator().manual_seed(2)
     shape = (90, 40)
     start = torch.randn(shape, generator=g)
@@ -146,12 +146,12 @@ def test_bf16_moments_equal_the_bf16_state_update(unit_rows):
         if not skip:
             reference.grad = grad.clone()
             if unit_rows:
-                remove_parallel_gradient_(reference)
+                project_rows_(reference.detach(), reference.grad)
             step_count += 1
             bf16_reference_update_(reference.detach(), reference.grad, m, v, step_count, lr, *BETAS, EPS,
                                    torch.tensor(scale), torch.tensor(False))
             if unit_rows:
-                normalize_decoder_(reference)
+                normalize_rows_(reference.detach())
         state = ours.state[w]
         assert state["exp_avg"].dtype == torch.bfloat16 and float(state["step"]) == float(step_count)
         # The projection's dot products are summed in another order than torch's: a moment may round to the
@@ -204,19 +204,19 @@ def test_trainer_steps_and_checkpoints_equal_the_torch_adam_trainer(tmp_path):
         t = Trainer(runs[name], build_activation_source(runs[name]))
         if triton:
             cfg = runs[name].trainer
-            t.optimizer = ta.TritonAdam(t.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
-                                        unit_norm_rows=t.model.decoder_weights())
-            t.scheduler = build_scheduler(t.optimizer, runs[name])
+            t.engine.optimizer = ta.TritonAdam(t.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
+                                               eps=cfg.adam_eps, unit_norm_rows=t.model.decoder_weights())
+            t.engine.scheduler = build_scheduler(t.optimizer, runs[name])
         init_biases_from_batch(t.model, batches[0])
         return t
 
     trainers = {"torch": trainer("torch", False), "triton": trainer("triton", True)}
     w_dec = trainers["triton"].model.experts.w_dec
-    assert optimizer_keeps_unit_rows(trainers["triton"].optimizer, w_dec)
+    assert trainers["triton"].optimizer.unit_norm_rows == (w_dec,)
 
     def step_all(ts: list[Trainer], x_TD: torch.Tensor) -> None:
         for t in ts:
-            assert bool(t.train_step(x_TD)["finite"])
+            assert bool(t.train_step(x_TD).finite)
         for t in ts[1:]:
             for (name, p), q in zip(ts[0].model.named_parameters(), t.model.parameters()):
                 torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")

@@ -1,28 +1,28 @@
-"""Adam as Triton kernels: the optimizer update at memory speed on a GPU (`TritonAdam`).
+"""Adam with unit-norm decoder rows as Triton kernels: the backend of a GPU (`TritonAdam`).
 
 The update of a parameter is one kernel that reads the parameter, its gradient and both moments once and writes the
-parameter and the moments once (fp32 moments: 28 bytes per element, bf16 moments: 20). Decoder weights, whose rows
-the training step keeps at unit norm, get a row-wise kernel that does the step's three passes over them in that one
-pass: the gradient projection g <- g - (g.w) w (rows are unit norm on entry), the Adam update, then the
-renormalisation w <- w / max(||w||, 1e-12).
+parameter and the moments once (fp32 moments: 28 bytes per element, bf16 moments: 20). Decoder weights get a
+row-wise kernel that does the decoder-norm constraint's passes in that same pass: the gradient projection
+g <- g - (g.w) w (rows are unit norm on entry), the Adam update, then the renormalisation w <- w / max(||w||, 1e-12).
+Rows wider than one program holds (`MAX_ROW_WIDTH`) take the flat kernel between the torch backend's projection and
+renormalisation.
 
 Everything per step comes from device tensors, so a step never reads the device back to the host, a changing lr
 compiles nothing, and a captured CUDA graph replays correctly: the step count (`state["step"]`, float32, as torch's
 fused Adam keeps it), the lr (a 0-dim tensor in the param group, which LR schedulers fill in place; a float lr is
 copied into a per-group device tensor at each step, which a CUDA graph would record as a constant), the clip factor
 `grad_scale` (gradients are divided by it) and `found_inf` (> 0: no change at all, step count included), set by
-`optim.clip_and_skip_in_adam` as for torch's fused Adam.
+`optim.clip_and_skip` as for torch's fused Adam.
 
 The arithmetic is torch's Adam (no weight decay) in float32, with the GPU's fast division and square root (within
-2 ulp; the IEEE ones made the row kernel up to 1.75 times slower on an H200); the bias corrections are computed in
-float64 from the float32 step count, as torch's non-capturable Adam computes them in Python floats. Moments are
-stored in float32 or bfloat16 (rounded to nearest, as `bf16_adam.adam_update_` rounds them). A program updates 1024
-elements (8 per thread at 4 warps: two 128-bit loads per float32 tensor), or whole rows (one row of d = 768); in a
-sweep of block sizes on an H200 at M = 2^20, d = 768 both kernels ran at 1.00 to 1.08 times the time of a copy
-moving the same bytes (4.2 TB/s), where torch's fused Adam took 1.22 times.
+2 ulp; the IEEE ones made the row kernel markedly slower); the bias corrections are computed in float64 from the
+float32 step count, as torch's non-capturable Adam computes them in Python floats. Moments are stored in float32 or
+bfloat16 (rounded to nearest, as `torch_backend.bf16_adam_update_` rounds them). A program updates 1024 elements
+(8 per thread at 4 warps: two 128-bit loads per float32 tensor), or whole rows: sizes at which both kernels move
+their bytes at about the speed of a copy (README, Benchmarks).
 
 On a CPU the kernels run only under Triton's interpreter (TRITON_INTERPRET=1 before this module is imported), which
-the tests use; training on a CPU keeps torch's optimizers (`optim.build_optimizer`).
+the tests use; training on a CPU keeps the torch backend (`optim.build_optimizer`).
 """
 
 from __future__ import annotations
@@ -35,13 +35,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from sae_dist.train.optim.torch_backend import normalize_rows_, project_rows_
+
 ELEMENTS_PER_PROGRAM = 1024
 """Elements one program updates per tensor; the row kernel takes as many whole rows as fit, at least one."""
 ELEMENTS_PER_THREAD = 8
 """Elements per thread and tensor, which sets the warps per program (4 for 1024 elements)."""
 
 MAX_ROW_WIDTH = 8192
-"""The widest rows the row kernel holds in one program; wider unit-norm rows are left to the trainer's passes."""
+"""The widest rows the row kernel holds in one program; wider unit-norm rows get the torch backend's passes."""
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -156,8 +158,8 @@ def adam_update_unit_rows_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg
 
 class TritonAdam(torch.optim.Optimizer):
     """Adam (no weight decay) as one Triton kernel per parameter; `unit_norm_rows`: the weights (decoders) whose
-    rows it keeps at unit norm (projected gradient, renormalised rows: the trainer then skips its own passes over
-    them). `state_dtype`: float32 (exact Adam) or bfloat16 moments.
+    rows it keeps at unit norm (projected gradient, renormalised rows). `state_dtype`: float32 (exact Adam) or
+    bfloat16 moments.
 
     Its state dict is torch Adam's (`step`, `exp_avg`, `exp_avg_sq`, the param groups of a fused torch Adam), and it
     loads torch Adam's."""
@@ -166,8 +168,9 @@ class TritonAdam(torch.optim.Optimizer):
                  state_dtype: torch.dtype = torch.float32, unit_norm_rows: Iterable[Tensor] = ()):
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps})
         self.state_dtype = state_dtype
-        self.unit_norm_rows = {w for w in unit_norm_rows if w.shape[-1] <= MAX_ROW_WIDTH}
-        """Weights whose rows this optimizer keeps at unit norm (`optim.optimizer_keeps_unit_rows`)."""
+        self.unit_norm_rows = tuple(unit_norm_rows)
+        self._row_kernel = {w for w in self.unit_norm_rows if w.shape[-1] <= MAX_ROW_WIDTH}
+        """Unit-norm weights whose rows fit the row kernel; the others take the torch backend's passes."""
         self.grad_scale: Tensor | None = None
         self.found_inf: Tensor | None = None
         self._lr_buffers: dict[int, Tensor] = {}
@@ -189,11 +192,17 @@ class TritonAdam(torch.optim.Optimizer):
         # One list per operand: with a 0-dim tensor as the scalar, _foreach_add_ reads it back to the host.
         torch._foreach_add_(steps, [(found_inf <= 0).float()] * len(steps))
         lrs = {i: self._lr_on_device(i, device) for i in {i for i, _ in live}}
+        wide = [w for w in self.unit_norm_rows if w not in self._row_kernel]
+        for w in wide:
+            if w.grad is not None:
+                project_rows_(w.detach(), w.grad)
         for i, param in live:
             group, state = self.param_groups[i], self.state[param]
-            update = adam_update_unit_rows_ if param in self.unit_norm_rows else adam_update_
+            update = adam_update_unit_rows_ if param in self._row_kernel else adam_update_
             update(param.detach(), param.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], lrs[i],
                    grad_scale, found_inf, group["betas"], group["eps"])
+        for w in wide:
+            normalize_rows_(w.detach(), found_inf <= 0)
 
     def _zero_state(self, param: Tensor) -> dict[str, Tensor]:
         if not (param.is_contiguous() and param.grad.is_contiguous()):

@@ -92,7 +92,8 @@ def command_parser(doc: str) -> CommandParser:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """{field: its docstring, one line} of a dataclass whose fields carry docstrings (for --help)."""
+    """{field: its docstring, on one line} of a dataclass whose fields carry docstrings (the string literal after a
+    field's annotation): the help of each --option, and the meaning column of docs/configuration.md."""
     tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body
     docs = {}

@@ -278,7 +278,8 @@ class ParallelConfig:
 
     ep_size: int | None = option(None, on_resume=CHANGEABLE, changes_math=False,
                                  checked_by=(VALIDATE, LAYOUT))
-    """P, the ranks that together hold all experts; None = the world size."""
+    """P, the ranks that together hold all experts; null = the world size for an SAE with a router (Switch,
+    BatchTopK), 1 (plain data parallelism) for TopK and ReLU (`sae_dist.parallel.mesh.expert_parallel_size`)."""
     capacity_factor: float | None = option(None, checked_by=(VALIDATE, LAYOUT))
     """None = dropless; c caps each (rank, expert) pair at ceil(c * T_local / N) tokens (Switch SAE under torchrun)."""
     a2a_chunks: int = option(1, performance=True)

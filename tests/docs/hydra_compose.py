@@ -1,8 +1,5 @@
-"""The one place the docs tests ask Hydra for a run configuration, as `launch/train.py` composes it.
-
-Hydra's registration of the schema happens today as a side effect of importing `sae_dist.config`
-(`register_with_hydra()` at import); when that becomes an explicit call in the launcher, call it here.
-"""
+"""The one place the docs tests ask Hydra for a run configuration, as `launch/train.py` composes it: the schema is
+registered first (`register_configs`), as the launchers do, since importing `sae_dist.config` registers nothing."""
 
 from __future__ import annotations
 
@@ -13,13 +10,14 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from sae_dist.config import ConfigError, RunConfig, error_line, to_run_config
+from sae_dist.config import ConfigError, RunConfig, error_line, register_configs, to_run_config
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def compose_config(overrides: list[str], config_name: str = "config") -> DictConfig:
     """conf/<config_name>.yaml with `overrides`, unresolved (Hydra's errors as one-line ConfigErrors)."""
+    register_configs()
     try:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             return compose(config_name=config_name, overrides=list(overrides))

@@ -1,7 +1,7 @@
 """The optimizer update alone against its memory-bandwidth floor.
 
 One update of a [M, d] decoder (unit-norm rows: gradient projection, Adam, renormalisation) and a [M, d] encoder
-(Adam), the clip acting, on each backend of the optimizer (`sae_dist/train/optim/`): torch's fused Adam alone (what
+(Adam), the clip acting, on each backend of the optimizer (`sae_dist/train/optim.py`, `sae_dist/train/triton_adam.py`): torch's fused Adam alone (what
 the update would cost without the decoder's constraint), the torch backend (`TorchAdam`: torch's fused Adam, or its
 bf16-moment update, between the projection and renormalisation passes), and on a GPU the Triton backend
 (`TritonAdam`), which does all of it in one pass over each weight.
@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sae_dist.train.optim import TritonAdam, clipped_adam_step
-from sae_dist.train.optim.torch_backend import TorchAdam
+from sae_dist.train.optim import TorchAdam
 
 ADAM_BYTES = {"float32": 28, "bfloat16": 20}
 """Bytes per element of one Adam pass: parameter and both moments read and written, the gradient read."""

@@ -15,28 +15,16 @@ experts (`batchtopk.py`) and the sparse encoder's forward on a GPU.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from sae_dist.models.auxk import AuxCandidates
 from sae_dist.models.dispatch import ExpertGroups
-from sae_dist.models.expert_compute import ExpertCodes, ExpertCompute
+from sae_dist.models.expert_compute import ExpertCodes, ExpertCompute, SharedLatentOrder, compute_dtype
 from sae_dist.models.selection import aux_topk, topk_relu
 
-if TYPE_CHECKING:
-    from sae_dist.models.latent_order import SharedLatentOrder
-
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def compute_dtype(t: Tensor) -> torch.dtype:
-    """The dtype a matmul on `t` runs in: autocast's where it is on (it does not cover grouped_mm), else t's."""
-    if torch.is_autocast_enabled(t.device.type):
-        return torch.get_autocast_dtype(t.device.type)
-    return t.dtype
 
 
 def grouped_mm_runs(dtype: torch.dtype, *row_lengths: int) -> bool:

@@ -31,9 +31,15 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from sae_dist.models.auxk import AuxCandidates
 from sae_dist.models.dispatch import ExpertGroups
-from sae_dist.models.expert_compute import ExpertCodes, ExpertCompute
-from sae_dist.models.gemm_compute import compute_dtype, gemm_encode
-from sae_dist.models.latent_order import LatentMajor, SharedLatentOrder, latent_major
+from sae_dist.models.expert_compute import (
+    ExpertCodes,
+    ExpertCompute,
+    LatentMajor,
+    SharedLatentOrder,
+    compute_dtype,
+    latent_major,
+)
+from sae_dist.models.gemm_compute import gemm_encode
 from sae_dist.models.selection import aux_topk
 
 PRE_CHUNK_ELEMENTS = 1 << 25

@@ -14,7 +14,7 @@ It implements `engine.Engine`; the step (`step.TrainStep`) calls it in the torch
 3. The true global norm: from each rank's gradient partitions (every element of the global gradient lives in
    exactly one partition, so the partitions' squared norms summed over all ranks give the global one).
 4. Project: each decoder row's gradient loses its component along the row (the optimizer's torch backend,
-   `torch_backend.row_dots` and `remove_row_components_`, on the rows a partition touches); a row may straddle two
+   `optim.row_dots` and `remove_row_components_`, on the rows a partition touches); a row may straddle two
    partitions, so the per-row dot products are summed over the parameter's partition group in between.
 5. Adam: DeepSpeed's `engine.step()`, torch's fused Adam on the fp32 partitions, which clips by the global norm and
    skips a non-finite step inside its own pass as in the torch engine (`grad_scale`, `found_inf`); DeepSpeed's
@@ -47,7 +47,7 @@ from sae_dist.config import ConfigError, RunConfig
 from sae_dist.models.base import is_expert_sharded
 from sae_dist.parallel.context import ParallelContext
 from sae_dist.train.optim import build_optimizer, build_scheduler, clip_and_skip
-from sae_dist.train.optim.torch_backend import normalize_rows_, remove_row_components_, row_dots
+from sae_dist.train.optim import normalize_rows_, remove_row_components_, row_dots
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 

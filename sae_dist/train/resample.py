@@ -19,22 +19,12 @@ import hashlib
 import torch
 from torch import Tensor
 
-from sae_dist.config import RunConfig
 from sae_dist.models.base import SAEOutput
 from sae_dist.models.expert_sae import ExpertSAE
 from sae_dist.parallel.context import ParallelContext
-from sae_dist.train.dead import DeadLatentTracker
 
 ENCODER_NORM_SCALE = 0.2
 """A new encoder row's norm, as a fraction of the mean norm of its expert's live encoder rows (Anthropic)."""
-
-
-def resample_due(run: RunConfig, step: int) -> bool:
-    """Whether the step numbered `step` (1-based: the steps completed with it) ends with a resampling: a multiple of
-    `sae.resample_every` whose next step still runs at the full lr."""
-    every = run.sae.resample_every
-    full_lr_steps = run.trainer.steps - int(run.trainer.steps * run.trainer.lr_decay_frac)
-    return every is not None and step % every == 0 and step <= full_lr_steps
 
 
 def resample_generator(seed: int, step: int, expert: int) -> torch.Generator:
@@ -47,22 +37,24 @@ def resample_generator(seed: int, step: int, expert: int) -> torch.Generator:
 def resample_dead_latents(
     model: ExpertSAE,
     optimizer: torch.optim.Optimizer,
-    dead: DeadLatentTracker,
+    tokens_since_fired_L: Tensor,
+    dead_tokens: int,
     ctx: ParallelContext,
     x_TD: Tensor,
     out: SAEOutput,
     seed: int,
     step: int,
 ) -> int:
-    """Resample the dead latents of the local experts from this step's batch (this rank's `x_TD` and its `out`);
-    return the number resampled over all experts (every rank returns the same)."""
+    """Resample the dead latents of the local experts (those whose `tokens_since_fired_L` count reached
+    `dead_tokens`; their counters are reset) from this step's batch (this rank's `x_TD` and its `out`); return the
+    number resampled over all experts (every rank returns the same)."""
     bank, width, d = model.experts, model.latents_per_expert, x_TD.shape[1]
     expert_T = out.routing.expert_T if out.routing is not None else x_TD.new_zeros(x_TD.shape[0], dtype=torch.long)
     error_T = (x_TD.float() - out.x_hat_TD.float()).pow(2).sum(1)
     # One gather of the global batch: its rows, their errors and first-choice experts (small ids: exact in float32).
     global_GC = ctx.gather_rows(torch.cat([x_TD.float(), error_T[:, None], expert_T[:, None].float()], 1))
     x_GD, error_G, expert_G = global_GC[:, :d], global_GC[:, d], global_GC[:, d + 1].long()
-    dead_NM = dead.dead_mask().view(bank.num_local, width)
+    dead_NM = (tokens_since_fired_L >= dead_tokens).view(bank.num_local, width)
     expert_R, column_R, row_R = [], [], []
     for local, count in enumerate(dead_NM.sum(1).tolist()):
         if count == 0:
@@ -87,7 +79,7 @@ def resample_dead_latents(
         mean_N = torch.where(live_NM.any(1), live_mean_N, norms_NM.mean(1))
         model.reinit_latents_(expert_R, column_R, direction_RD, ENCODER_NORM_SCALE * mean_N[expert_R])
         reset_adam_rows_(optimizer, model.latent_parameters(), expert_R, column_R)
-        dead.tokens_since_fired_L.view(bank.num_local, width)[expert_R, column_R] = 0
+        tokens_since_fired_L.view(bank.num_local, width)[expert_R, column_R] = 0
         resampled += expert_R.numel()
     return int(ctx.all_reduce_sum(resampled)) // ctx.expert_replicas
 

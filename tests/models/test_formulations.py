@@ -8,7 +8,7 @@ import pytest
 import torch
 from model_helpers import assert_same_forward_and_grads, make_switch, routed_inputs
 
-from sae_dist.models import latent_order
+from sae_dist.models import expert_compute
 from sae_dist.models.auxk import DeadCandidates, candidates_of_width, dead_candidates
 from sae_dist.models.dispatch import ExpertGroups
 from sae_dist.models.formulation import GEMM_MAX_WIDTH, choose_compute
@@ -42,8 +42,8 @@ def test_sparse_backwards_sort_the_shared_ids_once(monkeypatch, auxk_alpha):
                       formulation=("sparse", "gather"))
     x_TD = routed_inputs(12, 4, [5, 3, 0, 9])
     sorts = []
-    original = latent_order.latent_major
-    monkeypatch.setattr(latent_order, "latent_major", lambda *args: sorts.append(args) or original(*args))
+    original = expert_compute.latent_major
+    monkeypatch.setattr(expert_compute, "latent_major", lambda *args: sorts.append(args) or original(*args))
     assert_same_forward_and_grads(sae, x_TD, torch.arange(64) % 4 == 0 if auxk_alpha else None, grad_atol=1e-8)
     assert len(sorts) == (3 if auxk_alpha else 1)
 

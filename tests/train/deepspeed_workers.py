@@ -20,7 +20,7 @@ from sae_dist.train import checkpoint as ckpt  # noqa: E402
 from sae_dist.train.deepspeed_engine import DeepSpeedEngine, project_partition_  # noqa: E402
 from sae_dist.train.init import init_biases_from_batch  # noqa: E402
 from sae_dist.train.multi import prepare_sweep, train_sweep  # noqa: E402
-from sae_dist.train.optim.torch_backend import normalize_rows_, project_rows_  # noqa: E402
+from sae_dist.train.optim import normalize_rows_, project_rows_  # noqa: E402
 from sae_dist.train.run import build_trainer  # noqa: E402
 from sae_dist.train.trainer import Trainer  # noqa: E402
 

@@ -14,10 +14,10 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from sae_dist.data import PrefetchingSource, build_activation_source
-from sae_dist.train.dead import DeadLatentTracker
+from sae_dist.train.latents import DeadLatentTracker
 from sae_dist.train.init import init_biases_from_batch
 from sae_dist.train.optim import TritonAdam, build_scheduler
-from sae_dist.train.optim.torch_backend import TorchAdam
+from sae_dist.train.optim import TorchAdam
 from sae_dist.train.trainer import Trainer
 from tests.parallel.ep_helpers import copy_checkpoint
 from tests.reference import reference_train_step

@@ -7,7 +7,7 @@ from sae_dist.config import SAEConfig
 from sae_dist.models.base import default_lr
 from sae_dist.train.init import geometric_median
 from sae_dist.train.optim import clipped_adam_step, lr_multiplier
-from sae_dist.train.optim.torch_backend import TorchAdam, normalize_rows_, project_rows_
+from sae_dist.train.optim import TorchAdam, normalize_rows_, project_rows_
 
 
 def test_normalize_rows_to_unit_norm():

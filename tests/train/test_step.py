@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sae_dist.data import build_activation_source
-from sae_dist.train.dead import DeadLatentTracker
+from sae_dist.train.latents import DeadLatentTracker
 from sae_dist.train.init import init_biases_from_batch
 from sae_dist.train.step import build_step
 from sae_dist.train.trainer import Trainer

@@ -1,6 +1,6 @@
 """TritonAdam's kernels under Triton's interpreter (on the CPU) equal the straightforward update: torch's Adam
 (`foreach=False`) on the clipped gradients, for unit-norm rows after the gradient projection and before the
-renormalisation of the torch backend (also rows wider than the row kernel), and `torch_backend.bf16_adam_update_`
+renormalisation of the torch backend, and `optim.bf16_adam_update_`
 for bfloat16 moments; over steps with a changing lr, clipped and unclipped, with a skipped one, on sizes that are no
 multiple of the block. Its state dict is torch
 Adam's, through the trainer's checkpoints too, and the trainer's steps with it equal those with torch's fused Adam.
@@ -20,14 +20,14 @@ from torch.optim.lr_scheduler import LambdaLR
 from sae_dist.data import build_activation_source
 from sae_dist.train.init import init_biases_from_batch
 from sae_dist.train.optim import build_scheduler
-from sae_dist.train.optim.torch_backend import bf16_adam_update_ as bf16_reference_update_
-from sae_dist.train.optim.torch_backend import normalize_rows_, project_rows_
+from sae_dist.train.optim import bf16_adam_update_ as bf16_reference_update_
+from sae_dist.train.optim import normalize_rows_, project_rows_
 from sae_dist.train.trainer import Trainer
 from tests.train.test_step import BATCH, step_run
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("run by test_triton_adam.py, with TRITON_INTERPRET=1", allow_module_level=True)
-ta = pytest.importorskip("sae_dist.train.optim.triton_backend")
+ta = pytest.importorskip("sae_dist.train.triton_adam")
 
 BETAS, EPS, LR = (0.9, 0.99), 1e-8, 0.01
 
@@ -87,13 +87,19 @@ def test_flat_update_equals_torch_adam(tensor_lr):
     assert ours.param_groups[0]["lr"] == pytest.approx(LR * lr_lambda(len(SCHEDULE)))
 
 
-@pytest.mark.parametrize("shape, max_row_width", [((3, 50, 96), None), ((70, 300), None), ((3, 50, 96), 64)],
-                         ids=["NMD", "MD", "wider than the row kernel"])
-def test_unit_rows_update_equals_projection_adam_renormalisation(shape, max_row_width, monkeypatch):
-    """[N, M_e, d] and [M, d] weights, d no power of two (masked columns) and rows no multiple of a program's; and
-    rows wider than the row kernel takes, which get the flat kernel between the torch backend's passes."""
-    if max_row_width is not None:
-        monkeypatch.setattr(ta, "MAX_ROW_WIDTH", max_row_width)
+def test_rows_wider_than_the_row_kernel_are_refused(monkeypatch):
+    """A decoder of rows wider than one program holds trains on the torch backend (`optim.build_optimizer` asks
+    `keeps_rows_of`); TritonAdam refuses it rather than keep it otherwise."""
+    monkeypatch.setattr(ta, "MAX_ROW_WIDTH", 64)
+    w = Parameter(torch.ones(3, 96))
+    assert not ta.TritonAdam.keeps_rows_of([w]) and ta.TritonAdam.keeps_rows_of([Parameter(torch.ones(3, 64))])
+    with pytest.raises(ValueError, match="at most 64 elements"):
+        ta.TritonAdam([w], lr=LR, betas=BETAS, eps=EPS, unit_norm_rows=[w])
+
+
+@pytest.mark.parametrize("shape", [(3, 50, 96), (70, 300)], ids=["NMD", "MD"])
+def test_unit_rows_update_equals_projection_adam_renormalisation(shape):
+    """[N, M_e, d] and [M, d] weights, d no power of two (masked columns) and rows no multiple of a program's."""
     g = torch.Generator().manual_seed(1)
     w = Parameter(torch.nn.functional.normalize(torch.randn(shape, generator=g), dim=-1))
     reference = Parameter(w.detach().clone())
@@ -124,7 +130,7 @@ def test_unit_rows_update_equals_projection_adam_renormalisation(shape, max_row_
 
 @pytest.mark.parametrize("unit_rows", [False, True])
 def test_bf16_moments_equal_the_bf16_state_update(unit_rows):
-    """Against `torch_backend.bf16_adam_update_` (after the projection and before the renormalisation for unit
+    """Against `optim.bf16_adam_update_` (after the projection and before the renormalisation for unit
     rows): the same moments, rounded to the same bfloat16 values, and the same parameters."""
     g = torch.Generator().manual_seed(2)
     shape = (90, 40)

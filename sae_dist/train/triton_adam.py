@@ -4,8 +4,8 @@ The update of a parameter is one kernel that reads the parameter, its gradient a
 parameter and the moments once (fp32 moments: 28 bytes per element, bf16 moments: 20). Decoder weights get a
 row-wise kernel that does the decoder-norm constraint's passes in that same pass: the gradient projection
 g <- g - (g.w) w (rows are unit norm on entry), the Adam update, then the renormalisation w <- w / max(||w||, 1e-12).
-Rows wider than one program holds (`MAX_ROW_WIDTH`) take the flat kernel between the torch backend's projection and
-renormalisation.
+It takes decoders whose rows one program holds (`MAX_ROW_WIDTH`); wider ones train on the torch backend
+(`optim.build_optimizer`).
 
 Everything per step comes from device tensors, so a step never reads the device back to the host, a changing lr
 compiles nothing, and a captured CUDA graph replays correctly: the step count (`state["step"]`, float32, as torch's
@@ -17,9 +17,9 @@ copied into a per-group device tensor at each step, which a CUDA graph would rec
 The arithmetic is torch's Adam (no weight decay) in float32, with the GPU's fast division and square root (within
 2 ulp; the IEEE ones made the row kernel markedly slower); the bias corrections are computed in float64 from the
 float32 step count, as torch's non-capturable Adam computes them in Python floats. Moments are stored in float32 or
-bfloat16 (rounded to nearest, as `torch_backend.bf16_adam_update_` rounds them). A program updates 1024 elements
+bfloat16 (rounded to nearest, as `optim.bf16_adam_update_` rounds them). A program updates 1024 elements
 (8 per thread at 4 warps: two 128-bit loads per float32 tensor), or whole rows: sizes at which both kernels move
-their bytes at about the speed of a copy (README, Benchmarks).
+their bytes at about the speed of a copy (docs/performance.md).
 
 On a CPU the kernels run only under Triton's interpreter (TRITON_INTERPRET=1 before this module is imported), which
 the tests use; training on a CPU keeps the torch backend (`optim.build_optimizer`).
@@ -35,7 +35,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sae_dist.train.optim.torch_backend import normalize_rows_, project_rows_
 
 ELEMENTS_PER_PROGRAM = 1024
 """Elements one program updates per tensor; the row kernel takes as many whole rows as fit, at least one."""
@@ -43,7 +42,7 @@ ELEMENTS_PER_THREAD = 8
 """Elements per thread and tensor, which sets the warps per program (4 for 1024 elements)."""
 
 MAX_ROW_WIDTH = 8192
-"""The widest rows the row kernel holds in one program; wider unit-norm rows get the torch backend's passes."""
+"""The widest rows the row kernel holds in one program; a decoder of wider rows trains on the torch backend."""
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -169,12 +168,18 @@ class TritonAdam(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps})
         self.state_dtype = state_dtype
         self.unit_norm_rows = tuple(unit_norm_rows)
-        self._row_kernel = {w for w in self.unit_norm_rows if w.shape[-1] <= MAX_ROW_WIDTH}
-        """Unit-norm weights whose rows fit the row kernel; the others take the torch backend's passes."""
+        if not self.keeps_rows_of(self.unit_norm_rows):
+            raise ValueError(f"TritonAdam keeps rows of at most {MAX_ROW_WIDTH} elements at unit norm, not "
+                             f"{max(w.shape[-1] for w in self.unit_norm_rows)}")
         self.grad_scale: Tensor | None = None
         self.found_inf: Tensor | None = None
         self._lr_buffers: dict[int, Tensor] = {}
         """Per param group, the device tensor a float lr is copied into at each step."""
+
+    @staticmethod
+    def keeps_rows_of(weights: Iterable[Tensor]) -> bool:
+        """Whether the row kernel holds every row of `weights`."""
+        return all(w.shape[-1] <= MAX_ROW_WIDTH for w in weights)
 
     @torch.no_grad()
     def step(self, closure=None) -> None:
@@ -192,17 +197,12 @@ class TritonAdam(torch.optim.Optimizer):
         # One list per operand: with a 0-dim tensor as the scalar, _foreach_add_ reads it back to the host.
         torch._foreach_add_(steps, [(found_inf <= 0).float()] * len(steps))
         lrs = {i: self._lr_on_device(i, device) for i in {i for i, _ in live}}
-        wide = [w for w in self.unit_norm_rows if w not in self._row_kernel]
-        for w in wide:
-            if w.grad is not None:
-                project_rows_(w.detach(), w.grad)
+        unit_norm_rows = set(self.unit_norm_rows)
         for i, param in live:
             group, state = self.param_groups[i], self.state[param]
-            update = adam_update_unit_rows_ if param in self._row_kernel else adam_update_
+            update = adam_update_unit_rows_ if param in unit_norm_rows else adam_update_
             update(param.detach(), param.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], lrs[i],
                    grad_scale, found_inf, group["betas"], group["eps"])
-        for w in wide:
-            normalize_rows_(w.detach(), found_inf <= 0)
 
     def _zero_state(self, param: Tensor) -> dict[str, Tensor]:
         if not (param.is_contiguous() and param.grad.is_contiguous()):

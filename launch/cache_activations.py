@@ -38,6 +38,7 @@ from sae_dist.data import PrefetchingSource, lm_activation_source, load_lm
 from sae_dist.data.cache import CACHE_DTYPES, MANIFEST
 from sae_dist.data.cache_writer import CacheExistsError, finish_cache, rank_rows, rows_written, write_shards
 from sae_dist.data.lm import MINILM_BUNDLED
+from sae_dist.launch_guards import hold_folder
 from sae_dist.train import preflight
 
 BARRIER_TIMEOUT = timedelta(hours=2)
@@ -124,7 +125,8 @@ def hydra_main(cfg: DictConfig) -> None:
         if world_size > 1:
             dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
         try:
-            cache_activations(job, rank, world_size, device)
+            with hold_folder(job.cache.out_dir, "cache.out_dir"):
+                cache_activations(job, rank, world_size, device)
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 from sae_dist.cli import one_line_errors, run_hydra_app
 from sae_dist.config import RunConfig, to_run_config
+from sae_dist.launch_guards import check_resumed_width, hold_folder, watch_launcher
 from sae_dist.parallel.mesh import launched_by_torchrun, validate_layout
 from sae_dist.train.preflight import check_device
 from sae_dist.train.run import prepare_run, train_from_config, train_planned
@@ -37,20 +38,23 @@ def train_distributed(run: RunConfig, overrides: list[str]) -> None:
     from sae_dist.parallel.mesh import broadcast_object, init_process_group
 
     world = int(os.environ.get("WORLD_SIZE", "1"))  # 1: the DeepSpeed engine in one process
+    watch_launcher(run)
     validate_layout(run, world)
     device = check_device(run.trainer.device)
     init_process_group(device.type, timedelta(seconds=run.parallel.timeout_s))
     try:
         # Ranks on other nodes may have resolved the default folder's stamp otherwise.
         run.trainer.out_dir = broadcast_object(run.trainer.out_dir)
-        if run.sweep:
-            from sae_dist.train.multi import prepare_sweep, train_sweep
+        with hold_folder(run.trainer.out_dir, "trainer.out_dir"):
+            on_every_rank(lambda: check_resumed_width(run, overrides))
+            if run.sweep:
+                from sae_dist.train.multi import prepare_sweep, train_sweep
 
-            plans = on_every_rank(lambda: prepare_sweep(run, world, overrides))
-            train_sweep(plans, ExpertParallelContext.from_config(plans[0].run, plans[0].device.type))
-        else:
-            plan = on_every_rank(lambda: prepare_run(run, world, overrides))
-            train_planned(plan, ExpertParallelContext.from_config(plan.run, plan.device.type))
+                plans = on_every_rank(lambda: prepare_sweep(run, world, overrides))
+                train_sweep(plans, ExpertParallelContext.from_config(plans[0].run, plans[0].device.type))
+            else:
+                plan = on_every_rank(lambda: prepare_run(run, world, overrides))
+                train_planned(plan, ExpertParallelContext.from_config(plan.run, plan.device.type))
     finally:
         dist.destroy_process_group()
 
@@ -67,7 +71,9 @@ def hydra_main(cfg: DictConfig) -> None:
         if launched_by_torchrun() or run.trainer.engine == "deepspeed":
             train_distributed(run, overrides)
         else:
-            train_from_config(run, overrides=overrides)
+            with hold_folder(run.trainer.out_dir, "trainer.out_dir"):
+                check_resumed_width(run, overrides)
+                train_from_config(run, overrides=overrides)
 
 
 def main() -> None:

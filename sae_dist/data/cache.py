@@ -79,6 +79,8 @@ def _check_shard(path: Path, rows: int, d_model: int, dtype: torch.dtype) -> tup
     try:
         with open(path, "rb") as f:
             header_len = int.from_bytes(f.read(8), "little")
+            if header_len > size - 8:  # garbage read as a length: never read (or allocate) past the file's end
+                raise ValueError("header length beyond the file")
             entry = json.loads(f.read(header_len))[SHARD_KEY]
         begin, end = entry["data_offsets"]
         ok = {"dtype": entry["dtype"], "shape": entry["shape"]} == expected

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from sae_dist.config import ConfigError
@@ -48,6 +50,18 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def write_json(path: Path, value: dict) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(value, indent=1))
+
+
+def save_shard(acts_ND: torch.Tensor, path: Path) -> None:
+    """One shard file; a failed write is the OSError behind it (safetensors reports 'os error N' as text)."""
+    try:
+        save_file({SHARD_KEY: acts_ND}, str(path))
+    except SafetensorError as exc:
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
+    os.chmod(path, _FILE_MODE)  # safetensors creates files readable by the owner only
 
 
 def progress_file(out: Path, rank: int) -> Path:
@@ -106,8 +120,7 @@ def write_shards(
         acts_ND = source.next_batch(rows).to(dtype).cpu().contiguous()
         name = shard_name(rank, len(progress["shards"]))
         with atomic_path(out / name) as tmp:
-            save_file({SHARD_KEY: acts_ND}, str(tmp))
-            os.chmod(tmp, _FILE_MODE)  # safetensors creates files readable by the owner only
+            save_shard(acts_ND, tmp)
         progress["shards"].append({"file": name, "rows": rows, "sha256": file_sha256(out / name)})
         progress["source"] = source.state_dict()
         write_json(progress_file(out, rank), progress)

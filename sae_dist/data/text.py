@@ -13,13 +13,18 @@ epochs follow each other) and the ranks share them out as `order.py` says. `Text
 from __future__ import annotations
 
 import copy
+import logging
 import os
+import re
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import datasets
 import numpy as np
 from datasets import Dataset, IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
+from datasets.exceptions import DatasetGenerationError
 from transformers import PreTrainedTokenizerBase
 
 from sae_dist.config import ConfigError, DataConfig
@@ -38,11 +43,63 @@ _LOCAL_HINT = (
 
 
 def require_hub_dataset(data: DataConfig) -> None:
-    """A dataset that only the Hub has (not a builtin, a local builder or a folder) is reachable there, unless
-    HF_HUB_OFFLINE is set (then `datasets` reads its cache): else one-line DataUnavailableError, within seconds."""
+    """A dataset that only the Hub has (not a builtin, a local builder or a folder) is reachable there, or, under
+    HF_HUB_OFFLINE (where `datasets` reads its caches), in a Hugging Face cache of this machine: else one-line
+    DataUnavailableError, within seconds."""
     local = data.dataset in (PYDOC_TOPICS, PYTHON_DOCS, *LOCAL_BUILDERS) or os.path.exists(data.dataset)
-    if not local and not datasets.config.HF_HUB_OFFLINE:
+    if local:
+        return
+    if not datasets.config.HF_HUB_OFFLINE:
         require_hub(data.dataset, "dataset", _LOCAL_HINT)
+    elif not _in_hf_cache(data.dataset):
+        raise DataUnavailableError(f"cannot download dataset '{data.dataset}' from the Hub (HF_HUB_OFFLINE is set "
+                                   f"and it is in no Hugging Face cache here); {_LOCAL_HINT}")
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    """Whether the Hub cache (hub/datasets--ORG--NAME) or the `datasets` cache (ORG___NAME) holds the dataset,
+    asked of the disk alone."""
+    from huggingface_hub import constants
+
+    hub = Path(constants.HF_HUB_CACHE) / f"datasets--{repo_id.replace('/', '--')}"
+    prepared = Path(datasets.config.HF_DATASETS_CACHE) / repo_id.replace("/", "___")
+    return hub.is_dir() or prepared.is_dir()
+
+
+class _BuilderErrors(logging.Filter):
+    """Held on the handlers of the `datasets` logger while a builder reads local files: the error it logs before
+    raising (the only place that names the file it failed on) is kept for the one-line error, not printed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.files: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        self.files += re.findall(r"file '([^']+)'", record.getMessage())[:1]
+        return False
+
+
+@contextmanager
+def _named_builder_errors(data: DataConfig) -> Iterator[None]:
+    """A `datasets` builder failing on a file (a text file given to 'json', a bad CSV row) is a one-line
+    DataUnavailableError naming the file, the builder and its reason."""
+    handlers = logging.getLogger("datasets").handlers
+    errors = _BuilderErrors()
+    for handler in handlers:
+        handler.addFilter(errors)
+    try:
+        yield
+    except DatasetGenerationError as exc:
+        cause = exc.__cause__ or exc.__context__ or exc
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        files = errors.files[-1] if errors.files else ", ".join(data.data_files)
+        raise DataUnavailableError(f"data.data_files: {files} cannot be read by the '{data.dataset}' builder "
+                                   f"({reason}); is it a {data.dataset} file?") from None
+    finally:
+        for handler in handlers:
+            handler.removeFilter(errors)
 
 
 def load_text_dataset(data: DataConfig) -> Dataset | IterableDataset:
@@ -62,9 +119,11 @@ def load_text_dataset(data: DataConfig) -> Dataset | IterableDataset:
         # site-packages corpus) holds a file in another encoding here and there.
         options = {"sample_by": data.sample_by, "encoding_errors": "replace"} if data.dataset == "text" else {}
         try:
-            ds = load_dataset(
-                data.dataset, data_files=list(data.data_files), split=data.split, streaming=data.streaming, **options
-            )
+            with _named_builder_errors(data):
+                ds = load_dataset(
+                    data.dataset, data_files=list(data.data_files), split=data.split, streaming=data.streaming,
+                    **options,
+                )
         except FileNotFoundError as exc:
             raise DataUnavailableError(f"data.data_files: {str(exc).splitlines()[0]}") from None
     elif os.path.exists(data.dataset):

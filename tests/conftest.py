@@ -9,6 +9,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite never uses the network, whatever the caller's environment: a Hub name is refused as it is offline (and
+# the checks that ask the Hub are the same code either way); set before huggingface_hub and datasets read it.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.pop("SAE_DIST_REQUIRE_CHECKSUMS", None)  # the default policy (a warning) unless a test sets it
 
 from sae_dist.config import DataConfig, ModelConfig, RunConfig, SAEConfig, TrainerConfig, validate  # noqa: E402
 

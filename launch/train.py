@@ -6,9 +6,10 @@ the experts are sharded over `parallel.ep_size` ranks (docs/expert-parallelism.m
 A run folder that already holds the run continues it (trainer.resume=auto), so a torchrun restart or a SLURM
 requeue running the same command resumes from the latest checkpoint.
 
-Exit statuses (sae_dist/cli.py): 0 done; 2 bad input, with one line on stderr before any model or data is loaded;
-75 stopped by SIGTERM or SIGUSR1 after writing a checkpoint (the same command with its trainer.out_dir continues);
-1 a collective failed because another rank died or stalled.
+Exit statuses (sae_dist/cli.py): 0 done; 2 bad input, or a run folder in use by another command, with one line on
+stderr before any model or data is loaded; 75 stopped by SIGTERM or SIGUSR1 after writing a checkpoint (the same
+command with its trainer.out_dir continues), also when torchrun's agent is gone; 1 a collective failed because
+another rank died or stalled. A multirun (-m) is checked whole before its first job (sae_dist/multirun_check.py).
 """
 
 from __future__ import annotations

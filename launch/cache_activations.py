@@ -36,7 +36,16 @@ from sae_dist.config import (
 )
 from sae_dist.data import PrefetchingSource, lm_activation_source, load_lm
 from sae_dist.data.cache import CACHE_DTYPES, MANIFEST
-from sae_dist.data.cache_writer import CacheExistsError, finish_cache, rank_rows, rows_written, write_shards
+from sae_dist.data.cache_writer import (
+    BatchBudget,
+    CacheExistsError,
+    FullBatches,
+    batches_left,
+    finish_cache,
+    rank_rows,
+    rows_written,
+    write_shards,
+)
 from sae_dist.data.lm import MINILM_BUNDLED
 from sae_dist.launch_guards import hold_folder
 from sae_dist.train import preflight
@@ -71,7 +80,11 @@ def cache_activations(job: CacheJobConfig, rank: int, world_size: int, device: t
     model, tokenizer = load_lm(job.model, device)
     source = lm_activation_source(run, model, tokenizer, rank, world_size)
     if job.data.prefetch:
-        source = PrefetchingSource(source, job.data.prefetch, device)
+        # The producer makes the job's batches and no more, always of one size (`BatchBudget`, `FullBatches`):
+        # the job ends when its last rows are written, not after a forward pass nobody needs.
+        batches = batches_left(out, cache.num_tokens, cache.shard_tokens, rank, world_size)
+        source = PrefetchingSource(BatchBudget(source, batches), job.data.prefetch, device)
+        source = FullBatches(source, cache.shard_tokens)
     settings = {"model": asdict(job.model), "data": asdict(job.data), "seed": cache.seed}
     quota = rank_rows(cache.num_tokens, rank, world_size)
     bar = tqdm(total=quota, unit="tok", unit_scale=True, disable=not (cache.progress and rank == 0))

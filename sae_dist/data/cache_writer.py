@@ -130,6 +130,69 @@ def write_shards(
     return progress["shards"]
 
 
+def batches_left(out_dir: str | os.PathLike, num_tokens: int, shard_tokens: int, rank: int, world_size: int) -> int:
+    """How many `next_batch(shard_tokens)` calls `write_shards` still makes for rank `rank`."""
+    left = rank_rows(num_tokens, rank, world_size) - rows_written(out_dir, rank)
+    return max(0, -(-left // shard_tokens))
+
+
+class BatchBudget(ActivationSource):
+    """`source` that serves `batches` batches, then refuses more and does no work ahead: put under a prefetching
+    source, its producer ends once the job's last batch is made instead of computing one nobody will take (for a
+    cache of LM activations, a forward of a whole shuffle block that the end of the job then waits for)."""
+
+    def __init__(self, source: ActivationSource, batches: int) -> None:
+        self.source, self.left = source, batches
+        self.d_model = source.d_model
+
+    def next_batch(self, batch_size: int) -> torch.Tensor:
+        if self.left <= 0:
+            raise BudgetSpent("every batch of the job has been made")
+        self.left -= 1
+        return self.source.next_batch(batch_size)
+
+    def work_ahead(self) -> bool:
+        return self.left > 0 and self.source.work_ahead()
+
+    def state_dict(self) -> dict:
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.source.load_state_dict(state)
+
+    def close(self) -> None:
+        self.source.close()
+
+
+class FullBatches(ActivationSource):
+    """`source` asked for batches of `rows` rows only, a smaller batch cut from a full one. A prefetching source
+    asked for another size stops its producer and rewinds, which recomputes the LM forwards of the block being
+    served; the rows are the same for a source whose batches are consecutive rows of one stream (block-shuffled
+    sources), not for one that draws each batch afresh (the synthetic source). Its state after a cut batch is past
+    the rows cut off: use it for a job's last batch only."""
+
+    def __init__(self, source: ActivationSource, rows: int) -> None:
+        self.source, self.rows = source, rows
+        self.d_model = source.d_model
+
+    def next_batch(self, batch_size: int) -> torch.Tensor:
+        assert batch_size <= self.rows, (batch_size, self.rows)
+        return self.source.next_batch(self.rows)[:batch_size]
+
+    def state_dict(self) -> dict:
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.source.load_state_dict(state)
+
+    def close(self) -> None:
+        self.source.close()
+
+
+class BudgetSpent(RuntimeError):
+    """A `BatchBudget` asked for one batch more than the job needs (only its prefetch producer ever is)."""
+
+
 def finish_cache(out_dir: str | os.PathLike, world_size: int, metadata: dict | None = None) -> Path:
     """Write the manifest from the progress files of all `world_size` ranks (all complete); returns its path."""
     out = Path(out_dir)

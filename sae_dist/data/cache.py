@@ -61,6 +61,17 @@ def read_manifest(cache_dir: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
+def describe_cache(manifest: dict) -> str:
+    """What a cache holds, in a few words from its manifest: 'model block 3 over text: 170 files (a*.py, ...)'."""
+    model, site, dataset = manifest.get("model") or {}, manifest.get("site") or {}, manifest.get("dataset") or {}
+    name = Path(model["path"]).name if model.get("path") else model.get("name", "an unnamed model")
+    files = dataset.get("data_files") or []
+    shown = ", ".join(Path(f).name for f in files[:2]) + (", ..." if len(files) > 2 else "")
+    data = f"{dataset.get('dataset', 'unknown data')}" + (f" files {shown}" if files else "")
+    layer = f" block {site['layer']}" if "layer" in site else ""
+    return f"{name}{layer} over {data}"
+
+
 class Shard(NamedTuple):
     path: Path
     rows: int

@@ -206,6 +206,9 @@ def finish_cache(out_dir: str | os.PathLike, world_size: int, metadata: dict | N
         "num_tokens": sum(entry["rows"] for entry in shards),
         "world_size": world_size,
         **(metadata or {}),
+        # Where each rank's source stopped: for a block-shuffled source the units (documents, in the order the
+        # source read them) it consumed, whole shuffle blocks at a time (`sae_dist.data.order`).
+        "source_states": [rank_progress["source"] for rank_progress in progress],
         "shards": shards,
     }
     write_json(out / MANIFEST, manifest)

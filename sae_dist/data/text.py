@@ -102,8 +102,24 @@ def _named_builder_errors(data: DataConfig) -> Iterator[None]:
             handler.removeFilter(errors)
 
 
-def load_text_dataset(data: DataConfig) -> Dataset | IterableDataset:
-    """The full (all ranks) document dataset named by `data.dataset`, reduced to the text column."""
+def sampled_order(dataset: Dataset | IterableDataset, seed: int) -> Dataset | IterableDataset:
+    """The documents in an order seeded by `seed` over the whole corpus, so that reading stopped early (a cache of
+    part of a corpus) holds documents from all of it: a map-style dataset's documents permuted (the same
+    permutation every epoch); a stream's files or shards permuted (`IterableDataset.shuffle`, buffer of one), the
+    documents within one in order."""
+    if isinstance(dataset, Dataset):
+        return dataset.shuffle(seed=seed, keep_in_memory=True)
+    return dataset.shuffle(seed=seed, buffer_size=1)
+
+
+def load_text_dataset(data: DataConfig, document_seed: int | None = None) -> Dataset | IterableDataset:
+    """The full (all ranks) document dataset named by `data.dataset`, reduced to the text column; in the corpus's
+    own order, or with `document_seed` in the `sampled_order` it seeds."""
+    dataset = _load_text_dataset(data)
+    return dataset if document_seed is None else sampled_order(dataset, document_seed)
+
+
+def _load_text_dataset(data: DataConfig) -> Dataset | IterableDataset:
     if data.dataset == PYDOC_TOPICS:
         from pydoc_data.topics import topics
 

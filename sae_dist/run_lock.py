@@ -38,6 +38,10 @@ STALE_S = 60.0
 """A lock file untouched for this long belongs to a holder that is gone (frozen, killed, or on a lost host)."""
 _START_SLACK_S = 2.0
 """Clock-tick rounding of /proc start times: a pid whose process started this much after the lock still held it."""
+_WRITE_GRACE_S = 2.0
+"""A lock file that cannot be read is being written for this long at most; older, its writer was killed."""
+_VANISHED: dict = {"vanished": True}
+"""The record of a lock file released while it was being looked at."""
 
 
 class FolderInUseError(ConfigError):
@@ -89,20 +93,21 @@ class FolderLock:
     # --- taking and giving back -----------------------------------------------------------------------------------
     def acquire(self) -> FolderLock:
         self._make_folder()
-        waited_until = None
-        while True:
-            if self._try_create():
-                break
+        wait_until = None
+        while not self._try_create():
             holder, age = self._read_holder()
+            if holder is _VANISHED or (holder is None and age < _WRITE_GRACE_S):
+                time.sleep(0.05)  # released meanwhile, or its holder is writing it: look again
+                continue
             if holder is None or self._holder_gone(holder, age):
                 self._remove_stale(holder)
                 continue
             if self._same_job_elsewhere(holder):
-                waited_until = waited_until or time.time() + self.stale_s
-                if time.time() < waited_until:
+                wait_until = wait_until or time.time() + self.stale_s
+                if time.time() < wait_until:
                     time.sleep(min(self.heartbeat_s, 1.0))
                     continue
-            self.release_folder_only()
+            self._remove_created_folders()
             raise FolderInUseError(
                 f"{self.option}={self.folder} is in use by {describe(holder)} (lock file {self.path}); wait for it "
                 f"to end, or choose another {self.option} (a lock whose holder is gone is taken over: at once on "
@@ -118,9 +123,9 @@ class FolderLock:
             self._thread.join()
             self._thread = None
             self._remove_if_ours()
-        self.release_folder_only()
+        self._remove_created_folders()
 
-    def release_folder_only(self) -> None:
+    def _remove_created_folders(self) -> None:
         """Remove the folders this lock created, if they are empty (a refused or failed command leaves none)."""
         for folder in reversed(self._created):
             try:
@@ -156,20 +161,18 @@ class FolderLock:
         return True
 
     def _read_holder(self) -> tuple[dict | None, float]:
-        """(the holder's record, seconds since its last heartbeat); (None, 0) for a lock file that vanished or is
-        unreadable (a holder killed between creating and writing it)."""
+        """(the holder's record, seconds since its last heartbeat); the record is `_VANISHED` for a lock file
+        released meanwhile, None for one that cannot be read (being written, or its writer killed)."""
         try:
             age = time.time() - self.path.stat().st_mtime
             holder = json.loads(self.path.read_text())
         except FileNotFoundError:
-            return {}, 0.0  # released meanwhile: try again
+            return _VANISHED, 0.0
         except (OSError, ValueError):
-            return None, 0.0
+            return None, age
         return (holder if isinstance(holder, dict) else None), age
 
     def _holder_gone(self, holder: dict, age: float) -> bool:
-        if not holder:
-            return False  # the file vanished: the next create wins or meets a new holder
         if age > self.stale_s:
             return True
         run_id = os.environ.get("TORCHELASTIC_RUN_ID")
@@ -186,8 +189,6 @@ class FolderLock:
 
     def _remove_stale(self, holder: dict | None) -> None:
         """Remove a dead holder's lock file, unless another taker replaced it since it was read."""
-        if holder == {}:
-            return
         try:
             current = json.loads(self.path.read_text())
         except FileNotFoundError:

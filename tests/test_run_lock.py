@@ -94,7 +94,9 @@ def test_a_requeue_waits_for_its_previous_allocation_to_stop_beating(tmp_path, m
 
 
 def test_the_holder_beats_and_an_unreadable_lock_is_taken(tmp_path):
+    """A lock file that cannot be read, seconds old (its writer killed between creating and writing it)."""
     (tmp_path / LOCK_FILE).write_bytes(b"\xff half written")
+    os.utime(tmp_path / LOCK_FILE, (time.time() - 5, time.time() - 5))
     with FolderLock(tmp_path, "trainer.out_dir", heartbeat_s=0.05) as lock:
         first = lock.path.stat().st_mtime_ns
         time.sleep(0.5)

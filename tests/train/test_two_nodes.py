@@ -54,9 +54,9 @@ def start_nodes(folder: Path, run_dir: Path, max_restarts: int = 0, plan: dict |
     nodes = []
     for node in range(2):
         log = open(folder / f"node{node}.txt", "w")
-        nodes.append(subprocess.Popen([*torchrun, str(ROOT / "tests" / "train" / "two_node_train.py"), *JOB,
-                                       *extra, f"trainer.out_dir={run_dir}"], cwd=folder, env=env, stdout=log, stderr=log,
-                                      start_new_session=True))
+        command = [*torchrun, str(ROOT / "tests" / "train" / "two_node_train.py"), *JOB, *extra,
+                   f"trainer.out_dir={run_dir}"]
+        nodes.append(subprocess.Popen(command, cwd=folder, env=env, stdout=log, stderr=log, start_new_session=True))
         if node == 0:
             time.sleep(1.0)  # the first agent binds the rendezvous store
     return nodes
@@ -72,7 +72,8 @@ def wait_all(nodes: list[subprocess.Popen], timeout_s: float) -> list[int]:
 
 
 def children(pid: int) -> list[int]:
-    return [int(child) for task in Path(f"/proc/{pid}/task").iterdir() for child in (task / "children").read_text().split()]
+    tasks = Path(f"/proc/{pid}/task").iterdir()
+    return [int(child) for task in tasks for child in (task / "children").read_text().split()]
 
 
 def logs(folder: Path) -> str:
@@ -81,7 +82,8 @@ def logs(folder: Path) -> str:
 
 def saved_state(run_dir: Path) -> dict[str, torch.Tensor]:
     folder = latest_checkpoint(run_dir)
-    return {**ckpt.read_global_state(folder), **{f"export.{k}": v for k, v in ckpt.read_global_state(folder, "model.").items()}}
+    export = {f"export.{key}": value for key, value in ckpt.read_global_state(folder, "model.").items()}
+    return {**ckpt.read_global_state(folder), **export}
 
 
 @pytest.fixture(scope="module")

@@ -156,8 +156,9 @@ def one_line_errors() -> Iterator[None]:
     except OSError as exc:
         if exc.errno not in FILE_ERRNOS:
             raise
-        reason = _efbig(file_size_limit()) if exc.errno == errno.EFBIG else exc.strerror
-        fail(f"{reason}: {exc.filename}" if exc.filename else reason)
+        if exc.errno == errno.EFBIG:
+            fail(f"{_efbig(file_size_limit())}: {exc.filename}" if exc.filename else _efbig(file_size_limit()))
+        fail(f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc))
 
 
 def run_hydra_app(app: Callable[[], None]) -> None:

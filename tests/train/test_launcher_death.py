@@ -71,7 +71,7 @@ def test_workers_stop_after_a_checkpoint_when_their_agent_is_killed(tmp_path):
     log = (tmp_path / "out.txt").read_text()
     exits = [json.loads(line) for line in (tmp_path / "exit_statuses.jsonl").read_text().splitlines()]
     assert sorted((e["rank"], e["status"]) for e in exits) == [(0, 75), (1, 75)], (exits, log[-3000:])
-    assert "the launcher (pid" in log and "stopped by SIGTERM after step" in log, log[-3000:]
+    assert "error: the launcher (pid" in log and "stopped by " in log, log[-3000:]
     step = int(latest_checkpoint(run).name.removeprefix("step_"))
     assert step >= 5 and step % 5 == 0, step  # the ranks agree to stop at a logging step
     assert not (run / LOCK_FILE).exists(), "rank 0 left its lock behind"

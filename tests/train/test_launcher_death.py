@@ -1,4 +1,4 @@
-"""Workers never outlive their launcher: a real torchrun job whose agent is SIGKILLed mid-run.
+"""Workers never outlive their launcher: a real torchrun job whose agent dies mid-run.
 
 Before, the workers of a killed agent (SIGKILL, or SIGUSR1 to a torchrun without --signals-to-handle) were
 re-parented and trained on to the end, orphaned, holding the run folder. Now each worker notices its parent is gone
@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from sae_dist.run_dir import latest_checkpoint, read_metrics
 from sae_dist.run_lock import LOCK_FILE
@@ -45,7 +47,9 @@ def wait_for(condition, timeout_s: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def test_workers_stop_after_a_checkpoint_when_their_agent_is_killed(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGUSR1], ids=["SIGKILL", "SIGUSR1"])
+def test_workers_stop_after_a_checkpoint_when_their_agent_is_killed(tmp_path, sig):
+    """SIGKILL, and SIGUSR1, which a torchrun without --signals-to-handle does not handle: it dies of it."""
     run = tmp_path / "run"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
@@ -59,8 +63,8 @@ def test_workers_stop_after_a_checkpoint_when_their_agent_is_killed(tmp_path):
         assert agent.poll() is None, (tmp_path / "out.txt").read_text()[-3000:]
         workers = children(agent.pid)
         assert len(workers) == 2, workers
-        agent.kill()
-        agent.wait()
+        agent.send_signal(sig)
+        assert agent.wait() == -sig
         killed_at = time.monotonic()
         wait_for(lambda: not any(alive(pid) for pid in workers), 90, "the orphaned workers to end")
         ended_s = time.monotonic() - killed_at

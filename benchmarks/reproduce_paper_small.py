@@ -8,8 +8,11 @@ width-matched Switch, under the paper's recipe and the recipe options.
 The caches are written by launch/cache_activations.py (the README gives the commands: MiniLM-L6 block 3 over the
 Python source files of the installed packages, held-out from other files). At each k, each SAE trains for
 --tokens token-steps (several passes over a small cache) from one seed and keeps --points checkpoints; each
-checkpoint is evaluated on the first --heldout-rows rows of the held-out cache (MSE in the paper's unit, FVU, L0; dead latents as logged at
-that step). The SAEs:
+checkpoint is evaluated on --heldout-rows rows of the held-out cache taken in `HELDOUT_PIECES` evenly spaced stretches
+over all of it, so over every shuffle block and the documents of each (the first rows alone are one block: the
+documents read first); MSE in the paper's unit, FVU, L0; dead latents as logged at that step. Scores are stored per
+held-out set (its manifest's SHA-256 and the rows), so --report-only with another --heldout-cache scores again.
+The SAEs:
 - dense TopK of width M (AuxK 1/32: the baseline; one run per k, shared by the recipes);
 - FLOP-matched Switch: N experts, each as wide as the dense SAE (N * M latents, the dense SAE's encoder FLOPs);
 - width-matched Switch: the same M latents over N experts (N times fewer encoder FLOPs);
@@ -24,6 +27,7 @@ several invocations side by side), --report-only trains nothing.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -36,8 +40,10 @@ from rich.console import Console
 from rich.table import Table
 
 from sae_dist.config import DataConfig, ModelConfig, RunConfig, SAEConfig, TrainerConfig, validate
-from sae_dist.data.cache import CacheUnitReader
-from sae_dist.eval.learning_curves import checkpoint_curve, crossing, plot_curves
+from sae_dist.data.cache import MANIFEST, CacheUnitReader, describe_cache, read_manifest
+from sae_dist.data.cache_writer import write_cache
+from sae_dist.data.source import ActivationSource
+from sae_dist.eval.learning_curves import CURVE_FILE, checkpoint_curve, crossing, plot_curves
 from sae_dist.flops import flops_per_token
 from sae_dist.run_dir import latest_checkpoint
 from sae_dist.train.run import train_from_config
@@ -91,6 +97,65 @@ def run_config(name: str, sae: SAEConfig, lr_rule: str, args: argparse.Namespace
     return run
 
 
+HELDOUT_PIECES = 256
+"""Evenly spaced stretches of the held-out cache that the scored rows are taken from."""
+
+
+class _Rows(ActivationSource):
+    """Fixed rows served in order (to write them as a cache)."""
+
+    def __init__(self, rows_ND: torch.Tensor) -> None:
+        self.rows_ND, self.d_model, self.start = rows_ND, rows_ND.shape[1], 0
+
+    def next_batch(self, batch_size: int) -> torch.Tensor:
+        self.start += batch_size
+        return self.rows_ND[self.start - batch_size : self.start]
+
+    def state_dict(self) -> dict:
+        return {"start": self.start}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start = state["start"]
+
+
+def heldout_key(cache: Path, rows: int) -> str:
+    """The identity of a held-out set: its cache's manifest (which holds every shard's SHA-256) and the rows."""
+    return f"{hashlib.sha256((cache / MANIFEST).read_bytes()).hexdigest()[:16]}-{rows}"
+
+
+def spread_heldout(cache: Path, rows: int, out: Path) -> Path:
+    """A cache of `rows` rows of `cache` in HELDOUT_PIECES evenly spaced stretches (all of it when smaller), written
+    once under `out`; returns its folder."""
+    folder = out / f"heldout-{heldout_key(cache, rows)}"
+    if (folder / MANIFEST).is_file():
+        return folder
+    reader = CacheUnitReader(cache, verify=True)
+    total = reader.total_rows
+    if rows >= total:
+        picked = reader.read_rows(0, total)
+    else:
+        piece = -(-rows // HELDOUT_PIECES)
+        starts = [i * (total - piece) // max(1, HELDOUT_PIECES - 1) for i in range(HELDOUT_PIECES)]
+        picked = torch.cat([reader.read_rows(start, start + piece) for start in starts])[:rows]
+    write_cache(_Rows(picked), folder, len(picked), len(picked), {"spread_from": str(cache), "pieces": HELDOUT_PIECES})
+    return folder
+
+
+def keyed_curve(run_dir: Path, heldout: Path, key: str) -> list:
+    """`checkpoint_curve` with its stored scores kept per held-out set: curve.json holds those of the set named in
+    curve.key, the others wait in curve.<key>.json (scores stored before keys existed are set aside as unkeyed)."""
+    stored, key_file = run_dir / CURVE_FILE, run_dir / "curve.key"
+    current = key_file.read_text().strip() if key_file.is_file() else "unkeyed"
+    if current != key:
+        if stored.is_file():
+            stored.replace(run_dir / f"curve.{current}.json")
+        if (run_dir / f"curve.{key}.json").is_file():
+            (run_dir / f"curve.{key}.json").replace(stored)
+    points = checkpoint_curve(run_dir, heldout)
+    key_file.write_text(key + "\n")
+    return points
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}"
@@ -141,10 +206,12 @@ def main() -> None:
         return
 
     results, curves = [], {}
+    key = heldout_key(args.heldout_cache, args.heldout_rows)
+    heldout = spread_heldout(args.heldout_cache, args.heldout_rows, args.out)
     for name, (k, family, sae, lr_rule) in runs.items():
         if latest_checkpoint(args.out / name) is None:
             continue
-        points = checkpoint_curve(args.out / name, args.heldout_cache, args.heldout_rows)
+        points = keyed_curve(args.out / name, heldout, key)
         per_token = flops_per_token(sae, d_model).encoder_paper
         label = name.removesuffix(f"_k{k}")
         curves.setdefault(k, {})[label] = ([p.tokens for p in points], [p.tokens * per_token for p in points],
@@ -183,7 +250,7 @@ def main() -> None:
         console.print(table)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    title = f"MiniLM-L6 block 3 over Python sources: {header}"
+    title = f"{describe_cache(read_manifest(args.train_cache))}: {header}"
     png = plot_curves(curves, args.out / "curves.png", title) if curves else None
     (args.out / "results.json").write_text(json.dumps({"date": stamp, "machine": machine(), "load": load,
                                                        "args": {k: str(v) for k, v in vars(args).items()},

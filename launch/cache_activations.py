@@ -12,6 +12,7 @@ unavailable data end the job with one line on stderr and exit status 2 before th
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import time
 from dataclasses import asdict
@@ -37,8 +38,18 @@ from sae_dist.config import (
 )
 from sae_dist.data import PrefetchingSource, lm_activation_source, load_lm
 from sae_dist.data.cache import CACHE_DTYPES, MANIFEST
-from sae_dist.data.cache_writer import CacheExistsError, finish_cache, rank_rows, rows_written, write_shards
+from sae_dist.data.cache_writer import (
+    BatchBudget,
+    CacheExistsError,
+    FullBatches,
+    batches_left,
+    finish_cache,
+    rank_rows,
+    rows_written,
+    write_shards,
+)
 from sae_dist.data.lm import MINILM_BUNDLED
+from sae_dist.launch_guards import hold_folder
 from sae_dist.train import preflight
 
 BARRIER_TIMEOUT = timedelta(hours=2)
@@ -68,11 +79,19 @@ def cache_activations(job: CacheJobConfig, rank: int, world_size: int, device: t
     if (out / MANIFEST).exists():
         raise CacheExistsError(f"cache.out_dir={out} already holds an activation cache; choose another folder")
     run = RunConfig(name=job.name, model=job.model, data=job.data, trainer=TrainerConfig(seed=cache.seed))
+    order = document_order(out, cache.seed)
     model, tokenizer = load_lm(job.model, device)
-    source = lm_activation_source(run, model, tokenizer, rank, world_size)
+    source = lm_activation_source(run, model, tokenizer, rank, world_size,
+                                  document_seed=order["seed"] if order else None)
     if job.data.prefetch:
-        source = PrefetchingSource(source, job.data.prefetch, device)
+        # The producer makes the job's batches and no more, always of one size (`BatchBudget`, `FullBatches`):
+        # the job ends when its last rows are written, not after a forward pass nobody needs.
+        batches = batches_left(out, cache.num_tokens, cache.shard_tokens, rank, world_size)
+        source = PrefetchingSource(BatchBudget(source, batches), job.data.prefetch, device)
+        source = FullBatches(source, cache.shard_tokens)
     settings = {"model": asdict(job.model), "data": asdict(job.data), "seed": cache.seed}
+    if order is not None:  # part of the identity: a cache begun under one order never resumes under another
+        settings["document_order"] = order
     quota = rank_rows(cache.num_tokens, rank, world_size)
     bar = tqdm(total=quota, unit="tok", unit_scale=True, disable=not (cache.progress and rank == 0))
     resumed_rows, start = rows_written(out, rank), time.perf_counter()
@@ -91,6 +110,7 @@ def cache_activations(job: CacheJobConfig, rank: int, world_size: int, device: t
                       "dtype": resolve_dtype(job.model.dtype, torch.device(device).type)},
             "site": {"layer": job.model.layer, "what": f"output of block {job.model.layer} (hidden_states[{job.model.layer + 1}])"},
             "dataset": {key: settings["data"][key] for key in ("dataset", "data_files", "split", "text_column", "ctx_len")},
+            "documents": order or {"order": CORPUS_ORDER},
             "config": as_dict(run),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
@@ -100,6 +120,22 @@ def cache_activations(job: CacheJobConfig, rank: int, world_size: int, device: t
     if world_size > 1:
         dist.barrier()
     return out / MANIFEST
+
+
+CORPUS_ORDER = "the corpus's own order (files sorted, documents in order): a cache begun before sampled orders"
+SAMPLED_ORDER = ("seeded over the whole corpus (sae_dist.data.text.sampled_order: a map-style dataset's documents "
+                 "permuted, a stream's files or shards permuted)")
+
+
+def document_order(out: Path, seed: int) -> dict | None:
+    """The order the job reads documents in: seeded over the whole corpus, so that a cache of part of a corpus
+    samples all of it; None (the corpus's own order) to finish an unfinished cache begun before sampled orders,
+    whose progress files lack the record. The manifest's "documents" names the order, and its "source_states" the
+    position each rank stopped at (the documents read: `sae_dist.data.order`)."""
+    begun = [json.loads(path.read_text())["identity"]["settings"] for path in sorted(out.glob("progress_*.json"))]
+    if begun and "document_order" not in begun[0]:
+        return None
+    return {"order": SAMPLED_ORDER, "seed": seed}
 
 
 def check_job(job: CacheJobConfig) -> None:
@@ -125,7 +161,8 @@ def hydra_main(cfg: DictConfig) -> None:
         if world_size > 1:
             dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
         try:
-            cache_activations(job, rank, world_size, device)
+            with hold_folder(job.cache.out_dir, "cache.out_dir"):
+                cache_activations(job, rank, world_size, device)
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()

@@ -6,9 +6,10 @@ the experts are sharded over `parallel.ep_size` ranks (docs/expert-parallelism.m
 A run folder that already holds the run continues it (trainer.resume=auto), so a torchrun restart or a SLURM
 requeue running the same command resumes from the latest checkpoint.
 
-Exit statuses (sae_dist/cli.py): 0 done; 2 bad input, with one line on stderr before any model or data is loaded;
-75 stopped by SIGTERM or SIGUSR1 after writing a checkpoint (the same command with its trainer.out_dir continues);
-1 a collective failed because another rank died or stalled.
+Exit statuses (sae_dist/cli.py): 0 done; 2 bad input, or a run folder in use by another command, with one line on
+stderr before any model or data is loaded; 75 stopped by SIGTERM or SIGUSR1 after writing a checkpoint (the same
+command with its trainer.out_dir continues), also when torchrun's agent is gone; 1 a collective failed because
+another rank died or stalled. A multirun (-m) is checked whole before its first job (sae_dist/multirun_check.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from omegaconf import DictConfig
 
 from sae_dist.cli import one_line_errors, run_hydra_app
 from sae_dist.config import RunConfig, register_configs, to_run_config
+from sae_dist.launch_guards import check_resumed_width, hold_folder, watch_launcher
 from sae_dist.parallel.expert_parallel import ExpertParallelContext
 from sae_dist.parallel.failures import on_every_rank
 from sae_dist.parallel.mesh import broadcast_object, init_process_group, launched_by_torchrun, validate_layout
@@ -36,18 +38,21 @@ def train_distributed(run: RunConfig, overrides: list[str]) -> None:
     """One rank of a torchrun job: check the layout, join the process group, agree on the run folder and the run's
     config, build the expert-parallel context from that config, train, leave."""
     world = int(os.environ.get("WORLD_SIZE", "1"))  # 1: the DeepSpeed engine in one process
+    watch_launcher(run)
     validate_layout(run, world)
     device = check_device(run.trainer.device)
     init_process_group(device.type, timedelta(seconds=run.parallel.timeout_s))
     try:
         # Ranks on other nodes may have resolved the default folder's stamp otherwise.
         run.trainer.out_dir = broadcast_object(run.trainer.out_dir)
-        if run.sweep:
-            plans = on_every_rank(lambda: prepare_sweep(run, world, overrides))
-            train_sweep(plans, ExpertParallelContext.from_config(plans[0].run, plans[0].device.type))
-        else:
-            plan = on_every_rank(lambda: prepare_run(run, world, overrides))
-            train_planned(plan, ExpertParallelContext.from_config(plan.run, plan.device.type))
+        with hold_folder(run.trainer.out_dir, "trainer.out_dir"):
+            on_every_rank(lambda: check_resumed_width(run, overrides))
+            if run.sweep:
+                plans = on_every_rank(lambda: prepare_sweep(run, world, overrides))
+                train_sweep(plans, ExpertParallelContext.from_config(plans[0].run, plans[0].device.type))
+            else:
+                plan = on_every_rank(lambda: prepare_run(run, world, overrides))
+                train_planned(plan, ExpertParallelContext.from_config(plan.run, plan.device.type))
     finally:
         dist.destroy_process_group()
 
@@ -62,7 +67,9 @@ def hydra_main(cfg: DictConfig) -> None:
         if launched_by_torchrun() or run.trainer.engine == "deepspeed":
             train_distributed(run, overrides)
         else:
-            train_from_config(run, overrides=overrides)
+            with hold_folder(run.trainer.out_dir, "trainer.out_dir"):
+                check_resumed_width(run, overrides)
+                train_from_config(run, overrides=overrides)
 
 
 def main() -> None:

@@ -41,8 +41,12 @@ def read_checksums(folder: Path) -> dict[str, str] | None:
     path = Path(folder) / CHECKSUM_FILE
     if not path.is_file():
         return None
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ChecksumError(f"{path} is not a SHA256SUMS file (not UTF-8 text)") from None
     sums = {}
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         digest, sep, name = line.partition("  ")
         if not sep or len(digest) != 64:
             raise ChecksumError(f"{path} is not a SHA256SUMS file (line {line[:40]!r})")

@@ -48,8 +48,9 @@ COLLECTIVE_ERROR_STATUS = 1
 USER_ERRORS = (ConfigError, DataUnavailableError, CheckpointError, NonFiniteError, PeerFailedError)
 """Errors whose message is the whole story: one line, exit status 2."""
 FILE_ERRNOS = (errno.ENOENT, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
-               errno.EISDIR)
-"""OSErrors about the user's files and disks (missing, full, read-only, not permitted), not bugs."""
+               errno.EISDIR, errno.EFBIG)
+"""OSErrors about the user's files and disks (missing, full, read-only, not permitted, over the file-size limit),
+not bugs."""
 
 
 def _rank() -> int:
@@ -60,12 +61,32 @@ def one_line(text: str) -> str:
     return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
 
 
+def file_size_limit() -> int | None:
+    """This process's file-size limit in bytes (`ulimit -f`), None when unlimited."""
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if limit == resource.RLIM_INFINITY else limit
+
+
+def _efbig(limit: int | None) -> str:
+    where = f"{limit:,} bytes" if limit is not None else "set"
+    return f"File too large (EFBIG: the file-size limit, ulimit -f, is {where})"
+
+
+def _name_lost_efbig(text: str) -> str:
+    """torch.save's writer drops the errno of a failed write, which is then reported as an I/O error; under a
+    finite file-size limit the write failed on that limit (Python ignores SIGXFSZ, so the write returns EFBIG)."""
+    limit = file_size_limit()
+    return text.replace(os.strerror(errno.EIO), _efbig(limit)) if limit is not None else text
+
+
 def fail(exc: BaseException | str, status: int = USAGE_ERROR_STATUS, every_rank: bool = False) -> NoReturn:
     """Print 'error: ...' (once: see the module docstring) and exit with `status`."""
     report = every_rank or getattr(exc, "report_here", _rank() == 0)
     if report:
         text = error_line(exc) if isinstance(exc, (HydraException, OmegaConfBaseException)) else str(exc)
-        print(f"error: {one_line(text)}", file=sys.stderr, flush=True)
+        print(f"error: {one_line(_name_lost_efbig(text))}", file=sys.stderr, flush=True)
     sys.exit(status)
 
 
@@ -136,6 +157,8 @@ def one_line_errors() -> Iterator[None]:
     except OSError as exc:
         if exc.errno not in FILE_ERRNOS:
             raise
+        if exc.errno == errno.EFBIG:
+            fail(f"{_efbig(file_size_limit())}: {exc.filename}" if exc.filename else _efbig(file_size_limit()))
         fail(f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc))
 
 

@@ -19,13 +19,17 @@ Training writes a run folder (`sae_dist.train`), evaluation and the launch tools
     RUN/checkpoints/step_00001000/eval.json           launch/evaluate.py's report (default place)
     RUN/checkpoints/step_00001000/geometry.json       launch/analyze.py's summary (default place)
 
-Readers verify the checksums of what they load; a checkpoint written before checksums existed is read unchecked.
+Readers verify the checksums of what they load. A checkpoint without SHA256SUMS (written before checksums existed,
+or the file deleted) is read unchecked with a one-line warning, or refused where `REQUIRE_CHECKSUMS_ENV`=1 is set:
+an environment variable rather than a config option, because every reader (resume, evaluate.py, analyze.py,
+export.py, ...) obeys it and a cluster sets it once for all of them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +55,9 @@ RANKS_DIR = "ranks"
 EVAL_FILE = "eval.json"
 GEOMETRY_FILE = "geometry.json"
 TMP_SUFFIX = ".tmp"
+REQUIRE_CHECKSUMS_ENV = "SAE_DIST_REQUIRE_CHECKSUMS"
+"""Set to 1: a checkpoint without SHA256SUMS is an error rather than a warning."""
+_warned_unchecked: set[Path] = set()
 
 
 class CheckpointError(ValueError):
@@ -88,11 +95,22 @@ def write_atomically(path: Path, data: bytes) -> None:
 # --- checkpoints --------------------------------------------------------------------------------------------------
 def verify_files(folder: Path, names: list[str] | None = None) -> None:
     """The checkpoint's files `names` (default: all) against its SHA256SUMS; one-line CheckpointError otherwise.
-    A checkpoint written before checksums existed has none and is read unchecked."""
+    A checkpoint without SHA256SUMS is read unchecked after a warning (once per folder, by rank 0), or refused
+    under SAE_DIST_REQUIRE_CHECKSUMS=1."""
     try:
-        checksums.verify(folder, names)
+        checked = checksums.verify(folder, names)
     except checksums.ChecksumError as exc:
         raise CheckpointError(f"checkpoint damaged: {exc}") from None
+    if checked:
+        return
+    missing = Path(folder) / checksums.CHECKSUM_FILE
+    if os.environ.get(REQUIRE_CHECKSUMS_ENV, "0") not in ("", "0"):
+        raise CheckpointError(f"{missing} does not exist, so the checkpoint's files cannot be checked "
+                              f"({REQUIRE_CHECKSUMS_ENV}=1 refuses unchecked checkpoints)")
+    if Path(folder).absolute() not in _warned_unchecked and os.environ.get("RANK", "0") == "0":
+        _warned_unchecked.add(Path(folder).absolute())
+        print(f"warning: {missing} does not exist: the checkpoint's files are read unchecked (set "
+              f"{REQUIRE_CHECKSUMS_ENV}=1 to refuse such checkpoints)", file=sys.stderr, flush=True)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

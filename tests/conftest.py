@@ -9,6 +9,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite never uses the network, whatever the caller's environment: a Hub name is refused as it is offline (and
+# the checks that ask the Hub are the same code either way); set before huggingface_hub and datasets read it.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.pop("SAE_DIST_REQUIRE_CHECKSUMS", None)  # the default policy (a warning) unless a test sets it
 
 from sae_dist.config import DataConfig, ModelConfig, RunConfig, SAEConfig, TrainerConfig, validate  # noqa: E402
 
@@ -100,3 +104,19 @@ def fake_endpoint():
     server.shutdown()
     server.server_close()
     thread.join(timeout=5)
+
+
+SLOW_TESTS_ENV = "SAE_DIST_SLOW_TESTS"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", f"slow: minutes of multi-process work, run only with {SLOW_TESTS_ENV}=1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get(SLOW_TESTS_ENV) == "1":
+        return
+    skip = pytest.mark.skip(reason=f"slow: set {SLOW_TESTS_ENV}=1 to run it")
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(skip)

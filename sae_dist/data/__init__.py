@@ -89,12 +89,14 @@ def lm_activation_source(
     rank: int = 0,
     world_size: int = 1,
     layers: Sequence[int] | None = None,
+    document_seed: int | None = None,
 ) -> BlockShuffleSource:
     """The 'lm' source over a loaded model: blocks `layers` (default: `model.layer`) read over `run.data`'s text,
-    this rank's documents, block-shuffled (no prefetch)."""
+    this rank's documents, block-shuffled (no prefetch); the documents in the corpus's order, or with
+    `document_seed` in a seeded order over the whole corpus (`text.sampled_order`)."""
     data = run.data
     lm = HookedLM(model, list(layers) if layers is not None else run.model.layer, run.model.compile)
-    documents = Documents(load_text_dataset(data), data.text_column)
+    documents = Documents(load_text_dataset(data, document_seed), data.text_column)
     if data.pretokenize:
         tokenization = PretokenizedContexts(documents.dataset, tokenizer, data.ctx_len, data.text_column,
                                             pretokenize_processes())

@@ -61,6 +61,17 @@ def read_manifest(cache_dir: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
+def describe_cache(manifest: dict) -> str:
+    """What a cache holds, in a few words from its manifest: 'model block 3 over text: 170 files (a*.py, ...)'."""
+    model, site, dataset = manifest.get("model") or {}, manifest.get("site") or {}, manifest.get("dataset") or {}
+    name = Path(model["path"]).name if model.get("path") else model.get("name", "an unnamed model")
+    files = dataset.get("data_files") or []
+    shown = ", ".join(Path(f).name for f in files[:2]) + (", ..." if len(files) > 2 else "")
+    data = f"{dataset.get('dataset', 'unknown data')}" + (f" files {shown}" if files else "")
+    layer = f" block {site['layer']}" if "layer" in site else ""
+    return f"{name}{layer} over {data}"
+
+
 class Shard(NamedTuple):
     path: Path
     rows: int
@@ -79,6 +90,8 @@ def _check_shard(path: Path, rows: int, d_model: int, dtype: torch.dtype) -> tup
     try:
         with open(path, "rb") as f:
             header_len = int.from_bytes(f.read(8), "little")
+            if header_len > size - 8:  # garbage read as a length: never read (or allocate) past the file's end
+                raise ValueError("header length beyond the file")
             entry = json.loads(f.read(header_len))[SHARD_KEY]
         begin, end = entry["data_offsets"]
         ok = {"dtype": entry["dtype"], "shape": entry["shape"]} == expected

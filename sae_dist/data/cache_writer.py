@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from sae_dist.config import ConfigError
@@ -48,6 +50,18 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def write_json(path: Path, value: dict) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(value, indent=1))
+
+
+def save_shard(acts_ND: torch.Tensor, path: Path) -> None:
+    """One shard file; a failed write is the OSError behind it (safetensors reports 'os error N' as text)."""
+    try:
+        save_file({SHARD_KEY: acts_ND}, str(path))
+    except SafetensorError as exc:
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
+    os.chmod(path, _FILE_MODE)  # safetensors creates files readable by the owner only
 
 
 def progress_file(out: Path, rank: int) -> Path:
@@ -106,8 +120,7 @@ def write_shards(
         acts_ND = source.next_batch(rows).to(dtype).cpu().contiguous()
         name = shard_name(rank, len(progress["shards"]))
         with atomic_path(out / name) as tmp:
-            save_file({SHARD_KEY: acts_ND}, str(tmp))
-            os.chmod(tmp, _FILE_MODE)  # safetensors creates files readable by the owner only
+            save_shard(acts_ND, tmp)
         progress["shards"].append({"file": name, "rows": rows, "sha256": file_sha256(out / name)})
         progress["source"] = source.state_dict()
         write_json(progress_file(out, rank), progress)
@@ -115,6 +128,69 @@ def write_shards(
         if on_shard is not None:
             on_shard(rows)
     return progress["shards"]
+
+
+def batches_left(out_dir: str | os.PathLike, num_tokens: int, shard_tokens: int, rank: int, world_size: int) -> int:
+    """How many `next_batch(shard_tokens)` calls `write_shards` still makes for rank `rank`."""
+    left = rank_rows(num_tokens, rank, world_size) - rows_written(out_dir, rank)
+    return max(0, -(-left // shard_tokens))
+
+
+class BatchBudget(ActivationSource):
+    """`source` that serves `batches` batches, then refuses more and does no work ahead: put under a prefetching
+    source, its producer ends once the job's last batch is made instead of computing one nobody will take (for a
+    cache of LM activations, a forward of a whole shuffle block that the end of the job then waits for)."""
+
+    def __init__(self, source: ActivationSource, batches: int) -> None:
+        self.source, self.left = source, batches
+        self.d_model = source.d_model
+
+    def next_batch(self, batch_size: int) -> torch.Tensor:
+        if self.left <= 0:
+            raise BudgetSpent("every batch of the job has been made")
+        self.left -= 1
+        return self.source.next_batch(batch_size)
+
+    def work_ahead(self) -> bool:
+        return self.left > 0 and self.source.work_ahead()
+
+    def state_dict(self) -> dict:
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.source.load_state_dict(state)
+
+    def close(self) -> None:
+        self.source.close()
+
+
+class FullBatches(ActivationSource):
+    """`source` asked for batches of `rows` rows only, a smaller batch cut from a full one. A prefetching source
+    asked for another size stops its producer and rewinds, which recomputes the LM forwards of the block being
+    served; the rows are the same for a source whose batches are consecutive rows of one stream (block-shuffled
+    sources), not for one that draws each batch afresh (the synthetic source). Its state after a cut batch is past
+    the rows cut off: use it for a job's last batch only."""
+
+    def __init__(self, source: ActivationSource, rows: int) -> None:
+        self.source, self.rows = source, rows
+        self.d_model = source.d_model
+
+    def next_batch(self, batch_size: int) -> torch.Tensor:
+        assert batch_size <= self.rows, (batch_size, self.rows)
+        return self.source.next_batch(self.rows)[:batch_size]
+
+    def state_dict(self) -> dict:
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.source.load_state_dict(state)
+
+    def close(self) -> None:
+        self.source.close()
+
+
+class BudgetSpent(RuntimeError):
+    """A `BatchBudget` asked for one batch more than the job needs (only its prefetch producer ever is)."""
 
 
 def finish_cache(out_dir: str | os.PathLike, world_size: int, metadata: dict | None = None) -> Path:
@@ -130,6 +206,9 @@ def finish_cache(out_dir: str | os.PathLike, world_size: int, metadata: dict | N
         "num_tokens": sum(entry["rows"] for entry in shards),
         "world_size": world_size,
         **(metadata or {}),
+        # Where each rank's source stopped: for a block-shuffled source the units (documents, in the order the
+        # source read them) it consumed, whole shuffle blocks at a time (`sae_dist.data.order`).
+        "source_states": [rank_progress["source"] for rank_progress in progress],
         "shards": shards,
     }
     write_json(out / MANIFEST, manifest)

@@ -13,8 +13,12 @@ epochs follow each other) and the ranks share them out as `order.py` says. `Text
 from __future__ import annotations
 
 import copy
+import logging
 import os
+import re
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -40,17 +44,90 @@ _LOCAL_HINT = (
 
 
 def require_hub_dataset(data: DataConfig) -> None:
-    """A dataset that only the Hub has (not a builtin, a local builder or a folder) is reachable there, unless
-    HF_HUB_OFFLINE is set (then `datasets` reads its cache): else one-line DataUnavailableError, within seconds."""
+    """A dataset that only the Hub has (not a builtin, a local builder or a folder) is reachable there, or, under
+    HF_HUB_OFFLINE (where `datasets` reads its caches), in a Hugging Face cache of this machine: else one-line
+    DataUnavailableError, within seconds."""
     import datasets  # what it reads is its offline setting; only 'lm' runs load it
 
     local = data.dataset in (PYDOC_TOPICS, PYTHON_DOCS, *LOCAL_BUILDERS) or os.path.exists(data.dataset)
-    if not local and not datasets.config.HF_HUB_OFFLINE:
+    if local:
+        return
+    if not datasets.config.HF_HUB_OFFLINE:
         require_hub(data.dataset, "dataset", _LOCAL_HINT)
+    elif not _in_hf_cache(data.dataset):
+        raise DataUnavailableError(f"cannot download dataset '{data.dataset}' from the Hub (HF_HUB_OFFLINE is set "
+                                   f"and it is in no Hugging Face cache here); {_LOCAL_HINT}")
 
 
-def load_text_dataset(data: DataConfig) -> Dataset | IterableDataset:
-    """The full (all ranks) document dataset named by `data.dataset`, reduced to the text column."""
+def _in_hf_cache(repo_id: str) -> bool:
+    """Whether the Hub cache (hub/datasets--ORG--NAME) or the `datasets` cache (ORG___NAME) holds the dataset,
+    asked of the disk alone."""
+    import datasets
+    from huggingface_hub import constants
+
+    hub = Path(constants.HF_HUB_CACHE) / f"datasets--{repo_id.replace('/', '--')}"
+    prepared = Path(datasets.config.HF_DATASETS_CACHE) / repo_id.replace("/", "___")
+    return hub.is_dir() or prepared.is_dir()
+
+
+class _BuilderErrors(logging.Filter):
+    """Held on the handlers of the `datasets` logger while a builder reads local files: the error it logs before
+    raising (the only place that names the file it failed on) is kept for the one-line error, not printed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.files: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        self.files += re.findall(r"file '([^']+)'", record.getMessage())[:1]
+        return False
+
+
+@contextmanager
+def _named_builder_errors(data: DataConfig) -> Iterator[None]:
+    """A `datasets` builder failing on a file (a text file given to 'json', a bad CSV row) is a one-line
+    DataUnavailableError naming the file, the builder and its reason."""
+    from datasets.exceptions import DatasetGenerationError
+
+    handlers = logging.getLogger("datasets").handlers
+    errors = _BuilderErrors()
+    for handler in handlers:
+        handler.addFilter(errors)
+    try:
+        yield
+    except DatasetGenerationError as exc:
+        cause = exc.__cause__ or exc.__context__ or exc
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        files = errors.files[-1] if errors.files else ", ".join(data.data_files)
+        raise DataUnavailableError(f"data.data_files: {files} cannot be read by the '{data.dataset}' builder "
+                                   f"({reason}); is it a {data.dataset} file?") from None
+    finally:
+        for handler in handlers:
+            handler.removeFilter(errors)
+
+
+def sampled_order(dataset: Dataset | IterableDataset, seed: int) -> Dataset | IterableDataset:
+    """The documents in an order seeded by `seed` over the whole corpus, so that reading stopped early (a cache of
+    part of a corpus) holds documents from all of it: a map-style dataset's documents permuted (the same
+    permutation every epoch); a stream's files or shards permuted (`IterableDataset.shuffle`, buffer of one), the
+    documents within one in order."""
+    from datasets import Dataset
+
+    if isinstance(dataset, Dataset):
+        return dataset.shuffle(seed=seed, keep_in_memory=True)
+    return dataset.shuffle(seed=seed, buffer_size=1)
+
+
+def load_text_dataset(data: DataConfig, document_seed: int | None = None) -> Dataset | IterableDataset:
+    """The full (all ranks) document dataset named by `data.dataset`, reduced to the text column; in the corpus's
+    own order, or with `document_seed` in the `sampled_order` it seeds."""
+    dataset = _load_text_dataset(data)
+    return dataset if document_seed is None else sampled_order(dataset, document_seed)
+
+
+def _load_text_dataset(data: DataConfig) -> Dataset | IterableDataset:
     from datasets import Dataset, load_dataset
 
     if data.dataset == PYDOC_TOPICS:
@@ -66,9 +143,11 @@ def load_text_dataset(data: DataConfig) -> Dataset | IterableDataset:
         # site-packages corpus) holds a file in another encoding here and there.
         options = {"sample_by": data.sample_by, "encoding_errors": "replace"} if data.dataset == "text" else {}
         try:
-            ds = load_dataset(
-                data.dataset, data_files=list(data.data_files), split=data.split, streaming=data.streaming, **options
-            )
+            with _named_builder_errors(data):
+                ds = load_dataset(
+                    data.dataset, data_files=list(data.data_files), split=data.split, streaming=data.streaming,
+                    **options,
+                )
         except FileNotFoundError as exc:
             raise DataUnavailableError(f"data.data_files: {str(exc).splitlines()[0]}") from None
     elif os.path.exists(data.dataset):

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -34,13 +35,20 @@ def compose_job(*args: str):
         return to_cache_job_config(compose(config_name="cache_activations", overrides=list(args)))
 
 
-def live_rows(job, rank: int, world_size: int) -> torch.Tensor:
-    """What the training source of the same model and text yields on rank `rank`: the rows the cache must hold."""
+def live_rows(job, rank: int, world_size: int, sampled: bool = True) -> torch.Tensor:
+    """What the 'lm' source of the same model and text yields on rank `rank`, its documents in the cache job's
+    order (seeded over the corpus; `sampled=False`: the corpus's own, the training source's): the rows the cache
+    must hold."""
     from sae_dist.config import RunConfig, TrainerConfig
+    from sae_dist.data import lm_activation_source, load_lm
 
     run = RunConfig(model=job.model, data=job.data, trainer=TrainerConfig(seed=job.cache.seed))
     run.data.prefetch = 0
-    source = build_activation_source(run, rank, world_size)
+    if sampled:
+        model, tokenizer = load_lm(job.model)
+        source = lm_activation_source(run, model, tokenizer, rank, world_size, document_seed=job.cache.seed)
+    else:
+        source = build_activation_source(run, rank, world_size)
     return source.next_batch(rank_rows(job.cache.num_tokens, rank, world_size))
 
 
@@ -68,6 +76,43 @@ def test_one_process_caches_the_live_activations(tiny_gpt2_dir, tmp_path):
     with pytest.raises(CacheExistsError, match="already holds an activation cache"):
         app.cache_activations(job, 0, 1, torch.device("cpu"))
     assert before == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
+
+
+def test_the_cache_samples_the_whole_corpus_and_records_its_order(tiny_gpt2_dir, tmp_path):
+    """A cache of part of a corpus holds documents from all of it (seeded by cache.seed), not its first ones, and
+    says so in its manifest. Before, a cache of 3,001 rows of pydoc-topics held the first topics in sorted order."""
+    spec = importlib.util.spec_from_file_location("cache_activations", SCRIPT)
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    job = compose_job(*overrides(tiny_gpt2_dir, tmp_path / "cache"))
+    manifest = json.loads(app.cache_activations(job, 0, 1, torch.device("cpu")).read_text())
+    assert manifest["documents"] == {"order": app.SAMPLED_ORDER, "seed": 3}
+    assert "plan" in manifest["source_states"][0]
+    assert not torch.equal(live_rows(job, 0, 1), live_rows(job, 0, 1, sampled=False))
+
+
+def test_a_cache_begun_in_the_corpus_order_finishes_in_it(tiny_gpt2_dir, tmp_path):
+    """An unfinished cache whose progress files lack the order (begun before sampled orders) resumes in the corpus's
+    own order: its first shard and the rest are one stream."""
+    from sae_dist.config import RunConfig, TrainerConfig
+    from sae_dist.data.cache_writer import write_shards
+
+    spec = importlib.util.spec_from_file_location("cache_activations", SCRIPT)
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    job = compose_job(*overrides(tiny_gpt2_dir, tmp_path / "cache"), "data.prefetch=0")
+    run = RunConfig(model=job.model, data=job.data, trainer=TrainerConfig(seed=3))
+    old_settings = {"model": asdict(job.model), "data": asdict(job.data), "seed": 3}
+
+    def interrupt(rows):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # killed after its first shard
+        write_shards(build_activation_source(run), tmp_path / "cache", 3001, 1000, torch.float32, old_settings,
+                     on_shard=interrupt)
+    manifest = json.loads(app.cache_activations(job, 0, 1, torch.device("cpu")).read_text())
+    assert manifest["documents"] == {"order": app.CORPUS_ORDER}
+    assert torch.equal(cached_rows(tmp_path / "cache", 0), live_rows(job, 0, 1, sampled=False))
 
 
 def test_a_failed_write_stops_the_prefetch_thread(tiny_gpt2_dir, tmp_path, monkeypatch):

@@ -80,6 +80,8 @@ def test_damaged_checkpoints_are_refused_by_every_reader(trained, tmp_path, comm
         if script == "autointerp.py" and "older" in how:
             continue  # without checksums the damage shows when loading, after the endpoint check
         outcome = command(script, str(run_dir), *(o.format(tmp=tmp_path) for o in options))
+        if "older" in how:  # the missing SHA256SUMS is said once per process, in a warning before the error
+            outcome.err = "\n".join(line for line in outcome.error_lines if not line.startswith("warning: "))
         outcome.one_line_error(DAMAGE[how])
     if "weights" in how and "older" not in how:
         command("plot.py", str(run_dir), "--out", str(tmp_path / "plots")).one_line_error(DAMAGE[how])

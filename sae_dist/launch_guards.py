@@ -16,9 +16,12 @@ from pathlib import Path
 
 from sae_dist.config import RunConfig, resume_mode, sweep_members
 from sae_dist.launcher_env import under_torchrun
+from sae_dist.parallel.failures import on_every_rank
 from sae_dist.parent_watch import watch_parent
 from sae_dist.run_dir import CheckpointError, latest_checkpoint, read_checkpoint_config
 from sae_dist.run_lock import FolderLock
+from sae_dist.train import identity, preflight
+from sae_dist.train.preflight import check_output_folder
 
 WATCH_GRACE_MARGIN_S = 60.0
 """Seconds an orphaned worker may take, beyond the collective timeout, to checkpoint and stop."""
@@ -30,8 +33,6 @@ def hold_folder(folder: str | os.PathLike, option: str) -> Iterator[None]:
     FolderInUseError on every rank (printed once), before the block runs. The folder is checked writable first."""
     import torch.distributed as dist
 
-    from sae_dist.parallel.failures import on_every_rank
-    from sae_dist.train.preflight import check_output_folder
 
     holder = not dist.is_initialized() or dist.get_rank() == 0
     lock = FolderLock(folder, option)
@@ -61,7 +62,6 @@ def _source_of(run: RunConfig) -> str:
 def check_resumed_width(run: RunConfig, overrides: list[str] | None) -> None:
     """Each run (each sweep member) that continues from a checkpoint gets activations of the checkpoint's d_model;
     else a one-line CheckpointError naming both widths and where the activations come from."""
-    from sae_dist.train import identity, preflight
 
     for member in sweep_members(run) if run.sweep else [run]:
         if resume_mode(member.trainer) == "false":

@@ -21,9 +21,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict
 
+from sae_dist.cli import fail
 from sae_dist.config import ConfigError, RunConfig, to_run_config
 from sae_dist.data.source import DataUnavailableError
+from sae_dist.parallel.mesh import launched_by_torchrun
 from sae_dist.run_dir import CheckpointError
+from sae_dist.train.run import prepare_run
 
 LOCAL_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 
@@ -65,7 +68,6 @@ class CheckEveryJob(Callback):
     so a refused sweep ends here: one line, exit status 2 (`cli.fail`)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from sae_dist.cli import fail
 
         try:
             self.check(config)
@@ -93,8 +95,6 @@ class CheckEveryJob(Callback):
             runs.append(run)
         if config.hydra.launcher.get("_target_") != LOCAL_LAUNCHER:
             return
-        from sae_dist.parallel.mesh import launched_by_torchrun
-        from sae_dist.train.run import prepare_run
 
         world = int(os.environ.get("WORLD_SIZE", "1")) if launched_by_torchrun() else 1
         for num, (overrides, run) in enumerate(zip(jobs, runs, strict=True)):

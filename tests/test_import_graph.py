@@ -27,14 +27,14 @@ PACKAGE = ROOT / "sae_dist"
 
 FLOORS = (
     ("sae_dist.config", "sae_dist.flops", "sae_dist.metrics", "sae_dist.run_dir", "sae_dist.checksums",
-     "sae_dist.launcher_env", "sae_dist.host_memory"),
+     "sae_dist.launcher_env", "sae_dist.host_memory", "sae_dist.run_lock", "sae_dist.parent_watch"),
     ("sae_dist.models", "sae_dist.data"),
     ("sae_dist.api",),
     ("sae_dist.parallel",),
     ("sae_dist.train",),
     ("sae_dist.eval",),
     ("sae_dist.interop",),
-    ("sae_dist.cli", "sae_dist.cli_inspection", "sae_dist"),
+    ("sae_dist.cli", "sae_dist.cli_inspection", "sae_dist.launch_guards", "sae_dist.multirun_check", "sae_dist"),
 )
 """The floors of the package, bottom first: a module may import from its own floor and the floors below it. The
 public API (`load_sae`, `ActivationSite`) reads what models/ and data/ make, and evaluation builds on it, so it sits

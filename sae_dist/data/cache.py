@@ -3,7 +3,9 @@
 A cache folder (written by `cache_writer.py` / `launch/cache_activations.py`) holds shards
 `shard_RRRRR_IIIIII.safetensors` (rank R's shard I), each one tensor "activations" [rows, d] in float32, bfloat16
 or float16, and `manifest.json`: d_model, dtype, num_tokens, the producing model, site and dataset, the run
-config, and per shard its file, rows and sha256. Only the manifest makes a cache: it is written last.
+config, and per shard its file, rows and sha256. Only the manifest makes a cache: it is written last. The site
+(`site_record`) is the hookpoint as given, the module and side it resolved to, and the block number when it is a
+block's output; a manifest whose site has no module (older caches) holds the output of its recorded layer.
 
 Opening checks every shard listed: present, a valid safetensors header of the manifest's dtype and shape, and the
 exact file size, so a truncated shard fails at once with a one-line `DataUnavailableError` naming it; with
@@ -28,7 +30,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from sae_dist.config import ModelConfig, hookpoint_parts
 from sae_dist.data.shuffle import BlockShuffleSource, PreparedUnit
+from sae_dist.data.sites import Site
 from sae_dist.data.source import DataUnavailableError, derive_seed
 
 MANIFEST = "manifest.json"
@@ -59,6 +63,38 @@ def read_manifest(cache_dir: str | os.PathLike) -> dict:
         why = "an unfinished cache: run the same launch/cache_activations.py command again to finish it" if unfinished else "no activation cache"
         raise DataUnavailableError(f"data.cache_dir={cache_dir} holds {why} (no {MANIFEST})")
     return json.loads(path.read_text())
+
+
+def site_record(cfg: ModelConfig, site: Site) -> dict:
+    """The manifest's "site": `cfg`'s hookpoint (None for `model.layer`), the module and side it resolved to, and
+    the block number of a block's output (else None)."""
+    return {"hookpoint": cfg.hookpoint, "module": site.module, "side": site.side, "layer": site.block,
+            "what": site.describe() if site.block is None else f"output of block {site.block} ({site.module})"}
+
+
+def cache_site_mismatch(manifest: dict, cfg: ModelConfig) -> str | None:
+    """None when the cache of `manifest` holds the activations of `cfg`'s site (or does not say), else what it
+    holds instead, e.g. "the output of block 3, not model.hookpoint=mlp_out.3"."""
+    producer = manifest.get("config", {}).get("model", {})  # `write_cache` records its run's config only
+    recorded = manifest.get("site") or ({"hookpoint": producer["hookpoint"]} if producer.get("hookpoint") else {})
+    layer = recorded.get("layer", None if recorded else producer.get("layer"))
+    module = recorded.get("module")
+    if layer is None and module is None and not recorded.get("hookpoint"):
+        return None
+    if cfg.hookpoint is None:
+        if layer == cfg.layer:
+            return None
+        wanted = f"model.layer={cfg.layer}"
+    else:
+        name, side = hookpoint_parts(cfg.hookpoint)
+        same = {cfg.hookpoint} & {recorded.get("hookpoint"), f"{module}:{recorded.get('side')}"}
+        if same or (module, recorded.get("side")) == (name, side) or (layer is not None and name == f"resid_post.{layer}"
+                                                                      and side == "output"):
+            return None
+        wanted = f"model.hookpoint={cfg.hookpoint}"
+    held = (f"the output of block {layer}" if layer is not None else
+            f"the {recorded['side']} of {module}" if module else f"model.hookpoint={recorded['hookpoint']}")
+    return f"{held}, not {wanted}; train with the cache's site or write a cache for this one"
 
 
 class Shard(NamedTuple):

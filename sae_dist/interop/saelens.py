@@ -9,8 +9,10 @@ x_hat is p_e * (that - b_pre) + b_pre).
 
 The metadata names the site: `hook_name` is the TransformerLens hook where one matches the site (block L's input and
 output `blocks.L.hook_resid_pre` / `hook_resid_post`, its attention's and MLP's outputs `blocks.L.hook_attn_out` /
-`hook_mlp_out` in GPT-2-like and Llama-like models), else the Hugging Face module path; `hf_hook_point` is always
-the module path and side (`sae_dist/data/sites.py`), when the model's config is on this machine to resolve it.
+`hook_mlp_out` in GPT-2-like and Llama-like models), else the Hugging Face module path (with ':input' for an input);
+`hf_hook_point` is always the module path and side (`sae_dist/data/sites.py`). Both need the model's config.json on
+this machine; without it `hook_name` is `model.hookpoint` as written, or `blocks.L.hook_resid_post` for
+`model.layer`.
 
 Only this module knows the file layout; which architecture and weights an SAE exports is the model's
 `saelens_state()` (`sae_dist/models/base.py`) and, per expert, `ExpertSAE.saelens_expert_states()`. Nothing here
@@ -75,7 +77,7 @@ def saelens_metadata(run: RunConfig) -> dict:
     if found is not None:
         site, blocks = found
         hf_hook_point = str(site)
-        hook_name = transformerlens_hook(site, blocks) or site.module
+        hook_name = transformerlens_hook(site, blocks) or (site.module if site.side == "output" else str(site))
         number = site.module.removeprefix(blocks + ".").split(".")[0]
         layer = int(number) if site.module.startswith(blocks + ".") and number.isdigit() else None
     elif run.model.hookpoint is not None:

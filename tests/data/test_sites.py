@@ -5,6 +5,8 @@ output changes what the model computes as the hand computation says."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,9 +14,10 @@ from transformers import AutoConfig
 
 from sae_dist.config import ConfigError, ModelConfig, RunConfig, sweep_members, validate
 from sae_dist.data import HookedLM, build_activation_source, model_site, resolve_site, site_columns, splice
-from sae_dist.data.lm import lm_skeleton
+from sae_dist.data.lm import lm_skeleton, load_lm
 from sae_dist.data.sites import Site, expand_hookpoint, site_module, site_width, skeleton
 from sae_dist.train.preflight import activation_width
+from sae_dist.train.run import train_from_config
 from tests.conftest import small_run
 
 CONTEXTS = [[101, 2023, 2003, 1037, 3231, 102], [101, 7592, 2088, 102], [101, 1037, 2146, 6251, 2007, 2062, 2616, 102]]
@@ -202,3 +205,33 @@ def test_input_of_a_module_called_with_keywords_is_refused_when_it_runs(minilm):
     ids, mask = batch()
     with pytest.raises(ConfigError, match="gets no activation by position"):
         HookedLM(model, Site("embeddings", "input"))._hidden_states(ids, mask)
+
+
+def test_a_sweep_over_sites_of_two_widths_equals_its_members_alone(tiny_gpt2_dir, tmp_path):
+    """A glob over the attention blocks and the MLP's hidden layer (d = 256): one LM pass, each member's SAE equal
+    to its run alone, bit for bit."""
+    run = small_run(tmp_path, steps=3, checkpoint_every=3)
+    run.data.source, run.data.dataset, run.data.ctx_len, run.data.shuffle_buffer = "lm", "pydoc-topics", 32, 512
+    run.model.name, run.model.path = "tiny", str(tiny_gpt2_dir)
+    run.sweep = [{"model": {"hookpoint": "h.[01].attn"}}, {"model.hookpoint": "h.1.mlp.c_fc", "sae.num_latents": 512}]
+    validate(run)
+    results = train_from_config(run, eval_batches=1)
+    assert [r["trainer"].run.model.hookpoint for r in results] == ["h.0.attn:output", "h.1.attn:output", "h.1.mlp.c_fc"]
+    assert results[0]["trainer"].source.stream.source.d_model == 64 + 64 + 256  # one pass reads the three sites
+    for result in results:
+        member = result["trainer"].run
+        single = replace(member, trainer=replace(member.trainer, out_dir=str(tmp_path / "alone" / member.name)))
+        by_itself = train_from_config(single, eval_batches=1)["trainer"]
+        for name, tensor in by_itself.model.state_dict().items():
+            torch.testing.assert_close(result["trainer"].model.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_compile_leaves_alone_the_blocks_that_hold_a_site(tiny_gpt2_dir):
+    """model.compile with a site inside block 1: block 0 is compiled, block 1 (its hook inside) and block 2 (never
+    run) are not; a block's own input or output is outside its forward, so that block is compiled."""
+    model, _ = load_lm(ModelConfig(name="unused", path=str(tiny_gpt2_dir)))  # compiled in place: a model of its own
+    HookedLM(model, ["h.1.mlp", "h.0:input"], compile_blocks=True)
+    assert [hasattr(b.forward, "_torchdynamo_orig_callable") for b in model.h] == [True, False, False]
+    fresh, _ = load_lm(ModelConfig(name="unused", path=str(tiny_gpt2_dir)))
+    HookedLM(fresh, "resid_pre.1", compile_blocks=True)
+    assert [hasattr(b.forward, "_torchdynamo_orig_callable") for b in fresh.h] == [True, True, False]

@@ -72,28 +72,33 @@ def site_record(cfg: ModelConfig, site: Site) -> dict:
             "what": site.describe() if site.block is None else f"output of block {site.block} ({site.module})"}
 
 
+def _recorded_site(manifest: dict) -> dict:
+    """The manifest's site; a cache written by `write_cache` records only its producing run's config."""
+    if "site" in manifest:
+        return manifest["site"]
+    model = manifest.get("config", {}).get("model", {})
+    return {"hookpoint": model.get("hookpoint"), "layer": None if model.get("hookpoint") else model.get("layer")}
+
+
 def cache_site_mismatch(manifest: dict, cfg: ModelConfig) -> str | None:
     """None when the cache of `manifest` holds the activations of `cfg`'s site (or does not say), else what it
-    holds instead, e.g. "the output of block 3, not model.hookpoint=mlp_out.3"."""
-    producer = manifest.get("config", {}).get("model", {})  # `write_cache` records its run's config only
-    recorded = manifest.get("site") or ({"hookpoint": producer["hookpoint"]} if producer.get("hookpoint") else {})
-    layer = recorded.get("layer", None if recorded else producer.get("layer"))
-    module = recorded.get("module")
-    if layer is None and module is None and not recorded.get("hookpoint"):
+    holds instead, e.g. "the output of block 3, not model.hookpoint=mlp_out.3". A site recorded without a module
+    (caches older than `model.hookpoint`) is the output of its layer."""
+    recorded = _recorded_site(manifest)
+    layer, module, side, hookpoint = (recorded.get(key) for key in ("layer", "module", "side", "hookpoint"))
+    if layer is None and module is None and hookpoint is None:
         return None
     if cfg.hookpoint is None:
         if layer == cfg.layer:
             return None
         wanted = f"model.layer={cfg.layer}"
     else:
-        name, side = hookpoint_parts(cfg.hookpoint)
-        same = {cfg.hookpoint} & {recorded.get("hookpoint"), f"{module}:{recorded.get('side')}"}
-        if same or (module, recorded.get("side")) == (name, side) or (layer is not None and name == f"resid_post.{layer}"
-                                                                      and side == "output"):
+        same = {(module, side), (f"resid_post.{layer}", "output"), hookpoint_parts(hookpoint) if hookpoint else None}
+        if hookpoint_parts(cfg.hookpoint) in same:
             return None
         wanted = f"model.hookpoint={cfg.hookpoint}"
     held = (f"the output of block {layer}" if layer is not None else
-            f"the {recorded['side']} of {module}" if module else f"model.hookpoint={recorded['hookpoint']}")
+            f"the {side} of {module}" if module else f"model.hookpoint={hookpoint}")
     return f"{held}, not {wanted}; train with the cache's site or write a cache for this one"
 
 

@@ -23,6 +23,7 @@ from sae_dist.data.shuffle import PreparedUnit
 from sae_dist.data.sites import (
     Site,
     base_model,
+    block_index,
     block_path,
     block_site,
     find_blocks,
@@ -184,15 +185,10 @@ class HookedLM:
     def _blocks_to_compile(self) -> list[nn.Module]:
         """The blocks up to the deepest one holding or being a site, except those with a site strictly inside."""
         path = block_path(base_model(self.model))
-        blocks = find_blocks(self.model)
-        inside, deepest = set(), -1
-        for site in self.sites:
-            number = site.module.removeprefix(path + ".").split(".")[0]
-            if site.module.startswith(path + ".") and number.isdigit():
-                deepest = max(deepest, int(number))
-                if site.module != f"{path}.{number}":
-                    inside.add(int(number))
-        return [block for i, block in enumerate(blocks[: deepest + 1]) if i not in inside]
+        numbers = {site: block_index(site.module, path) for site in self.sites}
+        inside = {n for site, n in numbers.items() if n is not None and site.module != f"{path}.{n}"}
+        deepest = max((n for n in numbers.values() if n is not None), default=-1)
+        return [block for i, block in enumerate(find_blocks(self.model)[: deepest + 1]) if i not in inside]
 
     @torch.inference_mode()
     def _hidden_states(self, input_ids_BT: Tensor, attention_mask_BT: Tensor | None) -> list[Tensor]:

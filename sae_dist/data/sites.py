@@ -15,6 +15,7 @@ built from its config on the meta device (`skeleton`). A wrong name is one Confi
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -100,6 +101,21 @@ def base_model(model: nn.Module) -> nn.Module:
     return getattr(model, "base_model", model)
 
 
+def _in_base(model: nn.Module, name: str, names: Sequence[str]) -> str:
+    """`name` as a name in the base model: a name under a model with a head (`transformer.h.5`) without its
+    prefix when only that form is unknown."""
+    prefix = getattr(model, "base_model_prefix", "")
+    if name not in names and prefix and name.startswith(prefix + "."):
+        return name.removeprefix(prefix + ".")
+    return name
+
+
+def block_index(module: str, blocks: str) -> int | None:
+    """L when the module named `module` is block L or lies inside it (`blocks`: the block list's path), else None."""
+    number = module.removeprefix(blocks + ".").split(".")[0]
+    return int(number) if module.startswith(blocks + ".") and number.isdigit() else None
+
+
 def _expand_alias(name: str, base: nn.Module) -> str | None:
     """The `module[:side]` an alias `kind.L` stands for in `base`, or None when `name` is no alias."""
     kind, _, number = name.rpartition(".")
@@ -128,9 +144,7 @@ def resolve_site(model: nn.Module, hookpoint: str) -> Site:
     hookpoint = _expand_alias(hookpoint_parts(hookpoint)[0], base) or hookpoint
     name, side = hookpoint_parts(hookpoint)
     names = [n for n, _ in base.named_modules()]
-    prefix = getattr(model, "base_model_prefix", "")
-    if name not in names and prefix and name.startswith(prefix + "."):
-        name = name.removeprefix(prefix + ".")
+    name = _in_base(model, name, names)
     if name not in names:
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
         hint = f"; closest: {', '.join(close)}" if close else f"; e.g. {', '.join(names[1:4])}"
@@ -141,9 +155,8 @@ def resolve_site(model: nn.Module, hookpoint: str) -> Site:
         if why:
             raise ConfigError(f"model.hookpoint={hookpoint}: {why}; read its output or another module")
     blocks = block_path(base)
-    number = name.removeprefix(blocks + ".")
-    block = int(number) if side == "output" and name.startswith(blocks + ".") and number.isdigit() else None
-    return Site(name, side, block)
+    layer = block_index(name, blocks)
+    return Site(name, side, layer if side == "output" and name == f"{blocks}.{layer}" else None)
 
 
 def _why_no_input(base: nn.Module, name: str, module: nn.Module) -> str | None:
@@ -176,8 +189,6 @@ def model_site(model: nn.Module, cfg: ModelConfig) -> Site:
 def match_modules(pattern: str, names: Sequence[str]) -> list[str]:
     """The names of `names` that the glob `pattern` matches dot-separated part by part (`*` never spans a dot):
     `encoder.layer.*.attention` matches `encoder.layer.3.attention`, not `encoder.layer.3.attention.self`."""
-    import fnmatch
-
     parts = pattern.split(".")
     return [n for n in names if len(n.split(".")) == len(parts)
             and all(fnmatch.fnmatchcase(a, b) for a, b in zip(n.split("."), parts, strict=True))]
@@ -187,10 +198,8 @@ def expand_hookpoint(model: nn.Module, hookpoint: str) -> list[str]:
     """The hookpoints a glob `hookpoint` (`encoder.layer.*.attention[:side]`) stands for in `model`, in module
     order; a one-line ConfigError when it matches nothing."""
     name, side = hookpoint_parts(hookpoint)
-    base = base_model(model)
-    prefix = getattr(model, "base_model_prefix", "")
-    names = [n for n, _ in base.named_modules()]
-    matched = match_modules(name, names) or (match_modules(name.removeprefix(prefix + "."), names) if prefix else [])
+    names = [n for n, _ in base_model(model).named_modules()]
+    matched = match_modules(name, names) or match_modules(_in_base(model, name, []), names)
     if not matched:
         raise ConfigError(f"model.hookpoint={hookpoint} matches no module of the model")
     return [f"{n}:{side}" for n in matched]

@@ -78,8 +78,7 @@ def saelens_metadata(run: RunConfig) -> dict:
         site, blocks = found
         hf_hook_point = str(site)
         hook_name = transformerlens_hook(site, blocks) or (site.module if site.side == "output" else str(site))
-        number = site.module.removeprefix(blocks + ".").split(".")[0]
-        layer = int(number) if site.module.startswith(blocks + ".") and number.isdigit() else None
+        layer = sites.block_index(site.module, blocks)
     elif run.model.hookpoint is not None:
         hook_name, layer = run.model.hookpoint, None
     return {

@@ -214,7 +214,7 @@ def activation_width(run: RunConfig) -> int | None:
 
 
 def model_skeleton(config: dict):
-    """The base model of the config.json `config` on the meta device (`sites.skeleton`): its module names, no weights."""
+    """The base model of the config.json `config` on the meta device (`sites.skeleton`): module names, no weights."""
     from transformers import AutoConfig
 
     return sites.skeleton(AutoConfig.for_model(**config))

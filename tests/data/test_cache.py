@@ -205,16 +205,18 @@ SITE_CASES = [
     ({"layer": 3, "what": "output of block 3 (hidden_states[4])"}, ModelConfig(layer=2),
      "the output of block 3, not model.layer=2"),
     ({"layer": 3, "what": "..."}, ModelConfig(hookpoint="resid_post.3"), None),
-    ({"layer": 3, "what": "..."}, ModelConfig(hookpoint="mlp_out.3"), "the output of block 3, not model.hookpoint=mlp_out.3"),
-    ({"hookpoint": "mlp_out.3", "module": "h.3.mlp", "side": "output", "layer": None}, ModelConfig(hookpoint="mlp_out.3"),
-     None),
-    ({"hookpoint": "mlp_out.3", "module": "h.3.mlp", "side": "output", "layer": None}, ModelConfig(hookpoint="h.3.mlp"),
-     None),
+    ({"layer": 3, "what": "..."}, ModelConfig(hookpoint="mlp_out.3"),
+     "the output of block 3, not model.hookpoint=mlp_out.3"),
+    ({"hookpoint": "mlp_out.3", "module": "h.3.mlp", "side": "output", "layer": None},
+     ModelConfig(hookpoint="mlp_out.3"), None),
+    ({"hookpoint": "mlp_out.3", "module": "h.3.mlp", "side": "output", "layer": None},
+     ModelConfig(hookpoint="h.3.mlp:output"), None),
     ({"hookpoint": "mlp_in.3", "module": "h.3.mlp", "side": "input", "layer": None}, ModelConfig(hookpoint="h.3.mlp"),
      "the input of h.3.mlp, not model.hookpoint=h.3.mlp"),
     ({"hookpoint": "mlp_in.3", "module": "h.3.mlp", "side": "input", "layer": None}, ModelConfig(layer=3),
      "the input of h.3.mlp, not model.layer=3"),
     ({"hookpoint": None, "module": "h.3", "side": "output", "layer": 3}, ModelConfig(layer=3), None),
+    ({"hookpoint": "h.3", "module": "h.3", "side": "output", "layer": 3}, ModelConfig(layer=3), None),
 ]
 
 
@@ -229,6 +231,10 @@ def test_a_cache_without_a_site_record_is_its_configs_layer():
     config = {"config": {"model": {"layer": 1, "hookpoint": None}}}
     assert cache_site_mismatch(config, ModelConfig(layer=1)) is None
     assert "the output of block 1" in cache_site_mismatch(config, ModelConfig(layer=2))
+    of_a_site = {"config": {"model": {"layer": 1, "hookpoint": "mlp_in.1"}}}
+    assert cache_site_mismatch(of_a_site, ModelConfig(hookpoint="mlp_in.1")) is None
+    assert cache_site_mismatch(of_a_site, ModelConfig(layer=1)) == (
+        "model.hookpoint=mlp_in.1, not model.layer=1; train with the cache's site or write a cache for this one")
     assert cache_site_mismatch({}, ModelConfig(layer=2)) is None  # nothing recorded: nothing to compare
 
 

@@ -1,8 +1,9 @@
 """Write an activation cache: `python launch/cache_activations.py [model=...] [data=...] cache.out_dir=DIR
 cache.num_tokens=N [cache.dtype=bfloat16]`, or under torchrun, where every rank writes its own shards in parallel.
 
-The activations of block `model.layer` over the text of the data group are written, block-shuffled, as
-safetensors shards plus `manifest.json` (layout and checks: sae_dist/data/cache.py). Run the same command again
+The activations at the site of the model group (`model.hookpoint`, or the output of block `model.layer`) over the
+text of the data group are written, block-shuffled, as safetensors shards plus `manifest.json` (layout and checks:
+sae_dist/data/cache.py; the manifest records the site). Run the same command again
 after an interruption and the job continues where each rank stopped. Train from the cache with
     python launch/train.py data.source=cache data.cache_dir=DIR
 Bad configuration, a missing model or data file, an output folder that cannot be written or lacks the space, and
@@ -36,8 +37,8 @@ from sae_dist.config import (
     resolve_dtype,
     to_cache_job_config,
 )
-from sae_dist.data import PrefetchingSource, lm_activation_source, load_lm
-from sae_dist.data.cache import CACHE_DTYPES, MANIFEST
+from sae_dist.data import PrefetchingSource, lm_activation_source, load_lm, model_site
+from sae_dist.data.cache import CACHE_DTYPES, MANIFEST, site_record
 from sae_dist.data.cache_writer import (
     BatchBudget,
     CacheExistsError,
@@ -108,7 +109,7 @@ def cache_activations(job: CacheJobConfig, rank: int, world_size: int, device: t
         metadata = {
             "model": {"name": job.model.name, "path": job.model.path, "revision": model_revision(job, model),
                       "dtype": resolve_dtype(job.model.dtype, torch.device(device).type)},
-            "site": {"layer": job.model.layer, "what": f"output of block {job.model.layer} (hidden_states[{job.model.layer + 1}])"},
+            "site": site_record(job.model, model_site(model, job.model)),
             "dataset": {key: settings["data"][key] for key in ("dataset", "data_files", "split", "text_column", "ctx_len")},
             "documents": order or {"order": CORPUS_ORDER},
             "config": as_dict(run),

@@ -2,11 +2,14 @@
 
     from sae_dist import activations, load_sae
     x = activations(["The cat sat on the mat."], model="minilm-bundled", layer=3)[0]   # [tokens, d] float32
+    mlp = activations(["The cat sat."], model="minilm-bundled", hookpoint="mlp_out.3")[0]  # any module's output
     sae = load_sae("runs/quickstart/<date>")          # a run directory or a checkpoint folder
     latents = sae.encode(x)                           # Latents(values_TK, indices_TK), values include p_{e*}
     x_hat = sae.decode(latents)
 
-`ActivationSite.of_sae(path)` reads the site an SAE was trained on (its model, block and context length).
+`ActivationSite.of_sae(path)` reads the site an SAE was trained on (its model, block or hookpoint, and context
+length). A hookpoint (`model.hookpoint` syntax, sae_dist/data/sites.py) is checked against the model's modules
+before its weights load.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import torch
 from torch import Tensor
 
 from sae_dist.config import ModelConfig, RunConfig, validate
-from sae_dist.data.lm import HookedLM, load_lm
+from sae_dist.data.lm import HookedLM, lm_skeleton, load_lm
+from sae_dist.data.sites import model_site
 from sae_dist.data.text import ContextCutter
 from sae_dist.models import SAE, build_sae
 from sae_dist.run_dir import load_model_weights, read_checkpoint_config, resolve_checkpoint
@@ -34,9 +38,10 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
 
 
 class ActivationSite:
-    """A language model read at the output of one block, by the code the trainer's 'lm' source runs: each text
-    tokenised and cut into contexts of at most `ctx_len` tokens (`ContextCutter`), the contexts run through the
-    model up to that block (`HookedLM.capture`), padding dropped.
+    """A language model read at one site, the output of block `layer` or `hookpoint` (a module's input or output),
+    by the code the trainer's 'lm' source runs: each text tokenised and cut into contexts of at most `ctx_len`
+    tokens (`ContextCutter`), the contexts run through the model up to that site (`HookedLM.capture`), padding
+    dropped.
 
     `model` is a Hugging Face id or 'minilm-bundled'; `path` a local copy; `dtype` as `model.dtype`. transformers
     loads when a site is made, not when this module is imported.
@@ -44,11 +49,14 @@ class ActivationSite:
 
     def __init__(self, model: str = "openai-community/gpt2", layer: int = 8, ctx_len: int = 128,
                  path: str | None = None, dtype: str = "auto", device: str | torch.device = "cpu",
-                 batch_size: int = 32):
-        cfg = ModelConfig(name=model, path=path, layer=layer, dtype=dtype)
+                 batch_size: int = 32, hookpoint: str | None = None):
+        cfg = ModelConfig(name=model, path=path, layer=layer, dtype=dtype, hookpoint=hookpoint)
         validate(RunConfig(model=cfg))
+        frame = lm_skeleton(cfg) if hookpoint is not None else None
+        if frame is not None:  # a wrong name fails before the weights load
+            model_site(frame, cfg)
         self.lm_model, self.tokenizer = load_lm(cfg, device)
-        self.hooked = HookedLM(self.lm_model, layer)
+        self.hooked = HookedLM(self.lm_model, model_site(self.lm_model, cfg))
         self.ctx_len, self.batch_size = ctx_len, batch_size
         self.cut = ContextCutter(self.tokenizer, ctx_len)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -58,7 +66,7 @@ class ActivationSite:
         """The site the SAE saved at `path` was trained on."""
         run, _, _ = read_checkpoint_config(resolve_checkpoint(path))
         m = run.model
-        return cls(m.name, m.layer, run.data.ctx_len, m.path, m.dtype, device, batch_size)
+        return cls(m.name, m.layer, run.data.ctx_len, m.path, m.dtype, device, batch_size, m.hookpoint)
 
     @property
     def d_model(self) -> int:
@@ -77,6 +85,7 @@ class ActivationSite:
 
 
 def activations(texts: Sequence[str], model: str = "openai-community/gpt2", layer: int = 8, **options) -> list[Tensor]:
-    """A model's activations at the output of block `layer` for each text: one float32 [tokens, d] tensor per
-    text. Loads the model on every call; keep an `ActivationSite` to read many batches (`options` are its)."""
+    """A model's activations at the output of block `layer` (or at `hookpoint=...`, one of `options`) for each text:
+    one float32 [tokens, d] tensor per text. Loads the model on every call; keep an `ActivationSite` to read many
+    batches (`options` are its)."""
     return ActivationSite(model, layer, **options)(texts)

@@ -33,8 +33,11 @@ ZERO_STAGES = (1, 2)
 LR_RULES = ("total", "expert")
 AUXK_SCALES = ("x_variance", "gao")
 DEAD_COUNTS = ("tokens", "routed")
-SWEEP_KEYS = ("model.layer", "trainer.lr", "name")
+SWEEP_KEYS = ("model.layer", "model.hookpoint", "trainer.lr", "name")
 """What a sweep item may override besides `sae.*`: the hook site and the learning rate; the stream stays shared."""
+SIDES = ("output", "input")
+"""The sides of a module that `model.hookpoint` may read; output is the default."""
+GLOB_CHARACTERS = "*?["
 
 
 def resolve_dtype(dtype: str, device_type: str) -> str:
@@ -156,7 +159,14 @@ class ModelConfig:
     path: str | None = option(None, checked_by=(VALIDATE, PREFLIGHT))
     """A local folder holding the model (overrides the download of `name`)."""
     layer: int = option(8, checked_by=(VALIDATE, PREFLIGHT))
-    """Hooked block, 0-indexed: activations are the output of this block, i.e. hidden_states[layer + 1]."""
+    """Hooked block, 0-indexed: activations are the output of this block, i.e. hidden_states[layer + 1] (unless
+    `hookpoint` is set)."""
+    hookpoint: str | None = option(None, checked_by=(VALIDATE, PREFLIGHT))
+    """The site read instead of block `layer`'s output: `<module>[:input|:output]`, a module by its dotted name in
+    the base model (`AutoModel`'s `named_modules()`, e.g. `h.5.mlp`, `encoder.layer.3.attention:output`,
+    `h.5:input`; output is the default side), or an alias of block L's sites: `resid_pre.L`, `resid_post.L`,
+    `attn_out.L`, `mlp_in.L`, `mlp_out.L` (sae_dist/data/sites.py). A glob (`h.*.mlp`) is allowed in sweep items
+    only: one SAE per matching module. None = block `layer`'s output."""
     dtype: str = option("auto")
     """dtype the language model runs in: 'auto' (bfloat16 on a GPU, float32 on a CPU), or one of DTYPES."""
     compile: bool = option(False, performance=True, checked_by=())
@@ -300,8 +310,9 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     sweep: list[dict[str, Any]] = option(default_factory=list)
-    """Several SAEs trained on one activation stream (one LM pass): each item overrides `sae.*`, `model.layer`
-    (another hook site of the same LM), `trainer.lr` and `name` of this run; empty = one SAE (sae_dist/train/multi.py)."""
+    """Several SAEs trained on one activation stream (one LM pass): each item overrides `sae.*`, `model.layer` or
+    `model.hookpoint` (another site of the same LM; a glob makes one SAE per matching module), `trainer.lr` and
+    `name` of this run; empty = one SAE (sae_dist/train/multi.py)."""
 
 
 def option_facts(schema: type | None = None) -> dict[str, OptionFacts]:
@@ -412,6 +423,25 @@ def _positive(name: str, value: float) -> None:
     _require(value > 0, f"{name}={value} must be positive")
 
 
+def hookpoint_parts(hookpoint: str) -> tuple[str, str]:
+    """(module name or alias, side) of a `model.hookpoint` value: 'h.5.mlp' -> ('h.5.mlp', 'output'),
+    'h.5:input' -> ('h.5', 'input'); a one-line ConfigError for an empty name or an unknown side."""
+    name, colon, side = str(hookpoint).strip().partition(":")
+    side = side if colon else "output"
+    _one_of(f"model.hookpoint={hookpoint}: the side", side, SIDES)
+    _require(bool(name) and " " not in name, f"model.hookpoint={hookpoint!r} names no module")
+    return name, side
+
+
+def is_glob(hookpoint: str) -> bool:
+    return any(c in str(hookpoint) for c in GLOB_CHARACTERS)
+
+
+def site_key(model: ModelConfig) -> int | str:
+    """The site of `model`: its hookpoint, or the block number `model.layer` (that block's output)."""
+    return model.hookpoint if model.hookpoint is not None else model.layer
+
+
 def resume_mode(trainer: TrainerConfig) -> str:
     """trainer.resume as one of RESUME_MODES (a bool set in Python code counts as 'true' / 'false')."""
     return str(trainer.resume).lower()
@@ -429,6 +459,11 @@ def validate(run: RunConfig) -> None:
              "partitioned Adam state is not reset)")
     _one_of("model.dtype", run.model.dtype, ("auto", *DTYPES))
     _require(run.model.layer >= 0, f"model.layer={run.model.layer} must be >= 0")
+    if run.model.hookpoint is not None:
+        hookpoint_parts(run.model.hookpoint)
+        _require(not is_glob(run.model.hookpoint),
+                 f"model.hookpoint={run.model.hookpoint} is a glob: put it in a sweep item "
+                 f"(sweep=[{{model: {{hookpoint: '{run.model.hookpoint}'}}}}]), one SAE per matching module")
     _require(bool(run.model.name) or bool(run.model.path), "model.name or model.path must be set")
     parallel = run.parallel
     cf = parallel.capacity_factor
@@ -542,17 +577,46 @@ def _dotted(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def sweep_members(run: RunConfig) -> list[RunConfig]:
+def _expanded_items(run: RunConfig, expand: Callable[[str], list[str]] | None) -> list[tuple[int, dict]]:
+    """(item index, dotted overrides) of every sweep member: an item whose model.hookpoint is a glob becomes one
+    member per hookpoint `expand` gives for it (without `expand`, the glob stays one member, checked for syntax)."""
+    items = []
+    for i, item in enumerate(run.sweep):
+        overrides = _dotted(dict(item))
+        hookpoint = overrides.get("model.hookpoint")
+        if hookpoint is not None and is_glob(hookpoint) and expand is not None:
+            _require("name" not in overrides, f"sweep[{i}]: a glob model.hookpoint={hookpoint} makes several SAEs, "
+                                              "which cannot share one name")
+            items += [(i, {**overrides, "model.hookpoint": one}) for one in expand(str(hookpoint))]
+        else:
+            items.append((i, overrides))
+    return items
+
+
+def site_label(model: ModelConfig) -> str:
+    """A sweep member's site in its default name: 'L<layer>', or the hookpoint ('h.5.mlp', 'h.5-input')."""
+    if model.hookpoint is None:
+        return f"L{model.layer}"
+    name, side = hookpoint_parts(model.hookpoint)
+    return name if side == "output" else f"{name}-{side}"
+
+
+def sweep_members(run: RunConfig, expand: Callable[[str], list[str]] | None = None) -> list[RunConfig]:
     """The runs of `run.sweep`: this run with each item's overrides, each named by its item (default
-    '<kind>_M<M>_N<N>_k<k>_L<layer>') and written to trainer.out_dir/<name>."""
+    '<kind>_M<M>_N<N>_k<k>_<site>', site 'L<layer>' or the hookpoint) and written to trainer.out_dir/<name>.
+    `expand(glob)` lists the hookpoints a glob model.hookpoint stands for (`sae_dist.data.sites.expand_hookpoint`
+    over the model's modules)."""
     base = as_dict(run)
     base["sweep"] = []
     members: list[RunConfig] = []
-    for i, item in enumerate(run.sweep):
-        overrides = _dotted(dict(item))
+    for i, overrides in _expanded_items(run, expand):
         bad = [key for key in overrides if not (key.startswith("sae.") or key in SWEEP_KEYS)]
         _require(not bad, f"sweep[{i}].{bad[0] if bad else ''} cannot differ between the SAEs of one stream; "
-                          f"a sweep item may set: sae.*, model.layer, trainer.lr, name")
+                          f"a sweep item may set: sae.*, model.layer, model.hookpoint, trainer.lr, name")
+        glob = overrides.get("model.hookpoint") if is_glob(overrides.get("model.hookpoint") or "") else None
+        if glob is not None:  # not expanded (`validate`): checked as a member of the base run's site
+            hookpoint_parts(glob)
+            overrides = {key: value for key, value in overrides.items() if key != "model.hookpoint"}
         merged = OmegaConf.create(base)
         for key, value in overrides.items():
             if key != "name":
@@ -562,10 +626,10 @@ def sweep_members(run: RunConfig) -> list[RunConfig]:
         except ConfigError as exc:
             raise ConfigError(f"sweep[{i}]: {exc}") from None
         sae = member.sae
-        named = ("sae.kind", "sae.num_latents", "sae.num_experts", "sae.k", "model.layer", "name")
+        named = ("sae.kind", "sae.num_latents", "sae.num_experts", "sae.k", "model.layer", "model.hookpoint", "name")
         others = "".join(f"_{key.rsplit('.', 1)[1]}={value}" for key, value in overrides.items() if key not in named)
         member.name = str(overrides.get("name", f"{sae.kind}_M{sae.num_latents}_N{sae.num_experts}_k{sae.k}"
-                                                f"_L{member.model.layer}{others}"))
+                                                f"_{glob or site_label(member.model)}{others}"))
         member.trainer.out_dir = f"{run.trainer.out_dir}/{member.name}"
         members.append(member)
     names = [m.name for m in members]
@@ -573,6 +637,9 @@ def sweep_members(run: RunConfig) -> list[RunConfig]:
     if run.data.source != "lm":
         layers = sorted({m.model.layer for m in members} - {run.model.layer})
         _require(not layers, f"sweep: model.layer={layers[0] if layers else ''} needs data.source=lm (one site otherwise)")
+        sites = [key for key in dict.fromkeys(site_key(m.model) for m in members) if key != site_key(run.model)]
+        _require(not sites, f"sweep: model.hookpoint={sites[0] if sites else ''} needs data.source=lm "
+                            "(one site otherwise)")
     return members
 
 

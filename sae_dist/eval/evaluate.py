@@ -35,7 +35,8 @@ from transformers import AutoModelForCausalLM
 
 from sae_dist.api import load_sae
 from sae_dist.config import RunConfig
-from sae_dist.data import HookedLM, SyntheticSource, TextContexts, build_activation_source, find_blocks, load_lm
+from sae_dist.data import HookedLM, Site, SyntheticSource, TextContexts, build_activation_source, load_lm, model_site
+from sae_dist.data.sites import site_module
 from sae_dist.data.source import DataUnavailableError
 from sae_dist.eval.splice import MEASURE_CE, clean_pass, splice_measure, spliced_measures
 from sae_dist.metrics import ReconstructionSums
@@ -206,17 +207,18 @@ def heldout_contexts(run: RunConfig, tokenizer: Any, cfg: EvalConfig) -> tuple[H
 
 
 @torch.no_grad()
-def splice_batch(sae: nn.Module, model: nn.Module, block: nn.Module, ids_BT: Tensor, mask_BT: Tensor) -> dict:
+def splice_batch(sae: nn.Module, model: nn.Module, site: Site, ids_BT: Tensor, mask_BT: Tensor) -> dict:
     """The splice measures of one batch of contexts, the reconstruction made from this pass's own activations."""
-    clean_out, h_BTD = clean_pass(model, block, ids_BT, mask_BT)
+    module = site_module(model, site)
+    clean_out, h_BTD = clean_pass(model, module, ids_BT, mask_BT, site.side)
     latents = sae.encode(h_BTD[mask_BT.bool()].float())
-    return spliced_measures(model, block, ids_BT, mask_BT, clean_out, sae.decode(latents))
+    return spliced_measures(model, module, ids_BT, mask_BT, clean_out, sae.decode(latents), site.side)
 
 
-def evaluate_lm(sae: nn.Module, model: nn.Module, layer: int, region: HeldOutContexts,
+def evaluate_lm(sae: nn.Module, model: nn.Module, site: Site, region: HeldOutContexts,
                 cfg: EvalConfig) -> tuple[WindowStats, list[dict[str, float]]]:
-    """Window statistics and the per-batch splice measures, both from the start of the held-out region."""
-    hooked = HookedLM(model, layer)
+    """Window statistics and the per-batch splice measures at `site`, both from the start of the held-out region."""
+    hooked = HookedLM(model, site)
     stats = WindowStats(sae.cfg.num_latents, sae.cfg.num_experts)
     region.restart()
     for _ in tqdm(range(cfg.batches), desc="reconstruction", unit="batch"):
@@ -224,7 +226,6 @@ def evaluate_lm(sae: nn.Module, model: nn.Module, layer: int, region: HeldOutCon
         if batch is None:
             break
         stats.add_batch(sae, hooked(*batch).to(cfg.device))
-    block = find_blocks(model)[layer]
     splice_rows: list[dict[str, float]] = []
     spliced = 0
     region.restart()
@@ -234,7 +235,7 @@ def evaluate_lm(sae: nn.Module, model: nn.Module, layer: int, region: HeldOutCon
             if batch is None:
                 break
             ids_BT, mask_BT = (t.to(cfg.device) for t in batch)
-            splice_rows.append(splice_batch(sae, model, block, ids_BT, mask_BT))
+            splice_rows.append(splice_batch(sae, model, site, ids_BT, mask_BT))
             spliced += ids_BT.shape[0]
             bar.update(ids_BT.shape[0])
     return stats, splice_rows
@@ -281,12 +282,12 @@ def evaluate(checkpoint_path: str | Path, batches: int = 20, batch_tokens: int =
         "checkpoint": str(folder), "step": step, "d_model": d_model,
         "sae": {"kind": run.sae.kind, "num_latents": run.sae.num_latents, "num_experts": run.sae.num_experts,
                 "k": run.sae.k},
-        "model": {"name": run.model.name, "layer": run.model.layer},
+        "model": {"name": run.model.name, "layer": run.model.layer, "hookpoint": run.model.hookpoint},
     }
     if run.data.source == "lm" or cfg.dataset is not None:
         model, tokenizer = load_eval_lm(run, cfg.device)
         region, report["data"] = heldout_contexts(run, tokenizer, cfg)
-        stats, splice_rows = evaluate_lm(sae, model, run.model.layer, region, cfg)
+        stats, splice_rows = evaluate_lm(sae, model, model_site(model, run.model), region, cfg)
         if splice_rows:
             report["splice"] = summarise_splice(splice_rows, splice_measure(model))
     else:

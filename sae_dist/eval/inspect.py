@@ -25,6 +25,7 @@ from sae_dist.api import load_sae
 from sae_dist.config import RunConfig, from_dict
 from sae_dist.data.cache import read_manifest
 from sae_dist.data.lm import HookedLM, load_lm
+from sae_dist.data.sites import model_site
 from sae_dist.data.text import TextContexts
 from sae_dist.eval.plots import new_figure, save_figure
 from sae_dist.models.base import Latents
@@ -293,7 +294,7 @@ def inspect_checkpoint(
     model, tokenizer = load_lm(source.model, device)
     contexts = TextContexts.from_config(source.data, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    records = collect_activations(sae, HookedLM(model, source.model.layer), contexts, latents, num_contexts,
+    records = collect_activations(sae, HookedLM(model, model_site(model, source.model)), contexts, latents, num_contexts,
                                   source.data.lm_batch_size, pad_id, token_pieces(tokenizer))
     records.about = describe_source(folder, step, run, source)
     return records
@@ -303,9 +304,11 @@ def describe_source(folder: Path, step: int, run: RunConfig, source: RunConfig) 
     """The feature page's header: which SAE, read where in which model, over which text."""
     sae = run.sae
     files = f" ({', '.join(source.data.data_files)})" if source.data.data_files else ""
+    hookpoint = source.model.hookpoint
+    where = f"output of block {source.model.layer}" if hookpoint is None else f"model.hookpoint={hookpoint}"
     return {
         "checkpoint": f"{folder} (step {step:,})",
         "SAE": f"{sae.kind}, M={sae.num_latents:,} latents, N={sae.num_experts} experts, k={sae.k}",
-        "site": f"output of block {source.model.layer} of {source.model.path or source.model.name}",
+        "site": f"{where} of {source.model.path or source.model.name}",
         "text": f"{source.data.dataset}{files}, split {source.data.split}, contexts of {source.data.ctx_len} tokens",
     }

@@ -1,7 +1,9 @@
-"""Loss recovered (SPEC section 6): run the language model with the hooked block's output replaced and compare.
+"""Loss recovered (SPEC section 6): run the language model with the activation at its site replaced and compare.
 
-Per batch of right-padded contexts, three forward passes: clean (which also captures the block output h), with
-h replaced at the non-padding positions by the SAE reconstruction, and with h zero-ablated. What is compared
+The site is a module and a side (`sae_dist/data/sites.py`): a block's output, or any module's output (replaced by
+a forward hook) or input (replaced by a forward pre-hook before the module runs). Per batch of right-padded
+contexts, three forward passes: clean (which also captures the site's activation h), with h replaced at the
+non-padding positions by the SAE reconstruction, and with h zero-ablated. What is compared
 depends on the model:
 - a model with an LM head: next-token cross-entropy (nats per predicted token; a position t counts when t and
   t + 1 are both real tokens) of the three passes, fraction recovered FR = (CE_rec - CE_zero) / (CE_clean -
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sae_dist.data.lm import splice
+from sae_dist.data.sites import splice
 
 MEASURE_CE = "next_token_ce"
 MEASURE_EMBEDDING = "embedding_cosine"
@@ -31,22 +33,25 @@ def splice_measure(model: nn.Module) -> str:
     return MEASURE_CE if model.get_output_embeddings() is not None else MEASURE_EMBEDDING
 
 
-def _forward(model: nn.Module, block: nn.Module, ids_BT: Tensor, mask_BT: Tensor, fn: Callable[[Tensor], Tensor]):
-    """Logits [B, T, V] (LM head) or last hidden state [B, T, d] with `block`'s output replaced by fn(h)."""
-    with splice(block, fn), torch.inference_mode():
+def _forward(model: nn.Module, module: nn.Module, ids_BT: Tensor, mask_BT: Tensor, fn: Callable[[Tensor], Tensor],
+             side: str = "output"):
+    """Logits [B, T, V] (LM head) or last hidden state [B, T, d] with `module`'s activation on `side` replaced by
+    fn(h)."""
+    with splice(module, fn, side), torch.inference_mode():
         out = model(input_ids=ids_BT, attention_mask=mask_BT)
     return (out.logits if splice_measure(model) == MEASURE_CE else out.last_hidden_state).float()
 
 
-def clean_pass(model: nn.Module, block: nn.Module, ids_BT: Tensor, mask_BT: Tensor) -> tuple[Tensor, Tensor]:
-    """(model output of the clean pass, the block output h [B, T, d] it captured)."""
+def clean_pass(model: nn.Module, module: nn.Module, ids_BT: Tensor, mask_BT: Tensor,
+               side: str = "output") -> tuple[Tensor, Tensor]:
+    """(model output of the clean pass, the activation h [B, T, d] on `module`'s `side` that it captured)."""
     captured: list[Tensor] = []
 
     def keep(h_BTD: Tensor) -> Tensor:
         captured.append(h_BTD)
         return h_BTD
 
-    return _forward(model, block, ids_BT, mask_BT, keep), captured[0]
+    return _forward(model, module, ids_BT, mask_BT, keep, side), captured[0]
 
 
 def _next_token_ce(logits_BTV: Tensor, ids_BT: Tensor, valid_BT: Tensor) -> Tensor:
@@ -93,7 +98,8 @@ def embedding_measures(clean_BTD: Tensor, rec_BTD: Tensor, zero_BTD: Tensor, mas
 
 
 def spliced_measures(
-    model: nn.Module, block: nn.Module, ids_BT: Tensor, mask_BT: Tensor, clean_out: Tensor, x_hat_TD: Tensor
+    model: nn.Module, module: nn.Module, ids_BT: Tensor, mask_BT: Tensor, clean_out: Tensor, x_hat_TD: Tensor,
+    side: str = "output",
 ) -> dict[str, float]:
     """The batch's measures with h replaced by `x_hat_TD` (one row per non-padding position, row-major) and
     zero-ablated, against `clean_out` from `clean_pass`."""
@@ -104,8 +110,8 @@ def spliced_measures(
         h_BTD[real_BT] = x_hat_TD.to(h_BTD.dtype)
         return h_BTD
 
-    rec_out = _forward(model, block, ids_BT, mask_BT, reconstruct)
-    zero_out = _forward(model, block, ids_BT, mask_BT, torch.zeros_like)
+    rec_out = _forward(model, module, ids_BT, mask_BT, reconstruct, side)
+    zero_out = _forward(model, module, ids_BT, mask_BT, torch.zeros_like, side)
     if splice_measure(model) == MEASURE_CE:
         return ce_measures(clean_out, rec_out, zero_out, ids_BT, mask_BT)
     return embedding_measures(clean_out, rec_out, zero_out, mask_BT)

@@ -7,6 +7,13 @@ sae_dist.interop.saelens_switch` registers it with SAELens), or, with `per_exper
 computes for a token routed to e, and its reconstruction z W_dec^e + b_pre before the router gate (the Switch SAE's
 x_hat is p_e * (that - b_pre) + b_pre).
 
+The metadata names the site: `hook_name` is the TransformerLens hook where one matches the site (block L's input and
+output `blocks.L.hook_resid_pre` / `hook_resid_post`, its attention's and MLP's outputs `blocks.L.hook_attn_out` /
+`hook_mlp_out` in GPT-2-like and Llama-like models), else the Hugging Face module path (with ':input' for an input);
+`hf_hook_point` is always the module path and side (`sae_dist/data/sites.py`). Both need the model's config.json on
+this machine; without it `hook_name` is `model.hookpoint` as written, or `blocks.L.hook_resid_post` for
+`model.layer`.
+
 Only this module knows the file layout; which architecture and weights an SAE exports is the model's
 `saelens_state()` (`sae_dist/models/base.py`) and, per expert, `ExpertSAE.saelens_expert_states()`. Nothing here
 imports SAELens.
@@ -16,15 +23,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 from safetensors.torch import save_file
 from torch import Tensor
 
-from sae_dist.config import RunConfig
+from sae_dist.config import ConfigError, RunConfig
+from sae_dist.data import sites
 from sae_dist.models.base import SAE
 from sae_dist.models.expert_sae import ExpertSAE
+from sae_dist.train.preflight import model_config, model_skeleton
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -32,12 +42,47 @@ SAELENS_FORMAT_VERSION = "6.0.0"
 """The SAELens version whose config layout this writes (older layouts are converted by SAELens on load)."""
 
 
+_TRANSFORMERLENS_PARTS = {"attn": "attn_out", "self_attn": "attn_out", "mlp": "mlp_out"}
+"""Submodules of a block whose output is a TransformerLens hook (GPT-2 `h.L.attn`, Llama `layers.L.self_attn`)."""
+
+
+def transformerlens_hook(site: sites.Site, blocks: str) -> str | None:
+    """The TransformerLens hook name of `site` in a model whose blocks are at `blocks`, or None where none matches."""
+    match = re.fullmatch(rf"{re.escape(blocks)}\.(\d+)(?:\.(\w+))?", site.module)
+    if match is None:
+        return None
+    layer, part = match.groups()
+    if part is None:
+        return f"blocks.{layer}.hook_resid_{'pre' if site.side == 'input' else 'post'}"
+    hook = _TRANSFORMERLENS_PARTS.get(part)
+    return f"blocks.{layer}.hook_{hook}" if hook and site.side == "output" else None
+
+
+def resolved_site(run: RunConfig) -> tuple[sites.Site, str] | None:
+    """(site, block path) of `run` in its model's skeleton, or None when its config.json is not on this machine."""
+    try:
+        config = model_config(run.model)
+    except ConfigError:
+        return None
+    if config is None:
+        return None
+    skeleton = model_skeleton(config)
+    return sites.model_site(skeleton, run.model), sites.block_path(skeleton)
+
+
 def saelens_metadata(run: RunConfig) -> dict:
-    """Where the activations came from, in SAELens's metadata keys (TransformerLens hook names: block L's output
-    is blocks.L.hook_resid_post)."""
-    layer = run.model.layer
+    """Where the activations came from, in SAELens's metadata keys (module docstring)."""
+    layer, found = run.model.layer, resolved_site(run)
+    hook_name, hf_hook_point = f"blocks.{layer}.hook_resid_post", None  # model.layer's site, unresolved
+    if found is not None:
+        site, blocks = found
+        hf_hook_point = str(site)
+        hook_name = transformerlens_hook(site, blocks) or (site.module if site.side == "output" else str(site))
+        layer = sites.block_index(site.module, blocks)
+    elif run.model.hookpoint is not None:
+        hook_name, layer = run.model.hookpoint, None
     return {
-        "model_name": run.model.name, "hook_name": f"blocks.{layer}.hook_resid_post", "hook_layer": layer,
+        "model_name": run.model.name, "hook_name": hook_name, "hook_layer": layer, "hf_hook_point": hf_hook_point,
         "context_size": run.data.ctx_len, "dataset_path": run.data.dataset, "prepend_bos": True,
         "sae_dist_kind": run.sae.kind, "sae_lens_version": SAELENS_FORMAT_VERSION,
     }

@@ -1,6 +1,6 @@
 """Several SAEs from one LM pass: `run.sweep` trains SAEs of other sizes, k or hook sites on one activation stream.
 
-The language model runs once over the text, reading every hooked block in the same forward (rows hold the sites
+The language model runs once over the text, reading every site in the same forward (rows hold the sites
 side by side); a `SharedStream` hands each batch to every member, cut to its site. Each member is an ordinary
 `Trainer` with its own run folder (trainer.out_dir/<name>: config, metrics, checkpoints), and the members step
 in turn, so member i's batch j is the batch j that a run of member i alone would see: a sweep equals its members
@@ -19,12 +19,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from sae_dist.config import RunConfig, sweep_members
-from sae_dist.data import DataUnavailableError, build_activation_source
+from sae_dist.config import RunConfig, site_key, sweep_members
+from sae_dist.data import DataUnavailableError, build_activation_source, site_columns
 from sae_dist.data.fanout import SharedStream
 from sae_dist.parallel.context import ParallelContext
 from sae_dist.parallel.failures import on_every_rank
 from sae_dist.run_dir import CHECKPOINTS_DIR, checkpoint_name, latest_checkpoint
+from sae_dist.train import preflight
 from sae_dist.train.preemption import HeldSignals, StopRequested, StopSignals
 from sae_dist.train.plan import RunPlan, finish_run, prepare_run, start_trainer
 from sae_dist.train.trainer import Trainer
@@ -32,12 +33,13 @@ from sae_dist.train.trainer import Trainer
 
 def prepare_sweep(run: RunConfig, world_size: int = 1, overrides: list[str] | None = None) -> list[RunPlan]:
     """Every member of `run.sweep` checked as a run of its own (see `plan.prepare_run`)."""
-    return [prepare_run(member, world_size, overrides) for member in sweep_members(run)]
+    members = sweep_members(run, lambda glob: preflight.expand_hookpoint(run.model, glob))
+    return [prepare_run(member, world_size, overrides) for member in members]
 
 
-def sweep_layers(members: list[RunConfig]) -> list[int]:
-    """The hooked blocks of a sweep, in the order they first appear."""
-    return list(dict.fromkeys(member.model.layer for member in members))
+def sweep_sites(members: list[RunConfig]) -> list[int | str]:
+    """The sites of a sweep (block numbers, hookpoints), in the order they first appear."""
+    return list(dict.fromkeys(site_key(member.model) for member in members))
 
 
 def build_members(plans: list[RunPlan], ctx: ParallelContext) -> list[Trainer]:
@@ -45,14 +47,14 @@ def build_members(plans: list[RunPlan], ctx: ParallelContext) -> list[Trainer]:
     first = plans[0].run
     members = [plan.run for plan in plans]
     lm = first.data.source == "lm"
-    layers = sweep_layers(members)
-    source = build_activation_source(first, ctx.rank, ctx.world_size, plans[0].device, layers if lm else None)
-    width = source.d_model // len(layers) if lm else source.d_model
+    sites = sweep_sites(members)
+    source = build_activation_source(first, ctx.rank, ctx.world_size, plans[0].device, sites if lm else None)
+    columns = site_columns(source) if lm else [slice(None)]
     stream = SharedStream(source, len(members))
     trainers = []
     for i, plan in enumerate(plans):
-        site = layers.index(plan.run.model.layer) if lm else 0
-        trainer = start_trainer(plan, ctx, stream.view(i, slice(site * width, (site + 1) * width)))
+        site = sites.index(site_key(plan.run.model)) if lm else 0
+        trainer = start_trainer(plan, ctx, stream.view(i, columns[site]))
         trainer.defer_rotation = True  # step_round rotates once every member has saved
         trainer.profiles = i == 0  # one profiler at a time; the first member's window covers every member's steps
         trainers.append(trainer)

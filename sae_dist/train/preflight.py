@@ -2,7 +2,9 @@
 
 The output folder is (or can be made) a writable folder and its disk has room; input files and folders exist and
 are not empty; the device exists; the SAE's training state fits in memory; the hooked layer and the context length
-fit the language model (read from its config.json, not its weights). Each failure is a one-line ConfigError.
+fit the language model, and `model.hookpoint` names one of its modules with a side it has (read from its config.json
+and the model's skeleton built on the meta device, not its weights); a cache holds the run's site. Each failure is a
+one-line ConfigError.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from pathlib import Path
 import torch
 
 from sae_dist.config import ConfigError, DataConfig, ModelConfig, RunConfig, SAEConfig
-from sae_dist.data.cache import MANIFEST
+from sae_dist.data import sites
+from sae_dist.data.cache import MANIFEST, cache_site_mismatch
 from sae_dist.data.lm import MINILM_BUNDLED, hub_download_hint
 from sae_dist.data.source import require_hub
 from sae_dist.data.text import LOCAL_BUILDERS, require_hub_dataset
@@ -93,7 +96,9 @@ def check_inputs(run: RunConfig) -> None:
                               f"data.dataset={data.dataset!r}: add data.dataset=text (or another of them)")
         require_hub_dataset(data)
     elif data.source == "cache":
-        read_cache_manifest(data.cache_dir)
+        mismatch = cache_site_mismatch(read_cache_manifest(data.cache_dir), run.model)
+        if mismatch:
+            raise ConfigError(f"data.cache_dir={data.cache_dir} holds {mismatch}")
 
 
 def check_data_files(data: DataConfig) -> None:
@@ -170,7 +175,7 @@ def _first(config: dict, *keys: str) -> int | None:
 def check_model_fits(run: RunConfig, config: dict) -> None:
     """model.layer and data.ctx_len against the model's depth and positions."""
     layers = _first(config, "num_hidden_layers", "n_layer", "num_layers")
-    if layers is not None and run.model.layer >= layers:
+    if layers is not None and run.model.hookpoint is None and run.model.layer >= layers:
         raise ConfigError(
             f"model.layer={run.model.layer} is beyond the model's {layers} blocks (allowed: 0 to {layers - 1})"
         )
@@ -202,7 +207,26 @@ def activation_width(run: RunConfig) -> int | None:
     if config is None:
         return None
     check_model_fits(run, config)
+    if run.model.hookpoint is not None:
+        skeleton = model_skeleton(config)
+        return sites.site_width(skeleton, sites.resolve_site(skeleton, run.model.hookpoint))
     return _first(config, "hidden_size", "n_embd", "d_model")
+
+
+def model_skeleton(config: dict):
+    """The base model of the config.json `config` on the meta device (`sites.skeleton`): module names, no weights."""
+    from transformers import AutoConfig
+
+    return sites.skeleton(AutoConfig.for_model(**config))
+
+
+def expand_hookpoint(cfg: ModelConfig, glob: str) -> list[str]:
+    """The hookpoints the glob `glob` stands for in the model of `cfg` (its skeleton), in module order."""
+    config = model_config(cfg)
+    if config is None:
+        raise ConfigError(f"model.hookpoint={glob}: a glob needs the model's config.json on this machine "
+                          f"({hub_download_hint(cfg.name)})")
+    return sites.expand_hookpoint(model_skeleton(config), glob)
 
 
 # --- device and memory ----------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 import torch
 
-from sae_dist.config import ConfigError, RunConfig
+from sae_dist.config import ConfigError, ModelConfig, RunConfig
 from sae_dist.data import (
     CachedActivationSource,
     DataUnavailableError,
@@ -14,11 +14,12 @@ from sae_dist.data import (
     write_cache,
 )
 from sae_dist.data import cache as cache_module
-from sae_dist.data.cache import MANIFEST, CacheUnitReader
+from sae_dist.data.cache import MANIFEST, CacheUnitReader, cache_site_mismatch
 from sae_dist.data.cache_writer import CacheExistsError
 from sae_dist.data.order import Plan, resume_state
 from sae_dist.data.source import ActivationSource
 from sae_dist.data.synthetic import SyntheticSource
+from sae_dist.train.preflight import check_inputs
 
 
 class RowIds(ActivationSource):
@@ -196,3 +197,56 @@ def test_missing_cache_is_one_line_error(tmp_path):
 def test_refuses_to_overwrite(cache):
     with pytest.raises(CacheExistsError, match="already holds an activation cache"):
         write_cache(RowIds(), cache, 10, 10)
+
+
+SITE_CASES = [
+    # (manifest's site record, model config, what the refusal says; None: accepted)
+    ({"layer": 3, "what": "output of block 3 (hidden_states[4])"}, ModelConfig(layer=3), None),  # before sites
+    ({"layer": 3, "what": "output of block 3 (hidden_states[4])"}, ModelConfig(layer=2),
+     "the output of block 3, not model.layer=2"),
+    ({"layer": 3, "what": "..."}, ModelConfig(hookpoint="resid_post.3"), None),
+    ({"layer": 3, "what": "..."}, ModelConfig(hookpoint="mlp_out.3"),
+     "the output of block 3, not model.hookpoint=mlp_out.3"),
+    ({"hookpoint": "mlp_out.3", "module": "h.3.mlp", "side": "output", "layer": None},
+     ModelConfig(hookpoint="mlp_out.3"), None),
+    ({"hookpoint": "mlp_out.3", "module": "h.3.mlp", "side": "output", "layer": None},
+     ModelConfig(hookpoint="h.3.mlp:output"), None),
+    ({"hookpoint": "mlp_in.3", "module": "h.3.mlp", "side": "input", "layer": None}, ModelConfig(hookpoint="h.3.mlp"),
+     "the input of h.3.mlp, not model.hookpoint=h.3.mlp"),
+    ({"hookpoint": "mlp_in.3", "module": "h.3.mlp", "side": "input", "layer": None}, ModelConfig(layer=3),
+     "the input of h.3.mlp, not model.layer=3"),
+    ({"hookpoint": None, "module": "h.3", "side": "output", "layer": 3}, ModelConfig(layer=3), None),
+    ({"hookpoint": "h.3", "module": "h.3", "side": "output", "layer": 3}, ModelConfig(layer=3), None),
+]
+
+
+@pytest.mark.parametrize(("site", "model", "message"), SITE_CASES)
+def test_a_cache_holds_the_site_it_records(site, model, message):
+    mismatch = cache_site_mismatch({"site": site}, model)
+    assert mismatch is None if message is None else message in mismatch
+
+
+def test_a_cache_without_a_site_record_is_its_configs_layer():
+    """A one-process cache (`write_cache`) records only its producing config."""
+    config = {"config": {"model": {"layer": 1, "hookpoint": None}}}
+    assert cache_site_mismatch(config, ModelConfig(layer=1)) is None
+    assert "the output of block 1" in cache_site_mismatch(config, ModelConfig(layer=2))
+    of_a_site = {"config": {"model": {"layer": 1, "hookpoint": "mlp_in.1"}}}
+    assert cache_site_mismatch(of_a_site, ModelConfig(hookpoint="mlp_in.1")) is None
+    assert cache_site_mismatch(of_a_site, ModelConfig(layer=1)) == (
+        "model.hookpoint=mlp_in.1, not model.layer=1; train with the cache's site or write a cache for this one")
+    assert cache_site_mismatch({}, ModelConfig(layer=2)) is None  # nothing recorded: nothing to compare
+
+
+def test_training_from_a_cache_of_another_site_is_refused(cache):
+    run = RunConfig()
+    run.data.source, run.data.cache_dir = "cache", str(cache)
+    manifest_path = cache / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "site": {"layer": 3, "what": "output of block 3"}}))
+    run.model.layer = 3
+    check_inputs(run)
+    run.model.hookpoint = "mlp_out.3"
+    with pytest.raises(ConfigError, match=f"data.cache_dir={cache} holds the output of block 3, not "
+                                          "model.hookpoint=mlp_out.3; train with the cache's site"):
+        check_inputs(run)

@@ -69,7 +69,9 @@ def test_one_process_caches_the_live_activations(tiny_gpt2_dir, tmp_path):
     job = compose_job(*overrides(tiny_gpt2_dir, tmp_path / "cache"))
     manifest = json.loads(app.cache_activations(job, 0, 1, torch.device("cpu")).read_text())
     assert manifest["num_tokens"] == 3001 and manifest["d_model"] == 64 and manifest["dtype"] == "float32"
-    assert manifest["site"]["layer"] == 1 and manifest["model"]["path"] == str(tiny_gpt2_dir)
+    assert manifest["site"] == {"hookpoint": None, "module": "h.1", "side": "output", "layer": 1,
+                                "what": "output of block 1 (h.1)"}
+    assert manifest["model"]["path"] == str(tiny_gpt2_dir)
     assert manifest["dataset"]["dataset"] == "pydoc-topics" and manifest["config"]["trainer"]["seed"] == 3
     assert torch.equal(cached_rows(tmp_path / "cache", 0), live_rows(job, 0, 1))
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
@@ -113,6 +115,17 @@ def test_a_cache_begun_in_the_corpus_order_finishes_in_it(tiny_gpt2_dir, tmp_pat
     manifest = json.loads(app.cache_activations(job, 0, 1, torch.device("cpu")).read_text())
     assert manifest["documents"] == {"order": app.CORPUS_ORDER}
     assert torch.equal(cached_rows(tmp_path / "cache", 0), live_rows(job, 0, 1, sampled=False))
+
+
+def test_a_cache_of_a_site_records_it_and_holds_its_live_activations(tiny_gpt2_dir, tmp_path):
+    spec = importlib.util.spec_from_file_location("cache_activations", SCRIPT)
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    job = compose_job(*overrides(tiny_gpt2_dir, tmp_path / "cache"), "model.hookpoint=mlp_in.2", "cache.num_tokens=500")
+    manifest = json.loads(app.cache_activations(job, 0, 1, torch.device("cpu")).read_text())
+    assert manifest["site"] == {"hookpoint": "mlp_in.2", "module": "h.2.mlp", "side": "input", "layer": None,
+                                "what": "input of h.2.mlp"}
+    assert torch.equal(cached_rows(tmp_path / "cache", 0), live_rows(job, 0, 1))
 
 
 def test_a_failed_write_stops_the_prefetch_thread(tiny_gpt2_dir, tmp_path, monkeypatch):

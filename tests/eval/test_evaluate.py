@@ -17,7 +17,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from sae_dist import load_sae
 from sae_dist.config import DataConfig, ModelConfig, RunConfig, SAEConfig, validate
-from sae_dist.data import SyntheticSource, build_activation_source, find_blocks, load_lm
+from sae_dist.data import HookedLM, SyntheticSource, build_activation_source, find_blocks, load_lm, resolve_site
+from sae_dist.data.sites import site_module
 from sae_dist.eval.evaluate import (
     HELDOUT_RANK,
     EvalConfig,
@@ -105,6 +106,28 @@ def test_embedding_path_on_minilm(minilm):
     noisy = h_BTD[mask_BT.bool()] + 0.5 * torch.randn_like(h_BTD[mask_BT.bool()])
     partial = spliced_measures(model, block, ids_BT, mask_BT, clean_out, noisy)
     assert exact["cosine_zero_ablated"] < partial["cosine_reconstructed"] < 1
+
+
+@pytest.mark.parametrize("hookpoint", ["h.1.mlp:input", "h.1.mlp", "transformer.h.0.attn"])
+def test_splice_at_a_site_replaces_that_site(gpt2_dir, hookpoint):
+    """At a module's input (pre-hook) or output: the exact activation changes nothing, zeros change the loss, and
+    shifting the module's input differs from shifting its output (so the splice acts where the site says)."""
+    model, _ = load_lm(ModelConfig(name="unused", path=str(gpt2_dir)), auto_class=GPT2LMHeadModel)
+    site = resolve_site(model, hookpoint)
+    module = site_module(model, site)
+    ids_BT, mask_BT = _ragged_batch(model.config.vocab_size)
+    clean_out, h_BTD = clean_pass(model, module, ids_BT, mask_BT, site.side)
+    torch.testing.assert_close(h_BTD, HookedLM(model, site)._hidden_states(ids_BT, mask_BT)[0], rtol=0, atol=0)
+    x_TD = h_BTD[mask_BT.bool()]
+    exact = spliced_measures(model, module, ids_BT, mask_BT, clean_out, x_TD, site.side)
+    assert exact["delta_ce"] == pytest.approx(0, abs=1e-5) and exact["kl_reconstructed"] == pytest.approx(0, abs=1e-6)
+    zeros = spliced_measures(model, module, ids_BT, mask_BT, clean_out, torch.zeros_like(x_TD), site.side)
+    assert zeros["ce_zero_ablated"] != pytest.approx(zeros["ce_clean"], abs=1e-4)
+    shifted = spliced_measures(model, module, ids_BT, mask_BT, clean_out, x_TD + 1, site.side)
+    other = "output" if site.side == "input" else "input"
+    _, h_other = clean_pass(model, module, ids_BT, mask_BT, other)
+    flipped = spliced_measures(model, module, ids_BT, mask_BT, clean_out, h_other[mask_BT.bool()] + 1, other)
+    assert flipped["ce_reconstructed"] != pytest.approx(shifted["ce_reconstructed"], abs=1e-4)
 
 
 def test_window_stats_by_hand():
@@ -196,6 +219,17 @@ def test_evaluate_checkpoint_cross_entropy_path(gpt2_dir, tmp_path):
     assert rec["batches"] == 3 and 600 <= rec["tokens"] < 600 + 3 * 32 and rec["l0"] <= 8
     assert sum(e["load"] for e in report["experts"]) == pytest.approx(1)
     assert sum(e["dead_latents"] for e in report["experts"]) == rec["dead_latents"]
+
+
+def test_evaluate_checkpoint_at_a_hookpoint(gpt2_dir, tmp_path):
+    """A checkpoint trained at the MLP's output (d = 64) is read and spliced there; the report names the site."""
+    run = RunConfig(sae=SAEConfig(kind="switch", num_latents=128, num_experts=4, k=8),
+                    model=ModelConfig(name="tiny", path=str(gpt2_dir), hookpoint="mlp_out.0"),
+                    data=DataConfig(source="lm", dataset="pydoc-topics", streaming=False, ctx_len=32))
+    folder = _write_checkpoint(tmp_path / "ckpt", run, 64)
+    report = evaluate(folder, batches=2, batch_tokens=100, splice_contexts=4, splice_batch_contexts=4)
+    assert report["model"]["hookpoint"] == "mlp_out.0" and report["splice"]["batches"] == 1
+    assert math.isfinite(report["splice"]["fraction_recovered"]) and report["reconstruction"]["batches"] == 2
 
 
 def test_heldout_region_is_read_once_without_wrapping(minilm, tmp_path):

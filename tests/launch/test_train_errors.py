@@ -35,6 +35,9 @@ def cases(tmp_path, text_file):
     empty_folder.mkdir()
     a_file = tmp_path / "file"
     a_file.write_text("x")
+    block_3_cache = tmp_path / "block-3-cache"
+    block_3_cache.mkdir()
+    (block_3_cache / "manifest.json").write_text('{"site": {"layer": 3, "what": "output of block 3"}, "d_model": 384}')
     return [
         (["sae.bogus=1"], "Could not override 'sae.bogus'"),
         (["trainer.batch_size=abc"], "trainer.batch_size"),
@@ -62,6 +65,18 @@ def cases(tmp_path, text_file):
         (["sae.num_latents=1073741824"], "sae.num_latents=1073741824 needs about"),
         (["model.layer=6"], "model.layer=6 is beyond the model's 6 blocks (allowed: 0 to 5)"),
         (["data.ctx_len=100000"], "data.ctx_len=100000 exceeds the model's 512 positions"),
+        # Sites are checked against the module names of the model's skeleton (meta device, no weights).
+        (["model.hookpoint=encoder.layer.3.intermedate"],
+         "model.hookpoint=encoder.layer.3.intermedate: the model has no module 'encoder.layer.3.intermedate'; "
+         "closest: encoder.layer.3.intermediate"),
+        (["model.hookpoint=encoder.layer.3:inside"], "the side='inside' is unknown; allowed: output, input"),
+        (["model.hookpoint=embeddings:input"], "embeddings gets token ids or is called with keywords"),
+        (["model.hookpoint=encoder.layer.*.attention"], "is a glob: put it in a sweep item"),
+        (["model.hookpoint=mlp_out.6"], "model.hookpoint=mlp_out.6: block 6 is out of range"),
+        (["sweep=[{model: {hookpoint: encoder.layer.*.mlp}}]"],
+         "model.hookpoint=encoder.layer.*.mlp matches no module"),
+        (["data.source=cache", f"data.cache_dir={block_3_cache}", "model.hookpoint=mlp_out.3"],
+         "holds the output of block 3, not model.hookpoint=mlp_out.3"),
         (["trainer.resume=true"], "trainer.resume=true but trainer.out_dir="),
         (["+experiment=nope"], "Could not find 'experiment/nope'; allowed: "),
         # Only the Hub has them, and it does not answer (offline) or has no such repository: told before the run

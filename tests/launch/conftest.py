@@ -51,9 +51,9 @@ def no_loading(monkeypatch):
     import sae_dist.data.lm
     import sae_dist.eval.evaluate
     import sae_dist.eval.inspect
-    import sae_dist.train.run
+    import sae_dist.train.plan
 
-    monkeypatch.setattr(sae_dist.train.run, "build_activation_source", tripwire)
+    monkeypatch.setattr(sae_dist.train.plan, "build_activation_source", tripwire)
     for module in (sae_dist.api, sae_dist.eval.evaluate, sae_dist.eval.inspect):
         monkeypatch.setattr(module, "load_sae", tripwire)
     for module in (sae_dist.data.lm, sae_dist.api, sae_dist.eval.evaluate, sae_dist.eval.inspect):  # bound by name

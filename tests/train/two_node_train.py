@@ -9,17 +9,17 @@ import os
 import runpy
 from pathlib import Path
 
-import sae_dist.train.run
+import sae_dist.train.plan
 from tests.parallel.ep_helpers import GlobalBatchSource
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def global_stream(run, rank=0, world_size=1, device="cpu", layers=None):
+def global_stream(run, rank=0, world_size=1, device="cpu", sites=None):
     return GlobalBatchSource(run, rank, world_size)
 
 
 if __name__ == "__main__":
-    sae_dist.train.run.build_activation_source = global_stream
+    sae_dist.train.plan.build_activation_source = global_stream
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     runpy.run_path(str(ROOT / "tests" / "train" / "faulty_train.py"), run_name="__main__")

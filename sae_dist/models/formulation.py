@@ -12,7 +12,7 @@ The rule for 'auto':
 - CUDA: gemm and gemm for expert widths up to `GEMM_MAX_WIDTH`, sparse and gather above it. The GEMM
   formulation's backward costs grow with B x M_e and the sparse one's with B x k x d, so the crossover is a width,
   whatever N and B; full training steps in bf16 at d = 768, k = 32 put it between 8192 and 32768 latents per
-  expert (docs/performance-history.md).
+  expert (docs/performance.md).
 """
 
 from __future__ import annotations

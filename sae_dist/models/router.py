@@ -69,7 +69,7 @@ def load_balancing_loss(
     """L_lb = N * sum_i f_i P_i; f from hard counts (no gradient), P = mean router probability.
 
     Under top-e routing f_i is expert i's share of all T * e assignments (sums to 1, so the minimum stays 1 at a
-    uniform router whatever e; docs/spec-notes.md).
+    uniform router whatever e; docs/math.md section 2).
 
     `all_reduce_counts` sums the [N] counts over ranks for global-batch balancing (expert parallelism); P stays
     local, so averaging this loss's gradient over ranks equals the single-device gradient over the global batch.

@@ -59,7 +59,7 @@ class TorchEngine:
 
     def backward(self, loss: Tensor) -> None:
         """The gradients are set to None first, which spares a zeroing pass and autograd's accumulation: the sparse
-        kernels then overwrite their weights' buffers of the previous steps (`kernels._weight_grad`; a fresh [M, d]
+        kernels then overwrite their weights' buffers of the previous steps (`SparseCompute.weight_grad`; a fresh [M, d]
         tensor would cost a CPU more in page faults than the backward that fills it), and autograd hands over the
         other gradients as it makes them."""
         self.optimizer.zero_grad(set_to_none=True)

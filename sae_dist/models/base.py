@@ -18,7 +18,7 @@ Every SAE, built as `cls(cfg, d_model, seed, dispatcher)`:
 - where `resamples_latents`: `latent_parameters()` and `reinit_latents_(...)`, what dead-latent resampling rewrites
   (`sae_dist/train/resample.py`);
 - `saelens_state()`: its SAELens architecture name, config entries and weights (`sae_dist/interop/saelens.py`);
-- the SAELens-style views `W_enc [d_in, L]`, `W_dec [L, d_in]`, `b_dec [d_in]`, `d_in`, `d_sae`.
+- the SAELens-style views `W_enc [d_in, L]`, `W_dec [L, d_in]`, `b_enc [L]`, `b_dec [d_in]`, `d_in`, `d_sae`.
 Class-level facts, read before a model exists: `routed` (a router sends each token to experts; experts shard over
 ranks; a capacity factor applies), `uses_k`, `rows_independent`, `check_config(cfg)` and `default_lr(cfg)`.
 """

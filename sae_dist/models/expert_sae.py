@@ -90,6 +90,12 @@ class ExpertSAE(SAE):
     def W_dec(self) -> Tensor:  # noqa: N802
         return self.experts.w_dec.flatten(0, 1)
 
+    @property
+    def b_enc(self) -> Tensor:
+        """[L] encoder bias, a view (zeros where the experts have none)."""
+        bank = self.experts
+        return bank.w_enc.new_zeros(self.num_local_latents) if bank.b_enc is None else bank.b_enc.flatten()
+
     def decoder_weights(self) -> list[nn.Parameter]:
         return [self.experts.w_dec]
 

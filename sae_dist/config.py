@@ -33,6 +33,7 @@ ZERO_STAGES = (1, 2)
 LR_RULES = ("total", "expert")
 AUXK_SCALES = ("x_variance", "gao")
 DEAD_COUNTS = ("tokens", "routed")
+NORMALIZATIONS = ("none", "expected_average_only_in")
 SWEEP_KEYS = ("model.layer", "trainer.lr", "name")
 """What a sweep item may override besides `sae.*`: the hook site and the learning rate; the stream stays shared."""
 
@@ -211,6 +212,11 @@ class DataConfig:
     headers of all shards are checked regardless."""
     sample_by: str = option("line")
     """For data.dataset=text: one document per 'line', 'paragraph' or 'document' (a whole file, e.g. source code)."""
+    normalize_activations: str = option("none")
+    """'none', or 'expected_average_only_in' (SAELens's name): the SAE trains on s * x, s = sqrt(d) / (mean L2 norm
+    of x over the first 8 batches of every rank, drawn before training), so its inputs have mean norm sqrt(d) at any
+    site. s is saved in the checkpoints (never estimated again on resume) and folded into the weights by `load_sae`
+    and the exports, which take and return raw activations (docs/math.md). Logged metrics are in units of s * x."""
 
 
 @dataclass
@@ -330,6 +336,7 @@ class ArchitectureFacts(Protocol):
     routed: bool
     uses_k: bool
     rows_independent: bool
+    folds_input_scale: bool
 
     @classmethod
     def check_config(cls, cfg: SAEConfig) -> None: ...
@@ -446,6 +453,9 @@ def validate(run: RunConfig) -> None:
     _require(parallel.a2a_chunks == 1 or not run.sae.union_topk,
              f"parallel.a2a_chunks={parallel.a2a_chunks}: sae.union_topk=true exchanges every row's candidates before "
              "it decodes, which the chunked all-to-all does not overlap; use 1")
+    _require(run.data.normalize_activations == "none" or _architecture(run.sae).folds_input_scale,
+             f"data.normalize_activations={run.data.normalize_activations!r}: sae.kind={run.sae.kind!r} cannot fold "
+             "the input scale into its weights; use 'none'")
     if run.sweep:
         sweep_members(run)
 
@@ -524,6 +534,7 @@ def _validate_data(data: DataConfig) -> None:
         _require(data.synthetic_noise >= 0, f"data.synthetic_noise={data.synthetic_noise} must be >= 0")
     _require(data.prefetch >= 0, f"data.prefetch={data.prefetch} must be >= 0")
     _one_of("data.sample_by", data.sample_by, ("line", "paragraph", "document"))
+    _one_of("data.normalize_activations", data.normalize_activations, NORMALIZATIONS)
     workers = data.tokenizer_workers
     _require(workers is None or workers >= 0, f"data.tokenizer_workers={workers} must be >= 0 or null (auto)")
     _require(not (data.pretokenize and data.streaming),

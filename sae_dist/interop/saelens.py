@@ -7,6 +7,9 @@ sae_dist.interop.saelens_switch` registers it with SAELens), or, with `per_exper
 computes for a token routed to e, and its reconstruction z W_dec^e + b_pre before the router gate (the Switch SAE's
 x_hat is p_e * (that - b_pre) + b_pre).
 
+An SAE trained on normalised activations (data.normalize_activations) exports as `load_sae` gives it, its input
+scale folded into the weights: the export takes raw activations, and its `normalize_activations` is 'none'.
+
 Only this module knows the file layout; which architecture and weights an SAE exports is the model's
 `saelens_state()` (`sae_dist/models/base.py`) and, per expert, `ExpertSAE.saelens_expert_states()`. Nothing here
 imports SAELens.

@@ -34,6 +34,7 @@ LR_RULES = ("total", "expert")
 AUXK_SCALES = ("x_variance", "gao")
 DEAD_COUNTS = ("tokens", "routed")
 NORMALIZATIONS = ("none", "expected_average_only_in")
+WANDB_MODES = ("online", "offline", "disabled")
 SWEEP_KEYS = ("model.layer", "trainer.lr", "name")
 """What a sweep item may override besides `sae.*`: the hook site and the learning rate; the stream stays shared."""
 
@@ -261,6 +262,14 @@ class TrainerConfig:
     progress: bool = option(True, on_resume=CHANGEABLE, changes_math=False, checked_by=())
     """Show a progress bar."""
     tensorboard: bool = option(True, on_resume=CHANGEABLE, changes_math=False, checked_by=())
+    wandb: bool = option(False, on_resume=CHANGEABLE, changes_math=False, checked_by=(PREFLIGHT,))
+    """Log the metrics rows to Weights & Biases too (rank 0, with the run's config; needs the 'wandb' extra); a
+    continued run logs into the same W&B run (sae_dist/train/wandb_logger.py)."""
+    wandb_project: str = option("sae-dist", on_resume=CHANGEABLE, changes_math=False)
+    wandb_name: str | None = option(None, on_resume=CHANGEABLE, changes_math=False, checked_by=())
+    """The W&B run's display name; null: the run's `name`."""
+    wandb_mode: str | None = option(None, on_resume=CHANGEABLE, changes_math=False)
+    """'online', 'offline' (files only, `wandb sync` later) or 'disabled'; null: W&B's own setting (WANDB_MODE)."""
     optimizer_state: str = option("float32", performance=True)
     """Adam's moments: 'float32' (exact fused Adam) or 'bfloat16' (half the optimizer memory and 20 instead of 28
     bytes moved per parameter per step; not exact Adam: the stored moments are rounded to bfloat16)."""
@@ -516,6 +525,9 @@ def _validate_trainer(trainer: TrainerConfig) -> None:
     trainer.resume = resume_mode(trainer)
     _one_of("trainer.resume", trainer.resume, RESUME_MODES)
     _one_of("trainer.on_nonfinite", trainer.on_nonfinite, NONFINITE_POLICIES)
+    _require(bool(trainer.wandb_project.strip()), "trainer.wandb_project must not be empty")
+    if trainer.wandb_mode is not None:
+        _one_of("trainer.wandb_mode", trainer.wandb_mode, WANDB_MODES)
 
 
 def _validate_data(data: DataConfig) -> None:

@@ -7,6 +7,7 @@ Training writes a run folder (`sae_dist.train`), evaluation and the launch tools
     RUN/metrics.jsonl                                 one JSON object per logged step
     RUN/resume_history.jsonl                          each start and resume, with the settings changed on resume
     RUN/tensorboard/                                  the logged scalars for TensorBoard
+    RUN/wandb_run_id, RUN/wandb/                      with trainer.wandb: the W&B run's id and files (offline runs)
     RUN/checkpoints/latest                            name of the newest complete checkpoint
     RUN/checkpoints/step_00001000/model.safetensors   the model-only export in the single-device format (experts
                                                       stacked [N, M_e, d] in global order): what `load_sae` reads
@@ -42,6 +43,7 @@ RUN_CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 HISTORY_FILE = "resume_history.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+WANDB_ID_FILE = "wandb_run_id"
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
 MODEL_FILE = "model.safetensors"

@@ -57,6 +57,7 @@ def prepare_run(run: RunConfig, world_size: int = 1, overrides: list[str] | None
     ep_size = validate_layout(run, world_size)
     device = preflight.check_device(run.trainer.device)
     preflight.check_inputs(run)
+    preflight.check_loggers(run)
     d_model = preflight.activation_width(run)
     if d_model is not None:
         expert_shards = ep_size if architecture(run.sae.kind).routed else 1

@@ -8,6 +8,7 @@ fit the language model (read from its config.json, not its weights). Each failur
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
 import shutil
@@ -94,6 +95,13 @@ def check_inputs(run: RunConfig) -> None:
         require_hub_dataset(data)
     elif data.source == "cache":
         read_cache_manifest(data.cache_dir)
+
+
+def check_loggers(run: RunConfig) -> None:
+    """trainer.wandb=true finds the wandb package (not imported here)."""
+    if run.trainer.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("trainer.wandb=true needs the wandb package: pip install 'sae-dist[wandb]', or use "
+                          "trainer.wandb=false")
 
 
 def check_data_files(data: DataConfig) -> None:

@@ -128,7 +128,9 @@ class Trainer:
         self.maybe_resume()
         if self.run.data.normalize_activations != "none" and state.input_scale is None:
             self._estimate_input_scale()
-        logger = MetricsLogger(self.run_dir, state.step, cfg.tensorboard) if ctx.is_main else None
+        logger = None
+        if ctx.is_main:
+            logger = MetricsLogger(self.run_dir, state.step, cfg.tensorboard, self.run if cfg.wandb else None)
         bar = tqdm(total=cfg.steps, initial=state.step, disable=not (cfg.progress and ctx.is_main), unit="step")
         flags = FiniteFlags(cfg.on_nonfinite, self.run_dir, show=ctx.is_main)
         last_row: dict[str, Any] = {}

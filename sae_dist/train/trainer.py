@@ -3,8 +3,9 @@ their cadence until `trainer.steps`.
 
 The parts, one concern each: the engine (`engine.py`, `deepspeed_engine.py`), the step (`step.py`), the latent
 bookkeeping (`latents.py`), metrics rows (`step_metrics.py`), the training state and its checkpoints
-(`train_state.py`). The trainer owns no distribution logic: every collective goes through the injected
-`ParallelContext`, which is the identity on one device and the expert-parallel layout under torchrun.
+(`train_state.py`), the input scale of normalised activations (`input_scale.py`). The trainer owns no distribution
+logic: every collective goes through the injected `ParallelContext`, which is the identity on one device and the
+expert-parallel layout under torchrun.
 
 Faults: a step that is not finite applies no update, and the loop applies trainer.on_nonfinite at logging and
 checkpoint steps (`nonfinite.py`). SIGTERM / SIGUSR1 stop the run after a checkpoint (`preemption`). A collective

@@ -25,10 +25,11 @@ BLOCK = 32768
 
 
 def wandb_records(path: Path) -> list:
+    """The complete records of a .wandb file (one that W&B may still be writing)."""
     from wandb.proto import wandb_internal_pb2
 
     data, pos, joined, records = path.read_bytes(), 7, b"", []
-    assert data[:4] == b":W&B"
+    assert data[:4] in (b":W&B", b":W&B"[: len(data)])  # the file may still be empty
     while pos + 7 <= len(data):
         if BLOCK - pos % BLOCK < 7:  # too little left in the block for a header: padding
             pos += BLOCK - pos % BLOCK
@@ -37,6 +38,8 @@ def wandb_records(path: Path) -> list:
         if kind == 0:
             pos += BLOCK - pos % BLOCK
             continue
+        if pos + 7 + length > len(data):  # a record still being written
+            break
         joined += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
@@ -47,14 +50,15 @@ def wandb_records(path: Path) -> list:
     return records
 
 
-def offline_run(wandb_dir: Path, run_id: str, nth: int, wait_s: float = 60) -> tuple[list[dict], dict]:
+def offline_run(wandb_dir: Path, run_id: str, nth: int, wait_s: float = 120) -> tuple[list[dict], dict]:
     """(history rows, config) of the `nth` offline run (in time order) with id `run_id`, once W&B's service, which
     writes the file after `finish` returns, has written its exit record."""
-    files = sorted(glob.glob(str(wandb_dir / "wandb" / f"offline-run-*-{run_id}" / f"run-{run_id}.wandb")))
-    deadline = time.monotonic() + wait_s
-    while True:
-        records = wandb_records(Path(files[nth]))
-        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+    pattern = str(wandb_dir / "wandb" / f"offline-run-*-{run_id}" / f"run-{run_id}.wandb")
+    deadline, records = time.monotonic() + wait_s, []
+    while time.monotonic() < deadline:
+        files = sorted(glob.glob(pattern))
+        records = wandb_records(Path(files[nth])) if len(files) > nth else []
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
             break
         time.sleep(0.2)
     history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}

@@ -7,7 +7,7 @@ Training writes a run folder (`sae_dist.train`), evaluation and the launch tools
     RUN/metrics.jsonl                                 one JSON object per logged step
     RUN/resume_history.jsonl                          each start and resume, with the settings changed on resume
     RUN/tensorboard/                                  the logged scalars for TensorBoard
-    RUN/wandb_run_id, RUN/wandb/                      with trainer.wandb: the W&B run's id and files (offline runs)
+    RUN/wandb_run_id, RUN/wandb/                      with trainer.wandb: the W&B run's id, and W&B's files
     RUN/checkpoints/latest                            name of the newest complete checkpoint
     RUN/checkpoints/step_00001000/model.safetensors   the model-only export in the single-device format (experts
                                                       stacked [N, M_e, d] in global order): what `load_sae` reads

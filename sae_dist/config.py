@@ -33,6 +33,8 @@ ZERO_STAGES = (1, 2)
 LR_RULES = ("total", "expert")
 AUXK_SCALES = ("x_variance", "gao")
 DEAD_COUNTS = ("tokens", "routed")
+NORMALIZATIONS = ("none", "expected_average_only_in")
+WANDB_MODES = ("online", "offline", "disabled")
 SWEEP_KEYS = ("model.layer", "model.hookpoint", "trainer.lr", "name")
 """What a sweep item may override besides `sae.*`: the hook site and the learning rate; the stream stays shared."""
 SIDES = ("output", "input")
@@ -221,6 +223,11 @@ class DataConfig:
     headers of all shards are checked regardless."""
     sample_by: str = option("line")
     """For data.dataset=text: one document per 'line', 'paragraph' or 'document' (a whole file, e.g. source code)."""
+    normalize_activations: str = option("none")
+    """'none', or 'expected_average_only_in' (SAELens's name): the SAE trains on s * x, s = sqrt(d) / (mean L2 norm
+    of x over the first 8 batches of every rank, drawn before training), so its inputs have mean norm sqrt(d) at any
+    site. s is saved in the checkpoints (never estimated again on resume) and folded into the weights by `load_sae`
+    and the exports, which take and return raw activations (docs/math.md). Logged metrics are in units of s * x."""
 
 
 @dataclass
@@ -265,6 +272,14 @@ class TrainerConfig:
     progress: bool = option(True, on_resume=CHANGEABLE, changes_math=False, checked_by=())
     """Show a progress bar."""
     tensorboard: bool = option(True, on_resume=CHANGEABLE, changes_math=False, checked_by=())
+    wandb: bool = option(False, on_resume=CHANGEABLE, changes_math=False, checked_by=(PREFLIGHT,))
+    """Log the metrics rows to Weights & Biases too (rank 0, with the run's config; needs the 'wandb' extra); a
+    continued run logs into the same W&B run (sae_dist/train/wandb_logger.py)."""
+    wandb_project: str = option("sae-dist", on_resume=CHANGEABLE, changes_math=False)
+    wandb_name: str | None = option(None, on_resume=CHANGEABLE, changes_math=False, checked_by=())
+    """The W&B run's display name; null: the run's `name`."""
+    wandb_mode: str | None = option(None, on_resume=CHANGEABLE, changes_math=False)
+    """'online', 'offline' (files only, `wandb sync` later) or 'disabled'; null: W&B's own setting (WANDB_MODE)."""
     optimizer_state: str = option("float32", performance=True)
     """Adam's moments: 'float32' (exact fused Adam) or 'bfloat16' (half the optimizer memory and 20 instead of 28
     bytes moved per parameter per step; not exact Adam: the stored moments are rounded to bfloat16)."""
@@ -342,6 +357,7 @@ class ArchitectureFacts(Protocol):
     routed: bool
     uses_k: bool
     rows_independent: bool
+    folds_input_scale: bool
 
     @classmethod
     def check_config(cls, cfg: SAEConfig) -> None: ...
@@ -482,6 +498,9 @@ def validate(run: RunConfig) -> None:
     _require(parallel.a2a_chunks == 1 or not run.sae.union_topk,
              f"parallel.a2a_chunks={parallel.a2a_chunks}: sae.union_topk=true exchanges every row's candidates before "
              "it decodes, which the chunked all-to-all does not overlap; use 1")
+    _require(run.data.normalize_activations == "none" or _architecture(run.sae).folds_input_scale,
+             f"data.normalize_activations={run.data.normalize_activations!r}: sae.kind={run.sae.kind!r} cannot fold "
+             "the input scale into its weights; use 'none'")
     if run.sweep:
         sweep_members(run)
 
@@ -542,6 +561,9 @@ def _validate_trainer(trainer: TrainerConfig) -> None:
     trainer.resume = resume_mode(trainer)
     _one_of("trainer.resume", trainer.resume, RESUME_MODES)
     _one_of("trainer.on_nonfinite", trainer.on_nonfinite, NONFINITE_POLICIES)
+    _require(bool(trainer.wandb_project.strip()), "trainer.wandb_project must not be empty")
+    if trainer.wandb_mode is not None:
+        _one_of("trainer.wandb_mode", trainer.wandb_mode, WANDB_MODES)
 
 
 def _validate_data(data: DataConfig) -> None:
@@ -560,6 +582,7 @@ def _validate_data(data: DataConfig) -> None:
         _require(data.synthetic_noise >= 0, f"data.synthetic_noise={data.synthetic_noise} must be >= 0")
     _require(data.prefetch >= 0, f"data.prefetch={data.prefetch} must be >= 0")
     _one_of("data.sample_by", data.sample_by, ("line", "paragraph", "document"))
+    _one_of("data.normalize_activations", data.normalize_activations, NORMALIZATIONS)
     workers = data.tokenizer_workers
     _require(workers is None or workers >= 0, f"data.tokenizer_workers={workers} must be >= 0 or null (auto)")
     _require(not (data.pretokenize and data.streaming),

@@ -7,10 +7,12 @@ Training writes a run folder (`sae_dist.train`), evaluation and the launch tools
     RUN/metrics.jsonl                                 one JSON object per logged step
     RUN/resume_history.jsonl                          each start and resume, with the settings changed on resume
     RUN/tensorboard/                                  the logged scalars for TensorBoard
+    RUN/wandb_run_id, RUN/wandb/                      with trainer.wandb: the W&B run's id, and W&B's files
     RUN/checkpoints/latest                            name of the newest complete checkpoint
     RUN/checkpoints/step_00001000/model.safetensors   the model-only export in the single-device format (experts
                                                       stacked [N, M_e, d] in global order): what `load_sae` reads
-    RUN/checkpoints/step_00001000/config.json         {"d_model": ..., "run": RunConfig as a dict, "step": ...}
+    RUN/checkpoints/step_00001000/config.json         {"d_model": ..., "run": RunConfig as a dict, "step": ...,
+                                                      "input_scale": s where data.normalize_activations is on}
     RUN/checkpoints/step_00001000/state/              torch.distributed.checkpoint: weights, optimizer state,
                                                       dead-latent counters (`sae_dist.train.checkpoint`)
     RUN/checkpoints/step_00001000/trainer_state.pt    step, tokens, scheduler, optimizer hyper-parameters, world size
@@ -45,6 +47,7 @@ RUN_CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 HISTORY_FILE = "resume_history.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+WANDB_ID_FILE = "wandb_run_id"
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
 MODEL_FILE = "model.safetensors"
@@ -54,6 +57,9 @@ STATE_FILE = "trainer_state.pt"
 RANKS_DIR = "ranks"
 EVAL_FILE = "eval.json"
 GEOMETRY_FILE = "geometry.json"
+INPUT_SCALE_KEY = "input_scale"
+"""The entry of a checkpoint's config.json (and trainer_state.pt) holding s, the factor the SAE's inputs were
+multiplied by in training (data.normalize_activations); absent when they were not."""
 TMP_SUFFIX = ".tmp"
 REQUIRE_CHECKSUMS_ENV = "SAE_DIST_REQUIRE_CHECKSUMS"
 """Set to 1: a checkpoint without SHA256SUMS is an error rather than a warning."""
@@ -150,6 +156,12 @@ def read_checkpoint_config(folder: Path) -> tuple[RunConfig, int, int]:
     except (ValueError, KeyError, TypeError) as exc:  # not JSON, a missing entry, or a config the schema refuses
         reason = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
         raise CheckpointError(f"{path} is not a valid sae-dist checkpoint config ({reason})") from None
+
+
+def read_input_scale(folder: Path) -> float | None:
+    """s of a checkpoint folder (`INPUT_SCALE_KEY`; None: its SAE trained on raw activations)."""
+    verify_files(folder, [CONFIG_FILE])
+    return json.loads((Path(folder) / CONFIG_FILE).read_text()).get(INPUT_SCALE_KEY)
 
 
 def load_model_weights(folder: Path, model: nn.Module) -> None:

@@ -171,7 +171,7 @@ CHECKER_SOURCES = {
 
 def test_every_option_declares_its_facts():
     facts = option_facts()
-    assert len(facts) == 72 and "sae.k" in facts and "parallel.timeout_s" in facts
+    assert len(facts) == 77 and "sae.k" in facts and "parallel.timeout_s" in facts
     for name, fact in facts.items():
         assert fact.on_resume in ON_RESUME, name
         assert set(fact.checked_by) <= set(CHECKERS), name
@@ -193,7 +193,8 @@ def test_identity_and_plots_read_the_declared_facts():
     beside the options, now derived from them."""
     assert set(identity.MAY_CHANGE) == {
         "name", "trainer.steps", "trainer.log_every", "trainer.checkpoint_every", "trainer.keep_checkpoints",
-        "trainer.progress", "trainer.tensorboard", "trainer.profile_steps", "trainer.device", "trainer.on_nonfinite",
+        "trainer.progress", "trainer.tensorboard", "trainer.wandb", "trainer.wandb_project", "trainer.wandb_name",
+        "trainer.wandb_mode", "trainer.profile_steps", "trainer.device", "trainer.on_nonfinite",
         "trainer.engine", "trainer.zero_stage", "parallel.ep_size", "parallel.timeout_s", "data.lm_batch_size",
         "data.prefetch", "data.tokenizer_workers", "data.pretokenize", "data.cache_verify",
     }

@@ -14,6 +14,9 @@ output `blocks.L.hook_resid_pre` / `hook_resid_post`, its attention's and MLP's 
 this machine; without it `hook_name` is `model.hookpoint` as written, or `blocks.L.hook_resid_post` for
 `model.layer`.
 
+An SAE trained on normalised activations (data.normalize_activations) exports as `load_sae` gives it, its input
+scale folded into the weights: the export takes raw activations, and its `normalize_activations` is 'none'.
+
 Only this module knows the file layout; which architecture and weights an SAE exports is the model's
 `saelens_state()` (`sae_dist/models/base.py`) and, per expert, `ExpertSAE.saelens_expert_states()`. Nothing here
 imports SAELens.

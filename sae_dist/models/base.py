@@ -18,7 +18,9 @@ Every SAE, built as `cls(cfg, d_model, seed, dispatcher)`:
 - where `resamples_latents`: `latent_parameters()` and `reinit_latents_(...)`, what dead-latent resampling rewrites
   (`sae_dist/train/resample.py`);
 - `saelens_state()`: its SAELens architecture name, config entries and weights (`sae_dist/interop/saelens.py`);
-- the SAELens-style views `W_enc [d_in, L]`, `W_dec [L, d_in]`, `b_dec [d_in]`, `d_in`, `d_sae`.
+- where `folds_input_scale`: `fold_input_scale_(s)`, which makes a model trained on s * x take and return raw x
+  (data.normalize_activations; `load_sae` calls it);
+- the SAELens-style views `W_enc [d_in, L]`, `W_dec [L, d_in]`, `b_enc [L]`, `b_dec [d_in]`, `d_in`, `d_sae`.
 Class-level facts, read before a model exists: `routed` (a router sends each token to experts; experts shard over
 ranks; a capacity factor applies), `uses_k`, `rows_independent`, `check_config(cfg)` and `default_lr(cfg)`.
 """
@@ -83,6 +85,8 @@ class SAE(nn.Module, ABC):
     resamples_latents: ClassVar[bool] = False
     """Dead latents can be given new weights (`sae.resample_every`): the model has `latent_parameters` and
     `reinit_latents_`."""
+    folds_input_scale: ClassVar[bool] = False
+    """`fold_input_scale_` exists: the SAE may train on normalised activations (data.normalize_activations)."""
     k_aux: int = 0
     """Latents of the AuxK reconstruction (0: AuxK off)."""
 
@@ -191,6 +195,13 @@ class SAE(nn.Module, ABC):
 
     def after_step(self, out: SAEOutput, reducer: BatchReducer | None, applied: Tensor) -> None:  # noqa: B027
         """State that follows a training step's output; `applied` (0-dim bool) is False for a skipped step."""
+
+    def fold_input_scale_(self, scale: float) -> None:
+        """Rewrite the weights of a model trained on inputs s x (s = `scale`) so that on raw x it gives the trained
+        model's latents and reconstruction divided by s (docs/math.md, 'Activation normalisation'): biases in the
+        input space, encoder biases and thresholds divided by s, router weights multiplied by s; the unit-norm
+        decoder rows and the encoder weights are kept. Where `folds_input_scale`."""
+        raise NotImplementedError(f"sae.kind={self.kind!r} cannot fold an input scale")
 
     def saelens_state(self) -> tuple[str, dict, dict[str, Tensor]]:
         """(SAELens architecture, its config entries beyond d_in/d_sae, its weights) of a model holding every

@@ -113,6 +113,13 @@ class BatchTopKSAE(ExpertSAE):
         return architecture, {**entries, "activation": "threshold"}, {**weights, "threshold": self.experts.threshold_N}
 
     @torch.no_grad()
+    def fold_input_scale_(self, scale: float) -> None:
+        """As the experts' (`ExpertSAE.fold_input_scale_`), and each threshold theta_e / s: it compares
+        pre-activations, which become 1/s times the trained ones."""
+        super().fold_input_scale_(scale)
+        self.experts.threshold_N.div_(scale)
+
+    @torch.no_grad()
     def after_step(self, out: SAEOutput, reducer: BatchReducer | None, applied: Tensor) -> None:
         """theta_e <- decay * theta_e + (1 - decay) * (the replicas' mean of the smallest activation kept by
         expert e in this batch); an expert no replica's batch reached keeps its theta; the first update sets it."""

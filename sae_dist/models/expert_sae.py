@@ -46,6 +46,7 @@ class ExpertSAE(SAE):
 
     encoder_bias: bool = False
     resamples_latents = True
+    folds_input_scale = True
     default_auxk_alpha: float = 0.0
     bank_class: type[ExpertBank] = ExpertBank
 
@@ -90,6 +91,12 @@ class ExpertSAE(SAE):
     def W_dec(self) -> Tensor:  # noqa: N802
         return self.experts.w_dec.flatten(0, 1)
 
+    @property
+    def b_enc(self) -> Tensor:
+        """[L] encoder bias, a view (zeros where the experts have none)."""
+        bank = self.experts
+        return bank.w_enc.new_zeros(self.num_local_latents) if bank.b_enc is None else bank.b_enc.flatten()
+
     def decoder_weights(self) -> list[nn.Parameter]:
         return [self.experts.w_dec]
 
@@ -119,6 +126,17 @@ class ExpertSAE(SAE):
         bank.w_enc[expert_R, column_R] = (direction_RD * encoder_norm_R[:, None]).to(bank.w_enc.dtype)
         if bank.b_enc is not None:
             bank.b_enc[expert_R, column_R] = 0
+
+    @torch.no_grad()
+    def fold_input_scale_(self, scale: float) -> None:
+        """b_pre, b_enc, b_router / s and W_router * s: every pre-activation (x - b_pre) W_enc + b_enc becomes 1/s
+        times the trained one, which TopK and ReLU pass on; the router's logits are unchanged."""
+        self.b_pre.div_(scale)
+        if self.experts.b_enc is not None:
+            self.experts.b_enc.div_(scale)
+        if self.router is not None:
+            self.router.weight.mul_(scale)
+            self.router.b_router.div_(scale)
 
     def bias_parameters(self) -> dict[str, nn.Parameter]:
         biases = {"b_pre": self.b_pre}

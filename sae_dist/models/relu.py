@@ -24,6 +24,7 @@ class ReLUSAE(SAE):
 
     label = "ReLU"
     uses_k = False
+    folds_input_scale = True
 
     def __init__(self, cfg: SAEConfig, d_model: int, seed: int, dispatcher: TokenDispatcher | None = None):
         super().__init__(cfg, d_model)
@@ -66,6 +67,12 @@ class ReLUSAE(SAE):
 
     def bias_parameters(self) -> dict[str, nn.Parameter]:
         return {"b_pre": self.b_pre}
+
+    @torch.no_grad()
+    def fold_input_scale_(self, scale: float) -> None:
+        """b_pre and b_enc / s: f = ReLU(W_enc (x - b_pre / s) + b_enc / s) is 1/s times the trained f."""
+        self.b_pre.div_(scale)
+        self.b_enc.div_(scale)
 
     def forward(self, x_TD: Tensor, aux_candidates: AuxCandidates | None = None) -> SAEOutput:
         """f = ReLU(W_enc (x - b_pre) + b_enc) [T, M] dense; `aux_candidates` is unused (no AuxK)."""

@@ -57,6 +57,7 @@ def prepare_run(run: RunConfig, world_size: int = 1, overrides: list[str] | None
     ep_size = validate_layout(run, world_size)
     device = preflight.check_device(run.trainer.device)
     preflight.check_inputs(run)
+    preflight.check_loggers(run)
     d_model = preflight.activation_width(run)
     if d_model is not None:
         expert_shards = ep_size if architecture(run.sae.kind).routed else 1
@@ -106,7 +107,7 @@ def final_evaluation(trainer: Trainer, batches: int) -> dict[str, float]:
     model = trainer.model
     sums = None
     for _ in range(batches):
-        x_TD = trainer.source.next_batch(trainer.local_batch).to(trainer.device)
+        x_TD = trainer.next_batch()
         out = model(x_TD)
         batch = ReconstructionSums.of_batch(x_TD, out.x_hat_TD, model.active_latents(out))
         sums = batch if sums is None else sums + batch

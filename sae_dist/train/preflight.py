@@ -10,6 +10,7 @@ one-line ConfigError.
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
 import shutil
@@ -99,6 +100,13 @@ def check_inputs(run: RunConfig) -> None:
         mismatch = cache_site_mismatch(read_cache_manifest(data.cache_dir), run.model)
         if mismatch:
             raise ConfigError(f"data.cache_dir={data.cache_dir} holds {mismatch}")
+
+
+def check_loggers(run: RunConfig) -> None:
+    """trainer.wandb=true finds the wandb package (not imported here)."""
+    if run.trainer.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("trainer.wandb=true needs the wandb package: pip install 'sae-dist[wandb]', or use "
+                          "trainer.wandb=false")
 
 
 def check_data_files(data: DataConfig) -> None:

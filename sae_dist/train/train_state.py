@@ -17,7 +17,7 @@ from sae_dist.data.order import resume_state
 from sae_dist.data.source import ActivationSource
 from sae_dist.models import SAE
 from sae_dist.parallel.context import ParallelContext
-from sae_dist.run_dir import CHECKPOINTS_DIR, read_checkpoint_config
+from sae_dist.run_dir import CHECKPOINTS_DIR, INPUT_SCALE_KEY, read_checkpoint_config
 from sae_dist.train import checkpoint as ckpt
 from sae_dist.train import identity
 from sae_dist.train.engine import Engine
@@ -39,14 +39,19 @@ class TrainState:
     """Tokens trained on (global batch size times steps)."""
     nonfinite_steps: int = 0
     """Steps skipped because of NaN or inf (trainer.on_nonfinite=skip), over the whole run."""
+    input_scale: float | None = None
+    """s, the factor the activations are multiplied by (data.normalize_activations); None: not normalised."""
 
     def tensors(self) -> ckpt.TrainingTensors:
         return ckpt.TrainingTensors(self.model, self.engine.optimizer_state(), self.latents.dead.tokens_since_fired_L)
 
     def run_state(self) -> dict[str, Any]:
         """What every rank holds alike (written once)."""
-        return {"step": self.step, "tokens": self.tokens, "scheduler": self.engine.scheduler.state_dict(),
-                "nonfinite_steps": self.nonfinite_steps, "resampled": self.latents.resampled}
+        state = {"step": self.step, "tokens": self.tokens, "scheduler": self.engine.scheduler.state_dict(),
+                 "nonfinite_steps": self.nonfinite_steps, "resampled": self.latents.resampled}
+        if self.input_scale is not None:  # the checkpoint's config.json records it too, for `load_sae`
+            state[INPUT_SCALE_KEY] = self.input_scale
+        return state
 
     def rank_state(self) -> dict[str, Any]:
         """What each rank holds on its own."""
@@ -58,6 +63,7 @@ class TrainState:
         self.step, self.tokens = run_state["step"], run_state["tokens"]
         self.nonfinite_steps = run_state.get("nonfinite_steps", 0)
         self.latents.resampled = run_state.get("resampled", 0)
+        self.input_scale = run_state.get(INPUT_SCALE_KEY)
         self.engine.scheduler.load_state_dict(run_state["scheduler"])
         data_states = [state["data"] for state in rank_states]
         self.source.load_state_dict(resume_state(data_states, ctx.rank, ctx.world_size))

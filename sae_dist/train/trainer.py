@@ -3,8 +3,9 @@ their cadence until `trainer.steps`.
 
 The parts, one concern each: the engine (`engine.py`, `deepspeed_engine.py`), the step (`step.py`), the latent
 bookkeeping (`latents.py`), metrics rows (`step_metrics.py`), the training state and its checkpoints
-(`train_state.py`). The trainer owns no distribution logic: every collective goes through the injected
-`ParallelContext`, which is the identity on one device and the expert-parallel layout under torchrun.
+(`train_state.py`), the input scale of normalised activations (`input_scale.py`). The trainer owns no distribution
+logic: every collective goes through the injected `ParallelContext`, which is the identity on one device and the
+expert-parallel layout under torchrun.
 
 Faults: a step that is not finite applies no update, and the loop applies trainer.on_nonfinite at logging and
 checkpoint steps (`nonfinite.py`). SIGTERM / SIGUSR1 stop the run after a checkpoint (`preemption`). A collective
@@ -27,6 +28,7 @@ from sae_dist.data.source import ActivationSource
 from sae_dist.parallel.context import ParallelContext
 from sae_dist.parallel.failures import collective_failure
 from sae_dist.train.init import init_biases_from_batch
+from sae_dist.train.input_scale import estimate_input_scale
 from sae_dist.train.logging import MetricsLogger
 from sae_dist.train.nonfinite import FiniteFlags, NonFiniteError
 from sae_dist.train.preemption import HeldSignals, StopRequested, StopSignals, agreed_stop
@@ -83,6 +85,11 @@ class Trainer:
         """The global metrics row of the step just taken (collective)."""
         return self.metrics.row(x_TD, result, self.state.step, self.state.tokens)
 
+    def next_batch(self) -> torch.Tensor:
+        """This rank's next batch on the device, times the input scale s where activations are normalised."""
+        x_TD = self.source.next_batch(self.local_batch).to(self.device, non_blocking=True)
+        return x_TD if self.state.input_scale is None else x_TD * self.state.input_scale
+
     def save(self) -> Path:
         return self.checkpoints.save(rotate=not self.defer_rotation)
 
@@ -120,7 +127,11 @@ class Trainer:
         cfg, ctx, state = self.run.trainer, self.ctx, self.state
         self.checkpoints.remove_partial()
         self.maybe_resume()
-        logger = MetricsLogger(self.run_dir, state.step, cfg.tensorboard) if ctx.is_main else None
+        if self.run.data.normalize_activations != "none" and state.input_scale is None:
+            self._estimate_input_scale()
+        logger = None
+        if ctx.is_main:
+            logger = MetricsLogger(self.run_dir, state.step, cfg.tensorboard, self.run if cfg.wandb else None)
         bar = tqdm(total=cfg.steps, initial=state.step, disable=not (cfg.progress and ctx.is_main), unit="step")
         flags = FiniteFlags(cfg.on_nonfinite, self.run_dir, show=ctx.is_main)
         last_row: dict[str, Any] = {}
@@ -134,7 +145,7 @@ class Trainer:
             with StopSignals() if signals is None else nullcontext(signals) as signals:
                 while state.step < cfg.steps:
                     doing = f"step {state.step + 1}"
-                    x_TD = self.source.next_batch(self.local_batch).to(self.device, non_blocking=True)
+                    x_TD = self.next_batch()
                     if state.step == 0:
                         self._init_biases(x_TD)
                     result = self.train_step(x_TD)
@@ -191,6 +202,13 @@ class Trainer:
         if logger is not None:
             logger.log(row)
         return row
+
+    def _estimate_input_scale(self) -> None:
+        """s from the stream's first batches, the same on every rank (`input_scale`)."""
+        self.state.input_scale = estimate_input_scale(self.source, self.local_batch, self.ctx, self.device)
+        if self.ctx.is_main:
+            print(f"activations scaled by s = {self.state.input_scale:.6g} (data.normalize_activations="
+                  f"{self.run.data.normalize_activations})", flush=True)
 
     def _init_biases(self, x_TD: torch.Tensor) -> None:
         """b_pre and b_router from the first global batch's finite rows (none finite: left as built, and the step

@@ -106,8 +106,8 @@ def continue_config(
         raise RunDirectoryError(
             f"trainer.out_dir={current.trainer.out_dir} holds a run defined otherwise: {', '.join(refused)}; "
             "a continued run keeps its settings (only steps, logging, checkpointing, device, on_nonfinite, "
-            "engine, ep_size, timeout_s, the data path's speed settings and the number of ranks may change): drop these overrides, or choose another "
-            "trainer.out_dir for a new run"
+            "engine, ep_size, timeout_s, the data path's speed settings, W&B and the number of ranks may change): "
+            "drop these overrides, or choose another trainer.out_dir for a new run"
         )
     return from_dict(_unflatten(merged)), changes
 

@@ -42,7 +42,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoTokenizer, GPT2Config, GPT2Model
 
-from sae_dist.config import DataConfig, ModelConfig, RunConfig, SAEConfig, TrainerConfig, validate
+from sae_dist.config import DataConfig, ModelConfig, RunConfig, SAEConfig, TrainerConfig
 from sae_dist.data import CachedActivationSource, lm_activation_source, load_lm, pretokenize_processes, write_cache
 from sae_dist.data.shuffle import BlockShuffleSource
 from sae_dist.data.source import ActivationSource
@@ -53,6 +53,7 @@ from sae_dist.host_memory import keep_freed_host_memory
 from sae_dist.train.init import init_biases_from_batch
 from sae_dist.train.step import build_step
 from sae_dist.train.trainer import Trainer
+from sae_dist.validation import validate
 
 
 def synchronize(device: torch.device) -> None:

@@ -28,11 +28,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from sae_dist.config import DataConfig, RunConfig, SAEConfig, TrainerConfig, validate
+from sae_dist.config import DataConfig, RunConfig, SAEConfig, TrainerConfig
 from sae_dist.data.synthetic import SyntheticSource
 from sae_dist.parallel.context import ParallelContext
 from sae_dist.train.init import init_biases_from_batch
 from sae_dist.train.step import TrainStep, build_step
+from sae_dist.validation import validate
 
 MB = 1e6
 

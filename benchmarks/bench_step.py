@@ -40,13 +40,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from sae_dist.config import DataConfig, RunConfig, SAEConfig, TrainerConfig, validate
+from sae_dist.config import DataConfig, RunConfig, SAEConfig, TrainerConfig
 from sae_dist.data.synthetic import SyntheticSource
 from sae_dist.host_memory import keep_freed_host_memory, release_freed_host_memory
 from sae_dist.models import build_sae
 from sae_dist.train.init import init_biases_from_batch
 from sae_dist.train.profiling import operator_table, profiler_for
 from sae_dist.train.step import build_step
+from sae_dist.validation import validate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the dense oracle lives in tests/, beside the package
 from tests.reference import reference_train_step  # noqa: E402

@@ -39,7 +39,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from sae_dist.config import DataConfig, ModelConfig, RunConfig, SAEConfig, TrainerConfig, validate
+from sae_dist.config import DataConfig, ModelConfig, RunConfig, SAEConfig, TrainerConfig
 from sae_dist.data.cache import MANIFEST, CacheUnitReader, describe_cache, read_manifest
 from sae_dist.data.cache_writer import write_cache
 from sae_dist.data.source import ActivationSource
@@ -47,6 +47,7 @@ from sae_dist.eval.learning_curves import CURVE_FILE, checkpoint_curve, crossing
 from sae_dist.flops import flops_per_token
 from sae_dist.run_dir import latest_checkpoint
 from sae_dist.train.run import train_from_config
+from sae_dist.validation import validate
 
 RECIPES: dict[str, dict[str, object]] = {
     "paper": {},

@@ -35,7 +35,6 @@ from sae_dist.config import (
     as_dict,
     register_configs,
     resolve_dtype,
-    to_cache_job_config,
 )
 from sae_dist.data import PrefetchingSource, lm_activation_source, load_lm, model_site
 from sae_dist.data.cache import CACHE_DTYPES, MANIFEST, site_record
@@ -52,6 +51,7 @@ from sae_dist.data.cache_writer import (
 from sae_dist.data.lm import MINILM_BUNDLED
 from sae_dist.launch_guards import hold_folder
 from sae_dist.train import preflight
+from sae_dist.validation import to_cache_job_config
 
 BARRIER_TIMEOUT = timedelta(hours=2)
 """How long a finished rank waits for the slowest one."""

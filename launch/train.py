@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from sae_dist.cli import one_line_errors, run_hydra_app
-from sae_dist.config import RunConfig, register_configs, to_run_config
+from sae_dist.config import RunConfig, register_configs
 from sae_dist.launch_guards import check_resumed_width, hold_folder, watch_launcher
 from sae_dist.parallel.expert_parallel import ExpertParallelContext
 from sae_dist.parallel.failures import on_every_rank
@@ -32,6 +32,7 @@ from sae_dist.train.deepspeed_engine import import_deepspeed
 from sae_dist.train.multi import prepare_sweep, train_sweep
 from sae_dist.train.preflight import check_device
 from sae_dist.train.run import prepare_run, train_from_config, train_planned
+from sae_dist.validation import to_run_config
 
 
 def train_distributed(run: RunConfig, overrides: list[str]) -> None:

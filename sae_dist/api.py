@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sae_dist.config import ModelConfig, RunConfig, validate
+from sae_dist.config import ModelConfig, RunConfig
 from sae_dist.data.lm import HookedLM, lm_skeleton, load_lm
 from sae_dist.data.sites import model_site
 from sae_dist.data.text import ContextCutter
 from sae_dist.models import SAE, build_sae
 from sae_dist.run_dir import load_model_weights, read_checkpoint_config, read_input_scale, resolve_checkpoint
+from sae_dist.validation import validate
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:

@@ -27,7 +27,7 @@ from typing import Any, NoReturn
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from sae_dist.config import ConfigError, RunConfig, error_line
+from sae_dist.config import ConfigError, RunConfig
 from sae_dist.data.source import DataUnavailableError
 from sae_dist.host_memory import keep_freed_host_memory
 from sae_dist.parallel.failures import CollectiveError, PeerFailedError
@@ -42,6 +42,7 @@ from sae_dist.run_dir import (
 from sae_dist.train.preemption import REQUEUE_EXIT_STATUS, StopRequested
 from sae_dist.train.preflight import OutputFolder, check_output_folder
 from sae_dist.train.trainer import NonFiniteError
+from sae_dist.validation import error_line
 
 USAGE_ERROR_STATUS = 2
 COLLECTIVE_ERROR_STATUS = 1

@@ -1,27 +1,35 @@
 """Typed run configuration: one dataclass per Hydra group, validated once at start-up.
 
-Hydra composes YAML from `conf/`; `to_run_config` merges it into these dataclasses (unknown keys and wrong
-types fail there) and `validate` checks the values that depend on each other. Every error is one line that
-names the bad value and what is allowed.
+Hydra composes YAML from `conf/`; `sae_dist.validation.to_run_config` merges it into these dataclasses (unknown keys
+and wrong types fail there) and checks the values that depend on each other. Every error is one line that names the
+bad value and what is allowed.
 
-Each option states its facts beside it (`option(...)`, read back with `option_facts`): whether a continued run may
+Each option states its facts beside it (`option(...)`, `sae_dist/option_facts.py`; read back with `option_facts`): whether a continued run may
 change it, whether it changes what the SAE learns, whether it is a performance switch, and which code checks it.
 The run's identity (`sae_dist/train/identity.py`), the comparison plots (`sae_dist/eval/runs.py`) and the docs read
 them from here.
-
-This module sits below the models: the rules of each SAE kind come from the models' registry, which the package
-hands to `use_architectures` when it is imported (`sae_dist/__init__.py`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
-from typing import Any, Protocol
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from typing import Any
 
 from omegaconf import OmegaConf
 
 from sae_dist.launcher_env import run_stamp, sweep_job_name
+from sae_dist.option_facts import (
+    ARCHITECTURE,
+    CHANGEABLE,
+    FACTS_KEY,
+    LAYOUT,
+    PER_COMMAND,
+    PREFLIGHT,
+    VALIDATE,
+    OptionFacts,
+    option,
+)
 
 DATA_SOURCES = ("lm", "synthetic", "cache")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -37,9 +45,6 @@ NORMALIZATIONS = ("none", "expected_average_only_in")
 WANDB_MODES = ("online", "offline", "disabled")
 SWEEP_KEYS = ("model.layer", "model.hookpoint", "trainer.lr", "name")
 """What a sweep item may override besides `sae.*`: the hook site and the learning rate; the stream stays shared."""
-SIDES = ("output", "input")
-"""The sides of a module that `model.hookpoint` may read; output is the default."""
-GLOB_CHARACTERS = "*?["
 
 
 def resolve_dtype(dtype: str, device_type: str) -> str:
@@ -52,52 +57,6 @@ def resolve_dtype(dtype: str, device_type: str) -> str:
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message is one line naming the value and what is allowed."""
-
-
-# --- what each option is -----------------------------------------------------------------------------------------
-FIXED = "fixed"
-"""A continued run keeps the saved value; a different one on its command line is refused."""
-CHANGEABLE = "may change"
-"""A continued run may take a new value (recorded in its resume history)."""
-PER_COMMAND = "per command"
-"""How this command finds the run: always taken from the command line, never compared with the saved value."""
-ON_RESUME = (FIXED, CHANGEABLE, PER_COMMAND)
-
-VALIDATE = "sae_dist.config.validate"
-LAYOUT = "sae_dist.parallel.mesh.validate_layout"
-PREFLIGHT = "sae_dist.train.preflight"
-ARCHITECTURE = "sae_dist.models.base.SAE.check_config"
-CHECKERS = (VALIDATE, LAYOUT, PREFLIGHT, ARCHITECTURE)
-
-
-@dataclass(frozen=True)
-class OptionFacts:
-    """What one option is, declared beside it (`option`)."""
-
-    on_resume: str = FIXED
-    """One of ON_RESUME: whether a continued run may change it."""
-    changes_math: bool = True
-    """Whether it changes what the SAE learns from which data, or the numbers that come out of it; False for where
-    and how fast a run goes and how it reports. Runs that differ only in such settings are one line of a plot."""
-    performance: bool = False
-    """A speed or memory switch, chosen by a benchmark for the hardware rather than by the experiment."""
-    checked_by: tuple[str, ...] = (VALIDATE,)
-    """The code (of CHECKERS) that refuses its bad values, with a one-line ConfigError."""
-
-
-FACTS_KEY = "sae_dist"
-"""The key of a field's metadata that holds its OptionFacts."""
-
-
-def option(default: Any = MISSING, *, default_factory: Callable[[], Any] | None = None, on_resume: str = FIXED,
-           changes_math: bool = True, performance: bool = False,
-           checked_by: tuple[str, ...] = (VALIDATE,)) -> Any:
-    """A dataclass field carrying its `OptionFacts` (the defaults: fixed on resume, part of what is learned, checked
-    by `validate`)."""
-    metadata = {FACTS_KEY: OptionFacts(on_resume, changes_math, performance, checked_by)}
-    if default_factory is not None:
-        return field(default_factory=default_factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -349,330 +308,13 @@ def options_where(predicate: Callable[[OptionFacts], bool]) -> tuple[str, ...]:
     return tuple(name for name, facts in option_facts().items() if predicate(facts))
 
 
-# --- the rules of each SAE kind ------------------------------------------------------------------------------------
-class ArchitectureFacts(Protocol):
-    """An SAE kind's registered class (`sae_dist.models.base.SAE`) as validation and the layout read it; the FLOPs
-    count (`sae_dist.flops`) reads its `flops_per_token` too."""
-
-    routed: bool
-    uses_k: bool
-    rows_independent: bool
-    folds_input_scale: bool
-
-    @classmethod
-    def check_config(cls, cfg: SAEConfig) -> None: ...
-
-
-_lookup_architecture: Callable[[str], ArchitectureFacts] | None = None
-
-
-def use_architectures(lookup: Callable[[str], ArchitectureFacts]) -> None:
-    """Hand this module the models' registry: `lookup(kind)` is the registered class, or a ConfigError naming the
-    registered kinds. The package does this once on import (`sae_dist/__init__.py`), so the ground floor asks the
-    models about kinds without importing them."""
-    global _lookup_architecture
-    _lookup_architecture = lookup
-
-
-def architecture_facts(kind: str) -> ArchitectureFacts:
-    """The registered class of the SAE kind `kind` (see `use_architectures`)."""
-    if _lookup_architecture is None:
-        raise RuntimeError("no SAE registry: import the sae_dist package, which hands it to use_architectures")
-    return _lookup_architecture(kind)
-
-
-def _message_lines(exc: BaseException) -> list[str]:
-    """The lines of an OmegaConf/Hydra message that matter: without OmegaConf's detail lines and Hydra's search
-    path; a list of available options becomes 'allowed: a, b'."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if "Config search path:" in lines:
-        lines = lines[: lines.index("Config search path:")]
-    lines = [line for line in lines if not line.startswith(("full_key:", "object_type=", "reference_type="))]
-    for i, line in enumerate(lines):
-        if line.startswith("Available options in"):
-            allowed = f"allowed: {', '.join(lines[i + 1:])}"
-            return [*lines[: i - 1], f"{lines[i - 1]}; {allowed}"] if i else [allowed]
-    return lines
-
-
-def error_line(exc: BaseException) -> str:
-    """One line from an OmegaConf or Hydra error (and the OmegaConf error that caused it), naming the key."""
-    text = " ".join(_message_lines(exc))
-    cause = exc.__cause__
-    if cause is not None and _message_lines(cause):
-        key = getattr(cause, "full_key", None)
-        detail = _message_lines(cause)[0]
-        text = f"{text} ({key}: {detail})" if key else f"{text} ({detail})"
-    return text or type(exc).__name__
-
-
-def _typed(schema: type, cfg: Any) -> Any:
-    """A Hydra/OmegaConf config merged into the dataclass `schema` (unknown keys and wrong types: ConfigError)."""
-    try:
-        values = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
-        values.pop("hydra", None)
-        merged = OmegaConf.merge(OmegaConf.structured(schema), values)
-    except Exception as exc:  # omegaconf's errors carry the key and say what type was expected
-        key = getattr(exc, "full_key", None)
-        first_line = str(exc).splitlines()[0]
-        raise ConfigError(f"{key}: {first_line}" if key else first_line) from None
-    return OmegaConf.to_object(merged)
-
-
-def to_run_config(cfg: Any) -> RunConfig:
-    """Merge a Hydra/OmegaConf config into the typed schema and validate it."""
-    run = _typed(RunConfig, cfg)
-    validate(run)
-    return run
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    _require(value in allowed, f"{name}={value!r} is unknown; allowed: {', '.join(allowed)}")
-
-
-def _positive(name: str, value: float) -> None:
-    _require(value > 0, f"{name}={value} must be positive")
-
-
-def hookpoint_parts(hookpoint: str) -> tuple[str, str]:
-    """(module name or alias, side) of a `model.hookpoint` value: 'h.5.mlp' -> ('h.5.mlp', 'output'),
-    'h.5:input' -> ('h.5', 'input'); a one-line ConfigError for an empty name or an unknown side."""
-    name, colon, side = str(hookpoint).strip().partition(":")
-    side = side if colon else "output"
-    _one_of(f"model.hookpoint={hookpoint}: the side", side, SIDES)
-    _require(bool(name) and " " not in name, f"model.hookpoint={hookpoint!r} names no module")
-    return name, side
-
-
-def is_glob(hookpoint: str) -> bool:
-    return any(c in str(hookpoint) for c in GLOB_CHARACTERS)
-
-
-def site_key(model: ModelConfig) -> int | str:
-    """The site of `model`: its hookpoint, or the block number `model.layer` (that block's output)."""
-    return model.hookpoint if model.hookpoint is not None else model.layer
-
-
 def resume_mode(trainer: TrainerConfig) -> str:
     """trainer.resume as one of RESUME_MODES (a bool set in Python code counts as 'true' / 'false')."""
     return str(trainer.resume).lower()
 
 
-def validate(run: RunConfig) -> None:
-    """Check every value and the values that depend on each other; raise ConfigError with a one-line message.
-
-    Normalises trainer.resume to lower case ('true' for a YAML/CLI boolean)."""
-    _validate_sae(run.sae)
-    _validate_trainer(run.trainer)
-    _validate_data(run.data)
-    _require(run.sae.resample_every is None or run.trainer.engine == "torch",
-             f"sae.resample_every={run.sae.resample_every} needs trainer.engine=torch (the DeepSpeed engine's "
-             "partitioned Adam state is not reset)")
-    _one_of("model.dtype", run.model.dtype, ("auto", *DTYPES))
-    _require(run.model.layer >= 0, f"model.layer={run.model.layer} must be >= 0")
-    if run.model.hookpoint is not None:
-        hookpoint_parts(run.model.hookpoint)
-        _require(not is_glob(run.model.hookpoint),
-                 f"model.hookpoint={run.model.hookpoint} is a glob: put it in a sweep item "
-                 f"(sweep=[{{model: {{hookpoint: '{run.model.hookpoint}'}}}}]), one SAE per matching module")
-    _require(bool(run.model.name) or bool(run.model.path), "model.name or model.path must be set")
-    parallel = run.parallel
-    cf = parallel.capacity_factor
-    _require(cf is None or cf > 0, f"parallel.capacity_factor={cf} must be positive or null (dropless)")
-    if cf is not None:
-        _require(_architecture(run.sae).routed,
-                 f"parallel.capacity_factor={cf} applies to Switch SAEs only, the kinds with a router "
-                 f"(sae.kind={run.sae.kind!r}); use null")
-    ep = parallel.ep_size
-    _require(ep is None or ep > 0, f"parallel.ep_size={ep} must be positive or null")
-    _require(parallel.timeout_s > 0, f"parallel.timeout_s={parallel.timeout_s} must be positive")
-    _positive("parallel.a2a_chunks", parallel.a2a_chunks)
-    _require(parallel.a2a_chunks == 1 or _architecture(run.sae).rows_independent,
-             f"parallel.a2a_chunks={parallel.a2a_chunks}: sae.kind={run.sae.kind!r} selects over each expert's whole "
-             "batch, which chunks would split; use 1")
-    _require(parallel.a2a_chunks == 1 or not run.sae.union_topk,
-             f"parallel.a2a_chunks={parallel.a2a_chunks}: sae.union_topk=true exchanges every row's candidates before "
-             "it decodes, which the chunked all-to-all does not overlap; use 1")
-    _require(run.data.normalize_activations == "none" or _architecture(run.sae).folds_input_scale,
-             f"data.normalize_activations={run.data.normalize_activations!r}: sae.kind={run.sae.kind!r} cannot fold "
-             "the input scale into its weights; use 'none'")
-    if run.sweep:
-        sweep_members(run)
-
-
-def _architecture(sae: SAEConfig) -> ArchitectureFacts:
-    return architecture_facts(sae.kind)
-
-
-def _validate_sae(sae: SAEConfig) -> None:
-    cls = _architecture(sae)
-    _positive("sae.num_latents", sae.num_latents)
-    _positive("sae.num_experts", sae.num_experts)
-    _positive("sae.experts_per_token", sae.experts_per_token)
-    _one_of("sae.encoder_backward", sae.encoder_backward, ("auto", "sparse", "gemm"))
-    _one_of("sae.decoder", sae.decoder, ("auto", "gather", "gemm"))
-    _require(
-        sae.num_latents % sae.num_experts == 0,
-        f"sae.num_latents={sae.num_latents} is not divisible by sae.num_experts={sae.num_experts}",
-    )
-    cls.check_config(sae)
-    _require(sae.lb_alpha >= 0, f"sae.lb_alpha={sae.lb_alpha} must be >= 0")
-    _require(sae.auxk_alpha is None or sae.auxk_alpha >= 0,
-             f"sae.auxk_alpha={sae.auxk_alpha} must be >= 0 or null (the kind's default)")
-    _require(sae.auxk_k is None or sae.auxk_k > 0, f"sae.auxk_k={sae.auxk_k} must be positive or null (d / 2)")
-    _one_of("sae.auxk_scale", sae.auxk_scale, AUXK_SCALES)
-    _require(sae.l1_coefficient >= 0, f"sae.l1_coefficient={sae.l1_coefficient} must be >= 0")
-    _positive("sae.dead_tokens", sae.dead_tokens)
-    _one_of("sae.dead_count", sae.dead_count, DEAD_COUNTS)
-    if sae.dead_count == "routed":
-        _require(cls.routed, f"sae.dead_count='routed' applies to routed SAEs only (sae.kind={sae.kind!r}); "
-                             "use 'tokens'")
-    every = sae.resample_every
-    _require(every is None or every > 0, f"sae.resample_every={every} must be positive or null (never)")
-    _require(0 <= sae.l1_warmup_frac <= 1, f"sae.l1_warmup_frac={sae.l1_warmup_frac} must be in [0, 1]")
-
-
-def _validate_trainer(trainer: TrainerConfig) -> None:
-    for name in ("batch_size", "steps", "grad_clip", "adam_eps", "log_every", "checkpoint_every", "keep_checkpoints"):
-        _positive(f"trainer.{name}", getattr(trainer, name))
-    _require(trainer.lr is None or trainer.lr > 0, f"trainer.lr={trainer.lr} must be positive or null")
-    _one_of("trainer.lr_rule", trainer.lr_rule, LR_RULES)
-    _require(0 <= trainer.lr_decay_frac <= 1, f"trainer.lr_decay_frac={trainer.lr_decay_frac} must be in [0, 1]")
-    betas = list(trainer.adam_betas)
-    _require(len(betas) == 2 and all(0 <= b < 1 for b in betas),
-             f"trainer.adam_betas={betas} must be two values in [0, 1)")
-    _require(0 <= trainer.seed <= MAX_SEED, f"trainer.seed={trainer.seed} must be in [0, 2^63 - 1]")
-    _one_of("trainer.dtype", trainer.dtype, ("auto", *DTYPES))
-    _one_of("trainer.device", trainer.device, ("auto", "cpu", "cuda"))
-    _one_of("trainer.engine", trainer.engine, ENGINES)
-    _one_of("trainer.optimizer_state", trainer.optimizer_state, ("float32", "bfloat16"))
-    _require(trainer.optimizer_state == "float32" or trainer.engine == "torch",
-             f"trainer.optimizer_state={trainer.optimizer_state!r} needs trainer.engine=torch (DeepSpeed keeps "
-             "float32 moments)")
-    _require(trainer.zero_stage in ZERO_STAGES, f"trainer.zero_stage={trainer.zero_stage} is unknown; allowed: 1, 2")
-    _require(trainer.profile_steps >= 0,
-             f"trainer.profile_steps={trainer.profile_steps} must be 0 (none) or positive")
-    _require(bool(str(trainer.out_dir).strip()), "trainer.out_dir must not be empty")
-    trainer.resume = resume_mode(trainer)
-    _one_of("trainer.resume", trainer.resume, RESUME_MODES)
-    _one_of("trainer.on_nonfinite", trainer.on_nonfinite, NONFINITE_POLICIES)
-    _require(bool(trainer.wandb_project.strip()), "trainer.wandb_project must not be empty")
-    if trainer.wandb_mode is not None:
-        _one_of("trainer.wandb_mode", trainer.wandb_mode, WANDB_MODES)
-
-
-def _validate_data(data: DataConfig) -> None:
-    _one_of("data.source", data.source, DATA_SOURCES)
-    _require(data.ctx_len > 1, f"data.ctx_len={data.ctx_len} must be > 1")
-    _positive("data.lm_batch_size", data.lm_batch_size)
-    _positive("data.shuffle_buffer", data.shuffle_buffer)
-    if data.source == "cache":
-        _require(bool(data.cache_dir), "data.cache_dir must be set when data.source='cache'")
-    if data.source == "synthetic":
-        _positive("data.d_model", data.d_model)
-        _require(
-            0 < data.synthetic_active <= data.synthetic_features,
-            f"data.synthetic_active={data.synthetic_active} must be in [1, data.synthetic_features]",
-        )
-        _require(data.synthetic_noise >= 0, f"data.synthetic_noise={data.synthetic_noise} must be >= 0")
-    _require(data.prefetch >= 0, f"data.prefetch={data.prefetch} must be >= 0")
-    _one_of("data.sample_by", data.sample_by, ("line", "paragraph", "document"))
-    _one_of("data.normalize_activations", data.normalize_activations, NORMALIZATIONS)
-    workers = data.tokenizer_workers
-    _require(workers is None or workers >= 0, f"data.tokenizer_workers={workers} must be >= 0 or null (auto)")
-    _require(not (data.pretokenize and data.streaming),
-             "data.pretokenize=true needs data.streaming=false (a streamed dataset is read in order, not by index)")
-
-
-def _dotted(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'sae': {'k': 16}} and {'sae.k': 16} both as {'sae.k': 16}."""
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_dotted(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _expanded_items(run: RunConfig, expand: Callable[[str], list[str]] | None) -> list[tuple[int, dict]]:
-    """(item index, dotted overrides) of every sweep member: an item whose model.hookpoint is a glob becomes one
-    member per hookpoint `expand` gives for it (without `expand`, the glob stays one member, checked for syntax)."""
-    items = []
-    for i, item in enumerate(run.sweep):
-        overrides = _dotted(dict(item))
-        hookpoint = overrides.get("model.hookpoint")
-        if hookpoint is not None and is_glob(hookpoint) and expand is not None:
-            _require("name" not in overrides, f"sweep[{i}]: a glob model.hookpoint={hookpoint} makes several SAEs, "
-                                              "which cannot share one name")
-            items += [(i, {**overrides, "model.hookpoint": one}) for one in expand(str(hookpoint))]
-        else:
-            items.append((i, overrides))
-    return items
-
-
-def site_label(model: ModelConfig) -> str:
-    """A sweep member's site in its default name: 'L<layer>', or the hookpoint ('h.5.mlp', 'h.5-input')."""
-    if model.hookpoint is None:
-        return f"L{model.layer}"
-    name, side = hookpoint_parts(model.hookpoint)
-    return name if side == "output" else f"{name}-{side}"
-
-
-def sweep_members(run: RunConfig, expand: Callable[[str], list[str]] | None = None) -> list[RunConfig]:
-    """The runs of `run.sweep`: this run with each item's overrides, each named by its item (default
-    '<kind>_M<M>_N<N>_k<k>_<site>', site 'L<layer>' or the hookpoint) and written to trainer.out_dir/<name>.
-    `expand(glob)` lists the hookpoints a glob model.hookpoint stands for (`sae_dist.data.sites.expand_hookpoint`
-    over the model's modules)."""
-    base = as_dict(run)
-    base["sweep"] = []
-    members: list[RunConfig] = []
-    for i, overrides in _expanded_items(run, expand):
-        bad = [key for key in overrides if not (key.startswith("sae.") or key in SWEEP_KEYS)]
-        _require(not bad, f"sweep[{i}].{bad[0] if bad else ''} cannot differ between the SAEs of one stream; "
-                          f"a sweep item may set: sae.*, model.layer, model.hookpoint, trainer.lr, name")
-        glob = overrides.get("model.hookpoint") if is_glob(overrides.get("model.hookpoint") or "") else None
-        if glob is not None:  # not expanded (`validate`): checked as a member of the base run's site
-            hookpoint_parts(glob)
-            overrides = {key: value for key, value in overrides.items() if key != "model.hookpoint"}
-        merged = OmegaConf.create(base)
-        for key, value in overrides.items():
-            if key != "name":
-                OmegaConf.update(merged, key, value, merge=True)
-        try:
-            member = to_run_config(merged)
-        except ConfigError as exc:
-            raise ConfigError(f"sweep[{i}]: {exc}") from None
-        sae = member.sae
-        named = ("sae.kind", "sae.num_latents", "sae.num_experts", "sae.k", "model.layer", "model.hookpoint", "name")
-        others = "".join(f"_{key.rsplit('.', 1)[1]}={value}" for key, value in overrides.items() if key not in named)
-        member.name = str(overrides.get("name", f"{sae.kind}_M{sae.num_latents}_N{sae.num_experts}_k{sae.k}"
-                                                f"_{glob or site_label(member.model)}{others}"))
-        member.trainer.out_dir = f"{run.trainer.out_dir}/{member.name}"
-        members.append(member)
-    names = [m.name for m in members]
-    _require(len(set(names)) == len(names), f"sweep names must differ: {names}")
-    if run.data.source != "lm":
-        layers = sorted({m.model.layer for m in members} - {run.model.layer})
-        _require(not layers, f"sweep: model.layer={layers[0] if layers else ''} needs data.source=lm (one site otherwise)")
-        sites = [key for key in dict.fromkeys(site_key(m.model) for m in members) if key != site_key(run.model)]
-        _require(not sites, f"sweep: model.hookpoint={sites[0] if sites else ''} needs data.source=lm "
-                            "(one site otherwise)")
-    return members
-
-
 def as_dict(run: RunConfig) -> dict:
     return asdict(run)
-
-
-def from_dict(values: dict) -> RunConfig:
-    """Rebuild a RunConfig from `as_dict` output (e.g. a checkpoint's config.json)."""
-    return to_run_config(OmegaConf.create(values))
 
 
 # --- launch/cache_activations.py --------------------------------------------------------------------------------------
@@ -705,19 +347,6 @@ class CacheJobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
-
-
-def to_cache_job_config(cfg: Any) -> CacheJobConfig:
-    """Merge a Hydra config of `launch/cache_activations.py` into its schema and validate it."""
-    job = _typed(CacheJobConfig, cfg)
-    cache = job.cache
-    _require(job.data.source == "lm", f"data.source={job.data.source!r}: a cache is written from data.source=lm")
-    validate(RunConfig(model=job.model, data=job.data))
-    _one_of("cache.dtype", cache.dtype, DTYPES)
-    _one_of("cache.device", cache.device, ("auto", "cpu", "cuda"))
-    _require(cache.num_tokens > 0, f"cache.num_tokens={cache.num_tokens} must be positive")
-    _require(cache.shard_tokens > 0, f"cache.shard_tokens={cache.shard_tokens} must be positive")
-    return job
 
 
 # --- Hydra ---------------------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sae_dist.config import SAEConfig, architecture_facts
+from sae_dist.config import SAEConfig
+from sae_dist.validation import architecture_facts
 
 
 @dataclass(frozen=True)

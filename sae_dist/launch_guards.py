@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sae_dist.config import RunConfig, resume_mode, sweep_members
+from sae_dist.config import RunConfig, resume_mode
 from sae_dist.launcher_env import under_torchrun
 from sae_dist.parallel.failures import on_every_rank
 from sae_dist.parent_watch import watch_parent
@@ -22,6 +22,7 @@ from sae_dist.run_dir import CheckpointError, latest_checkpoint, read_checkpoint
 from sae_dist.run_lock import FolderLock
 from sae_dist.train import identity, preflight
 from sae_dist.train.preflight import check_output_folder
+from sae_dist.validation import sweep_members
 
 WATCH_GRACE_MARGIN_S = 60.0
 """Seconds an orphaned worker may take, beyond the collective timeout, to checkpoint and stop."""

@@ -22,11 +22,12 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict
 
 from sae_dist.cli import fail
-from sae_dist.config import ConfigError, RunConfig, to_run_config
+from sae_dist.config import ConfigError, RunConfig
 from sae_dist.data.source import DataUnavailableError
 from sae_dist.parallel.mesh import launched_by_torchrun
 from sae_dist.run_dir import CheckpointError
 from sae_dist.train.run import prepare_run
+from sae_dist.validation import to_run_config
 
 LOCAL_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 

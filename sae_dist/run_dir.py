@@ -41,7 +41,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from sae_dist import checksums
-from sae_dist.config import ConfigError, RunConfig, as_dict, from_dict
+from sae_dist.config import ConfigError, RunConfig, as_dict
+from sae_dist.validation import from_dict
 
 RUN_CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"

@@ -14,7 +14,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.pop("SAE_DIST_REQUIRE_CHECKSUMS", None)  # the default policy (a warning) unless a test sets it
 
-from sae_dist.config import DataConfig, ModelConfig, RunConfig, SAEConfig, TrainerConfig, validate  # noqa: E402
+from sae_dist.config import DataConfig, ModelConfig, RunConfig, SAEConfig, TrainerConfig  # noqa: E402
+from sae_dist.validation import validate  # noqa: E402
 
 
 def small_run(tmp_path, kind="switch", **trainer_overrides) -> RunConfig:

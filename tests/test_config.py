@@ -9,23 +9,11 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from sae_dist.config import (
-    ARCHITECTURE,
-    CHECKERS,
-    LAYOUT,
-    ON_RESUME,
-    PREFLIGHT,
-    VALIDATE,
-    ConfigError,
-    RunConfig,
-    error_line,
-    option_facts,
-    options_where,
-    register_configs,
-    to_run_config,
-)
+from sae_dist.config import ConfigError, RunConfig, option_facts, options_where, register_configs
 from sae_dist.eval import runs
+from sae_dist.option_facts import ARCHITECTURE, CHECKERS, LAYOUT, ON_RESUME, PREFLIGHT, VALIDATE
 from sae_dist.train import identity
+from sae_dist.validation import error_line, to_run_config
 
 register_configs()
 
@@ -162,7 +150,7 @@ def test_paper_experiment_without_network_fails_at_once_naming_the_download(tmp_
 
 # --- each option's facts ----------------------------------------------------------------------------------------
 CHECKER_SOURCES = {
-    VALIDATE: ROOT / "sae_dist" / "config.py",
+    VALIDATE: ROOT / "sae_dist" / "validation.py",
     LAYOUT: ROOT / "sae_dist" / "parallel" / "mesh.py",
     PREFLIGHT: ROOT / "sae_dist" / "train" / "preflight.py",
     ARCHITECTURE: ROOT / "sae_dist" / "models" / "base.py",

@@ -9,7 +9,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from sae_dist import launcher_env
-from sae_dist.config import register_configs, to_run_config
+from sae_dist.config import register_configs
+from sae_dist.validation import to_run_config
 
 register_configs()
 

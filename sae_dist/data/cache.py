@@ -30,10 +30,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from sae_dist.config import ModelConfig, hookpoint_parts
+from sae_dist.config import ModelConfig
 from sae_dist.data.shuffle import BlockShuffleSource, PreparedUnit
 from sae_dist.data.sites import Site
 from sae_dist.data.source import DataUnavailableError, derive_seed
+from sae_dist.site_names import hookpoint_parts
 
 MANIFEST = "manifest.json"
 SHARD_KEY = "activations"

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from sae_dist.config import ConfigError, ModelConfig, hookpoint_parts
+from sae_dist.config import ConfigError, ModelConfig
+from sae_dist.site_names import hookpoint_parts
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig

@@ -22,7 +22,7 @@ from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from sae_dist.api import load_sae
-from sae_dist.config import RunConfig, from_dict
+from sae_dist.config import RunConfig
 from sae_dist.data.cache import read_manifest
 from sae_dist.data.lm import HookedLM, load_lm
 from sae_dist.data.sites import model_site
@@ -30,6 +30,7 @@ from sae_dist.data.text import TextContexts
 from sae_dist.eval.plots import new_figure, save_figure
 from sae_dist.models.base import Latents
 from sae_dist.run_dir import read_checkpoint_config, resolve_checkpoint
+from sae_dist.validation import from_dict
 
 OPEN_MARK, CLOSE_MARK = "«", "»"
 

@@ -39,7 +39,7 @@ from sae_dist.run_dir import (
 
 NOT_COMPARED = set(options_where(lambda facts: not facts.changes_math))
 """Settings that do not change what an SAE learns (where it ran, how often it logged), as each option declares
-(`sae_dist.config.option`): never split a line."""
+(`sae_dist.option_facts.option`): never split a line."""
 SHORT_NAMES = {
     "sae.kind": "kind", "sae.num_experts": "N", "sae.num_latents": "M", "sae.k": "k", "trainer.steps": "steps",
     "trainer.batch_size": "batch", "trainer.lr": "lr", "data.source": "data", "model.name": "model",

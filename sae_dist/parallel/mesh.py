@@ -19,8 +19,9 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from sae_dist.config import ConfigError, RunConfig, architecture_facts
+from sae_dist.config import ConfigError, RunConfig
 from sae_dist.launcher_env import restart_count
+from sae_dist.validation import architecture_facts
 
 
 def launched_by_torchrun() -> bool:

@@ -15,21 +15,14 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from sae_dist.config import (
-    CHANGEABLE,
-    PER_COMMAND,
-    ConfigError,
-    RunConfig,
-    from_dict,
-    options_where,
-    resolve_dtype,
-    resume_mode,
-)
+from sae_dist.config import ConfigError, RunConfig, options_where, resolve_dtype, resume_mode
+from sae_dist.option_facts import CHANGEABLE, PER_COMMAND
 from sae_dist.run_dir import flat_settings, latest_checkpoint, read_checkpoint_config, read_run_config
 from sae_dist.train.preflight import check_device
+from sae_dist.validation import from_dict
 
 MAY_CHANGE = options_where(lambda facts: facts.on_resume == CHANGEABLE)
-"""Settings a continued run may change, as each option declares (`sae_dist.config.option`): none changes what the
+"""Settings a continued run may change, as each option declares (`sae_dist.option_facts.option`): none changes what the
 SAE learns from which data (the world size, not a setting, may change too)."""
 
 DTYPE_SETTINGS = ("model.dtype", "trainer.dtype")

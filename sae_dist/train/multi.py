@@ -19,16 +19,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from sae_dist.config import RunConfig, site_key, sweep_members
+from sae_dist.config import RunConfig
 from sae_dist.data import DataUnavailableError, build_activation_source, site_columns
 from sae_dist.data.fanout import SharedStream
 from sae_dist.parallel.context import ParallelContext
 from sae_dist.parallel.failures import on_every_rank
 from sae_dist.run_dir import CHECKPOINTS_DIR, checkpoint_name, latest_checkpoint
+from sae_dist.site_names import site_key
 from sae_dist.train import preflight
-from sae_dist.train.preemption import HeldSignals, StopRequested, StopSignals
 from sae_dist.train.plan import RunPlan, finish_run, prepare_run, start_trainer
+from sae_dist.train.preemption import HeldSignals, StopRequested, StopSignals
 from sae_dist.train.trainer import Trainer
+from sae_dist.validation import sweep_members
 
 
 def prepare_sweep(run: RunConfig, world_size: int = 1, overrides: list[str] | None = None) -> list[RunPlan]:

@@ -15,10 +15,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from sae_dist.config import to_cache_job_config
 from sae_dist.data import CacheUnitReader, build_activation_source
 from sae_dist.data.cache import MANIFEST
 from sae_dist.data.cache_writer import CacheExistsError, rank_rows
+from sae_dist.validation import to_cache_job_config
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "launch" / "cache_activations.py"

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import torch
 
-from sae_dist.config import DataConfig, RunConfig, SAEConfig, TrainerConfig, validate
+from sae_dist.config import DataConfig, RunConfig, SAEConfig, TrainerConfig
 from sae_dist.data import CachedActivationSource, resume_state, write_cache
 from sae_dist.data.source import ActivationSource
 from sae_dist.parallel.expert_parallel import ExpertParallelContext
 from sae_dist.parallel.mesh import build_mesh
 from sae_dist.run_dir import checkpoint_name, rank_file
 from sae_dist.train.trainer import Trainer
+from sae_dist.validation import validate
 from tests.parallel.spawn_harness import spawn_checks
 
 D_MODEL, GLOBAL_BATCH, STEPS = 16, 48, 3

@@ -12,12 +12,13 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig
 
-from sae_dist.config import ConfigError, ModelConfig, RunConfig, sweep_members, validate
+from sae_dist.config import ConfigError, ModelConfig, RunConfig
 from sae_dist.data import HookedLM, build_activation_source, model_site, resolve_site, site_columns, splice
 from sae_dist.data.lm import lm_skeleton, load_lm
 from sae_dist.data.sites import Site, expand_hookpoint, site_module, site_width, skeleton
 from sae_dist.train.preflight import activation_width
 from sae_dist.train.run import train_from_config
+from sae_dist.validation import sweep_members, validate
 from tests.conftest import small_run
 
 CONTEXTS = [[101, 2023, 2003, 1037, 3231, 102], [101, 7592, 2088, 102], [101, 1037, 2146, 6251, 2007, 2062, 2616, 102]]

@@ -25,7 +25,8 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).parent)]  # run as a script: the p
 from hydra_compose import compose_run  # noqa: E402
 
 from sae_dist.cli import field_docs  # noqa: E402
-from sae_dist.config import CHANGEABLE, OptionFacts, RunConfig, option_facts  # noqa: E402
+from sae_dist.config import RunConfig, option_facts  # noqa: E402
+from sae_dist.option_facts import CHANGEABLE, OptionFacts  # noqa: E402
 
 PAGE = ROOT / "docs/configuration.md"
 COMPOSED = {"python launch/train.py": [], "+experiment=switch_65k": ["+experiment=switch_65k"]}

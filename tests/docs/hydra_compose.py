@@ -10,7 +10,8 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from sae_dist.config import ConfigError, RunConfig, error_line, register_configs, to_run_config
+from sae_dist.config import ConfigError, RunConfig, register_configs
+from sae_dist.validation import error_line, to_run_config
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 

@@ -31,7 +31,7 @@ def test_a_row_shows_the_composed_values_and_the_declared_facts(tables):
     by_key = {row[0]: row for row in tables[False][1:]}
     assert tables[False][0][:4] == ["key", "default", "`python launch/train.py`", "`+experiment=switch_65k`"]
     assert by_key["`sae.num_latents`"][1:7] == ["`65536`", "`6144`", "`65536`", "fixed", "yes",
-                                              "`sae_dist.config.validate`"]
+                                              "`sae_dist.validation.validate`"]
     assert by_key["`trainer.out_dir`"][2:6] == ["`runs/quickstart/<date>_<time>`",
                                                 "`runs/switch_65k/<date>_<time>`", "per command", "no"]
     assert by_key["`parallel.ep_size`"][4] == "**may change**"

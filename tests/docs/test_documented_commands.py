@@ -12,8 +12,8 @@ import pytest
 from documented_commands import ROOT, documented_commands, flags, hydra_overrides, world_size
 from hydra_compose import compose_config, compose_run
 
-from sae_dist.config import to_cache_job_config
 from sae_dist.parallel.mesh import validate_layout
+from sae_dist.validation import to_cache_job_config
 
 COMMANDS = documented_commands()
 HYDRA_APPS = {"launch/train.py", "launch/cache_activations.py"}

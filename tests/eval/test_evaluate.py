@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from sae_dist import load_sae
-from sae_dist.config import DataConfig, ModelConfig, RunConfig, SAEConfig, validate
+from sae_dist.config import DataConfig, ModelConfig, RunConfig, SAEConfig
 from sae_dist.data import HookedLM, SyntheticSource, build_activation_source, find_blocks, load_lm, resolve_site
 from sae_dist.data.sites import site_module
 from sae_dist.eval.evaluate import (
@@ -33,6 +33,7 @@ from sae_dist.models import build_sae
 from sae_dist.run_dir import latest_checkpoint
 from sae_dist.train.checkpoint import write_model_files
 from sae_dist.train.trainer import Trainer
+from sae_dist.validation import validate
 from tests.conftest import small_run
 
 ROOT = Path(__file__).resolve().parents[2]

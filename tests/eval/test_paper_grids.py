@@ -10,7 +10,8 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from sae_dist.config import RunConfig, register_configs, to_run_config
+from sae_dist.config import RunConfig, register_configs
+from sae_dist.validation import to_run_config
 
 register_configs()
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from sae_dist import load_sae
-from sae_dist.config import validate
 from sae_dist.data import build_activation_source
 from sae_dist.interop.saebench import load_saebench_sae
 from sae_dist.train.trainer import Trainer
+from sae_dist.validation import validate
 from tests.conftest import small_run
 
 RUNS = {"switch": ("switch", 4, 1), "switch_top2": ("switch", 4, 2), "topk": ("topk", 1, 1),

@@ -13,9 +13,9 @@ from sae_lens import SAE  # noqa: E402
 
 import sae_dist.interop.saelens_switch  # noqa: E402  (registers 'sae_dist_switch')
 from sae_dist import load_sae  # noqa: E402
-from sae_dist.config import validate  # noqa: E402
 from sae_dist.data import build_activation_source  # noqa: E402
 from sae_dist.train.trainer import Trainer  # noqa: E402
+from sae_dist.validation import validate  # noqa: E402
 from tests.conftest import small_run  # noqa: E402
 
 RUNS = {"switch": ("switch", 4), "topk": ("topk", 1), "relu": ("relu", 1), "batchtopk": ("batchtopk", 1),

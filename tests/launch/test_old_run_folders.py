@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from sae_dist.config import from_dict
 from sae_dist.run_dir import RUN_CONFIG_FILE, latest_checkpoint, read_checkpoint_config, read_run_config
 from sae_dist.train.identity import RunDirectoryError, continue_config
+from sae_dist.validation import from_dict
 
 OLD_RUN = Path(__file__).resolve().parent / "old_run"
 

@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from sae_dist import load_sae
-from sae_dist.config import ConfigError, SAEConfig, validate
+from sae_dist.config import ConfigError, SAEConfig
 from sae_dist.data import build_activation_source
 from sae_dist.models.batchtopk import THRESHOLD_DECAY
 from sae_dist.models.losses import total_loss
 from sae_dist.train.trainer import Trainer
+from sae_dist.validation import validate
 from tests.conftest import small_run
 from tests.models.model_helpers import make_switch, routed_inputs
 

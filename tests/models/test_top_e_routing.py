@@ -7,11 +7,12 @@ import pytest
 import torch
 from model_helpers import assert_same_forward_and_grads, routed_inputs, top_e_switch
 
-from sae_dist.config import ConfigError, SAEConfig, validate
+from sae_dist.config import ConfigError, SAEConfig
 from sae_dist.data import build_activation_source
 from sae_dist.flops import flops_per_token
 from sae_dist.train.latents import DeadLatentTracker
 from sae_dist.train.trainer import Trainer
+from sae_dist.validation import validate
 from tests.conftest import small_run
 from tests.reference import reference_train_step
 from tests.train.test_step import assert_same_weights

@@ -8,11 +8,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sae_dist.config import DataConfig, RunConfig, SAEConfig, TrainerConfig, validate
+from sae_dist.config import DataConfig, RunConfig, SAEConfig, TrainerConfig
 from sae_dist.data.source import ActivationSource
 from sae_dist.data.synthetic import SyntheticSource
 from sae_dist.models import architecture, build_sae
 from sae_dist.run_dir import LATEST_FILE, checkpoint_name
+from sae_dist.validation import validate
 
 D_MODEL = 12
 ROUTED_EXPERTS = [0] * 9 + [1] * 6 + [3] * 17

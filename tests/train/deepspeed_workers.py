@@ -12,7 +12,6 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from ep_helpers import GlobalBatchSource, copy_checkpoint, shard_of, tiny_run  # noqa: E402
 
-from sae_dist.config import sweep_members  # noqa: E402
 from sae_dist.parallel.expert_parallel import ExpertParallelContext  # noqa: E402
 from sae_dist.parallel.mesh import build_mesh  # noqa: E402
 from sae_dist.run_dir import checkpoint_name, latest_checkpoint  # noqa: E402
@@ -23,6 +22,7 @@ from sae_dist.train.multi import prepare_sweep, train_sweep  # noqa: E402
 from sae_dist.train.optim import normalize_rows_, project_rows_  # noqa: E402
 from sae_dist.train.run import build_trainer  # noqa: E402
 from sae_dist.train.trainer import Trainer  # noqa: E402
+from sae_dist.validation import sweep_members  # noqa: E402
 
 EXACT = dict(rtol=0, atol=0)
 MODEL = dict(rtol=1e-5, atol=1e-6)

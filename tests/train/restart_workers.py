@@ -11,7 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from sae_dist.config import ConfigError, register_configs, to_run_config
+from sae_dist.config import ConfigError, register_configs
 from sae_dist.data.synthetic import SyntheticSource
 from sae_dist.parallel.expert_parallel import ExpertParallelContext
 from sae_dist.parallel.failures import CollectiveError, PeerFailedError, on_every_rank
@@ -20,6 +20,7 @@ from sae_dist.train import checkpoint as ckpt
 from sae_dist.train.preemption import StopRequested
 from sae_dist.train.run import train_from_config
 from sae_dist.train.trainer import NonFiniteError, Trainer
+from sae_dist.validation import to_run_config
 from tests.train.faults import FaultySource, poison, stall
 
 register_configs()

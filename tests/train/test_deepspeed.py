@@ -16,10 +16,11 @@ from deepspeed_workers import LAYOUTS, TRAINING, assert_states_match, two_ranks 
 from spawn_harness import spawn_checks  # noqa: E402
 
 from sae_dist import load_sae  # noqa: E402
-from sae_dist.config import ConfigError, TrainerConfig, register_configs, to_run_config, validate  # noqa: E402
+from sae_dist.config import ConfigError, TrainerConfig, register_configs  # noqa: E402
 from sae_dist.run_dir import latest_checkpoint  # noqa: E402
 from sae_dist.train import checkpoint as ckpt  # noqa: E402
 from sae_dist.train.run import train_from_config  # noqa: E402
+from sae_dist.validation import to_run_config, validate  # noqa: E402
 
 register_configs()
 

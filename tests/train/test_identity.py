@@ -10,10 +10,11 @@ from __future__ import annotations
 import pytest
 from hydra import compose, initialize_config_dir
 
-from sae_dist.config import register_configs, to_run_config
+from sae_dist.config import register_configs
 from sae_dist.run_dir import latest_checkpoint, read_checkpoint_config, read_history, read_metrics
 from sae_dist.train.identity import RunDirectoryError, continue_config, explicit_settings
 from sae_dist.train.run import train_from_config
+from sae_dist.validation import to_run_config
 from tests.conftest import small_run
 from tests.test_config import CONF
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sae_dist import load_sae
-from sae_dist.config import ConfigError, validate
+from sae_dist.config import ConfigError
 from sae_dist.data import build_activation_source
 from sae_dist.data.source import ActivationSource
 from sae_dist.interop.saebench import as_saebench
@@ -20,6 +20,7 @@ from sae_dist.run_dir import latest_checkpoint, read_metrics
 from sae_dist.train import trainer as trainer_module
 from sae_dist.train.input_scale import ESTIMATE_BATCHES
 from sae_dist.train.trainer import Trainer
+from sae_dist.validation import validate
 
 RAW_SCALE = 40.0
 """Synthetic activations times this: mean norms far above sqrt(d) = 8."""

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from sae_dist.cli import one_line_errors
-from sae_dist.config import ConfigError, RunConfig, sweep_members, validate
+from sae_dist.config import ConfigError, RunConfig
 from sae_dist.run_dir import checkpoint_name, latest_checkpoint, read_metrics
 from sae_dist.train.identity import RunDirectoryError
 from sae_dist.train.preemption import REQUEUE_EXIT_STATUS, StopRequested
 from sae_dist.train.run import train_from_config
 from sae_dist.train.trainer import Trainer
+from sae_dist.validation import sweep_members, validate
 from tests.conftest import small_run
 from tests.data.conftest import minilm, tiny_gpt2_dir  # noqa: F401 - the tiny random GPT-2 and its tokenizer
 

@@ -8,11 +8,12 @@ import math
 import pytest
 import torch
 
-from sae_dist.config import ConfigError, SAEConfig, validate
-from sae_dist.models.base import default_lr
+from sae_dist.config import ConfigError, SAEConfig
 from sae_dist.data import build_activation_source
+from sae_dist.models.base import default_lr
 from sae_dist.train.optim import build_optimizer
 from sae_dist.train.trainer import Trainer
+from sae_dist.validation import validate
 from tests.conftest import small_run
 
 

@@ -8,11 +8,12 @@ import copy
 import pytest
 import torch
 
-from sae_dist.config import ConfigError, validate
+from sae_dist.config import ConfigError
 from sae_dist.data import build_activation_source
 from sae_dist.train.latents import resample_due
 from sae_dist.train.resample import resample_generator
 from sae_dist.train.trainer import Trainer
+from sae_dist.validation import validate
 from tests.conftest import small_run
 
 BATCH = 64

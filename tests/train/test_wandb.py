@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from sae_dist.config import ConfigError, validate
+from sae_dist.config import ConfigError
 from sae_dist.data import build_activation_source
 from sae_dist.run_dir import read_metrics
 from sae_dist.train import preflight
 from sae_dist.train.logging import row_scalars
 from sae_dist.train.trainer import Trainer
+from sae_dist.validation import validate
 
 BLOCK = 32768
 """The .wandb file: a 7-byte header, then records in blocks of this size, each record chunk with a 7-byte header

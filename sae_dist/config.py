@@ -139,6 +139,12 @@ class SAEConfig:
     full value, each dead latent (as `dead_count` counts) gets new weights from an input of its expert in this step's
     batch, drawn with probability proportional to its squared reconstruction error (`sae_dist/train/resample.py`);
     None = never (the paper)."""
+    d_out: int | None = option(None, checked_by=(VALIDATE,))
+    """A transcoder's target width: each source row is [x | y], x the input (d_in wide) and y the target it
+    reconstructs (d_out wide; SPEC section 9). Null: an SAE, y = x."""
+    skip: bool = option(False, checked_by=(VALIDATE,))
+    """A transcoder's learned skip connection W_skip x (d_out x d_in, zero at initialisation) added to its
+    reconstruction (skip transcoders); needs `d_out`."""
     encoder_backward: str = option("auto", performance=True)
     """Encoder backward of the TopK experts: 'sparse' (scatter over the k selected latents), 'gemm' (grouped GEMMs
     over the scattered gradient) or 'auto' (sparse on CPU; gemm on GPU up to 8192 latents per expert)."""
@@ -159,6 +165,9 @@ class ModelConfig:
     """Hooked block, 0-indexed: activations are the output of this block, i.e. hidden_states[layer + 1]."""
     dtype: str = option("auto")
     """dtype the language model runs in: 'auto' (bfloat16 on a GPU, float32 on a CPU), or one of DTYPES."""
+    target_hookpoint: str | None = option(None, checked_by=(VALIDATE,))
+    """A transcoder's target site (`sae.d_out` wide), read in the same forward pass as the input site: its rows are
+    y beside x. Null: an SAE."""
     compile: bool = option(False, performance=True, checked_by=())
     """`torch.compile` every block up to the hooked one (their forward; the capture hooks stay eager), so that a
     block's elementwise work runs fused (GPT-2's tanh GELU is seven kernels eager). The first batches pay the
@@ -188,7 +197,8 @@ class DataConfig:
     cache_dir: str | None = option(None, checked_by=(VALIDATE, PREFLIGHT))
     """Folder of an on-disk activation cache ('cache' source)."""
     d_model: int = option(768)
-    """Activation width of the synthetic source (the 'lm' source reads it from the model)."""
+    """Activation width of the synthetic source (the 'lm' source reads it from the model); a transcoder's input x,
+    beside its target y of width `sae.d_out`."""
     synthetic_features: int = option(4096)
     """Ground-truth directions in the synthetic source."""
     synthetic_active: int = option(16)
@@ -429,6 +439,14 @@ def validate(run: RunConfig) -> None:
     _one_of("model.dtype", run.model.dtype, ("auto", *DTYPES))
     _require(run.model.layer >= 0, f"model.layer={run.model.layer} must be >= 0")
     _require(bool(run.model.name) or bool(run.model.path), "model.name or model.path must be set")
+    target = run.model.target_hookpoint
+    _require(target is None or run.sae.d_out is not None,
+             f"model.target_hookpoint={target!r} makes a transcoder: set sae.d_out to the target's width")
+    if run.data.source == "lm":
+        _require(target is None, f"model.target_hookpoint={target!r}: the 'lm' source does not read a second site "
+                                 "yet; train a transcoder with data.source=synthetic or cache")
+        _require(run.sae.d_out is None, f"sae.d_out={run.sae.d_out} makes a transcoder, whose target the 'lm' "
+                                        "source does not read yet; use null, or data.source=synthetic or cache")
     parallel = run.parallel
     cf = parallel.capacity_factor
     _require(cf is None or cf > 0, f"parallel.capacity_factor={cf} must be positive or null (dropless)")
@@ -479,6 +497,9 @@ def _validate_sae(sae: SAEConfig) -> None:
                              "use 'tokens'")
     every = sae.resample_every
     _require(every is None or every > 0, f"sae.resample_every={every} must be positive or null (never)")
+    _require(sae.d_out is None or sae.d_out > 0, f"sae.d_out={sae.d_out} must be positive or null (an SAE)")
+    _require(not sae.skip or sae.d_out is not None,
+             "sae.skip=true is a transcoder's skip connection: it needs sae.d_out (the target width)")
     _require(0 <= sae.l1_warmup_frac <= 1, f"sae.l1_warmup_frac={sae.l1_warmup_frac} must be in [0, 1]")
 
 

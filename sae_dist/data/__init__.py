@@ -117,7 +117,7 @@ def build_activation_source(
     (lm only) reads several blocks in one pass, rows concatenated [n, len(layers) * d]."""
     data, seed, device = run.data, run.trainer.seed, torch.device(device)
     if data.source == "synthetic":
-        source: ActivationSource = SyntheticSource.from_config(data, seed, rank, device)
+        source: ActivationSource = SyntheticSource.from_config(data, seed, rank, device, run.sae.d_out)
     elif data.source == "cache":
         source = CachedActivationSource(
             data.cache_dir, data.shuffle_buffer, seed, rank, world_size, device, data.cache_verify

@@ -106,9 +106,9 @@ def final_evaluation(trainer: Trainer, batches: int) -> dict[str, float]:
     model = trainer.model
     sums = None
     for _ in range(batches):
-        x_TD = trainer.source.next_batch(trainer.local_batch).to(trainer.device)
+        x_TD, y_TO = model.split_batch(trainer.source.next_batch(trainer.local_batch).to(trainer.device))
         out = model(x_TD)
-        batch = ReconstructionSums.of_batch(x_TD, out.x_hat_TD, model.active_latents(out))
+        batch = ReconstructionSums.of_batch(y_TO, out.x_hat_TD, model.active_latents(out))
         sums = batch if sums is None else sums + batch
     return ReconstructionSums.unpack(trainer.ctx.all_reduce_sum(sums.pack())).metrics()
 

@@ -257,6 +257,17 @@ class SAE(nn.Module, ABC):
         expert; NotImplementedError for an architecture without a SAELens form."""
         raise NotImplementedError(f"sae.kind={self.kind!r} has no SAELens format")
 
+    def saelens_transcoder(self, architecture: str, weights: dict[str, Tensor]) -> tuple[str, dict, dict[str, Tensor]]:
+        """A transcoder as SAELens's `architecture` ('transcoder', 'jumprelu_transcoder'; their skip forms with
+        W_skip): SAELens's transcoders do not centre their input, so b_in folds into the encoder bias,
+        b_enc - b_in W_enc, and b_dec is b_out. `weights`: W_enc [d_in, L], b_enc [L], W_dec [L, d_out], and any
+        other entry of the architecture (a threshold)."""
+        weights = {**weights, "b_enc": weights["b_enc"] - self.b_in @ weights["W_enc"], "b_dec": self.b_out}
+        if self.w_skip is not None:
+            architecture = architecture.replace("transcoder", "skip_transcoder")
+            weights["W_skip"] = self.w_skip
+        return architecture, {"d_out": self.d_out, "apply_b_dec_to_input": False}, weights
+
     # --- SAELens-style views (the local latents) ---------------------------------------------------------------
     @property
     @abstractmethod

@@ -102,7 +102,8 @@ class ExpertSAE(SAE):
     def saelens_expert_states(self) -> list[tuple[str, dict, dict[str, Tensor]]]:
         """Each expert as a standalone SAELens SAE, (architecture, config entries, weights) per expert here:
         expert e's SAE gives the latents z of a token routed to e, and z W_dec^e + b_pre (before the router gate).
-        TopK experts are SAELens's 'topk' SAEs."""
+        TopK experts are SAELens's 'topk' SAEs (SAELens has no TopK transcoder)."""
+        refuse_transcoder(self, "TopK")
         return [("topk", {"k": self.cfg.k}, self.expert_weights(e)) for e in range(self.num_local_experts)]
 
     def expert_weights(self, expert: int) -> dict[str, Tensor]:
@@ -229,6 +230,13 @@ class ExpertSAE(SAE):
         local_ids = latents.indices_TK - self.experts.first_expert * self.latents_per_expert
         decoded_TO = weighted_row_sum(latents.values_TK, local_ids, self.experts.w_dec).float()
         return self.reconstruct(decoded_TO, skip_input(self, x_TD))
+
+
+def refuse_transcoder(sae: SAE, what: str) -> None:
+    """NotImplementedError for a transcoder whose SAELens form (`what`) SAELens does not have."""
+    if sae.transcoder:
+        raise NotImplementedError(f"sae.d_out={sae.d_out}: SAELens has no {what} transcoder; export a ReLU or a "
+                                  "dense BatchTopK transcoder, or use sae-dist's own checkpoint")
 
 
 def gate_weighted_sum(rows_SD: Tensor, gate_TE: Tensor) -> Tensor:

@@ -143,3 +143,34 @@ def test_config_refuses_what_a_transcoder_cannot_be():
     run = RunConfig(sae=SAEConfig(d_out=768))
     with pytest.raises(ConfigError, match="^sae.d_out=768 makes a transcoder, whose target the 'lm' source"):
         validate(run)
+
+
+@pytest.mark.parametrize(("kind", "skip", "saelens_class"), [
+    ("relu", False, "Transcoder"), ("relu", True, "SkipTranscoder"), ("batchtopk", True, "JumpReLUSkipTranscoder"),
+])
+def test_saelens_export_of_dense_transcoders_loads_with_equal_codes_and_outputs(tmp_path, kind, skip, saelens_class):
+    """SAELens's transcoders do not centre their input: b_in is folded into b_enc. A BatchTopK transcoder (N = 1,
+    eval mode: its thresholds) is a JumpReLU transcoder."""
+    saelens = pytest.importorskip("sae_lens")
+    from sae_dist.interop.saelens import export_saelens
+
+    sae = make_transcoder(kind, D_OUT, skip, num_experts=1, latents=32).float().eval()
+    if kind == "batchtopk":
+        with torch.no_grad():
+            sae.experts.threshold_N.fill_(0.3)
+    folder = export_saelens(sae, RunConfig(sae=sae.cfg), tmp_path / "saelens")[0]
+    lens = saelens.SAE.load_from_disk(folder)
+    assert type(lens).__name__ == saelens_class and lens.cfg.d_out == D_OUT
+    x_TD = batch()[0].float()
+    latents = sae.encode(x_TD)
+    codes_TM = torch.zeros(len(x_TD), 32).scatter_(1, latents.indices_TK, latents.values_TK.float())
+    torch.testing.assert_close(lens.encode(x_TD), codes_TM, rtol=1e-5, atol=1e-5)
+    assert (codes_TM > 0).any() and not (codes_TM > 0).all()
+    torch.testing.assert_close(lens(x_TD), sae(x_TD).x_hat_TD, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["switch", "topk"])
+def test_saelens_export_refuses_topk_transcoders(kind):
+    sae = make_transcoder(kind, D_OUT, False)
+    with pytest.raises(NotImplementedError, match="^sae.d_out=7: SAELens has no (Switch|TopK) transcoder"):
+        sae.saelens_state()

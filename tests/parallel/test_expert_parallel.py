@@ -107,14 +107,14 @@ def test_union_topk_under_expert_parallelism_equals_single_device(jobs, world, c
     jobs[world].require(check)
 
 
-@pytest.mark.parametrize("label", ["transcoder_skip_sparse", "transcoder_gemm"])
-@pytest.mark.parametrize("world,ep_size", [(2, 2), (4, 4), (4, 2), (4, 1)])
+@pytest.mark.parametrize("world,ep_size,label", [
+    (2, 2, "transcoder_skip_sparse"), *((4, p, label) for p in (4, 2, 1)
+                                        for label in ("transcoder_skip_sparse", "transcoder_gemm")),
+])
 def test_transcoder_model_equals_single_device_and_the_oracle(jobs, world, ep_size, label):
     """x travels, y stays with its token: forward, AuxK against y, losses, every gradient (W_skip, b_in, b_out
     included), the global norm, encode and decode equal one device's, which equals the dense oracle; sparse and GEMM
     expert compute."""
-    if world == 2 and label != "transcoder_skip_sparse":
-        pytest.skip("the 2-rank job checks the skip transcoder only")
     jobs[world].require(f"model_P{ep_size}_{label}")
 
 

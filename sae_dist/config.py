@@ -590,6 +590,9 @@ def sweep_members(run: RunConfig) -> list[RunConfig]:
         members.append(member)
     names = [m.name for m in members]
     _require(len(set(names)) == len(names), f"sweep names must differ: {names}")
+    widths = [m.sae.d_out for m in members]
+    _require(len(set(widths)) <= 1, f"sweep: sae.d_out={widths} must be one value: the SAEs share one stream of rows "
+                                    "[x | y]")
     if run.data.source != "lm":
         layers = sorted({m.model.layer for m in members} - {run.model.layer})
         _require(not layers, f"sweep: model.layer={layers[0] if layers else ''} needs data.source=lm (one site otherwise)")

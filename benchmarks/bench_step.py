@@ -23,7 +23,8 @@ implementation, so that the peak-memory column reads that implementation's own r
 
 `--transcoder` adds, after each sae-dist row, the same step as a transcoder from d to d_out = d (SPEC section 9:
 its batch rows are [x | y], y a known map of x), and `--skip` one with the skip connection; the lines below the
-table give each one's floor multiple over its SAE's.
+table give each one's time over its SAE's, the median over steps of the two run alternately (so that the machine's
+load drifts alike for both).
 """
 
 from __future__ import annotations
@@ -196,6 +197,20 @@ def measure(build: Callable[[], Callable[[], object]], floor: Callable[[], objec
             "per_floor": statistics.median(s / f for f, s in pairs), "peak": memory.peak}
 
 
+def paired_ratio(build_base: Callable[[], Callable[[], object]], build_other: Callable[[], Callable[[], object]],
+                 repeats: int, clock: Clock) -> float:
+    """The median over `repeats` alternated pairs of (other step) / (base step), after one warm-up step each."""
+    base, other = build_base(), build_other()
+    base(), other()
+    ratios = []
+    for _ in range(repeats):
+        base_s = clock(base)
+        ratios.append(clock(other) / base_s)
+    del base, other
+    gc.collect()
+    return statistics.median(ratios)
+
+
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name()
@@ -273,12 +288,11 @@ def main() -> None:
             label = "sae-dist dense TopK (AuxK off)" if n == 1 else "sae-dist Switch"
             rows.append((label, n, measure(partial(sae_dist_step, kind, latents, n, args, x_BD), floors[n],
                                            args.repeats, clock, device)))
-            sae_row = rows[-1][2]
             for variant, skip in transcoder_variants:
-                rows.append((f"{label} {variant}", n, measure(
-                    partial(sae_dist_step, kind, latents, n, args, rows_BC, d_out=args.d, skip=skip), floors[n],
-                    args.repeats, clock, device)))
-                ratios.append((f"{label} {variant}", latents, n, rows[-1][2]["per_floor"] / sae_row["per_floor"]))
+                build = partial(sae_dist_step, kind, latents, n, args, rows_BC, d_out=args.d, skip=skip)
+                rows.append((f"{label} {variant}", n, measure(build, floors[n], args.repeats, clock, device)))
+                ratio = paired_ratio(partial(sae_dist_step, kind, latents, n, args, x_BD), build, args.repeats, clock)
+                ratios.append((f"{label} {variant}", latents, n, ratio))
             if n > 1 and cuda and n == max(experts) and latents == latent_sizes[0]:
                 rows.append(("sae-dist Switch, CUDA graphs (trainer.cuda_graph=true)", n, measure(
                     partial(sae_dist_step, kind, latents, n, args, x_BD, cuda_graph=True), floors[n], args.repeats,
@@ -312,7 +326,7 @@ def main() -> None:
         console.print(f"M = {latents} done, load {os.getloadavg()[0]:.1f}")
     console.print(table)
     for label, latents, n, ratio in ratios:
-        console.print(f"{label}, M = {latents}, N = {n}: {ratio:.3f}x its SAE's step (floor multiples)")
+        console.print(f"{label}, M = {latents}, N = {n}: {ratio:.3f}x its SAE's step (median of alternated pairs)")
     if args.skip:
         console.print(f"skip GEMMs: {2 * args.batch * args.d * args.d / 1e9:.2f} GFLOP forward, "
                       f"{4 * args.batch * args.d * args.d / 1e9:.2f} GFLOP backward per step (2·B·d_in·d_out, twice "

@@ -174,3 +174,14 @@ def test_saelens_export_refuses_topk_transcoders(kind):
     sae = make_transcoder(kind, D_OUT, False)
     with pytest.raises(NotImplementedError, match="^sae.d_out=7: SAELens has no (Switch|TopK) transcoder"):
         sae.saelens_state()
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_preflight_counts_a_transcoders_parameters(skip):
+    """The memory and checkpoint estimates count d_out-wide decoder rows and the skip (to within b_enc's M, which a
+    Switch SAE does not have)."""
+    from sae_dist.train.preflight import sae_parameters
+
+    cfg = SAEConfig(kind="switch", num_latents=256, num_experts=4, k=4, d_out=48, skip=skip)
+    actual = sum(p.numel() for p in build_sae(cfg, 16, seed=0).parameters())
+    assert sae_parameters(cfg, 16) == actual + 256

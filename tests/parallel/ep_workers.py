@@ -508,11 +508,13 @@ def two_ranks(rank: int, world: int, folder: Path, check) -> None:
         check_batchtopk_replicas(folder, rank, world)
     with check("training_P2_transcoder"):
         check_training(folder, rank, world, 2, options=TRANSCODER)
-    with check("training_batchtopk_P2_transcoder"):
-        check_training(folder, rank, world, 2, "batchtopk", options=TRANSCODER)
-    for kind in ("topk", "relu"):
-        with check(f"data_parallel_{kind}_transcoder"):
-            check_training(folder, rank, world, 1, kind, options=TRANSCODER)
+    for skip in (True, False):
+        options = {**TRANSCODER, "sae.skip": skip}
+        with check(f"training_batchtopk_P2_transcoder_skip={skip}"):
+            check_training(folder, rank, world, 2, "batchtopk", options=options)
+        for kind in ("topk", "relu"):
+            with check(f"data_parallel_{kind}_transcoder_skip={skip}"):
+                check_training(folder, rank, world, 1, kind, options=options)
     with check("model_P2_transcoder_skip_sparse"):
         check_model_equivalence(ExpertParallelContext(mesh), rank, world,
                                 options=TRANSCODER_MODELS["transcoder_skip_sparse"])

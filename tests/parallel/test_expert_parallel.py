@@ -125,11 +125,13 @@ def test_transcoder_under_chunked_dispatch_and_top2_routing_equals_single_device
 
 @pytest.mark.parametrize("world,check", [
     (4, "training_keep_alive_P2_transcoder"), (4, "training_P4_transcoder_gemm"), (2, "training_P2_transcoder"),
-    (2, "training_batchtopk_P2_transcoder"), (2, "data_parallel_topk_transcoder"), (2, "data_parallel_relu_transcoder"),
+    *((2, f"{name}_skip={skip}") for skip in (True, False) for name in (
+        "training_batchtopk_P2_transcoder", "data_parallel_topk_transcoder", "data_parallel_relu_transcoder")),
 ])
 def test_transcoder_training_equals_single_device_trainer(jobs, world, check):
-    """Six steps of skip transcoders (Switch with AuxK and resampling, BatchTopK, data-parallel TopK and ReLU) and a
-    GEMM-compute Switch transcoder on 4 ranks: weights, dead counters and resampled counts equal one device's."""
+    """Six steps of transcoders: Switch with the skip, AuxK and resampling (2 replicas of each expert on 4 ranks), a
+    GEMM-compute Switch transcoder on 4 ranks, BatchTopK experts and data-parallel TopK and ReLU, with and without the
+    skip: weights, dead counters and resampled counts equal one device's."""
     jobs[world].require(check)
 
 

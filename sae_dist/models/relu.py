@@ -58,7 +58,8 @@ class ReLUSAE(SAE):
         """SAELens's 'standard' SAE: ReLU((x - b_dec) W_enc + b_enc) W_dec + b_dec, the same math; a transcoder is
         its 'transcoder' ('skip_transcoder' with the skip)."""
         if self.transcoder:
-            return self.saelens_transcoder("transcoder", {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec})
+            weights = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec}
+            return self.saelens_transcoder("transcoder", weights)
         return "standard", {}, {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
 
     @property

@@ -19,6 +19,12 @@ implementation, so that the peak-memory column reads that implementation's own r
     python benchmarks/bench_step.py --device cuda                   # B = 8192, M up to 2^20, bf16 autocast
     python benchmarks/bench_step.py --latents 65536 --experts 1 8   # a subset
     python benchmarks/bench_step.py --device cuda --latents 65536 --experts 8 --no-peers --profile 15
+    python benchmarks/bench_step.py --latents 16384 --experts 8 --no-peers --transcoder --skip
+
+`--transcoder` adds, after each sae-dist row, the same step as a transcoder from d to d_out = d (SPEC section 9:
+its batch rows are [x | y], y a known map of x), and `--skip` one with the skip connection; the lines below the
+table give each one's time over its SAE's, the median over steps of the two run alternately (so that the machine's
+load drifts alike for both).
 """
 
 from __future__ import annotations
@@ -113,12 +119,14 @@ def gemm_floor(batch: int, d: int, width: int, device: torch.device, dtype: torc
 
 
 def sae_dist_step(kind: str, latents: int, experts: int, args, x_BD: torch.Tensor, dead_fraction: float = 0.0,
-                  optimizer_state: str = "float32", cuda_graph: bool = False):
-    """The training step of a Switch (or dense TopK) SAE; AuxK on only when `dead_fraction` > 0."""
+                  optimizer_state: str = "float32", cuda_graph: bool = False, d_out: int | None = None,
+                  skip: bool = False):
+    """The training step of a Switch (or dense TopK) SAE; AuxK on only when `dead_fraction` > 0. With `d_out`, a
+    transcoder (`skip`: with the skip connection) whose batch `x_BD` is the rows [x | y]."""
     run = RunConfig(
         sae=SAEConfig(kind=kind, num_latents=latents, num_experts=experts, k=args.k,
                       auxk_alpha=1 / 32 if dead_fraction else 0.0, encoder_backward=args.encoder_backward,
-                      decoder=args.decoder),
+                      decoder=args.decoder, d_out=d_out, skip=skip),
         data=DataConfig(source="synthetic", d_model=args.d),
         trainer=TrainerConfig(batch_size=args.batch, steps=10**6, progress=False, tensorboard=False,
                               device=args.device, dtype=args.dtype, optimizer_state=optimizer_state,
@@ -190,6 +198,20 @@ def measure(build: Callable[[], Callable[[], object]], floor: Callable[[], objec
             "per_floor": statistics.median(s / f for f, s in pairs), "peak": memory.peak}
 
 
+def paired_ratio(build_base: Callable[[], Callable[[], object]], build_other: Callable[[], Callable[[], object]],
+                 repeats: int, clock: Clock) -> float:
+    """The median over `repeats` alternated pairs of (other step) / (base step), after one warm-up step each."""
+    base, other = build_base(), build_other()
+    base(), other()
+    ratios = []
+    for _ in range(repeats):
+        base_s = clock(base)
+        ratios.append(clock(other) / base_s)
+    del base, other
+    gc.collect()
+    return statistics.median(ratios)
+
+
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name()
@@ -217,6 +239,9 @@ def main() -> None:
                         "(dense TopK when N = 1 is timed) and widest steps")
     parser.add_argument("--bf16-state", action="store_true",
                         help="add a row for the widest Switch SAE with trainer.optimizer_state=bfloat16")
+    parser.add_argument("--transcoder", action="store_true",
+                        help="after each sae-dist row, the same step as a transcoder from d to d_out = d")
+    parser.add_argument("--skip", action="store_true", help="with --transcoder: also a skip transcoder row")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available here; use --device cpu", file=sys.stderr)
@@ -232,6 +257,13 @@ def main() -> None:
     clock = Clock(device)
     x_BD = SyntheticSource.from_config(DataConfig(source="synthetic", d_model=args.d), seed=0).next_batch(args.batch)
     x_BD = x_BD.to(device)
+    if args.skip and not args.transcoder:
+        print("--skip adds a skip transcoder's row: it needs --transcoder", file=sys.stderr)
+        sys.exit(2)
+    pairs = SyntheticSource.from_config(DataConfig(source="synthetic", d_model=args.d), seed=0, d_out=args.d)
+    rows_BC = pairs.next_batch(args.batch).to(device)  # [x | y]; its x is x_BD
+    transcoder_variants = ([("transcoder", False)] + [("skip transcoder", True)] * args.skip) if args.transcoder else []
+    ratios = []  # (label, N, step / SAE step in floor multiples)
 
     title = (f"Training step, d = {args.d}, k = {args.k}, B = {args.batch}, {args.dtype}; {machine(device)}; "
              f"torch {torch.__version__}; {datetime.date.today()}; load {os.getloadavg()[0]:.1f} at start; "
@@ -257,6 +289,11 @@ def main() -> None:
             label = "sae-dist dense TopK (AuxK off)" if n == 1 else "sae-dist Switch"
             rows.append((label, n, measure(partial(sae_dist_step, kind, latents, n, args, x_BD), floors[n],
                                            args.repeats, clock, device)))
+            for variant, skip in transcoder_variants:
+                build = partial(sae_dist_step, kind, latents, n, args, rows_BC, d_out=args.d, skip=skip)
+                rows.append((f"{label} {variant}", n, measure(build, floors[n], args.repeats, clock, device)))
+                ratio = paired_ratio(partial(sae_dist_step, kind, latents, n, args, x_BD), build, args.repeats, clock)
+                ratios.append((f"{label} {variant}", latents, n, ratio))
             if n > 1 and cuda and n == max(experts) and latents == latent_sizes[0]:
                 rows.append(("sae-dist Switch, CUDA graphs (trainer.cuda_graph=true)", n, measure(
                     partial(sae_dist_step, kind, latents, n, args, x_BD, cuda_graph=True), floors[n], args.repeats,
@@ -289,6 +326,12 @@ def main() -> None:
                           f"{result['per_floor']:.2f}", f"{dense_multiple[id(result)]:.2f}", vs_peer)
         console.print(f"M = {latents} done, load {os.getloadavg()[0]:.1f}")
     console.print(table)
+    for label, latents, n, ratio in ratios:
+        console.print(f"{label}, M = {latents}, N = {n}: {ratio:.3f}x its SAE's step (median of alternated pairs)")
+    if args.skip:
+        console.print(f"skip GEMMs: {2 * args.batch * args.d * args.d / 1e9:.2f} GFLOP forward, "
+                      f"{4 * args.batch * args.d * args.d / 1e9:.2f} GFLOP backward per step (2·B·d_in·d_out, twice "
+                      "that backward)")
     if args.profile:
         latents = latent_sizes[0]
         timed = [n for n in args.experts if latents % n == 0]

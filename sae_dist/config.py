@@ -103,6 +103,12 @@ class SAEConfig:
     full value, each dead latent (as `dead_count` counts) gets new weights from an input of its expert in this step's
     batch, drawn with probability proportional to its squared reconstruction error (`sae_dist/train/resample.py`);
     None = never (the paper)."""
+    d_out: int | None = option(None, checked_by=(VALIDATE,))
+    """A transcoder's target width: each source row is [x | y], x the input (d_in wide) and y the target it
+    reconstructs (d_out wide; SPEC section 9). Null: an SAE, y = x."""
+    skip: bool = option(False, checked_by=(VALIDATE,))
+    """A transcoder's learned skip connection W_skip x (d_out x d_in, zero at initialisation) added to its
+    reconstruction (skip transcoders); needs `d_out`."""
     encoder_backward: str = option("auto", performance=True)
     """Encoder backward of the TopK experts: 'sparse' (scatter over the k selected latents), 'gemm' (grouped GEMMs
     over the scattered gradient) or 'auto' (sparse on CPU; gemm on GPU up to 8192 latents per expert)."""
@@ -130,6 +136,9 @@ class ModelConfig:
     only: one SAE per matching module. None = block `layer`'s output."""
     dtype: str = option("auto")
     """dtype the language model runs in: 'auto' (bfloat16 on a GPU, float32 on a CPU), or one of DTYPES."""
+    target_hookpoint: str | None = option(None, checked_by=(VALIDATE,))
+    """A transcoder's target site (`sae.d_out` wide), read in the same forward pass as the input site: its rows are
+    y beside x. Null: an SAE."""
     compile: bool = option(False, performance=True, checked_by=())
     """`torch.compile` every block up to the hooked one (their forward; the capture hooks stay eager), so that a
     block's elementwise work runs fused (GPT-2's tanh GELU is seven kernels eager). The first batches pay the
@@ -159,7 +168,8 @@ class DataConfig:
     cache_dir: str | None = option(None, checked_by=(VALIDATE, PREFLIGHT))
     """Folder of an on-disk activation cache ('cache' source)."""
     d_model: int = option(768)
-    """Activation width of the synthetic source (the 'lm' source reads it from the model)."""
+    """Activation width of the synthetic source (the 'lm' source reads it from the model); a transcoder's input x,
+    beside its target y of width `sae.d_out`."""
     synthetic_features: int = option(4096)
     """Ground-truth directions in the synthetic source."""
     synthetic_active: int = option(16)

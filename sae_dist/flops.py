@@ -7,6 +7,8 @@ One multiply-add counts as 2 FLOPs. Per token and per training step (forward + b
   sae_dist/models/base.py and its subclasses): for TopK-style experts the router GEMM (routed kinds), the encoder
   GEMM over the chosen expert's M_e = M/N latents, a TopK selection pass over them (counted as M_e operations), the
   sparse decode of k rows, and the backward over the k active rows; for the ReLU SAE dense GEMMs, backward twice.
+- a transcoder (SPEC section 9) counts its decoder at d_out and adds its skip GEMM, 2 * d_in * d_out per token
+  forward and twice that backward.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 `ReconstructionSums` holds float64 sums over tokens; adding two of them (or all-reducing the packed vector over
 ranks) gives the sums of the union, so training logs, evaluation over many batches and expert-parallel runs all
-report the same quantities:
+report the same quantities (x below is what is reconstructed: a transcoder's target y, SPEC section 9):
 - MSE: mean over tokens of sum over dims of (x - x_hat)^2 (the paper's unit);
 - FVU: sum_dims Var(x - x_hat) / sum_dims Var(x);
 - L0: mean active latents per token.

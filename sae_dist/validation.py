@@ -157,6 +157,14 @@ def validate(run: RunConfig) -> None:
                  f"model.hookpoint={run.model.hookpoint} is a glob: put it in a sweep item "
                  f"(sweep=[{{model: {{hookpoint: '{run.model.hookpoint}'}}}}]), one SAE per matching module")
     _require(bool(run.model.name) or bool(run.model.path), "model.name or model.path must be set")
+    target = run.model.target_hookpoint
+    _require(target is None or run.sae.d_out is not None,
+             f"model.target_hookpoint={target!r} makes a transcoder: set sae.d_out to the target's width")
+    if run.data.source == "lm":
+        _require(target is None, f"model.target_hookpoint={target!r}: the 'lm' source does not read a second site "
+                                 "yet; train a transcoder with data.source=synthetic or cache")
+        _require(run.sae.d_out is None, f"sae.d_out={run.sae.d_out} makes a transcoder, whose target the 'lm' "
+                                        "source does not read yet; use null, or data.source=synthetic or cache")
     parallel = run.parallel
     cf = parallel.capacity_factor
     _require(cf is None or cf > 0, f"parallel.capacity_factor={cf} must be positive or null (dropless)")
@@ -174,6 +182,9 @@ def validate(run: RunConfig) -> None:
     _require(parallel.a2a_chunks == 1 or not run.sae.union_topk,
              f"parallel.a2a_chunks={parallel.a2a_chunks}: sae.union_topk=true exchanges every row's candidates before "
              "it decodes, which the chunked all-to-all does not overlap; use 1")
+    _require(run.data.normalize_activations == "none" or run.sae.d_out is None,
+             f"data.normalize_activations={run.data.normalize_activations!r}: a transcoder (sae.d_out) has two sites "
+             "of their own scales, which one factor does not fold; use 'none'")
     _require(run.data.normalize_activations == "none" or _architecture(run.sae).folds_input_scale,
              f"data.normalize_activations={run.data.normalize_activations!r}: sae.kind={run.sae.kind!r} cannot fold "
              "the input scale into its weights; use 'none'")
@@ -212,6 +223,9 @@ def _validate_sae(sae: SAEConfig) -> None:
                              "use 'tokens'")
     every = sae.resample_every
     _require(every is None or every > 0, f"sae.resample_every={every} must be positive or null (never)")
+    _require(sae.d_out is None or sae.d_out > 0, f"sae.d_out={sae.d_out} must be positive or null (an SAE)")
+    _require(not sae.skip or sae.d_out is not None,
+             "sae.skip=true is a transcoder's skip connection: it needs sae.d_out (the target width)")
     _require(0 <= sae.l1_warmup_frac <= 1, f"sae.l1_warmup_frac={sae.l1_warmup_frac} must be in [0, 1]")
 
 
@@ -332,6 +346,9 @@ def sweep_members(run: RunConfig, expand: Callable[[str], list[str]] | None = No
         members.append(member)
     names = [m.name for m in members]
     _require(len(set(names)) == len(names), f"sweep names must differ: {names}")
+    widths = [m.sae.d_out for m in members]
+    _require(len(set(widths)) <= 1, f"sweep: sae.d_out={widths} must be one value: the SAEs share one stream of rows "
+                                    "[x | y]")
     if run.data.source != "lm":
         layers = sorted({m.model.layer for m in members} - {run.model.layer})
         _require(not layers, f"sweep: model.layer={layers[0] if layers else ''} needs data.source=lm (one site otherwise)")

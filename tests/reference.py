@@ -4,6 +4,10 @@ It realises none of the FLOP saving; it is the oracle that the sparse, expert-gr
 tests/models, tests/train and tests/parallel) and the dense-then-mask baseline of `benchmarks/bench_step.py`, which
 imports it as `tests.reference` with the repository root on its path. It stays out of the package: nothing that
 trains or evaluates runs it.
+
+Transcoders (SPEC section 9): every function takes the target `y_TD` (None: an SAE, y = x) and reads the model's
+input and output biases (b_in, b_out; both b_pre for an SAE) and its skip W_skip x where it has one. The BatchTopK and
+ReLU oracles are written out here too, so one `naive_terms` serves every architecture.
 """
 
 from __future__ import annotations
@@ -27,13 +31,20 @@ def dense_decode(z_TM: Tensor, expert_T: Tensor, w_dec_NMD: Tensor) -> Tensor:
     return all_latents(z_TM, expert_T, w_dec_NMD.shape[0]) @ w_dec_NMD.flatten(0, 1)
 
 
-def naive_forward(sae: ExpertSAE, x_TD: Tensor, dead_mask_L: Tensor | None = None, kept_TE: Tensor | None = None):
+def skip_term(sae, x_TD: Tensor):
+    """W_skip x in float32, or 0 without a skip."""
+    return 0.0 if sae.w_skip is None else (x_TD @ sae.w_skip.T).float()
+
+
+def naive_forward(sae: ExpertSAE, x_TD: Tensor, dead_mask_L: Tensor | None = None, kept_TE: Tensor | None = None,
+                  y_TD: Tensor | None = None):
     """Dense forward with the weights of `sae`: (x_hat_TD, f_TL = sum over chosen experts of p * z, over all local
-    latents, loss terms). Top-e routing: each of a token's e most probable experts is one slot, decoded on its own;
-    under union TopK the slots' z come from one TopK over all of the chosen experts' gated activations. `kept_TE`
-    (bool [T, e]): slots a capacity limit dropped add nothing and take no part in the union."""
+    latents, loss terms against `y_TD`, default x). Top-e routing: each of a token's e most probable experts is one
+    slot, decoded on its own; under union TopK the slots' z come from one TopK over all of the chosen experts' gated
+    activations. `kept_TE` (bool [T, e]): slots a capacity limit dropped add nothing and take no part in the union."""
+    y_TD = x_TD if y_TD is None else y_TD
     bank = sae.experts
-    pre_TNM = torch.einsum("td,nmd->tnm", x_TD - sae.b_pre, bank.w_enc)
+    pre_TNM = torch.einsum("td,nmd->tnm", x_TD - sae.input_bias, bank.w_enc)
     if bank.b_enc is not None:
         pre_TNM = pre_TNM + bank.b_enc
     acts_TNM = F.relu(pre_TNM)
@@ -53,7 +64,7 @@ def naive_forward(sae: ExpertSAE, x_TD: Tensor, dead_mask_L: Tensor | None = Non
             ~kept_TE[:, :, None], float("-inf"))
         union_idx = gated_TEM.flatten(1).topk(sae.cfg.k, dim=-1).indices
         union_TEM = torch.zeros_like(gated_TEM).flatten(1).scatter(1, union_idx, 1.0).view_as(gated_TEM)
-    x_hat = sae.b_pre.float()
+    x_hat = sae.output_bias.float() + skip_term(sae, x_TD)
     f_TL, aux_TD = 0.0, 0.0
     for slot in range(expert_TE.shape[1]):
         expert_T, gate_T = expert_TE[:, slot], gate_TE[:, slot] * kept_TE[:, slot]
@@ -73,20 +84,74 @@ def naive_forward(sae: ExpertSAE, x_TD: Tensor, dead_mask_L: Tensor | None = Non
             aux_vals, aux_idx = aux_acts.topk(k_aux, dim=-1)
             aux_z = torch.zeros_like(acts_TM).scatter(1, aux_idx, aux_vals.clamp_min(0))
             aux_TD = aux_TD + gate_T.detach()[:, None] * dense_decode(aux_z, expert_T, bank.w_dec).float()
-    terms = {"rec": (x_TD.float() - x_hat).pow(2).sum(-1).mean()}
+    terms = {"rec": (y_TD.float() - x_hat).pow(2).sum(-1).mean()}
     if probs_TN is not None:
         n = sae.cfg.num_experts
         f_N = torch.bincount(expert_TE.flatten(), minlength=n).float() / expert_TE.numel()
         terms["lb"] = n * (f_N * probs_TN.mean(0)).sum()
     if dead_mask_L is not None:
-        residual = (x_TD.float() - x_hat).detach()
-        centred = x_TD.float() - x_TD.float().mean(0)
+        residual = (y_TD.float() - x_hat).detach()
+        centred = y_TD.float() - y_TD.float().mean(0)
         error = (aux_TD - residual).pow(2).sum()
         terms["auxk"] = error / centred.pow(2).sum()
-        if sae.cfg.auxk_scale == "gao":  # (S / T) * Var(x) / Var(e)
+        if sae.cfg.auxk_scale == "gao":  # (S / T) * Var(y) / Var(e)
             centred_e = residual - residual.mean(0)
             terms["auxk"] = error / x_TD.shape[0] * centred.pow(2).sum() / centred_e.pow(2).sum()
     return x_hat, f_TL, terms
+
+
+def naive_batchtopk_forward(sae, x_TD: Tensor, y_TD: Tensor | None = None):
+    """BatchTopK experts, every expert on every token, then masks: (x_hat, dense codes z [T, M_e], expert, loss
+    terms against `y_TD`, default x). In training each expert keeps its rows' count * k largest activations; in
+    eval those above its threshold."""
+    y_TD = x_TD if y_TD is None else y_TD
+    bank, k = sae.experts, sae.cfg.k
+    probs_TN = F.linear(x_TD.float() - sae.router.b_router.float(), sae.router.weight.float()).softmax(-1)
+    expert_T = probs_TN.argmax(-1)
+    gate_T = probs_TN.gather(1, expert_T[:, None]).squeeze(1)
+    pre_TNM = torch.einsum("td,nmd->tnm", x_TD - sae.input_bias, bank.w_enc)
+    acts_TM = F.relu(pre_TNM)[torch.arange(len(x_TD)), expert_T]
+    keep_TM = torch.zeros_like(acts_TM, dtype=torch.bool)
+    for e in range(bank.num_local):
+        rows = (expert_T == e).nonzero().squeeze(1)
+        if sae.training and len(rows):
+            block = acts_TM[rows].detach()
+            threshold = block.flatten().topk(len(rows) * k).values.min()
+            keep_TM[rows] = block >= threshold
+        elif len(rows):
+            keep_TM[rows] = acts_TM[rows] > bank.threshold_N[e]
+    z_TM = acts_TM * keep_TM
+    # The model's output precision: x_hat and the losses in float32 (as `naive_forward`).
+    x_hat = gate_T[:, None] * torch.einsum("tm,tmd->td", z_TM, bank.w_dec[expert_T]).float()
+    x_hat = x_hat + sae.output_bias.float() + skip_term(sae, x_TD)
+    n = sae.cfg.num_experts
+    f_N = (torch.bincount(expert_T, minlength=n).to(x_TD.dtype) / len(x_TD)).float()
+    terms = {"rec": (y_TD.float() - x_hat).pow(2).sum(-1).mean(), "lb": n * (f_N * probs_TN.mean(0)).sum()}
+    return x_hat, z_TM, expert_T, terms
+
+
+def naive_relu_forward(sae, x_TD: Tensor, y_TD: Tensor | None = None):
+    """The ReLU SAE written out: (x_hat, f [T, M], loss terms against `y_TD`, default x)."""
+    y_TD = x_TD if y_TD is None else y_TD
+    f_TM = F.relu((x_TD - sae.input_bias) @ sae.w_enc.T + sae.b_enc)
+    x_hat = (f_TM @ sae.w_dec).float() + sae.output_bias.float() + skip_term(sae, x_TD)
+    l1 = (f_TM.abs() * sae.w_dec.norm(dim=-1)).sum(-1).mean()
+    return x_hat, f_TM, {"rec": (y_TD.float() - x_hat).pow(2).sum(-1).mean(), "l1": l1}
+
+
+def naive_terms(sae, x_TD: Tensor, dead_mask_L: Tensor | None = None, y_TD: Tensor | None = None):
+    """(x_hat, per-token latent activations [T, local latents], loss terms) of any architecture's oracle."""
+    if sae.kind == "relu":
+        return naive_relu_forward(sae, x_TD, y_TD)
+    if sae.kind == "batchtopk":
+        x_hat, z_TM, expert_T, terms = naive_batchtopk_forward(sae, x_TD, y_TD)
+        return x_hat, all_latents(z_TM, expert_T, sae.experts.num_local), terms
+    return naive_forward(sae, x_TD, dead_mask_L, y_TD=y_TD)
+
+
+def decoder_parameter(sae):
+    """The parameter whose rows are unit-norm decoder directions."""
+    return sae.w_dec if sae.kind == "relu" else sae.experts.w_dec
 
 
 def reference_train_step(
@@ -96,17 +161,19 @@ def reference_train_step(
     max_norm: float,
     dead_mask_L: Tensor | None = None,
     step_fraction: float = 0.0,
+    y_TD: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One training step written the straightforward way (SPEC section 4), on the dense formulation.
 
     Renormalise decoder rows; dense forward and loss; backward; clip the gradient norm (`clip_grad_norm_`); remove
     each decoder row's parallel gradient component; `optimizer.step()` (a plain, unfused Adam). The oracle of the
-    trainer's fused step and the dense-then-mask baseline of the benchmarks. Returns (loss, f_TL).
+    trainer's fused step and the dense-then-mask baseline of the benchmarks; any architecture, against the target
+    `y_TD` (default x). Returns (loss, f_TL).
     """
-    w_dec = sae.experts.w_dec
+    w_dec = decoder_parameter(sae)
     with torch.no_grad():
         w_dec.div_(w_dec.norm(dim=-1, keepdim=True))
-    _, f_TL, terms = naive_forward(sae, x_TD, dead_mask_L)
+    _, f_TL, terms = naive_terms(sae, x_TD, dead_mask_L, y_TD)
     loss = sum(sae.loss_weights(step_fraction).get(name, 1.0) * term for name, term in terms.items())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

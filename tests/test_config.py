@@ -159,7 +159,7 @@ CHECKER_SOURCES = {
 
 def test_every_option_declares_its_facts():
     facts = option_facts()
-    assert len(facts) == 77 and "sae.k" in facts and "parallel.timeout_s" in facts
+    assert len(facts) == 80 and "sae.k" in facts and "parallel.timeout_s" in facts
     for name, fact in facts.items():
         assert fact.on_resume in ON_RESUME, name
         assert set(fact.checked_by) <= set(CHECKERS), name

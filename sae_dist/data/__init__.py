@@ -135,7 +135,7 @@ def build_activation_source(
     only: block numbers or hookpoints) reads several sites in one pass, rows concatenated [n, sum of widths]."""
     data, seed, device = run.data, run.trainer.seed, torch.device(device)
     if data.source == "synthetic":
-        source: ActivationSource = SyntheticSource.from_config(data, seed, rank, device)
+        source: ActivationSource = SyntheticSource.from_config(data, seed, rank, device, run.sae.d_out)
     elif data.source == "cache":
         source = CachedActivationSource(
             data.cache_dir, data.shuffle_buffer, seed, rank, world_size, device, data.cache_verify

@@ -24,7 +24,8 @@ class ActivationSource(ABC):
     """
 
     d_model: int
-    """Width of every activation row (for several hook sites: sites x d, concatenated)."""
+    """Width of every activation row (for several hook sites: sites x d, concatenated; for a transcoder, the input
+    x and its target y, [x | y], `sae.d_out` of them y: SPEC section 9)."""
 
     @abstractmethod
     def next_batch(self, batch_size: int) -> Tensor:

@@ -8,6 +8,12 @@ dimension, and `offset` is a fixed vector of norm sqrt(active), about the norm o
 SAE without a learned pre-bias (geometric median) is penalised. Batch i is a function of (seed, rank, i,
 batch size, device type) alone, so the state is one counter. Batches are generated on the training device (a
 GPU's generator draws other numbers than the CPU's; the directions are drawn on the CPU, so they agree).
+
+Transcoder pairs (`d_out`, SPEC section 9): each row is [x | y] with x as above and the target
+    y = A x + sum_{i in S} m_i^2 g_i,
+a linear map A [d_out, d] (entries N(0, 1/d)) plus a nonlinear sparse part: each feature i writes its squared
+magnitude along its own unit direction g_i in R^{d_out}. A skip connection can learn A; latents that detect f_i in x
+can write m_i^2 g_i. A, g and the target add no draw to a batch's stream: x is the SAE's x, bit for bit.
 """
 
 from __future__ import annotations
@@ -35,8 +41,11 @@ class SyntheticSource(ActivationSource):
         seed: int = 0,
         rank: int = 0,
         device: str | torch.device = "cpu",
+        d_out: int | None = None,
     ) -> None:
-        self.d_model = d_model
+        self.d_in = d_model
+        self.d_target = d_out or 0
+        self.d_model = d_model + self.d_target
         self.device = torch.device(device)
         self.active = active
         self.noise = noise
@@ -47,14 +56,22 @@ class SyntheticSource(ActivationSource):
         """Ground-truth unit directions, [F, d]."""
         self.offset = (F.normalize(torch.randn(d_model, generator=gen), dim=0) * active**0.5).to(self.device)
         """The mean offset added to every activation, [d]."""
+        self.target_map = self.target_features = None
+        if d_out is not None:
+            self.target_map = (torch.randn(d_out, d_model, generator=gen) * d_model**-0.5).to(self.device)
+            """A [d_out, d]: the linear part of the target."""
+            self.target_features = F.normalize(torch.randn(num_features, d_out, generator=gen), dim=-1).to(self.device)
+            """g [F, d_out]: where each feature writes its squared magnitude in the target."""
         self._batch = 0
 
     @classmethod
     def from_config(
-        cls, data: DataConfig, seed: int, rank: int = 0, device: str | torch.device = "cpu"
+        cls, data: DataConfig, seed: int, rank: int = 0, device: str | torch.device = "cpu", d_out: int | None = None
     ) -> SyntheticSource:
+        """The source of `data`; `d_out` (sae.d_out): [x | y] rows for a transcoder."""
         return cls(
-            data.d_model, data.synthetic_features, data.synthetic_active, data.synthetic_noise, seed, rank, device
+            data.d_model, data.synthetic_features, data.synthetic_active, data.synthetic_noise, seed, rank, device,
+            d_out,
         )
 
     def next_batch(self, batch_size: int) -> Tensor:
@@ -68,7 +85,12 @@ class SyntheticSource(ActivationSource):
         magnitude_BS = torch.rand(batch_size, slots, **on) + 0.5
         # A sparse decode: only the ~2*active drawn rows are read per sample, never a dense [B, F] matmul.
         x_BD = F.embedding_bag(ids_BS, self.true_features, per_sample_weights=magnitude_BS * keep_BS, mode="sum")
-        return x_BD + self.offset + self.noise * torch.randn(batch_size, self.d_model, **on)
+        x_BD = x_BD + self.offset + self.noise * torch.randn(batch_size, self.d_in, **on)
+        if self.target_map is None:
+            return x_BD
+        sparse_BO = F.embedding_bag(ids_BS, self.target_features, per_sample_weights=magnitude_BS.pow(2) * keep_BS,
+                                    mode="sum")
+        return torch.cat([x_BD, x_BD @ self.target_map.T + sparse_BO], dim=1)
 
     def state_dict(self) -> dict:
         return {"batch": self._batch}

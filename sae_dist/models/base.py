@@ -4,14 +4,20 @@ An architecture is one module holding a subclass of `SAE` decorated with `@regis
 `sae_dist/models/__init__.py`. Everything above the models (config validation, the parallel layout, the trainer,
 loading and export) asks the registry and the class, never compares `kind` strings.
 
-Every SAE, built as `cls(cfg, d_model, seed, dispatcher)`:
+Every SAE, built as `cls(cfg, d_model, seed, dispatcher)` (d_model: the input width d_in):
+- `split_batch(rows_TC) -> (x_TD, y_TO)`: a source's rows as input and target (SPEC section 9: [x | y] for a
+  transcoder, `sae.d_out` set; for an SAE y is x, the same tensor);
 - `forward(x_TD, aux_candidates=None) -> SAEOutput` (AuxK, where the SAE has it, over this step's dead-latent
-  candidates); `encode(x_TD) -> Latents` (token order, global latent ids) and `decode(Latents)`;
+  candidates); `encode(x_TD) -> Latents` (token order, global latent ids) and `decode(Latents, x_TD=None)` (x only
+  for a skip transcoder's skip term);
 - `in_place_weight_grads(enabled)`: a context in which the forward's graphs write weight gradients straight into
   `.grad` where the expert compute can (the trainer's step; off for `torch.autograd.grad` and gradient hooks);
-- `loss_terms(x_TD, out, reducer)` (unweighted, 'rec' counts once) and `loss_weights(step_fraction)`;
+- `loss_terms(y_TO, out, reducer)` against the target (unweighted, 'rec' counts once) and
+  `loss_weights(step_fraction)`;
 - `fired_latents(out)` (bool [local latents]), `active_latents(out)` (the L0 sum over local rows);
-- `decoder_weights()` (unit-norm rows, renormalised each step), `bias_parameters()` (geometric-median init);
+- `decoder_weights()` (unit-norm rows, renormalised each step), `bias_parameters()` (geometric-median init: of
+  the targets for the names in `TARGET_BIASES`, of the inputs otherwise); `input_bias` and `output_bias` (b_pre
+  both for an SAE; b_in and b_out for a transcoder) and `w_skip` (None but for a skip transcoder);
 - `expert_sharded()`: the state-dict entries whose dim 0 splits over the expert-parallel group (their gradients are
   summed over the expert's replicas, checkpoints store them by global expert id); everything else is replicated;
 - `after_step(out, reducer, applied)`: state updated from a step's output (e.g. BatchTopK's threshold);
@@ -20,7 +26,8 @@ Every SAE, built as `cls(cfg, d_model, seed, dispatcher)`:
 - `saelens_state()`: its SAELens architecture name, config entries and weights (`sae_dist/interop/saelens.py`);
 - where `folds_input_scale`: `fold_input_scale_(s)`, which makes a model trained on s * x take and return raw x
   (data.normalize_activations; `load_sae` calls it);
-- the SAELens-style views `W_enc [d_in, L]`, `W_dec [L, d_in]`, `b_enc [L]`, `b_dec [d_in]`, `d_in`, `d_sae`.
+- the SAELens-style views `W_enc [d_in, L]`, `W_dec [L, d_out]`, `b_enc [L]`, `b_dec [d_out]`, `d_in`, `d_out`,
+  `d_sae`.
 Class-level facts, read before a model exists: `routed` (a router sends each token to experts; experts shard over
 ranks; a capacity factor applies), `uses_k`, `rows_independent`, `check_config(cfg)` and `default_lr(cfg)`.
 """
@@ -33,6 +40,8 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sae_dist.config import ConfigError, SAEConfig
@@ -45,8 +54,13 @@ if TYPE_CHECKING:
     from sae_dist.models.router import Routing
 
 
+TARGET_BIASES = frozenset({"b_out"})
+"""The biases initialised from the targets y (the geometric median of the first batch's y); the others from x."""
+
+
 class SAEOutput(NamedTuple):
     x_hat_TD: Tensor
+    """The reconstruction of the target, [T, d_out] float32 (y_hat; x_hat for an SAE)."""
     latent_values_RK: Tensor
     """z per dispatched row (before the gate; zero where sae.union_topk dropped a candidate); [T, M] dense for the
     ReLU SAE."""
@@ -94,6 +108,47 @@ class SAE(nn.Module, ABC):
         super().__init__()
         self.cfg = cfg
         self.d_model = d_model
+        """The input width d_in."""
+        self.transcoder = cfg.d_out is not None
+        """The target is another site than the input (SPEC section 9)."""
+        self.d_out = cfg.d_out if self.transcoder else d_model
+        self.w_skip: nn.Parameter | None = None
+
+    def _add_biases(self) -> None:
+        """b_pre (an SAE), or b_in, b_out and, with `sae.skip`, W_skip [d_out, d_in] at zero (a transcoder)."""
+        if not self.transcoder:
+            self.b_pre = nn.Parameter(torch.zeros(self.d_model))
+            return
+        self.b_in = nn.Parameter(torch.zeros(self.d_model))
+        self.b_out = nn.Parameter(torch.zeros(self.d_out))
+        if self.cfg.skip:
+            self.w_skip = nn.Parameter(torch.zeros(self.d_out, self.d_model))
+
+    @property
+    def input_bias(self) -> Tensor:
+        """Subtracted from x before the encoders: b_in (b_pre for an SAE)."""
+        return self.b_in if self.transcoder else self.b_pre
+
+    @property
+    def output_bias(self) -> Tensor:
+        """Added to the reconstruction: b_out (b_pre for an SAE)."""
+        return self.b_out if self.transcoder else self.b_pre
+
+    def split_batch(self, rows_TC: Tensor) -> tuple[Tensor, Tensor]:
+        """(x [T, d_in], y [T, d_out]) of a source's rows: [x | y] for a transcoder; (rows, rows) for an SAE."""
+        if not self.transcoder:
+            return rows_TC, rows_TC
+        if rows_TC.shape[-1] != self.d_model + self.d_out:
+            raise ValueError(f"rows of width {rows_TC.shape[-1]} are not [x | y] of widths {self.d_model} + "
+                             f"{self.d_out}")
+        return rows_TC[:, : self.d_model], rows_TC[:, self.d_model :]
+
+    def reconstruct(self, decoded_TO: Tensor, x_TD: Tensor) -> Tensor:
+        """y_hat = decoded + b_out [+ W_skip x], float32 [T, d_out]; x_hat = decoded + b_pre for an SAE."""
+        y_hat_TO = decoded_TO + self.output_bias.float()
+        if self.w_skip is not None:
+            y_hat_TO = y_hat_TO + F.linear(x_TD, self.w_skip).float()
+        return y_hat_TO
 
     # --- class-level facts -------------------------------------------------------------------------------------
     @classmethod
@@ -128,12 +183,16 @@ class SAE(nn.Module, ABC):
         """One training step's FLOPs per token (`sae_dist.flops`), for TopK-style experts: the router (routed
         kinds), the encoder GEMM over the chosen expert's M/N latents, a selection pass over them, the sparse decode
         of k rows; backward: the router GEMM twice, encoder and decoder sparse over the k active rows. Under top-e
-        routing every expert term counts e times (each token is e rows)."""
+        routing every expert term counts e times (each token is e rows). A transcoder's decoder terms are d_out
+        wide; its skip GEMM adds `skip_flops_per_token`."""
         d, n, k, e = d_model, cfg.num_experts, cfg.k, cfg.experts_per_token
+        d_out = cfg.d_out or d
         width = cfg.num_latents // n  # the latents a token's encoder actually computes
         router = 2 * n * d + n if cls.routed else 0  # GEMM + softmax
-        forward = router + e * (2 * width * d + width + 2 * k * d)
-        backward = 2 * router + e * (4 * k * d + 4 * k * d)  # input and weight gradients of encoder and decoder rows
+        skip_forward, skip_backward = skip_flops_per_token(cfg, d_model)
+        forward = router + e * (2 * width * d + width + 2 * k * d_out) + skip_forward
+        # input and weight gradients of encoder and decoder rows
+        backward = 2 * router + e * (4 * k * d + 4 * k * d_out) + skip_backward
         return FlopsPerToken(encoder_paper=e * 4 * width * d, forward=forward, backward=backward)
 
     # --- the model ---------------------------------------------------------------------------------------------
@@ -158,8 +217,9 @@ class SAE(nn.Module, ABC):
         return nullcontext()
 
     @abstractmethod
-    def loss_terms(self, x_TD: Tensor, out: SAEOutput, reducer: BatchReducer | None = None) -> dict[str, Tensor]:
-        """Unweighted loss terms; `reducer` makes batch statistics global under data or expert parallelism."""
+    def loss_terms(self, y_TO: Tensor, out: SAEOutput, reducer: BatchReducer | None = None) -> dict[str, Tensor]:
+        """Unweighted loss terms against the target `y_TO` (`split_batch`; x for an SAE); `reducer` makes batch
+        statistics global under data or expert parallelism."""
 
     @abstractmethod
     def loss_weights(self, step_fraction: float) -> dict[str, float]:
@@ -178,8 +238,8 @@ class SAE(nn.Module, ABC):
         """Latent activations in token order, with global latent ids."""
 
     @abstractmethod
-    def decode(self, latents: Latents) -> Tensor:
-        """x_hat [T, d] from `encode`'s latents."""
+    def decode(self, latents: Latents, x_TD: Tensor | None = None) -> Tensor:
+        """x_hat [T, d_out] from `encode`'s latents; a skip transcoder needs the input `x_TD` for its skip term."""
 
     @abstractmethod
     def decoder_weights(self) -> list[nn.Parameter]:
@@ -187,7 +247,8 @@ class SAE(nn.Module, ABC):
 
     @abstractmethod
     def bias_parameters(self) -> dict[str, nn.Parameter]:
-        """Biases initialised to the geometric median of the first batch (SPEC section 3)."""
+        """Biases initialised to the geometric median of the first batch (SPEC sections 3 and 9): of its targets
+        for the names in `TARGET_BIASES`, of its inputs otherwise."""
 
     def expert_sharded(self) -> frozenset[str]:
         """State-dict entries split over the expert-parallel group along dim 0 (none: everything replicated)."""
@@ -208,6 +269,17 @@ class SAE(nn.Module, ABC):
         expert; NotImplementedError for an architecture without a SAELens form."""
         raise NotImplementedError(f"sae.kind={self.kind!r} has no SAELens format")
 
+    def saelens_transcoder(self, architecture: str, weights: dict[str, Tensor]) -> tuple[str, dict, dict[str, Tensor]]:
+        """A transcoder as SAELens's `architecture` ('transcoder', 'jumprelu_transcoder'; their skip forms with
+        W_skip): SAELens's transcoders do not centre their input, so b_in folds into the encoder bias,
+        b_enc - b_in W_enc, and b_dec is b_out. `weights`: W_enc [d_in, L], b_enc [L], W_dec [L, d_out], and any
+        other entry of the architecture (a threshold)."""
+        weights = {**weights, "b_enc": weights["b_enc"] - self.b_in @ weights["W_enc"], "b_dec": self.b_out}
+        if self.w_skip is not None:
+            architecture = architecture.replace("transcoder", "skip_transcoder")
+            weights["W_skip"] = self.w_skip
+        return architecture, {"d_out": self.d_out, "apply_b_dec_to_input": False}, weights
+
     # --- SAELens-style views (the local latents) ---------------------------------------------------------------
     @property
     @abstractmethod
@@ -217,12 +289,12 @@ class SAE(nn.Module, ABC):
     @property
     @abstractmethod
     def W_dec(self) -> Tensor:  # noqa: N802
-        """[L, d_in] decoder rows, a view of the parameter."""
+        """[L, d_out] decoder rows, a view of the parameter."""
 
     @property
     def b_dec(self) -> Tensor:
-        """The decoder bias b_pre [d_in] (subtracted before encoding)."""
-        return self.b_pre
+        """The decoder bias [d_out]: b_pre (also subtracted before encoding) for an SAE, b_out for a transcoder."""
+        return self.output_bias
 
     @property
     def d_in(self) -> int:
@@ -231,6 +303,31 @@ class SAE(nn.Module, ABC):
     @property
     def d_sae(self) -> int:
         return self.cfg.num_latents
+
+
+def input_width(cfg: SAEConfig, row_width: int) -> int:
+    """d_in of an SAE on source rows `row_width` wide: the rows less a transcoder's target, [x | y]."""
+    if cfg.d_out is None:
+        return row_width
+    if row_width <= cfg.d_out:
+        raise ConfigError(f"sae.d_out={cfg.d_out}: the source's rows are {row_width} wide, which leaves no input x "
+                          "beside the target y")
+    return row_width - cfg.d_out
+
+
+def skip_input(sae: SAE, x_TD: Tensor | None) -> Tensor | None:
+    """`x_TD` for `SAE.reconstruct` in a `decode`: a skip transcoder's reconstruction needs it."""
+    if sae.w_skip is not None and x_TD is None:
+        raise ValueError("a skip transcoder's reconstruction adds W_skip x: pass the input, decode(latents, x_TD)")
+    return x_TD
+
+
+def skip_flops_per_token(cfg: SAEConfig, d_in: int) -> tuple[int, int]:
+    """(forward, backward) FLOPs per token of a skip transcoder's W_skip x: 2 d_in d_out, and twice that for the
+    input and weight gradients; (0, 0) without a skip."""
+    if not cfg.skip:
+        return 0, 0
+    return 2 * d_in * cfg.d_out, 4 * d_in * cfg.d_out
 
 
 _ARCHITECTURES: dict[str, type[SAE]] = {}

@@ -96,12 +96,17 @@ class BatchTopKSAE(ExpertSAE):
 
     def saelens_expert_states(self) -> list[tuple[str, dict, dict[str, Tensor]]]:
         """SAELens's 'jumprelu' SAEs, threshold theta_e on each of expert e's latents: ReLU(pre) where
-        pre > theta_e, pre = (x - b_dec) W_enc + b_enc, as this bank's eval mode (theta >= 0)."""
+        pre > theta_e, pre = (x - b_dec) W_enc + b_enc, as this bank's eval mode (theta >= 0); for a transcoder
+        SAELens's 'jumprelu_transcoder' (`saelens_transcoder`)."""
         states = []
         for e in range(self.num_local_experts):
             weights = self.expert_weights(e)
             weights["threshold"] = self.experts.threshold_N[e].expand(self.latents_per_expert)
-            states.append(("jumprelu", {}, weights))
+            if self.transcoder:
+                del weights["b_dec"]
+                states.append(self.saelens_transcoder("jumprelu_transcoder", weights))
+            else:
+                states.append(("jumprelu", {}, weights))
         return states
 
     def saelens_state(self) -> tuple[str, dict, dict[str, Tensor]]:

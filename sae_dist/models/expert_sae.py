@@ -7,6 +7,11 @@ z_i = TopK_k(ReLU(W_enc^i (x - b_pre) [+ b_enc])); x_hat = sum_{i in E(x)} p_i z
 Only the chosen experts' encoders run on a token: the dispatcher groups its e rows (one per chosen expert, token-major)
 by expert first. e = 1 is the paper's top-1 Switch SAE.
 
+Transcoder (`sae.d_out`, SPEC section 9): b_in in place of b_pre before the experts, W_dec^i [M_e, d_out],
+y_hat = sum_i p_i z_i W_dec^i + b_out [+ W_skip x]; the loss compares y_hat with the target y. Only x - b_in is
+dispatched: the target stays with its token and meets the combined reconstruction there, so the expert code and
+the dispatch are those of an SAE.
+
 Union TopK (`sae.union_topk`, e > 1): one TopK over the union of the chosen experts' latents. Per token,
 a_i = ReLU(W_enc^i (x - b_pre)) for i in E(x); keep the k largest of the gated activations {p_i a_i[j] : i in E(x),
 all j} (decoder rows are unit norm, so this ranks latents by their contribution); z_i = a_i on the kept entries,
@@ -28,7 +33,7 @@ from torch import Tensor, nn
 
 from sae_dist.config import SAEConfig
 from sae_dist.models.auxk import AuxCandidates
-from sae_dist.models.base import SAE, Latents, SAEOutput
+from sae_dist.models.base import SAE, Latents, SAEOutput, skip_input
 from sae_dist.models.dispatch import ExpertGroups, ExpertRun, LocalDispatcher, TokenDispatcher
 from sae_dist.models.experts import ExpertBank, ExpertOutput, seeded_generator
 from sae_dist.models.losses import BatchReducer, auxk_loss, fired_mask, reconstruction_loss
@@ -54,7 +59,7 @@ class ExpertSAE(SAE):
         super().__init__(cfg, d_model)
         self.latents_per_expert = cfg.num_latents // cfg.num_experts
         self.dispatcher = dispatcher or LocalDispatcher(cfg.num_experts)
-        self.b_pre = nn.Parameter(torch.zeros(d_model))
+        self._add_biases()
         self.router = None
         if self.routed:
             self.router = Router(d_model, cfg.num_experts, seeded_generator(seed, 0), cfg.experts_per_token)
@@ -67,6 +72,7 @@ class ExpertSAE(SAE):
             first_expert=self.dispatcher.first_local_expert,
             encoder_backward=cfg.encoder_backward,
             decoder=cfg.decoder,
+            d_out=cfg.d_out,
         )
         self.auxk_alpha = self.default_auxk_alpha if cfg.auxk_alpha is None else cfg.auxk_alpha
         self.k_aux = (cfg.auxk_k or d_model // 2) if self.auxk_alpha > 0 else 0
@@ -103,7 +109,8 @@ class ExpertSAE(SAE):
     def saelens_expert_states(self) -> list[tuple[str, dict, dict[str, Tensor]]]:
         """Each expert as a standalone SAELens SAE, (architecture, config entries, weights) per expert here:
         expert e's SAE gives the latents z of a token routed to e, and z W_dec^e + b_pre (before the router gate).
-        TopK experts are SAELens's 'topk' SAEs."""
+        TopK experts are SAELens's 'topk' SAEs (SAELens has no TopK transcoder)."""
+        refuse_transcoder(self, "TopK")
         return [("topk", {"k": self.cfg.k}, self.expert_weights(e)) for e in range(self.num_local_experts)]
 
     def expert_weights(self, expert: int) -> dict[str, Tensor]:
@@ -111,19 +118,19 @@ class ExpertSAE(SAE):
         no encoder bias), W_dec [M_e, d], b_dec = b_pre [d]."""
         bank = self.experts
         b_enc = bank.w_enc.new_zeros(bank.latents_per_expert) if bank.b_enc is None else bank.b_enc[expert]
-        return {"W_enc": bank.w_enc[expert].T, "b_enc": b_enc, "W_dec": bank.w_dec[expert], "b_dec": self.b_pre}
+        return {"W_enc": bank.w_enc[expert].T, "b_enc": b_enc, "W_dec": bank.w_dec[expert], "b_dec": self.b_dec}
 
     def latent_parameters(self) -> list[nn.Parameter]:
         """The parameters that hold one row per latent, indexed [local expert, latent, ...]: W_enc, W_dec, b_enc."""
         return list(self.experts.parameters())
 
     @torch.no_grad()
-    def reinit_latents_(self, expert_R: Tensor, column_R: Tensor, direction_RD: Tensor, encoder_norm_R: Tensor) -> None:
-        """Give latent (local expert `expert_R`, column `column_R`) the unit decoder row `direction_RD`, the encoder
-        row `direction_RD * encoder_norm_R` and (where there is one) encoder bias 0."""
+    def reinit_latents_(self, expert_R: Tensor, column_R: Tensor, decoder_RO: Tensor, encoder_RD: Tensor) -> None:
+        """Give latent (local expert `expert_R`, column `column_R`) the decoder row `decoder_RO`, the encoder row
+        `encoder_RD` and (where there is one) encoder bias 0."""
         bank = self.experts
-        bank.w_dec[expert_R, column_R] = direction_RD.to(bank.w_dec.dtype)
-        bank.w_enc[expert_R, column_R] = (direction_RD * encoder_norm_R[:, None]).to(bank.w_enc.dtype)
+        bank.w_dec[expert_R, column_R] = decoder_RO.to(bank.w_dec.dtype)
+        bank.w_enc[expert_R, column_R] = encoder_RD.to(bank.w_enc.dtype)
         if bank.b_enc is not None:
             bank.b_enc[expert_R, column_R] = 0
 
@@ -139,7 +146,7 @@ class ExpertSAE(SAE):
             self.router.b_router.div_(scale)
 
     def bias_parameters(self) -> dict[str, nn.Parameter]:
-        biases = {"b_pre": self.b_pre}
+        biases = {"b_in": self.b_in, "b_out": self.b_out} if self.transcoder else {"b_pre": self.b_pre}
         if self.router is not None:
             biases["b_router"] = self.router.b_router
         return biases
@@ -150,7 +157,7 @@ class ExpertSAE(SAE):
     def forward(self, x_TD: Tensor, aux_candidates: AuxCandidates | None = None) -> SAEOutput:
         """AuxK (when on) selects among `aux_candidates`; without them it does not run."""
         routing = self.router(x_TD) if self.router is not None else None
-        rows_SD = x_TD - self.b_pre
+        rows_SD = x_TD - self.input_bias
         if routing is None:
             expert_S, scores_S = x_TD.new_zeros(x_TD.shape[0], dtype=torch.long), None
         else:
@@ -169,7 +176,7 @@ class ExpertSAE(SAE):
             run = self.dispatcher.run(rows_SD, expert_S, scores_S, run_experts)
         values_RK, indices_RK = run.per_row
         recon_S = run.combined_T.float()
-        decoded_SD, aux_SD = recon_S[:, : self.d_model], recon_S[:, self.d_model :]
+        decoded_SD, aux_SD = recon_S[:, : self.d_out], recon_S[:, self.d_out :]
         aux_recon_TD = None
         if routing is None:
             decoded_TD = decoded_SD
@@ -177,8 +184,8 @@ class ExpertSAE(SAE):
         else:
             decoded_TD = gate_weighted_sum(decoded_SD, routing.gate_TE)
             aux_recon_TD = gate_weighted_sum(aux_SD, routing.gate_TE.detach()) if k_aux else None
-        # A row dropped by a capacity limit combines to zeros: a token with no row kept has x_hat = b_pre.
-        x_hat_TD = decoded_TD + self.b_pre.float()
+        # A row dropped by a capacity limit combines to zeros: a token with no row kept has x_hat = b_pre (b_out).
+        x_hat_TD = self.reconstruct(decoded_TD, x_TD)
         return SAEOutput(x_hat_TD, values_RK, indices_RK, routing, aux_recon_TD, run.plan.kept_T, run.plan)
 
     def _run_union_topk(
@@ -195,18 +202,19 @@ class ExpertSAE(SAE):
         out = self.experts.decode(codes._replace(values_RK=codes.values_RK * keep_RK), plan.groups)
         return ExpertRun(dispatcher.combine(rows_to_combine(out), plan), (out.values_RK, out.indices_RK), plan)
 
-    def loss_terms(self, x_TD: Tensor, out: SAEOutput, reducer: BatchReducer | None = None) -> dict[str, Tensor]:
-        """Unweighted loss terms: 'rec', and 'lb' (Switch) and 'auxk' (when on).
+    def loss_terms(self, y_TO: Tensor, out: SAEOutput, reducer: BatchReducer | None = None) -> dict[str, Tensor]:
+        """Unweighted loss terms against the target `y_TO` (x for an SAE): 'rec', and 'lb' (Switch) and 'auxk'
+        (when on).
 
         `reducer` (the parallel context) makes the batch statistics global: the load-balancing counts and the
         AuxK variance. Each rank's terms are then shares whose mean over ranks is the global-batch loss.
         """
-        terms = {"rec": reconstruction_loss(x_TD, out.x_hat_TD)}
+        terms = {"rec": reconstruction_loss(y_TO, out.x_hat_TD)}
         if out.routing is not None:
             all_reduce = None if reducer is None else reducer.all_reduce_sum
             terms["lb"] = load_balancing_loss(out.routing, self.cfg.num_experts, all_reduce)
         if out.aux_recon_TD is not None:
-            terms["auxk"] = auxk_loss(x_TD, out.x_hat_TD, out.aux_recon_TD, reducer, self.cfg.auxk_scale)
+            terms["auxk"] = auxk_loss(y_TO, out.x_hat_TD, out.aux_recon_TD, reducer, self.cfg.auxk_scale)
         return terms
 
     def loss_weights(self, step_fraction: float) -> dict[str, float]:
@@ -235,10 +243,18 @@ class ExpertSAE(SAE):
         return Latents(values_TC, indices_TC)
 
     @torch.no_grad()
-    def decode(self, latents: Latents) -> Tensor:
-        """x_hat = sum_j f_j W_dec[id_j] + b_pre for latents from `encode`."""
+    def decode(self, latents: Latents, x_TD: Tensor | None = None) -> Tensor:
+        """x_hat = sum_j f_j W_dec[id_j] + b_pre (a transcoder: + b_out [+ W_skip x]) for latents from `encode`."""
         local_ids = latents.indices_TK - self.experts.first_expert * self.latents_per_expert
-        return weighted_row_sum(latents.values_TK, local_ids, self.experts.w_dec).float() + self.b_pre.float()
+        decoded_TO = weighted_row_sum(latents.values_TK, local_ids, self.experts.w_dec).float()
+        return self.reconstruct(decoded_TO, skip_input(self, x_TD))
+
+
+def refuse_transcoder(sae: SAE, what: str) -> None:
+    """NotImplementedError for a transcoder whose SAELens form (`what`) SAELens does not have."""
+    if sae.transcoder:
+        raise NotImplementedError(f"sae.d_out={sae.d_out}: SAELens has no {what} transcoder; export a ReLU or a "
+                                  "dense BatchTopK transcoder, or use sae-dist's own checkpoint")
 
 
 def gate_weighted_sum(rows_SD: Tensor, gate_TE: Tensor) -> Tensor:

@@ -26,6 +26,17 @@ def expert_generator(seed: int, global_expert_id: int) -> torch.Generator:
     return seeded_generator(seed, 1 + global_expert_id)
 
 
+def decoder_rows(w_enc_MD: Tensor, d_out: int, generator: torch.Generator | None, independent: bool) -> Tensor:
+    """Unit-norm decoder rows [..., M, d_out]: the encoder rows normalised (an SAE), or, `independent` (a
+    transcoder, whose decoder writes another space), rows drawn U(-1/sqrt(d_out), 1/sqrt(d_out)) from `generator`
+    after the encoder's and normalised (SPEC section 9)."""
+    if not independent:
+        return w_enc_MD / w_enc_MD.norm(dim=-1, keepdim=True)
+    bound = d_out**-0.5
+    w_dec_MO = torch.empty(*w_enc_MD.shape[:-1], d_out).uniform_(-bound, bound, generator=generator)
+    return w_dec_MO / w_dec_MO.norm(dim=-1, keepdim=True)
+
+
 class ExpertOutput(NamedTuple):
     values_RK: Tensor
     """The decoded codes z (`ExpertCodes.values_RK`, with any entries the caller zeroed); K = M_e for the dense
@@ -39,7 +50,8 @@ class ExpertOutput(NamedTuple):
 
 
 class ExpertBank(nn.Module):
-    """Experts `first_expert .. first_expert + num_local - 1`: W_enc, W_dec [N_local, M_e, d], b_enc [N_local, M_e].
+    """Experts `first_expert .. first_expert + num_local - 1`: W_enc [N_local, M_e, d], W_dec [N_local, M_e, d_out]
+    (d_out = d but for a transcoder's bank), b_enc [N_local, M_e].
 
     `encoder_backward` and `decoder` (`sae.encoder_backward`, `sae.decoder`) choose the expert compute of the
     encoder and of the decoder once, for the device the weights are on (`formulation.py`): at construction, and
@@ -56,17 +68,22 @@ class ExpertBank(nn.Module):
         first_expert: int = 0,
         encoder_backward: str = "auto",
         decoder: str = "auto",
+        d_out: int | None = None,
     ):
         super().__init__()
         self.first_expert = first_expert
         self.encoder_backward, self.decoder = encoder_backward, decoder
         self.latents_per_expert = latents_per_expert
         w_enc = torch.empty(num_local, latents_per_expert, d_model)
+        w_dec = None if d_out is None else torch.empty(num_local, latents_per_expert, d_out)
         bound = d_model**-0.5  # PyTorch's default Linear init: U(-1/sqrt(d), 1/sqrt(d))
         for local in range(num_local):
-            w_enc[local].uniform_(-bound, bound, generator=expert_generator(seed, first_expert + local))
+            generator = expert_generator(seed, first_expert + local)
+            w_enc[local].uniform_(-bound, bound, generator=generator)
+            if w_dec is not None:
+                w_dec[local] = decoder_rows(w_enc[local], d_out, generator, independent=True)
         self.w_enc = nn.Parameter(w_enc)
-        self.w_dec = nn.Parameter(w_enc / w_enc.norm(dim=-1, keepdim=True))
+        self.w_dec = nn.Parameter(decoder_rows(w_enc, d_model, None, independent=False) if w_dec is None else w_dec)
         self.b_enc = nn.Parameter(torch.zeros(num_local, latents_per_expert)) if encoder_bias else None
         self._choose_compute()
 

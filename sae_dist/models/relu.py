@@ -1,4 +1,5 @@
-"""The ReLU SAE baseline: f = ReLU(W_enc (x - b_pre) + b_enc), x_hat = f W_dec + b_pre, L1 on |f| * ||W_dec row||."""
+"""The ReLU SAE baseline: f = ReLU(W_enc (x - b_pre) + b_enc), x_hat = f W_dec + b_pre, L1 on |f| * ||W_dec row||;
+as a transcoder (SPEC section 9) b_in, b_out and the optional skip in place of b_pre."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from torch import Tensor, nn
 from sae_dist.config import SAEConfig
 from sae_dist.flops import FlopsPerToken
 from sae_dist.models.auxk import AuxCandidates
-from sae_dist.models.base import SAE, Latents, SAEOutput, register
+from sae_dist.models.base import SAE, Latents, SAEOutput, register, skip_flops_per_token, skip_input
 from sae_dist.models.dispatch import TokenDispatcher
-from sae_dist.models.experts import expert_generator
+from sae_dist.models.experts import decoder_rows, expert_generator
 from sae_dist.models.losses import BatchReducer, fired_mask, l1_penalty, reconstruction_loss
 
 
@@ -28,12 +29,12 @@ class ReLUSAE(SAE):
 
     def __init__(self, cfg: SAEConfig, d_model: int, seed: int, dispatcher: TokenDispatcher | None = None):
         super().__init__(cfg, d_model)
-        bound = d_model**-0.5
-        w_enc = torch.empty(cfg.num_latents, d_model).uniform_(-bound, bound, generator=expert_generator(seed, 0))
+        generator = expert_generator(seed, 0)
+        w_enc = torch.empty(cfg.num_latents, d_model).uniform_(-d_model**-0.5, d_model**-0.5, generator=generator)
         self.w_enc = nn.Parameter(w_enc)
         self.b_enc = nn.Parameter(torch.zeros(cfg.num_latents))
-        self.w_dec = nn.Parameter(w_enc / w_enc.norm(dim=-1, keepdim=True))
-        self.b_pre = nn.Parameter(torch.zeros(d_model))
+        self.w_dec = nn.Parameter(decoder_rows(w_enc, self.d_out, generator, self.transcoder))
+        self._add_biases()
 
     @classmethod
     def default_lr(cls, cfg: SAEConfig, rule: str = "total") -> float:
@@ -42,16 +43,24 @@ class ReLUSAE(SAE):
 
     @classmethod
     def flops_per_token(cls, cfg: SAEConfig, d_model: int) -> FlopsPerToken:
-        """Dense encoder, ReLU and dense decoder; the backward twice each GEMM."""
+        """Dense encoder, ReLU and dense decoder (d_out wide for a transcoder, and its skip GEMM); the backward
+        twice each GEMM."""
         m, d = cfg.num_latents, d_model
-        return FlopsPerToken(encoder_paper=4 * m * d, forward=2 * m * d + m + 2 * m * d, backward=2 * (4 * m * d))
+        d_out = cfg.d_out or d
+        skip_forward, skip_backward = skip_flops_per_token(cfg, d_model)
+        return FlopsPerToken(encoder_paper=4 * m * d, forward=2 * m * d + m + 2 * m * d_out + skip_forward,
+                             backward=2 * (2 * m * d + 2 * m * d_out) + skip_backward)
 
     @property
     def num_local_latents(self) -> int:
         return self.cfg.num_latents
 
     def saelens_state(self) -> tuple[str, dict, dict[str, Tensor]]:
-        """SAELens's 'standard' SAE: ReLU((x - b_dec) W_enc + b_enc) W_dec + b_dec, the same math."""
+        """SAELens's 'standard' SAE: ReLU((x - b_dec) W_enc + b_enc) W_dec + b_dec, the same math; a transcoder is
+        its 'transcoder' ('skip_transcoder' with the skip)."""
+        if self.transcoder:
+            weights = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec}
+            return self.saelens_transcoder("transcoder", weights)
         return "standard", {}, {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
 
     @property
@@ -66,6 +75,8 @@ class ReLUSAE(SAE):
         return [self.w_dec]
 
     def bias_parameters(self) -> dict[str, nn.Parameter]:
+        if self.transcoder:
+            return {"b_in": self.b_in, "b_out": self.b_out}
         return {"b_pre": self.b_pre}
 
     @torch.no_grad()
@@ -75,13 +86,13 @@ class ReLUSAE(SAE):
         self.b_enc.div_(scale)
 
     def forward(self, x_TD: Tensor, aux_candidates: AuxCandidates | None = None) -> SAEOutput:
-        """f = ReLU(W_enc (x - b_pre) + b_enc) [T, M] dense; `aux_candidates` is unused (no AuxK)."""
-        f_TM = F.relu(F.linear(x_TD - self.b_pre, self.w_enc, self.b_enc))
-        x_hat_TD = (f_TM @ self.w_dec).float() + self.b_pre.float()
-        return SAEOutput(x_hat_TD, f_TM, None, None, None)
+        """f = ReLU(W_enc (x - b_in) + b_enc) [T, M] dense, y_hat = f W_dec + b_out [+ W_skip x] (b_in = b_out =
+        b_pre for an SAE); `aux_candidates` is unused (no AuxK)."""
+        f_TM = F.relu(F.linear(x_TD - self.input_bias, self.w_enc, self.b_enc))
+        return SAEOutput(self.reconstruct((f_TM @ self.w_dec).float(), x_TD), f_TM, None, None, None)
 
-    def loss_terms(self, x_TD: Tensor, out: SAEOutput, reducer: BatchReducer | None = None) -> dict[str, Tensor]:
-        return {"rec": reconstruction_loss(x_TD, out.x_hat_TD), "l1": l1_penalty(out.latent_values_RK, self.w_dec)}
+    def loss_terms(self, y_TO: Tensor, out: SAEOutput, reducer: BatchReducer | None = None) -> dict[str, Tensor]:
+        return {"rec": reconstruction_loss(y_TO, out.x_hat_TD), "l1": l1_penalty(out.latent_values_RK, self.w_dec)}
 
     def loss_weights(self, step_fraction: float) -> dict[str, float]:
         """The L1 coefficient ramps linearly from 0 over the first `l1_warmup_frac` of training."""
@@ -100,7 +111,7 @@ class ReLUSAE(SAE):
         return Latents(f_TM, ids_TM)
 
     @torch.no_grad()
-    def decode(self, latents: Latents) -> Tensor:
-        f_TM = torch.zeros(latents.values_TK.shape[0], self.cfg.num_latents, device=latents.values_TK.device)
-        f_TM.scatter_(1, latents.indices_TK, latents.values_TK.float())
-        return (f_TM @ self.w_dec).float() + self.b_pre.float()
+    def decode(self, latents: Latents, x_TD: Tensor | None = None) -> Tensor:
+        values_TK = latents.values_TK.to(self.w_dec.dtype)
+        f_TM = values_TK.new_zeros(values_TK.shape[0], self.cfg.num_latents).scatter_(1, latents.indices_TK, values_TK)
+        return self.reconstruct((f_TM @ self.w_dec).float(), skip_input(self, x_TD))

@@ -37,7 +37,6 @@ from sae_dist.models.expert_compute import (
     LatentMajor,
     SharedLatentOrder,
     compute_dtype,
-    latent_major,
 )
 from sae_dist.models.gemm_compute import gemm_encode
 from sae_dist.models.selection import aux_topk

@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from sae_dist.models.base import register
-from sae_dist.models.expert_sae import ExpertSAE
+from sae_dist.models.expert_sae import ExpertSAE, refuse_transcoder
 
 SWITCH_ARCHITECTURE = "sae_dist_switch"
 """The name of the Switch SAE's architecture in SAELens's registry."""
@@ -28,6 +28,7 @@ class SwitchSAE(ExpertSAE):
 def switch_saelens_state(sae: ExpertSAE) -> tuple[str, dict, dict[str, Tensor]]:
     """The 'sae_dist_switch' architecture's entries and weights of a routed SAE, its experts selecting by TopK
     (`activation` 'topk'; BatchTopK experts change it to 'threshold' and add their thresholds)."""
+    refuse_transcoder(sae, "Switch")
     if sae.cfg.experts_per_token != 1:
         raise NotImplementedError(f"sae.experts_per_token={sae.cfg.experts_per_token}: the SAELens export routes "
                                   "each token to one expert; export a run with 1")

@@ -1,9 +1,12 @@
-"""Initialisation from data (SPEC section 3): b_pre and b_router start at the geometric median of a batch."""
+"""Initialisation from data (SPEC sections 3 and 9): b_pre (b_in), b_router and a transcoder's b_out start at the
+geometric median of a batch."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from sae_dist.models.base import SAE, TARGET_BIASES
 
 
 @torch.no_grad()
@@ -26,8 +29,12 @@ def geometric_median(x_TD: Tensor, max_iters: int = 100, tol: float = 1e-5) -> T
 
 
 @torch.no_grad()
-def init_biases_from_batch(model: torch.nn.Module, x_TD: Tensor) -> None:
-    """Set every bias in `model.bias_parameters()` (b_pre, b_router) to the geometric median of `x_TD`."""
-    median = geometric_median(x_TD)
-    for bias in model.bias_parameters().values():
-        bias.copy_(median)
+def init_biases_from_batch(model: SAE, rows_TC: Tensor) -> None:
+    """Set every bias in `model.bias_parameters()` to a geometric median of the source rows `rows_TC`: that of
+    the targets y for b_out (`TARGET_BIASES`), that of the inputs x for the others (b_pre, b_in, b_router)."""
+    x_TD, y_TO = model.split_batch(rows_TC)
+    biases = model.bias_parameters()
+    input_median = geometric_median(x_TD)
+    target_median = geometric_median(y_TO) if TARGET_BIASES & biases.keys() else None
+    for name, bias in biases.items():
+        bias.copy_(target_median if name in TARGET_BIASES else input_median)

@@ -17,8 +17,8 @@ from torch import Tensor
 from sae_dist.config import RunConfig
 from sae_dist.models import SAE, SAEOutput
 from sae_dist.models.auxk import AuxCandidates, DeadCandidates
-from sae_dist.parallel.context import ParallelContext
 from sae_dist.models.router import Routing
+from sae_dist.parallel.context import ParallelContext
 from sae_dist.train.resample import resample_dead_latents
 
 
@@ -114,14 +114,15 @@ class LatentBookkeeping:
         if self._candidates is not None:
             self._candidates.after_update(self.dead.tokens_since_fired_L)
 
-    def resample(self, x_TD: Tensor, out: SAEOutput, finite: Tensor, step: int, optimizer: torch.optim.Optimizer
+    def resample(self, rows_TC: Tensor, out: SAEOutput, finite: Tensor, step: int, optimizer: torch.optim.Optimizer
                  ) -> bool:
         """At a step of sae.resample_every (`step`, 1-based) whose update was applied, resample the dead latents
-        from this step's batch and reset their rows of `optimizer`'s moments; return whether it did."""
+        from this step's batch (the source rows) and reset their rows of `optimizer`'s moments; return whether it
+        did."""
         if not resample_due(self.run, step) or not bool(finite):
             return False
         self.resampled += resample_dead_latents(self.model, optimizer, self.dead.tokens_since_fired_L,
-                                                self.dead.dead_tokens, self.ctx, x_TD, out, self.run.trainer.seed,
+                                                self.dead.dead_tokens, self.ctx, rows_TC, out, self.run.trainer.seed,
                                                 step)
         return True
 

@@ -29,6 +29,7 @@ from sae_dist.train.logging import append_history
 from sae_dist.train.report import print_summary
 from sae_dist.train.trainer import Trainer
 
+
 @dataclass(frozen=True)
 class RunPlan:
     """What `prepare_run` found: the config the run uses and where and on what it runs."""
@@ -107,9 +108,9 @@ def final_evaluation(trainer: Trainer, batches: int) -> dict[str, float]:
     model = trainer.model
     sums = None
     for _ in range(batches):
-        x_TD = trainer.next_batch()
+        x_TD, y_TO = model.split_batch(trainer.next_batch())
         out = model(x_TD)
-        batch = ReconstructionSums.of_batch(x_TD, out.x_hat_TD, model.active_latents(out))
+        batch = ReconstructionSums.of_batch(y_TO, out.x_hat_TD, model.active_latents(out))
         sums = batch if sums is None else sums + batch
     return ReconstructionSums.unpack(trainer.ctx.all_reduce_sum(sums.pack())).metrics()
 

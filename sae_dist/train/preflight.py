@@ -248,9 +248,13 @@ def check_device(name: str) -> torch.device:
 
 
 def sae_parameters(sae: SAEConfig, d_model: int, expert_shards: int = 1) -> int:
-    """Parameters of the SAE held by one rank when its experts are split over `expert_shards` ranks."""
+    """Parameters of the SAE held by one rank when its experts are split over `expert_shards` ranks (a transcoder's
+    decoder rows and b_out are `sae.d_out` wide, and its skip is d_out x d_model)."""
     latents = sae.num_latents // expert_shards
-    return 2 * latents * d_model + latents + (sae.num_experts + 2) * d_model
+    if sae.d_out is None:
+        return 2 * latents * d_model + latents + (sae.num_experts + 2) * d_model
+    skip = sae.d_out * d_model if sae.skip else 0
+    return latents * (d_model + sae.d_out) + latents + (sae.num_experts + 2) * d_model + sae.d_out + skip
 
 
 def free_memory(device: torch.device) -> int | None:

@@ -72,7 +72,8 @@ class TrainStep:
         self.graphs = StepGraphs(self.before_update, self.after_update) if graphs else None
 
     def __call__(self, x_TD: Tensor, step: int, tokens: int) -> StepResult:
-        """The step on this rank's batch `x_TD` after `step` steps and `tokens` tokens of training."""
+        """The step on this rank's batch `x_TD` (the source's rows: [x | y] for a transcoder, split by the model)
+        after `step` steps and `tokens` tokens of training."""
         aux = self.latents.aux_candidates(tokens)
         weights = self.model.loss_weights(step / self.run.trainer.steps)
         graphs = self.graphs
@@ -123,21 +124,23 @@ class TrainStep:
 
     def forward_loss(self, x_TD: Tensor, aux: AuxCandidates | None, weights: dict[str, float]
                      ) -> tuple[SAEOutput, dict[str, Tensor], Tensor]:
-        """(model output, loss terms, total loss) of this rank's tokens under the configured autocast; AuxK (when on)
-        over `aux`, this step's dead-latent candidates."""
+        """(model output, loss terms, total loss) of this rank's rows under the configured autocast: the model reads
+        their inputs and its loss compares with their targets (SPEC section 9; the same rows for an SAE); AuxK (when
+        on) over `aux`, this step's dead-latent candidates."""
         # No cast cache under graphs: cached casts would outlive the capture's autocast region.
         autocast = torch.autocast(self.device_type, dtype=self.autocast_dtype,
                                   enabled=self.autocast_dtype is not None, cache_enabled=self.graphs is None)
         with autocast, self.model.in_place_weight_grads(self.engine.weight_grads_in_place):
-            out = self.model(x_TD) if aux is None else self.model(x_TD, aux_candidates=aux)
-            terms = self.model.loss_terms(x_TD, out, self.ctx)
+            inputs_TD, targets_TO = self.model.split_batch(x_TD)
+            out = self.model(inputs_TD) if aux is None else self.model(inputs_TD, aux_candidates=aux)
+            terms = self.model.loss_terms(targets_TO, out, self.ctx)
             loss = total_loss(terms, weights)
         return out, terms, loss
 
 
 def build_step(run: RunConfig, d_model: int, ctx: ParallelContext | None = None,
                device: torch.device | str = "cpu") -> TrainStep:
-    """The SAE of `run` on activations of width `d_model` (built from trainer.seed, on `device`, sharded as `ctx`
+    """The SAE of `run` on inputs of width `d_model` (built from trainer.seed, on `device`, sharded as `ctx`
     lays it out) with its engine, latent bookkeeping and step; no file is read or written."""
     ctx, device = ctx or ParallelContext(), torch.device(device)
     dispatcher = ctx.dispatcher(run.sae.num_experts) if architecture(run.sae.kind).routed else None

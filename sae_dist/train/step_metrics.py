@@ -26,10 +26,11 @@ class StepMetrics:
 
     @torch.no_grad()
     def row(self, x_TD: Tensor, result: StepResult, step: int, tokens: int) -> dict[str, Any]:
-        """The global metrics of the step on this rank's `x_TD` that gave `result`, numbered `step` (1-based) with
-        `tokens` trained on by its end."""
+        """The global metrics of the step on this rank's rows `x_TD` (the step's batch) that gave `result`,
+        numbered `step` (1-based) with `tokens` trained on by its end."""
         out = result.out
-        sums = ReconstructionSums.of_batch(x_TD, out.x_hat_TD, self.model.active_latents(out))
+        _, y_TO = self.model.split_batch(x_TD)  # reconstruction against the targets (x for an SAE)
+        sums = ReconstructionSums.of_batch(y_TO, out.x_hat_TD, self.model.active_latents(out))
         sums = ReconstructionSums.unpack(self.ctx.all_reduce_sum(sums.pack()))
         terms = torch.stack([t.detach().float() for t in result.terms.values()] + [result.loss.float()])
         terms = self.ctx.all_reduce_sum(terms) / self.ctx.world_size

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from sae_dist.config import RunConfig
 from sae_dist.data.source import ActivationSource
+from sae_dist.models.base import input_width
 from sae_dist.parallel.context import ParallelContext
 from sae_dist.parallel.failures import collective_failure
 from sae_dist.train.init import init_biases_from_batch
@@ -47,7 +48,7 @@ class Trainer:
     def __init__(self, run: RunConfig, source: ActivationSource, ctx: ParallelContext | None = None,
                  device: torch.device | str = "cpu"):
         self.run, self.source, self.ctx, self.device = run, source, ctx or ParallelContext(), torch.device(device)
-        self.d_model, ctx = source.d_model, self.ctx
+        self.d_model, ctx = input_width(run.sae, source.d_model), self.ctx
         self.stepper = build_step(run, self.d_model, ctx, self.device)
         self.model, self.engine, self.latents = self.stepper.model, self.stepper.engine, self.stepper.latents
         self.metrics = StepMetrics(self.model, self.latents, ctx, run)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from sae_dist import load_sae
 from sae_dist.config import ConfigError, SAEConfig
@@ -18,32 +17,7 @@ from sae_dist.train.trainer import Trainer
 from sae_dist.validation import validate
 from tests.conftest import small_run
 from tests.models.model_helpers import make_switch, routed_inputs
-
-
-def naive(sae, x_TD: torch.Tensor):
-    """(x_hat, dense codes z [T, M_e], expert, loss terms): every expert on every token, then masks."""
-    bank, k = sae.experts, sae.cfg.k
-    probs_TN = F.linear(x_TD.float() - sae.router.b_router.float(), sae.router.weight.float()).softmax(-1)
-    expert_T = probs_TN.argmax(-1)
-    gate_T = probs_TN.gather(1, expert_T[:, None]).squeeze(1)
-    acts_TM = F.relu(torch.einsum("td,nmd->tnm", x_TD - sae.b_pre, bank.w_enc))[torch.arange(len(x_TD)), expert_T]
-    keep_TM = torch.zeros_like(acts_TM, dtype=torch.bool)
-    for e in range(bank.num_local):
-        rows = (expert_T == e).nonzero().squeeze(1)
-        if sae.training and len(rows):
-            block = acts_TM[rows].detach()
-            threshold = block.flatten().topk(len(rows) * k).values.min()
-            keep_TM[rows] = block >= threshold
-        elif len(rows):
-            keep_TM[rows] = acts_TM[rows] > bank.threshold_N[e]
-    z_TM = acts_TM * keep_TM
-    # The model's output precision: x_hat and the losses in float32 (as `naive_forward` of tests/reference.py).
-    x_hat = gate_T[:, None] * torch.einsum("tm,tmd->td", z_TM, bank.w_dec[expert_T]).float() + sae.b_pre.float()
-    n = sae.cfg.num_experts
-    f_N = torch.bincount(expert_T, minlength=n).to(x_TD.dtype) / len(x_TD)
-    f_N = f_N.float()
-    terms = {"rec": (x_TD.float() - x_hat).pow(2).sum(-1).mean(), "lb": n * (f_N * probs_TN.mean(0)).sum()}
-    return x_hat, z_TM, expert_T, terms
+from tests.reference import naive_batchtopk_forward as naive
 
 
 @pytest.fixture

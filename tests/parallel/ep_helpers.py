@@ -30,15 +30,20 @@ def routed_batch(experts: list[int], d: int = D_MODEL, seed: int = 0) -> Tensor:
 
 
 def routed_model(cfg: SAEConfig, dispatcher=None, seed: int = 3, d: int = D_MODEL):
-    """A float64 Switch SAE whose router sends a token with a large coordinate e to expert e."""
+    """A float64 Switch SAE whose router sends a token with a large coordinate e to expert e (a transcoder's b_out
+    and W_skip away from their initial values)."""
     sae = build_sae(cfg, d, seed, dispatcher).double()
     g = torch.Generator().manual_seed(1)
     n = cfg.num_experts
     with torch.no_grad():
-        sae.b_pre.copy_(0.1 * torch.randn(d, generator=g))
+        sae.input_bias.copy_(0.1 * torch.randn(d, generator=g))
         sae.router.weight.zero_()
         sae.router.weight[:, :n] += 4.0 * torch.eye(n)
         sae.router.weight.add_(0.01 * torch.randn(n, d, generator=g))
+        if sae.transcoder:
+            sae.b_out.copy_(0.1 * torch.randn(sae.d_out, generator=g))
+        if sae.w_skip is not None:
+            sae.w_skip.copy_(0.1 * torch.randn(sae.d_out, d, generator=g))
     return sae
 
 
@@ -77,7 +82,7 @@ class GlobalBatchSource(ActivationSource):
     different numbers of ranks see the same data (and one process sees the concatenated batch)."""
 
     def __init__(self, run: RunConfig, rank: int = 0, world_size: int = 1):
-        self.stream = SyntheticSource.from_config(run.data, run.trainer.seed)
+        self.stream = SyntheticSource.from_config(run.data, run.trainer.seed, d_out=run.sae.d_out)
         self.d_model = self.stream.d_model
         self.rank, self.world_size = rank, world_size
 

@@ -31,6 +31,7 @@ from sae_dist.parallel.permute import capacity
 from sae_dist.run_dir import checkpoint_name
 from sae_dist.train import checkpoint as ckpt
 from sae_dist.train.trainer import Trainer
+from tests.models.model_helpers import transcoder_target
 from tests.reference import naive_forward
 
 EXACT = dict(rtol=0, atol=0)
@@ -155,11 +156,12 @@ def check_overlapped_dispatch(mesh: ExpertMesh, rank: int, capacity_factor: floa
 
 
 # --- the model: forward and every gradient equal the single-device model ---------------------------------------
-def top_e_model(experts_per_token: int, union_topk: bool = False, dispatcher=None):
+def top_e_model(experts_per_token: int, union_topk: bool = False, dispatcher=None, options: dict | None = None):
     """A `routed_model` (M = 64, N = 4, k = 3, AuxK on) whose router is softer under top-e routing, so that every
-    chosen expert's gate matters (and, under union TopK, later experts win some of a token's k)."""
+    chosen expert's gate matters (and, under union TopK, later experts win some of a token's k); `options`: more
+    SAEConfig fields (a transcoder's, the expert compute's)."""
     cfg = SAEConfig(kind="switch", num_latents=64, num_experts=4, k=3, auxk_alpha=0.5, auxk_k=5, lb_alpha=3.0,
-                    experts_per_token=experts_per_token, union_topk=union_topk)
+                    experts_per_token=experts_per_token, union_topk=union_topk, **(options or {}))
     full = routed_model(cfg, dispatcher)
     if experts_per_token > 1:
         with torch.no_grad():
@@ -168,9 +170,12 @@ def top_e_model(experts_per_token: int, union_topk: bool = False, dispatcher=Non
 
 
 def check_model_equivalence(
-    ctx: ExpertParallelContext, rank: int, world: int, experts_per_token: int = 1, union_topk: bool = False
+    ctx: ExpertParallelContext, rank: int, world: int, experts_per_token: int = 1, union_topk: bool = False,
+    options: dict | None = None,
 ) -> None:
-    full = top_e_model(experts_per_token, union_topk)
+    """`options` (SAEConfig fields): e.g. a transcoder, whose target y stays on its token's rank while x travels;
+    then the single-device model is checked against the dense oracle too."""
+    full = top_e_model(experts_per_token, union_topk, options=options)
     cfg = full.cfg
     ep = routed_model(cfg, ctx.dispatcher(cfg.num_experts))
     load_shard(ep, full)
@@ -180,8 +185,14 @@ def check_model_equivalence(
     dead_L = torch.rand(cfg.num_latents, generator=torch.Generator().manual_seed(5)) < 0.5
     dispatcher = ep.dispatcher
 
+    y_TD = transcoder_target(x_TD, cfg.d_out) if cfg.d_out else x_TD
     ref = full(x_TD, dead_candidates(dead_L, full.num_local_experts))
     out = ep(x_TD[mine], dead_candidates(local_latents(dead_L, dispatcher), ep.num_local_experts))
+    if cfg.d_out:
+        oracle_x_hat, _, oracle_terms = naive_forward(full, x_TD, dead_L, y_TD=y_TD)
+        torch.testing.assert_close(ref.x_hat_TD, oracle_x_hat, **MODEL)
+        for name, term in full.loss_terms(y_TD, ref).items():
+            torch.testing.assert_close(term, oracle_terms[name], **MODEL)
     assert torch.bincount(ref.routing.expert_T, minlength=4).tolist() == [9, 6, 0, 17]
     if experts_per_token > 1:
         assert ref.routing.gate_TE[:, 1].min() > 0.05, "expected second experts that matter"
@@ -192,8 +203,8 @@ def check_model_equivalence(
 
     # Loss terms: the mean of the rank values is the single-device value over the global batch.
     weights = full.loss_weights(0.0)
-    ref_terms = full.loss_terms(x_TD, ref)
-    terms = ep.loss_terms(x_TD[mine], out, ctx)
+    ref_terms = full.loss_terms(y_TD, ref)
+    terms = ep.loss_terms(y_TD[mine], out, ctx)
     for name in ("rec", "lb", "auxk"):
         torch.testing.assert_close(ctx.all_reduce_sum(terms[name]) / world, ref_terms[name].detach(), **MODEL)
 
@@ -221,6 +232,8 @@ def check_model_equivalence(
     latents, ref_latents = ep.encode(x_TD[mine]), full.encode(x_TD)
     assert torch.equal(latents.indices_TK, ref_latents.indices_TK[mine])
     torch.testing.assert_close(latents.values_TK, ref_latents.values_TK[mine], **MODEL)
+    if cfg.d_out:  # decode() on one device: the ids are global, the skip needs x
+        torch.testing.assert_close(full.decode(latents, x_TD[mine]), ref.x_hat_TD[mine], **MODEL)
     if union_topk:  # k latents per token, some from a later expert (on another rank, for most tokens)
         later_TK = (ref_latents.indices_TK // 16 != ref.routing.expert_T[:, None]) & (ref_latents.values_TK > 0)
         assert latents.indices_TK.shape[1] == cfg.k and later_TK.any()
@@ -361,6 +374,16 @@ def check_batchtopk_replicas(folder: Path, rank: int, world: int) -> None:
     assert (theta_N > 0).all() and all(torch.equal(t, theta_N) for t in thetas)
 
 
+TRANSCODER_MODELS = {
+    "transcoder_skip_sparse": {"d_out": 7, "skip": True, "encoder_backward": "sparse", "decoder": "gather"},
+    "transcoder_gemm": {"d_out": 7, "skip": False, "encoder_backward": "gemm", "decoder": "gemm"},
+}
+"""Transcoders from d = 12 to 7 (SPEC section 9) on each expert compute, with and without the skip."""
+
+TRANSCODER = {"sae.d_out": 20, "sae.skip": True}
+"""A skip transcoder from the tiny run's d = 32 to 20."""
+
+
 # --- checkpoints --------------------------------------------------------------------------------------------
 def resume_dir(source_run: Path, step: int, target: Path, rank: int) -> None:
     """A run folder holding only checkpoint `step` of `source_run` (rank 0 copies, everyone waits)."""
@@ -420,6 +443,15 @@ def four_ranks(rank: int, world: int, folder: Path, check) -> None:
             check_model_equivalence(ExpertParallelContext(mesh, a2a_chunks=3), rank, world)
         with check(f"model_P{ep_size}_union"):
             check_model_equivalence(ExpertParallelContext(mesh), rank, world, experts_per_token=2, union_topk=True)
+        for label, options in TRANSCODER_MODELS.items():
+            with check(f"model_P{ep_size}_{label}"):
+                check_model_equivalence(ExpertParallelContext(mesh), rank, world, options=options)
+    with check("model_overlapped_P2_transcoder"):
+        ctx = ExpertParallelContext(build_mesh("cpu", 2), a2a_chunks=3)
+        check_model_equivalence(ctx, rank, world, options=TRANSCODER_MODELS["transcoder_skip_sparse"])
+    with check("model_P4_transcoder_e2"):
+        ctx = ExpertParallelContext(build_mesh("cpu", 4))
+        check_model_equivalence(ctx, rank, world, experts_per_token=2, options=TRANSCODER_MODELS["transcoder_gemm"])
     with check("model_capacity"):
         check_model_capacity(ExpertParallelContext(build_mesh("cpu", 4), capacity_factor=1.0), rank, world)
     with check("model_capacity_union"):
@@ -433,6 +465,12 @@ def four_ranks(rank: int, world: int, folder: Path, check) -> None:
         check_keep_alive(folder, rank, world, 2)
     with check("training_P2_union"):
         check_training(folder, rank, world, 2, options=UNION)
+    with check("training_keep_alive_P2_transcoder"):
+        trainer, single = check_training(folder, rank, world, 2, options={**KEEP_ALIVE, **TRANSCODER})
+        assert single.resampled > 0 and trainer.resampled == single.resampled
+    with check("training_P4_transcoder_gemm"):
+        check_training(folder, rank, world, 4, options={"sae.d_out": 20, "sae.encoder_backward": "gemm",
+                                                        "sae.decoder": "gemm"})
     with check("checkpoint_save"):
         train_ep(tiny_run(folder / "ep_run", ep_size=2), rank, world)
     with check("resume_same_layout"):
@@ -468,6 +506,18 @@ def two_ranks(rank: int, world: int, folder: Path, check) -> None:
         check_training(folder, rank, world, 2, options=UNION)
     with check("batchtopk_replicas_P1"):
         check_batchtopk_replicas(folder, rank, world)
+    with check("training_P2_transcoder"):
+        check_training(folder, rank, world, 2, options=TRANSCODER)
+    for skip in (True, False):
+        options = {**TRANSCODER, "sae.skip": skip}
+        with check(f"training_batchtopk_P2_transcoder_skip={skip}"):
+            check_training(folder, rank, world, 2, "batchtopk", options=options)
+        for kind in ("topk", "relu"):
+            with check(f"data_parallel_{kind}_transcoder_skip={skip}"):
+                check_training(folder, rank, world, 1, kind, options=options)
+    with check("model_P2_transcoder_skip_sparse"):
+        check_model_equivalence(ExpertParallelContext(mesh), rank, world,
+                                options=TRANSCODER_MODELS["transcoder_skip_sparse"])
     for ep_size in (2, 1):
         with check(f"resume_from_4_P{ep_size}"):
             check_resume(folder, rank, world, ep_size, f"resume_2_P{ep_size}", TRAINING)

@@ -107,6 +107,34 @@ def test_union_topk_under_expert_parallelism_equals_single_device(jobs, world, c
     jobs[world].require(check)
 
 
+@pytest.mark.parametrize("world,ep_size,label", [
+    (2, 2, "transcoder_skip_sparse"), *((4, p, label) for p in (4, 2, 1)
+                                        for label in ("transcoder_skip_sparse", "transcoder_gemm")),
+])
+def test_transcoder_model_equals_single_device_and_the_oracle(jobs, world, ep_size, label):
+    """x travels, y stays with its token: forward, AuxK against y, losses, every gradient (W_skip, b_in, b_out
+    included), the global norm, encode and decode equal one device's, which equals the dense oracle; sparse and GEMM
+    expert compute."""
+    jobs[world].require(f"model_P{ep_size}_{label}")
+
+
+@pytest.mark.parametrize("check", ["model_overlapped_P2_transcoder", "model_P4_transcoder_e2"])
+def test_transcoder_under_chunked_dispatch_and_top2_routing_equals_single_device(jobs, check):
+    jobs[4].require(check)
+
+
+@pytest.mark.parametrize("world,check", [
+    (4, "training_keep_alive_P2_transcoder"), (4, "training_P4_transcoder_gemm"), (2, "training_P2_transcoder"),
+    *((2, f"{name}_skip={skip}") for skip in (True, False) for name in (
+        "training_batchtopk_P2_transcoder", "data_parallel_topk_transcoder", "data_parallel_relu_transcoder")),
+])
+def test_transcoder_training_equals_single_device_trainer(jobs, world, check):
+    """Six steps of transcoders: Switch with the skip, AuxK and resampling (2 replicas of each expert on 4 ranks), a
+    GEMM-compute Switch transcoder on 4 ranks, BatchTopK experts and data-parallel TopK and ReLU, with and without the
+    skip: weights, dead counters and resampled counts equal one device's."""
+    jobs[world].require(check)
+
+
 def test_batchtopk_replicas_hold_one_threshold(jobs):
     jobs[2].require("batchtopk_replicas_P1")
 

@@ -19,12 +19,15 @@ from tests.conftest import small_run
 BATCH = 64
 
 
-def reference_resample(trainer: Trainer, x_TD: torch.Tensor, out, step: int) -> int:
-    """Resample `trainer`'s dead latents latent by latent, straight from the definition; return how many."""
+def reference_resample(trainer: Trainer, rows_TC: torch.Tensor, out, step: int) -> int:
+    """Resample `trainer`'s dead latents latent by latent, straight from the definition; return how many. A
+    transcoder's rows are [x | y]: the error and the decoder row come from y, the encoder row from x."""
     model, run = trainer.model, trainer.run
     bank, width = model.experts, model.latents_per_expert
+    d_in = model.d_model
+    x_TD, y_TD = (rows_TC[:, :d_in], rows_TC[:, d_in:]) if run.sae.d_out else (rows_TC, rows_TC)
     expert_T = out.routing.expert_TE[:, 0] if out.routing is not None else torch.zeros(len(x_TD), dtype=torch.long)
-    error_T = (x_TD - out.x_hat_TD.detach()).pow(2).sum(1)
+    error_T = (y_TD - out.x_hat_TD.detach()).pow(2).sum(1)
     dead_NM = trainer.dead.tokens_since_fired_L.view(-1, width) >= run.sae.dead_tokens
     count = 0
     with torch.no_grad():
@@ -40,8 +43,9 @@ def reference_resample(trainer: Trainer, x_TD: torch.Tensor, out, step: int) -> 
             picks = torch.multinomial(weights, len(columns), replacement=True,
                                       generator=resample_generator(run.trainer.seed, step, expert))
             for column, pick in zip(columns, picks.tolist()):
-                v_D = x_TD[tokens[pick]] - model.b_pre
-                bank.w_dec[expert, column] = v_D / v_D.norm()
+                v_D = x_TD[tokens[pick]] - (model.b_in if run.sae.d_out else model.b_pre)
+                u_D = y_TD[tokens[pick]] - (model.b_out if run.sae.d_out else model.b_pre)
+                bank.w_dec[expert, column] = u_D / u_D.norm()
                 bank.w_enc[expert, column] = v_D / v_D.norm() * scale
                 if bank.b_enc is not None:
                     bank.b_enc[expert, column] = 0.0
@@ -67,13 +71,15 @@ def resample_run(tmp_path, kind: str, **options):
 @pytest.mark.parametrize(
     ("kind", "options"),
     [("switch", {}), ("topk", {}), ("switch", {"trainer.optimizer_state": "bfloat16"}),
-     ("switch", {"sae.experts_per_token": 2, "sae.dead_tokens": BATCH})],
+     ("switch", {"sae.experts_per_token": 2, "sae.dead_tokens": BATCH}), ("switch", {"sae.d_out": 10}),
+     ("topk", {"sae.d_out": 80, "sae.skip": True})],
 )
 def test_resampling_equals_the_reference(tmp_path, kind, options):
     """Two trainers step alike; at the resample step one resamples itself, the other (resampling off) gets the
     reference resampling: weights, Adam moments (float32 and bfloat16) and dead counters then agree, and the count
-    is logged. Under top-2 routing tokens count for their first-choice expert."""
-    trainer = Trainer(resample_run(tmp_path / "a", kind, **options), build_activation_source(resample_run(tmp_path, kind)))
+    is logged. Under top-2 routing tokens count for their first-choice expert. Transcoders: SPEC section 9."""
+    trainer = Trainer(resample_run(tmp_path / "a", kind, **options),
+                      build_activation_source(resample_run(tmp_path, kind, **options)))
     plain_run = resample_run(tmp_path / "b", kind, **options)
     plain_run.sae.resample_every = None
     plain = Trainer(plain_run, build_activation_source(plain_run))

@@ -7,12 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae_dist.config import ConfigError, DataConfig, RunConfig, SAEConfig, validate
+from sae_dist.config import ConfigError, DataConfig, RunConfig, SAEConfig
 from sae_dist.data.synthetic import SyntheticSource
 from sae_dist.flops import flops_per_token
 from sae_dist.models import build_sae
 from sae_dist.models.losses import total_loss
 from sae_dist.train.init import geometric_median, init_biases_from_batch
+from sae_dist.validation import validate
 from tests.models.model_helpers import (
     assert_same_forward_and_grads,
     make_switch,

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from sae_dist import load_sae
 from sae_dist.data import build_activation_source
 from sae_dist.run_dir import CHECKPOINTS_DIR, LATEST_FILE, MODEL_FILE, checkpoint_name, latest_checkpoint
-from sae_dist.train.dead import DeadLatentTracker
 from sae_dist.train.init import init_biases_from_batch
+from sae_dist.train.latents import DeadLatentTracker
 from sae_dist.train.trainer import Trainer
 from tests.conftest import small_run
 from tests.reference import decoder_parameter, reference_train_step

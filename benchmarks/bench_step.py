@@ -21,7 +21,7 @@ implementation, so that the peak-memory column reads that implementation's own r
     python benchmarks/bench_step.py --device cuda --latents 65536 --experts 8 --no-peers --profile 15
     python benchmarks/bench_step.py --latents 16384 --experts 8 --no-peers --transcoder --skip
 
-`--transcoder` adds, after each sae-dist row, the same step as a transcoder from d to d_out = d (SPEC section 9:
+`--transcoder` adds, after each sae-dist row, the same step as a transcoder from d to d_out = d (docs/math.md section 9:
 its batch rows are [x | y], y a known map of x), and `--skip` one with the skip connection; the lines below the
 table give each one's time over its SAE's, the median over steps of the two run alternately (so that the machine's
 load drifts alike for both).

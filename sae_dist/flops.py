@@ -1,4 +1,4 @@
-"""FLOPs accounting (SPEC section 6): the paper's encoder-only figure beside a complete count of what runs.
+"""FLOPs accounting (docs/math.md section 6): the paper's encoder-only figure beside a complete count of what runs.
 
 One multiply-add counts as 2 FLOPs. Per token and per training step (forward + backward):
 - the paper counts only the encoder, 4*M*d for a dense SAE and 4*M*d/N for the Switch SAE (it ignores the router,
@@ -7,7 +7,7 @@ One multiply-add counts as 2 FLOPs. Per token and per training step (forward + b
   sae_dist/models/base.py and its subclasses): for TopK-style experts the router GEMM (routed kinds), the encoder
   GEMM over the chosen expert's M_e = M/N latents, a TopK selection pass over them (counted as M_e operations), the
   sparse decode of k rows, and the backward over the k active rows; for the ReLU SAE dense GEMMs, backward twice.
-- a transcoder (SPEC section 9) counts its decoder at d_out and adds its skip GEMM, 2 * d_in * d_out per token
+- a transcoder (docs/math.md section 9) counts its decoder at d_out and adds its skip GEMM, 2 * d_in * d_out per token
   forward and twice that backward.
 """
 

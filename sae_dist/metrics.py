@@ -1,8 +1,8 @@
-"""The one definition of the reconstruction metrics (SPEC section 6), from sums that add across batches and ranks.
+"""The one definition of the reconstruction metrics (docs/math.md section 6), from sums that add across batches and ranks.
 
 `ReconstructionSums` holds float64 sums over tokens; adding two of them (or all-reducing the packed vector over
 ranks) gives the sums of the union, so training logs, evaluation over many batches and expert-parallel runs all
-report the same quantities (x below is what is reconstructed: a transcoder's target y, SPEC section 9):
+report the same quantities (x below is what is reconstructed: a transcoder's target y, docs/math.md section 9):
 - MSE: mean over tokens of sum over dims of (x - x_hat)^2 (the paper's unit);
 - FVU: sum_dims Var(x - x_hat) / sum_dims Var(x);
 - L0: mean active latents per token.

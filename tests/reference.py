@@ -5,7 +5,7 @@ tests/models, tests/train and tests/parallel) and the dense-then-mask baseline o
 imports it as `tests.reference` with the repository root on its path. It stays out of the package: nothing that
 trains or evaluates runs it.
 
-Transcoders (SPEC section 9): every function takes the target `y_TD` (None: an SAE, y = x) and reads the model's
+Transcoders (docs/math.md section 9): every function takes the target `y_TD` (None: an SAE, y = x) and reads the model's
 input and output biases (b_in, b_out; both b_pre for an SAE) and its skip W_skip x where it has one. The BatchTopK and
 ReLU oracles are written out here too, so one `naive_terms` serves every architecture.
 """
@@ -163,7 +163,7 @@ def reference_train_step(
     step_fraction: float = 0.0,
     y_TD: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """One training step written the straightforward way (SPEC section 4), on the dense formulation.
+    """One training step written the straightforward way (docs/math.md section 4), on the dense formulation.
 
     Renormalise decoder rows; dense forward and loss; backward; clip the gradient norm (`clip_grad_norm_`); remove
     each decoder row's parallel gradient component; `optimizer.step()` (a plain, unfused Adam). The oracle of the

@@ -25,7 +25,7 @@ class ActivationSource(ABC):
 
     d_model: int
     """Width of every activation row (for several hook sites: sites x d, concatenated; for a transcoder, the input
-    x and its target y, [x | y], `sae.d_out` of them y: SPEC section 9)."""
+    x and its target y, [x | y], `sae.d_out` of them y: docs/math.md section 9)."""
 
     @abstractmethod
     def next_batch(self, batch_size: int) -> Tensor:

@@ -9,7 +9,7 @@ SAE without a learned pre-bias (geometric median) is penalised. Batch i is a fun
 batch size, device type) alone, so the state is one counter. Batches are generated on the training device (a
 GPU's generator draws other numbers than the CPU's; the directions are drawn on the CPU, so they agree).
 
-Transcoder pairs (`d_out`, SPEC section 9): each row is [x | y] with x as above and the target
+Transcoder pairs (`d_out`, docs/math.md section 9): each row is [x | y] with x as above and the target
     y = A x + sum_{i in S} m_i^2 g_i,
 a linear map A [d_out, d] (entries N(0, 1/d)) plus a nonlinear sparse part: each feature i writes its squared
 magnitude along its own unit direction g_i in R^{d_out}. A skip connection can learn A; latents that detect f_i in x

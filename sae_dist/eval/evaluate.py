@@ -1,4 +1,4 @@
-"""Evaluate one SAE checkpoint, single process, on held-out data (SPEC section 6).
+"""Evaluate one SAE checkpoint, single process, on held-out data (docs/math.md section 6).
 
 Held-out data, by the run's source:
 - lm: the checkpoint's language model over the last `heldout_frac` (10%) of the documents of a dataset of known size

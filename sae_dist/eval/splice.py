@@ -1,4 +1,4 @@
-"""Loss recovered (SPEC section 6): run the language model with the activation at its site replaced and compare.
+"""Loss recovered (docs/math.md section 6): run the language model with the activation at its site replaced and compare.
 
 The site is a module and a side (`sae_dist/data/sites.py`): a block's output, or any module's output (replaced by
 a forward hook) or input (replaced by a forward pre-hook before the module runs). Per batch of right-padded

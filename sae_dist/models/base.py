@@ -5,7 +5,7 @@ An architecture is one module holding a subclass of `SAE` decorated with `@regis
 loading and export) asks the registry and the class, never compares `kind` strings.
 
 Every SAE, built as `cls(cfg, d_model, seed, dispatcher)` (d_model: the input width d_in):
-- `split_batch(rows_TC) -> (x_TD, y_TO)`: a source's rows as input and target (SPEC section 9: [x | y] for a
+- `split_batch(rows_TC) -> (x_TD, y_TO)`: a source's rows as input and target (docs/math.md section 9: [x | y] for a
   transcoder, `sae.d_out` set; for an SAE y is x, the same tensor);
 - `forward(x_TD, aux_candidates=None) -> SAEOutput` (AuxK, where the SAE has it, over this step's dead-latent
   candidates); `encode(x_TD) -> Latents` (token order, global latent ids) and `decode(Latents, x_TD=None)` (x only
@@ -110,7 +110,7 @@ class SAE(nn.Module, ABC):
         self.d_model = d_model
         """The input width d_in."""
         self.transcoder = cfg.d_out is not None
-        """The target is another site than the input (SPEC section 9)."""
+        """The target is another site than the input (docs/math.md section 9)."""
         self.d_out = cfg.d_out if self.transcoder else d_model
         self.w_skip: nn.Parameter | None = None
 
@@ -247,7 +247,7 @@ class SAE(nn.Module, ABC):
 
     @abstractmethod
     def bias_parameters(self) -> dict[str, nn.Parameter]:
-        """Biases initialised to the geometric median of the first batch (SPEC sections 3 and 9): of its targets
+        """Biases initialised to the geometric median of the first batch (docs/math.md sections 3 and 9): of its targets
         for the names in `TARGET_BIASES`, of its inputs otherwise."""
 
     def expert_sharded(self) -> frozenset[str]:

@@ -7,7 +7,7 @@ z_i = TopK_k(ReLU(W_enc^i (x - b_pre) [+ b_enc])); x_hat = sum_{i in E(x)} p_i z
 Only the chosen experts' encoders run on a token: the dispatcher groups its e rows (one per chosen expert, token-major)
 by expert first. e = 1 is the paper's top-1 Switch SAE.
 
-Transcoder (`sae.d_out`, SPEC section 9): b_in in place of b_pre before the experts, W_dec^i [M_e, d_out],
+Transcoder (`sae.d_out`, docs/math.md section 9): b_in in place of b_pre before the experts, W_dec^i [M_e, d_out],
 y_hat = sum_i p_i z_i W_dec^i + b_out [+ W_skip x]; the loss compares y_hat with the target y. Only x - b_in is
 dispatched: the target stays with its token and meets the combined reconstruction there, so the expert code and
 the dispatch are those of an SAE.

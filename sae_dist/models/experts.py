@@ -29,7 +29,7 @@ def expert_generator(seed: int, global_expert_id: int) -> torch.Generator:
 def decoder_rows(w_enc_MD: Tensor, d_out: int, generator: torch.Generator | None, independent: bool) -> Tensor:
     """Unit-norm decoder rows [..., M, d_out]: the encoder rows normalised (an SAE), or, `independent` (a
     transcoder, whose decoder writes another space), rows drawn U(-1/sqrt(d_out), 1/sqrt(d_out)) from `generator`
-    after the encoder's and normalised (SPEC section 9)."""
+    after the encoder's and normalised (docs/math.md section 9)."""
     if not independent:
         return w_enc_MD / w_enc_MD.norm(dim=-1, keepdim=True)
     bound = d_out**-0.5

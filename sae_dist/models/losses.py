@@ -1,4 +1,4 @@
-"""Loss terms shared by every SAE (SPEC sections 2 and 4); the weights that combine them live in `total_loss`."""
+"""Loss terms shared by every SAE (docs/math.md sections 2 and 4); the weights that combine them live in `total_loss`."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def auxk_loss(
 
     With S = sum over tokens and dims of (aux - e)^2, T tokens and Var(t) = sum over tokens and dims of
     (t - mean_t)^2 of the batch (detached):
-    - 'x_variance' (SPEC section 2): S / Var(x), dimensionless; against L_rec (a per-token sum) it weighs
+    - 'x_variance' (docs/math.md section 2): S / Var(x), dimensionless; against L_rec (a per-token sum) it weighs
       alpha * T / Var(x), i.e. alpha over the per-token variance of x.
     - 'gao' (Gao et al.'s code: L = MSE / Var(x) + alpha * MSE_aux / Var(e), times Var(x) to put it in L_rec's
       unit): (S / T) * Var(x) / Var(e), so that alpha weighs the normalised AuxK error against the normalised

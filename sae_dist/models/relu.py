@@ -1,5 +1,5 @@
 """The ReLU SAE baseline: f = ReLU(W_enc (x - b_pre) + b_enc), x_hat = f W_dec + b_pre, L1 on |f| * ||W_dec row||;
-as a transcoder (SPEC section 9) b_in, b_out and the optional skip in place of b_pre."""
+as a transcoder (docs/math.md section 9) b_in, b_out and the optional skip in place of b_pre."""
 
 from __future__ import annotations
 

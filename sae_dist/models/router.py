@@ -1,5 +1,5 @@
-"""Top-1 routing (SPEC section 2), its top-e generalisation, and the Switch Transformer load-balancing loss (SPEC
-section 4) over every (token, expert) assignment."""
+"""Top-1 routing (docs/math.md section 2), its top-e generalisation, and the Switch Transformer load-balancing loss
+(docs/math.md section 4) over every (token, expert) assignment."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The expert-parallel context: the collectives of one training step on W ranks (SPEC section 8).
+"""The expert-parallel context: the collectives of one training step on W ranks (docs/math.md section 8).
 
 Each rank's loss is a mean over its own B / W tokens, so the global loss is the mean of the rank losses, and:
 - a replicated parameter (b_pre, router) gets the mean of its W rank gradients;

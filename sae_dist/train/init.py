@@ -1,4 +1,4 @@
-"""Initialisation from data (SPEC sections 3 and 9): b_pre (b_in), b_router and a transcoder's b_out start at the
+"""Initialisation from data (docs/math.md sections 3 and 9): b_pre (b_in), b_router and a transcoder's b_out start at the
 geometric median of a batch."""
 
 from __future__ import annotations

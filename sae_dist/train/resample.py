@@ -6,7 +6,7 @@ this step's global batch (under top-e routing, a token counts for its first-choi
 probability proportional to ||x - x_hat||^2, gives the decoder row the unit direction of x - b_pre and the encoder
 row that direction times 0.2 times the mean norm of the expert's live encoder rows (Anthropic's choice; the mean of
 all its rows when none is live); a transcoder draws by ||y - y_hat||^2, its encoder row along x - b_in and its
-decoder row along y - b_out (SPEC section 9); b_enc = 0; the Adam moments of those rows and the latents' dead
+decoder row along y - b_out (docs/math.md section 9); b_enc = 0; the Adam moments of those rows and the latents' dead
 counters are reset.
 
 The draws of expert i come from a generator seeded by (seed, step, i) over the global batch, which every rank

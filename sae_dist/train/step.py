@@ -1,4 +1,4 @@
-"""One training step (SPEC section 4): forward and loss, backward, gradient reduction and norm, the clipped Adam
+"""One training step (docs/math.md section 4): forward and loss, backward, gradient reduction and norm, the clipped Adam
 update that keeps the decoder rows at unit norm, then the device work after it (dead-latent counters, the model's
 after-step state) and, on its schedule, dead-latent resampling.
 
@@ -125,7 +125,7 @@ class TrainStep:
     def forward_loss(self, x_TD: Tensor, aux: AuxCandidates | None, weights: dict[str, float]
                      ) -> tuple[SAEOutput, dict[str, Tensor], Tensor]:
         """(model output, loss terms, total loss) of this rank's rows under the configured autocast: the model reads
-        their inputs and its loss compares with their targets (SPEC section 9; the same rows for an SAE); AuxK (when
+        their inputs and its loss compares with their targets (docs/math.md section 9; the same rows for an SAE); AuxK (when
         on) over `aux`, this step's dead-latent candidates."""
         # No cast cache under graphs: cached casts would outlive the capture's autocast region.
         autocast = torch.autocast(self.device_type, dtype=self.autocast_dtype,

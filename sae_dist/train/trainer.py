@@ -1,4 +1,4 @@
-"""The training loop (SPEC section 4): the parts of a run wired together, then steps, logs and checkpoints at
+"""The training loop (docs/math.md section 4): the parts of a run wired together, then steps, logs and checkpoints at
 their cadence until `trainer.steps`.
 
 The parts, one concern each: the engine (`engine.py`, `deepspeed_engine.py`), the step (`step.py`), the latent

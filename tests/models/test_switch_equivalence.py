@@ -70,7 +70,7 @@ def test_gao_auxk_scale_is_the_normalised_aux_error_in_mse_units(kind):
     mse_aux = (out.aux_recon_TD - e_TD).pow(2).sum(1).mean()
     var_x, var_e = x_TD.var(0, unbiased=False).sum(), e_TD.var(0, unbiased=False).sum()
     torch.testing.assert_close(gao, (mse_aux / var_e * var_x).float(), rtol=1e-6, atol=0)
-    torch.testing.assert_close(spec, (mse_aux / var_x).float(), rtol=1e-6, atol=0)  # the SPEC's, for contrast
+    torch.testing.assert_close(spec, (mse_aux / var_x).float(), rtol=1e-6, atol=0)  # the x_variance scale's, for contrast
     assert gao > 10 * spec
 
 

@@ -1,4 +1,4 @@
-"""Transcoders (SPEC section 9) against the dense oracle of tests/reference.py: forward, loss terms, encode/decode and
+"""Transcoders (docs/math.md section 9) against the dense oracle of tests/reference.py: forward, loss terms, encode/decode and
 every gradient, for every architecture and both expert-compute formulations, with and without the skip; an SAE is
 the transcoder with y = x and tied biases; initialisation; the synthetic pairs."""
 

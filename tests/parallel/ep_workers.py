@@ -378,7 +378,7 @@ TRANSCODER_MODELS = {
     "transcoder_skip_sparse": {"d_out": 7, "skip": True, "encoder_backward": "sparse", "decoder": "gather"},
     "transcoder_gemm": {"d_out": 7, "skip": False, "encoder_backward": "gemm", "decoder": "gemm"},
 }
-"""Transcoders from d = 12 to 7 (SPEC section 9) on each expert compute, with and without the skip."""
+"""Transcoders from d = 12 to 7 (docs/math.md section 9) on each expert compute, with and without the skip."""
 
 TRANSCODER = {"sae.d_out": 20, "sae.skip": True}
 """A skip transcoder from the tiny run's d = 32 to 20."""

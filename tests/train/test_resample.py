@@ -77,7 +77,7 @@ def resample_run(tmp_path, kind: str, **options):
 def test_resampling_equals_the_reference(tmp_path, kind, options):
     """Two trainers step alike; at the resample step one resamples itself, the other (resampling off) gets the
     reference resampling: weights, Adam moments (float32 and bfloat16) and dead counters then agree, and the count
-    is logged. Under top-2 routing tokens count for their first-choice expert. Transcoders: SPEC section 9."""
+    is logged. Under top-2 routing tokens count for their first-choice expert. Transcoders: docs/math.md section 9."""
     trainer = Trainer(resample_run(tmp_path / "a", kind, **options),
                       build_activation_source(resample_run(tmp_path, kind, **options)))
     plain_run = resample_run(tmp_path / "b", kind, **options)

@@ -1,4 +1,4 @@
-"""Training transcoders (SPEC section 9): the trainer's steps equal the straightforward steps on the dense oracle for
+"""Training transcoders (docs/math.md section 9): the trainer's steps equal the straightforward steps on the dense oracle for
 every architecture, with and without the skip; `launch/train.py` trains one end to end, writes checkpoints, resumes
 bit for bit, and `load_sae` reads it back."""
 

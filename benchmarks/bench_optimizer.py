@@ -1,10 +1,10 @@
 """The optimizer update alone against its memory-bandwidth floor.
 
 One update of a [M, d] decoder (unit-norm rows: gradient projection, Adam, renormalisation) and a [M, d] encoder
-(Adam), the clip acting, on each backend of the optimizer (`sae_dist/train/optim.py`, `sae_dist/train/triton_adam.py`): torch's fused Adam alone (what
-the update would cost without the decoder's constraint), the torch backend (`TorchAdam`: torch's fused Adam, or its
-bf16-moment update, between the projection and renormalisation passes), and on a GPU the Triton backend
-(`TritonAdam`), which does all of it in one pass over each weight.
+(Adam), the clip acting, on each backend of the optimizer (`sae_dist/train/optim.py`, `sae_dist/train/triton_adam.py`):
+torch's fused Adam alone (what the update would cost without the decoder's constraint), the torch backend (`TorchAdam`:
+torch's fused Adam, or its bf16-moment update, between the projection and renormalisation passes), and on a GPU the
+Triton backend (`TritonAdam`), which does all of it in one pass over each weight.
 
 Bytes: what the implementation's passes read and write at the least (Adam 28 bytes per element with float32
 moments, 20 with bfloat16; the projection 12 and the renormalisation 8 per decoder element). Floor: one pass of the

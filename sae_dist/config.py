@@ -4,10 +4,10 @@ Hydra composes YAML from `conf/`; `sae_dist.validation.to_run_config` merges it 
 and wrong types fail there) and checks the values that depend on each other. Every error is one line that names the
 bad value and what is allowed.
 
-Each option states its facts beside it (`option(...)`, `sae_dist/option_facts.py`; read back with `option_facts`): whether a continued run may
-change it, whether it changes what the SAE learns, whether it is a performance switch, and which code checks it.
-The run's identity (`sae_dist/train/identity.py`), the comparison plots (`sae_dist/eval/runs.py`) and the docs read
-them from here.
+Each option states its facts beside it (`option(...)`, `sae_dist/option_facts.py`; read back with `option_facts`):
+whether a continued run may change it, whether it changes what the SAE learns, whether it is a performance switch, and
+which code checks it. The run's identity (`sae_dist/train/identity.py`), the comparison plots (`sae_dist/eval/runs.py`)
+and the docs read them from here.
 """
 
 from __future__ import annotations

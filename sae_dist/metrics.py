@@ -1,4 +1,5 @@
-"""The one definition of the reconstruction metrics (docs/math.md section 6), from sums that add across batches and ranks.
+"""The one definition of the reconstruction metrics (docs/math.md section 6), from sums that add across batches and
+ranks.
 
 `ReconstructionSums` holds float64 sums over tokens; adding two of them (or all-reducing the packed vector over
 ranks) gives the sums of the union, so training logs, evaluation over many batches and expert-parallel runs all

@@ -1,4 +1,5 @@
-"""Feature geometry (docs/math.md section 6): how the decoder directions of a Switch SAE relate within and across experts.
+"""Feature geometry (docs/math.md section 6): how the decoder directions of a Switch SAE relate within and across
+experts.
 
 For every latent i (a unit decoder row w_i, expert e_i) and every expert b, let S[i, b] be the largest cosine
 between w_i and a row of expert b, excluding w_i itself. From S:

@@ -8,8 +8,8 @@
 
 SAELens's layout: W_enc [d_in, M] (expert e owns columns e*M_e .. (e+1)*M_e - 1), W_dec [M, d_in], b_dec (b_pre);
 plus W_router [N, d_in] and b_router [d_in], and for `activation` 'threshold' (BatchTopK experts) threshold [N].
-The forward is docs/math.md section 2's, written densely (every expert's encoder on every token, then the chosen expert's
-selection): simple, and slower than sae-dist's by the factor N.
+The forward is docs/math.md section 2's, written densely (every expert's encoder on every token, then the chosen
+expert's selection): simple, and slower than sae-dist's by the factor N.
 """
 
 from __future__ import annotations

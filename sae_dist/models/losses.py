@@ -1,4 +1,5 @@
-"""Loss terms shared by every SAE (docs/math.md sections 2 and 4); the weights that combine them live in `total_loss`."""
+"""Loss terms shared by every SAE (docs/math.md sections 2 and 4); the weights that combine them live in
+`total_loss`."""
 
 from __future__ import annotations
 

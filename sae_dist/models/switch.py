@@ -1,5 +1,5 @@
-"""The Switch SAE (docs/math.md section 2): a float32 router sends each token to one (or `sae.experts_per_token`) of N TopK
-experts (`expert_sae.py`)."""
+"""The Switch SAE (docs/math.md section 2): a float32 router sends each token to one (or `sae.experts_per_token`) of N
+TopK experts (`expert_sae.py`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The expert-parallel token dispatcher: tokens travel to the rank holding their expert and back (docs/math.md section 8).
+"""The expert-parallel token dispatcher: tokens travel to the rank holding their expert and back (docs/math.md section
+8).
 
 dispatch, on every rank of the expert-parallel group (P ranks, L = N / P experts each):
   1. choose the tokens to send, grouped by global expert (= by destination rank), capped by the capacity limit;

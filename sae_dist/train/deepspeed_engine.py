@@ -4,8 +4,8 @@
 It implements `engine.Engine`; the step (`step.TrainStep`) calls it in the torch engine's order:
 1. Forward and loss: `TrainStep.forward_loss`, unchanged, with its autocast (`trainer.dtype=bfloat16` on GPU: bf16
    matmuls, fp32 weights, gradients and reductions, as in the torch engine; DeepSpeed's own bf16 mode would keep the
-   router, b_pre and the decoder rows in bf16, which docs/math.md section 2 keeps in fp32). The sparse kernels hand their
-   weight gradients to autograd (`weight_grads_in_place = False`), whose accumulation DeepSpeed hooks.
+   router, b_pre and the decoder rows in bf16, which docs/math.md section 2 keeps in fp32). The sparse kernels hand
+   their weight gradients to autograd (`weight_grads_in_place = False`), whose accumulation DeepSpeed hooks.
 2. Backward: DeepSpeed's `engine.backward`, whose ZeRO hooks reduce the gradients into partitions. Expert
    parameters are DeepSpeed MoE parameters of group "ep_size_P": DeepSpeed divides every gradient bucket by the
    data-parallel world size W and sums expert buckets over their W/P expert-data-parallel replicas only, replicated

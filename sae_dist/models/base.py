@@ -50,8 +50,7 @@ from sae_dist.models.losses import BatchReducer
 
 if TYPE_CHECKING:
     from sae_dist.models.auxk import AuxCandidates
-    from sae_dist.models.dispatch import DispatchPlan, TokenDispatcher
-    from sae_dist.models.router import Routing
+    from sae_dist.models.routing import DispatchPlan, Routing, TokenDispatcher
 
 
 TARGET_BIASES = frozenset({"b_out"})

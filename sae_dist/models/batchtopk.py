@@ -25,11 +25,11 @@ from torch import Tensor
 from sae_dist.config import ConfigError, SAEConfig
 from sae_dist.models.auxk import AuxCandidates
 from sae_dist.models.base import SAEOutput, register
-from sae_dist.models.dispatch import ExpertGroups
 from sae_dist.models.expert_sae import ExpertSAE
 from sae_dist.models.experts import ExpertBank, ExpertOutput
 from sae_dist.models.gemm_compute import expert_linear, grouped_matmul
 from sae_dist.models.losses import BatchReducer
+from sae_dist.models.routing import ExpertGroups
 from sae_dist.models.switch import switch_saelens_state
 
 THRESHOLD_DECAY = 0.99

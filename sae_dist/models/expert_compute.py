@@ -21,7 +21,7 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from sae_dist.models.auxk import AuxCandidates
-    from sae_dist.models.dispatch import ExpertGroups
+    from sae_dist.models.routing import ExpertGroups
 
 
 def compute_dtype(t: Tensor) -> torch.dtype:

@@ -34,10 +34,16 @@ from torch import Tensor, nn
 from sae_dist.config import SAEConfig
 from sae_dist.models.auxk import AuxCandidates
 from sae_dist.models.base import SAE, Latents, SAEOutput, skip_input
-from sae_dist.models.dispatch import ExpertGroups, ExpertRun, LocalDispatcher, TokenDispatcher
 from sae_dist.models.experts import ExpertBank, ExpertOutput, seeded_generator
 from sae_dist.models.losses import BatchReducer, auxk_loss, fired_mask, reconstruction_loss
-from sae_dist.models.router import Router, load_balancing_loss
+from sae_dist.models.routing import (
+    ExpertGroups,
+    ExpertRun,
+    LocalDispatcher,
+    Router,
+    TokenDispatcher,
+    load_balancing_loss,
+)
 from sae_dist.models.selection import union_topk_mask
 from sae_dist.models.sparse_compute import weighted_row_sum
 

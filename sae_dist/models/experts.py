@@ -11,9 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from sae_dist.models.auxk import AuxCandidates
-from sae_dist.models.dispatch import ExpertGroups
 from sae_dist.models.expert_compute import ExpertCodes
 from sae_dist.models.formulation import choose_compute
+from sae_dist.models.routing import ExpertGroups
 
 
 def seeded_generator(seed: int, stream: int) -> torch.Generator:

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sae_dist.models.auxk import AuxCandidates
-from sae_dist.models.dispatch import ExpertGroups
 from sae_dist.models.expert_compute import ExpertCodes, ExpertCompute, SharedLatentOrder, compute_dtype
+from sae_dist.models.routing import ExpertGroups
 from sae_dist.models.selection import aux_topk, topk_relu
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -11,9 +11,9 @@ from sae_dist.config import SAEConfig
 from sae_dist.flops import FlopsPerToken
 from sae_dist.models.auxk import AuxCandidates
 from sae_dist.models.base import SAE, Latents, SAEOutput, register, skip_flops_per_token, skip_input
-from sae_dist.models.dispatch import TokenDispatcher
 from sae_dist.models.experts import decoder_rows, expert_generator
 from sae_dist.models.losses import BatchReducer, fired_mask, l1_penalty, reconstruction_loss
+from sae_dist.models.routing import TokenDispatcher
 
 
 @register("relu")

@@ -30,7 +30,6 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from sae_dist.models.auxk import AuxCandidates
-from sae_dist.models.dispatch import ExpertGroups
 from sae_dist.models.expert_compute import (
     ExpertCodes,
     ExpertCompute,
@@ -39,6 +38,7 @@ from sae_dist.models.expert_compute import (
     compute_dtype,
 )
 from sae_dist.models.gemm_compute import gemm_encode
+from sae_dist.models.routing import ExpertGroups
 from sae_dist.models.selection import aux_topk
 
 PRE_CHUNK_ELEMENTS = 1 << 25

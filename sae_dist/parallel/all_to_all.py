@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from sae_dist.models.dispatch import DispatchPlan, ExpertGroups, TokenDispatcher, inverse_permutation
+from sae_dist.models.routing import DispatchPlan, ExpertGroups, TokenDispatcher, inverse_permutation
 from sae_dist.parallel.comm import AllToAllRows, CommStats, nbytes
 from sae_dist.parallel.permute import capacity, group_by_local_expert, send_order
 

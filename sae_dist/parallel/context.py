@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from sae_dist.models.dispatch import LocalDispatcher, TokenDispatcher
+from sae_dist.models.routing import LocalDispatcher, TokenDispatcher
 
 
 class ParallelContext:

@@ -18,8 +18,7 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-from sae_dist.models.dispatch import DispatchPlan, ExpertFn, ExpertGroups, ExpertRun, inverse_permutation
-from sae_dist.models.router import expert_counts
+from sae_dist.models.routing import DispatchPlan, ExpertFn, ExpertGroups, ExpertRun, expert_counts, inverse_permutation
 from sae_dist.parallel.all_to_all import AllToAllDispatcher
 from sae_dist.parallel.comm import CommStats, nbytes
 from sae_dist.parallel.permute import capacity, group_by_local_expert, send_order

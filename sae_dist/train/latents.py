@@ -17,7 +17,7 @@ from torch import Tensor
 from sae_dist.config import RunConfig
 from sae_dist.models import SAE, SAEOutput
 from sae_dist.models.auxk import AuxCandidates, DeadCandidates
-from sae_dist.models.router import Routing
+from sae_dist.models.routing import Routing
 from sae_dist.parallel.context import ParallelContext
 from sae_dist.train.resample import resample_dead_latents
 

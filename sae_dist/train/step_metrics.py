@@ -12,7 +12,7 @@ from torch import Tensor
 from sae_dist.config import RunConfig
 from sae_dist.metrics import ReconstructionSums
 from sae_dist.models import SAE, SAEOutput
-from sae_dist.models.router import expert_counts
+from sae_dist.models.routing import expert_counts
 from sae_dist.parallel.context import ParallelContext
 from sae_dist.train.latents import LatentBookkeeping
 from sae_dist.train.step import StepResult

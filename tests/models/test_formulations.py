@@ -10,10 +10,9 @@ from model_helpers import assert_same_forward_and_grads, make_switch, routed_inp
 
 from sae_dist.models import expert_compute
 from sae_dist.models.auxk import DeadCandidates, candidates_of_width, dead_candidates
-from sae_dist.models.dispatch import ExpertGroups
 from sae_dist.models.formulation import GEMM_MAX_WIDTH, choose_compute
 from sae_dist.models.gemm_compute import GemmCompute, expert_linear
-from sae_dist.models.router import Router
+from sae_dist.models.routing import ExpertGroups, Router
 from sae_dist.models.sparse_compute import SparseCompute
 
 FORMULATIONS = [(encoder, decoder) for encoder in ("sparse", "gemm") for decoder in ("gather", "gemm")]

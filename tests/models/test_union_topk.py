@@ -8,7 +8,7 @@ from model_helpers import assert_same_forward_and_grads, routed_inputs, top_e_sw
 from test_formulations import FORMULATIONS
 
 from sae_dist.config import ConfigError
-from sae_dist.models.dispatch import LocalDispatcher
+from sae_dist.models.routing import LocalDispatcher
 from sae_dist.models.selection import union_topk_mask
 from sae_dist.validation import validate
 from tests.conftest import small_run

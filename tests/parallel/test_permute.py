@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sae_dist.config import ConfigError, RunConfig
-from sae_dist.models.dispatch import LocalDispatcher, inverse_permutation
+from sae_dist.models.routing import LocalDispatcher, inverse_permutation
 from sae_dist.parallel.mesh import expert_parallel_size, validate_layout
 from sae_dist.parallel.permute import capacity, group_by_local_expert, send_order
 

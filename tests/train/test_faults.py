@@ -141,6 +141,17 @@ def test_a_run_that_skips_every_step_fails_and_publishes_no_checkpoint(make_run,
     assert len(err.strip().splitlines()) == 1
 
 
+def test_a_stop_signal_before_any_update_fails_instead_of_checkpointing(make_run):
+    """SIGTERM at step 3 of an all-NaN run: no checkpoint of untouched weights to requeue from."""
+    run = make_run(steps=20, log_every=10, checkpoint_every=10, on_nonfinite="skip")
+    faults = all_nan_from(1, 20)
+    faults[3] = lambda x_TD: (send(signal.SIGTERM)(x_TD), poison(256)(x_TD))[1]
+    trainer = trainer_for(run, faults)
+    with pytest.raises(NoUpdateError, match=r"every step of the run skipped .* stopped at step 3 \(no checkpoint"):
+        trainer.train()
+    assert latest_checkpoint(run.trainer.out_dir) is None
+
+
 def test_100_skipped_steps_in_a_row_fail_the_run_and_keep_the_last_checkpoint(make_run):
     """Good steps 1 to 30, then NaN: the checkpoint of step 100 (after applied steps) stays `latest`; the run stops
     at the check of step 130, the 100th skipped step, without writing it."""

@@ -39,6 +39,8 @@ class TrainState:
     """Tokens trained on (global batch size times steps)."""
     nonfinite_steps: int = 0
     """Steps skipped because of NaN or inf (trainer.on_nonfinite=skip), over the whole run."""
+    skipped_since: int | None = None
+    """The first of the skipped steps that end at `step` (None: `step` applied an update; 1: none has yet)."""
     input_scale: float | None = None
     """s, the factor the activations are multiplied by (data.normalize_activations); None: not normalised."""
 
@@ -48,7 +50,8 @@ class TrainState:
     def run_state(self) -> dict[str, Any]:
         """What every rank holds alike (written once)."""
         state = {"step": self.step, "tokens": self.tokens, "scheduler": self.engine.scheduler.state_dict(),
-                 "nonfinite_steps": self.nonfinite_steps, "resampled": self.latents.resampled}
+                 "nonfinite_steps": self.nonfinite_steps, "skipped_since": self.skipped_since,
+                 "resampled": self.latents.resampled}
         if self.input_scale is not None:  # the checkpoint's config.json records it too, for `load_sae`
             state[INPUT_SCALE_KEY] = self.input_scale
         return state
@@ -62,6 +65,7 @@ class TrainState:
         tensors are loaded by `checkpoint.load_checkpoint`."""
         self.step, self.tokens = run_state["step"], run_state["tokens"]
         self.nonfinite_steps = run_state.get("nonfinite_steps", 0)
+        self.skipped_since = run_state.get("skipped_since")
         self.latents.resampled = run_state.get("resampled", 0)
         self.input_scale = run_state.get(INPUT_SCALE_KEY)
         self.engine.scheduler.load_state_dict(run_state["scheduler"])

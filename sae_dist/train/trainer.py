@@ -8,8 +8,10 @@ logic: every collective goes through the injected `ParallelContext`, which is th
 expert-parallel layout under torchrun.
 
 Faults: a step that is not finite applies no update, and the loop applies trainer.on_nonfinite at logging and
-checkpoint steps (`nonfinite.py`). SIGTERM / SIGUSR1 stop the run after a checkpoint (`preemption`). A collective
-that fails because another rank died or stalled ends the run with a CollectiveError naming it.
+checkpoint steps (`nonfinite.py`); under skip, a run that applies no update for 100 steps in a row, or at all,
+stops with NoUpdateError, and weights that no step has updated are never checkpointed. SIGTERM / SIGUSR1 stop the
+run after a checkpoint (`preemption`). A collective that fails because another rank died or stalled ends the run
+with a CollectiveError naming it.
 """
 
 from __future__ import annotations
@@ -115,8 +117,9 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Run to `trainer.steps`; return the last logged metrics row.
 
-        Raises NonFiniteError (trainer.on_nonfinite=stop), StopRequested (SIGTERM or SIGUSR1: after writing a
-        checkpoint) and CollectiveError (another rank died or stalled)."""
+        Raises NonFiniteError (trainer.on_nonfinite=stop), NoUpdateError (trainer.on_nonfinite=skip: 100 steps in a
+        row, or every step, skipped), StopRequested (SIGTERM or SIGUSR1: after writing a checkpoint) and
+        CollectiveError (another rank died or stalled)."""
         for _ in self.steps():
             pass
         return self.last_row
@@ -159,13 +162,15 @@ class Trainer:
                     at_checkpoint = self.checkpoint_due()
                     stop = agreed_stop(signals, ctx, self.device, at_log or at_checkpoint)
                     if at_log or at_checkpoint or stop:
-                        state.nonfinite_steps = flags.check(state.step, state.nonfinite_steps)
+                        state.nonfinite_steps, state.skipped_since = flags.check(
+                            state.step, state.nonfinite_steps, state.skipped_since,
+                            last=bool(stop) or state.step == cfg.steps)
                     if at_log:
                         doing = f"the metrics of step {state.step}"
                         now = time.perf_counter()
                         last_row = self._log(x_TD, result, window_tokens / max(now - window_start, 1e-9), logger, bar)
                         window_start, window_tokens = now, 0
-                    if at_checkpoint or stop:
+                    if (at_checkpoint or stop) and not self._untouched(state.step):
                         doing = f"the checkpoint of step {state.step}"
                         checkpoint = self.save()
                     if stop:
@@ -184,6 +189,15 @@ class Trainer:
                 logger.close()
         self.tokens_per_s = (state.tokens - session_start_tokens) / max(time.perf_counter() - session_start, 1e-9)
         self.last_row = last_row
+
+    def _untouched(self, step: int) -> bool:
+        """Whether no step up to `step` applied an update: weights as initialised are not checkpointed (a run that
+        ends so fails, `nonfinite.NoUpdateError`)."""
+        if self.state.skipped_since != 1:
+            return False
+        if self.ctx.is_main:
+            tqdm.write(f"warning: checkpoint of step {step} not written: every step so far was skipped")
+        return True
 
     def _step_profiler(self) -> StepProfiler:
         """The window of `trainer.profile_steps` steps after this session's first metrics window (none when 0)."""

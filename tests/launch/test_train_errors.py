@@ -11,6 +11,10 @@ import torch
 import torch.distributed as dist
 
 from sae_dist.cli import one_line_errors
+from sae_dist.data import cache_writer
+from sae_dist.data.synthetic import SyntheticSource
+from sae_dist.run_dir import latest_checkpoint
+from sae_dist.train.nonfinite import NO_UPDATE_EXIT_STATUS
 
 TINY = ["data=synthetic", "sae.num_latents=512", "sae.num_experts=4", "sae.k=8", "trainer.batch_size=256",
         "trainer.steps=10", "trainer.progress=false", "trainer.tensorboard=false"]
@@ -152,3 +156,23 @@ def test_a_dataset_that_refuses_the_request_is_one_line(capsys):
     assert len(err.strip().splitlines()) == 1
     with pytest.raises(ValueError), one_line_errors():  # any other ValueError is a bug: it keeps its traceback
         raise ValueError("a bug")
+
+
+class NaNSource(SyntheticSource):
+    """Synthetic activations of which every value is NaN (a broken producer)."""
+
+    def next_batch(self, batch_size: int) -> torch.Tensor:
+        return torch.full_like(super().next_batch(batch_size), float("nan"))
+
+
+def test_an_all_nan_cache_under_skip_exits_65_and_publishes_no_checkpoint(command, tmp_path):
+    """Formerly exit 0 with `MSE nan`, warnings on stdout only, and the untrained weights published as `latest`."""
+    cache = tmp_path / "cache"
+    cache_writer.write_cache(NaNSource(64, 128, 4, 0.01), cache, 2048, 1024)
+    outcome = command("train.py", *TINY[1:], "data.source=cache", f"data.cache_dir={cache}",
+                      "trainer.checkpoint_every=5", "trainer.on_nonfinite=skip", f"trainer.out_dir={tmp_path / 'run'}")
+    assert outcome.status == NO_UPDATE_EXIT_STATUS, outcome.err[-2000:]
+    [line] = outcome.error_lines
+    assert line.startswith("error: no update applied: every step of the run skipped for NaN or inf"), line
+    assert "10 steps since step 1" in line and "check the activations" in line and "Traceback" not in outcome.err
+    assert latest_checkpoint(tmp_path / "run") is None

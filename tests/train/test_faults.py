@@ -31,6 +31,7 @@ from sae_dist.run_dir import (
 from sae_dist.train import checkpoint as ckpt
 from sae_dist.train.run import train_from_config
 from sae_dist.train.preemption import REQUEUE_EXIT_STATUS, StopRequested
+from sae_dist.train.nonfinite import NO_UPDATE_EXIT_STATUS, NoUpdateError
 from sae_dist.train.trainer import NonFiniteError, Trainer
 from tests.conftest import small_run
 from tests.train.faults import FaultySource, poison, send
@@ -113,6 +114,68 @@ def test_an_all_nan_first_batch_never_reaches_the_biases(make_run):
     trainer = trainer_for(run, {1: poison(256)})
     trainer.train()
     assert trainer.nonfinite_steps == 1 and all_finite(trainer.model.parameters())
+    assert latest_checkpoint(run.trainer.out_dir).name == "step_00000010"
+
+
+def all_nan_from(batch: int, steps: int) -> dict:
+    """Every row of every batch from `batch` on NaN (batch_size 256)."""
+    return {b: poison(256) for b in range(batch, steps + 1)}
+
+
+def test_a_run_that_skips_every_step_fails_and_publishes_no_checkpoint(make_run, capsys):
+    """All-NaN data under skip formerly exited 0 with `MSE nan` and published its untrained weights as `latest`."""
+    run = make_run(steps=20, log_every=5, checkpoint_every=5, on_nonfinite="skip")
+    trainer = trainer_for(run, all_nan_from(1, 20))
+    with pytest.raises(NoUpdateError) as info:
+        trainer.train()
+    message = str(info.value)
+    assert message.startswith("no update applied: every step of the run skipped for NaN or inf") and "\n" not in message
+    assert "20 steps since step 1, 20 in this run" in message and "no checkpoint was written" in message
+    assert "check the activations" in message
+    assert latest_checkpoint(run.trainer.out_dir) is None
+    assert not list((trainer.run_dir / "checkpoints").glob("step_*"))
+    with pytest.raises(SystemExit) as exit_info, one_line_errors():
+        raise info.value
+    err = capsys.readouterr().err
+    assert exit_info.value.code == NO_UPDATE_EXIT_STATUS == 65 and err.startswith("error: no update applied")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_stop_signal_before_any_update_fails_instead_of_checkpointing(make_run):
+    """SIGTERM at step 3 of an all-NaN run: no checkpoint of untouched weights to requeue from."""
+    run = make_run(steps=20, log_every=10, checkpoint_every=10, on_nonfinite="skip")
+    faults = all_nan_from(1, 20)
+    faults[3] = lambda x_TD: (send(signal.SIGTERM)(x_TD), poison(256)(x_TD))[1]
+    trainer = trainer_for(run, faults)
+    with pytest.raises(NoUpdateError, match=r"every step of the run skipped .* stopped at step 3 \(no checkpoint"):
+        trainer.train()
+    assert latest_checkpoint(run.trainer.out_dir) is None
+
+
+def test_100_skipped_steps_in_a_row_fail_the_run_and_keep_the_last_checkpoint(make_run):
+    """Good steps 1 to 30, then NaN: the checkpoint of step 100 (after applied steps) stays `latest`; the run stops
+    at the check of step 130, the 100th skipped step, without writing it."""
+    run = make_run(steps=150, log_every=10, checkpoint_every=50, keep_checkpoints=1, on_nonfinite="skip")
+    trainer = trainer_for(run, all_nan_from(31, 150))
+    with pytest.raises(NoUpdateError, match="the last 100 steps in a row skipped .* "
+                       r"\(100 steps since step 31, 100 in this run\); stopped at step 130 "
+                       r"\(the last checkpoint is step_00000100\)"):
+        trainer.train()
+    assert trainer.step == 130
+    assert [p.name for p in (trainer.run_dir / "checkpoints").glob("step_*")] == ["step_00000100"]
+    assert latest_checkpoint(run.trainer.out_dir).name == "step_00000100"
+    assert all_finite(load_sae(latest_checkpoint(run.trainer.out_dir)).parameters())
+
+
+def test_skipped_steps_in_a_row_count_across_a_resume(make_run):
+    """The trailing skipped steps are saved with the checkpoint: 70 before it and 30 after make 100."""
+    run = make_run(steps=100, log_every=10, checkpoint_every=100, on_nonfinite="skip")
+    trainer_for(run, all_nan_from(31, 100)).train()
+    longer = make_run(steps=200, log_every=10, checkpoint_every=100, on_nonfinite="skip", resume="auto")
+    resumed = trainer_for(longer, all_nan_from(1, 100))  # the source counts batches from the resume
+    with pytest.raises(NoUpdateError, match=r"100 steps since step 31, 100 in this run\); stopped at step 130"):
+        resumed.train()
+    assert latest_checkpoint(run.trainer.out_dir).name == "step_00000100"
 
 
 def test_weights_that_are_not_finite_are_never_saved(make_run):

@@ -166,6 +166,9 @@ def validate(run: RunConfig) -> None:
     _require(run.data.source != "lm" or run.sae.d_out is None or target is not None,
              f"sae.d_out={run.sae.d_out} makes a transcoder: with data.source=lm set model.target_hookpoint, the "
              "site it reconstructs")
+    _require(not (run.sweep and run.data.source == "lm" and target is not None),
+             f"model.target_hookpoint={target}: a sweep over data.source=lm reads its members' sites in one pass, "
+             "which reads no target yet; train each transcoder alone, or sweep over a cache of its rows")
     parallel = run.parallel
     cf = parallel.capacity_factor
     _require(cf is None or cf > 0, f"parallel.capacity_factor={cf} must be positive or null (dropless)")

@@ -5,8 +5,8 @@ The activations at the site of the model group (`model.hookpoint`, or the output
 text of the data group are written, block-shuffled, as safetensors shards plus `manifest.json` (layout and checks:
 sae_dist/data/cache.py; the manifest records the site). With `model.target_hookpoint` each row is a transcoder's
 [x | y], the input site beside the target site read in the same pass, and the manifest records both and their
-widths. Run the same command again
-after an interruption and the job continues where each rank stopped. Train from the cache with
+widths. Run the same command again after an interruption and the job continues where each rank stopped. Train from
+the cache with
     python launch/train.py data.source=cache data.cache_dir=DIR
 Bad configuration, a missing model or data file, an output folder that cannot be written or lacks the space, and
 unavailable data end the job with one line on stderr and exit status 2 before the model is loaded (sae_dist/cli.py).

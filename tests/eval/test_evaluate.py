@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from sae_dist import load_sae
-from sae_dist.config import DataConfig, ModelConfig, RunConfig, SAEConfig
+from sae_dist.config import ConfigError, DataConfig, ModelConfig, RunConfig, SAEConfig
 from sae_dist.data import HookedLM, SyntheticSource, build_activation_source, find_blocks, load_lm, resolve_site
 from sae_dist.data.sites import site_module
 from sae_dist.eval.evaluate import (
@@ -28,7 +28,6 @@ from sae_dist.eval.evaluate import (
     mean_se,
     summarise_splice,
 )
-from sae_dist.config import ConfigError
 from sae_dist.eval.splice import (
     MEASURE_CE,
     MEASURE_EMBEDDING,

@@ -25,7 +25,7 @@ def test_a_transcoder_of_minilms_mlp_trains_and_loads(command, tmp_path):
     run.model.name, run.model.hookpoint, run.model.target_hookpoint = "minilm-bundled", "mlp_in.3", "mlp_out.3"
     run.sae.d_out, run.data.dataset, run.data.shuffle_buffer, run.data.prefetch = 384, "python-docs", 512, 0
     source = build_activation_source(run)
-    x, y = sae.split_batch(source.next_batch(64))
+    x, _ = sae.split_batch(source.next_batch(64))
     source.close()
     with torch.no_grad():
         torch.testing.assert_close(sae.decode(sae.encode(x), x), sae(x).x_hat_TD)

@@ -3,8 +3,10 @@ cache.num_tokens=N [cache.dtype=bfloat16]`, or under torchrun, where every rank 
 
 The activations at the site of the model group (`model.hookpoint`, or the output of block `model.layer`) over the
 text of the data group are written, block-shuffled, as safetensors shards plus `manifest.json` (layout and checks:
-sae_dist/data/cache.py; the manifest records the site). Run the same command again
-after an interruption and the job continues where each rank stopped. Train from the cache with
+sae_dist/data/cache.py; the manifest records the site). With `model.target_hookpoint` each row is a transcoder's
+[x | y], the input site beside the target site read in the same pass, and the manifest records both and their
+widths. Run the same command again after an interruption and the job continues where each rank stopped. Train from
+the cache with
     python launch/train.py data.source=cache data.cache_dir=DIR
 Bad configuration, a missing model or data file, an output folder that cannot be written or lacks the space, and
 unavailable data end the job with one line on stderr and exit status 2 before the model is loaded (sae_dist/cli.py).
@@ -30,13 +32,14 @@ from sae_dist.cli import check_output, one_line_errors, run_hydra_app
 from sae_dist.config import (
     CacheJobConfig,
     ConfigError,
+    ModelConfig,
     RunConfig,
     TrainerConfig,
     as_dict,
     register_configs,
     resolve_dtype,
 )
-from sae_dist.data import PrefetchingSource, lm_activation_source, load_lm, model_site
+from sae_dist.data import PrefetchingSource, Site, lm_activation_source, load_lm, run_sites, site_columns
 from sae_dist.data.cache import CACHE_DTYPES, MANIFEST, site_record
 from sae_dist.data.cache_writer import (
     BatchBudget,
@@ -84,6 +87,7 @@ def cache_activations(job: CacheJobConfig, rank: int, world_size: int, device: t
     model, tokenizer = load_lm(job.model, device)
     source = lm_activation_source(run, model, tokenizer, rank, world_size,
                                   document_seed=order["seed"] if order else None)
+    columns = site_columns(source)  # [x] for an SAE, [x | y] for a transcoder
     if job.data.prefetch:
         # The producer makes the job's batches and no more, always of one size (`BatchBudget`, `FullBatches`):
         # the job ends when its last rows are written, not after a forward pass nobody needs.
@@ -109,7 +113,7 @@ def cache_activations(job: CacheJobConfig, rank: int, world_size: int, device: t
         metadata = {
             "model": {"name": job.model.name, "path": job.model.path, "revision": model_revision(job, model),
                       "dtype": resolve_dtype(job.model.dtype, torch.device(device).type)},
-            "site": site_record(job.model, model_site(model, job.model)),
+            **site_records(job.model, run_sites(model, job.model), columns),
             "dataset": {key: settings["data"][key] for key in ("dataset", "data_files", "split", "text_column", "ctx_len")},
             "documents": order or {"order": CORPUS_ORDER},
             "config": as_dict(run),
@@ -121,6 +125,17 @@ def cache_activations(job: CacheJobConfig, rank: int, world_size: int, device: t
     if world_size > 1:
         dist.barrier()
     return out / MANIFEST
+
+
+def site_records(cfg: ModelConfig, sites: list[Site], columns: list[slice]) -> dict:
+    """The manifest's records of the sites of rows whose columns are `columns`: "site"; for transcoder rows
+    [x | y] also "target_site" and the widths "d_in" of x and "d_out" of y."""
+    records = {"site": site_record(cfg.hookpoint, sites[0])}
+    if cfg.target_hookpoint is not None:
+        x, y = columns
+        records |= {"target_site": site_record(cfg.target_hookpoint, sites[1]), "d_in": x.stop - x.start,
+                    "d_out": y.stop - y.start}
+    return records
 
 
 CORPUS_ORDER = "the corpus's own order (files sorted, documents in order): a cache begun before sampled orders"
@@ -146,10 +161,13 @@ def check_job(job: CacheJobConfig) -> None:
     preflight.check_inputs(run)
     folder = check_output(job.cache.out_dir, "cache.out_dir")
     d_model = preflight.activation_width(run)
-    if d_model is not None:
-        needed = job.cache.num_tokens * d_model * CACHE_DTYPES[job.cache.dtype].itemsize
+    config = preflight.model_config(run.model)
+    d_out = preflight.target_width(run.model, config) if config is not None else None
+    if d_model is not None and (d_out is not None or job.model.target_hookpoint is None):
+        width = d_model + (d_out or 0)
+        needed = job.cache.num_tokens * width * CACHE_DTYPES[job.cache.dtype].itemsize
         preflight.require_free_space(folder, "cache.out_dir", needed,
-                                     f"{job.cache.num_tokens:,} activations of d = {d_model} in {job.cache.dtype}")
+                                     f"{job.cache.num_tokens:,} activations of d = {width} in {job.cache.dtype}")
 
 
 @hydra.main(config_path="../conf", config_name="cache_activations", version_base="1.3")

@@ -2,7 +2,8 @@
 
 Prints a table and writes eval.json (default: into the checkpoint folder, where launch/plot.py reads it; written
 to a temporary file, then renamed). The measures and the held-out data are described in
-sae_dist/eval/evaluate.py; `--help` lists the options with their defaults.
+sae_dist/eval/evaluate.py (a transcoder's: FVU of its target, and its output spliced in at the target site);
+`--help` lists the options with their defaults.
 Checkpoints of expert-parallel runs are evaluated the same way (they are exported as one file).
 """
 
@@ -40,7 +41,9 @@ def _pm(section: dict, key: str, digits: int = 4) -> str:
 def print_report(report: dict) -> None:
     console = Console()
     sae, rec = report["sae"], report["reconstruction"]
-    table = Table(title=f"{sae['kind']} SAE M={sae['num_latents']} N={sae['num_experts']} k={sae['k']}, "
+    target = report["model"].get("target_hookpoint")
+    what = f"transcoder {report['model']['hookpoint']} -> {target}" if target else "SAE"
+    table = Table(title=f"{sae['kind']} {what} M={sae['num_latents']} N={sae['num_experts']} k={sae['k']}, "
                         f"step {report['step']}  (± standard error over batches)")
     table.add_column("measure")
     table.add_column("value", justify="right")
@@ -48,7 +51,7 @@ def print_report(report: dict) -> None:
     table.add_row("held-out data", ", ".join(f"{k}={v}" for k, v in data.items()))
     table.add_row("tokens / batches", f"{rec['tokens']:,} / {rec['batches']}")
     table.add_row("MSE (sum over dims)", _pm(rec, "mse", 3))
-    table.add_row("FVU", _pm(rec, "fvu"))
+    table.add_row("FVU of the target y" if target else "FVU", _pm(rec, "fvu"))
     table.add_row("L0", _pm(rec, "l0", 2))
     table.add_row(f"dead latents (window {rec['dead_window_tokens']:,} tokens)",
                   f"{rec['dead_latents']:,} / {sae['num_latents']:,}")

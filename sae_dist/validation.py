@@ -9,6 +9,7 @@ hands to `use_architectures` when it is imported (`sae_dist/__init__.py`)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Protocol
 
 from omegaconf import OmegaConf
@@ -158,13 +159,16 @@ def validate(run: RunConfig) -> None:
                  f"(sweep=[{{model: {{hookpoint: '{run.model.hookpoint}'}}}}]), one SAE per matching module")
     _require(bool(run.model.name) or bool(run.model.path), "model.name or model.path must be set")
     target = run.model.target_hookpoint
+    if target is not None:
+        hookpoint_parts(target)
     _require(target is None or run.sae.d_out is not None,
              f"model.target_hookpoint={target!r} makes a transcoder: set sae.d_out to the target's width")
-    if run.data.source == "lm":
-        _require(target is None, f"model.target_hookpoint={target!r}: the 'lm' source does not read a second site "
-                                 "yet; train a transcoder with data.source=synthetic or cache")
-        _require(run.sae.d_out is None, f"sae.d_out={run.sae.d_out} makes a transcoder, whose target the 'lm' "
-                                        "source does not read yet; use null, or data.source=synthetic or cache")
+    _require(run.data.source != "lm" or run.sae.d_out is None or target is not None,
+             f"sae.d_out={run.sae.d_out} makes a transcoder: with data.source=lm set model.target_hookpoint, the "
+             "site it reconstructs")
+    _require(not (run.sweep and run.data.source == "lm" and target is not None),
+             f"model.target_hookpoint={target}: a sweep over data.source=lm reads its members' sites in one pass, "
+             "which reads no target yet; train each transcoder alone, or sweep over a cache of its rows")
     parallel = run.parallel
     cf = parallel.capacity_factor
     _require(cf is None or cf > 0, f"parallel.capacity_factor={cf} must be positive or null (dropless)")
@@ -370,7 +374,9 @@ def to_cache_job_config(cfg: Any) -> CacheJobConfig:
     job = _typed(CacheJobConfig, cfg)
     cache = job.cache
     _require(job.data.source == "lm", f"data.source={job.data.source!r}: a cache is written from data.source=lm")
-    validate(RunConfig(model=job.model, data=job.data))
+    validate(RunConfig(model=replace(job.model, target_hookpoint=None), data=job.data))
+    if job.model.target_hookpoint is not None:  # transcoder rows: the target's width comes from the model
+        hookpoint_parts(job.model.target_hookpoint)
     _one_of("cache.dtype", cache.dtype, DTYPES)
     _one_of("cache.device", cache.device, ("auto", "cpu", "cuda"))
     _require(cache.num_tokens > 0, f"cache.num_tokens={cache.num_tokens} must be positive")

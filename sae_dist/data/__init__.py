@@ -16,7 +16,7 @@ from sae_dist.config import RunConfig
 from sae_dist.data.cache import CachedActivationSource, CacheUnitReader, read_manifest
 from sae_dist.data.cache_writer import write_cache
 from sae_dist.data.lm import HookedLM, LMUnitReader, load_lm
-from sae_dist.data.sites import Site, find_blocks, model_site, resolve_site, splice
+from sae_dist.data.sites import Site, check_target_width, find_blocks, model_site, resolve_site, run_sites, splice
 from sae_dist.data.order import resume_state
 from sae_dist.data.prefetch import PrefetchingSource
 from sae_dist.data.shuffle import BlockShuffleSource
@@ -49,6 +49,7 @@ __all__ = [
     "read_manifest",
     "resolve_site",
     "resume_state",
+    "run_sites",
     "site_columns",
     "splice",
     "write_cache",
@@ -97,12 +98,15 @@ def lm_activation_source(
     sites: Sequence[int | str] | None = None,
     document_seed: int | None = None,
 ) -> BlockShuffleSource:
-    """The 'lm' source over a loaded model: `sites` (block numbers or hookpoints; default: the run's site,
-    `model.hookpoint` or block `model.layer`) read over `run.data`'s text, this rank's documents, block-shuffled (no
-    prefetch); the documents in the corpus's order, or with `document_seed` in a seeded order over the whole corpus
-    (`text.sampled_order`)."""
+    """The 'lm' source over a loaded model: `sites` (block numbers or hookpoints; default: the run's sites,
+    `model.hookpoint` or block `model.layer`, and a transcoder's `model.target_hookpoint`, rows [x | y]) read over
+    `run.data`'s text, this rank's documents, block-shuffled (no prefetch); the documents in the corpus's order, or
+    with `document_seed` in a seeded order over the whole corpus (`text.sampled_order`). A target site whose width
+    is not `sae.d_out` is a one-line ConfigError."""
     data = run.data
-    lm = HookedLM(model, list(sites) if sites is not None else model_site(model, run.model), run.model.compile)
+    lm = HookedLM(model, list(sites) if sites is not None else run_sites(model, run.model), run.model.compile)
+    if sites is None:
+        check_target_width(run.model, lm.widths[-1], run.sae.d_out)
     documents = Documents(load_text_dataset(data, document_seed), data.text_column)
     if data.pretokenize:
         tokenization = PretokenizedContexts(documents.dataset, tokenizer, data.ctx_len, data.text_column,

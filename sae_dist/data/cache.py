@@ -5,7 +5,9 @@ A cache folder (written by `cache_writer.py` / `launch/cache_activations.py`) ho
 or float16, and `manifest.json`: d_model, dtype, num_tokens, the producing model, site and dataset, the run
 config, and per shard its file, rows and sha256. Only the manifest makes a cache: it is written last. The site
 (`site_record`) is the hookpoint as given, the module and side it resolved to, and the block number when it is a
-block's output; a manifest whose site has no module (older caches) holds the output of its recorded layer.
+block's output; a manifest whose site has no module (older caches) holds the output of its recorded layer. A cache
+of transcoder rows [x | y] records its target site too ("target_site") and the split of d_model into "d_in" (x)
+and "d_out" (y); a manifest without a target site holds an SAE's rows.
 
 Opening checks every shard listed: present, a valid safetensors header of the manifest's dtype and shape, and the
 exact file size, so a truncated shard fails at once with a one-line `DataUnavailableError` naming it; with
@@ -78,10 +80,10 @@ def describe_cache(manifest: dict) -> str:
     return f"{name}{where} over {data}"
 
 
-def site_record(cfg: ModelConfig, site: Site) -> dict:
-    """The manifest's "site": `cfg`'s hookpoint (None for `model.layer`), the module and side it resolved to, and
-    the block number of a block's output (else None)."""
-    return {"hookpoint": cfg.hookpoint, "module": site.module, "side": site.side, "layer": site.block,
+def site_record(hookpoint: str | None, site: Site) -> dict:
+    """A manifest's record of `site`: the hookpoint as given (None for `model.layer`), the module and side it
+    resolved to, and the block number of a block's output (else None)."""
+    return {"hookpoint": hookpoint, "module": site.module, "side": site.side, "layer": site.block,
             "what": site.describe() if site.block is None else f"output of block {site.block} ({site.module})"}
 
 
@@ -93,10 +95,37 @@ def _recorded_site(manifest: dict) -> dict:
     return {"hookpoint": model.get("hookpoint"), "layer": None if model.get("hookpoint") else model.get("layer")}
 
 
+def _recorded_target(manifest: dict) -> dict | None:
+    """The manifest's target site (a cache of transcoder rows [x | y]); None for a cache of one site, which every
+    manifest without a "target_site" is, unless it is a `write_cache` cache whose config names one."""
+    if "target_site" in manifest:
+        return manifest["target_site"]
+    hookpoint = manifest.get("config", {}).get("model", {}).get("target_hookpoint")
+    return None if hookpoint is None else {"hookpoint": hookpoint}
+
+
+def _same_site(recorded: dict, hookpoint: str) -> bool:
+    """Whether the site record `recorded` (of a module, not a block number) is the one `hookpoint` names."""
+    module, side, given = (recorded.get(key) for key in ("module", "side", "hookpoint"))
+    return hookpoint_parts(hookpoint) in {(module, side), hookpoint_parts(given) if given else None}
+
+
 def cache_site_mismatch(manifest: dict, cfg: ModelConfig) -> str | None:
-    """None when the cache of `manifest` holds the activations of `cfg`'s site (or does not say), else what it
-    holds instead, e.g. "the output of block 3, not model.hookpoint=mlp_out.3". A site recorded without a module
-    (caches older than `model.hookpoint`) is the output of its layer."""
+    """None when the cache of `manifest` holds the rows `cfg` reads (or does not say), else what it holds instead,
+    e.g. "the output of block 3, not model.hookpoint=mlp_out.3": its site, and a transcoder's target site (a cache
+    of [x | y] rows refuses an SAE's config and the other way round). A site recorded without a module (caches
+    older than `model.hookpoint`) is the output of its layer; a manifest without a target site, an SAE's cache."""
+    target = _recorded_target(manifest)
+    if target is None and cfg.target_hookpoint is not None:
+        return (f"an SAE's rows (one site, no target), not model.target_hookpoint={cfg.target_hookpoint}; write a "
+                "cache with model.target_hookpoint set")
+    if target is not None and cfg.target_hookpoint is None:
+        return (f"a transcoder's rows [x | y] (target model.target_hookpoint={target['hookpoint']}), not an SAE's; "
+                "set model.target_hookpoint and sae.d_out, or write a cache of one site")
+    if target is not None and not _same_site(target, str(cfg.target_hookpoint)):
+        held = f"the {target['side']} of {target['module']}" if target.get("module") else target["hookpoint"]
+        return (f"the target {held}, not model.target_hookpoint={cfg.target_hookpoint}; train with the cache's "
+                "sites or write a cache for these")
     recorded = _recorded_site(manifest)
     layer, module, side, hookpoint = (recorded.get(key) for key in ("layer", "module", "side", "hookpoint"))
     if layer is None and module is None and hookpoint is None:
@@ -106,13 +135,20 @@ def cache_site_mismatch(manifest: dict, cfg: ModelConfig) -> str | None:
             return None
         wanted = f"model.layer={cfg.layer}"
     else:
-        same = {(module, side), (f"resid_post.{layer}", "output"), hookpoint_parts(hookpoint) if hookpoint else None}
-        if hookpoint_parts(cfg.hookpoint) in same:
+        if _same_site(recorded, cfg.hookpoint) or hookpoint_parts(cfg.hookpoint) == (f"resid_post.{layer}", "output"):
             return None
         wanted = f"model.hookpoint={cfg.hookpoint}"
     held = (f"the output of block {layer}" if layer is not None else
             f"the {side} of {module}" if module else f"model.hookpoint={hookpoint}")
     return f"{held}, not {wanted}; train with the cache's site or write a cache for this one"
+
+
+def cache_target_width(manifest: dict) -> int | None:
+    """d_out of a cache of transcoder rows [x | y] (recorded, or its `write_cache` config's `sae.d_out`); None for
+    an SAE's cache."""
+    if "d_out" in manifest:
+        return manifest["d_out"]
+    return manifest.get("config", {}).get("sae", {}).get("d_out")
 
 
 class Shard(NamedTuple):

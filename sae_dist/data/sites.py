@@ -187,6 +187,26 @@ def model_site(model: nn.Module, cfg: ModelConfig) -> Site:
     return resolve_site(model, cfg.hookpoint) if cfg.hookpoint else block_site(model, cfg.layer)
 
 
+def run_sites(model: nn.Module, cfg: ModelConfig) -> list[Site]:
+    """The sites one forward reads for `cfg`: its input site (`model_site`), then a transcoder's target site
+    (`model.target_hookpoint`) when it has one; rows are [x | y] in that order."""
+    if cfg.target_hookpoint is None:
+        return [model_site(model, cfg)]
+    try:
+        target = resolve_site(model, cfg.target_hookpoint)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("model.hookpoint=", "model.target_hookpoint=", 1)) from None
+    return [model_site(model, cfg), target]
+
+
+def check_target_width(cfg: ModelConfig, width: int | None, d_out: int | None) -> None:
+    """A transcoder's target site is `sae.d_out` wide: a one-line ConfigError naming both otherwise (`width` None:
+    not known, nothing to check)."""
+    if cfg.target_hookpoint is not None and width is not None and d_out is not None and width != d_out:
+        raise ConfigError(f"model.target_hookpoint={cfg.target_hookpoint} is {width} wide, not sae.d_out={d_out}: set "
+                          f"sae.d_out={width}")
+
+
 def match_modules(pattern: str, names: Sequence[str]) -> list[str]:
     """The names of `names` that the glob `pattern` matches dot-separated part by part (`*` never spans a dot):
     `encoder.layer.*.attention` matches `encoder.layer.3.attention`, not `encoder.layer.3.attention.self`."""

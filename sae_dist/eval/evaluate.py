@@ -10,12 +10,14 @@ Held-out data, by the run's source:
 - cache: the folder `cache_dir` (ideally a held-out cache; without it the training cache, reported as not held out).
 
 Measured:
-- over `batches` batches of at least `batch_tokens` activations (lm: whole contexts): MSE, FVU and L0 by
+- over `batches` batches of at least `batch_tokens` activations (lm: whole contexts): MSE, FVU and L0 (of a
+  transcoder's target y, read at `model.target_hookpoint` in the same pass) by
   `ReconstructionSums` (the one definition), dead latents (never active in the window of all batches), and per
   expert its load, its tokens' MSE, their L0 in its latents and its dead latents (`WindowStats`: under top-e routing
   a token counts once for each of its e experts);
 - lm only, over the first `splice_contexts` contexts of the region in batches of `splice_batch_contexts`: the splice
-  measures of `sae_dist.eval.splice` (next-token CE for a causal LM, pooled-embedding cosine otherwise).
+  measures of `sae_dist.eval.splice` (next-token CE for a causal LM, pooled-embedding cosine otherwise); a
+  transcoder's output replaces its target site, computed from the input site of the same pass.
 Error bars are standard errors of the per-batch values (std / sqrt(batches)). The headline value of a ratio (FVU, FR)
 comes from the pooled sums (or means); its error bar from the per-batch ratios.
 """
@@ -35,10 +37,10 @@ from transformers import AutoModelForCausalLM
 
 from sae_dist.api import load_sae
 from sae_dist.config import RunConfig
-from sae_dist.data import HookedLM, Site, SyntheticSource, TextContexts, build_activation_source, load_lm, model_site
+from sae_dist.data import HookedLM, Site, SyntheticSource, TextContexts, build_activation_source, load_lm, run_sites
 from sae_dist.data.sites import site_module
 from sae_dist.data.source import DataUnavailableError
-from sae_dist.eval.splice import MEASURE_CE, clean_pass, splice_measure, spliced_measures
+from sae_dist.eval.splice import MEASURE_CE, clean_pass, splice_measure, spliced_measures, transcoded_measures
 from sae_dist.metrics import ReconstructionSums
 from sae_dist.models import SAE
 from sae_dist.run_dir import read_checkpoint_config, resolve_checkpoint
@@ -113,8 +115,10 @@ class WindowStats:
                 self.expert_sums[e] = part if self.expert_sums[e] is None else self.expert_sums[e] + part
 
     @torch.no_grad()
-    def add_batch(self, sae: SAE, x_TD: Tensor) -> None:
-        """Run the SAE (eval mode) on a batch of activations [T, d] and add it."""
+    def add_batch(self, sae: SAE, rows_TC: Tensor) -> None:
+        """Run the SAE (eval mode) on a batch of a source's rows and add it: activations x [T, d] reconstructed,
+        or a transcoder's [x | y] [T, d_in + d_out], y reconstructed from x."""
+        x_TD, y_TO = sae.split_batch(rows_TC)
         out = sae(x_TD)
         values_RK, ids_RK = out.latent_values_RK, out.latent_indices_RK
         if ids_RK is None:  # dense codes [T, M] (ReLU): column j is latent j
@@ -123,7 +127,7 @@ class WindowStats:
             expert_TE = torch.zeros(x_TD.shape[0], 1, dtype=torch.long)
         else:
             expert_TE = out.routing.expert_TE
-        self.add(x_TD, out.x_hat_TD, expert_TE, ids_RK[values_RK > 0])
+        self.add(y_TO, out.x_hat_TD, expert_TE, ids_RK[values_RK > 0])
 
     @property
     def tokens(self) -> int:
@@ -207,18 +211,26 @@ def heldout_contexts(run: RunConfig, tokenizer: Any, cfg: EvalConfig) -> tuple[H
 
 
 @torch.no_grad()
-def splice_batch(sae: nn.Module, model: nn.Module, site: Site, ids_BT: Tensor, mask_BT: Tensor) -> dict:
-    """The splice measures of one batch of contexts, the reconstruction made from this pass's own activations."""
+def splice_batch(sae: SAE, model: nn.Module, sites: list[Site], ids_BT: Tensor, mask_BT: Tensor) -> dict:
+    """The splice measures of one batch of contexts, the reconstruction made from this pass's own activations:
+    at the SAE's site, or, for a transcoder (`sites` = [input site, target site]), at its target."""
+    if sae.transcoder:
+        source, target = (site_module(model, site) for site in sites)
+        clean_out, _ = clean_pass(model, target, ids_BT, mask_BT, sites[1].side)
+        return transcoded_measures(model, source, sites[0].side, target, sites[1].side, ids_BT, mask_BT, clean_out,
+                                   lambda x_ND: sae(x_ND).x_hat_TD)
+    site = sites[0]
     module = site_module(model, site)
     clean_out, h_BTD = clean_pass(model, module, ids_BT, mask_BT, site.side)
     latents = sae.encode(h_BTD[mask_BT.bool()].float())
     return spliced_measures(model, module, ids_BT, mask_BT, clean_out, sae.decode(latents), site.side)
 
 
-def evaluate_lm(sae: nn.Module, model: nn.Module, site: Site, region: HeldOutContexts,
+def evaluate_lm(sae: SAE, model: nn.Module, sites: list[Site], region: HeldOutContexts,
                 cfg: EvalConfig) -> tuple[WindowStats, list[dict[str, float]]]:
-    """Window statistics and the per-batch splice measures at `site`, both from the start of the held-out region."""
-    hooked = HookedLM(model, site)
+    """Window statistics and the per-batch splice measures at `sites` (`run_sites`: the SAE's site, or a
+    transcoder's input and target sites), both from the start of the held-out region."""
+    hooked = HookedLM(model, sites)
     stats = WindowStats(sae.cfg.num_latents, sae.cfg.num_experts)
     region.restart()
     for _ in tqdm(range(cfg.batches), desc="reconstruction", unit="batch"):
@@ -235,7 +247,7 @@ def evaluate_lm(sae: nn.Module, model: nn.Module, site: Site, region: HeldOutCon
             if batch is None:
                 break
             ids_BT, mask_BT = (t.to(cfg.device) for t in batch)
-            splice_rows.append(splice_batch(sae, model, site, ids_BT, mask_BT))
+            splice_rows.append(splice_batch(sae, model, sites, ids_BT, mask_BT))
             spliced += ids_BT.shape[0]
             bar.update(ids_BT.shape[0])
     return stats, splice_rows
@@ -279,15 +291,16 @@ def evaluate(checkpoint_path: str | Path, batches: int = 20, batch_tokens: int =
     run, d_model, step = read_checkpoint_config(folder)
     sae = load_sae(folder, cfg.device)
     report: dict[str, Any] = {
-        "checkpoint": str(folder), "step": step, "d_model": d_model,
+        "checkpoint": str(folder), "step": step, "d_model": d_model, "d_out": run.sae.d_out,
         "sae": {"kind": run.sae.kind, "num_latents": run.sae.num_latents, "num_experts": run.sae.num_experts,
                 "k": run.sae.k},
-        "model": {"name": run.model.name, "layer": run.model.layer, "hookpoint": run.model.hookpoint},
+        "model": {"name": run.model.name, "layer": run.model.layer, "hookpoint": run.model.hookpoint,
+                  "target_hookpoint": run.model.target_hookpoint},
     }
     if run.data.source == "lm" or cfg.dataset is not None:
         model, tokenizer = load_eval_lm(run, cfg.device)
         region, report["data"] = heldout_contexts(run, tokenizer, cfg)
-        stats, splice_rows = evaluate_lm(sae, model, model_site(model, run.model), region, cfg)
+        stats, splice_rows = evaluate_lm(sae, model, run_sites(model, run.model), region, cfg)
         if splice_rows:
             report["splice"] = summarise_splice(splice_rows, splice_measure(model))
     else:

@@ -12,6 +12,9 @@ depends on the model:
   the real tokens: cosine similarity of the spliced to the clean embedding, per context, and FR = (cos_rec -
   cos_zero) / (1 - cos_zero).
 Every measure is a mean over the batch's positions (or contexts); evaluation averages batches for error bars.
+
+A transcoder (SPEC section 9) replaces its target site's activation y with its output computed from the input
+site's activation x of the same pass (a hook keeps x, a later hook at the target replaces y); zero ablation zeroes y.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sae_dist.config import ConfigError
 from sae_dist.data.sites import splice
 
 MEASURE_CE = "next_token_ce"
@@ -111,6 +115,39 @@ def spliced_measures(
         return h_BTD
 
     rec_out = _forward(model, module, ids_BT, mask_BT, reconstruct, side)
+    return _measures(model, module, ids_BT, mask_BT, clean_out, rec_out, side)
+
+
+def transcoded_measures(
+    model: nn.Module, source: nn.Module, source_side: str, target: nn.Module, target_side: str, ids_BT: Tensor,
+    mask_BT: Tensor, clean_out: Tensor, transcode: Callable[[Tensor], Tensor],
+) -> dict[str, float]:
+    """The batch's measures with a transcoder's target, `target`'s activation y on `target_side`, replaced by
+    `transcode(x)` ([N, d_in] -> [N, d_out], one row per non-padding position) of the input x that `source` has on
+    `source_side` in the same pass, and with y zero-ablated, against `clean_out` from `clean_pass`. x must come
+    before y in the forward (an MLP's input and output); a target that runs first is a one-line ConfigError."""
+    real_BT = mask_BT.bool()
+    x_ND: list[Tensor] = []
+
+    def keep(x_BTD: Tensor) -> None:
+        x_ND.append(x_BTD[real_BT].float())
+
+    def transcoded(y_BTD: Tensor) -> Tensor:
+        if not x_ND:
+            raise ConfigError("model.target_hookpoint runs before model.hookpoint in the forward: a transcoder's "
+                              "output cannot replace a site that its input comes after")
+        y_BTD = y_BTD.clone()
+        y_BTD[real_BT] = transcode(x_ND.pop()).to(y_BTD.dtype)
+        return y_BTD
+
+    with splice(source, keep, source_side):
+        rec_out = _forward(model, target, ids_BT, mask_BT, transcoded, target_side)
+    return _measures(model, target, ids_BT, mask_BT, clean_out, rec_out, target_side)
+
+
+def _measures(model: nn.Module, module: nn.Module, ids_BT: Tensor, mask_BT: Tensor, clean_out: Tensor,
+              rec_out: Tensor, side: str) -> dict[str, float]:
+    """The measures of the clean, reconstructed and (run here) zero-ablated passes at `module`'s `side`."""
     zero_out = _forward(model, module, ids_BT, mask_BT, torch.zeros_like, side)
     if splice_measure(model) == MEASURE_CE:
         return ce_measures(clean_out, rec_out, zero_out, ids_BT, mask_BT)

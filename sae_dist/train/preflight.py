@@ -2,8 +2,9 @@
 
 The output folder is (or can be made) a writable folder and its disk has room; input files and folders exist and
 are not empty; the device exists; the SAE's training state fits in memory; the hooked layer and the context length
-fit the language model, and `model.hookpoint` names one of its modules with a side it has (read from its config.json
-and the model's skeleton built on the meta device, not its weights); a cache holds the run's site. Each failure is a
+fit the language model, and `model.hookpoint` names one of its modules with a side it has, a transcoder's
+`model.target_hookpoint` one `sae.d_out` wide (read from its config.json and the model's skeleton built on the meta
+device, not its weights); a cache holds the run's sites and target width. Each failure is a
 one-line ConfigError.
 """
 
@@ -22,7 +23,7 @@ import torch
 
 from sae_dist.config import ConfigError, DataConfig, ModelConfig, RunConfig, SAEConfig
 from sae_dist.data import sites
-from sae_dist.data.cache import MANIFEST, cache_site_mismatch
+from sae_dist.data.cache import MANIFEST, cache_site_mismatch, cache_target_width
 from sae_dist.data.lm import MINILM_BUNDLED, hub_download_hint
 from sae_dist.data.source import require_hub
 from sae_dist.data.text import LOCAL_BUILDERS, require_hub_dataset
@@ -97,9 +98,14 @@ def check_inputs(run: RunConfig) -> None:
                               f"data.dataset={data.dataset!r}: add data.dataset=text (or another of them)")
         require_hub_dataset(data)
     elif data.source == "cache":
-        mismatch = cache_site_mismatch(read_cache_manifest(data.cache_dir), run.model)
+        manifest = read_cache_manifest(data.cache_dir)
+        mismatch = cache_site_mismatch(manifest, run.model)
         if mismatch:
             raise ConfigError(f"data.cache_dir={data.cache_dir} holds {mismatch}")
+        d_out = cache_target_width(manifest)
+        if run.sae.d_out is not None and d_out is not None and d_out != run.sae.d_out:
+            raise ConfigError(f"data.cache_dir={data.cache_dir} holds targets {d_out} wide, not sae.d_out="
+                              f"{run.sae.d_out}: set sae.d_out={d_out}")
 
 
 def check_loggers(run: RunConfig) -> None:
@@ -205,20 +211,31 @@ def read_cache_manifest(cache_dir: str | None) -> dict:
 
 
 def activation_width(run: RunConfig) -> int | None:
-    """d, when it is known without loading the model or the data (None otherwise); checks the model's depth and
-    positions on the way."""
+    """d (a transcoder's input x), when it is known without loading the model or the data (None otherwise); checks
+    the model's depth and positions, and that a transcoder's target site is `sae.d_out` wide, on the way."""
     if run.data.source == "synthetic":
         return run.data.d_model
     if run.data.source == "cache":
-        return int(read_cache_manifest(run.data.cache_dir)["d_model"])
+        manifest = read_cache_manifest(run.data.cache_dir)
+        return int(manifest.get("d_in", manifest["d_model"]))
     config = model_config(run.model)
     if config is None:
         return None
     check_model_fits(run, config)
+    sites.check_target_width(run.model, target_width(run.model, config), run.sae.d_out)
     if run.model.hookpoint is not None:
         skeleton = model_skeleton(config)
         return sites.site_width(skeleton, sites.resolve_site(skeleton, run.model.hookpoint))
     return _first(config, "hidden_size", "n_embd", "d_model")
+
+
+def target_width(cfg: ModelConfig, config: dict) -> int | None:
+    """The width of `cfg`'s target site (`model.target_hookpoint`) in the model of config.json `config`, as its
+    skeleton's weights tell it; None for an SAE or where no weight says."""
+    if cfg.target_hookpoint is None:
+        return None
+    skeleton = model_skeleton(config)
+    return sites.site_width(skeleton, sites.run_sites(skeleton, cfg)[-1])
 
 
 def model_skeleton(config: dict):

@@ -128,6 +128,33 @@ def test_a_cache_of_a_site_records_it_and_holds_its_live_activations(tiny_gpt2_d
     assert torch.equal(cached_rows(tmp_path / "cache", 0), live_rows(job, 0, 1))
 
 
+def test_a_cache_of_transcoder_rows_records_both_sites_and_refuses_other_configs(tiny_gpt2_dir, tmp_path):
+    from sae_dist.config import ConfigError, RunConfig
+    from sae_dist.train.preflight import activation_width, check_inputs
+
+    spec = importlib.util.spec_from_file_location("cache_activations", SCRIPT)
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    job = compose_job(*overrides(tiny_gpt2_dir, tmp_path / "cache"), "model.hookpoint=mlp_in.2",
+                      "model.target_hookpoint=mlp_out.2", "cache.num_tokens=500")
+    manifest = json.loads(app.cache_activations(job, 0, 1, torch.device("cpu")).read_text())
+    assert manifest["target_site"] == {"hookpoint": "mlp_out.2", "module": "h.2.mlp", "side": "output", "layer": None,
+                                       "what": "output of h.2.mlp"}
+    assert (manifest["d_model"], manifest["d_in"], manifest["d_out"]) == (128, 64, 64)
+    assert torch.equal(cached_rows(tmp_path / "cache", 0), live_rows(job, 0, 1))
+    run = RunConfig()
+    run.data.source, run.data.cache_dir = "cache", str(tmp_path / "cache")
+    run.model.hookpoint, run.model.target_hookpoint, run.sae.d_out = "mlp_in.2", "mlp_out.2", 64
+    check_inputs(run)
+    assert activation_width(run) == 64
+    run.sae.d_out = 32
+    with pytest.raises(ConfigError, match="holds targets 64 wide, not sae.d_out=32: set sae.d_out=64"):
+        check_inputs(run)
+    run.model.target_hookpoint, run.sae.d_out = None, None
+    with pytest.raises(ConfigError, match=r"holds a transcoder's rows \[x \| y\]"):
+        check_inputs(run)
+
+
 def test_a_failed_write_stops_the_prefetch_thread(tiny_gpt2_dir, tmp_path, monkeypatch):
     """A write that fails (here a full disk after the first batch) leaves no prefetch thread running: one still
     inside the LM when the interpreter exits aborts the process in place of its one-line error."""

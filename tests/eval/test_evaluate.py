@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from sae_dist import load_sae
-from sae_dist.config import DataConfig, ModelConfig, RunConfig, SAEConfig
+from sae_dist.config import ConfigError, DataConfig, ModelConfig, RunConfig, SAEConfig
 from sae_dist.data import HookedLM, SyntheticSource, build_activation_source, find_blocks, load_lm, resolve_site
 from sae_dist.data.sites import site_module
 from sae_dist.eval.evaluate import (
@@ -28,7 +28,14 @@ from sae_dist.eval.evaluate import (
     mean_se,
     summarise_splice,
 )
-from sae_dist.eval.splice import MEASURE_CE, MEASURE_EMBEDDING, clean_pass, splice_measure, spliced_measures
+from sae_dist.eval.splice import (
+    MEASURE_CE,
+    MEASURE_EMBEDDING,
+    clean_pass,
+    splice_measure,
+    spliced_measures,
+    transcoded_measures,
+)
 from sae_dist.models import build_sae
 from sae_dist.run_dir import latest_checkpoint
 from sae_dist.train.checkpoint import write_model_files
@@ -231,6 +238,52 @@ def test_evaluate_checkpoint_at_a_hookpoint(gpt2_dir, tmp_path):
     report = evaluate(folder, batches=2, batch_tokens=100, splice_contexts=4, splice_batch_contexts=4)
     assert report["model"]["hookpoint"] == "mlp_out.0" and report["splice"]["batches"] == 1
     assert math.isfinite(report["splice"]["fraction_recovered"]) and report["reconstruction"]["batches"] == 2
+
+
+def test_a_transcoders_output_replaces_its_target_computed_from_the_same_passs_input(gpt2_dir):
+    """At block 1's MLP: the MLP itself as the transcoder changes nothing; the MLP plus 1 changes the loss as
+    adding 1 to the MLP's output does; a target that runs before the input site is one line."""
+    model, _ = load_lm(ModelConfig(name="unused", path=str(gpt2_dir)), auto_class=GPT2LMHeadModel)
+    mlp = model.transformer.h[1].mlp
+    ids_BT, mask_BT = _ragged_batch(model.config.vocab_size)
+    clean_out, y_BTD = clean_pass(model, mlp, ids_BT, mask_BT, "output")
+
+    def measures(transcode, source=mlp, target=mlp):
+        return transcoded_measures(model, source, "input", target, "output", ids_BT, mask_BT, clean_out, transcode)
+
+    def by_its_weights(x_ND):  # the MLP (dropout is off) without calling the hooked module
+        return mlp.c_proj(mlp.act(mlp.c_fc(x_ND)))
+
+    exact = measures(by_its_weights)
+    assert exact["delta_ce"] == pytest.approx(0, abs=1e-5) and exact["kl_reconstructed"] == pytest.approx(0, abs=1e-6)
+    shifted = measures(lambda x_ND: by_its_weights(x_ND) + 1)
+    by_hand = spliced_measures(model, mlp, ids_BT, mask_BT, clean_out, y_BTD[mask_BT.bool()] + 1, "output")
+    assert shifted["ce_reconstructed"] == pytest.approx(by_hand["ce_reconstructed"], abs=1e-5)
+    assert shifted["ce_zero_ablated"] == by_hand["ce_zero_ablated"] != pytest.approx(shifted["ce_clean"], abs=1e-4)
+    with pytest.raises(ConfigError, match="model.target_hookpoint runs before model.hookpoint"):
+        measures(lambda x_ND: x_ND, source=model.transformer.h[1], target=model.transformer.h[0].mlp)
+
+
+def test_evaluate_a_transcoder_of_an_mlp(gpt2_dir, tmp_path):
+    """A transcoder from block 0's MLP input to its output whose every output is zero: its splice is the zero
+    ablation of the MLP's output (FR 0), and its FVU on the target y is 1 (its residual is y)."""
+    run = RunConfig(sae=SAEConfig(kind="switch", num_latents=128, num_experts=4, k=8, d_out=64),
+                    model=ModelConfig(name="tiny", path=str(gpt2_dir), hookpoint="mlp_in.0",
+                                      target_hookpoint="mlp_out.0"),
+                    data=DataConfig(source="lm", dataset="pydoc-topics", streaming=False, ctx_len=32))
+    validate(run)
+    (tmp_path / "ckpt").mkdir()
+    sae = build_sae(run.sae, 64, seed=0)
+    with torch.no_grad():
+        for weight in (*sae.decoder_weights(), sae.output_bias):
+            weight.zero_()
+    write_model_files(tmp_path / "ckpt", sae, run, 64, step=7)
+    report = evaluate(tmp_path / "ckpt", batches=2, batch_tokens=100, splice_contexts=4, splice_batch_contexts=4)
+    assert report["model"]["target_hookpoint"] == "mlp_out.0" and report["d_out"] == 64
+    splice = report["splice"]
+    assert splice["ce_reconstructed"] == pytest.approx(splice["ce_zero_ablated"], abs=1e-6)
+    assert splice["fraction_recovered"] == pytest.approx(0, abs=1e-5)
+    assert report["reconstruction"]["fvu"] == pytest.approx(1, abs=1e-9)  # residual y: the variance of y, not of x
 
 
 def test_heldout_region_is_read_once_without_wrapping(minilm, tmp_path):

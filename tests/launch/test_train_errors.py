@@ -81,6 +81,16 @@ def cases(tmp_path, text_file):
          "model.hookpoint=encoder.layer.*.mlp matches no module"),
         (["data.source=cache", f"data.cache_dir={block_3_cache}", "model.hookpoint=mlp_out.3"],
          "holds the output of block 3, not model.hookpoint=mlp_out.3"),
+        # A transcoder's target site: its width against sae.d_out, from the skeleton.
+        (["model.hookpoint=mlp_in.3", "model.target_hookpoint=mlp_out.3", "sae.d_out=100"],
+         "model.target_hookpoint=mlp_out.3 is 384 wide, not sae.d_out=100: set sae.d_out=384"),
+        (["model.hookpoint=mlp_in.3", "model.target_hookpoint=encoder.layer.3.outptu", "sae.d_out=384"],
+         "model.target_hookpoint=encoder.layer.3.outptu: the model has no module"),
+        (["sae.d_out=384"], "sae.d_out=384 makes a transcoder: with data.source=lm set model.target_hookpoint"),
+        (["model.hookpoint=mlp_in.3", "model.target_hookpoint=mlp_out.3", "sae.d_out=384", "sweep=[{sae: {k: 4}}]"],
+         "model.target_hookpoint=mlp_out.3: a sweep over data.source=lm reads its members' sites in one pass"),
+        (["data.source=cache", f"data.cache_dir={block_3_cache}", "model.target_hookpoint=mlp_out.3", "sae.d_out=384"],
+         "holds an SAE's rows (one site, no target), not model.target_hookpoint=mlp_out.3"),
         (["trainer.resume=true"], "trainer.resume=true but trainer.out_dir="),
         (["+experiment=nope"], "Could not find 'experiment/nope'; allowed: "),
         # Only the Hub has them, and it does not answer (offline) or has no such repository: told before the run

@@ -237,7 +237,9 @@ class TrainerConfig:
     sae_dist/train/identity.py for what may change)."""
     on_nonfinite: str = option("stop", on_resume=CHANGEABLE, changes_math=False)
     """A step whose batch, loss or gradient norm is NaN or inf applies no update; then 'stop' ends the run with an
-    error naming the step (no checkpoint is written after it), 'skip' goes on and counts it (logged)."""
+    error naming the step (no checkpoint is written after it), 'skip' goes on and counts it (logged), and ends the
+    run with exit status 65 once 100 steps in a row, or every step, were skipped (weights no step has updated are
+    never checkpointed)."""
     progress: bool = option(True, on_resume=CHANGEABLE, changes_math=False, checked_by=())
     """Show a progress bar."""
     tensorboard: bool = option(True, on_resume=CHANGEABLE, changes_math=False, checked_by=())

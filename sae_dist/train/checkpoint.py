@@ -83,12 +83,6 @@ def write_model_tensors(folder: Path, tensors: dict[str, Tensor], run: RunConfig
     (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
 
 
-def write_model_files(folder: Path, model: nn.Module, run: RunConfig, d_model: int, step: int) -> None:
-    """model.safetensors + config.json (and their SHA256SUMS) in `folder` for a model holding every expert."""
-    write_model_tensors(folder, model.state_dict(), run, d_model, step)
-    checksums.write_checksums(folder)
-
-
 # --- the sharded state --------------------------------------------------------------------------------------------
 def _dcp_options(ctx: ParallelContext) -> dict[str, Any]:
     return {} if ctx.distributed else {"no_dist": True}

@@ -38,10 +38,10 @@ from sae_dist.eval.splice import (
 )
 from sae_dist.models import build_sae
 from sae_dist.run_dir import latest_checkpoint
-from sae_dist.train.checkpoint import write_model_files
 from sae_dist.train.trainer import Trainer
 from sae_dist.validation import validate
 from tests.conftest import small_run
+from tests.model_files import write_model_files
 
 ROOT = Path(__file__).resolve().parents[2]
 

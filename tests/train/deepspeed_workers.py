@@ -16,7 +16,8 @@ from sae_dist.parallel.expert_parallel import ExpertParallelContext  # noqa: E40
 from sae_dist.parallel.mesh import build_mesh  # noqa: E402
 from sae_dist.run_dir import checkpoint_name, latest_checkpoint  # noqa: E402
 from sae_dist.train import checkpoint as ckpt  # noqa: E402
-from sae_dist.train.deepspeed_engine import DeepSpeedEngine, project_partition_  # noqa: E402
+from sae_dist.train.deepspeed_engine import DeepSpeedEngine  # noqa: E402
+from sae_dist.train.deepspeed_zero import project_partition_  # noqa: E402
 from sae_dist.train.init import init_biases_from_batch  # noqa: E402
 from sae_dist.train.multi import prepare_sweep, train_sweep  # noqa: E402
 from sae_dist.train.optim import normalize_rows_, project_rows_  # noqa: E402

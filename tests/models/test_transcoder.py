@@ -142,7 +142,7 @@ def test_config_refuses_what_a_transcoder_cannot_be():
     with pytest.raises(ConfigError, match="^sae.d_out=0 must be positive or null"):
         validate(run)
     run = RunConfig(sae=SAEConfig(d_out=768))
-    with pytest.raises(ConfigError, match="^sae.d_out=768 makes a transcoder, whose target the 'lm' source"):
+    with pytest.raises(ConfigError, match="^sae.d_out=768 makes a transcoder: with data.source=lm set model.target_hookpoint"):
         validate(run)
 
 

@@ -253,13 +253,16 @@ def export_model(folder: Path, run: RunConfig, d_model: int, step: int, input_sc
     write_model_tensors(folder, read_global_state(folder, "model."), run, d_model, step, input_scale)
 
 
-def load_checkpoint(folder: Path, tensors: TrainingTensors, ctx: ParallelContext) -> tuple[dict, list[dict]]:
+def load_checkpoint(folder: Path, tensors: TrainingTensors, ctx: ParallelContext, verified: bool = False
+                    ) -> tuple[dict, list[dict]]:
     """Load a checkpoint's sharded state into `tensors` (in place, on this layout); return (run_state, the
     rank states of every rank that saved it, in rank order).
 
-    Every file is checked against the checkpoint's SHA256SUMS first (CheckpointError when one differs)."""
+    Every file is checked against the checkpoint's SHA256SUMS first (CheckpointError when one differs), unless
+    `verified`: checked already, before anything was loaded (`plan.prepare_run`)."""
     folder = Path(folder)
-    verify_files(folder)
+    if not verified:
+        verify_files(folder)
     run_state = torch.load(folder / STATE_FILE, weights_only=False)
     empty = _empty_optimizer_state(tensors, folder)
     target = sharded_state(tensors, ctx)

@@ -23,7 +23,7 @@ from sae_dist.models.base import architecture
 from sae_dist.parallel.context import ParallelContext
 from sae_dist.parallel.failures import on_every_rank
 from sae_dist.parallel.mesh import expert_parallel_size, validate_layout
-from sae_dist.run_dir import RUN_CONFIG_FILE, latest_checkpoint, write_atomically
+from sae_dist.run_dir import RUN_CONFIG_FILE, latest_checkpoint, verify_files, write_atomically
 from sae_dist.train import identity, preflight
 from sae_dist.train.logging import append_history
 from sae_dist.train.report import print_summary
@@ -42,6 +42,8 @@ class RunPlan:
     """d when known before loading (None: an 'lm' model that is not on this machine yet)."""
     continues: bool
     """Whether the folder already holds this run (a checkpoint, or its config.yaml)."""
+    verified_checkpoint: Path | None = None
+    """The checkpoint the run continues from, its files already checked against their SHA256SUMS."""
 
 
 def prepare_run(run: RunConfig, world_size: int = 1, overrides: list[str] | None = None) -> RunPlan:
@@ -56,6 +58,8 @@ def prepare_run(run: RunConfig, world_size: int = 1, overrides: list[str] | None
     if saved is not None:
         run, _ = identity.continue_config(saved, run, overrides)
     ep_size = validate_layout(run, world_size)
+    if resume_from is not None:
+        verify_files(resume_from)  # a damaged checkpoint is refused before the model and the data load
     device = preflight.check_device(run.trainer.device)
     preflight.check_inputs(run)
     preflight.check_loggers(run)
@@ -68,7 +72,7 @@ def prepare_run(run: RunConfig, world_size: int = 1, overrides: list[str] | None
         size = preflight.checkpoint_bytes(run.sae, d_model)
         preflight.require_free_space(folder, "trainer.out_dir", to_write * size,
                                      f"{to_write} checkpoints of {preflight.format_bytes(size)}")
-    return RunPlan(run, folder, device, d_model, saved is not None)
+    return RunPlan(run, folder, device, d_model, saved is not None, resume_from)
 
 
 def _write_new_run(plan: RunPlan, world_size: int, ep_size: int) -> None:
@@ -89,12 +93,14 @@ def start_trainer(plan: RunPlan, ctx: ParallelContext, source: ActivationSource 
     if source is None:
         source = build_activation_source(plan.run, ctx.rank, ctx.world_size, plan.device)
     try:
-        return build_trainer(plan.run, source, ctx, plan.device)
+        trainer = build_trainer(plan.run, source, ctx, plan.device)
     except (torch.OutOfMemoryError, RuntimeError) as exc:
         if isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc):
             raise ConfigError(f"sae.num_latents={plan.run.sae.num_latents} does not fit in {plan.device.type} memory "
                               f"({str(exc).strip().splitlines()[0]})") from None
         raise
+    trainer.checkpoints.verified = plan.verified_checkpoint
+    return trainer
 
 
 def build_trainer(run: RunConfig, source: ActivationSource, ctx: ParallelContext, device: torch.device) -> Trainer:

@@ -80,6 +80,9 @@ class CheckpointManager:
     def __init__(self, state: TrainState, run: RunConfig, d_model: int, ctx: ParallelContext):
         self.state, self.run, self.d_model, self.ctx = state, run, d_model, ctx
         self.run_dir = Path(run.trainer.out_dir)
+        self.verified: Path | None = None
+        """A checkpoint whose files were checked against its SHA256SUMS before anything loaded (`plan.prepare_run`):
+        restoring it reads them without a second pass."""
 
     def due(self) -> bool:
         """Whether the step just taken is checkpointed (every `trainer.checkpoint_every`, and the last)."""
@@ -105,7 +108,8 @@ class CheckpointManager:
 
     def restore(self, folder: Path) -> None:
         """Continue from the checkpoint in `folder`, written on any layout."""
-        run_state, rank_states = ckpt.load_checkpoint(folder, self.state.tensors(), self.ctx)
+        verified = self.verified is not None and Path(folder).resolve() == self.verified.resolve()
+        run_state, rank_states = ckpt.load_checkpoint(folder, self.state.tensors(), self.ctx, verified)
         self.state.load(run_state, rank_states, self.ctx)
 
     def resume(self, folder: Path | None = None) -> Path | None:

@@ -109,6 +109,12 @@ def test_damaged_run_inputs_are_one_line_before_loading(cache_run, command, no_l
     monkeypatch.delenv("SAE_DIST_REQUIRE_CHECKSUMS")
     (checkpoint / CHECKSUM_FILE).write_bytes(sums)
 
+    model = checkpoint / "model.safetensors"  # a flipped byte: refused before the model and the data load
+    weights = model.read_bytes()
+    model.write_bytes(weights[:-1] + bytes([weights[-1] ^ 1]))
+    command("train.py", *again).one_line_error("checkpoint damaged", "model.safetensors")
+    model.write_bytes(weights)
+
     shutil.rmtree(cache)  # replaced by a cache of another model's width
     cache_writer.write_cache(SyntheticSource(32, 128, 4, 0.01), cache, 4096, 2048)
     command("train.py", *again).one_line_error(

@@ -85,9 +85,9 @@ class SAEConfig:
     auxk_k: int | None = option(None)
     """Latents in the AuxK reconstruction; None = d / 2."""
     auxk_scale: str = option("x_variance")
-    """How the AuxK error S = sum (aux - e)^2 is scaled: 'x_variance' (docs/math.md section 2: S / Var_batch(x); beside the
-    unnormalised L_rec that weighs alpha / (per-token variance of x)) or 'gao' (Gao et al.'s balance, whose main loss
-    is normalised too: (S / T) * Var_batch(x) / Var_batch(e), e = x - x_hat, so alpha weighs normalised errors)."""
+    """How the AuxK error S = sum (aux - e)^2 is scaled: 'x_variance' (docs/math.md section 2: S / Var_batch(x); beside
+    the unnormalised L_rec that weighs alpha / (per-token variance of x)) or 'gao' (Gao et al.'s balance, whose main
+    loss is normalised too: (S / T) * Var_batch(x) / Var_batch(e), e = x - x_hat, so alpha weighs normalised errors)."""
     l1_coefficient: float = option(5.0)
     """L1 penalty on |f| * ||W_dec row|| ('relu' only), reached after the warm-up."""
     l1_warmup_frac: float = option(0.05)

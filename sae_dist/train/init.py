@@ -1,5 +1,5 @@
-"""Initialisation from data (docs/math.md sections 3 and 9): b_pre (b_in), b_router and a transcoder's b_out start at the
-geometric median of a batch."""
+"""Initialisation from data (docs/math.md sections 3 and 9): b_pre (b_in), b_router and a transcoder's b_out start at
+the geometric median of a batch."""
 
 from __future__ import annotations
 

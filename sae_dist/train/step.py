@@ -125,8 +125,8 @@ class TrainStep:
     def forward_loss(self, x_TD: Tensor, aux: AuxCandidates | None, weights: dict[str, float]
                      ) -> tuple[SAEOutput, dict[str, Tensor], Tensor]:
         """(model output, loss terms, total loss) of this rank's rows under the configured autocast: the model reads
-        their inputs and its loss compares with their targets (docs/math.md section 9; the same rows for an SAE); AuxK (when
-        on) over `aux`, this step's dead-latent candidates."""
+        their inputs and its loss compares with their targets (docs/math.md section 9; the same rows for an SAE); AuxK
+        (when on) over `aux`, this step's dead-latent candidates."""
         # No cast cache under graphs: cached casts would outlive the capture's autocast region.
         autocast = torch.autocast(self.device_type, dtype=self.autocast_dtype,
                                   enabled=self.autocast_dtype is not None, cache_enabled=self.graphs is None)

@@ -136,14 +136,31 @@ def batches_left(out_dir: str | os.PathLike, num_tokens: int, shard_tokens: int,
     return max(0, -(-left // shard_tokens))
 
 
-class BatchBudget(ActivationSource):
+class _Wrapped(ActivationSource):
+    """A source that serves another's batches differently: its position and its closing are the other's."""
+
+    def __init__(self, source: ActivationSource) -> None:
+        self.source = source
+        self.d_model = source.d_model
+
+    def state_dict(self) -> dict:
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.source.load_state_dict(state)
+
+    def close(self) -> None:
+        self.source.close()
+
+
+class BatchBudget(_Wrapped):
     """`source` that serves `batches` batches, then refuses more and does no work ahead: put under a prefetching
     source, its producer ends once the job's last batch is made instead of computing one nobody will take (for a
     cache of LM activations, a forward of a whole shuffle block that the end of the job then waits for)."""
 
     def __init__(self, source: ActivationSource, batches: int) -> None:
-        self.source, self.left = source, batches
-        self.d_model = source.d_model
+        super().__init__(source)
+        self.left = batches
 
     def next_batch(self, batch_size: int) -> torch.Tensor:
         if self.left <= 0:
@@ -154,17 +171,8 @@ class BatchBudget(ActivationSource):
     def work_ahead(self) -> bool:
         return self.left > 0 and self.source.work_ahead()
 
-    def state_dict(self) -> dict:
-        return self.source.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
-        self.source.load_state_dict(state)
-
-    def close(self) -> None:
-        self.source.close()
-
-
-class FullBatches(ActivationSource):
+class FullBatches(_Wrapped):
     """`source` asked for batches of `rows` rows only, a smaller batch cut from a full one. A prefetching source
     asked for another size stops its producer and rewinds, which recomputes the LM forwards of the block being
     served; the rows are the same for a source whose batches are consecutive rows of one stream (block-shuffled
@@ -172,21 +180,12 @@ class FullBatches(ActivationSource):
     the rows cut off: use it for a job's last batch only."""
 
     def __init__(self, source: ActivationSource, rows: int) -> None:
-        self.source, self.rows = source, rows
-        self.d_model = source.d_model
+        super().__init__(source)
+        self.rows = rows
 
     def next_batch(self, batch_size: int) -> torch.Tensor:
         assert batch_size <= self.rows, (batch_size, self.rows)
         return self.source.next_batch(self.rows)[:batch_size]
-
-    def state_dict(self) -> dict:
-        return self.source.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.source.load_state_dict(state)
-
-    def close(self) -> None:
-        self.source.close()
 
 
 class BudgetSpent(RuntimeError):

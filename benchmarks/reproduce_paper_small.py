@@ -5,9 +5,11 @@ width-matched Switch, under the paper's recipe and the recipe options.
         [--width 512] [--experts 8] [--ks 16 32] [--tokens 10000000] [--batch-size 4096] [--points 8]
         [--recipes paper expert_lr] [--only NAME ...] [--report-only]
 
-The caches are written by launch/cache_activations.py (the README gives the commands: MiniLM-L6 block 3 over the
-Python source files of the installed packages, held-out from other files). At each k, each SAE trains for
---tokens token-steps (several passes over a small cache) from one seed and keeps --points checkpoints; each
+The caches are written by launch/cache_activations.py (docs/reproduction.md gives the commands: MiniLM-L6 block 3
+over the Python source files of the installed packages, held-out from other files); the runs read at the training
+cache's site, and a cache of transcoder rows [x | y] (written with model.target_hookpoint) makes every run a
+transcoder, scored on its target y. At each k, each SAE trains for --tokens token-steps (passes over the training
+cache: the report prints how many) from one seed and keeps --points checkpoints; each
 checkpoint is evaluated on --heldout-rows rows of the held-out cache taken in `HELDOUT_PIECES` evenly spaced stretches
 over all of it, so over every shuffle block and the documents of each (the first rows alone are one block: the
 documents read first); MSE in the paper's unit, FVU, L0; dead latents as logged at that step. Scores are stored per
@@ -18,8 +20,9 @@ The SAEs:
 - width-matched Switch: the same M latents over N experts (N times fewer encoder FLOPs);
 each Switch SAE under every recipe of --recipes (RECIPES: the paper's, and the options of sae_dist/config.py).
 Printed: one table per k (held-out MSE at each token count, FVU and dead latents at the end, where each Switch
-curve crosses below the dense one in tokens and in FLOPs); written: OUT/curves.png (MSE vs tokens and vs training
-FLOPs) and OUT/results.json (every point, with date, device and load). A run that holds its last checkpoint is not
+curve crosses below the dense one in tokens and in FLOPs; the header names the passes and the held-out documents);
+written: OUT/curves.png (MSE vs tokens and vs training FLOPs) and OUT/results.json (every point, with date, device
+and load). A run that holds its last checkpoint is not
 trained again, and evaluated checkpoints are not evaluated again; --only trains the named runs and reports nothing (run
 several invocations side by side), --report-only trains nothing.
 """
@@ -40,8 +43,16 @@ from rich.console import Console
 from rich.table import Table
 
 from sae_dist.config import DataConfig, ModelConfig, RunConfig, SAEConfig, TrainerConfig
-from sae_dist.data.cache import MANIFEST, CacheUnitReader, describe_cache, read_manifest
+from sae_dist.data.cache import (
+    MANIFEST,
+    CacheUnitReader,
+    cache_site_mismatch,
+    cache_target_width,
+    describe_cache,
+    read_manifest,
+)
 from sae_dist.data.cache_writer import write_cache
+from sae_dist.data.order import PLAN_KEY, Plan, units_begun
 from sae_dist.data.source import ActivationSource
 from sae_dist.eval.learning_curves import CURVE_FILE, checkpoint_curve, crossing, plot_curves
 from sae_dist.flops import flops_per_token
@@ -65,30 +76,48 @@ RECIPES: dict[str, dict[str, object]] = {
 """Recipes for the Switch SAEs: trainer.lr_rule and sae.* settings (the paper's recipe is every default)."""
 
 
-def planned_runs(args: argparse.Namespace, recipes: list[str]) -> dict[str, tuple[int, str, SAEConfig, str]]:
-    """name -> (k, family, SAE config, lr rule) of every run under `recipes`, dense first."""
+def planned_runs(args: argparse.Namespace, recipes: list[str], d_out: int | None = None
+                 ) -> dict[str, tuple[int, str, SAEConfig, str]]:
+    """name -> (k, family, SAE config, lr rule) of every run under `recipes`, dense first; transcoders of target
+    width `d_out` when it is set."""
     runs = {}
     m, n = args.width, args.experts
     for k in args.ks:
         runs[f"dense_k{k}"] = (k, "dense", SAEConfig(kind="topk", num_latents=m, num_experts=1, k=k,
-                                                    dead_tokens=args.dead_tokens), "total")
+                                                    dead_tokens=args.dead_tokens, d_out=d_out), "total")
         for recipe in recipes:
             options = dict(RECIPES[recipe])
             lr_rule = str(options.pop("lr_rule", "total"))
             for family, total in (("flop_matched", m * n), ("width_matched", m)):
                 sae = SAEConfig(kind="switch", num_latents=total, num_experts=n, k=k, dead_tokens=args.dead_tokens,
-                                **options)
+                                d_out=d_out, **options)
                 runs[f"{family}_{recipe}_k{k}"] = (k, family, sae, lr_rule)
     return runs
 
 
-def run_config(name: str, sae: SAEConfig, lr_rule: str, args: argparse.Namespace) -> RunConfig:
+def cache_model(manifest: dict) -> ModelConfig:
+    """The model config of the site (and a transcoder's target site) a cache's rows were read at."""
+    model, site, target = manifest["model"], manifest["site"], manifest.get("target_site")
+    where = {"layer": site["layer"]} if site.get("layer") is not None else {"hookpoint": site["hookpoint"]}
+    return ModelConfig(name=model["name"], path=model.get("path"), **where,
+                       target_hookpoint=target["hookpoint"] if target else None)
+
+
+def documents_held(manifest: dict) -> int | None:
+    """How many documents a text cache holds rows of (None when its manifest does not record its readers' plans)."""
+    states = manifest.get("source_states") or []
+    if not states or not all(PLAN_KEY in state for state in states):
+        return None
+    return units_begun([Plan.from_state(state[PLAN_KEY]) for state in states])
+
+
+def run_config(name: str, sae: SAEConfig, lr_rule: str, args: argparse.Namespace, model: ModelConfig) -> RunConfig:
     steps = args.tokens // args.batch_size
     every = max(steps // args.points, 1)
     run = RunConfig(
         name=name,
         sae=sae,
-        model=ModelConfig(name="minilm-bundled", layer=3),
+        model=model,
         data=DataConfig(source="cache", cache_dir=str(args.train_cache), shuffle_buffer=args.shuffle_buffer),
         trainer=TrainerConfig(batch_size=args.batch_size, steps=steps, lr_rule=lr_rule, log_every=every,
                               checkpoint_every=every, keep_checkpoints=args.points + 1,
@@ -185,18 +214,26 @@ def main() -> None:
     for cache in (args.train_cache, args.heldout_cache):
         if not (cache / "manifest.json").is_file():
             parser.error(f"{cache} holds no activation cache (manifest.json); write one with launch/cache_activations.py")
+    train_manifest, heldout_manifest = read_manifest(args.train_cache), read_manifest(args.heldout_cache)
+    if "site" not in train_manifest:
+        parser.error(f"--train-cache {args.train_cache} records no site; write it with launch/cache_activations.py")
+    model = cache_model(train_manifest)
+    mismatch = cache_site_mismatch(heldout_manifest, model)
+    if mismatch:
+        parser.error(f"--heldout-cache {args.heldout_cache} holds {mismatch.split(';')[0]} (the training cache's)")
+    d_out = cache_target_width(train_manifest)
+    d_in = CacheUnitReader(args.train_cache).d_model - (d_out or 0)
     # --only may name a run of any recipe, without --recipes
-    runs = planned_runs(args, list(RECIPES) if args.only else args.recipes)
+    runs = planned_runs(args, list(RECIPES) if args.only else args.recipes, d_out)
     unknown = sorted(set(args.only or []) - set(runs))
     if unknown:
         parser.error(f"--only {unknown[0]} is not a run of this plan; runs: {', '.join(runs)}")
-    d_model = CacheUnitReader(args.train_cache).d_model
     console = Console(width=200)
 
     for name, (k, family, sae, lr_rule) in runs.items():
         if args.report_only or (args.only and name not in args.only):
             continue
-        run = run_config(name, sae, lr_rule, args)
+        run = run_config(name, sae, lr_rule, args, model)
         last = latest_checkpoint(args.out / name)
         if last is not None and last.name.endswith(f"{run.trainer.steps:08d}"):
             continue
@@ -213,7 +250,7 @@ def main() -> None:
         if latest_checkpoint(args.out / name) is None:
             continue
         points = keyed_curve(args.out / name, heldout, key)
-        per_token = flops_per_token(sae, d_model).encoder_paper
+        per_token = flops_per_token(sae, d_in).encoder_paper
         label = name.removesuffix(f"_k{k}")
         curves.setdefault(k, {})[label] = ([p.tokens for p in points], [p.tokens * per_token for p in points],
                                            [p.mse for p in points])
@@ -225,11 +262,15 @@ def main() -> None:
 
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load = os.getloadavg()
+    widths = f"d_in = {d_in}, d_out = {d_out}" if d_out else f"d = {d_in}"
+    passes = args.tokens / CacheUnitReader(args.train_cache).total_rows
+    held = documents_held(heldout_manifest)
+    heldout_words = f"{args.heldout_rows:,} held-out rows" + (f" of {held} documents" if held is not None else "")
     header = (f"{stamp}, {machine()}, load {load[0]:.1f}; dense M = {args.width}, Switch N = {args.experts}, "
-              f"batch {args.batch_size}, d = {d_model}")
+              f"batch {args.batch_size}, {widths}; {passes:.2g} passes over the training cache, {heldout_words}")
     for k, by_label in sorted(curves.items()):
         dense = by_label.get("dense")
-        table = Table(title=f"held-out MSE, k = {k} ({header})")
+        table = Table(title=f"held-out MSE{' of the target y' if d_out else ''}, k = {k} ({header})")
         token_counts = sorted({t for tokens, _, _ in by_label.values() for t in tokens})
         table.add_column("run")
         for t in token_counts:
@@ -251,10 +292,11 @@ def main() -> None:
         console.print(table)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    title = f"{describe_cache(read_manifest(args.train_cache))}: {header}"
+    title = f"{describe_cache(train_manifest)}: {header}"
     png = plot_curves(curves, args.out / "curves.png", title) if curves else None
     (args.out / "results.json").write_text(json.dumps({"date": stamp, "machine": machine(), "load": load,
                                                        "args": {k: str(v) for k, v in vars(args).items()},
+                                                       "passes": passes, "heldout_documents": held,
                                                        "runs": results}, indent=1))
     console.print(f"curves: {png}\nresults: {args.out / 'results.json'}")
 

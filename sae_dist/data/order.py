@@ -116,6 +116,14 @@ def redistribute(plans: list[Plan], world_size: int) -> list[Plan]:
     ]
 
 
+def units_begun(plans: list[Plan]) -> int:
+    """How many units the ranks of `plans` (one run's, from a fresh start) have begun reading: every unit below the
+    frontier that no plan still owes (the units of started blocks are begun). For text, the documents a cache
+    holds rows of (its last blocks' documents in part)."""
+    frontier = max(plan.next for plan in plans)
+    return frontier - sum(len(plan.owed_below(frontier)) for plan in plans)
+
+
 def resume_state(saved: list[dict], rank: int, world_size: int) -> dict:
     """This rank's data state from the states saved by every rank of a run on len(saved) ranks.
 

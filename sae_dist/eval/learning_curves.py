@@ -44,15 +44,16 @@ class CurvePoint:
 
 @torch.no_grad()
 def heldout_metrics(checkpoint: Path, heldout_dir: Path, rows: int | None = None, batch: int = 8192) -> dict[str, float]:
-    """MSE, FVU and L0 of a checkpoint's SAE over the first `rows` (None = all) rows of a held-out cache."""
+    """MSE, FVU and L0 of a checkpoint's SAE over the first `rows` (None = all) rows of a held-out cache; for a
+    transcoder the rows are [x | y] and the MSE and FVU are y's."""
     sae = load_sae(checkpoint)
     reader = CacheUnitReader(heldout_dir)
     total = reader.total_rows if rows is None else min(rows, reader.total_rows)
     sums = None
     for start in range(0, total, batch):
-        x_TD = reader.read_rows(start, min(start + batch, total))
+        x_TD, y_TO = sae.split_batch(reader.read_rows(start, min(start + batch, total)))
         latents = sae.encode(x_TD)
-        part = ReconstructionSums.of_batch(x_TD, sae.decode(latents), (latents.values_TK > 0).sum())
+        part = ReconstructionSums.of_batch(y_TO, sae.decode(latents, x_TD), (latents.values_TK > 0).sum())
         sums = part if sums is None else sums + part
     return sums.metrics()
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from unit_readers import id_source, row_ids, unit_rows
 
-from sae_dist.data.order import Plan, StartedBlock, from_ranges, redistribute, resume_state, to_ranges
+from sae_dist.data.order import Plan, StartedBlock, from_ranges, redistribute, resume_state, to_ranges, units_begun
 
 
 @pytest.mark.parametrize(
@@ -84,3 +84,13 @@ def test_same_world_size_continues_bit_for_bit():
 def test_states_without_a_plan_are_taken_from_rank_mod_w():
     saved = [{"batch": 3}, {"batch": 5}]
     assert [resume_state(saved, rank, 3) for rank in range(3)] == [{"batch": 3}, {"batch": 5}, {"batch": 3}]
+
+
+def test_units_begun_counts_what_no_plan_still_owes():
+    # Two ranks: rank 0 read 0, 2, 4 (next 6); rank 1 read 1 and started a block of 3 and 5 (next 7); a queue unit
+    # below the frontier is owed, not begun.
+    plans = [Plan(next=6, stride=2, queue=[]), Plan(next=7, stride=2, blocks=[StartedBlock([3, 5], 10)], queue=[])]
+    assert units_begun(plans) == 6
+    assert units_begun([Plan(next=6, stride=2), Plan(next=3, stride=2)]) == 4, "units 3 and 5 are still owed"
+    assert units_begun([Plan(next=9, stride=1, queue=[4])]) == 8
+    assert units_begun([Plan.fresh(0, 1)]) == 0

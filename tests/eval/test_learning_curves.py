@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sae_dist import load_sae
-from sae_dist.data import write_cache
+from sae_dist.data import build_activation_source, write_cache
 from sae_dist.data.cache import CacheUnitReader
 from sae_dist.data.synthetic import SyntheticSource
 from sae_dist.eval import learning_curves
@@ -50,3 +50,20 @@ def test_checkpoint_curve_scores_every_checkpoint_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(learning_curves, "heldout_metrics", no_evaluation)
     assert checkpoint_curve(tmp_path / "run", heldout) == points
+
+
+def test_a_transcoder_curve_scores_the_target(tmp_path):
+    """A skip transcoder's held-out cache holds rows [x | y]: the point's MSE is y's, from the model's forward."""
+    run = small_run(tmp_path, kind="topk", steps=4, log_every=2, checkpoint_every=2, keep_checkpoints=5)
+    run.sae.d_out, run.sae.skip = 24, True
+    train_from_config(run, eval_batches=1)
+    heldout = tmp_path / "heldout"
+    source = build_activation_source(run)
+    write_cache(source, heldout, 600, 256, config={"who": "test"})
+    rows = CacheUnitReader(heldout).read_rows(0, 600)
+    assert rows.shape == (600, 64 + 24)
+    points = checkpoint_curve(tmp_path / "run", heldout)
+    with torch.no_grad():
+        y_hat_TO = load_sae(tmp_path / "run").forward(rows[:, :64]).x_hat_TD
+    assert y_hat_TO.shape == (600, 24)
+    assert points[-1].mse == pytest.approx(float((rows[:, 64:] - y_hat_TO).pow(2).sum(1).mean()), rel=1e-5)

@@ -26,6 +26,7 @@ from sae_dist.cli import (
     one_line_errors,
     require_positive,
 )
+from sae_dist.config import SAMPLE_BY
 from sae_dist.eval.evaluate import EvalConfig, evaluate
 from sae_dist.eval.splice import MEASURE_CE
 from sae_dist.run_dir import EVAL_FILE, write_atomically
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
         require_positive(args, "batches", "batch_tokens", "splice_batch_contexts")
         if not 0 < args["heldout_frac"] < 1:
             fail(f"--heldout-frac={args['heldout_frac']} must be in (0, 1)")
+        if args["sample_by"] not in (None, *SAMPLE_BY):
+            fail(f"--sample-by={args['sample_by']} is not one of {', '.join(SAMPLE_BY)}")
         folder, _ = check_checkpoint(path)
         out = out or folder / EVAL_FILE
         check_output(out.parent, "--out")

@@ -45,6 +45,8 @@ NORMALIZATIONS = ("none", "expected_average_only_in")
 WANDB_MODES = ("online", "offline", "disabled")
 SWEEP_KEYS = ("model.layer", "model.hookpoint", "trainer.lr", "name")
 """What a sweep item may override besides `sae.*`: the hook site and the learning rate; the stream stays shared."""
+SAMPLE_BY = ("line", "paragraph", "document")
+"""The documents a text builder makes of its files: one per line, per paragraph, or per file."""
 
 
 def resolve_dtype(dtype: str, device_type: str) -> str:

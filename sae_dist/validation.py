@@ -25,6 +25,7 @@ from sae_dist.config import (
     NONFINITE_POLICIES,
     NORMALIZATIONS,
     RESUME_MODES,
+    SAMPLE_BY,
     SWEEP_KEYS,
     WANDB_MODES,
     ZERO_STAGES,
@@ -279,7 +280,7 @@ def _validate_data(data: DataConfig) -> None:
         )
         _require(data.synthetic_noise >= 0, f"data.synthetic_noise={data.synthetic_noise} must be >= 0")
     _require(data.prefetch >= 0, f"data.prefetch={data.prefetch} must be >= 0")
-    _one_of("data.sample_by", data.sample_by, ("line", "paragraph", "document"))
+    _one_of("data.sample_by", data.sample_by, SAMPLE_BY)
     _one_of("data.normalize_activations", data.normalize_activations, NORMALIZATIONS)
     workers = data.tokenizer_workers
     _require(workers is None or workers >= 0, f"data.tokenizer_workers={workers} must be >= 0 or null (auto)")

@@ -63,6 +63,10 @@ class EvalConfig:
     """Text for the held-out region (None = the run's data.dataset)."""
     split: str | None = None
     """Dataset split (None = the run's)."""
+    data_files: str | None = None
+    """Local files of the held-out text, a path or glob, e.g. with --dataset text (None = the run's data.data_files)."""
+    sample_by: str | None = None
+    """What one document of a text builder is: 'line', 'paragraph' or 'document', a whole file (None = the run's)."""
     doc_offset: int | None = None
     """First document of the held-out region; None = the last `heldout_frac` of a dataset of known size, 0 for a
     stream."""
@@ -198,7 +202,9 @@ def load_eval_lm(run: RunConfig, device: str) -> tuple[nn.Module, Any]:
 
 def heldout_contexts(run: RunConfig, tokenizer: Any, cfg: EvalConfig) -> tuple[HeldOutContexts, dict[str, Any]]:
     """The held-out region and a description of it for the report."""
-    data = replace(run.data, dataset=cfg.dataset or run.data.dataset, split=cfg.split or run.data.split)
+    data = replace(run.data, dataset=cfg.dataset or run.data.dataset, split=cfg.split or run.data.split,
+                   data_files=[cfg.data_files] if cfg.data_files else run.data.data_files,
+                   sample_by=cfg.sample_by or run.data.sample_by)
     contexts = TextContexts.from_config(data, tokenizer)
     size = len(contexts.dataset) if hasattr(contexts.dataset, "__len__") else None
     offset = cfg.doc_offset
@@ -206,7 +212,7 @@ def heldout_contexts(run: RunConfig, tokenizer: Any, cfg: EvalConfig) -> tuple[H
         offset = int(size * (1 - cfg.heldout_frac)) if size else 0
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     described = {"source": "lm", "dataset": data.dataset, "split": data.split, "doc_offset": offset,
-                 "documents": size}
+                 "documents": size, **({"data_files": data.data_files} if data.data_files else {})}
     return HeldOutContexts(contexts, offset, pad_id), described
 
 

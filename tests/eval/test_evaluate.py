@@ -309,6 +309,22 @@ def test_heldout_region_is_read_once_without_wrapping(minilm, tmp_path):
     assert report["splice"]["cosine_zero_ablated"] < report["splice"]["cosine_reconstructed"] < 1
 
 
+def test_a_cache_run_is_evaluated_on_local_files_given_with_the_command(minilm, tmp_path):
+    """A run trained from a cache has no text of its own: --dataset text with --data-files (a glob) and --sample-by
+    document make each file one document, all of them held out from --doc-offset 0."""
+    for i in range(3):
+        (tmp_path / f"held{i}.py").write_text("\n".join(f"def f{i}_{j}(x):\n    return x + {j}" for j in range(4)))
+    run = RunConfig(sae=SAEConfig(kind="switch", num_latents=64, num_experts=2, k=4),
+                    model=ModelConfig(name="minilm-bundled", layer=3),
+                    data=DataConfig(source="cache", cache_dir=str(tmp_path / "no-cache"), ctx_len=128))
+    cfg = EvalConfig(dataset="text", data_files=str(tmp_path / "held*.py"), sample_by="document", doc_offset=0)
+    region, described = heldout_contexts(run, minilm[1], cfg)
+    assert described["data_files"] == [str(tmp_path / "held*.py")]
+    ids_BT, mask_BT = region.batch(min_tokens=10_000)
+    assert ids_BT.shape[0] == 3, "three files, one document (and one context) each"
+    assert "return x + 3" in minilm[1].decode(ids_BT[0][mask_BT[0].bool()]), "a whole file, not one line"
+
+
 def test_evaluate_command_on_a_trained_synthetic_run(tmp_path, monkeypatch, capsys):
     """Train briefly, evaluate with the CLI: the JSON holds every section, and MSE, FVU, L0 and dead latents equal
     a direct computation on the same held-out batches."""

@@ -172,8 +172,7 @@ def test_saelens_export_of_dense_transcoders_loads_with_equal_codes_and_outputs(
 
 @pytest.mark.parametrize("skip", [False, True])
 @pytest.mark.parametrize(("kind", "num_experts"), [("switch", 4), ("topk", 1), ("batchtopk", 4)])
-def test_saelens_export_of_topk_and_switch_transcoders_loads_with_equal_codes_and_outputs(tmp_path, kind,
-                                                                                          num_experts, skip):
+def test_saelens_export_of_routed_and_topk_transcoders_loads_with_equal_outputs(tmp_path, kind, num_experts, skip):
     """SAELens has no TopK or routed transcoder: they load as the registered Switch transcoder (a dense TopK one
     with N = 1), b_in folded into b_enc, W_skip applied by the forward and not by `decode`, as SAELens's own."""
     saelens = pytest.importorskip("sae_lens")

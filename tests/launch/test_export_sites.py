@@ -54,8 +54,9 @@ def test_a_transcoder_names_its_target_site_too(gpt2_config_dir, tmp_path):
     metadata = saelens_metadata(RunConfig(model=model))
     assert (metadata["hook_name"], metadata["hf_hook_point"]) == ("h.1.mlp:input", "h.1.mlp:input")
     assert (metadata["hook_name_out"], metadata["hf_hook_point_out"]) == ("blocks.1.hook_mlp_out", "h.1.mlp:output")
-    unresolved = ModelConfig(name="tiny", path=str(tmp_path / "absent"), hookpoint="mlp_in.1",
-                             target_hookpoint="mlp_out.1")
+    unresolved = ModelConfig(
+        name="tiny", path=str(tmp_path / "absent"), hookpoint="mlp_in.1", target_hookpoint="mlp_out.1"
+    )
     metadata = saelens_metadata(RunConfig(model=unresolved))
     assert (metadata["hook_name_out"], metadata["hf_hook_point_out"]) == ("mlp_out.1", None)
     sae_model = ModelConfig(name="tiny", path=str(gpt2_config_dir), layer=1)

@@ -137,10 +137,9 @@ class ExpertSAE(SAE):
         else:
             routing = {"W_router": router.weight, "b_router": router.b_router}
         entries = {"k": self.cfg.k, "num_experts": len(routing["W_router"]), "activation": "topk"}
-        if not self.transcoder:  # SAELens's Switch SAE centres by b_dec and has no encoder bias
+        if not self.transcoder:  # SAELens's Switch SAE has no encoder bias, as a routed SAE has none
             weights = {name: w for name, w in weights.items() if name != "b_enc"}
             return SWITCH_ARCHITECTURE, entries, {**weights, **routing}
-        weights = {name: w for name, w in weights.items() if name != "b_dec"}
         architecture, transcoder_entries, weights = self.saelens_transcoder(SWITCH_TRANSCODER_ARCHITECTURE, weights)
         return architecture, {**transcoder_entries, **entries}, {**weights, **routing}
 

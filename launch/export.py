@@ -4,7 +4,9 @@ RUN_DIR is a run directory (its latest checkpoint) or a checkpoint folder. --for
 sae_weights.safetensors into DIR (a new folder), loadable with sae_lens's `SAE.load_from_disk(DIR)`: dense TopK
 and ReLU SAEs as SAELens's 'topk' and 'standard' SAEs, a dense BatchTopK SAE as 'jumprelu', a Switch SAE (TopK or
 BatchTopK experts) as 'sae_dist_switch' (first `import sae_dist.interop.saelens_switch`); with --per-expert, a
-Switch SAE as N 'topk' ('jumprelu' for BatchTopK experts) SAEs in DIR/expert_NNN.
+Switch SAE as N 'topk' ('jumprelu' for BatchTopK experts) SAEs in DIR/expert_NNN. A transcoder exports as the
+transcoder form of the same ('transcoder', 'jumprelu_transcoder', 'sae_dist_switch_transcoder', a dense TopK one
+with N = 1; 'skip_transcoder' for 'transcoder' with the skip).
 """
 
 from __future__ import annotations

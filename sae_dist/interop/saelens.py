@@ -7,12 +7,18 @@ sae_dist.interop.saelens_switch` registers it with SAELens), or, with `per_exper
 computes for a token routed to e, and its reconstruction z W_dec^e + b_pre before the router gate (the Switch SAE's
 x_hat is p_e * (that - b_pre) + b_pre).
 
+A transcoder exports as the transcoder form of the same ('transcoder', 'jumprelu_transcoder',
+'sae_dist_switch_transcoder'; 'skip_' before 'transcoder' with the skip), b_in folded into b_enc; a dense TopK
+transcoder, which SAELens has no class for, is the 'sae_dist_switch_transcoder' with N = 1, and per expert so is each
+TopK expert.
+
 The metadata names the site: `hook_name` is the TransformerLens hook where one matches the site (block L's input and
 output `blocks.L.hook_resid_pre` / `hook_resid_post`, its attention's and MLP's outputs `blocks.L.hook_attn_out` /
 `hook_mlp_out` in GPT-2-like and Llama-like models), else the Hugging Face module path (with ':input' for an input);
-`hf_hook_point` is always the module path and side (`sae_dist/data/sites.py`). Both need the model's config.json on
-this machine; without it `hook_name` is `model.hookpoint` as written, or `blocks.L.hook_resid_post` for
-`model.layer`.
+`hf_hook_point` is always the module path and side (`sae_dist/data/sites.py`); a transcoder's target site is
+`hook_name_out` and `hf_hook_point_out` alike. Both need the model's config.json on this machine; without it
+`hook_name` is `model.hookpoint` as written, or `blocks.L.hook_resid_post` for `model.layer`, and `hook_name_out`
+`model.target_hookpoint` as written.
 
 An SAE trained on normalised activations (data.normalize_activations) exports as `load_sae` gives it, its input
 scale folded into the weights: the export takes raw activations, and its `normalize_activations` is 'none'.
@@ -61,8 +67,14 @@ def transformerlens_hook(site: sites.Site, blocks: str) -> str | None:
     return f"blocks.{layer}.hook_{hook}" if hook and site.side == "output" else None
 
 
-def resolved_site(run: RunConfig) -> tuple[sites.Site, str] | None:
-    """(site, block path) of `run` in its model's skeleton, or None when its config.json is not on this machine."""
+def site_hooks(site: sites.Site, blocks: str) -> tuple[str, str]:
+    """(hook name, Hugging Face hook point) of `site` (module docstring)."""
+    return transformerlens_hook(site, blocks) or (site.module if site.side == "output" else str(site)), str(site)
+
+
+def resolved_sites(run: RunConfig) -> tuple[list[sites.Site], str] | None:
+    """(the sites `run` reads, `sites.run_sites`: its input, then a transcoder's target; its block path) in its
+    model's skeleton, or None when its config.json is not on this machine."""
     try:
         config = model_config(run.model)
     except ConfigError:
@@ -70,25 +82,31 @@ def resolved_site(run: RunConfig) -> tuple[sites.Site, str] | None:
     if config is None:
         return None
     skeleton = model_skeleton(config)
-    return sites.model_site(skeleton, run.model), sites.block_path(skeleton)
+    return sites.run_sites(skeleton, run.model), sites.block_path(skeleton)
 
 
 def saelens_metadata(run: RunConfig) -> dict:
-    """Where the activations came from, in SAELens's metadata keys (module docstring)."""
-    layer, found = run.model.layer, resolved_site(run)
+    """Where the activations came from, in SAELens's metadata keys (module docstring); a transcoder's target site
+    as `hook_name_out` and `hf_hook_point_out`."""
+    layer, found = run.model.layer, resolved_sites(run)
     hook_name, hf_hook_point = f"blocks.{layer}.hook_resid_post", None  # model.layer's site, unresolved
+    hook_name_out, hf_hook_point_out = run.model.target_hookpoint, None
     if found is not None:
-        site, blocks = found
-        hf_hook_point = str(site)
-        hook_name = transformerlens_hook(site, blocks) or (site.module if site.side == "output" else str(site))
+        (site, *target), blocks = found
+        hook_name, hf_hook_point = site_hooks(site, blocks)
         layer = sites.block_index(site.module, blocks)
+        if target:
+            hook_name_out, hf_hook_point_out = site_hooks(target[0], blocks)
     elif run.model.hookpoint is not None:
         hook_name, layer = run.model.hookpoint, None
-    return {
+    metadata = {
         "model_name": run.model.name, "hook_name": hook_name, "hook_layer": layer, "hf_hook_point": hf_hook_point,
         "context_size": run.data.ctx_len, "dataset_path": run.data.dataset, "prepend_bos": True,
         "sae_dist_kind": run.sae.kind, "sae_lens_version": SAELENS_FORMAT_VERSION,
     }
+    if run.model.target_hookpoint is not None:
+        metadata |= {"hook_name_out": hook_name_out, "hf_hook_point_out": hf_hook_point_out}
+    return metadata
 
 
 def _write_folder(folder: Path, architecture: str, entries: dict, weights: dict[str, Tensor], d_in: int,

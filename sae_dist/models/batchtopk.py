@@ -13,7 +13,8 @@ sae.encoder_backward and sae.decoder say: the selection needs every activation o
 
 SAELens export (the eval-mode SAE): each expert is a JumpReLU SAE with threshold theta_e on every latent (what
 SAELens saves its own BatchTopK SAEs as), so N = 1 is SAELens's built-in 'jumprelu' and N > 1 the 'sae_dist_switch'
-architecture with `activation` 'threshold' (or, per expert, N 'jumprelu' SAEs).
+architecture with `activation` 'threshold' (or, per expert, N 'jumprelu' SAEs); a transcoder's are their transcoder
+forms ('jumprelu_transcoder', 'sae_dist_switch_transcoder').
 """
 
 from __future__ import annotations
@@ -110,8 +111,9 @@ class BatchTopKSAE(ExpertSAE):
         return states
 
     def saelens_state(self) -> tuple[str, dict, dict[str, Tensor]]:
-        """N = 1: SAELens's 'jumprelu' (the router's one expert has p = 1); N > 1: 'sae_dist_switch' selecting the
-        chosen expert's latents above its threshold (weight `threshold` [N])."""
+        """N = 1: SAELens's 'jumprelu' (the router's one expert has p = 1); N > 1: 'sae_dist_switch' (a
+        transcoder: 'sae_dist_switch_transcoder') selecting the chosen expert's latents above its threshold (weight
+        `threshold` [N])."""
         if self.cfg.num_experts == 1:
             return self.saelens_expert_states()[0]
         architecture, entries, weights = switch_saelens_state(self)

@@ -47,6 +47,11 @@ from sae_dist.models.routing import (
 from sae_dist.models.selection import union_topk_mask
 from sae_dist.models.sparse_compute import weighted_row_sum
 
+SWITCH_ARCHITECTURE = "sae_dist_switch"
+"""The Switch SAE's architecture in SAELens's registry (`sae_dist/interop/saelens_switch.py` registers it)."""
+SWITCH_TRANSCODER_ARCHITECTURE = "sae_dist_switch_transcoder"
+"""The Switch transcoder's; 'sae_dist_switch_skip_transcoder' with the skip (`SAE.saelens_transcoder`)."""
+
 
 class ExpertSAE(SAE):
     """An SAE whose latents live in experts: b_pre, an optional router, and an `ExpertBank` of the experts this
@@ -115,9 +120,28 @@ class ExpertSAE(SAE):
     def saelens_expert_states(self) -> list[tuple[str, dict, dict[str, Tensor]]]:
         """Each expert as a standalone SAELens SAE, (architecture, config entries, weights) per expert here:
         expert e's SAE gives the latents z of a token routed to e, and z W_dec^e + b_pre (before the router gate).
-        TopK experts are SAELens's 'topk' SAEs (SAELens has no TopK transcoder)."""
-        refuse_transcoder(self, "TopK")
+        TopK experts are SAELens's 'topk' SAEs; a transcoder's, which SAELens has no class for, are Switch
+        transcoders of one expert (`saelens_switch`)."""
+        if self.transcoder:
+            return [self.saelens_switch(self.expert_weights(e), None) for e in range(self.num_local_experts)]
         return [("topk", {"k": self.cfg.k}, self.expert_weights(e)) for e in range(self.num_local_experts)]
+
+    def saelens_switch(self, weights: dict[str, Tensor], router: Router | None) -> tuple[str, dict, dict[str, Tensor]]:
+        """The 'sae_dist_switch' architecture (a transcoder: 'sae_dist_switch_transcoder', `saelens_transcoder`)
+        of the experts `weights` (W_enc [d_in, L], b_enc [L], W_dec [L, d_out], b_dec), selecting by TopK, behind
+        `router`. None is one expert behind a zero router W_router [1, d_in]: its gate, a softmax over one logit,
+        is exactly 1, so a dense TopK transcoder is this architecture with N = 1, exact and with no code of its own."""
+        if router is None:
+            w_enc = weights["W_enc"]
+            routing = {"W_router": w_enc.new_zeros(1, self.d_in), "b_router": w_enc.new_zeros(self.d_in)}
+        else:
+            routing = {"W_router": router.weight, "b_router": router.b_router}
+        entries = {"k": self.cfg.k, "num_experts": len(routing["W_router"]), "activation": "topk"}
+        if not self.transcoder:  # SAELens's Switch SAE has no encoder bias, as a routed SAE has none
+            weights = {name: w for name, w in weights.items() if name != "b_enc"}
+            return SWITCH_ARCHITECTURE, entries, {**weights, **routing}
+        architecture, transcoder_entries, weights = self.saelens_transcoder(SWITCH_TRANSCODER_ARCHITECTURE, weights)
+        return architecture, {**transcoder_entries, **entries}, {**weights, **routing}
 
     def expert_weights(self, expert: int) -> dict[str, Tensor]:
         """Local expert `expert` under SAELens's names: W_enc [d, M_e], b_enc [M_e] (zeros where the experts have
@@ -254,13 +278,6 @@ class ExpertSAE(SAE):
         local_ids = latents.indices_TK - self.experts.first_expert * self.latents_per_expert
         decoded_TO = weighted_row_sum(latents.values_TK, local_ids, self.experts.w_dec).float()
         return self.reconstruct(decoded_TO, skip_input(self, x_TD))
-
-
-def refuse_transcoder(sae: SAE, what: str) -> None:
-    """NotImplementedError for a transcoder whose SAELens form (`what`) SAELens does not have."""
-    if sae.transcoder:
-        raise NotImplementedError(f"sae.d_out={sae.d_out}: SAELens has no {what} transcoder; export a ReLU or a "
-                                  "dense BatchTopK transcoder, or use sae-dist's own checkpoint")
 
 
 def gate_weighted_sum(rows_SD: Tensor, gate_TE: Tensor) -> Tensor:

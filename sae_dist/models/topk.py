@@ -21,5 +21,6 @@ class TopKSAE(ExpertSAE):
 
     def saelens_state(self) -> tuple[str, dict, dict[str, Tensor]]:
         """SAELens's 'topk' SAE: TopK_k(ReLU((x - b_dec) W_enc + b_enc)) W_dec + b_dec, the same math (the bank's
-        one expert)."""
+        one expert); a transcoder, which SAELens has no TopK class for, is the Switch transcoder with N = 1
+        (`saelens_switch`)."""
         return self.saelens_expert_states()[0]

@@ -45,3 +45,19 @@ def test_a_bert_attention_block_has_no_transformerlens_hook():
                                                                   "encoder.layer.3.attention:output")
     assert saelens_metadata(RunConfig(model=ModelConfig(name="minilm-bundled", layer=3)))["hook_name"] == \
         "blocks.3.hook_resid_post"
+
+
+def test_a_transcoder_names_its_target_site_too(gpt2_config_dir, tmp_path):
+    """The target as `hook_name_out` and `hf_hook_point_out` (SAELens's output hook key); without the model's
+    config.json, `model.target_hookpoint` as written."""
+    model = ModelConfig(name="tiny", path=str(gpt2_config_dir), hookpoint="mlp_in.1", target_hookpoint="mlp_out.1")
+    metadata = saelens_metadata(RunConfig(model=model))
+    assert (metadata["hook_name"], metadata["hf_hook_point"]) == ("h.1.mlp:input", "h.1.mlp:input")
+    assert (metadata["hook_name_out"], metadata["hf_hook_point_out"]) == ("blocks.1.hook_mlp_out", "h.1.mlp:output")
+    unresolved = ModelConfig(
+        name="tiny", path=str(tmp_path / "absent"), hookpoint="mlp_in.1", target_hookpoint="mlp_out.1"
+    )
+    metadata = saelens_metadata(RunConfig(model=unresolved))
+    assert (metadata["hook_name_out"], metadata["hf_hook_point_out"]) == ("mlp_out.1", None)
+    sae_model = ModelConfig(name="tiny", path=str(gpt2_config_dir), layer=1)
+    assert "hook_name_out" not in saelens_metadata(RunConfig(model=sae_model))

@@ -170,11 +170,72 @@ def test_saelens_export_of_dense_transcoders_loads_with_equal_codes_and_outputs(
     torch.testing.assert_close(lens(x_TD), sae(x_TD).x_hat_TD, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["switch", "topk"])
-def test_saelens_export_refuses_topk_transcoders(kind):
-    sae = make_transcoder(kind, D_OUT, False)
-    with pytest.raises(NotImplementedError, match="^sae.d_out=7: SAELens has no (Switch|TopK) transcoder"):
-        sae.saelens_state()
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize(("kind", "num_experts"), [("switch", 4), ("topk", 1), ("batchtopk", 4)])
+def test_saelens_export_of_routed_and_topk_transcoders_loads_with_equal_outputs(tmp_path, kind, num_experts, skip):
+    """SAELens has no TopK or routed transcoder: they load as the registered Switch transcoder (a dense TopK one
+    with N = 1), b_in folded into b_enc, W_skip applied by the forward and not by `decode`, as SAELens's own."""
+    saelens = pytest.importorskip("sae_lens")
+    import sae_dist.interop.saelens_switch  # noqa: F401  (registers the Switch architectures)
+    from sae_dist.interop.saelens import export_saelens
+
+    sae = make_transcoder(kind, D_OUT, skip, num_experts=num_experts, latents=64).float().eval()
+    if kind == "batchtopk":
+        with torch.no_grad():
+            sae.experts.threshold_N.copy_(torch.tensor([0.2, 0.3, 0.25, 0.1]))
+    folder = export_saelens(sae, RunConfig(sae=sae.cfg), tmp_path / "saelens")[0]
+    lens = saelens.SAE.load_from_disk(folder)
+    assert type(lens).__name__ == f"Switch{'Skip' if skip else ''}TranscoderSAELens"
+    assert (lens.cfg.d_in, lens.cfg.d_out, lens.cfg.num_experts) == (D, D_OUT, num_experts)
+    x_TD = torch.randn(200, D, generator=torch.Generator().manual_seed(6)) * 2
+    latents = sae.encode(x_TD)
+    codes_TM = torch.zeros(len(x_TD), 64).scatter_(1, latents.indices_TK, latents.values_TK.float())
+    y_hat_TO = sae.decode(latents, x_TD)
+    with torch.no_grad():
+        torch.testing.assert_close(lens.encode(x_TD), codes_TM, rtol=1e-5, atol=1e-5)
+        skip_TO = x_TD @ sae.w_skip.T if skip else 0.0
+        torch.testing.assert_close(lens.decode(codes_TM) + skip_TO, y_hat_TO, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lens(x_TD), y_hat_TO, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lens(x_TD), sae(x_TD).x_hat_TD, rtol=1e-5, atol=1e-5)
+    assert (codes_TM > 0).any() and not (codes_TM > 0).all()
+    if num_experts > 1:  # every expert is chosen somewhere
+        assert sae.router(x_TD).expert_T.unique().numel() == num_experts
+    rebuilt = type(lens).from_dict(lens.cfg.to_dict())
+    assert type(rebuilt) is type(lens) and rebuilt.cfg.k == sae.cfg.k
+
+
+PER_EXPERT_CLASS = [("switch", "SwitchSkipTranscoderSAELens"), ("batchtopk", "JumpReLUSkipTranscoder")]
+"""sae.kind -> each expert's SAELens class when a skip transcoder exports per expert."""
+
+
+@pytest.mark.parametrize(("kind", "expert_class"), PER_EXPERT_CLASS)
+def test_saelens_export_per_expert_of_routed_transcoders(tmp_path, kind, expert_class):
+    """Expert e's SAE gives the latents z of a token routed to e and z W_dec^e + b_out before the gate:
+    y_hat = p_e (decode(z) - b_out) + b_out + W_skip x."""
+    saelens = pytest.importorskip("sae_lens")
+    import sae_dist.interop.saelens_switch  # noqa: F401  (registers the Switch architectures)
+    from sae_dist.interop.saelens import export_saelens
+
+    sae = make_transcoder(kind, D_OUT, True, latents=64).float().eval()
+    if kind == "batchtopk":
+        with torch.no_grad():
+            sae.experts.threshold_N.fill_(0.2)
+    folders = export_saelens(sae, RunConfig(sae=sae.cfg), tmp_path / "experts", per_expert=True)
+    x_TD = torch.randn(200, D, generator=torch.Generator().manual_seed(6)) * 2
+    latents, routing = sae.encode(x_TD), sae.router(x_TD)
+    codes_TM = torch.zeros(len(x_TD), 64).scatter_(1, latents.indices_TK, latents.values_TK.float())
+    y_hat_TO, skip_TO = sae.decode(latents, x_TD), x_TD @ sae.w_skip.T
+    for e, folder in enumerate(folders):
+        lens = saelens.SAE.load_from_disk(folder)
+        assert type(lens).__name__ == expert_class
+        mine = routing.expert_T == e
+        gate_T1, b_out = routing.gate_T[mine, None], sae.b_out
+        with torch.no_grad():
+            z_TM = lens.encode(x_TD[mine])
+            torch.testing.assert_close(gate_T1 * z_TM, codes_TM[mine, e * 16 : (e + 1) * 16], rtol=1e-5, atol=1e-5)
+            y_TO = gate_T1 * (lens.decode(z_TM) - b_out) + b_out + skip_TO[mine]
+            torch.testing.assert_close(y_TO, y_hat_TO[mine], rtol=1e-5, atol=1e-5)
+        assert mine.any() and (z_TM > 0).any()
 
 
 @pytest.mark.parametrize("skip", [False, True])

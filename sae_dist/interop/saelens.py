@@ -15,8 +15,8 @@ TopK expert.
 The metadata names the site: `hook_name` is the TransformerLens hook where one matches the site (block L's input and
 output `blocks.L.hook_resid_pre` / `hook_resid_post`, its attention's and MLP's outputs `blocks.L.hook_attn_out` /
 `hook_mlp_out` in GPT-2-like and Llama-like models), else the Hugging Face module path (with ':input' for an input);
-`hf_hook_point` is always the module path and side (`sae_dist/data/sites.py`); a transcoder's target site is
-`hook_name_out` and `hf_hook_point_out` alike. Both need the model's config.json on this machine; without it
+`hf_hook_name` (SAELens's key; also written as `hf_hook_point`, its earlier name here) is always the module path and
+side (`sae_dist/data/sites.py`); a transcoder's target site is `hook_name_out` and `hf_hook_name_out` alike. Both need the model's config.json on this machine; without it
 `hook_name` is `model.hookpoint` as written, or `blocks.L.hook_resid_post` for `model.layer`, and `hook_name_out`
 `model.target_hookpoint` as written.
 
@@ -87,25 +87,26 @@ def resolved_sites(run: RunConfig) -> tuple[list[sites.Site], str] | None:
 
 def saelens_metadata(run: RunConfig) -> dict:
     """Where the activations came from, in SAELens's metadata keys (module docstring); a transcoder's target site
-    as `hook_name_out` and `hf_hook_point_out`."""
+    as `hook_name_out` and `hf_hook_name_out`."""
     layer, found = run.model.layer, resolved_sites(run)
     hook_name, hf_hook_point = f"blocks.{layer}.hook_resid_post", None  # model.layer's site, unresolved
-    hook_name_out, hf_hook_point_out = run.model.target_hookpoint, None
+    hook_name_out, hf_hook_name_out = run.model.target_hookpoint, None
     if found is not None:
         (site, *target), blocks = found
         hook_name, hf_hook_point = site_hooks(site, blocks)
         layer = sites.block_index(site.module, blocks)
         if target:
-            hook_name_out, hf_hook_point_out = site_hooks(target[0], blocks)
+            hook_name_out, hf_hook_name_out = site_hooks(target[0], blocks)
     elif run.model.hookpoint is not None:
         hook_name, layer = run.model.hookpoint, None
     metadata = {
-        "model_name": run.model.name, "hook_name": hook_name, "hook_layer": layer, "hf_hook_point": hf_hook_point,
+        "model_name": run.model.name, "hook_name": hook_name, "hook_layer": layer, "hf_hook_name": hf_hook_point,
+        "hf_hook_point": hf_hook_point,
         "context_size": run.data.ctx_len, "dataset_path": run.data.dataset, "prepend_bos": True,
         "sae_dist_kind": run.sae.kind, "sae_lens_version": SAELENS_FORMAT_VERSION,
     }
     if run.model.target_hookpoint is not None:
-        metadata |= {"hook_name_out": hook_name_out, "hf_hook_point_out": hf_hook_point_out}
+        metadata |= {"hook_name_out": hook_name_out, "hf_hook_name_out": hf_hook_name_out}
     return metadata
 
 

@@ -35,6 +35,7 @@ def test_gpt2_sites_get_their_transformerlens_hook(gpt2_config_dir, layer, hookp
     metadata = saelens_metadata(run)
     assert (metadata["hook_name"], metadata["hf_hook_point"], metadata["hook_layer"]) == (
         hook_name, hf_hook_point, hook_layer)
+    assert metadata["hf_hook_name"] == hf_hook_point, "SAELens's key beside the earlier one"
 
 
 def test_a_bert_attention_block_has_no_transformerlens_hook():
@@ -48,16 +49,16 @@ def test_a_bert_attention_block_has_no_transformerlens_hook():
 
 
 def test_a_transcoder_names_its_target_site_too(gpt2_config_dir, tmp_path):
-    """The target as `hook_name_out` and `hf_hook_point_out` (SAELens's output hook key); without the model's
+    """The target as `hook_name_out` and `hf_hook_name_out` (SAELens's keys); without the model's
     config.json, `model.target_hookpoint` as written."""
     model = ModelConfig(name="tiny", path=str(gpt2_config_dir), hookpoint="mlp_in.1", target_hookpoint="mlp_out.1")
     metadata = saelens_metadata(RunConfig(model=model))
     assert (metadata["hook_name"], metadata["hf_hook_point"]) == ("h.1.mlp:input", "h.1.mlp:input")
-    assert (metadata["hook_name_out"], metadata["hf_hook_point_out"]) == ("blocks.1.hook_mlp_out", "h.1.mlp:output")
+    assert (metadata["hook_name_out"], metadata["hf_hook_name_out"]) == ("blocks.1.hook_mlp_out", "h.1.mlp:output")
     unresolved = ModelConfig(
         name="tiny", path=str(tmp_path / "absent"), hookpoint="mlp_in.1", target_hookpoint="mlp_out.1"
     )
     metadata = saelens_metadata(RunConfig(model=unresolved))
-    assert (metadata["hook_name_out"], metadata["hf_hook_point_out"]) == ("mlp_out.1", None)
+    assert (metadata["hook_name_out"], metadata["hf_hook_name_out"]) == ("mlp_out.1", None)
     sae_model = ModelConfig(name="tiny", path=str(gpt2_config_dir), layer=1)
     assert "hook_name_out" not in saelens_metadata(RunConfig(model=sae_model))

@@ -158,7 +158,9 @@ class DataConfig:
     data_files: list[str] = option(default_factory=list, checked_by=(PREFLIGHT,))
     """Local text/JSON files for builders like 'text' and 'json'."""
     split: str = option("train", checked_by=(PREFLIGHT,))
+    """The dataset split read, e.g. 'train' (text builders over local files make one split, 'train')."""
     text_column: str = option("text", checked_by=(PREFLIGHT,))
+    """The column of the dataset that holds the text."""
     streaming: bool = option(True, checked_by=(VALIDATE,))
     """Stream the dataset instead of downloading it whole."""
     ctx_len: int = option(128, checked_by=(VALIDATE, PREFLIGHT))
@@ -208,6 +210,7 @@ class TrainerConfig:
     batch_size: int = option(8192, checked_by=(VALIDATE, LAYOUT))
     """Tokens per optimizer step, over all ranks (the global batch B)."""
     steps: int = option(100_000, on_resume=CHANGEABLE)
+    """Optimizer steps of the run (tokens = steps x batch_size); the lr schedule is laid out over them."""
     lr: float | None = option(None)
     """None = the `lr_rule` (TopK, Switch) or 5e-5 (ReLU)."""
     lr_rule: str = option("total")
@@ -216,9 +219,13 @@ class TrainerConfig:
     lr_decay_frac: float = option(0.2)
     """The learning rate decays linearly to 0 over this final fraction of the steps."""
     grad_clip: float = option(1.0)
+    """The global gradient norm is clipped to this value before each update."""
     adam_betas: list[float] = option(default_factory=lambda: [0.9, 0.999])
+    """Adam's (beta1, beta2)."""
     adam_eps: float = option(1e-8)
+    """Adam's epsilon."""
     seed: int = option(0)
+    """Seeds the SAE's initialisation, the shuffle of the data and every random draw of training (resampling)."""
     device: str = option("auto", on_resume=CHANGEABLE, changes_math=False, checked_by=(VALIDATE, PREFLIGHT))
     """'auto' (cuda if available, else cpu), 'cpu' or 'cuda'."""
     dtype: str = option("auto")
@@ -228,8 +235,11 @@ class TrainerConfig:
     state stay float32 either way."""
     out_dir: str = option("runs/default", on_resume=PER_COMMAND, changes_math=False,
                           checked_by=(VALIDATE, PREFLIGHT))
+    """The run folder: its config, checkpoints and metrics (a sweep's members in out_dir/<name>; sae_dist/run_dir.py)."""
     log_every: int = option(10, on_resume=CHANGEABLE, changes_math=False)
+    """Steps between rows of the metrics log (metrics.jsonl, the console, TensorBoard, W&B)."""
     checkpoint_every: int = option(1000, on_resume=CHANGEABLE, changes_math=False)
+    """Steps between checkpoints (the last step, and a stop signal, checkpoint too)."""
     keep_checkpoints: int = option(2, on_resume=CHANGEABLE, changes_math=False)
     """Newest checkpoints kept in out_dir/checkpoints."""
     resume: str = option("auto", on_resume=PER_COMMAND, changes_math=False)
@@ -245,10 +255,12 @@ class TrainerConfig:
     progress: bool = option(True, on_resume=CHANGEABLE, changes_math=False, checked_by=())
     """Show a progress bar."""
     tensorboard: bool = option(True, on_resume=CHANGEABLE, changes_math=False, checked_by=())
+    """Write the metrics as TensorBoard events in out_dir/tensorboard."""
     wandb: bool = option(False, on_resume=CHANGEABLE, changes_math=False, checked_by=(PREFLIGHT,))
     """Log the metrics rows to Weights & Biases too (rank 0, with the run's config; needs the 'wandb' extra); a
     continued run logs into the same W&B run (sae_dist/train/wandb_logger.py)."""
     wandb_project: str = option("sae-dist", on_resume=CHANGEABLE, changes_math=False)
+    """The W&B project the run logs into."""
     wandb_name: str | None = option(None, on_resume=CHANGEABLE, changes_math=False, checked_by=())
     """The W&B run's display name; null: the run's `name`."""
     wandb_mode: str | None = option(None, on_resume=CHANGEABLE, changes_math=False)

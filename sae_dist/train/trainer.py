@@ -8,10 +8,10 @@ logic: every collective goes through the injected `ParallelContext`, which is th
 expert-parallel layout under torchrun.
 
 Faults: a step that is not finite applies no update, and the loop applies trainer.on_nonfinite at logging and
-checkpoint steps (`nonfinite.py`); under skip, a run that applies no update for 100 steps in a row, or at all,
-stops with NoUpdateError, and weights that no step has updated are never checkpointed. SIGTERM / SIGUSR1 stop the
-run after a checkpoint (`preemption`). A collective that fails because another rank died or stalled ends the run
-with a CollectiveError naming it.
+checkpoint steps (`nonfinite.py`); under skip, a run that applies no update for 100 steps in a row, or at all up to
+its last step, stops with NoUpdateError, and weights that no step has updated are never checkpointed. SIGTERM /
+SIGUSR1 stop the run after a checkpoint, none of untouched weights (`preemption`). A collective that fails because
+another rank died or stalled ends the run with a CollectiveError naming it.
 """
 
 from __future__ import annotations

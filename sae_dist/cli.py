@@ -6,10 +6,11 @@ the help text, each option's default shown in --help, and an unparsable option i
 Exit statuses: 2 with one line on stderr for bad input and unusable files (a config value, a missing or damaged
 file, a full or read-only disk, a non-finite step, a split or column a dataset does not have; printed once under
 torchrun: by rank 0, or by the one rank that met an error alone); 75 (`preemption.REQUEUE_EXIT_STATUS`) for a run
-stopped by SIGTERM/SIGUSR1 after writing a checkpoint; 65 (`nonfinite.NO_UPDATE_EXIT_STATUS`) with one line (printed
-once) for a run under trainer.on_nonfinite=skip that skipped 100 steps in a row, or every step, for NaN or inf; 1
-with one line for a collective that failed because another rank died or stalled (printed by every rank that saw
-it). Anything else is a bug and keeps its traceback.
+stopped by SIGTERM/SIGUSR1 after writing a checkpoint (none when no step had applied an update); 65
+(`nonfinite.NO_UPDATE_EXIT_STATUS`) with one line (printed once) for a run under trainer.on_nonfinite=skip that
+skipped 100 steps in a row, or every step up to its last, for NaN or inf; 1 with one line for a collective that
+failed because another rank died or stalled (printed by every rank that saw it). Anything else is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations

@@ -60,6 +60,9 @@ require_repository_root() {
 # SIGUSR1 to the ranks as well as SIGTERM, and give them 100 s (of the 120 s warning) to write their checkpoint.
 # shellcheck disable=SC2034  # used by the scripts that source this file
 TORCHRUN_RESILIENCE=(--max-restarts=3 "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" --shutdown-timeout=100)
+# A store of its own for each restart's workers: in the rendezvous store, which every attempt shares, a restarted
+# rank can read a dead rank's address and fail to connect, wasting a restart (pytorch/pytorch#135712).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 
 STOP_SIGNAL=""
 

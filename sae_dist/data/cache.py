@@ -69,15 +69,33 @@ def read_manifest(cache_dir: str | os.PathLike) -> dict:
 
 
 def describe_cache(manifest: dict) -> str:
-    """What a cache holds, in a few words from its manifest: 'model block 3 over text: 170 files (a*.py, ...)'."""
+    """What a cache holds, in a few words from its manifest: 'gpt2 block 3 over text files a.txt, b.txt, ...'; for
+    transcoder rows [x | y] both sites and widths: 'gpt2 transcoder rows: input of h.3.mlp (d_in=768) -> output of
+    h.3.mlp (d_out=768) over ...'."""
     model, site, dataset = manifest.get("model") or {}, manifest.get("site") or {}, manifest.get("dataset") or {}
     name = Path(model["path"]).name if model.get("path") else model.get("name", "an unnamed model")
     files = dataset.get("data_files") or []
     shown = ", ".join(Path(f).name for f in files[:2]) + (", ..." if len(files) > 2 else "")
     data = f"{dataset.get('dataset', 'unknown data')}" + (f" files {shown}" if files else "")
+    target = _recorded_target(manifest)
+    if target is not None:
+        d_out = cache_target_width(manifest)
+        d_in = manifest.get("d_in")
+        if d_in is None and d_out is not None and "d_model" in manifest:  # a `write_cache` cache records d_model
+            d_in = manifest["d_model"] - d_out
+        return (f"{name} transcoder rows: {_site_words(_recorded_site(manifest))} (d_in={d_in}) -> "
+                f"{_site_words(target)} (d_out={d_out}) over {data}")
     where = (f" block {site['layer']}" if site.get("layer") is not None
              else f", {site['what']}," if site.get("what") else "")
     return f"{name}{where} over {data}"
+
+
+def _site_words(site: dict) -> str:
+    """A manifest's site record in words: 'block 3', 'output of h.3.mlp', or the hookpoint as given (all that a
+    `write_cache` cache's config records)."""
+    if site.get("layer") is not None:
+        return f"block {site['layer']}"
+    return site.get("what") or site.get("hookpoint") or "an unrecorded site"
 
 
 def site_record(hookpoint: str | None, site: Site) -> dict:

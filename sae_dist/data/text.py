@@ -13,17 +13,15 @@ epochs follow each other) and the ranks share them out as `order.py` says. `Text
 from __future__ import annotations
 
 import copy
-import logging
 import os
-import re
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sae_dist.config import ConfigError, DataConfig
+from sae_dist.data.builder_files import builder_options, named_builder_errors
 from sae_dist.data.python_docs import python_docs_dataset
 from sae_dist.data.source import DataUnavailableError, require_hub
 
@@ -70,44 +68,6 @@ def _in_hf_cache(repo_id: str) -> bool:
     return hub.is_dir() or prepared.is_dir()
 
 
-class _BuilderErrors(logging.Filter):
-    """Held on the handlers of the `datasets` logger while a builder reads local files: the error it logs before
-    raising (the only place that names the file it failed on) is kept for the one-line error, not printed."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.files: list[str] = []
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.ERROR:
-            return True
-        self.files += re.findall(r"file '([^']+)'", record.getMessage())[:1]
-        return False
-
-
-@contextmanager
-def _named_builder_errors(data: DataConfig) -> Iterator[None]:
-    """A `datasets` builder failing on a file (a text file given to 'json', a bad CSV row) is a one-line
-    DataUnavailableError naming the file, the builder and its reason."""
-    from datasets.exceptions import DatasetGenerationError
-
-    handlers = logging.getLogger("datasets").handlers
-    errors = _BuilderErrors()
-    for handler in handlers:
-        handler.addFilter(errors)
-    try:
-        yield
-    except DatasetGenerationError as exc:
-        cause = exc.__cause__ or exc.__context__ or exc
-        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        files = errors.files[-1] if errors.files else ", ".join(data.data_files)
-        raise DataUnavailableError(f"data.data_files: {files} cannot be read by the '{data.dataset}' builder "
-                                   f"({reason}); is it a {data.dataset} file?") from None
-    finally:
-        for handler in handlers:
-            handler.removeFilter(errors)
-
-
 def sampled_order(dataset: Dataset | IterableDataset, seed: int) -> Dataset | IterableDataset:
     """The documents in an order seeded by `seed` over the whole corpus, so that reading stopped early (a cache of
     part of a corpus) holds documents from all of it: a map-style dataset's documents permuted (the same
@@ -139,14 +99,11 @@ def _load_text_dataset(data: DataConfig) -> Dataset | IterableDataset:
     if data.dataset in LOCAL_BUILDERS:
         if not data.data_files:
             raise ConfigError(f"data.dataset={data.dataset!r} needs data.data_files=[...]")
-        # A byte that is not UTF-8 reads as U+FFFD rather than stopping the job: a tree of sources (the README's
-        # site-packages corpus) holds a file in another encoding here and there.
-        options = {"sample_by": data.sample_by, "encoding_errors": "replace"} if data.dataset == "text" else {}
         try:
-            with _named_builder_errors(data):
+            with named_builder_errors(data):
                 ds = load_dataset(
                     data.dataset, data_files=list(data.data_files), split=data.split, streaming=data.streaming,
-                    **options,
+                    **builder_options(data),
                 )
         except FileNotFoundError as exc:
             raise DataUnavailableError(f"data.data_files: {str(exc).splitlines()[0]}") from None

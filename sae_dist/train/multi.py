@@ -113,8 +113,13 @@ def step_round(running: dict[Trainer, Iterator[int]]) -> dict[Trainer, Iterator[
             trainer.rotate_checkpoints()
     if stopped:
         first, sweep_dir = stopped[0], next(iter(running)).run_dir.parent
-        written = f"checkpoints {first.checkpoint.name} written for {len(stopped)} SAEs of the sweep in {sweep_dir}"
-        raise StopRequested(first.signal_name, first.step, first.checkpoint, written, sweep_dir)
+        saved = [stop.checkpoint for stop in stopped if stop.checkpoint is not None]
+        unsaved = len(stopped) - len(saved)  # members whose every step so far was skipped write none
+        written = (f"checkpoints {saved[0].name} written for {len(saved)} SAEs of the sweep in {sweep_dir}" if saved
+                   else f"no checkpoint written for the sweep in {sweep_dir}")
+        if unsaved:
+            written += f" ({unsaved} SAEs have applied no update)"
+        raise StopRequested(first.signal_name, first.step, saved[0] if saved else None, written, sweep_dir)
     return still
 
 

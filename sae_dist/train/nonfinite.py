@@ -4,8 +4,9 @@ steps only (one transfer, no host synchronisation in between), before anything i
 `NonFiniteError` (stop) or counts the skipped steps (skip).
 
 Under skip, a run that learns nothing must not end as a success: it stops with `NoUpdateError` (exit status
-NO_UPDATE_EXIT_STATUS) once MAX_SKIPPED_IN_A_ROW steps in a row were skipped, or when it ends (its last step or a
-stop signal) without having applied a single update. Untouched weights are never checkpointed (`Trainer.steps`)."""
+NO_UPDATE_EXIT_STATUS) once MAX_SKIPPED_IN_A_ROW steps in a row were skipped, or when it reaches its last step
+without having applied a single update. A stop signal is not an end: a preempted run is requeued (`preemption.py`)
+whatever it has applied. Untouched weights are never checkpointed (`Trainer.steps`)."""
 
 from __future__ import annotations
 
@@ -48,10 +49,10 @@ class FiniteFlags:
     def check(self, step: int, skipped_before: int, since_before: int | None, last: bool) -> tuple[int, int | None]:
         """Read the flags (every rank holds the same); return (steps skipped in the run, the first step of the
         skipped steps that end at `step`: None when `step` applied an update), given the same two before these.
-        `step`: the step just taken; `last`: the run ends at `step`.
+        `step`: the step just taken; `last`: `step` is the run's last (trainer.steps).
 
         Raises NonFiniteError under trainer.on_nonfinite=stop, NoUpdateError under skip when MAX_SKIPPED_IN_A_ROW
-        steps in a row were skipped, or when the run ends having skipped every step."""
+        steps in a row were skipped, or at the run's last step when it skipped every step."""
         if not self.unchecked:
             return skipped_before, since_before
         flags = torch.stack([flag for _, flag in self.unchecked]).tolist()

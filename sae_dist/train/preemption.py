@@ -2,8 +2,9 @@
 
 While `StopSignals` is active, either signal only records a request. The training loop honours it at the end of a
 step: at once in one process, and at the next logging or checkpoint step under torchrun, where the ranks agree on
-it (so every rank stops after the same step). Every rank then writes the checkpoint of that step and raises
-`StopRequested`; the launcher exits with REQUEUE_EXIT_STATUS, and the same command with the run's folder
+it (so every rank stops after the same step). Every rank then writes the checkpoint of that step (none while every
+step so far was skipped for NaN or inf: untouched weights are never checkpointed) and raises `StopRequested`; the
+launcher exits with REQUEUE_EXIT_STATUS whatever the run has applied, and the same command with the run's folder
 (trainer.out_dir, trainer.resume=auto) continues the run from that checkpoint. The SAEs of a sweep, which step in
 turn, share one handler and read it through `HeldSignals`, so that all of them stop after the same step.
 """
@@ -26,14 +27,15 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopRequested(Exception):
-    """The run stopped on a signal after writing a checkpoint."""
+    """The run stopped on a signal after writing a checkpoint (none when no step had applied an update)."""
 
-    def __init__(self, signal_name: str, step: int, checkpoint: Path, written: str | None = None,
+    def __init__(self, signal_name: str, step: int, checkpoint: Path | None, written: str | None = None,
                  out_dir: Path | None = None):
-        """`written` describes the checkpoints written (default: 'checkpoint written: <checkpoint>'); `out_dir` is
-        the trainer.out_dir that continues the run (default: the checkpoint's run folder). The message names it
-        because a command without trainer.out_dir starts a new folder, named by its start time, unless a SLURM
-        requeue or a torchrun restart runs it."""
+        """`checkpoint`: the one written, None when none was (no step had applied an update, `nonfinite.py`);
+        `written` describes the checkpoints written (default: 'checkpoint written: <checkpoint>'); `out_dir` is
+        the trainer.out_dir that continues the run (default: the checkpoint's run folder; needed without one). The
+        message names it because a command without trainer.out_dir starts a new folder, named by its start time,
+        unless a SLURM requeue or a torchrun restart runs it."""
         folder = str(out_dir or checkpoint.parent.parent)
         # A multirun job's folder ('.../sae.k=16,sae.num_experts=4') must be quoted for Hydra and for the shell.
         plain = re.fullmatch(r"[\w./-]+", folder)

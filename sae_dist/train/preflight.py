@@ -1,7 +1,7 @@
 """Checks that need neither a model nor data, run by every command before it loads either.
 
 The output folder is (or can be made) a writable folder and its disk has room; input files and folders exist and
-are not empty; the device exists; the SAE's training state fits in memory; the hooked layer and the context length
+are not empty, and a builder's data files yield their first record (read as a stream); the device exists; the SAE's training state fits in memory; the hooked layer and the context length
 fit the language model, and `model.hookpoint` names one of its modules with a side it has, a transcoder's
 `model.target_hookpoint` one `sae.d_out` wide (read from its config.json and the model's skeleton built on the meta
 device, not its weights); a cache holds the run's sites and target width. Each failure is a
@@ -23,6 +23,7 @@ import torch
 
 from sae_dist.config import ConfigError, DataConfig, ModelConfig, RunConfig, SAEConfig
 from sae_dist.data import sites
+from sae_dist.data.builder_files import check_first_records
 from sae_dist.data.cache import MANIFEST, cache_site_mismatch, cache_target_width
 from sae_dist.data.lm import MINILM_BUNDLED, hub_download_hint
 from sae_dist.data.source import require_hub
@@ -83,9 +84,9 @@ def require_free_space(folder: OutputFolder, option: str, needed: int, what: str
 
 # --- inputs -------------------------------------------------------------------------------------------------------
 def check_inputs(run: RunConfig) -> None:
-    """The data files, the model folder and the activation cache named by `run` exist and are not empty; a model
-    or dataset that only the Hub has answers there (one request each, seconds), so that an offline machine is told
-    before a run folder is made."""
+    """The data files, the model folder and the activation cache named by `run` exist and are not empty, the data
+    files' first records read (`builder_files.check_first_records`); a model or dataset that only the Hub has
+    answers there (one request each, seconds), so that an offline machine is told before a run folder is made."""
     data = run.data
     if data.source == "lm":
         check_model_folder(run.model)
@@ -93,6 +94,7 @@ def check_inputs(run: RunConfig) -> None:
             require_hub(run.model.name, "model", hub_download_hint(run.model.name))
         if data.dataset in LOCAL_BUILDERS:
             check_data_files(data)
+            check_first_records(data)
         elif data.data_files:  # else read by nothing: the run would train on data.dataset without a word
             raise ConfigError(f"data.data_files is read by data.dataset={'/'.join(LOCAL_BUILDERS)}, not by "
                               f"data.dataset={data.dataset!r}: add data.dataset=text (or another of them)")

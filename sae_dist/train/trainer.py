@@ -8,10 +8,10 @@ logic: every collective goes through the injected `ParallelContext`, which is th
 expert-parallel layout under torchrun.
 
 Faults: a step that is not finite applies no update, and the loop applies trainer.on_nonfinite at logging and
-checkpoint steps (`nonfinite.py`); under skip, a run that applies no update for 100 steps in a row, or at all,
-stops with NoUpdateError, and weights that no step has updated are never checkpointed. SIGTERM / SIGUSR1 stop the
-run after a checkpoint (`preemption`). A collective that fails because another rank died or stalled ends the run
-with a CollectiveError naming it.
+checkpoint steps (`nonfinite.py`); under skip, a run that applies no update for 100 steps in a row, or at all up to
+its last step, stops with NoUpdateError, and weights that no step has updated are never checkpointed. SIGTERM /
+SIGUSR1 stop the run after a checkpoint, none of untouched weights (`preemption`). A collective that fails because
+another rank died or stalled ends the run with a CollectiveError naming it.
 """
 
 from __future__ import annotations
@@ -118,8 +118,9 @@ class Trainer:
         """Run to `trainer.steps`; return the last logged metrics row.
 
         Raises NonFiniteError (trainer.on_nonfinite=stop), NoUpdateError (trainer.on_nonfinite=skip: 100 steps in a
-        row, or every step, skipped), StopRequested (SIGTERM or SIGUSR1: after writing a checkpoint) and
-        CollectiveError (another rank died or stalled)."""
+        row, or every step of a run that reaches its end, skipped), StopRequested (SIGTERM or SIGUSR1: after writing
+        a checkpoint, none while every step so far was skipped) and CollectiveError (another rank died or
+        stalled)."""
         for _ in self.steps():
             pass
         return self.last_row
@@ -163,18 +164,18 @@ class Trainer:
                     stop = agreed_stop(signals, ctx, self.device, at_log or at_checkpoint)
                     if at_log or at_checkpoint or stop:
                         state.nonfinite_steps, state.skipped_since = flags.check(
-                            state.step, state.nonfinite_steps, state.skipped_since,
-                            last=bool(stop) or state.step == cfg.steps)
+                            state.step, state.nonfinite_steps, state.skipped_since, last=state.step == cfg.steps)
                     if at_log:
                         doing = f"the metrics of step {state.step}"
                         now = time.perf_counter()
                         last_row = self._log(x_TD, result, window_tokens / max(now - window_start, 1e-9), logger, bar)
                         window_start, window_tokens = now, 0
+                    checkpoint = None
                     if (at_checkpoint or stop) and not self._untouched(state.step):
                         doing = f"the checkpoint of step {state.step}"
                         checkpoint = self.save()
                     if stop:
-                        raise StopRequested(stop, state.step, checkpoint)
+                        raise self._stop_requested(stop, checkpoint)
                     profiler.after_step(state.step)
                     yield state.step
         except RuntimeError as exc:
@@ -189,6 +190,14 @@ class Trainer:
                 logger.close()
         self.tokens_per_s = (state.tokens - session_start_tokens) / max(time.perf_counter() - session_start, 1e-9)
         self.last_row = last_row
+
+    def _stop_requested(self, signal_name: str, checkpoint: Path | None) -> StopRequested:
+        """The stop after this step: preempted, the run is requeued whatever it has applied, so a run whose every
+        step so far was skipped stops too, with no checkpoint (its requeued job starts again from step 0)."""
+        if checkpoint is not None:
+            return StopRequested(signal_name, self.state.step, checkpoint)
+        return StopRequested(signal_name, self.state.step, None, "no checkpoint written: every step so far was "
+                             "skipped for NaN or inf, no update applied", self.run_dir)
 
     def _untouched(self, step: int) -> bool:
         """Whether no step up to `step` applied an update: weights as initialised are not checkpointed (a run that

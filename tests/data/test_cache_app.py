@@ -16,7 +16,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from sae_dist.data import CacheUnitReader, build_activation_source
-from sae_dist.data.cache import MANIFEST
+from sae_dist.data.cache import MANIFEST, describe_cache
 from sae_dist.data.cache_writer import CacheExistsError, rank_rows
 from sae_dist.validation import to_cache_job_config
 
@@ -141,6 +141,8 @@ def test_a_cache_of_transcoder_rows_records_both_sites_and_refuses_other_configs
     assert manifest["target_site"] == {"hookpoint": "mlp_out.2", "module": "h.2.mlp", "side": "output", "layer": None,
                                        "what": "output of h.2.mlp"}
     assert (manifest["d_model"], manifest["d_in"], manifest["d_out"]) == (128, 64, 64)
+    assert describe_cache(manifest) == (f"{Path(tiny_gpt2_dir).name} transcoder rows: input of h.2.mlp (d_in=64) -> "
+                                        "output of h.2.mlp (d_out=64) over pydoc-topics")
     assert torch.equal(cached_rows(tmp_path / "cache", 0), live_rows(job, 0, 1))
     run = RunConfig()
     run.data.source, run.data.cache_dir = "cache", str(tmp_path / "cache")

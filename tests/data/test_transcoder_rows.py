@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from sae_dist.config import ConfigError, ModelConfig, RunConfig
 from sae_dist.data import lm_activation_source
-from sae_dist.data.cache import cache_site_mismatch
+from sae_dist.data.cache import cache_site_mismatch, describe_cache
 from sae_dist.train.preflight import activation_width
 
 
@@ -95,3 +95,15 @@ def test_a_cache_of_transcoder_rows_holds_the_sites_it_records(manifest, model, 
     mismatch = cache_site_mismatch(manifest, model)
     assert mismatch is None if message is None else message in mismatch
     assert mismatch is None or "\n" not in mismatch
+
+
+@pytest.mark.parametrize(("manifest", "description"), [
+    ({**TRANSCODER_CACHE, "model": {"name": "gpt2"}},
+     "gpt2 transcoder rows: mlp_in.3 (d_in=64) -> mlp_out.3 (d_out=64) over unknown data"),
+    ({"d_model": 96, "config": {"model": {"layer": 2, "target_hookpoint": "mlp_out.2"}, "sae": {"d_out": 32}}},
+     "an unnamed model transcoder rows: block 2 (d_in=64) -> mlp_out.2 (d_out=32) over unknown data"),
+    ({**SAE_CACHE, "model": {"name": "gpt2"}, "dataset": {"dataset": "json", "data_files": ["a.jsonl"]}},
+     "gpt2 over json files a.jsonl"),
+], ids=["recorded", "write_cache", "sae"])
+def test_a_cache_description_names_a_transcoder_s_two_sites_and_widths(manifest, description):
+    assert describe_cache(manifest) == description

@@ -6,7 +6,7 @@ Before: a second trainer on a folder in use resumed from the first's checkpoint 
 trained k = 8 to its end before refusing k = 0; a cache shard whose header is garbage ended in `MemoryError` after
 63 lines; a cache folder replaced by one of another width in `Size mismatch ... model.b_pre` after 73 lines; a
 non-UTF-8 SHA256SUMS in `UnicodeDecodeError`; a text file given to the json builder in `DatasetGenerationError`
-after 111 lines, the file not named; a deleted SHA256SUMS turned verification off without a word; `ulimit -f` was
+after 111 lines, the file not named (streamed: in one line naming no file, after the LM loaded); a deleted SHA256SUMS turned verification off without a word; `ulimit -f` was
 reported as an I/O error; an offline dataset name was refused only when loading."""
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from sae_dist import cli, run_dir
 from sae_dist.checksums import CHECKSUM_FILE
 from sae_dist.config import DataConfig
 from sae_dist.data import cache_writer, text
+from sae_dist.data.builder_files import check_first_records
 from sae_dist.data.cache import open_shards, shard_name
 from sae_dist.data.source import DataUnavailableError
 from sae_dist.data.synthetic import SyntheticSource
@@ -145,16 +146,48 @@ def test_a_shard_with_a_garbage_header_is_named_without_reading_it(tmp_path, ver
     assert str(info.value) == f"activation cache shard {cache / shard_name(0, 1)} is corrupt (unreadable header)"
 
 
-def test_a_file_the_builder_cannot_read_is_named(tmp_path):
-    good, bad = tmp_path / "d0.jsonl", tmp_path / "d1.txt"
+def json_files_one_of_them_text(folder: Path) -> tuple[Path, Path]:
+    good, bad = folder / "d0.jsonl", folder / "d1.txt"
     good.write_text('{"text": "fine"}\n')
     bad.write_text("hello world\nsecond line\n")
+    return good, bad
+
+
+def test_a_file_the_builder_cannot_read_is_named(tmp_path):
+    good, bad = json_files_one_of_them_text(tmp_path)
     data = DataConfig(dataset="json", data_files=[str(good), str(bad)], streaming=False)
     with pytest.raises(DataUnavailableError) as info:
         text.load_text_dataset(data)
     message = str(info.value)
     assert message.startswith(f"data.data_files: {bad} cannot be read by the 'json' builder (JSON parse error")
     assert "\n" not in message and message.endswith("is it a json file?")
+
+
+@pytest.mark.parametrize("streaming", ["true", "false"])
+@pytest.mark.parametrize("bad_first", [False, True])
+def test_a_file_the_builder_cannot_read_is_named_before_loading(command, no_loading, tmp_path, streaming, bad_first):
+    """Streamed, the text file given to 'json' formerly failed when training first read it, after the LM loaded,
+    in one line that named no file."""
+    good, bad = json_files_one_of_them_text(tmp_path)
+    files = [bad, good] if bad_first else [good, bad]
+    outcome = command("train.py", "data.dataset=json", f"data.data_files=[{files[0]},{files[1]}]",
+                      f"data.streaming={streaming}", f"trainer.out_dir={tmp_path / 'run'}")
+    assert outcome.one_line_error() == (f"error: data.data_files: {bad} cannot be read by the 'json' builder (JSON "
+                                        "parse error: Invalid value. in row 0); is it a json file?")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("builder", "content", "reason"), [
+    ("csv", 'a,b\n1,2\n"x\n', "Error tokenizing data. C error: EOF inside string starting at row 2"),
+    ("parquet", '{"text": "fine"}\n', "Parquet magic bytes not found in footer."),
+])
+def test_a_damaged_file_of_another_builder_is_named(tmp_path, builder, content, reason):
+    damaged = tmp_path / f"d.{builder}"
+    damaged.write_text(content)
+    with pytest.raises(DataUnavailableError) as info:
+        check_first_records(DataConfig(dataset=builder, data_files=[str(damaged)]))
+    assert str(info.value).startswith(f"data.data_files: {damaged} cannot be read by the '{builder}' builder "
+                                      f"({reason}")
 
 
 def test_a_file_size_limit_is_named(monkeypatch, capsys):

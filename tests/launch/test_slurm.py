@@ -21,10 +21,11 @@ ROOT = Path(__file__).resolve().parents[2]
 SLURM = ROOT / "launch" / "slurm"
 
 FAKE_TORCHRUN = """#!/bin/bash
-# Records its arguments and OMP_NUM_THREADS; runs until SIGUSR1/SIGTERM (then exits 1, as torchrun does after
-# its ranks stopped), or exits with FAKE_EXIT at once when that is set.
+# Records its arguments, OMP_NUM_THREADS and TORCH_DISABLE_SHARE_RDZV_TCP_STORE; runs until SIGUSR1/SIGTERM (then
+# exits 1, as torchrun does after its ranks stopped), or exits with FAKE_EXIT at once when that is set.
 printf '%s\\n' "$@" > "$FAKE_LOG/torchrun_args"
 echo "$OMP_NUM_THREADS" > "$FAKE_LOG/omp_threads"
+echo "${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-}" > "$FAKE_LOG/unshared_store"
 if [[ -n "${FAKE_EXIT:-}" ]]; then exit "$FAKE_EXIT"; fi
 trap 'echo USR1 >> "$FAKE_LOG/signals"; exit 1' USR1
 trap 'echo TERM >> "$FAKE_LOG/signals"; exit 1' TERM
@@ -150,6 +151,7 @@ def test_multi_node_runs_one_torchrun_per_node_with_a_c10d_rendezvous(fake_clust
                 "--rdzv-endpoint=gpu-node-07:29500", "parallel.ep_size=4", "trainer.engine=deepspeed",
                 "trainer.out_dir=runs/switch_65k/slurm-4242", "trainer.resume=auto"}
     assert expected <= set(args)
+    assert (log / "unshared_store").read_text() == "1\n"  # each restart's workers get a store of their own
     assert (log / "scontrol").read_text().split("\n")[-2] == "requeue 4242"
 
 

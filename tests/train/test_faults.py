@@ -141,15 +141,45 @@ def test_a_run_that_skips_every_step_fails_and_publishes_no_checkpoint(make_run,
     assert len(err.strip().splitlines()) == 1
 
 
-def test_a_stop_signal_before_any_update_fails_instead_of_checkpointing(make_run):
-    """SIGTERM at step 3 of an all-NaN run: no checkpoint of untouched weights to requeue from."""
+def test_a_stop_signal_before_any_update_requeues_without_checkpointing(make_run, capsys):
+    """SIGTERM at step 3 of an all-NaN run is a preemption like any other (exit 75, so SLURM requeues; it formerly
+    exited 65, which is for a run that ended), and writes no checkpoint of untouched weights."""
     run = make_run(steps=20, log_every=10, checkpoint_every=10, on_nonfinite="skip")
     faults = all_nan_from(1, 20)
     faults[3] = lambda x_TD: (send(signal.SIGTERM)(x_TD), poison(256)(x_TD))[1]
     trainer = trainer_for(run, faults)
-    with pytest.raises(NoUpdateError, match=r"every step of the run skipped .* stopped at step 3 \(no checkpoint"):
+    with pytest.raises(StopRequested) as info:
         trainer.train()
+    assert info.value.step == 3 and info.value.checkpoint is None and trainer.nonfinite_steps == 3
     assert latest_checkpoint(run.trainer.out_dir) is None
+    assert not list((trainer.run_dir / "checkpoints").glob("step_*"))
+    with pytest.raises(SystemExit) as exit_info, one_line_errors():
+        raise info.value
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == REQUEUE_EXIT_STATUS == 75
+    assert err == [(f"stopped by SIGTERM after step 3; no checkpoint written: every step so far was skipped for "
+                       f"NaN or inf, no update applied; the same command with trainer.out_dir={run.trainer.out_dir} "
+                       "(trainer.resume=auto) continues the run")]
+
+
+def test_a_sweep_stopped_before_any_update_requeues_without_checkpointing(make_run, monkeypatch):
+    """The SAEs of a sweep on all-NaN data stop together on SIGUSR1 and none writes a checkpoint."""
+    run = make_run(steps=12, on_nonfinite="skip")
+    run.sweep = [{"sae.k": 4}, {"sae.k": 8}]
+    train_step = Trainer.train_step
+
+    def all_nan_step(self, x_TD):
+        if self.step + 1 == 3:
+            send(signal.SIGUSR1)(x_TD)
+        return train_step(self, torch.full_like(x_TD, float("nan")))
+
+    monkeypatch.setattr(Trainer, "train_step", all_nan_step)
+    with pytest.raises(StopRequested) as info:
+        train_from_config(run)
+    message = str(info.value)  # the signal of step 3 is held to the next round of steps
+    assert info.value.step == 4 and info.value.checkpoint is None
+    assert "no checkpoint written for the sweep in" in message and "(2 SAEs have applied no update)" in message
+    assert not list(Path(run.trainer.out_dir).rglob("step_*"))
 
 
 def test_100_skipped_steps_in_a_row_fail_the_run_and_keep_the_last_checkpoint(make_run):

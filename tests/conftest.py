@@ -105,19 +105,3 @@ def fake_endpoint():
     server.shutdown()
     server.server_close()
     thread.join(timeout=5)
-
-
-SLOW_TESTS_ENV = "SAE_DIST_SLOW_TESTS"
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", f"slow: minutes of multi-process work, run only with {SLOW_TESTS_ENV}=1")
-
-
-def pytest_collection_modifyitems(config, items):
-    if os.environ.get(SLOW_TESTS_ENV) == "1":
-        return
-    skip = pytest.mark.skip(reason=f"slow: set {SLOW_TESTS_ENV}=1 to run it")
-    for item in items:
-        if item.get_closest_marker("slow") is not None:
-            item.add_marker(skip)

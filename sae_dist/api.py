@@ -25,21 +25,21 @@ from sae_dist.data.lm import HookedLM, lm_skeleton, load_lm
 from sae_dist.data.sites import model_site
 from sae_dist.data.text import ContextCutter
 from sae_dist.models import SAE, build_sae
-from sae_dist.run_dir import load_model_weights, read_checkpoint_config, read_input_scale, resolve_checkpoint
+from sae_dist.run_dir import load_model_weights, read_checkpoint_config, read_input_scales, resolve_checkpoint
 from sae_dist.validation import validate
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     """The SAE saved at `path` (a checkpoint folder, or a run directory: its latest checkpoint), in eval mode. It
-    takes and returns raw activations: an input scale of training (data.normalize_activations) is folded into its
-    weights (`SAE.fold_input_scale_`)."""
+    takes and returns raw activations: the input scale of training (data.normalize_activations), and a transcoder's
+    target scale, are folded into its weights (`SAE.fold_input_scale_`)."""
     folder = resolve_checkpoint(path)
     run, d_model, _ = read_checkpoint_config(folder)
     model = build_sae(run.sae, d_model, run.trainer.seed)
     load_model_weights(folder, model)
-    input_scale = read_input_scale(folder)
+    input_scale, target_scale = read_input_scales(folder)
     if input_scale is not None:
-        model.fold_input_scale_(input_scale)
+        model.fold_input_scale_(input_scale, target_scale)
     return model.to(device).eval()
 
 

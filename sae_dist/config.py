@@ -199,8 +199,10 @@ class DataConfig:
     normalize_activations: str = option("none")
     """'none', or 'expected_average_only_in' (SAELens's name): the SAE trains on s * x, s = sqrt(d) / (mean L2 norm
     of x over the first 8 batches of every rank, drawn before training), so its inputs have mean norm sqrt(d) at any
-    site. s is saved in the checkpoints (never estimated again on resume) and folded into the weights by `load_sae`
-    and the exports, which take and return raw activations (docs/math.md). Logged metrics are in units of s * x."""
+    site; a transcoder trains on (s_x x, s_y y), each factor so set at its own site. The factors are saved in the
+    checkpoints (never estimated again on resume) and folded into the weights by `load_sae` and the exports, which
+    take and return raw activations (docs/math.md section 10). Logged metrics are in units of s * x (a transcoder's:
+    s_y y)."""
 
 
 @dataclass

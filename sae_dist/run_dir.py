@@ -12,7 +12,8 @@ Training writes a run folder (`sae_dist.train`), evaluation and the launch tools
     RUN/checkpoints/step_00001000/model.safetensors   the model-only export in the single-device format (experts
                                                       stacked [N, M_e, d] in global order): what `load_sae` reads
     RUN/checkpoints/step_00001000/config.json         {"d_model": ..., "run": RunConfig as a dict, "step": ...,
-                                                      "input_scale": s where data.normalize_activations is on}
+                                                      "input_scale": s where data.normalize_activations is on,
+                                                      "target_scale": s_y beside it for a transcoder}
     RUN/checkpoints/step_00001000/state/              torch.distributed.checkpoint: weights, optimizer state,
                                                       dead-latent counters (`sae_dist.train.checkpoint`)
     RUN/checkpoints/step_00001000/trainer_state.pt    step, tokens, scheduler, optimizer hyper-parameters, world size
@@ -61,6 +62,9 @@ GEOMETRY_FILE = "geometry.json"
 INPUT_SCALE_KEY = "input_scale"
 """The entry of a checkpoint's config.json (and trainer_state.pt) holding s, the factor the SAE's inputs were
 multiplied by in training (data.normalize_activations); absent when they were not."""
+TARGET_SCALE_KEY = "target_scale"
+"""The entry beside `INPUT_SCALE_KEY` holding s_y, the factor a transcoder's targets were multiplied by; absent for an
+SAE (its target is its input) and where activations were not normalised."""
 TMP_SUFFIX = ".tmp"
 REQUIRE_CHECKSUMS_ENV = "SAE_DIST_REQUIRE_CHECKSUMS"
 """Set to 1: a checkpoint without SHA256SUMS is an error rather than a warning."""
@@ -159,10 +163,12 @@ def read_checkpoint_config(folder: Path) -> tuple[RunConfig, int, int]:
         raise CheckpointError(f"{path} is not a valid sae-dist checkpoint config ({reason})") from None
 
 
-def read_input_scale(folder: Path) -> float | None:
-    """s of a checkpoint folder (`INPUT_SCALE_KEY`; None: its SAE trained on raw activations)."""
+def read_input_scales(folder: Path) -> tuple[float | None, float | None]:
+    """(s, s_y) of a checkpoint folder (`INPUT_SCALE_KEY`, `TARGET_SCALE_KEY`; s None: its SAE trained on raw
+    activations; s_y None: on raw activations, or an SAE, whose target is its input)."""
     verify_files(folder, [CONFIG_FILE])
-    return json.loads((Path(folder) / CONFIG_FILE).read_text()).get(INPUT_SCALE_KEY)
+    meta = json.loads((Path(folder) / CONFIG_FILE).read_text())
+    return meta.get(INPUT_SCALE_KEY), meta.get(TARGET_SCALE_KEY)
 
 
 def load_model_weights(folder: Path, model: nn.Module) -> None:

@@ -187,9 +187,6 @@ def validate(run: RunConfig) -> None:
     _require(parallel.a2a_chunks == 1 or not run.sae.union_topk,
              f"parallel.a2a_chunks={parallel.a2a_chunks}: sae.union_topk=true exchanges every row's candidates before "
              "it decodes, which the chunked all-to-all does not overlap; use 1")
-    _require(run.data.normalize_activations == "none" or run.sae.d_out is None,
-             f"data.normalize_activations={run.data.normalize_activations!r}: a transcoder (sae.d_out) has two sites "
-             "of their own scales, which one factor does not fold; use 'none'")
     _require(run.data.normalize_activations == "none" or _architecture(run.sae).folds_input_scale,
              f"data.normalize_activations={run.data.normalize_activations!r}: sae.kind={run.sae.kind!r} cannot fold "
              "the input scale into its weights; use 'none'")

@@ -21,7 +21,8 @@ side (`sae_dist/data/sites.py`); a transcoder's target site is `hook_name_out` a
 `model.target_hookpoint` as written.
 
 An SAE trained on normalised activations (data.normalize_activations) exports as `load_sae` gives it, its input
-scale folded into the weights: the export takes raw activations, and its `normalize_activations` is 'none'.
+scale (a transcoder's two scales) folded into the weights: the export takes and returns raw activations, and its
+`normalize_activations` is 'none'.
 
 Only this module knows the file layout; which architecture and weights an SAE exports is the model's
 `saelens_state()` (`sae_dist/models/base.py`) and, per expert, `ExpertSAE.saelens_expert_states()`. Nothing here

@@ -24,8 +24,9 @@ Every SAE, built as `cls(cfg, d_model, seed, dispatcher)` (d_model: the input wi
 - where `resamples_latents`: `latent_parameters()` and `reinit_latents_(...)`, what dead-latent resampling rewrites
   (`sae_dist/train/resample.py`);
 - `saelens_state()`: its SAELens architecture name, config entries and weights (`sae_dist/interop/saelens.py`);
-- where `folds_input_scale`: `fold_input_scale_(s)`, which makes a model trained on s * x take and return raw x
-  (data.normalize_activations; `load_sae` calls it);
+- where `folds_input_scale`: `fold_input_scale_(s_x, s_y)`, which makes a model trained on s_x x (a transcoder: to
+  reconstruct s_y y) take raw x and return raw units (data.normalize_activations; `load_sae` calls it), through
+  `_fold_encoder_`;
 - the SAELens-style views `W_enc [d_in, L]`, `W_dec [L, d_out]`, `b_enc [L]`, `b_dec [d_out]`, `d_in`, `d_out`,
   `d_sae`.
 Class-level facts, read before a model exists: `routed` (a router sends each token to experts; experts shard over
@@ -256,11 +257,32 @@ class SAE(nn.Module, ABC):
     def after_step(self, out: SAEOutput, reducer: BatchReducer | None, applied: Tensor) -> None:  # noqa: B027
         """State that follows a training step's output; `applied` (0-dim bool) is False for a skipped step."""
 
-    def fold_input_scale_(self, scale: float) -> None:
-        """Rewrite the weights of a model trained on inputs s x (s = `scale`) so that on raw x it gives the trained
-        model's latents and reconstruction divided by s (docs/math.md, 'Activation normalisation'): biases in the
-        input space, encoder biases and thresholds divided by s, router weights multiplied by s; the unit-norm
-        decoder rows and the encoder weights are kept. Where `folds_input_scale`."""
+    @torch.no_grad()
+    def fold_input_scale_(self, scale: float, target_scale: float | None = None) -> None:
+        """Rewrite the weights of a model trained on inputs s_x x (s_x = `scale`) and targets s_y y (s_y =
+        `target_scale`; None: s_x, an SAE's one scale) so that on raw x it gives the trained model's latents and
+        reconstruction divided by s_y (docs/math.md section 10): the input centring (and the router's) divided by
+        s_x, router weights times s_x; encoder weights and W_skip times s_x / s_y; encoder biases, thresholds and
+        b_out divided by s_y; the unit-norm decoder rows kept. With s_x = s_y the encoder weights are kept (an
+        exact factor 1). Where `folds_input_scale`; ValueError for an SAE given two different scales."""
+        if not self.folds_input_scale:
+            raise NotImplementedError(f"sae.kind={self.kind!r} cannot fold an input scale")
+        target_scale = scale if target_scale is None else target_scale
+        if not self.transcoder and target_scale != scale:
+            raise ValueError(f"target_scale={target_scale}: an SAE's target is its input, of scale {scale}; only a "
+                             "transcoder (sae.d_out) has a target scale of its own")
+        self.input_bias.div_(scale)
+        if self.transcoder:  # an SAE's b_pre is its output bias too, divided once above
+            self.output_bias.div_(target_scale)
+        if self.w_skip is not None:
+            self.w_skip.mul_(scale / target_scale)
+        self._fold_encoder_(scale, target_scale)
+
+    def _fold_encoder_(self, scale: float, target_scale: float) -> None:
+        """The architecture's part of `fold_input_scale_`: encoder weights times s_x / s_y (s_x = `scale`, s_y =
+        `target_scale`), encoder biases and thresholds divided by s_y, router weights times s_x and its centring
+        divided by s_x, so that every pre-activation is the trained one divided by s_y and every router logit the
+        trained one."""
         raise NotImplementedError(f"sae.kind={self.kind!r} cannot fold an input scale")
 
     def saelens_state(self) -> tuple[str, dict, dict[str, Tensor]]:

@@ -119,12 +119,11 @@ class BatchTopKSAE(ExpertSAE):
         architecture, entries, weights = switch_saelens_state(self)
         return architecture, {**entries, "activation": "threshold"}, {**weights, "threshold": self.experts.threshold_N}
 
-    @torch.no_grad()
-    def fold_input_scale_(self, scale: float) -> None:
-        """As the experts' (`ExpertSAE.fold_input_scale_`), and each threshold theta_e / s: it compares
-        pre-activations, which become 1/s times the trained ones."""
-        super().fold_input_scale_(scale)
-        self.experts.threshold_N.div_(scale)
+    def _fold_encoder_(self, scale: float, target_scale: float) -> None:
+        """As the experts' (`ExpertSAE._fold_encoder_`), and each threshold theta_e / s_y: it compares
+        pre-activations, which become 1/s_y times the trained ones."""
+        super()._fold_encoder_(scale, target_scale)
+        self.experts.threshold_N.div_(target_scale)
 
     @torch.no_grad()
     def after_step(self, out: SAEOutput, reducer: BatchReducer | None, applied: Tensor) -> None:

@@ -164,13 +164,13 @@ class ExpertSAE(SAE):
         if bank.b_enc is not None:
             bank.b_enc[expert_R, column_R] = 0
 
-    @torch.no_grad()
-    def fold_input_scale_(self, scale: float) -> None:
-        """b_pre, b_enc, b_router / s and W_router * s: every pre-activation (x - b_pre) W_enc + b_enc becomes 1/s
-        times the trained one, which TopK and ReLU pass on; the router's logits are unchanged."""
-        self.b_pre.div_(scale)
+    def _fold_encoder_(self, scale: float, target_scale: float) -> None:
+        """W_enc * s_x / s_y, b_enc / s_y, b_router / s_x and W_router * s_x: with b_in / s_x (`fold_input_scale_`)
+        every pre-activation (x - b_in) W_enc + b_enc becomes 1/s_y times the trained one, which TopK and ReLU pass
+        on; the router's logits are unchanged."""
+        self.experts.w_enc.mul_(scale / target_scale)
         if self.experts.b_enc is not None:
-            self.experts.b_enc.div_(scale)
+            self.experts.b_enc.div_(target_scale)
         if self.router is not None:
             self.router.weight.mul_(scale)
             self.router.b_router.div_(scale)

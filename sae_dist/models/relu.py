@@ -79,11 +79,11 @@ class ReLUSAE(SAE):
             return {"b_in": self.b_in, "b_out": self.b_out}
         return {"b_pre": self.b_pre}
 
-    @torch.no_grad()
-    def fold_input_scale_(self, scale: float) -> None:
-        """b_pre and b_enc / s: f = ReLU(W_enc (x - b_pre / s) + b_enc / s) is 1/s times the trained f."""
-        self.b_pre.div_(scale)
-        self.b_enc.div_(scale)
+    def _fold_encoder_(self, scale: float, target_scale: float) -> None:
+        """W_enc * s_x / s_y and b_enc / s_y: with b_in / s_x (`fold_input_scale_`), f = ReLU(W_enc (s_x / s_y)
+        (x - b_in / s_x) + b_enc / s_y) is 1/s_y times the trained f."""
+        self.w_enc.mul_(scale / target_scale)
+        self.b_enc.div_(target_scale)
 
     def forward(self, x_TD: Tensor, aux_candidates: AuxCandidates | None = None) -> SAEOutput:
         """f = ReLU(W_enc (x - b_in) + b_enc) [T, M] dense, y_hat = f W_dec + b_out [+ W_skip x] (b_in = b_out =

@@ -47,6 +47,7 @@ from sae_dist.run_dir import (
     RANKS_DIR,
     STATE_DIR,
     STATE_FILE,
+    TARGET_SCALE_KEY,
     TMP_SUFFIX,
     CheckpointError,
     checkpoint_name,
@@ -73,13 +74,16 @@ class TrainingTensors(NamedTuple):
 
 
 def write_model_tensors(folder: Path, tensors: dict[str, Tensor], run: RunConfig, d_model: int, step: int,
-                        input_scale: float | None = None) -> None:
+                        input_scale: float | None = None, target_scale: float | None = None) -> None:
     """model.safetensors + config.json in `folder` (which must exist) from a full (single-device) state dict;
-    `input_scale`: the factor s the SAE's inputs were multiplied by in training (data.normalize_activations)."""
+    `input_scale`: the factor s the SAE's inputs were multiplied by in training (data.normalize_activations),
+    `target_scale`: s_y, a transcoder's targets'."""
     save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, str(folder / MODEL_FILE))
     meta = {"format_version": 1, "d_model": d_model, "step": step, "run": as_dict(run)}
     if input_scale is not None:
         meta[INPUT_SCALE_KEY] = input_scale
+    if target_scale is not None:
+        meta[TARGET_SCALE_KEY] = target_scale
     (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
 
 
@@ -186,7 +190,7 @@ def save_checkpoint(
     def publish() -> None:
         if not ctx.is_main:
             return
-        export_model(tmp, run, d_model, step, run_state.get(INPUT_SCALE_KEY))
+        export_model(tmp, run, d_model, step, run_state.get(INPUT_SCALE_KEY), run_state.get(TARGET_SCALE_KEY))
         param_groups = tensors.optimizer.state_dict()["param_groups"]
         torch.save({**run_state, "param_groups": param_groups, "world_size": ctx.world_size}, tmp / STATE_FILE)
         checksums.write_checksums(tmp)
@@ -248,9 +252,10 @@ def read_global_state(folder: Path, prefix: str = "") -> dict[str, Tensor]:
     return {key[len(prefix) :]: t for key, t in full.items()}
 
 
-def export_model(folder: Path, run: RunConfig, d_model: int, step: int, input_scale: float | None = None) -> None:
+def export_model(folder: Path, run: RunConfig, d_model: int, step: int, input_scale: float | None = None,
+                 target_scale: float | None = None) -> None:
     """Write the single-file model export of a checkpoint from its sharded state."""
-    write_model_tensors(folder, read_global_state(folder, "model."), run, d_model, step, input_scale)
+    write_model_tensors(folder, read_global_state(folder, "model."), run, d_model, step, input_scale, target_scale)
 
 
 def load_checkpoint(folder: Path, tensors: TrainingTensors, ctx: ParallelContext, verified: bool = False

@@ -17,7 +17,7 @@ from sae_dist.data.order import resume_state
 from sae_dist.data.source import ActivationSource
 from sae_dist.models import SAE
 from sae_dist.parallel.context import ParallelContext
-from sae_dist.run_dir import CHECKPOINTS_DIR, INPUT_SCALE_KEY, read_checkpoint_config
+from sae_dist.run_dir import CHECKPOINTS_DIR, INPUT_SCALE_KEY, TARGET_SCALE_KEY, read_checkpoint_config
 from sae_dist.train import checkpoint as ckpt
 from sae_dist.train import identity
 from sae_dist.train.engine import Engine
@@ -42,7 +42,10 @@ class TrainState:
     skipped_since: int | None = None
     """The first of the skipped steps that end at `step` (None: `step` applied an update; 1: none has yet)."""
     input_scale: float | None = None
-    """s, the factor the activations are multiplied by (data.normalize_activations); None: not normalised."""
+    """s, the factor the activations are multiplied by (data.normalize_activations; a transcoder's inputs x: s_x);
+    None: not normalised."""
+    target_scale: float | None = None
+    """s_y, the factor a transcoder's targets y are multiplied by; None: not normalised, or an SAE (y is x)."""
 
     def tensors(self) -> ckpt.TrainingTensors:
         return ckpt.TrainingTensors(self.model, self.engine.optimizer_state(), self.latents.dead.tokens_since_fired_L)
@@ -54,6 +57,8 @@ class TrainState:
                  "resampled": self.latents.resampled}
         if self.input_scale is not None:  # the checkpoint's config.json records it too, for `load_sae`
             state[INPUT_SCALE_KEY] = self.input_scale
+        if self.target_scale is not None:
+            state[TARGET_SCALE_KEY] = self.target_scale
         return state
 
     def rank_state(self) -> dict[str, Any]:
@@ -68,6 +73,7 @@ class TrainState:
         self.skipped_since = run_state.get("skipped_since")
         self.latents.resampled = run_state.get("resampled", 0)
         self.input_scale = run_state.get(INPUT_SCALE_KEY)
+        self.target_scale = run_state.get(TARGET_SCALE_KEY)
         self.engine.scheduler.load_state_dict(run_state["scheduler"])
         data_states = [state["data"] for state in rank_states]
         self.source.load_state_dict(resume_state(data_states, ctx.rank, ctx.world_size))

@@ -3,7 +3,7 @@ their cadence until `trainer.steps`.
 
 The parts, one concern each: the engine (`engine.py`, `deepspeed_engine.py`), the step (`step.py`), the latent
 bookkeeping (`latents.py`), metrics rows (`step_metrics.py`), the training state and its checkpoints
-(`train_state.py`), the input scale of normalised activations (`input_scale.py`). The trainer owns no distribution
+(`train_state.py`), the input scales of normalised activations (`input_scale.py`). The trainer owns no distribution
 logic: every collective goes through the injected `ParallelContext`, which is the identity on one device and the
 expert-parallel layout under torchrun.
 
@@ -31,7 +31,7 @@ from sae_dist.models.base import input_width
 from sae_dist.parallel.context import ParallelContext
 from sae_dist.parallel.failures import collective_failure
 from sae_dist.train.init import init_biases_from_batch
-from sae_dist.train.input_scale import estimate_input_scale
+from sae_dist.train.input_scale import estimate_input_scales, scale_rows
 from sae_dist.train.logging import MetricsLogger
 from sae_dist.train.nonfinite import FiniteFlags, NonFiniteError
 from sae_dist.train.preemption import HeldSignals, StopRequested, StopSignals, agreed_stop
@@ -89,9 +89,12 @@ class Trainer:
         return self.metrics.row(x_TD, result, self.state.step, self.state.tokens)
 
     def next_batch(self) -> torch.Tensor:
-        """This rank's next batch on the device, times the input scale s where activations are normalised."""
+        """This rank's next batch on the device, its x times s_x and a transcoder's y times s_y where activations
+        are normalised (`input_scale.scale_rows`)."""
         x_TD = self.source.next_batch(self.local_batch).to(self.device, non_blocking=True)
-        return x_TD if self.state.input_scale is None else x_TD * self.state.input_scale
+        state = self.state
+        return x_TD if state.input_scale is None else scale_rows(x_TD, self.d_model, state.input_scale,
+                                                                 state.target_scale)
 
     def save(self) -> Path:
         return self.checkpoints.save(rotate=not self.defer_rotation)
@@ -133,7 +136,7 @@ class Trainer:
         self.checkpoints.remove_partial()
         self.maybe_resume()
         if self.run.data.normalize_activations != "none" and state.input_scale is None:
-            self._estimate_input_scale()
+            self._estimate_input_scales()
         logger = None
         if ctx.is_main:
             logger = MetricsLogger(self.run_dir, state.step, cfg.tensorboard, self.run if cfg.wandb else None)
@@ -227,12 +230,15 @@ class Trainer:
             logger.log(row)
         return row
 
-    def _estimate_input_scale(self) -> None:
-        """s from the stream's first batches, the same on every rank (`input_scale`)."""
-        self.state.input_scale = estimate_input_scale(self.source, self.local_batch, self.ctx, self.device)
+    def _estimate_input_scales(self) -> None:
+        """s (a transcoder's s_x and s_y) from the stream's first batches, the same on every rank (`input_scale`)."""
+        state = self.state
+        state.input_scale, state.target_scale = estimate_input_scales(self.source, self.local_batch, self.ctx,
+                                                                      self.device, self.d_model)
         if self.ctx.is_main:
-            print(f"activations scaled by s = {self.state.input_scale:.6g} (data.normalize_activations="
-                  f"{self.run.data.normalize_activations})", flush=True)
+            scaled = (f"activations scaled by s = {state.input_scale:.6g}" if state.target_scale is None else
+                      f"inputs x scaled by s_x = {state.input_scale:.6g}, targets y by s_y = {state.target_scale:.6g}")
+            print(f"{scaled} (data.normalize_activations={self.run.data.normalize_activations})", flush=True)
 
     def _init_biases(self, x_TD: torch.Tensor) -> None:
         """b_pre and b_router from the first global batch's finite rows (none finite: left as built, and the step

@@ -237,6 +237,24 @@ def test_an_sae_fold_is_the_fold_with_equal_scales(make_run, kind):
         copy.deepcopy(model).fold_input_scale_(0.037, 2.0)
 
 
+def test_a_transcoders_batches_are_scaled_per_site(make_run):
+    """The trainer's batches are [s_x x | s_y y]; targets that are all zero leave s_y undefined: a one-line error."""
+    run = transcoder_cfg(make_run, "topk", False)
+    trainer = transcoder_trainer(run)
+    trainer.state.input_scale, trainer.state.target_scale = 0.5, 4.0
+    rows_TC = LoudSource(build_activation_source(run), D_IN).next_batch(run.trainer.batch_size)
+    assert torch.equal(trainer.next_batch(), torch.cat((rows_TC[:, :D_IN] * 0.5, rows_TC[:, D_IN:] * 4.0), dim=1))
+
+    class SilentTargets(LoudSource):
+        def next_batch(self, batch_size: int) -> torch.Tensor:
+            return torch.cat((super().next_batch(batch_size)[:, :D_IN], torch.zeros(batch_size, D_OUT)), dim=1)
+
+    with pytest.raises(ValueError, match=r"^data.normalize_activations: the 8 batches of every rank hold no finite, "
+                                         r"nonzero input and target to estimate the scale from$"):
+        estimate_input_scales(SilentTargets(build_activation_source(run), D_IN), 16, ParallelContext(),
+                              torch.device("cpu"), D_IN)
+
+
 @pytest.mark.parametrize(("kind", "skip"), [("switch", True), ("topk", False), ("batchtopk", True), ("relu", False)])
 def test_a_normalised_transcoder_trains_and_loads_in_raw_units(make_run, tmp_path, kind, skip):
     """Both factors estimated from the stream's first batches (checked against the same rows), saved, and folded by

@@ -15,7 +15,7 @@ from transformers import AutoConfig
 from sae_dist.config import ConfigError, ModelConfig, RunConfig
 from sae_dist.data import HookedLM, build_activation_source, model_site, resolve_site, site_columns, splice
 from sae_dist.data.lm import lm_skeleton, load_lm
-from sae_dist.data.sites import Site, expand_hookpoint, site_module, site_width, skeleton
+from sae_dist.data.sites import Site, expand_hookpoint, expand_site_pairs, site_module, site_width, skeleton
 from sae_dist.train.preflight import activation_width
 from sae_dist.train.run import train_from_config
 from sae_dist.validation import sweep_members, validate
@@ -147,7 +147,7 @@ def test_a_glob_makes_one_sweep_member_per_module(tmp_path, minilm):
     run.data.source, run.model.name = "lm", "minilm-bundled"
     run.sweep = [{"model": {"hookpoint": "encoder.layer.*.intermediate:input"}}, {"model": {"layer": 2}}]
     validate(run)  # without the model: the glob's syntax only
-    members = sweep_members(run, lambda glob: expand_hookpoint(minilm[0], glob))
+    members = sweep_members(run, lambda glob, target: expand_site_pairs(minilm[0], glob, target))
     assert [m.model.hookpoint for m in members] == [*(f"encoder.layer.{i}.intermediate:input" for i in range(6)), None]
     assert members[3].name.endswith("_encoder.layer.3.intermediate-input") and members[-1].name.endswith("_L2")
     run.sweep, run.model.hookpoint = [], "encoder.layer.*.attention"

@@ -175,10 +175,10 @@ def test_glob_pairs_pair_by_block(minilm):
     assert expand_site_pairs(model, "mlp_in.[01]", "mlp_out.5") == [("mlp_in.0", "mlp_out.5"), ("mlp_in.1", "mlp_out.5")]
     assert expand_site_pairs(model, "mlp_in.[01]", None) == [("mlp_in.0", None), ("mlp_in.1", None)]
     refusals = [
-        ("mlp_in.[0-2]", "mlp_out.*", "model.target_hookpoint=mlp_out.* matches 6 sites but model.hookpoint="
-                                      "mlp_in.[0-2] matches 3: a pair of globs makes one transcoder per block"),
-        ("mlp_in.[0-2]", "mlp_out.[3-5]", "model.hookpoint=mlp_in.[0-2] and model.target_hookpoint=mlp_out.[3-5] do "
-                                          "not pair by block: their matches lie in blocks [0, 1, 2] and [3, 4, 5]"),
+        ("mlp_in.[0-2]", "mlp_out.*", ("model.target_hookpoint=mlp_out.* matches 6 sites but model.hookpoint="
+                                       "mlp_in.[0-2] matches 3: a pair of globs makes one transcoder per block")),
+        ("mlp_in.[0-2]", "mlp_out.[3-5]", ("model.hookpoint=mlp_in.[0-2] and model.target_hookpoint=mlp_out.[3-5] "
+                                           "do not pair by block: their matches lie in blocks [0, 1, 2] and [3, 4, 5]")),
         ("encoder.layer.[01].*.dense", "mlp_out.[0-3]", "blocks [0, 0, 1, 1] and [0, 1, 2, 3]"),  # two in a block
     ]
     for hookpoint, target, message in refusals:

@@ -113,6 +113,11 @@ def test_resume_starts_every_member_from_a_step_they_all_have(make_run, tmp_path
         ([{"sae.k": 4}, {"sae.k": 4}], "sweep names must differ"),
         ([{"sae.kk": 4}], r"sweep\[0\]: sae.kk"),
         ([{"model.layer": 2}], "needs data.source=lm"),
+        ([{"model": {"target_hookpoint": "mlp_out.3"}, "sae.d_out": 64}],
+         "sweep: model.target_hookpoint=mlp_out.3 needs data.source=lm"),
+        ([{"sae.d_out": 64}, {"sae.d_out": 32}],
+         r"sweep: sae.d_out=\[64, 32\] must be one value: the SAEs share one stream of rows \[x \| y\] of "
+         "data.source=synthetic"),
     ],
 )
 def test_bad_sweeps_are_one_line_errors(make_run, sweep, message):

@@ -116,8 +116,8 @@ def test_resume_starts_every_member_from_a_step_they_all_have(make_run, tmp_path
         ([{"model": {"target_hookpoint": "mlp_out.3"}, "sae.d_out": 64}],
          "sweep: model.target_hookpoint=mlp_out.3 needs data.source=lm"),
         ([{"sae.d_out": 64}, {"sae.d_out": 32}],
-         r"sweep: sae.d_out=\[64, 32\] must be one value: the SAEs share one stream of rows \[x \| y\] of "
-         "data.source=synthetic"),
+         (r"sweep: sae.d_out=\[64, 32\] must be one value: the SAEs share one stream of rows \[x \| y\] of "
+          "data.source=synthetic")),
     ],
 )
 def test_bad_sweeps_are_one_line_errors(make_run, sweep, message):

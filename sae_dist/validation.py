@@ -153,16 +153,20 @@ def validate(run: RunConfig) -> None:
     item = f"hookpoint: '{model.hookpoint}'"
     if model.target_hookpoint is not None:
         item += f", target_hookpoint: '{model.target_hookpoint}'"
-    members = "one SAE per matching module" if model.target_hookpoint is None else "one transcoder per block"
-    for option, hookpoint in (("model.hookpoint", model.hookpoint), ("model.target_hookpoint", model.target_hookpoint)):
-        _require(hookpoint is None or not is_glob(hookpoint),
-                 f"{option}={hookpoint} is a glob: put it in a sweep item (sweep=[{{model: {{{item}}}}}]), {members}")
+    kind = "SAE" if model.target_hookpoint is None else "transcoder"
+    members = f"one {kind} per {'block' if is_glob(model.target_hookpoint or '') else 'matching module'}"
+    _require(model.hookpoint is None or not is_glob(model.hookpoint),
+             f"model.hookpoint={model.hookpoint} is a glob: put it in a sweep item (sweep=[{{model: {{{item}}}}}]), "
+             f"{members}")
+    _require(model.target_hookpoint is None or not is_glob(model.target_hookpoint),
+             f"model.target_hookpoint={model.target_hookpoint} is a glob: pair it with a glob model.hookpoint in a sweep "
+             f"item (e.g. sweep=[{{model: {{hookpoint: 'mlp_in.*', target_hookpoint: 'mlp_out.*'}}}}]), {members}")
     _validate_run(run)
 
 
 
 def _validate_run(run: RunConfig) -> None:
-    """`validate` but for globs, which a sweep member checked before its item is expanded may hold."""
+    """`validate` without refusing globs, which a sweep member checked before its item is expanded holds."""
     _validate_sae(run.sae)
     _validate_trainer(run.trainer)
     _validate_data(run.data)

@@ -1,11 +1,11 @@
 """One activation stream read by several consumers (several SAEs trained from one LM pass).
 
 `SharedStream.view(i, columns)` is consumer i's source: its j-th batch is batch j of the stream, cut to
-`columns` (slices of rows that hold several sites, side by side in their order: one site's, or a transcoder's
-input and target sites, [x | y]). A batch is produced once, when the first
-consumer asks for it, and kept until every consumer has taken it, so the consumers may run in lock-step
-(training) or one after another (evaluation). A view's state is the stream's state after the view's last batch;
-views loaded with one state rewind the stream once.
+`columns`, slices of rows that hold several sites, side by side in their order (one site's columns, or a
+transcoder's input and target sites, [x | y]). A batch is produced once, when the first consumer asks for it, and
+kept until every consumer has taken it, so the consumers may run in lock-step (training) or one after another
+(evaluation). A view's state is the stream's state after the view's last batch; views loaded with one state rewind
+the stream once.
 """
 
 from __future__ import annotations

@@ -194,6 +194,10 @@ def test_glob_pairs_pair_by_block(minilm):
                                                     "(sweep=[{model: {hookpoint: 'mlp_in.*', target_hookpoint: "
                                                     "'mlp_out.*'}}]), one transcoder per block")):
         validate(run)
+    run.model.hookpoint = "mlp_in.3"
+    with pytest.raises(ConfigError, match=re.escape("model.target_hookpoint=mlp_out.* is a glob: pair it with a glob "
+                                                    "model.hookpoint in a sweep item")):
+        validate(run)
 
 
 def test_one_pass_reads_several_sites_and_stops_after_the_last(tiny_gpt2):

@@ -55,8 +55,9 @@ def test_rows_of_the_tiny_gpt2_mlp(tiny_gpt2, tiny_gpt2_dir):
 
 def test_sweep_members_read_the_rows_of_their_sites_alone(minilm):
     """Transcoders of blocks 1 and 2 (a glob pair), one of block 1's MLP input to its 1536-wide hidden layer and an
-    SAE of block 0: one pass of the LM reads their six sites, and each member's rows equal, bit for bit, those of
-    its (x, y) sites read alone; y of the glob pair is its own block's MLP applied by hand to x."""
+    SAE of block 0: one pass of the LM, which stops after block 2, reads their six sites, and each member's rows
+    equal, bit for bit, those of its (x, y) sites read alone; y of the glob pair is its own block's MLP applied by
+    hand to x."""
     model, tokenizer = minilm
     run = minilm_transcoder()
     run.sweep = [{"model": {"hookpoint": "mlp_in.[12]", "target_hookpoint": "mlp_out.[12]"}},
@@ -74,11 +75,17 @@ def test_sweep_members_read_the_rows_of_their_sites_alone(minilm):
     shared = lm_activation_source(run, model, tokenizer, sites=sites)
     assert shared.d_model == 4 * 384 + 1536 + 384  # one pass, every site once
     views = member_sources(members, shared)
-    for member, view in zip(members, views, strict=True):
-        alone = lm_activation_source(member, model, tokenizer)
-        for _ in range(2):
-            torch.testing.assert_close(view.next_batch(100), alone.next_batch(100), rtol=0, atol=0)
-        alone.close()
+    ran = []
+    handle = model.encoder.layer[3].register_forward_pre_hook(lambda *args: ran.append(1))
+    try:
+        for member, view in zip(members, views, strict=True):
+            alone = lm_activation_source(member, model, tokenizer)
+            for _ in range(2):
+                torch.testing.assert_close(view.next_batch(100), alone.next_batch(100), rtol=0, atol=0)
+            alone.close()
+    finally:
+        handle.remove()
+    assert not ran  # the pass stops after block 2, the deepest site
     rows = views[1].next_batch(100)
     shared.close()
     x, y = rows[:, :384], rows[:, 384:]

@@ -43,8 +43,8 @@ AUXK_SCALES = ("x_variance", "gao")
 DEAD_COUNTS = ("tokens", "routed")
 NORMALIZATIONS = ("none", "expected_average_only_in")
 WANDB_MODES = ("online", "offline", "disabled")
-SWEEP_KEYS = ("model.layer", "model.hookpoint", "trainer.lr", "name")
-"""What a sweep item may override besides `sae.*`: the hook site and the learning rate; the stream stays shared."""
+SWEEP_KEYS = ("model.layer", "model.hookpoint", "model.target_hookpoint", "trainer.lr", "name")
+"""What a sweep item may override besides `sae.*`: the hook sites and the learning rate; the stream stays shared."""
 SAMPLE_BY = ("line", "paragraph", "document")
 """The documents a text builder makes of its files: one per line, per paragraph, or per file."""
 
@@ -134,13 +134,14 @@ class ModelConfig:
     """The site read instead of block `layer`'s output: `<module>[:input|:output]`, a module by its dotted name in
     the base model (`AutoModel`'s `named_modules()`, e.g. `h.5.mlp`, `encoder.layer.3.attention:output`,
     `h.5:input`; output is the default side), or an alias of block L's sites: `resid_pre.L`, `resid_post.L`,
-    `attn_out.L`, `mlp_in.L`, `mlp_out.L` (sae_dist/data/sites.py). A glob (`h.*.mlp`) is allowed in sweep items
-    only: one SAE per matching module. None = block `layer`'s output."""
+    `attn_out.L`, `mlp_in.L`, `mlp_out.L` (sae_dist/data/sites.py). A glob (`h.*.mlp`, or over an alias's blocks,
+    `mlp_in.*`) is allowed in sweep items only: one SAE per matching module. None = block `layer`'s output."""
     dtype: str = option("auto")
     """dtype the language model runs in: 'auto' (bfloat16 on a GPU, float32 on a CPU), or one of DTYPES."""
     target_hookpoint: str | None = option(None, checked_by=(VALIDATE,))
     """A transcoder's target site (`sae.d_out` wide), read in the same forward pass as the input site: its rows are
-    y beside x. Null: an SAE."""
+    y beside x. A glob (`mlp_out.*`) in a sweep item beside a glob `hookpoint` (`mlp_in.*`) pairs their matches by
+    block: one transcoder per block. Null: an SAE."""
     compile: bool = option(False, performance=True, checked_by=())
     """`torch.compile` every block up to the hooked one (their forward; the capture hooks stay eager), so that a
     block's elementwise work runs fused (GPT-2's tanh GELU is seven kernels eager). The first batches pay the
@@ -312,9 +313,10 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     sweep: list[dict[str, Any]] = option(default_factory=list)
-    """Several SAEs trained on one activation stream (one LM pass): each item overrides `sae.*`, `model.layer` or
-    `model.hookpoint` (another site of the same LM; a glob makes one SAE per matching module), `trainer.lr` and
-    `name` of this run; empty = one SAE (sae_dist/train/multi.py)."""
+    """Several SAEs trained on one activation stream (one LM pass): each item overrides `sae.*`, `model.layer`,
+    `model.hookpoint` or `model.target_hookpoint` (other sites of the same LM, every member's read in the one pass; a
+    glob makes one SAE per matching module, a glob pair one transcoder per block), `trainer.lr` and `name` of this
+    run; empty = one SAE (sae_dist/train/multi.py)."""
 
 
 def option_facts(schema: type | None = None) -> dict[str, OptionFacts]:

@@ -43,7 +43,10 @@ def site_key(model: ModelConfig) -> int | str:
 
 def site_label(model: ModelConfig) -> str:
     """A sweep member's site in its default name: 'L<layer>', or the hookpoint ('h.5.mlp', 'h.5-input')."""
-    if model.hookpoint is None:
-        return f"L{model.layer}"
-    name, side = hookpoint_parts(model.hookpoint)
+    return f"L{model.layer}" if model.hookpoint is None else hookpoint_label(model.hookpoint)
+
+
+def hookpoint_label(hookpoint: str) -> str:
+    """A hookpoint as names and folders write it: 'h.5.mlp', 'h.5:input' -> 'h.5-input'."""
+    name, side = hookpoint_parts(hookpoint)
     return name if side == "output" else f"{name}-{side}"

@@ -38,7 +38,11 @@ from sae_dist.config import (
     as_dict,
     resume_mode,
 )
-from sae_dist.site_names import hookpoint_parts, is_glob, site_key, site_label
+from sae_dist.site_names import hookpoint_label, hookpoint_parts, is_glob, site_label
+
+PairExpander = Callable[[str, str | None], list[tuple[str, str | None]]]
+"""`expand(hookpoint, target)`: the (model.hookpoint, model.target_hookpoint) pairs a sweep item's glob hookpoint,
+and its target (None, one site or a glob), stand for in the model (`sae_dist.data.sites.expand_site_pairs`)."""
 
 
 class ArchitectureFacts(Protocol):
@@ -145,6 +149,24 @@ def validate(run: RunConfig) -> None:
     """Check every value and the values that depend on each other; raise ConfigError with a one-line message.
 
     Normalises trainer.resume to lower case ('true' for a YAML/CLI boolean)."""
+    model = run.model
+    item = f"hookpoint: '{model.hookpoint}'"
+    if model.target_hookpoint is not None:
+        item += f", target_hookpoint: '{model.target_hookpoint}'"
+    kind = "SAE" if model.target_hookpoint is None else "transcoder"
+    members = f"one {kind} per {'block' if is_glob(model.target_hookpoint or '') else 'matching module'}"
+    _require(model.hookpoint is None or not is_glob(model.hookpoint),
+             f"model.hookpoint={model.hookpoint} is a glob: put it in a sweep item (sweep=[{{model: {{{item}}}}}]), "
+             f"{members}")
+    _require(model.target_hookpoint is None or not is_glob(model.target_hookpoint),
+             f"model.target_hookpoint={model.target_hookpoint} is a glob: pair it with a glob model.hookpoint in a sweep "
+             f"item (e.g. sweep=[{{model: {{hookpoint: 'mlp_in.*', target_hookpoint: 'mlp_out.*'}}}}]), {members}")
+    _validate_run(run)
+
+
+
+def _validate_run(run: RunConfig) -> None:
+    """`validate` without refusing globs, which a sweep member checked before its item is expanded holds."""
     _validate_sae(run.sae)
     _validate_trainer(run.trainer)
     _validate_data(run.data)
@@ -155,21 +177,15 @@ def validate(run: RunConfig) -> None:
     _require(run.model.layer >= 0, f"model.layer={run.model.layer} must be >= 0")
     if run.model.hookpoint is not None:
         hookpoint_parts(run.model.hookpoint)
-        _require(not is_glob(run.model.hookpoint),
-                 f"model.hookpoint={run.model.hookpoint} is a glob: put it in a sweep item "
-                 f"(sweep=[{{model: {{hookpoint: '{run.model.hookpoint}'}}}}]), one SAE per matching module")
     _require(bool(run.model.name) or bool(run.model.path), "model.name or model.path must be set")
     target = run.model.target_hookpoint
     if target is not None:
         hookpoint_parts(target)
     _require(target is None or run.sae.d_out is not None,
              f"model.target_hookpoint={target!r} makes a transcoder: set sae.d_out to the target's width")
-    _require(run.data.source != "lm" or run.sae.d_out is None or target is not None,
+    _require(run.data.source != "lm" or run.sae.d_out is None or target is not None or bool(run.sweep),
              f"sae.d_out={run.sae.d_out} makes a transcoder: with data.source=lm set model.target_hookpoint, the "
              "site it reconstructs")
-    _require(not (run.sweep and run.data.source == "lm" and target is not None),
-             f"model.target_hookpoint={target}: a sweep over data.source=lm reads its members' sites in one pass, "
-             "which reads no target yet; train each transcoder alone, or sweep over a cache of its rows")
     parallel = run.parallel
     cf = parallel.capacity_factor
     _require(cf is None or cf > 0, f"parallel.capacity_factor={cf} must be positive or null (dropless)")
@@ -298,65 +314,83 @@ def _dotted(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 
-def _expanded_items(run: RunConfig, expand: Callable[[str], list[str]] | None) -> list[tuple[int, dict]]:
+def _expanded_items(run: RunConfig, expand: PairExpander | None) -> list[tuple[int, dict]]:
     """(item index, dotted overrides) of every sweep member: an item whose model.hookpoint is a glob becomes one
-    member per hookpoint `expand` gives for it (without `expand`, the glob stays one member, checked for syntax)."""
+    member per (hookpoint, target) pair `expand` gives for it (without `expand`, the glob stays one member,
+    checked for syntax)."""
     items = []
     for i, item in enumerate(run.sweep):
         overrides = _dotted(dict(item))
-        hookpoint = overrides.get("model.hookpoint")
+        hookpoint, target = overrides.get("model.hookpoint"), overrides.get("model.target_hookpoint")
+        _require(target is None or not is_glob(target) or (hookpoint is not None and is_glob(hookpoint)),
+                 f"sweep[{i}]: model.target_hookpoint={target} is a glob: pair it with a glob model.hookpoint in the "
+                 "same item (one transcoder per block)")
         if hookpoint is not None and is_glob(hookpoint) and expand is not None:
             _require("name" not in overrides, f"sweep[{i}]: a glob model.hookpoint={hookpoint} makes several SAEs, "
                                               "which cannot share one name")
-            items += [(i, {**overrides, "model.hookpoint": one}) for one in expand(str(hookpoint))]
+            try:
+                pairs = expand(str(hookpoint), None if target is None else str(target))
+            except ConfigError as exc:
+                raise ConfigError(f"sweep[{i}]: {exc}") from None
+            items += [(i, {**overrides, "model.hookpoint": one, **({} if target is None else
+                                                                    {"model.target_hookpoint": other})})
+                      for one, other in pairs]
         else:
             items.append((i, overrides))
     return items
 
 
 
-def sweep_members(run: RunConfig, expand: Callable[[str], list[str]] | None = None) -> list[RunConfig]:
+def sweep_members(run: RunConfig, expand: PairExpander | None = None) -> list[RunConfig]:
     """The runs of `run.sweep`: this run with each item's overrides, each named by its item (default
-    '<kind>_M<M>_N<N>_k<k>_<site>', site 'L<layer>' or the hookpoint) and written to trainer.out_dir/<name>.
-    `expand(glob)` lists the hookpoints a glob model.hookpoint stands for (`sae_dist.data.sites.expand_hookpoint`
-    over the model's modules)."""
+    '<kind>_M<M>_N<N>_k<k>_<site>', site 'L<layer>' or the hookpoint, a transcoder's over data.source=lm
+    '<hookpoint>_to_<target>') and written to trainer.out_dir/<name>. `expand(glob, target)` lists the
+    (hookpoint, target) pairs a glob model.hookpoint, and a glob model.target_hookpoint beside it, stand for
+    (`sae_dist.data.sites.expand_site_pairs` over the model's modules).
+
+    Over data.source=lm each member reads its own sites of the one pass, so members may differ in sae.d_out (SAEs
+    and transcoders in one sweep); another source holds one site's rows, [x] or [x | y], one width for all."""
     base = as_dict(run)
     base["sweep"] = []
+    lm = run.data.source == "lm"
     members: list[RunConfig] = []
     for i, overrides in _expanded_items(run, expand):
         bad = [key for key in overrides if not (key.startswith("sae.") or key in SWEEP_KEYS)]
         _require(not bad, f"sweep[{i}].{bad[0] if bad else ''} cannot differ between the SAEs of one stream; "
-                          f"a sweep item may set: sae.*, model.layer, model.hookpoint, trainer.lr, name")
-        glob = overrides.get("model.hookpoint") if is_glob(overrides.get("model.hookpoint") or "") else None
-        if glob is not None:  # not expanded (`validate`): checked as a member of the base run's site
-            hookpoint_parts(glob)
-            overrides = {key: value for key, value in overrides.items() if key != "model.hookpoint"}
+                          f"a sweep item may set: sae.*, {', '.join(SWEEP_KEYS)}")
         merged = OmegaConf.create(base)
         for key, value in overrides.items():
             if key != "name":
                 OmegaConf.update(merged, key, value, merge=True)
         try:
-            member = to_run_config(merged)
+            member = _typed(RunConfig, merged)
+            _validate_run(member)  # a glob not expanded (`validate`): checked for syntax
         except ConfigError as exc:
             raise ConfigError(f"sweep[{i}]: {exc}") from None
-        sae = member.sae
-        named = ("sae.kind", "sae.num_latents", "sae.num_experts", "sae.k", "model.layer", "model.hookpoint", "name")
+        sae, model = member.sae, member.model
+        named = ("sae.kind", "sae.num_latents", "sae.num_experts", "sae.k", "model.layer", "model.hookpoint",
+                 "model.target_hookpoint", "name")
         others = "".join(f"_{key.rsplit('.', 1)[1]}={value}" for key, value in overrides.items() if key not in named)
+        site = site_label(model)
+        if lm and model.target_hookpoint is not None:
+            site += f"_to_{hookpoint_label(model.target_hookpoint)}"
         member.name = str(overrides.get("name", f"{sae.kind}_M{sae.num_latents}_N{sae.num_experts}_k{sae.k}"
-                                                f"_{glob or site_label(member.model)}{others}"))
+                                                f"_{site}{others}"))
         member.trainer.out_dir = f"{run.trainer.out_dir}/{member.name}"
         members.append(member)
     names = [m.name for m in members]
     _require(len(set(names)) == len(names), f"sweep names must differ: {names}")
-    widths = [m.sae.d_out for m in members]
-    _require(len(set(widths)) <= 1, f"sweep: sae.d_out={widths} must be one value: the SAEs share one stream of rows "
-                                    "[x | y]")
-    if run.data.source != "lm":
+    if not lm:
+        widths = [m.sae.d_out for m in members]
+        _require(len(set(widths)) <= 1, f"sweep: sae.d_out={widths} must be one value: the SAEs share one stream of "
+                                        f"rows [x | y] of data.source={run.data.source}")
         layers = sorted({m.model.layer for m in members} - {run.model.layer})
         _require(not layers, f"sweep: model.layer={layers[0] if layers else ''} needs data.source=lm (one site otherwise)")
-        sites = [key for key in dict.fromkeys(site_key(m.model) for m in members) if key != site_key(run.model)]
-        _require(not sites, f"sweep: model.hookpoint={sites[0] if sites else ''} needs data.source=lm "
-                            "(one site otherwise)")
+        for option in ("hookpoint", "target_hookpoint"):
+            sites = [key for key in dict.fromkeys(getattr(m.model, option) for m in members)
+                     if key != getattr(run.model, option)]
+            _require(not sites, f"sweep: model.{option}={sites[0] if sites else ''} needs data.source=lm "
+                                "(one site otherwise)")
     return members
 
 

@@ -1,14 +1,18 @@
 """One activation stream read by several consumers (several SAEs trained from one LM pass).
 
 `SharedStream.view(i, columns)` is consumer i's source: its j-th batch is batch j of the stream, cut to
-`columns` (one hook site's slice of rows that hold several sites). A batch is produced once, when the first
-consumer asks for it, and kept until every consumer has taken it, so the consumers may run in lock-step
-(training) or one after another (evaluation). A view's state is the stream's state after the view's last batch;
-views loaded with one state rewind the stream once.
+`columns`, slices of rows that hold several sites, side by side in their order (one site's columns, or a
+transcoder's input and target sites, [x | y]). A batch is produced once, when the first consumer asks for it, and
+kept until every consumer has taken it, so the consumers may run in lock-step (training) or one after another
+(evaluation). A view's state is the stream's state after the view's last batch; views loaded with one state rewind
+the stream once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
 from torch import Tensor
 
 from sae_dist.data.source import ActivationSource
@@ -26,7 +30,7 @@ class SharedStream:
         self._taken = [0] * consumers
         self._loaded: dict | None = None
 
-    def view(self, consumer: int, columns: slice) -> StreamView:
+    def view(self, consumer: int, columns: Sequence[slice]) -> StreamView:
         return StreamView(self, consumer, columns)
 
     def batch(self, consumer: int, batch_size: int) -> tuple[Tensor, dict]:
@@ -57,16 +61,18 @@ class SharedStream:
 class StreamView(ActivationSource):
     """One consumer's source over a `SharedStream`."""
 
-    def __init__(self, stream: SharedStream, consumer: int, columns: slice) -> None:
+    def __init__(self, stream: SharedStream, consumer: int, columns: Sequence[slice]) -> None:
         self.stream = stream
         self.consumer = consumer
-        self.columns = columns
-        self.d_model = len(range(stream.source.d_model)[columns])
+        self.columns = list(columns)
+        self.d_model = sum(len(range(stream.source.d_model)[c]) for c in self.columns)
         self._state = stream.source.state_dict()
 
     def next_batch(self, batch_size: int) -> Tensor:
         batch, self._state = self.stream.batch(self.consumer, batch_size)
-        return batch[:, self.columns].contiguous()
+        if len(self.columns) == 1:
+            return batch[:, self.columns[0]].contiguous()
+        return torch.cat([batch[:, c] for c in self.columns], dim=1)
 
     def state_dict(self) -> dict:
         return self._state

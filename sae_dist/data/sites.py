@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from sae_dist.config import ConfigError, ModelConfig
-from sae_dist.site_names import hookpoint_parts
+from sae_dist.site_names import hookpoint_parts, is_glob
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -215,15 +215,50 @@ def match_modules(pattern: str, names: Sequence[str]) -> list[str]:
             and all(fnmatch.fnmatchcase(a, b) for a, b in zip(n.split("."), parts, strict=True))]
 
 
-def expand_hookpoint(model: nn.Module, hookpoint: str) -> list[str]:
-    """The hookpoints a glob `hookpoint` (`encoder.layer.*.attention[:side]`) stands for in `model`, in module
-    order; a one-line ConfigError when it matches nothing."""
+def expand_hookpoint(model: nn.Module, hookpoint: str, option: str = "model.hookpoint") -> list[str]:
+    """The hookpoints a glob `hookpoint` stands for in `model`, in module order: over module names
+    (`encoder.layer.*.attention[:side]`) or over the block numbers of an alias (`mlp_in.*` is `mlp_in.0`,
+    `mlp_in.1`, ...); a one-line ConfigError naming `option` when it matches nothing."""
     name, side = hookpoint_parts(hookpoint)
-    names = [n for n, _ in base_model(model).named_modules()]
-    matched = match_modules(name, names) or match_modules(_in_base(model, name, []), names)
+    base = base_model(model)
+    kind, _, number = name.rpartition(".")
+    if kind in BLOCK_ALIASES or any(kind in templates for templates in ALIASES.values()):
+        matched = [f"{kind}.{layer}" for layer in range(len(find_blocks(base))) if fnmatch.fnmatchcase(str(layer), number)]
+        for alias in matched[:1]:  # an alias unknown for this model type: its one-line error
+            _expand_alias(alias, base)
+    else:
+        names = [n for n, _ in base.named_modules()]
+        matched = [f"{n}:{side}" for n in match_modules(name, names) or match_modules(_in_base(model, name, []), names)]
     if not matched:
-        raise ConfigError(f"model.hookpoint={hookpoint} matches no module of the model")
-    return [f"{n}:{side}" for n in matched]
+        raise ConfigError(f"{option}={hookpoint} matches no module of the model")
+    return matched
+
+
+def site_block(model: nn.Module, hookpoint: str) -> int | None:
+    """L when the site `hookpoint` names lies in block L (is the block, its input or output, or a module in it)."""
+    return block_index(resolve_site(model, hookpoint).module, block_path(base_model(model)))
+
+
+def expand_site_pairs(model: nn.Module, hookpoint: str, target: str | None) -> list[tuple[str, str | None]]:
+    """The (model.hookpoint, model.target_hookpoint) pairs of a sweep item whose hookpoint is a glob: each match of
+    `hookpoint` with `target` (None: an SAE), or, `target` a glob too, with the match of `target` in the same block
+    (`mlp_in.*` with `mlp_out.*`: one transcoder per block). A one-line ConfigError when the globs match different
+    numbers of sites or not one site per block each, in the same blocks."""
+    inputs = expand_hookpoint(model, hookpoint)
+    if target is None or not is_glob(target):
+        return [(one, target) for one in inputs]
+    targets = expand_hookpoint(model, target, "model.target_hookpoint")
+    if len(inputs) != len(targets):
+        raise ConfigError(f"model.target_hookpoint={target} matches {len(targets)} sites but model.hookpoint="
+                          f"{hookpoint} matches {len(inputs)}: a pair of globs makes one transcoder per block")
+    input_blocks = [site_block(model, one) for one in inputs]
+    target_blocks = [site_block(model, one) for one in targets]
+    if None in input_blocks or len(set(input_blocks)) != len(inputs) or set(input_blocks) != set(target_blocks):
+        raise ConfigError(f"model.hookpoint={hookpoint} and model.target_hookpoint={target} do not pair by block: "
+                          f"their matches lie in blocks {input_blocks} and {target_blocks}; each glob must match "
+                          "one site in each of the same blocks")
+    target_of_block = dict(zip(target_blocks, targets, strict=True))
+    return [(one, target_of_block[block]) for one, block in zip(inputs, input_blocks, strict=True)]
 
 
 def skeleton(config: PretrainedConfig) -> nn.Module:

@@ -1,7 +1,8 @@
 """Several SAEs from one LM pass: `run.sweep` trains SAEs of other sizes, k or hook sites on one activation stream.
 
 The language model runs once over the text, reading every site in the same forward (rows hold the sites
-side by side); a `SharedStream` hands each batch to every member, cut to its site. Each member is an ordinary
+side by side, a transcoder's target among them); a `SharedStream` hands each batch to every member, cut to its
+site, or to a transcoder's two sites [x | y]. Each member is an ordinary
 `Trainer` with its own run folder (trainer.out_dir/<name>: config, metrics, checkpoints), and the members step
 in turn, so member i's batch j is the batch j that a run of member i alone would see: a sweep equals its members
 trained separately on the same stream (tested), at the price of one LM pass.
@@ -20,8 +21,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from sae_dist.config import RunConfig
-from sae_dist.data import DataUnavailableError, build_activation_source, site_columns
-from sae_dist.data.fanout import SharedStream
+from sae_dist.data import ActivationSource, DataUnavailableError, build_activation_source, site_columns
+from sae_dist.data.fanout import SharedStream, StreamView
+from sae_dist.data.sites import check_target_width
 from sae_dist.parallel.context import ParallelContext
 from sae_dist.parallel.failures import on_every_rank
 from sae_dist.run_dir import CHECKPOINTS_DIR, checkpoint_name, latest_checkpoint
@@ -35,28 +37,48 @@ from sae_dist.validation import sweep_members
 
 def prepare_sweep(run: RunConfig, world_size: int = 1, overrides: list[str] | None = None) -> list[RunPlan]:
     """Every member of `run.sweep` checked as a run of its own (see `plan.prepare_run`)."""
-    members = sweep_members(run, lambda glob: preflight.expand_hookpoint(run.model, glob))
+    members = sweep_members(run, lambda glob, target: preflight.expand_site_pairs(run.model, glob, target))
     return [prepare_run(member, world_size, overrides) for member in members]
 
 
+def member_sites(member: RunConfig) -> list[int | str]:
+    """The sites a member's rows hold, in their order: its input site (a block number or hookpoint), then a
+    transcoder's target (rows [x | y])."""
+    target = member.model.target_hookpoint
+    return [site_key(member.model), *([] if target is None else [target])]
+
+
 def sweep_sites(members: list[RunConfig]) -> list[int | str]:
-    """The sites of a sweep (block numbers, hookpoints), in the order they first appear."""
-    return list(dict.fromkeys(site_key(member.model) for member in members))
+    """The sites of a sweep (block numbers, hookpoints), inputs and targets, in the order they first appear."""
+    return list(dict.fromkeys(site for member in members for site in member_sites(member)))
+
+
+def member_sources(members: list[RunConfig], source: ActivationSource) -> list[StreamView]:
+    """Each member's source over one stream of `source`: over data.source=lm, a source reading `sweep_sites(members)`
+    in one pass, of which each member takes the columns of its own sites, [x] or [x | y] (a target of another
+    width than its sae.d_out: one-line ConfigError); else the whole rows."""
+    lm = members[0].data.source == "lm"
+    columns = site_columns(source) if lm else [slice(None)]
+    sites = sweep_sites(members)
+    stream = SharedStream(source, len(members))
+    views = []
+    for i, member in enumerate(members):
+        own = [columns[sites.index(site)] for site in member_sites(member)] if lm else columns
+        if lm:
+            check_target_width(member.model, own[-1].stop - own[-1].start, member.sae.d_out)
+        views.append(stream.view(i, own))
+    return views
 
 
 def build_members(plans: list[RunPlan], ctx: ParallelContext) -> list[Trainer]:
-    """One trainer per sweep member, all fed by one stream of this rank's activations."""
+    """One trainer per sweep member, all fed by one stream of this rank's activations (`member_sources`)."""
     first = plans[0].run
     members = [plan.run for plan in plans]
-    lm = first.data.source == "lm"
-    sites = sweep_sites(members)
-    source = build_activation_source(first, ctx.rank, ctx.world_size, plans[0].device, sites if lm else None)
-    columns = site_columns(source) if lm else [slice(None)]
-    stream = SharedStream(source, len(members))
+    sites = sweep_sites(members) if first.data.source == "lm" else None
+    source = build_activation_source(first, ctx.rank, ctx.world_size, plans[0].device, sites)
     trainers = []
-    for i, plan in enumerate(plans):
-        site = sites.index(site_key(plan.run.model)) if lm else 0
-        trainer = start_trainer(plan, ctx, stream.view(i, columns[site]))
+    for i, (plan, view) in enumerate(zip(plans, member_sources(members, source), strict=True)):
+        trainer = start_trainer(plan, ctx, view)
         trainer.defer_rotation = True  # step_round rotates once every member has saved
         trainer.profiles = i == 0  # one profiler at a time; the first member's window covers every member's steps
         trainers.append(trainer)

@@ -247,13 +247,14 @@ def model_skeleton(config: dict):
     return sites.skeleton(AutoConfig.for_model(**config))
 
 
-def expand_hookpoint(cfg: ModelConfig, glob: str) -> list[str]:
-    """The hookpoints the glob `glob` stands for in the model of `cfg` (its skeleton), in module order."""
+def expand_site_pairs(cfg: ModelConfig, hookpoint: str, target: str | None) -> list[tuple[str, str | None]]:
+    """The (hookpoint, target) pairs a sweep item's glob `hookpoint` (and glob `target`) stand for in the model of
+    `cfg` (its skeleton; `sites.expand_site_pairs`)."""
     config = model_config(cfg)
     if config is None:
-        raise ConfigError(f"model.hookpoint={glob}: a glob needs the model's config.json on this machine "
+        raise ConfigError(f"model.hookpoint={hookpoint}: a glob needs the model's config.json on this machine "
                           f"({hub_download_hint(cfg.name)})")
-    return sites.expand_hookpoint(model_skeleton(config), glob)
+    return sites.expand_site_pairs(model_skeleton(config), hookpoint, target)
 
 
 # --- device and memory ----------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ output changes what the model computes as the hand computation says."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -15,7 +16,7 @@ from transformers import AutoConfig
 from sae_dist.config import ConfigError, ModelConfig, RunConfig
 from sae_dist.data import HookedLM, build_activation_source, model_site, resolve_site, site_columns, splice
 from sae_dist.data.lm import lm_skeleton, load_lm
-from sae_dist.data.sites import Site, expand_hookpoint, site_module, site_width, skeleton
+from sae_dist.data.sites import Site, expand_hookpoint, expand_site_pairs, site_module, site_width, skeleton
 from sae_dist.train.preflight import activation_width
 from sae_dist.train.run import train_from_config
 from sae_dist.validation import sweep_members, validate
@@ -147,11 +148,55 @@ def test_a_glob_makes_one_sweep_member_per_module(tmp_path, minilm):
     run.data.source, run.model.name = "lm", "minilm-bundled"
     run.sweep = [{"model": {"hookpoint": "encoder.layer.*.intermediate:input"}}, {"model": {"layer": 2}}]
     validate(run)  # without the model: the glob's syntax only
-    members = sweep_members(run, lambda glob: expand_hookpoint(minilm[0], glob))
+    members = sweep_members(run, lambda glob, target: expand_site_pairs(minilm[0], glob, target))
     assert [m.model.hookpoint for m in members] == [*(f"encoder.layer.{i}.intermediate:input" for i in range(6)), None]
     assert members[3].name.endswith("_encoder.layer.3.intermediate-input") and members[-1].name.endswith("_L2")
     run.sweep, run.model.hookpoint = [], "encoder.layer.*.attention"
     with pytest.raises(ConfigError, match="is a glob: put it in a sweep item"):
+        validate(run)
+
+
+def test_globs_over_an_aliases_blocks(minilm):
+    assert expand_hookpoint(minilm[0], "mlp_out.*") == [f"mlp_out.{i}" for i in range(6)]
+    assert expand_hookpoint(minilm[0], "resid_pre.[0-1]") == ["resid_pre.0", "resid_pre.1"]
+    with pytest.raises(ConfigError, match=re.escape("model.target_hookpoint=mlp_out.[7-9] matches no module")):
+        expand_hookpoint(minilm[0], "mlp_out.[7-9]", "model.target_hookpoint")
+    with pytest.raises(ConfigError, match="the alias mlp_out is known for model types gpt2, bert, llama, not 'gptj'"):
+        expand_hookpoint(skeleton(AutoConfig.for_model("gptj", n_layer=2, n_embd=64, n_head=4)), "mlp_out.*")
+
+
+def test_glob_pairs_pair_by_block(minilm):
+    """A glob target pairs each match with the input site of its block, whatever the names that match; globs that
+    match other counts or blocks, or a glob target beside one input site, are one line."""
+    model, _ = minilm
+    pairs = expand_site_pairs(model, "encoder.layer.[34].intermediate:input", "mlp_out.[34]")
+    assert pairs == [("encoder.layer.3.intermediate:input", "mlp_out.3"),
+                     ("encoder.layer.4.intermediate:input", "mlp_out.4")]
+    assert expand_site_pairs(model, "mlp_in.[01]", "mlp_out.5") == [("mlp_in.0", "mlp_out.5"), ("mlp_in.1", "mlp_out.5")]
+    assert expand_site_pairs(model, "mlp_in.[01]", None) == [("mlp_in.0", None), ("mlp_in.1", None)]
+    refusals = [
+        ("mlp_in.[0-2]", "mlp_out.*", ("model.target_hookpoint=mlp_out.* matches 6 sites but model.hookpoint="
+                                       "mlp_in.[0-2] matches 3: a pair of globs makes one transcoder per block")),
+        ("mlp_in.[0-2]", "mlp_out.[3-5]", ("model.hookpoint=mlp_in.[0-2] and model.target_hookpoint=mlp_out.[3-5] "
+                                           "do not pair by block: their matches lie in blocks [0, 1, 2] and [3, 4, 5]")),
+        ("encoder.layer.[01].*.dense", "mlp_out.[0-3]", "blocks [0, 0, 1, 1] and [0, 1, 2, 3]"),  # two in a block
+    ]
+    for hookpoint, target, message in refusals:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            expand_site_pairs(model, hookpoint, target)
+    run = RunConfig(model=ModelConfig(name="minilm-bundled"), sae=replace(RunConfig().sae, d_out=384))
+    run.sweep = [{"model": {"hookpoint": "mlp_in.2", "target_hookpoint": "mlp_out.*"}}]
+    with pytest.raises(ConfigError, match=re.escape("sweep[0]: model.target_hookpoint=mlp_out.* is a glob: pair it "
+                                                    "with a glob model.hookpoint in the same item")):
+        validate(run)
+    run.sweep, run.model.hookpoint, run.model.target_hookpoint = [], "mlp_in.*", "mlp_out.*"
+    with pytest.raises(ConfigError, match=re.escape("model.hookpoint=mlp_in.* is a glob: put it in a sweep item "
+                                                    "(sweep=[{model: {hookpoint: 'mlp_in.*', target_hookpoint: "
+                                                    "'mlp_out.*'}}]), one transcoder per block")):
+        validate(run)
+    run.model.hookpoint = "mlp_in.3"
+    with pytest.raises(ConfigError, match=re.escape("model.target_hookpoint=mlp_out.* is a glob: pair it with a glob "
+                                                    "model.hookpoint in a sweep item")):
         validate(run)
 
 

@@ -59,6 +59,26 @@ def test_sweep_over_hook_sites_reads_the_lm_once(tiny_gpt2_dir, make_run, tmp_pa
         assert_same_weights(result["trainer"], alone(member, tmp_path))
 
 
+def test_a_sweep_of_transcoders_equals_its_members_alone(tiny_gpt2_dir, make_run, tmp_path):  # noqa: F811
+    """Transcoders of blocks 0 and 1 (a glob pair), one of block 1's MLP input to its 256-wide hidden layer, and an SAE
+    of block 2: one pass reads their sites and each member trains as it would alone, bit for bit."""
+    run = make_run(steps=3, checkpoint_every=3)
+    run.data.source, run.data.dataset, run.data.ctx_len, run.data.shuffle_buffer = "lm", "pydoc-topics", 32, 512
+    run.model.name, run.model.path, run.model.layer, run.sae.d_out = "tiny", str(tiny_gpt2_dir), 2, 64
+    run.sweep = [{"model": {"hookpoint": "mlp_in.*[01]", "target_hookpoint": "mlp_out.*[01]"}},
+                 {"model": {"hookpoint": "mlp_in.1", "target_hookpoint": "h.1.mlp.c_fc"}, "sae": {"d_out": 256}},
+                 {"sae": {"d_out": None}}]
+    validate(run)
+    results = train_from_config(run, eval_batches=1)
+    trainers = [result["trainer"] for result in results]
+    assert [(t.run.model.hookpoint, t.run.model.target_hookpoint, t.run.sae.d_out) for t in trainers] == [
+        ("mlp_in.0", "mlp_out.0", 64), ("mlp_in.1", "mlp_out.1", 64), ("mlp_in.1", "h.1.mlp.c_fc", 256),
+        (None, None, None)]
+    assert trainers[0].source.stream.source.d_model == 4 * 64 + 256 + 64  # one pass, every site once
+    for trainer in trainers:
+        assert_same_weights(trainer, alone(trainer.run, tmp_path))
+
+
 def test_resume_starts_every_member_from_a_step_they_all_have(make_run, tmp_path):
     whole = make_run(steps=12, checkpoint_every=4, keep_checkpoints=3, out_dir=str(tmp_path / "whole"))
     whole.sweep = [{"sae.k": 4}, {"sae.k": 8}]
@@ -93,6 +113,11 @@ def test_resume_starts_every_member_from_a_step_they_all_have(make_run, tmp_path
         ([{"sae.k": 4}, {"sae.k": 4}], "sweep names must differ"),
         ([{"sae.kk": 4}], r"sweep\[0\]: sae.kk"),
         ([{"model.layer": 2}], "needs data.source=lm"),
+        ([{"model": {"target_hookpoint": "mlp_out.3"}, "sae.d_out": 64}],
+         "sweep: model.target_hookpoint=mlp_out.3 needs data.source=lm"),
+        ([{"sae.d_out": 64}, {"sae.d_out": 32}],
+         (r"sweep: sae.d_out=\[64, 32\] must be one value: the SAEs share one stream of rows \[x \| y\] of "
+          "data.source=synthetic")),
     ],
 )
 def test_bad_sweeps_are_one_line_errors(make_run, sweep, message):

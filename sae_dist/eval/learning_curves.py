@@ -122,12 +122,15 @@ def plot_curves(curves: dict[int, dict[str, tuple[list[float], list[float], list
                 title: str) -> Path:
     """MSE vs tokens (top row) and vs training FLOPs (bottom row), one column per k.
 
-    `curves[k][label] = (tokens, flops, mse)`; the dense TopK curve's label starts with 'dense'."""
+    `curves[k][label] = (tokens, flops, mse)`; the dense TopK curve's label starts with 'dense' (black). A label has
+    one colour in every panel."""
     ks = sorted(curves)
+    others = sorted({label for by_label in curves.values() for label in by_label if not label.startswith("dense")})
+    colours = {label: f"C{i % 10}" for i, label in enumerate(others)}
     fig, axes = new_figure(2, len(ks), figsize=(6.0 * len(ks), 8.0))
     for column, k in enumerate(ks):
         for label, (tokens, flops, mse) in sorted(curves[k].items()):
-            style = {"color": "black", "linewidth": 2.2} if label.startswith("dense") else {}
+            style = {"color": "black", "linewidth": 2.2} if label.startswith("dense") else {"color": colours[label]}
             axes[0, column].plot(tokens, mse, marker="o", markersize=3, label=label, **style)
             axes[1, column].plot(flops, mse, marker="o", markersize=3, label=label, **style)
         for row, xlabel in enumerate(("training tokens (token-steps)", "training FLOPs (encoder, paper's count)")):

@@ -67,3 +67,20 @@ def test_a_transcoder_curve_scores_the_target(tmp_path):
         y_hat_TO = load_sae(tmp_path / "run").forward(rows[:, :64]).x_hat_TD
     assert y_hat_TO.shape == (600, 24)
     assert points[-1].mse == pytest.approx(float((rows[:, 64:] - y_hat_TO).pow(2).sum(1).mean()), rel=1e-5)
+
+
+def test_a_curve_has_one_colour_in_every_panel(tmp_path, monkeypatch):
+    """k = 16 lacks a run that k = 32 has: each label keeps its colour across the panels, dense is black."""
+    figures = []
+    monkeypatch.setattr(learning_curves, "save_figure", lambda fig, out: figures.append(fig) or out)
+    curve = ([1e6, 2e6], [1e12, 2e12], [3.0, 2.0])
+    curves = {16: {"dense": curve, "paper": curve, "recommended": curve},
+              32: {"dense": curve, "expert_lr": curve, "paper": curve, "recommended": curve}}
+    learning_curves.plot_curves(curves, tmp_path / "curves.png", "title")
+    colour_of: dict[str, set] = {}
+    for ax in figures[0].axes:
+        for line in ax.get_lines():
+            colour_of.setdefault(line.get_label(), set()).add(line.get_color())
+    assert colour_of["dense"] == {"black"}
+    assert all(len(colours) == 1 for colours in colour_of.values()), colour_of
+    assert len({next(iter(c)) for c in colour_of.values()}) == 4

@@ -213,10 +213,15 @@ def _discard_unpublished(tmp: Path, final: Path, run_dir: Path) -> None:
 
 
 def rotate_checkpoints(root: Path, keep: int, current_step: int) -> None:
-    """Delete all but the `keep` newest checkpoints up to `current_step` (the one `latest` names)."""
+    """Delete all but the `keep` newest checkpoints up to `current_step` (the one `latest` names). Each is renamed
+    to a temporary name first (atomic), so a kill while deleting leaves a folder that `remove_partial_checkpoints`
+    removes at the next start, never a half-deleted checkpoint under its own name."""
     done = sorted(p for p in root.glob("step_*[0-9]") if checkpoint_step(p) <= current_step)
     for old in done[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = old.with_name(old.name + TMP_SUFFIX)
+        shutil.rmtree(doomed, ignore_errors=True)  # what an earlier kill here left
+        old.rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def remove_partial_checkpoints(run_dir: Path) -> list[Path]:

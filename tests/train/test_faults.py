@@ -338,3 +338,30 @@ def test_the_stop_line_names_a_folder_that_hydra_reads_back(folder):
     words = shlex.split(message.split("the same command with ", 1)[1].split(" (trainer.resume=auto)")[0])
     (override,) = OverridesParser.create().parse_overrides(words)
     assert override.key_or_group == "trainer.out_dir" and override.value() == folder
+
+
+def test_a_kill_while_rotating_leaves_no_half_deleted_checkpoint(make_run, monkeypatch):
+    """Formerly a kill inside rotation left step_N with some of its files deleted, under its own name, until the next
+    rotation; now the old checkpoint is renamed away first, and the next start removes the rest."""
+    run = make_run(steps=3, checkpoint_every=1, keep_checkpoints=5)
+    Trainer(run, build_activation_source(run)).train()
+    root = Path(run.trainer.out_dir) / "checkpoints"
+    assert sorted(p.name for p in root.glob("step_*")) == [f"step_0000000{i}" for i in (1, 2, 3)]
+    real_rmtree = shutil.rmtree
+
+    def killed_halfway(path, ignore_errors=False):
+        files = sorted(p for p in Path(path).rglob("*") if p.is_file())
+        if not files:
+            return real_rmtree(path, ignore_errors=ignore_errors)
+        files[0].unlink()
+        raise KeyboardInterrupt  # the kill
+
+    monkeypatch.setattr(shutil, "rmtree", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.rotate_checkpoints(root, keep=1, current_step=3)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000001.tmp", "step_00000002", "step_00000003"]
+    for name in ("step_00000002", "step_00000003"):
+        verify_files(root / name)
+    assert ckpt.remove_partial_checkpoints(run.trainer.out_dir) == [root / "step_00000001.tmp"]
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000002", "step_00000003"]

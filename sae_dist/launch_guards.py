@@ -22,7 +22,6 @@ from sae_dist.run_dir import CheckpointError, latest_checkpoint, read_checkpoint
 from sae_dist.run_lock import FolderLock
 from sae_dist.train import identity, preflight
 from sae_dist.train.preflight import check_output_folder
-from sae_dist.validation import sweep_members
 
 WATCH_GRACE_MARGIN_S = 60.0
 """Seconds an orphaned worker may take, beyond the collective timeout, to checkpoint and stop."""
@@ -64,7 +63,7 @@ def check_resumed_width(run: RunConfig, overrides: list[str] | None) -> None:
     """Each run (each sweep member) that continues from a checkpoint gets activations of the checkpoint's d_model;
     else a one-line CheckpointError naming both widths and where the activations come from."""
 
-    for member in sweep_members(run) if run.sweep else [run]:
+    for member in preflight.expanded_sweep_members(run) if run.sweep else [run]:
         if resume_mode(member.trainer) == "false":
             continue  # the run refuses the folder's checkpoints anyway (`identity.checkpoint_to_resume`)
         latest = latest_checkpoint(member.trainer.out_dir)

@@ -32,13 +32,11 @@ from sae_dist.train import preflight
 from sae_dist.train.plan import RunPlan, finish_run, prepare_run, start_trainer
 from sae_dist.train.preemption import HeldSignals, StopRequested, StopSignals
 from sae_dist.train.trainer import Trainer
-from sae_dist.validation import sweep_members
 
 
 def prepare_sweep(run: RunConfig, world_size: int = 1, overrides: list[str] | None = None) -> list[RunPlan]:
     """Every member of `run.sweep` checked as a run of its own (see `plan.prepare_run`)."""
-    members = sweep_members(run, lambda glob, target: preflight.expand_site_pairs(run.model, glob, target))
-    return [prepare_run(member, world_size, overrides) for member in members]
+    return [prepare_run(member, world_size, overrides) for member in preflight.expanded_sweep_members(run)]
 
 
 def member_sites(member: RunConfig) -> list[int | str]:

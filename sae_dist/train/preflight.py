@@ -29,6 +29,7 @@ from sae_dist.data.lm import MINILM_BUNDLED, hub_download_hint
 from sae_dist.data.source import require_hub
 from sae_dist.data.text import LOCAL_BUILDERS, require_hub_dataset
 from sae_dist.train.agreed_writes import existing_ancestor
+from sae_dist.validation import sweep_members
 
 BYTES_PER_TRAINED_PARAMETER = 16
 """float32 weight, gradient and two Adam moments."""
@@ -255,6 +256,11 @@ def expand_site_pairs(cfg: ModelConfig, hookpoint: str, target: str | None) -> l
         raise ConfigError(f"model.hookpoint={hookpoint}: a glob needs the model's config.json on this machine "
                           f"({hub_download_hint(cfg.name)})")
     return sites.expand_site_pairs(model_skeleton(config), hookpoint, target)
+
+
+def expanded_sweep_members(run: RunConfig) -> list[RunConfig]:
+    """The runs of `run.sweep`, each glob item expanded over the model's modules (one run per matching site)."""
+    return sweep_members(run, lambda glob, target: expand_site_pairs(run.model, glob, target))
 
 
 # --- device and memory ----------------------------------------------------------------------------------------------

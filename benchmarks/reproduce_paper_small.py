@@ -213,7 +213,8 @@ def main() -> None:
     args = parser.parse_args()
     for cache in (args.train_cache, args.heldout_cache):
         if not (cache / "manifest.json").is_file():
-            parser.error(f"{cache} holds no activation cache (manifest.json); write one with launch/cache_activations.py")
+            parser.error(f"{cache} holds no activation cache (manifest.json); write one with "
+                         "launch/cache_activations.py")
     train_manifest, heldout_manifest = read_manifest(args.train_cache), read_manifest(args.heldout_cache)
     if "site" not in train_manifest:
         parser.error(f"--train-cache {args.train_cache} records no site; write it with launch/cache_activations.py")
@@ -222,7 +223,8 @@ def main() -> None:
     if mismatch:
         parser.error(f"--heldout-cache {args.heldout_cache} holds {mismatch.split(';')[0]} (the training cache's)")
     d_out = cache_target_width(train_manifest)
-    d_in = CacheUnitReader(args.train_cache).d_model - (d_out or 0)
+    train_rows = CacheUnitReader(args.train_cache)
+    d_in = train_rows.d_model - (d_out or 0)
     # --only may name a run of any recipe, without --recipes
     runs = planned_runs(args, list(RECIPES) if args.only else args.recipes, d_out)
     unknown = sorted(set(args.only or []) - set(runs))
@@ -263,7 +265,7 @@ def main() -> None:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load = os.getloadavg()
     widths = f"d_in = {d_in}, d_out = {d_out}" if d_out else f"d = {d_in}"
-    passes = args.tokens / CacheUnitReader(args.train_cache).total_rows
+    passes = args.tokens / train_rows.total_rows
     held = documents_held(heldout_manifest)
     heldout_words = f"{args.heldout_rows:,} held-out rows" + (f" of {held} documents" if held is not None else "")
     header = (f"{stamp}, {machine()}, load {load[0]:.1f}; dense M = {args.width}, Switch N = {args.experts}, "

@@ -238,7 +238,8 @@ class TrainerConfig:
     state stay float32 either way."""
     out_dir: str = option("runs/default", on_resume=PER_COMMAND, changes_math=False,
                           checked_by=(VALIDATE, PREFLIGHT))
-    """The run folder: its config, checkpoints and metrics (a sweep's members in out_dir/<name>; sae_dist/run_dir.py)."""
+    """The run folder: its config, checkpoints and metrics (a sweep's members in out_dir/<name>;
+    sae_dist/run_dir.py)."""
     log_every: int = option(10, on_resume=CHANGEABLE, changes_math=False)
     """Steps between rows of the metrics log (metrics.jsonl, the console, TensorBoard, W&B)."""
     checkpoint_every: int = option(1000, on_resume=CHANGEABLE, changes_math=False)

@@ -223,7 +223,8 @@ def expand_hookpoint(model: nn.Module, hookpoint: str, option: str = "model.hook
     base = base_model(model)
     kind, _, number = name.rpartition(".")
     if kind in BLOCK_ALIASES or any(kind in templates for templates in ALIASES.values()):
-        matched = [f"{kind}.{layer}" for layer in range(len(find_blocks(base))) if fnmatch.fnmatchcase(str(layer), number)]
+        layers = range(len(find_blocks(base)))
+        matched = [f"{kind}.{layer}" for layer in layers if fnmatch.fnmatchcase(str(layer), number)]
         for alias in matched[:1]:  # an alias unknown for this model type: its one-line error
             _expand_alias(alias, base)
     else:

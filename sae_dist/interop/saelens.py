@@ -15,10 +15,10 @@ TopK expert.
 The metadata names the site: `hook_name` is the TransformerLens hook where one matches the site (block L's input and
 output `blocks.L.hook_resid_pre` / `hook_resid_post`, its attention's and MLP's outputs `blocks.L.hook_attn_out` /
 `hook_mlp_out` in GPT-2-like and Llama-like models), else the Hugging Face module path (with ':input' for an input);
-`hf_hook_name` (SAELens's key; also written as `hf_hook_point`, its earlier name here) is always the module path and
-side (`sae_dist/data/sites.py`); a transcoder's target site is `hook_name_out` and `hf_hook_name_out` alike. Both need the model's config.json on this machine; without it
-`hook_name` is `model.hookpoint` as written, or `blocks.L.hook_resid_post` for `model.layer`, and `hook_name_out`
-`model.target_hookpoint` as written.
+`hf_hook_name` (SAELens's key; also written as `hf_hook_point`, the name earlier exports used) is always the module
+path and side (`sae_dist/data/sites.py`); a transcoder's target site is `hook_name_out` and `hf_hook_name_out`
+alike. Both need the model's config.json where the export runs; without it `hook_name` is `model.hookpoint` as
+written, or `blocks.L.hook_resid_post` for `model.layer`, and `hook_name_out` `model.target_hookpoint` as written.
 
 An SAE trained on normalised activations (data.normalize_activations) exports as `load_sae` gives it, its input
 scale (a transcoder's two scales) folded into the weights: the export takes and returns raw activations, and its

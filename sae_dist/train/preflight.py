@@ -1,11 +1,11 @@
 """Checks that need neither a model nor data, run by every command before it loads either.
 
-The output folder is (or can be made) a writable folder and its disk has room; input files and folders exist and
-are not empty, and a builder's data files yield their first record (read as a stream); the device exists; the SAE's training state fits in memory; the hooked layer and the context length
-fit the language model, and `model.hookpoint` names one of its modules with a side it has, a transcoder's
-`model.target_hookpoint` one `sae.d_out` wide (read from its config.json and the model's skeleton built on the meta
-device, not its weights); a cache holds the run's sites and target width. Each failure is a
-one-line ConfigError.
+The output folder is (or can be made) a writable folder and its disk has room; input files and folders exist and are
+not empty, and a builder's data files yield their first record (read as a stream); the device exists; the SAE's
+training state fits in memory; the hooked layer and the context length fit the language model, and `model.hookpoint`
+names one of its modules with a side it has, a transcoder's `model.target_hookpoint` one `sae.d_out` wide (read from
+its config.json and the model's skeleton built on the meta device, not its weights); a cache holds the run's sites
+and target width. Each failure is a one-line ConfigError.
 """
 
 from __future__ import annotations

@@ -125,8 +125,9 @@ def sae_dist_step(kind: str, latents: int, experts: int, args, x_BD: torch.Tenso
     transcoder (`skip`: with the skip connection) whose batch `x_BD` is the rows [x | y]."""
     run = RunConfig(
         sae=SAEConfig(kind=kind, num_latents=latents, num_experts=experts, k=args.k,
-                      auxk_alpha=1 / 32 if dead_fraction else 0.0, encoder_backward=args.encoder_backward,
-                      decoder=args.decoder, d_out=d_out, skip=skip),
+                      auxk_alpha=1 / 32 if dead_fraction else 0.0,
+                      encoder_backward_kernel=args.encoder_backward_kernel, decoder_kernel=args.decoder_kernel,
+                      d_out=d_out, skip=skip),
         data=DataConfig(source="synthetic", d_model=args.d),
         trainer=TrainerConfig(batch_size=args.batch, steps=10**6, progress=False, tensorboard=False,
                               device=args.device, dtype=args.dtype, optimizer_state=optimizer_state,
@@ -232,8 +233,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="measured steps per implementation")
     parser.add_argument("--reference-repeats", type=int, default=2, help="measured dense-then-mask steps (0: skip)")
     parser.add_argument("--no-peers", action="store_true", help="skip sparsify and the dense-then-mask step")
-    parser.add_argument("--encoder-backward", default="auto", choices=["auto", "sparse", "gemm"])
-    parser.add_argument("--decoder", default="auto", choices=["auto", "gather", "gemm"])
+    parser.add_argument("--encoder-backward-kernel", "--encoder-backward", default="auto",
+                        choices=["auto", "sparse", "gemm"], help="sae.encoder_backward_kernel")
+    parser.add_argument("--decoder-kernel", "--decoder", default="auto", choices=["auto", "gather", "gemm"],
+                        help="sae.decoder_kernel")
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
                         help="after the table, torch.profiler's top ROWS operators of the first M's narrowest "
                         "(dense TopK when N = 1 is timed) and widest steps")
@@ -267,7 +270,7 @@ def main() -> None:
 
     title = (f"Training step, d = {args.d}, k = {args.k}, B = {args.batch}, {args.dtype}; {machine(device)}; "
              f"torch {torch.__version__}; {datetime.date.today()}; load {os.getloadavg()[0]:.1f} at start; "
-             f"formulation {args.encoder_backward}/{args.decoder}")
+             f"formulation {args.encoder_backward_kernel}/{args.decoder_kernel}")
     table = Table(title=title)
     for column in ("step", "M", "N", "ms/step", "tokens/s", "peak GiB", "x routed floor", "x dense floor",
                    "vs sparsify"):

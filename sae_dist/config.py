@@ -61,6 +61,23 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message is one line naming the value and what is allowed."""
 
 
+RENAMED_OPTIONS = {"sae.encoder_backward": "sae.encoder_backward_kernel", "sae.decoder": "sae.decoder_kernel"}
+"""Old name -> new name of each renamed option. The schema keeps the old name (None unless given) for one release, so
+that Hydra accepts it on command lines and in YAML and Python code may still pass it; the group's dataclass moves a
+value given under it to the new name when it is built (`take_old_names`), `sae_dist.validation` notes it in one line,
+and saved configs hold the new name only (`as_dict`)."""
+
+
+def take_old_names(group: Any, section: str) -> None:
+    """Move the values `group` (the config group `section`) holds under renamed options' old names to their new ones."""
+    for old, new in RENAMED_OPTIONS.items():
+        old_section, old_key = old.split(".")
+        value = getattr(group, old_key) if old_section == section else None
+        if value is not None:
+            setattr(group, new.split(".")[1], value)
+            setattr(group, old_key, None)
+
+
 @dataclass
 class SAEConfig:
     """The sparse autoencoder (docs/math.md sections 1-2)."""
@@ -111,12 +128,20 @@ class SAEConfig:
     skip: bool = option(False, checked_by=(VALIDATE,))
     """A transcoder's learned skip connection W_skip x (d_out x d_in, zero at initialisation) added to its
     reconstruction (skip transcoders); needs `d_out`."""
-    encoder_backward: str = option("auto", performance=True)
-    """Encoder backward of the TopK experts: 'sparse' (scatter over the k selected latents), 'gemm' (grouped GEMMs
-    over the scattered gradient) or 'auto' (sparse on CPU; gemm on GPU up to 8192 latents per expert)."""
-    decoder: str = option("auto", performance=True)
-    """Decoder of the TopK experts: 'gather' (the k selected rows), 'gemm' (a grouped GEMM over the scattered codes)
-    or 'auto' (gather on CPU; gemm on GPU up to 8192 latents per expert)."""
+    encoder_backward_kernel: str = option("auto", performance=True)
+    """How the TopK experts' encoder backward is computed (the same math): 'sparse' (scatter over the k selected
+    latents), 'gemm' (grouped GEMMs over the scattered gradient) or 'auto' (sparse on CPU; gemm on GPU up to 8192
+    latents per expert)."""
+    decoder_kernel: str = option("auto", performance=True)
+    """How the TopK experts' decoder is computed (the same math): 'gather' (the k selected rows), 'gemm' (a grouped
+    GEMM over the scattered codes) or 'auto' (gather on CPU; gemm on GPU up to 8192 latents per expert)."""
+    encoder_backward: str | None = option(None, performance=True)
+    """The old name of `sae.encoder_backward_kernel`, read as it (with a one-line note) until the next release."""
+    decoder: str | None = option(None, performance=True)
+    """The old name of `sae.decoder_kernel`, read as it (with a one-line note) until the next release."""
+
+    def __post_init__(self) -> None:
+        take_old_names(self, "sae")
 
 
 @dataclass
@@ -345,7 +370,12 @@ def resume_mode(trainer: TrainerConfig) -> str:
 
 
 def as_dict(run: RunConfig) -> dict:
-    return asdict(run)
+    """The run as nested dicts, as config files store it: without the old names of renamed options."""
+    values = asdict(run)
+    for old in RENAMED_OPTIONS:
+        section, key = old.split(".")
+        values[section].pop(key)
+    return values
 
 
 # --- launch/cache_activations.py --------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ hands to `use_architectures` when it is imported (`sae_dist/__init__.py`)."""
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Protocol
@@ -24,6 +26,7 @@ from sae_dist.config import (
     MAX_SEED,
     NONFINITE_POLICIES,
     NORMALIZATIONS,
+    RENAMED_OPTIONS,
     RESUME_MODES,
     SAMPLE_BY,
     SWEEP_KEYS,
@@ -121,9 +124,29 @@ def _typed(schema: type, cfg: Any) -> Any:
 
 
 
-def to_run_config(cfg: Any) -> RunConfig:
-    """Merge a Hydra/OmegaConf config into the typed schema and validate it."""
-    run = _typed(RunConfig, cfg)
+_RENAMES_NOTED: set[str] = set()
+"""The old option names already noted in this process (a note once, however often configs are built)."""
+
+
+def _typed_run(cfg: Any, note_renamed: bool) -> RunConfig:
+    """`_typed` for RunConfig, whose groups take a value given under a renamed option's old name (`RENAMED_OPTIONS`)
+    as their new name's. With `note_renamed` (a command line or a YAML file used the old name), rank 0 says so in one
+    line on stderr, once per name and process."""
+    values = OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else dict(cfg)
+    for old, new in RENAMED_OPTIONS.items():
+        section, key = old.split(".")
+        value = (values.get(section) or {}).get(key)
+        if value is not None and note_renamed and old not in _RENAMES_NOTED and os.environ.get("RANK", "0") == "0":
+            _RENAMES_NOTED.add(old)
+            print(f"note: {old} is renamed {new}; {old}={value} is read as {new}={value} until the next release",
+                  file=sys.stderr, flush=True)
+    return _typed(RunConfig, cfg)
+
+
+
+def to_run_config(cfg: Any, note_renamed: bool = True) -> RunConfig:
+    """Merge a Hydra/OmegaConf config into the typed schema and validate it (`_typed_run` for `note_renamed`)."""
+    run = _typed_run(cfg, note_renamed)
     validate(run)
     return run
 
@@ -221,8 +244,8 @@ def _validate_sae(sae: SAEConfig) -> None:
     _positive("sae.num_latents", sae.num_latents)
     _positive("sae.num_experts", sae.num_experts)
     _positive("sae.experts_per_token", sae.experts_per_token)
-    _one_of("sae.encoder_backward", sae.encoder_backward, ("auto", "sparse", "gemm"))
-    _one_of("sae.decoder", sae.decoder, ("auto", "gather", "gemm"))
+    _one_of("sae.encoder_backward_kernel", sae.encoder_backward_kernel, ("auto", "sparse", "gemm"))
+    _one_of("sae.decoder_kernel", sae.decoder_kernel, ("auto", "gather", "gemm"))
     _require(
         sae.num_latents % sae.num_experts == 0,
         f"sae.num_latents={sae.num_latents} is not divisible by sae.num_experts={sae.num_experts}",
@@ -363,7 +386,7 @@ def sweep_members(run: RunConfig, expand: PairExpander | None = None) -> list[Ru
             if key != "name":
                 OmegaConf.update(merged, key, value, merge=True)
         try:
-            member = _typed(RunConfig, merged)
+            member = _typed_run(merged, note_renamed=True)
             _validate_run(member)  # a glob not expanded (`validate`): checked for syntax
         except ConfigError as exc:
             raise ConfigError(f"sweep[{i}]: {exc}") from None
@@ -397,7 +420,7 @@ def sweep_members(run: RunConfig, expand: PairExpander | None = None) -> list[Ru
 
 def from_dict(values: dict) -> RunConfig:
     """Rebuild a RunConfig from `as_dict` output (e.g. a checkpoint's config.json)."""
-    return to_run_config(OmegaConf.create(values))
+    return to_run_config(OmegaConf.create(values), note_renamed=False)
 
 
 

@@ -9,11 +9,20 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from sae_dist.config import ConfigError, RunConfig, option_facts, options_where, register_configs
+from sae_dist import validation
+from sae_dist.config import (
+    ConfigError,
+    RunConfig,
+    SAEConfig,
+    as_dict,
+    option_facts,
+    options_where,
+    register_configs,
+)
 from sae_dist.eval import runs
 from sae_dist.option_facts import ARCHITECTURE, CHECKERS, LAYOUT, ON_RESUME, PREFLIGHT, VALIDATE
 from sae_dist.train import identity
-from sae_dist.validation import error_line, to_run_config
+from sae_dist.validation import error_line, from_dict, sweep_members, to_run_config
 
 register_configs()
 
@@ -83,7 +92,7 @@ def test_switch_65k_is_the_paper_recipe():
         (["trainer.on_nonfinite=ignore"], "trainer.on_nonfinite='ignore' is unknown; allowed: stop, skip"),
         (["parallel.timeout_s=0"], "parallel.timeout_s=0.0 must be positive"),
         (["parallel.a2a_chunks=0"], "parallel.a2a_chunks=0 must be positive"),
-        (["sae.decoder=dense"], "sae.decoder='dense' is unknown; allowed: auto, gather, gemm"),
+        (["sae.decoder_kernel=dense"], "sae.decoder_kernel='dense' is unknown; allowed: auto, gather, gemm"),
         (["trainer.optimizer_state=bfloat16", "trainer.engine=deepspeed"],
          "trainer.optimizer_state='bfloat16' needs trainer.engine=torch"),
         (["trainer.out_dir= "], "trainer.out_dir must not be empty"),
@@ -159,7 +168,7 @@ CHECKER_SOURCES = {
 
 def test_every_option_declares_its_facts():
     facts = option_facts()
-    assert len(facts) == 80 and "sae.k" in facts and "parallel.timeout_s" in facts
+    assert len(facts) == 82 and "sae.k" in facts and "parallel.timeout_s" in facts
     for name, fact in facts.items():
         assert fact.on_resume in ON_RESUME, name
         assert set(fact.checked_by) <= set(CHECKERS), name
@@ -192,10 +201,34 @@ def test_identity_and_plots_read_the_declared_facts():
 
 def test_performance_switches_are_declared_apart():
     assert options_where(lambda facts: facts.performance) == (
-        "sae.encoder_backward", "sae.decoder", "model.compile", "data.lm_batch_size", "data.prefetch",
-        "data.tokenizer_workers", "data.pretokenize", "trainer.optimizer_state", "trainer.cuda_graph",
-        "trainer.engine", "trainer.zero_stage", "parallel.a2a_chunks",
+        "sae.encoder_backward_kernel", "sae.decoder_kernel", "sae.encoder_backward", "sae.decoder", "model.compile",
+        "data.lm_batch_size", "data.prefetch", "data.tokenizer_workers", "data.pretokenize",
+        "trainer.optimizer_state", "trainer.cuda_graph", "trainer.engine", "trainer.zero_stage", "parallel.a2a_chunks",
     )
+
+
+def test_renamed_options_are_read_under_their_old_names_everywhere(capsys, monkeypatch):
+    """Python code, a sweep item and a config file written before the rename set the new names; a note comes from a
+    command line or a sweep item only, from rank 0 only (the run folder's resume: tests/train/test_identity.py)."""
+    monkeypatch.setattr(validation, "_RENAMES_NOTED", set())
+    sae = SAEConfig(encoder_backward="gemm", decoder="gemm")
+    assert (sae.encoder_backward_kernel, sae.decoder_kernel, sae.encoder_backward, sae.decoder) == (
+        "gemm", "gemm", None, None)
+    old_file = as_dict(compose_run())
+    old_file["sae"] = {**old_file["sae"], "encoder_backward": "sparse", "decoder": "gemm"}
+    del old_file["sae"]["decoder_kernel"], old_file["sae"]["encoder_backward_kernel"]
+    loaded = from_dict(old_file)
+    assert (loaded.sae.encoder_backward_kernel, loaded.sae.decoder_kernel) == ("sparse", "gemm")
+    assert "decoder" not in as_dict(loaded)["sae"] and "encoder_backward" not in as_dict(loaded)["sae"]
+    monkeypatch.setenv("RANK", "1")
+    assert compose_run("sae.decoder=gemm").sae.decoder_kernel == "gemm"
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    members = sweep_members(compose_run("data=synthetic", "sweep=[{sae.decoder: gemm}, {sae.k: 16}]"))
+    assert [m.sae.decoder_kernel for m in members] == ["gemm", "auto"]
+    assert capsys.readouterr().err.splitlines() == [
+        ("note: sae.decoder is renamed sae.decoder_kernel; sae.decoder=gemm is read as sae.decoder_kernel=gemm until "
+         "the next release")]
 
 
 def test_importing_the_config_registers_nothing_with_hydra():

@@ -9,7 +9,7 @@ average their batch minima before the update, so every replica holds the same th
 Under expert parallelism with one replica per expert (P = W), an expert receives all its tokens of the global
 batch, so the selection equals the single-device one; with W / P > 1 replicas each selects over its own share.
 The compute is grouped GEMMs both ways (`gemm_compute.py`) over dense [rows, M_e] codes, whatever
-sae.encoder_backward and sae.decoder say: the selection needs every activation of an expert's rows.
+sae.encoder_backward_kernel and sae.decoder_kernel say: the selection needs every activation of an expert's rows.
 
 SAELens export (the eval-mode SAE): each expert is a JumpReLU SAE with threshold theta_e on every latent (what
 SAELens saves its own BatchTopK SAEs as), so N = 1 is SAELens's built-in 'jumprelu' and N > 1 the 'sae_dist_switch'

@@ -81,8 +81,8 @@ class ExpertSAE(SAE):
             encoder_bias=self.encoder_bias,
             seed=seed,
             first_expert=self.dispatcher.first_local_expert,
-            encoder_backward=cfg.encoder_backward,
-            decoder=cfg.decoder,
+            encoder_backward=cfg.encoder_backward_kernel,
+            decoder=cfg.decoder_kernel,
             d_out=cfg.d_out,
         )
         self.auxk_alpha = self.default_auxk_alpha if cfg.auxk_alpha is None else cfg.auxk_alpha

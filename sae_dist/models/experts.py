@@ -53,9 +53,9 @@ class ExpertBank(nn.Module):
     """Experts `first_expert .. first_expert + num_local - 1`: W_enc [N_local, M_e, d], W_dec [N_local, M_e, d_out]
     (d_out = d but for a transcoder's bank), b_enc [N_local, M_e].
 
-    `encoder_backward` and `decoder` (`sae.encoder_backward`, `sae.decoder`) choose the expert compute of the
-    encoder and of the decoder once, for the device the weights are on (`formulation.py`): at construction, and
-    again when the bank moves to another device (`.to`, `.cuda`), 'auto' deciding by that device.
+    `encoder_backward` and `decoder` (`sae.encoder_backward_kernel`, `sae.decoder_kernel`) choose the expert compute
+    of the encoder and of the decoder once, for the device the weights are on (`formulation.py`): at construction,
+    and again when the bank moves to another device (`.to`, `.cuda`), 'auto' deciding by that device.
     """
 
     def __init__(

@@ -1,4 +1,5 @@
-"""Which formulation of the expert compute a bank runs: `sae.encoder_backward` and `sae.decoder`, 'auto' resolved.
+"""Which formulation of the expert compute a bank runs: `sae.encoder_backward_kernel` and `sae.decoder_kernel`,
+'auto' resolved.
 
 Both formulations compute the same forward and gradients (tests/models check every combination):
 - encoder backward: 'sparse' (embedding_bag / scatter over the k selected latents, `SparseCompute`) or 'gemm' (the

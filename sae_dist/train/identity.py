@@ -15,7 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from sae_dist.config import ConfigError, RunConfig, options_where, resolve_dtype, resume_mode
+from sae_dist.config import RENAMED_OPTIONS, ConfigError, RunConfig, options_where, resolve_dtype, resume_mode
 from sae_dist.option_facts import CHANGEABLE, PER_COMMAND
 from sae_dist.run_dir import flat_settings, latest_checkpoint, read_checkpoint_config, read_run_config
 from sae_dist.train.preflight import check_device
@@ -47,7 +47,8 @@ def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
 
 def explicit_settings(overrides: list[str]) -> set[str]:
     """The settings a Hydra command line names: 'sae.k' for `sae.k=16`, 'sae' for a group choice `sae=topk`, and ''
-    (everything) for a choice that may set any key, like `+experiment=switch_65k`. Hydra's own keys are ignored."""
+    (everything) for a choice that may set any key, like `+experiment=switch_65k`; a renamed option by its new name.
+    Hydra's own keys are ignored."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     sections = {f.name for f in fields(RunConfig)}
@@ -56,7 +57,7 @@ def explicit_settings(overrides: list[str]) -> set[str]:
         key = override.key_or_group
         if key.split(".")[0] == "hydra":
             continue
-        named.add(key if key.split(".")[0] in sections else "")
+        named.add(RENAMED_OPTIONS.get(key, key) if key.split(".")[0] in sections else "")
     return named
 
 

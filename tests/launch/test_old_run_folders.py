@@ -22,7 +22,7 @@ def test_an_old_checkpoint_config_reads_as_the_run_it_defined():
     meta = json.loads((OLD_RUN / "checkpoint_config.json").read_text())
     run = from_dict(meta["run"])
     assert (run.sae.kind, run.sae.num_latents, run.sae.k, run.data.d_model) == ("switch", 256, 4, 32)
-    assert run.data.prefetch == 4 and run.trainer.engine == "torch" and run.sae.encoder_backward == "auto"
+    assert run.data.prefetch == 4 and run.trainer.engine == "torch" and run.sae.encoder_backward_kernel == "auto"
 
 
 def test_an_old_config_accepts_the_changes_it_accepted_then_and_refuses_the_rest():

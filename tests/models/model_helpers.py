@@ -32,10 +32,10 @@ def make_switch(
 ):
     """A Switch (or dense TopK) SAE with a router that sends a token with a large coordinate e to expert e.
 
-    `formulation` is (sae.encoder_backward, sae.decoder)."""
+    `formulation` is (sae.encoder_backward_kernel, sae.decoder_kernel)."""
     encoder_backward, decoder = formulation
     cfg = SAEConfig(kind=kind, num_latents=latents, num_experts=num_experts, k=k, auxk_alpha=auxk_alpha, auxk_k=5,
-                    encoder_backward=encoder_backward, decoder=decoder)
+                    encoder_backward_kernel=encoder_backward, decoder_kernel=decoder)
     sae = build_sae(cfg, d_model=d, seed=3).to(dtype)
     with torch.no_grad():
         sae.b_pre.copy_(0.1 * torch.randn(d))
@@ -66,7 +66,8 @@ def make_transcoder(kind: str, d_out: int, skip: bool, num_experts: int = 4, lat
     encoder_backward, decoder = formulation
     num_experts = num_experts if kind in ("switch", "batchtopk") else 1
     cfg = SAEConfig(kind=kind, num_latents=latents, num_experts=num_experts, k=k, auxk_alpha=auxk_alpha, auxk_k=5,
-                    encoder_backward=encoder_backward, decoder=decoder, d_out=d_out, skip=skip)
+                    encoder_backward_kernel=encoder_backward, decoder_kernel=decoder, d_out=d_out,
+                    skip=skip)
     sae = build_sae(cfg, d_model=d, seed=3).to(torch.float64)
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():

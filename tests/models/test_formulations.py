@@ -16,7 +16,7 @@ from sae_dist.models.routing import ExpertGroups, Router
 from sae_dist.models.sparse_compute import SparseCompute
 
 FORMULATIONS = [(encoder, decoder) for encoder in ("sparse", "gemm") for decoder in ("gather", "gemm")]
-"""(sae.encoder_backward, sae.decoder) pairs; float32 runs grouped_mm, float64 its per-expert fallback."""
+"""(sae.encoder_backward_kernel, sae.decoder_kernel) pairs; float32 runs grouped_mm, float64 its per-expert fallback."""
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -375,8 +375,9 @@ def check_batchtopk_replicas(folder: Path, rank: int, world: int) -> None:
 
 
 TRANSCODER_MODELS = {
-    "transcoder_skip_sparse": {"d_out": 7, "skip": True, "encoder_backward": "sparse", "decoder": "gather"},
-    "transcoder_gemm": {"d_out": 7, "skip": False, "encoder_backward": "gemm", "decoder": "gemm"},
+    "transcoder_skip_sparse": {"d_out": 7, "skip": True, "encoder_backward_kernel": "sparse",
+                               "decoder_kernel": "gather"},
+    "transcoder_gemm": {"d_out": 7, "skip": False, "encoder_backward_kernel": "gemm", "decoder_kernel": "gemm"},
 }
 """Transcoders from d = 12 to 7 (docs/math.md section 9) on each expert compute, with and without the skip."""
 
@@ -469,8 +470,8 @@ def four_ranks(rank: int, world: int, folder: Path, check) -> None:
         trainer, single = check_training(folder, rank, world, 2, options={**KEEP_ALIVE, **TRANSCODER})
         assert single.resampled > 0 and trainer.resampled == single.resampled
     with check("training_P4_transcoder_gemm"):
-        check_training(folder, rank, world, 4, options={"sae.d_out": 20, "sae.encoder_backward": "gemm",
-                                                        "sae.decoder": "gemm"})
+        check_training(folder, rank, world, 4, options={"sae.d_out": 20, "sae.encoder_backward_kernel": "gemm",
+                                                        "sae.decoder_kernel": "gemm"})
     with check("checkpoint_save"):
         train_ep(tiny_run(folder / "ep_run", ep_size=2), rank, world)
     with check("resume_same_layout"):

@@ -7,9 +7,13 @@ without a checkpoint silently started at step 0, and no run said "resumed from s
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 
+from sae_dist import validation
 from sae_dist.config import register_configs
 from sae_dist.run_dir import latest_checkpoint, read_checkpoint_config, read_history, read_metrics
 from sae_dist.train.identity import RunDirectoryError, continue_config, explicit_settings
@@ -161,3 +165,32 @@ def test_a_dtype_setting_compares_as_the_dtype_it_resolves_to(tmp_path, monkeypa
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # the comparison as on a GPU machine
     with pytest.raises(RunDirectoryError, match='trainer.dtype "float32" -> "auto"'):
         continue_config(saved, current)
+
+
+def test_a_renamed_option_keeps_its_old_name_for_a_release(tmp_path, capsys, monkeypatch):
+    """`sae.decoder` / `sae.encoder_backward` became `sae.decoder_kernel` / `sae.encoder_backward_kernel`: the old
+    names set the new ones with one note each, the run folder holds the new names only, and a continued run compares
+    a value given under the old name with the saved one."""
+    monkeypatch.setattr(validation, "_RENAMES_NOTED", set())
+    run_dir = tmp_path / "run"
+    out = f"trainer.out_dir={run_dir}"
+    train_cli(*FIRST, "sae.encoder_backward=gemm", "sae.decoder=gemm", out)
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == [
+        ("note: sae.encoder_backward is renamed sae.encoder_backward_kernel; sae.encoder_backward=gemm is read as "
+         "sae.encoder_backward_kernel=gemm until the next release"),
+        ("note: sae.decoder is renamed sae.decoder_kernel; sae.decoder=gemm is read as sae.decoder_kernel=gemm until "
+         "the next release"),
+    ]
+    saved_sae = yaml.safe_load((run_dir / "config.yaml").read_text())["sae"]
+    assert (saved_sae["encoder_backward_kernel"], saved_sae["decoder_kernel"]) == ("gemm", "gemm")
+    assert "decoder" not in saved_sae and "encoder_backward" not in saved_sae
+    checkpoint_sae = json.loads((latest_checkpoint(run_dir) / "config.json").read_text())["run"]["sae"]
+    assert checkpoint_sae["decoder_kernel"] == "gemm" and "decoder" not in checkpoint_sae
+
+    with pytest.raises(RunDirectoryError, match='sae.decoder_kernel "gemm" -> "gather"'):
+        train_cli(*FIRST, "trainer.steps=6", "sae.encoder_backward=gemm", "sae.decoder=gather", out)
+    train_cli(*FIRST, "trainer.steps=6", "sae.encoder_backward=gemm", "sae.decoder=gemm", out)
+    assert read_checkpoint_config(latest_checkpoint(run_dir))[2] == 6
+    assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]  # once a process
+    assert explicit_settings(["sae.decoder=gemm", "sae.k=4"]) == {"sae.decoder_kernel", "sae.k"}

@@ -23,7 +23,7 @@ def step_run(tmp_path, kind: str, formulation=("auto", "auto")):
     is on for both kinds, so the lagged candidate lists take part from the third step. Gradient norms are 0.3-0.9
     here, so a clip at 0.7 acts on some steps and not on others."""
     run = small_run(tmp_path, kind=kind, batch_size=BATCH, steps=1000, lr=1e-3, grad_clip=0.7)
-    run.sae.encoder_backward, run.sae.decoder = formulation
+    run.sae.encoder_backward_kernel, run.sae.decoder_kernel = formulation
     run.sae.dead_tokens, run.sae.auxk_alpha = 2 * BATCH, 0.5
     return run
 

@@ -32,7 +32,7 @@ def transcoder_run(tmp_path, kind: str, skip: bool, formulation=("auto", "auto")
     """64-d synthetic inputs to 24-d targets; latents die after 2 steps and AuxK is on where the kind has it."""
     run = small_run(tmp_path, kind=kind, batch_size=BATCH, steps=1000, lr=1e-3, grad_clip=0.7)
     run.sae.d_out, run.sae.skip = D_OUT, skip
-    run.sae.encoder_backward, run.sae.decoder = formulation
+    run.sae.encoder_backward_kernel, run.sae.decoder_kernel = formulation
     run.sae.num_experts = 4 if kind in ("switch", "batchtopk") else 1
     run.sae.dead_tokens = 2 * BATCH
     run.sae.auxk_alpha = 0.5 if kind in ("switch", "topk") else None

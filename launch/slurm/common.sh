@@ -56,6 +56,11 @@ require_repository_root() {
     fi
 }
 
+# The launcher: torchrun's agent (the same options, restarts and signal handling) that ends a failed job with one line
+# and the failed worker's exit status (2 bad input, 65 no update, 75 stopped, 1 crash), not torchrun's traceback and 1.
+# shellcheck disable=SC2034  # used by the scripts that source this file
+TORCHRUN=(python launch/torchrun.py)
+
 # torchrun options shared by both scripts: restart crashed ranks (they resume from the latest checkpoint), hand
 # SIGUSR1 to the ranks as well as SIGTERM, and give them 100 s (of the 120 s warning) to write their checkpoint.
 # shellcheck disable=SC2034  # used by the scripts that source this file

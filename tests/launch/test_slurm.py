@@ -32,6 +32,14 @@ trap 'echo TERM >> "$FAKE_LOG/signals"; exit 1' TERM
 touch "$FAKE_LOG/started"
 while true; do sleep 0.05; done
 """
+FAKE_PYTHON = """#!/bin/bash
+# The venv's python as the scripts call it, `python launch/torchrun.py ARGS`: records the launcher, runs the torchrun
+# stand-in (whose status after a stop is 1 where launch/torchrun.py's is 75: the scripts requeue on either).
+[[ "$1" == launch/torchrun.py ]] || { echo "unexpected: python $*" >&2; exit 97; }
+shift
+echo launch/torchrun.py > "$FAKE_LOG/launcher"
+exec torchrun "$@"
+"""
 FAKE_SRUN = """#!/bin/bash
 # Drops srun's own options and runs the command (one node's task).
 echo "$@" > "$FAKE_LOG/srun_args"
@@ -51,7 +59,8 @@ def fake_cluster(tmp_path):
     bin_dir, log, venv = tmp_path / "bin", tmp_path / "log", tmp_path / "venv"
     for folder in (bin_dir, log, venv / "bin"):
         folder.mkdir(parents=True)
-    for name, text in (("torchrun", FAKE_TORCHRUN), ("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+    for name, text in (("torchrun", FAKE_TORCHRUN), ("python", FAKE_PYTHON), ("srun", FAKE_SRUN),
+                       ("scontrol", FAKE_SCONTROL)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     (venv / "bin" / "activate").write_text("")
@@ -89,6 +98,7 @@ def test_single_node_forwards_the_stop_signal_and_requeues(fake_cluster, stop_si
     assert (log / "signals").read_text().split() == [stop_signal.name[3:]]
     assert (log / "scontrol").read_text().split() == ["requeue", "4242"]
     assert "requeueing job 4242" in out
+    assert (log / "launcher").read_text() == "launch/torchrun.py\n"  # one line and the worker's status on failure
     args = (log / "torchrun_args").read_text().split("\n")
     assert {"--standalone", "--nnodes=1", "--nproc-per-node=4", "--max-restarts=3"} <= set(args)
     assert "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in args
@@ -145,7 +155,7 @@ def test_multi_node_runs_one_torchrun_per_node_with_a_c10d_rendezvous(fake_clust
     job.send_signal(signal.SIGUSR1)
     job.communicate(timeout=20)
     assert job.returncode == 0
-    assert "--kill-on-bad-exit=1 torchrun" in (log / "srun_args").read_text()
+    assert "--kill-on-bad-exit=1 python launch/torchrun.py" in (log / "srun_args").read_text()
     args = (log / "torchrun_args").read_text().split("\n")
     expected = {"--nnodes=2", "--nproc-per-node=4", "--rdzv-id=4242", "--rdzv-backend=c10d",
                 "--rdzv-endpoint=gpu-node-07:29500", "parallel.ep_size=4", "trainer.engine=deepspeed",

@@ -3,7 +3,7 @@ width-matched Switch, under the paper's recipe and the recipe options.
 
     python benchmarks/reproduce_paper_small.py --train-cache DIR --heldout-cache DIR [--out runs/repro]
         [--width 512] [--experts 8] [--ks 16 32] [--tokens 10000000] [--batch-size 4096] [--points 8]
-        [--recipes paper expert_lr] [--only NAME ...] [--report-only]
+        [--recipes paper expert_lr] [--dense-auxk-scales x_variance gao] [--only NAME ...] [--report-only]
 
 The caches are written by launch/cache_activations.py (docs/reproduction.md gives the commands: MiniLM-L6 block 3
 over the Python source files of the installed packages, held-out from other files); the runs read at the training
@@ -15,7 +15,8 @@ over all of it, so over every shuffle block and the documents of each (the first
 documents read first); MSE in the paper's unit, FVU, L0; dead latents as logged at that step. Scores are stored per
 held-out set (its manifest's SHA-256 and the rows), so --report-only with another --heldout-cache scores again.
 The SAEs:
-- dense TopK of width M (AuxK 1/32: the baseline; one run per k, shared by the recipes);
+- dense TopK of width M (AuxK 1/32: the baseline; one run per k, shared by the recipes), under each AuxK scale of
+  --dense-auxk-scales (`dense` for the default 'x_variance', `dense_auxk_gao` for 'gao'; crossings are against `dense`);
 - FLOP-matched Switch: N experts, each as wide as the dense SAE (N * M latents, the dense SAE's encoder FLOPs);
 - width-matched Switch: the same M latents over N experts (N times fewer encoder FLOPs);
 each Switch SAE under every recipe of --recipes (RECIPES: the paper's, and the options of sae_dist/config.py).
@@ -42,7 +43,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from sae_dist.config import DataConfig, ModelConfig, RunConfig, SAEConfig, TrainerConfig
+from sae_dist.config import AUXK_SCALES, DataConfig, ModelConfig, RunConfig, SAEConfig, TrainerConfig
 from sae_dist.data.cache import (
     MANIFEST,
     CacheUnitReader,
@@ -83,8 +84,11 @@ def planned_runs(args: argparse.Namespace, recipes: list[str], d_out: int | None
     runs = {}
     m, n = args.width, args.experts
     for k in args.ks:
-        runs[f"dense_k{k}"] = (k, "dense", SAEConfig(kind="topk", num_latents=m, num_experts=1, k=k,
-                                                    dead_tokens=args.dead_tokens, d_out=d_out), "total")
+        for scale in args.dense_auxk_scales:
+            name = "dense" if scale == "x_variance" else f"dense_auxk_{scale}"
+            runs[f"{name}_k{k}"] = (k, "dense", SAEConfig(kind="topk", num_latents=m, num_experts=1, k=k,
+                                                         dead_tokens=args.dead_tokens, d_out=d_out,
+                                                         auxk_scale=scale), "total")
         for recipe in recipes:
             options = dict(RECIPES[recipe])
             lr_rule = str(options.pop("lr_rule", "total"))
@@ -207,6 +211,8 @@ def main() -> None:
     parser.add_argument("--heldout-rows", type=int, default=65_536, help="held-out rows each checkpoint is scored on")
     parser.add_argument("--shuffle-buffer", type=int, default=262_144)
     parser.add_argument("--recipes", nargs="+", default=["paper", "expert_lr"], choices=sorted(RECIPES))
+    parser.add_argument("--dense-auxk-scales", nargs="+", default=["x_variance"], choices=AUXK_SCALES,
+                        help="a dense TopK baseline per AuxK scale (sae.auxk_scale)")
     parser.add_argument("--only", nargs="+", default=None,
                         help="train only these runs (names as printed; any recipe's, whatever --recipes)")
     parser.add_argument("--report-only", action="store_true", help="train nothing; evaluate and plot what exists")

@@ -130,7 +130,8 @@ def plot_curves(curves: dict[int, dict[str, tuple[list[float], list[float], list
     fig, axes = new_figure(2, len(ks), figsize=(6.0 * len(ks), 8.0))
     for column, k in enumerate(ks):
         for label, (tokens, flops, mse) in sorted(curves[k].items()):
-            style = {"color": "black", "linewidth": 2.2} if label.startswith("dense") else {"color": colours[label]}
+            style = ({"color": "black", "linewidth": 2.2, "linestyle": "-" if label == "dense" else "--"}
+                     if label.startswith("dense") else {"color": colours[label]})
             axes[0, column].plot(tokens, mse, marker="o", markersize=3, label=label, **style)
             axes[1, column].plot(flops, mse, marker="o", markersize=3, label=label, **style)
         for row, xlabel in enumerate(("training tokens (token-steps)", "training FLOPs (encoder, paper's count)")):

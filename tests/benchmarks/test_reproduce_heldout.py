@@ -56,10 +56,12 @@ def test_runs_read_the_training_cache_site_and_transcoder_caches_make_transcoder
            "target_site": {"hookpoint": "mlp_out.3"}, "d_out": 384}
     model = repro.cache_model(mlp)
     assert (model.name, model.path, model.hookpoint, model.target_hookpoint) == ("gpt2", "/m", "mlp_in.3", "mlp_out.3")
-    args = argparse.Namespace(width=16, experts=4, ks=[8], dead_tokens=1000)
+    args = argparse.Namespace(width=16, experts=4, ks=[8], dead_tokens=1000, dense_auxk_scales=["x_variance", "gao"])
     runs = repro.planned_runs(args, ["paper"], d_out=384)
     assert {sae.d_out for _, _, sae, _ in runs.values()} == {384}
     assert {sae.d_out for _, _, sae, _ in repro.planned_runs(args, ["paper"]).values()} == {None}
+    dense = {name: sae.auxk_scale for name, (_, family, sae, _) in runs.items() if family == "dense"}
+    assert dense == {"dense_k8": "x_variance", "dense_auxk_gao_k8": "gao"}
 
 
 def test_the_heldout_documents_are_counted_from_the_readers_plans():

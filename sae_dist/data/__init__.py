@@ -22,7 +22,7 @@ from sae_dist.data.prefetch import PrefetchingSource
 from sae_dist.data.shuffle import BlockShuffleSource
 from sae_dist.data.source import ActivationSource, DataUnavailableError
 from sae_dist.data.synthetic import SyntheticSource, feature_recovery
-from sae_dist.data.text import Documents, TextContexts, load_text_dataset
+from sae_dist.data.text import Documents, TextContexts, load_text_dataset, stream_reading
 from sae_dist.data.tokenize import PretokenizedContexts, Tokenization
 
 if TYPE_CHECKING:
@@ -107,7 +107,7 @@ def lm_activation_source(
     lm = HookedLM(model, list(sites) if sites is not None else run_sites(model, run.model), run.model.compile)
     if sites is None:
         check_target_width(run.model, lm.widths[-1], run.sae.d_out)
-    documents = Documents(load_text_dataset(data, document_seed), data.text_column)
+    documents = Documents(load_text_dataset(data, document_seed), data.text_column, stream_reading(data))
     if data.pretokenize:
         tokenization = PretokenizedContexts(documents.dataset, tokenizer, data.ctx_len, data.text_column,
                                             pretokenize_processes())

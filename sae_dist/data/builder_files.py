@@ -4,7 +4,8 @@ options, and a file the builder cannot read as one line naming it (DataUnavailab
 `check_first_records` reads the first record of every file as a stream, so only the start of each file is parsed
 (milliseconds a file): a damaged file, or one of another format (a text file given to 'json'), is named before a
 language model loads, whether the run streams its dataset or not. `named_builder_errors` names the file that a
-full (non-streamed) load fails on, past its first record.
+full (non-streamed) load fails on, past its first record, and `named_stream_errors` the file a stream fails on
+while the run reads it (a file damaged past its first record).
 """
 
 from __future__ import annotations
@@ -57,12 +58,13 @@ def _held_builder_errors() -> Iterator[_BuilderErrors]:
             handler.removeFilter(errors)
 
 
-def _unreadable(file: str, data: DataConfig, cause: BaseException) -> DataUnavailableError:
+def _unreadable(file: str, data: DataConfig, cause: BaseException, hint: str | None = None) -> DataUnavailableError:
     text = str(cause).strip()
     reason = text.splitlines()[0] if text else type(cause).__name__
     article = "an" if data.dataset[0] in "aeiou" else "a"
+    hint = hint or f"is it {article} {data.dataset} file?"
     return DataUnavailableError(f"data.data_files: {file} cannot be read by the '{data.dataset}' builder "
-                                f"({reason}); is it {article} {data.dataset} file?")
+                                f"({reason}); {hint}")
 
 
 @contextmanager
@@ -102,3 +104,19 @@ def check_first_records(data: DataConfig) -> None:
             except Exception as exc:  # as above
                 file = files[index] if shards == len(files) else ", ".join(data.data_files)
                 raise _unreadable(errors.named(file), data, exc) from None
+
+
+@contextmanager
+def named_stream_errors(data: DataConfig) -> Iterator[None]:
+    """Reading a stream of `data.data_files` (`data.streaming`): a record the builder cannot parse, in a file damaged
+    past the first record that `check_first_records` read, is a one-line DataUnavailableError naming the file, the
+    builder and its reason, rather than the builder's traceback. Hold it around each read of the stream only: every
+    error inside it is taken for the file's."""
+    with _held_builder_errors() as errors:
+        try:
+            yield
+        except DataUnavailableError:
+            raise
+        except Exception as exc:  # whatever a builder raises on reading a file is that file's fault
+            raise _unreadable(errors.named(", ".join(data.data_files)), data, exc,
+                              "its records before that were read; repair or remove the file") from None

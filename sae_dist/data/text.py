@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sae_dist.config import ConfigError, DataConfig
-from sae_dist.data.builder_files import builder_options, named_builder_errors
+from sae_dist.data.builder_files import builder_options, named_builder_errors, named_stream_errors
 from sae_dist.data.python_docs import python_docs_dataset
 from sae_dist.data.source import DataUnavailableError, require_hub
 
@@ -87,6 +89,14 @@ def load_text_dataset(data: DataConfig, document_seed: int | None = None) -> Dat
     return dataset if document_seed is None else sampled_order(dataset, document_seed)
 
 
+def stream_reading(data: DataConfig) -> Callable[[], AbstractContextManager[None]]:
+    """What to hold around each read of `data`'s dataset: for a stream of local files, `named_stream_errors` (a file
+    damaged past its first record named in one line), else nothing."""
+    if data.streaming and data.dataset in LOCAL_BUILDERS:
+        return partial(named_stream_errors, data)
+    return nullcontext
+
+
 def _load_text_dataset(data: DataConfig) -> Dataset | IterableDataset:
     from datasets import Dataset, load_dataset
 
@@ -129,12 +139,15 @@ class TextContexts:
     """
 
     def __init__(
-        self, dataset: Dataset | IterableDataset, tokenizer: PreTrainedTokenizerBase, ctx_len: int, text_column: str
+        self, dataset: Dataset | IterableDataset, tokenizer: PreTrainedTokenizerBase, ctx_len: int, text_column: str,
+        reading: Callable[[], AbstractContextManager[None]] = nullcontext,
     ) -> None:
         self.dataset = dataset
         """This rank's documents."""
         self.cut = ContextCutter(tokenizer, ctx_len)
         self.text_column = text_column
+        self.reading = reading
+        """Held around each read of the dataset (`stream_reading`)."""
         self.seek({"epoch": 0, "doc": 0, "ctx": 0})
 
     @classmethod
@@ -144,7 +157,7 @@ class TextContexts:
         from datasets.distributed import split_dataset_by_node
 
         shard = split_dataset_by_node(load_text_dataset(data), rank=rank, world_size=world_size)
-        return cls(shard, tokenizer, data.ctx_len, data.text_column)
+        return cls(shard, tokenizer, data.ctx_len, data.text_column, stream_reading(data))
 
     def position(self) -> dict:
         return {"epoch": self._epoch, "doc": self._doc, "ctx": self._ctx}
@@ -157,7 +170,8 @@ class TextContexts:
     def _next_text(self) -> str:
         if self._docs is None:
             self._docs = iter(self.dataset.skip(self._doc) if self._doc else self.dataset)
-        row = next(self._docs, None)
+        with self.reading():
+            row = next(self._docs, None)
         if row is None:
             if self._doc == 0:
                 raise DataUnavailableError("this rank's share of the dataset holds no documents")
@@ -261,11 +275,14 @@ class Documents:
     a scan of the whole stream.
     """
 
-    def __init__(self, dataset: Dataset | IterableDataset, text_column: str) -> None:
+    def __init__(self, dataset: Dataset | IterableDataset, text_column: str,
+                 reading: Callable[[], AbstractContextManager[None]] = nullcontext) -> None:
         from datasets import Dataset
 
         self.dataset = dataset
         self.text_column = text_column
+        self.reading = reading
+        """Held around each read of a stream (`stream_reading`)."""
         self._by_index = isinstance(dataset, Dataset)
         """A map-style dataset, read by index (else a stream, scanned)."""
         self.per_epoch: int | None = len(dataset) if self._by_index else None
@@ -287,7 +304,8 @@ class Documents:
             self._scan_next = g - g % self.per_epoch if self.per_epoch else 0
             self._scan, self._epoch_start = iter(self.dataset), self._scan_next
         while True:
-            row = next(self._scan, None)
+            with self.reading():
+                row = next(self._scan, None)
             if row is None:  # the end of an epoch
                 if self._scan_next == self._epoch_start:
                     raise DataUnavailableError("the dataset holds no documents")

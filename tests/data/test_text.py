@@ -1,4 +1,5 @@
 import json
+import re
 import time
 from pathlib import Path
 
@@ -7,7 +8,8 @@ import pytest
 
 from sae_dist.config import ConfigError, DataConfig
 from sae_dist.data import DataUnavailableError, TextContexts
-from sae_dist.data.text import load_text_dataset
+from sae_dist.data.builder_files import check_first_records
+from sae_dist.data.text import Documents, load_text_dataset, stream_reading
 
 
 @pytest.fixture
@@ -276,3 +278,31 @@ def test_tokenizer_workers_rule(monkeypatch, cores, local_ranks, device, expecte
     assert tokenizer_workers(RunConfig(data=pydoc()), torch.device(device)) == expected
     assert tokenizer_workers(RunConfig(data=pydoc(tokenizer_workers=3)), torch.device(device)) == 3
     assert pretokenize_processes() == cores // int(local_ranks or 1)
+
+
+def test_a_streamed_file_damaged_past_its_first_block_is_named_when_read(tmp_path, tokenizer):
+    """A JSON file damaged past the builder's first 10 MB block passes the first-record check and streams until the
+    damage; reading it there (the training's documents, or an evaluation's contexts) formerly ended in the builder's
+    ~120-line traceback and exit status 1."""
+    good, damaged = tmp_path / "d0.jsonl", tmp_path / "d1.jsonl"
+    good.write_text('{"text": "fine"}\n' * 3)
+    record = json.dumps({"text": "x" * 100}) + "\n"
+    sound = (11 << 20) // len(record)
+    damaged.write_text(record * sound + '{"text": "broken\n' + record)
+    data = DataConfig(dataset="json", data_files=[str(good), str(damaged)], streaming=True)
+    check_first_records(data)
+    expected = re.escape(f"data.data_files: {damaged} cannot be read by the 'json' builder (JSON parse error: "
+                         "Invalid encoding in string. in row ") + r"\d+" + re.escape(
+                             "); its records before that were read; repair or remove the file")
+
+    documents = Documents(load_text_dataset(data), data.text_column, stream_reading(data))
+    assert documents.texts([0, 3]) == ["fine", "x" * 100]
+    with pytest.raises(DataUnavailableError) as info:
+        documents.texts([3 + sound])
+    assert re.fullmatch(expected, str(info.value)), str(info.value)
+    contexts = TextContexts.from_config(data, tokenizer)
+    contexts.seek({"epoch": 0, "doc": sound, "ctx": 0})
+    with pytest.raises(DataUnavailableError) as info:
+        for _ in range(10):
+            contexts.next_context()
+    assert re.fullmatch(expected, str(info.value)), str(info.value)

@@ -374,6 +374,24 @@ def check_batchtopk_replicas(folder: Path, rank: int, world: int) -> None:
     assert (theta_N > 0).all() and all(torch.equal(t, theta_N) for t in thetas)
 
 
+NORMALISED = {"data.normalize_activations": "expected_average_only_in"}
+
+
+def check_normalised(folder: Path, rank: int, world: int, options: dict) -> None:
+    """Activation normalisation estimated over the ranks' batches (an all-reduce of the norms' sums) gives every rank
+    the factors one device estimates from the global batches, then training equal to one device's."""
+    trainer, single = check_training(folder, rank, world, 2, options={**options, **NORMALISED})
+    state, single_state = trainer.state, single.state
+    assert state.input_scale is not None and state.input_scale != 1.0
+    assert (state.target_scale is None) == ("sae.d_out" not in options)
+    torch.testing.assert_close(state.input_scale, single_state.input_scale, rtol=1e-12, atol=0)
+    if state.target_scale is not None:
+        torch.testing.assert_close(state.target_scale, single_state.target_scale, rtol=1e-12, atol=0)
+    scales = [None] * world
+    dist.all_gather_object(scales, (state.input_scale, state.target_scale))
+    assert all(s == scales[0] for s in scales)
+
+
 TRANSCODER_MODELS = {
     "transcoder_skip_sparse": {"d_out": 7, "skip": True, "encoder_backward_kernel": "sparse",
                                "decoder_kernel": "gather"},
@@ -509,6 +527,9 @@ def two_ranks(rank: int, world: int, folder: Path, check) -> None:
         check_batchtopk_replicas(folder, rank, world)
     with check("training_P2_transcoder"):
         check_training(folder, rank, world, 2, options=TRANSCODER)
+    for label, options in (("sae", {}), ("transcoder", TRANSCODER)):
+        with check(f"training_P2_normalised_{label}"):
+            check_normalised(folder, rank, world, options)
     for skip in (True, False):
         options = {**TRANSCODER, "sae.skip": skip}
         with check(f"training_batchtopk_P2_transcoder_skip={skip}"):

@@ -135,6 +135,13 @@ def test_transcoder_training_equals_single_device_trainer(jobs, world, check):
     jobs[world].require(check)
 
 
+@pytest.mark.parametrize("label", ["sae", "transcoder"])
+def test_normalisation_estimated_over_ranks_equals_single_device(jobs, label):
+    """s_x (and a transcoder's s_y) from every rank's batches, reduced: equal on every rank to one device's estimate
+    over the global batches, and the training that follows equal to one device's."""
+    jobs[2].require(f"training_P2_normalised_{label}")
+
+
 def test_batchtopk_replicas_hold_one_threshold(jobs):
     jobs[2].require("batchtopk_replicas_P1")
 

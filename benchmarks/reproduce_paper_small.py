@@ -2,14 +2,15 @@
 width-matched Switch, under the paper's recipe and the recipe options.
 
     python benchmarks/reproduce_paper_small.py --train-cache DIR --heldout-cache DIR [--out runs/repro]
-        [--width 512] [--experts 8] [--ks 16 32] [--tokens 10000000] [--batch-size 4096] [--points 8]
+        [--width 512] [--experts 8] [--ks 16 32] [--tokens 10000000] [--batch-size 4096] [--points 8] [--seed 0]
         [--recipes paper expert_lr] [--dense-auxk-scales x_variance gao] [--only NAME ...] [--report-only]
 
 The caches are written by launch/cache_activations.py (docs/reproduction.md gives the commands: MiniLM-L6 block 3
 over the Python source files of the installed packages, held-out from other files); the runs read at the training
 cache's site, and a cache of transcoder rows [x | y] (written with model.target_hookpoint) makes every run a
 transcoder, scored on its target y. At each k, each SAE trains for --tokens token-steps (passes over the training
-cache: the report prints how many) from one seed and keeps --points checkpoints; each
+cache: the report prints how many) from one seed (--seed: the initialisation and the order of the rows; another seed
+wants another --out) and keeps --points checkpoints; each
 checkpoint is evaluated on --heldout-rows rows of the held-out cache taken in `HELDOUT_PIECES` evenly spaced stretches
 over all of it, so over every shuffle block and the documents of each (the first rows alone are one block: the
 documents read first); MSE in the paper's unit, FVU, L0; dead latents as logged at that step. Scores are stored per
@@ -123,7 +124,7 @@ def run_config(name: str, sae: SAEConfig, lr_rule: str, args: argparse.Namespace
         sae=sae,
         model=model,
         data=DataConfig(source="cache", cache_dir=str(args.train_cache), shuffle_buffer=args.shuffle_buffer),
-        trainer=TrainerConfig(batch_size=args.batch_size, steps=steps, lr_rule=lr_rule, log_every=every,
+        trainer=TrainerConfig(batch_size=args.batch_size, steps=steps, lr_rule=lr_rule, log_every=every, seed=args.seed,
                               checkpoint_every=every, keep_checkpoints=args.points + 1,
                               out_dir=str(args.out / name), device="cpu", progress=False, tensorboard=False),
     )
@@ -209,6 +210,7 @@ def main() -> None:
     parser.add_argument("--dead-tokens", type=int, default=1_000_000,
                         help="sae.dead_tokens (the paper's 10M is for 819M-token runs)")
     parser.add_argument("--heldout-rows", type=int, default=65_536, help="held-out rows each checkpoint is scored on")
+    parser.add_argument("--seed", type=int, default=0, help="trainer.seed of every run")
     parser.add_argument("--shuffle-buffer", type=int, default=262_144)
     parser.add_argument("--recipes", nargs="+", default=["paper", "expert_lr"], choices=sorted(RECIPES))
     parser.add_argument("--dense-auxk-scales", nargs="+", default=["x_variance"], choices=AUXK_SCALES,
@@ -275,7 +277,8 @@ def main() -> None:
     held = documents_held(heldout_manifest)
     heldout_words = f"{args.heldout_rows:,} held-out rows" + (f" of {held} documents" if held is not None else "")
     header = (f"{stamp}, {machine()}, load {load[0]:.1f}; dense M = {args.width}, Switch N = {args.experts}, "
-              f"batch {args.batch_size}, {widths}; {passes:.2g} passes over the training cache, {heldout_words}")
+              f"batch {args.batch_size}, {widths}, seed {args.seed}; {passes:.2g} passes over the training cache, "
+              f"{heldout_words}")
     for k, by_label in sorted(curves.items()):
         dense = by_label.get("dense")
         table = Table(title=f"held-out MSE{' of the target y' if d_out else ''}, k = {k} ({header})")

@@ -304,7 +304,8 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     title = f"{describe_cache(train_manifest)}: {header}"
-    png = plot_curves(curves, args.out / "curves.png", title) if curves else None
+    every_label = [f"{family}_{recipe}" for family in ("flop_matched", "width_matched") for recipe in RECIPES]
+    png = plot_curves(curves, args.out / "curves.png", title, every_label) if curves else None  # one colour a recipe
     (args.out / "results.json").write_text(json.dumps({"date": stamp, "machine": machine(), "load": load,
                                                        "args": {k: str(v) for k, v in vars(args).items()},
                                                        "passes": passes, "heldout_documents": held,

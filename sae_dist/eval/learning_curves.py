@@ -119,13 +119,15 @@ def log_log_axes(ax, xlabel: str, ylabel: str) -> None:
 
 
 def plot_curves(curves: dict[int, dict[str, tuple[list[float], list[float], list[float]]]], out: Path,
-                title: str) -> Path:
+                title: str, label_order: Sequence[str] = ()) -> Path:
     """MSE vs tokens (top row) and vs training FLOPs (bottom row), one column per k.
 
-    `curves[k][label] = (tokens, flops, mse)`; the dense TopK curve's label starts with 'dense' (black). A label has
-    one colour in every panel."""
+    `curves[k][label] = (tokens, flops, mse)`; the dense TopK curves' labels start with 'dense' (black; 'dense' solid,
+    another dashed). A label has one colour in every panel: the colour of its place in `label_order` (so that figures
+    plotting different subsets of the labels agree), then of its place among the labels `label_order` lacks."""
     ks = sorted(curves)
-    others = sorted({label for by_label in curves.values() for label in by_label if not label.startswith("dense")})
+    plotted = {label for by_label in curves.values() for label in by_label if not label.startswith("dense")}
+    others = [label for label in label_order if not label.startswith("dense")] + sorted(plotted - set(label_order))
     colours = {label: f"C{i % 10}" for i, label in enumerate(others)}
     fig, axes = new_figure(2, len(ks), figsize=(6.0 * len(ks), 8.0))
     for column, k in enumerate(ks):

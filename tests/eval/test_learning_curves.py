@@ -84,3 +84,20 @@ def test_a_curve_has_one_colour_in_every_panel(tmp_path, monkeypatch):
     assert colour_of["dense"] == {"black"}
     assert all(len(colours) == 1 for colours in colour_of.values()), colour_of
     assert len({next(iter(c)) for c in colour_of.values()}) == 4
+
+
+def test_a_label_order_gives_a_label_one_colour_in_every_figure(tmp_path, monkeypatch):
+    """Two figures of different runs agree on each label's colour when given one order of every label."""
+    figures = []
+    monkeypatch.setattr(learning_curves, "save_figure", lambda fig, out: figures.append(fig) or out)
+    curve = ([1e6, 2e6], [1e12, 2e12], [3.0, 2.0])
+    order = ["paper", "expert_lr", "recommended"]
+    learning_curves.plot_curves({32: {"dense": curve, "expert_lr": curve, "paper": curve, "recommended": curve}},
+                                tmp_path / "a.png", "title", order)
+    learning_curves.plot_curves({32: {"dense": curve, "dense_auxk_gao": curve, "recommended": curve, "other": curve}},
+                                tmp_path / "b.png", "title", order)
+    colours = [{line.get_label(): (line.get_color(), line.get_linestyle()) for line in fig.axes[0].get_lines()}
+               for fig in figures]
+    assert colours[0]["recommended"] == colours[1]["recommended"] == ("C2", "-")
+    assert colours[0]["paper"] == ("C0", "-") and colours[1]["other"] == ("C3", "-")
+    assert colours[1]["dense"] == ("black", "-") and colours[1]["dense_auxk_gao"] == ("black", "--")

@@ -136,9 +136,11 @@ class SAEConfig:
     """How the TopK experts' decoder is computed (the same math): 'gather' (the k selected rows), 'gemm' (a grouped
     GEMM over the scattered codes) or 'auto' (gather on CPU; gemm on GPU up to 8192 latents per expert)."""
     encoder_backward: str | None = option(None, performance=True)
-    """The old name of `sae.encoder_backward_kernel`, read as it (with a one-line note) until the next release."""
+    """The old name of `sae.encoder_backward_kernel`, read as it until the next release (given on a command line or in
+    YAML, with a one-line note)."""
     decoder: str | None = option(None, performance=True)
-    """The old name of `sae.decoder_kernel`, read as it (with a one-line note) until the next release."""
+    """The old name of `sae.decoder_kernel`, read as it until the next release (given on a command line or in
+    YAML, with a one-line note)."""
 
     def __post_init__(self) -> None:
         take_old_names(self, "sae")

@@ -21,6 +21,7 @@ from sae_dist.parent_watch import watch_parent
 from sae_dist.run_dir import CheckpointError, latest_checkpoint, read_checkpoint_config
 from sae_dist.run_lock import FolderLock
 from sae_dist.train import identity, preflight
+from sae_dist.train.preemption import request_stop
 from sae_dist.train.preflight import check_output_folder
 
 WATCH_GRACE_MARGIN_S = 60.0
@@ -83,4 +84,4 @@ def watch_launcher(run: RunConfig) -> None:
     """Under torchrun, stop this worker when its agent is gone (after a checkpoint, within the collective
     timeout plus `WATCH_GRACE_MARGIN_S`)."""
     if under_torchrun():
-        watch_parent(grace_s=run.parallel.timeout_s + WATCH_GRACE_MARGIN_S)
+        watch_parent(request_stop, grace_s=run.parallel.timeout_s + WATCH_GRACE_MARGIN_S)

@@ -7,10 +7,16 @@ step so far was skipped for NaN or inf: untouched weights are never checkpointed
 launcher exits with REQUEUE_EXIT_STATUS whatever the run has applied, and the same command with the run's folder
 (trainer.out_dir, trainer.resume=auto) continues the run from that checkpoint. The SAEs of a sweep, which step in
 turn, share one handler and read it through `HeldSignals`, so that all of them stop after the same step.
+
+`request_stop` is the same request from another thread (a torchrun worker whose agent is gone, `parent_watch`).
+Once a run has stopped on request the process is on its way out with REQUEUE_EXIT_STATUS, and a request then does
+nothing: the handler is restored by then, and a SIGTERM would kill the process mid-exit, its status lost (seen: a
+rank that stopped with the others, on another rank's request, then killed by its own watch a moment later).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import threading
@@ -24,6 +30,10 @@ from sae_dist.parallel.context import ParallelContext
 REQUEUE_EXIT_STATUS = 75
 """EX_TEMPFAIL (sysexits.h): stopped on request with a checkpoint written; run the same command again."""
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_HANDLERS_LOCK = threading.Lock()
+"""Held while a `StopSignals` installs or restores its handler and while `request_stop` signals this process."""
+_stopped_on_request = False
+"""A run of this process has raised StopRequested out of its `StopSignals` block."""
 
 
 class StopRequested(Exception):
@@ -63,13 +73,27 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._record) for sig in STOP_SIGNALS}
+            with _HANDLERS_LOCK:
+                self._previous = {sig: signal.signal(sig, self._record) for sig in STOP_SIGNALS}
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        global _stopped_on_request
+        with _HANDLERS_LOCK:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+            self._previous = {}
+            if exc_type is not None and issubclass(exc_type, StopRequested):
+                _stopped_on_request = True
+
+
+def request_stop() -> None:
+    """From any thread, stop this process as a SIGTERM does: a recorded request while a `StopSignals` is active, the
+    end of the process before one is; nothing once a run has stopped on request (module docstring)."""
+    with _HANDLERS_LOCK:
+        if not _stopped_on_request:
+            # Delivered before kill() returns, so while the handler seen here is still installed.
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 class HeldSignals:

@@ -128,26 +128,41 @@ _RENAMES_NOTED: set[str] = set()
 """The old option names already noted in this process (a note once, however often configs are built)."""
 
 
-def _typed_run(cfg: Any, note_renamed: bool) -> RunConfig:
-    """`_typed` for RunConfig, whose groups take a value given under a renamed option's old name (`RENAMED_OPTIONS`)
-    as their new name's. With `note_renamed` (a command line or a YAML file used the old name), rank 0 says so in one
-    line on stderr, once per name and process."""
+def _old_names_given(cfg: Any) -> dict[str, Any]:
+    """The renamed options (`RENAMED_OPTIONS`) the config gives under their old names, in its groups or in a sweep
+    item (the groups read them as the new names'): old name -> the first value given."""
     values = OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else dict(cfg)
-    for old, new in RENAMED_OPTIONS.items():
-        section, key = old.split(".")
-        value = (values.get(section) or {}).get(key)
-        if value is not None and note_renamed and old not in _RENAMES_NOTED and os.environ.get("RANK", "0") == "0":
-            _RENAMES_NOTED.add(old)
-            print(f"note: {old} is renamed {new}; {old}={value} is read as {new}={value} until the next release",
-                  file=sys.stderr, flush=True)
-    return _typed(RunConfig, cfg)
-
+    given = [{f"{group}.{key}": value for group, keys in values.items() if isinstance(keys, dict)
+              for key, value in keys.items()}]
+    given += [_dotted(dict(item)) for item in values.get("sweep") or [] if isinstance(item, dict)]
+    found = {}
+    for old in RENAMED_OPTIONS:
+        value = next((options[old] for options in given if options.get(old) is not None), None)
+        if value is not None:
+            found[old] = value
+    return found
 
 
 def to_run_config(cfg: Any, note_renamed: bool = True) -> RunConfig:
-    """Merge a Hydra/OmegaConf config into the typed schema and validate it (`_typed_run` for `note_renamed`)."""
-    run = _typed_run(cfg, note_renamed)
-    validate(run)
+    """Merge a Hydra/OmegaConf config into the typed schema and validate it. With `note_renamed` (a command line or
+    a YAML file), a valid config that gives a renamed option under its old name gets one note line on stderr from
+    rank 0, once per name and process; an invalid one gets its error alone, which says the rename where it names
+    the new name."""
+    old_names = _old_names_given(cfg) if note_renamed else {}
+    run = _typed(RunConfig, cfg)
+    try:
+        validate(run)
+    except ConfigError as exc:
+        renamed = [f"{old} is renamed {RENAMED_OPTIONS[old]}" for old in old_names if RENAMED_OPTIONS[old] in str(exc)]
+        if not renamed:
+            raise
+        raise ConfigError(f"{exc} ({'; '.join(renamed)})") from None
+    for old, value in old_names.items():
+        if old not in _RENAMES_NOTED and os.environ.get("RANK", "0") == "0":
+            _RENAMES_NOTED.add(old)
+            new = RENAMED_OPTIONS[old]
+            print(f"note: {old} is renamed {new}; {old}={value} is read as {new}={value} until the next release",
+                  file=sys.stderr, flush=True)
     return run
 
 
@@ -386,7 +401,7 @@ def sweep_members(run: RunConfig, expand: PairExpander | None = None) -> list[Ru
             if key != "name":
                 OmegaConf.update(merged, key, value, merge=True)
         try:
-            member = _typed_run(merged, note_renamed=True)
+            member = _typed(RunConfig, merged)
             _validate_run(member)  # a glob not expanded (`validate`): checked for syntax
         except ConfigError as exc:
             raise ConfigError(f"sweep[{i}]: {exc}") from None

@@ -209,7 +209,8 @@ def test_performance_switches_are_declared_apart():
 
 def test_renamed_options_are_read_under_their_old_names_everywhere(capsys, monkeypatch):
     """Python code, a sweep item and a config file written before the rename set the new names; a note comes from a
-    command line or a sweep item only, from rank 0 only (the run folder's resume: tests/train/test_identity.py)."""
+    command line or a sweep item only, from rank 0 only, and only when the config is valid: a bad value under an old
+    name is its error alone, one line that says the rename (the run folder's resume: tests/train/test_identity.py)."""
     monkeypatch.setattr(validation, "_RENAMES_NOTED", set())
     sae = SAEConfig(encoder_backward="gemm", decoder="gemm")
     assert (sae.encoder_backward_kernel, sae.decoder_kernel, sae.encoder_backward, sae.decoder) == (
@@ -224,6 +225,14 @@ def test_renamed_options_are_read_under_their_old_names_everywhere(capsys, monke
     assert compose_run("sae.decoder=gemm").sae.decoder_kernel == "gemm"
     assert capsys.readouterr().err == ""
     monkeypatch.setenv("RANK", "0")
+    renamed = (r"sae.decoder_kernel='fast' is unknown; allowed: auto, gather, gemm "
+               r"\(sae.decoder is renamed sae.decoder_kernel\)$")
+    for bad in ("sae.decoder=fast", "sweep=[{sae.decoder: fast}]"):
+        with pytest.raises(ConfigError, match=renamed):
+            compose_run("data=synthetic", bad)
+    with pytest.raises(ConfigError, match="trainer.steps=0 must be positive$"):
+        compose_run("sae.decoder=gemm", "trainer.steps=0")
+    assert capsys.readouterr().err == ""
     members = sweep_members(compose_run("data=synthetic", "sweep=[{sae.decoder: gemm}, {sae.k: 16}]"))
     assert [m.sae.decoder_kernel for m in members] == ["gemm", "auto"]
     assert capsys.readouterr().err.splitlines() == [

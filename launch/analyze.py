@@ -18,7 +18,15 @@ from rich.table import Table
 from tqdm.auto import tqdm
 
 from sae_dist.api import load_sae
-from sae_dist.cli import check_checkpoint, check_output, command_parser, fail, one_line_errors, require_positive
+from sae_dist.cli import (
+    check_checkpoint,
+    check_output,
+    command_parser,
+    fail,
+    one_line_errors,
+    require_positive,
+    say_output,
+)
 from sae_dist.eval.geometry import expert_rows, geometry, plot_tsne, tsne_2d
 from sae_dist.eval.plots import plot_similarity, run_label
 from sae_dist.run_dir import GEOMETRY_FILE, checkpoint_title, write_atomically
@@ -59,7 +67,7 @@ def main() -> None:
             fail("--tsne needs scikit-learn, which is not installed (pip install scikit-learn)")
         folder, run = check_checkpoint(args.path)
         out = args.out or folder
-        check_output(out, "--out")
+        say_output(check_output(out, "--out"))
         sae = load_sae(folder, args.device)
         summary = geometry(expert_rows(sae, "decoder"), args.chunk).summary()
         summary["checkpoint"] = str(folder)

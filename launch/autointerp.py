@@ -23,6 +23,7 @@ from sae_dist.cli import (
     fail,
     one_line_errors,
     require_positive,
+    say_output,
 )
 from sae_dist.cli_inspection import check_inspection
 from sae_dist.eval.autointerp import AutoInterpConfig, ChatClient, run_autointerp
@@ -63,8 +64,9 @@ def main() -> None:
                          "per_quantile", "excerpts_per_prompt", "max_tokens", "timeout_s")
         folder, _ = check_inspection(tool["checkpoint"], tool["latents"])
         out = tool["out"] or folder / AUTOINTERP_FILE
-        check_output(out.parent, "--out")
+        out_folder = check_output(out.parent, "--out")
         check_endpoint(cfg)
+        say_output(out_folder)
         records = inspect_checkpoint(tool["checkpoint"], tool["latents"], tool["per_expert"], tool["contexts"],
                                      cfg.seed, tool["device"])
         try:

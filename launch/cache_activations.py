@@ -28,7 +28,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from sae_dist.cli import check_output, one_line_errors, run_hydra_app
+from sae_dist.cli import one_line_errors, run_hydra_app, say_output
 from sae_dist.config import (
     CacheJobConfig,
     ConfigError,
@@ -43,9 +43,9 @@ from sae_dist.data import PrefetchingSource, Site, lm_activation_source, load_lm
 from sae_dist.data.cache import CACHE_DTYPES, MANIFEST, site_record
 from sae_dist.data.cache_writer import (
     BatchBudget,
-    CacheExistsError,
     FullBatches,
     batches_left,
+    check_cache_folder,
     finish_cache,
     rank_rows,
     rows_written,
@@ -80,8 +80,6 @@ def model_revision(job: CacheJobConfig, model) -> str | None:
 def cache_activations(job: CacheJobConfig, rank: int, world_size: int, device: torch.device) -> Path:
     """This rank's share of the cache; rank 0 then writes the manifest. Returns the manifest path."""
     cache, out = job.cache, Path(job.cache.out_dir)
-    if (out / MANIFEST).exists():
-        raise CacheExistsError(f"cache.out_dir={out} already holds an activation cache; choose another folder")
     run = RunConfig(name=job.name, model=job.model, data=job.data, trainer=TrainerConfig(seed=cache.seed))
     order = document_order(out, cache.seed)
     model, tokenizer = load_lm(job.model, device)
@@ -154,12 +152,13 @@ def document_order(out: Path, seed: int) -> dict | None:
     return {"order": SAMPLED_ORDER, "seed": seed}
 
 
-def check_job(job: CacheJobConfig) -> None:
+def check_job(job: CacheJobConfig) -> preflight.OutputFolder:
     """What needs neither model nor data: the model folder and text files exist, the output folder is writable and
-    (when d is known before loading) has room for the cache."""
+    (when d is known before loading) has room for the cache. Returns the output folder."""
     run = RunConfig(model=job.model, data=job.data)
     preflight.check_inputs(run)
-    folder = check_output(job.cache.out_dir, "cache.out_dir")
+    folder = preflight.check_output_folder(job.cache.out_dir, "cache.out_dir")
+    check_cache_folder(Path(job.cache.out_dir))
     d_model = preflight.activation_width(run)
     config = preflight.model_config(run.model)
     d_out = preflight.target_width(run.model, config) if config is not None else None
@@ -168,6 +167,7 @@ def check_job(job: CacheJobConfig) -> None:
         needed = job.cache.num_tokens * width * CACHE_DTYPES[job.cache.dtype].itemsize
         preflight.require_free_space(folder, "cache.out_dir", needed,
                                      f"{job.cache.num_tokens:,} activations of d = {width} in {job.cache.dtype}")
+    return folder
 
 
 @hydra.main(config_path="../conf", config_name="cache_activations", version_base="1.3")
@@ -175,12 +175,13 @@ def hydra_main(cfg: DictConfig) -> None:
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     with one_line_errors():
         job = to_cache_job_config(cfg)
-        check_job(job)
+        folder = check_job(job)
         device = job_device(job.cache.device, int(os.environ.get("LOCAL_RANK", "0")))
         if world_size > 1:
             dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
         try:
             with hold_folder(job.cache.out_dir, "cache.out_dir"):
+                say_output(folder)
                 cache_activations(job, rank, world_size, device)
         finally:
             if dist.is_initialized():

@@ -25,6 +25,7 @@ from sae_dist.cli import (
     fail,
     one_line_errors,
     require_positive,
+    say_output,
 )
 from sae_dist.config import SAMPLE_BY
 from sae_dist.eval.evaluate import EvalConfig, evaluate
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             fail(f"--sample-by={args['sample_by']} is not one of {', '.join(SAMPLE_BY)}")
         folder, _ = check_checkpoint(path)
         out = out or folder / EVAL_FILE
-        check_output(out.parent, "--out")
+        say_output(check_output(out.parent, "--out"))
         report = evaluate(folder, **args)
         out.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(out, json.dumps(report, indent=1).encode())

@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from sae_dist.api import load_sae
-from sae_dist.cli import check_checkpoint, check_output, command_parser, fail, one_line_errors
-from sae_dist.interop.saelens import export_saelens
+from sae_dist.cli import check_checkpoint, check_output, command_parser, fail, one_line_errors, say_output
+from sae_dist.interop.saelens import check_export, export_saelens
 
 FORMATS = ("saelens",)
 
@@ -35,7 +35,11 @@ def main() -> None:
         if args.out.exists():
             fail(f"--out={args.out} already exists; name a new folder")
         folder, run = check_checkpoint(args.path)
-        check_output(args.out.parent, "--out")
+        try:
+            check_export(run, args.per_expert)
+        except ValueError as exc:
+            fail(exc)
+        say_output(check_output(args.out.parent, "--out"))
         sae = load_sae(folder)
         try:
             written = export_saelens(sae, run, args.out, args.per_expert)

@@ -9,7 +9,7 @@ DIR/features.txt (the same as text, active tokens in «»), and DIR/histograms.p
 
 from __future__ import annotations
 
-from sae_dist.cli import check_output, command_parser, one_line_errors, require_positive
+from sae_dist.cli import check_output, command_parser, one_line_errors, require_positive, say_output
 from sae_dist.cli_inspection import check_inspection
 from sae_dist.eval.inspect import inspect_checkpoint, write_report
 
@@ -28,7 +28,7 @@ def main() -> None:
     with one_line_errors():
         require_positive(vars(args), "per_expert", "contexts", "top")
         check_inspection(args.checkpoint, args.latents)
-        check_output(args.out, "--out")
+        say_output(check_output(args.out, "--out"))
         records = inspect_checkpoint(args.checkpoint, args.latents, args.per_expert, args.contexts, args.seed,
                                      args.device)
         written = write_report(records, args.out, args.top)

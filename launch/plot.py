@@ -7,8 +7,9 @@ Each run's metrics come from eval.json in its latest checkpoint when present, el
 
 from __future__ import annotations
 
-from sae_dist.cli import check_checkpoint, check_output, command_parser, one_line_errors
+from sae_dist.cli import check_checkpoint, check_output, command_parser, one_line_errors, say_output
 from sae_dist.eval.plots import plot_runs
+from sae_dist.eval.runs import load_run_point
 from sae_dist.run_dir import latest_checkpoint
 
 
@@ -21,7 +22,8 @@ def main() -> None:
         for run_dir in args.run_dirs:
             if latest_checkpoint(run_dir) is not None:
                 check_checkpoint(run_dir)
-        check_output(args.out, "--out")
+            load_run_point(run_dir)  # a run folder with metrics, said before the output folder is
+        say_output(check_output(args.out, "--out"))
         written = plot_runs(args.run_dirs, args.out)
     for path in written:
         print(path)

@@ -186,11 +186,15 @@ def _raised_in_package(exc: BaseException, package: str) -> bool:
 
 
 def check_output(path: str | os.PathLike, option: str) -> OutputFolder:
-    """The output folder of a command is writable (nothing is created); print it with its free disk space."""
-    folder = check_output_folder(Path(path), option)
+    """The output folder of a command is writable (nothing is created)."""
+    return check_output_folder(Path(path), option)
+
+
+def say_output(folder: OutputFolder) -> None:
+    """Print the output folder with its free disk space (rank 0): once every check has passed, so that a refused
+    command prints its error line alone."""
     if _rank() == 0:
         print(f"output folder: {folder.describe()}", flush=True)
-    return folder
 
 
 def check_checkpoint(path: str | os.PathLike) -> tuple[Path, RunConfig]:

@@ -78,6 +78,25 @@ def rank_rows(num_tokens: int, rank: int, world_size: int) -> int:
     return num_tokens // world_size + (rank < num_tokens % world_size)
 
 
+_CACHE_JOB_FILE = re.compile(r"shard_\d+_\d+\.safetensors|progress_\d+\.json|\..+\.tmp|\.lock|\.sae-dist-write-test-.*")
+"""The names a cache job writes besides the manifest: shards, progress files, temporary files, its folder's lock,
+the writability probe."""
+
+
+def check_cache_folder(out: Path) -> None:
+    """`out` may take a cache: new, empty, or an unfinished cache's. A finished cache is CacheExistsError; a folder
+    holding anything else (a run folder, a model, a home folder) a ConfigError naming one of its entries, so that
+    shards are never mixed into another tool's files."""
+    if (out / MANIFEST).exists():
+        raise CacheExistsError(f"cache.out_dir={out} already holds an activation cache; choose another folder")
+    if out.is_dir():
+        foreign = sorted(entry.name for entry in out.iterdir() if not _CACHE_JOB_FILE.fullmatch(entry.name))
+        if foreign:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            raise ConfigError(f"cache.out_dir={out} holds what no cache job writes ({foreign[0]!r}{more}); choose a "
+                              "new or empty folder")
+
+
 def write_shards(
     source: ActivationSource,
     out_dir: str | os.PathLike,
@@ -95,9 +114,8 @@ def write_shards(
     `on_shard(rows)` is called after each shard (progress bars).
     """
     out = Path(out_dir)
+    check_cache_folder(out)
     out.mkdir(parents=True, exist_ok=True)
-    if (out / MANIFEST).exists():
-        raise CacheExistsError(f"{out} already holds an activation cache; choose another folder")
     identity = {"settings": settings or {}, "num_tokens": num_tokens, "shard_tokens": shard_tokens,
                 "dtype": str(dtype).removeprefix("torch."), "world_size": world_size, "d_model": source.d_model}
     progress = {"identity": identity, "shards": [], "source": None}

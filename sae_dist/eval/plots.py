@@ -140,11 +140,18 @@ def plot_expert_load(run_dirs: Sequence[str | Path], out: str | Path) -> Path | 
         n = len(shares_NS)
         cmap = plt.get_cmap("tab20" if n <= 20 else "viridis", n)
         colors = [cmap(e) for e in range(n)]
-        ax.stackplot(steps, shares_NS, colors=colors, labels=[f"expert {e}" for e in range(n)],
-                     linewidth=0.3, edgecolor="white")
+        if len(steps) > 1:
+            ax.stackplot(steps, shares_NS, colors=colors, labels=[f"expert {e}" for e in range(n)],
+                         linewidth=0.3, edgecolor="white")
+            ax.set_xlim(steps[0], steps[-1])
+        else:  # one logged row: its shares as one stacked bar (a stack plot of one step has no area)
+            bottom = 0.0
+            for e, (share,) in enumerate(shares_NS):
+                ax.bar(steps, [share], bottom=bottom, color=colors[e], label=f"expert {e}", edgecolor="white")
+                bottom += share
+            ax.set_xticks(steps)
         ax.axhline(0, color="black", linewidth=0.5)
         ax.set_ylim(0, 1)
-        ax.set_xlim(steps[0], steps[-1])
         ax.set_xlabel("step")
         ax.set_ylabel("share of tokens")
         ax.set_title(run_label(run_dir.name, read_run_config(run_dir)), fontsize="small")

@@ -42,8 +42,7 @@ from torch import Tensor
 
 from sae_dist.config import ConfigError, RunConfig
 from sae_dist.data import sites
-from sae_dist.models.base import SAE
-from sae_dist.models.expert_sae import ExpertSAE
+from sae_dist.models.base import SAE, architecture
 from sae_dist.train.preflight import model_config, model_skeleton
 
 CFG_FILE = "cfg.json"
@@ -123,16 +122,21 @@ def _write_folder(folder: Path, architecture: str, entries: dict, weights: dict[
     (folder / CFG_FILE).write_text(json.dumps(cfg, indent=2))
 
 
+def check_export(run: RunConfig, per_expert: bool) -> None:
+    """What an export of `run`'s SAE needs, told from its config before the SAE is loaded (ValueError)."""
+    if per_expert and not architecture(run.sae.kind).routed:
+        raise ValueError(f"--per-expert needs a Switch SAE (sae.kind={run.sae.kind!r} has no experts)")
+
+
 def export_saelens(sae: SAE, run: RunConfig, out: Path, per_expert: bool = False) -> list[Path]:
     """Write `sae` (holding every expert) in SAELens's format into the new folder `out`; return the SAE folders.
 
     Written into a temporary sibling, then renamed: an interrupted export leaves no partial `out`."""
+    check_export(run, per_expert)
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if per_expert:
-        if not isinstance(sae, ExpertSAE) or sae.router is None:
-            raise ValueError(f"--per-expert needs a Switch SAE (sae.kind={sae.kind!r} has no experts)")
         names = [f"expert_{e:03d}" for e in range(sae.num_local_experts)]
         for name, (architecture, entries, weights) in zip(names, sae.saelens_expert_states(), strict=True):
             _write_folder(tmp / name, architecture, entries, weights, sae.d_in, run)

@@ -2,14 +2,17 @@
 
 import json
 import runpy
+import shutil
 import sys
 from pathlib import Path
 
 import matplotlib.image
+import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 
 from sae_dist.config import RunConfig, SAEConfig, TrainerConfig
-from sae_dist.eval.plots import PARETO_SWEEPS, SCALING_SWEEPS, plot_runs
+from sae_dist.eval.plots import PARETO_SWEEPS, SCALING_SWEEPS, plot_expert_load, plot_runs
 from sae_dist.eval.runs import RunPoint, load_run_point, run_family, series, shared_title
 from sae_dist.run_dir import latest_checkpoint
 from sae_dist.train.run import train_from_config
@@ -102,3 +105,28 @@ def test_a_line_joins_only_runs_that_differ_in_the_swept_settings():
 def test_titles_name_the_settings_all_runs_share():
     title = shared_title([point("a"), point("b", k=16)], "MSE vs L0")
     assert title == "MSE vs L0\ndata=lm, model=gpt2, layer=8, dataset=openwebtext, steps=20, batch=8192, d=64"
+
+
+def test_a_folder_that_is_not_a_run_is_refused_before_the_output_folder(run_dirs, tmp_path, monkeypatch, capsys):
+    """One line on stderr and nothing on stdout (the output folder's line came first), no folder created."""
+    monkeypatch.setattr(sys, "argv", ["plot.py", str(run_dirs[0]), str(tmp_path), "--out", str(tmp_path / "plots")])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "launch/plot.py"), run_name="__main__")
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2
+    assert (captured.out, captured.err) == ("", f"error: {tmp_path} is not a run folder: it has no config.yaml\n")
+    assert not (tmp_path / "plots").exists()
+
+
+def test_the_expert_load_of_a_run_logged_once_is_drawn(run_dirs, tmp_path):
+    """A run with one logged row (a short run) gets its shares as one stacked bar; a stack plot of one step drew
+    an empty panel."""
+    run = tmp_path / "short_run"
+    run.mkdir()
+    shutil.copy(run_dirs[1] / "config.yaml", run / "config.yaml")
+    first = next(line for line in (run_dirs[1] / "metrics.jsonl").read_text().splitlines() if "expert_load" in line)
+    (run / "metrics.jsonl").write_text(first + "\n")
+    path = plot_expert_load([run], tmp_path / "expert_load.png")
+    pixels = matplotlib.image.imread(path)[..., :3]
+    expert_0 = np.array(plt.get_cmap("tab20", 4)(0)[:3])
+    assert (np.abs(pixels - expert_0).max(axis=-1) < 0.02).mean() > 0.02  # its band, not only its legend entry

@@ -26,9 +26,11 @@ class Outcome:
         return [line for line in self.err.splitlines() if line.strip()]
 
     def one_line_error(self, *fragments: str) -> str:
-        """Assert exit status 2 and exactly one stderr line 'error: ...' holding every fragment; return it."""
+        """Assert exit status 2, exactly one stderr line 'error: ...' holding every fragment and nothing on stdout;
+        return the line."""
         assert self.status == 2, (self.status, self.err[-2000:])
         assert len(self.error_lines) == 1, self.err
+        assert self.out == "", f"printed before its error: {self.out[-2000:]}"
         line = self.error_lines[0]
         assert line.startswith("error: "), line
         for fragment in fragments:

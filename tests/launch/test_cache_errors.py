@@ -25,6 +25,10 @@ def test_every_bad_input_is_one_line_before_loading(command, no_model, tmp_path)
     finished = tmp_path / "finished"
     finished.mkdir()
     (finished / MANIFEST).write_text("{}")
+    run_folder = tmp_path / "run"  # a checkpoint, a run folder, a model: shards are never mixed into them
+    (run_folder / "checkpoints").mkdir(parents=True)
+    (run_folder / "config.yaml").write_text("name: quickstart\n")
+    (run_folder / "progress_00000.json").write_text("{}")
     out = f"cache.out_dir={tmp_path / 'cache'}"
     cases = [
         (["cache.dtype=int8", out], "cache.dtype='int8' is unknown; allowed: float32, bfloat16, float16"),
@@ -36,6 +40,8 @@ def test_every_bad_input_is_one_line_before_loading(command, no_model, tmp_path)
         ([f"cache.out_dir={blocker}"], "cannot be a folder: it is a file"),
         (["cache.num_tokens=1000000000000000", out], "free on its disk", "activations of d = 384 in bfloat16"),
         ([f"cache.out_dir={finished}"], f"cache.out_dir={finished} already holds an activation cache"),
+        ([f"cache.out_dir={run_folder}"],
+         f"cache.out_dir={run_folder} holds what no cache job writes ('checkpoints' and 1 more); choose a new or empty"),
     ]
     for overrides, *fragments in cases:
         outcome = command("cache_activations.py", "cache.progress=false", *overrides)
@@ -43,6 +49,7 @@ def test_every_bad_input_is_one_line_before_loading(command, no_model, tmp_path)
         assert "Traceback" not in outcome.err, line
     assert not (tmp_path / "cache").exists(), "a refused command created its output folder"
     assert sorted(p.name for p in finished.iterdir()) == [MANIFEST]
+    assert sorted(p.name for p in run_folder.iterdir()) == ["checkpoints", "config.yaml", "progress_00000.json"]
 
 
 def test_a_good_command_gets_past_the_checks(command, no_model, tmp_path):

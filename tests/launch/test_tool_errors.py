@@ -7,14 +7,17 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from sae_dist import load_sae
 from sae_dist.checksums import CHECKSUM_FILE, write_checksums
+from sae_dist.config import as_dict
 from sae_dist.data import build_activation_source
-from sae_dist.run_dir import CONFIG_FILE, MODEL_FILE, CheckpointError, latest_checkpoint
+from sae_dist.run_dir import CONFIG_FILE, MODEL_FILE, RUN_CONFIG_FILE, CheckpointError, latest_checkpoint
 from sae_dist.train.trainer import Trainer
 from tests.conftest import small_run
 
@@ -30,6 +33,7 @@ TOOLS = [
 def trained(tmp_path_factory):
     run = small_run(tmp_path_factory.mktemp("tools"), steps=10, checkpoint_every=10)
     Trainer(run, build_activation_source(run)).train()
+    (Path(run.trainer.out_dir) / RUN_CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(as_dict(run))))
     return run.trainer.out_dir
 
 
@@ -80,8 +84,11 @@ def test_damaged_checkpoints_are_refused_by_every_reader(trained, tmp_path, comm
         if script == "autointerp.py" and "older" in how:
             continue  # without checksums the damage shows when loading, after the endpoint check
         outcome = command(script, str(run_dir), *(o.format(tmp=tmp_path) for o in options))
-        if "older" in how:  # the missing SHA256SUMS is said once per process, in a warning before the error
+        if "older" in how:  # the missing SHA256SUMS is said once per process, in a warning before the error; the
+            # damage shows when the SAE loads, after the checks, so after the output folder's line too
             outcome.err = "\n".join(line for line in outcome.error_lines if not line.startswith("warning: "))
+            assert outcome.out.startswith("output folder: ") and outcome.out.count("\n") == 1, outcome.out
+            outcome.out = ""
         outcome.one_line_error(DAMAGE[how])
     if "weights" in how and "older" not in how:
         command("plot.py", str(run_dir), "--out", str(tmp_path / "plots")).one_line_error(DAMAGE[how])

@@ -78,9 +78,17 @@ def rank_rows(num_tokens: int, rank: int, world_size: int) -> int:
     return num_tokens // world_size + (rank < num_tokens % world_size)
 
 
-_CACHE_JOB_FILE = re.compile(r"shard_\d+_\d+\.safetensors|progress_\d+\.json|\..+\.tmp|\.lock|\.sae-dist-write-test-.*")
-"""The names a cache job writes besides the manifest: shards, progress files, temporary files, its folder's lock,
-the writability probe."""
+_CACHE_FILE = re.compile(r"shard_\d+_\d+\.safetensors|progress_\d+\.json")
+"""The names of a cache's files besides the manifest: shards, progress files (of an unfinished cache)."""
+_CACHE_JOB_FILE = re.compile(rf"{_CACHE_FILE.pattern}|\..+\.tmp|\.lock|\.sae-dist-write-test-.*")
+"""The names a cache job writes besides the manifest: a cache's files, temporary files, its folder's lock, the
+writability probe."""
+
+
+def holds_cache_files(folder: Path) -> bool:
+    """`folder` holds a cache, finished or not (its manifest, shards or progress files)."""
+    return (folder / MANIFEST).exists() or (
+        folder.is_dir() and any(_CACHE_FILE.fullmatch(entry.name) for entry in folder.iterdir()))
 
 
 def check_cache_folder(out: Path) -> None:

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from sae_dist.config import ConfigError, RunConfig, as_dict
 from sae_dist.data import build_activation_source
+from sae_dist.data.cache_writer import holds_cache_files
 from sae_dist.data.source import ActivationSource
 from sae_dist.metrics import ReconstructionSums
 from sae_dist.models.base import architecture
@@ -53,6 +54,9 @@ def prepare_run(run: RunConfig, world_size: int = 1, overrides: list[str] | None
     setting). Raises one-line ConfigErrors; writes nothing."""
     run_dir = Path(run.trainer.out_dir)
     folder = preflight.check_output_folder(run_dir, "trainer.out_dir")
+    if holds_cache_files(run_dir):  # meant as data.cache_dir: a run's files are never mixed into a cache's
+        raise ConfigError(f"trainer.out_dir={run_dir} holds an activation cache; train on it with data=cache "
+                          f"data.cache_dir={run_dir}, writing the run into another folder")
     saved = identity.saved_config(run_dir)
     resume_from = identity.checkpoint_to_resume(run, run_dir)
     if saved is not None:

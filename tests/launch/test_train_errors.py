@@ -130,6 +130,18 @@ def test_output_folder_that_is_a_file_or_under_one(command, no_loading, tmp_path
     command("train.py", *TINY, f"trainer.out_dir={blocker}/run").one_line_error(f"lies under the file {blocker}")
 
 
+@pytest.mark.parametrize("cache_file", ["manifest.json", "shard_00000_000000.safetensors", "progress_00001.json"])
+def test_an_output_folder_that_holds_a_cache_is_refused(command, no_loading, tmp_path, cache_file):
+    """trainer.out_dir=CACHE, meant as data.cache_dir=CACHE (a finished or an unfinished cache): refused before
+    anything is written into the cache's folder."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / cache_file).write_text("{}")
+    command("train.py", *TINY, f"trainer.out_dir={cache}").one_line_error(
+        f"trainer.out_dir={cache} holds an activation cache; train on it with data=cache data.cache_dir={cache}")
+    assert [entry.name for entry in cache.iterdir()] == [cache_file]
+
+
 @pytest.mark.parametrize(
     "overrides, fragment",
     [

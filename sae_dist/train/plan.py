@@ -24,7 +24,15 @@ from sae_dist.models.base import architecture
 from sae_dist.parallel.context import ParallelContext
 from sae_dist.parallel.failures import on_every_rank
 from sae_dist.parallel.mesh import expert_parallel_size, validate_layout
-from sae_dist.run_dir import RUN_CONFIG_FILE, latest_checkpoint, verify_files, write_atomically
+from sae_dist.run_dir import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    MODEL_FILE,
+    RUN_CONFIG_FILE,
+    latest_checkpoint,
+    verify_files,
+    write_atomically,
+)
 from sae_dist.train import identity, preflight
 from sae_dist.train.logging import append_history
 from sae_dist.train.report import print_summary
@@ -54,9 +62,7 @@ def prepare_run(run: RunConfig, world_size: int = 1, overrides: list[str] | None
     setting). Raises one-line ConfigErrors; writes nothing."""
     run_dir = Path(run.trainer.out_dir)
     folder = preflight.check_output_folder(run_dir, "trainer.out_dir")
-    if holds_cache_files(run_dir):  # meant as data.cache_dir: a run's files are never mixed into a cache's
-        raise ConfigError(f"trainer.out_dir={run_dir} holds an activation cache; train on it with data=cache "
-                          f"data.cache_dir={run_dir}, writing the run into another folder")
+    _refuse_foreign_folder(run_dir)
     saved = identity.saved_config(run_dir)
     resume_from = identity.checkpoint_to_resume(run, run_dir)
     if saved is not None:
@@ -77,6 +83,19 @@ def prepare_run(run: RunConfig, world_size: int = 1, overrides: list[str] | None
         preflight.require_free_space(folder, "trainer.out_dir", to_write * size,
                                      f"{to_write} checkpoints of {preflight.format_bytes(size)}")
     return RunPlan(run, folder, device, d_model, saved is not None, resume_from)
+
+
+def _refuse_foreign_folder(run_dir: Path) -> None:
+    """A run's files are never mixed into a cache's (data.cache_dir was meant), a checkpoint's or a model's (the
+    checkpoint's run folder was meant, which continues from its latest checkpoint, or the model is model.path)."""
+    if holds_cache_files(run_dir):
+        raise ConfigError(f"trainer.out_dir={run_dir} holds an activation cache; train on it with data=cache "
+                          f"data.cache_dir={run_dir}, writing the run into another folder")
+    if (run_dir / CONFIG_FILE).is_file() and (run_dir / MODEL_FILE).is_file():
+        continues = (f"; its run continues with trainer.out_dir={run_dir.parent.parent}"
+                     if run_dir.parent.name == CHECKPOINTS_DIR else "")
+        raise ConfigError(f"trainer.out_dir={run_dir} is a checkpoint or a model folder ({CONFIG_FILE}, "
+                          f"{MODEL_FILE}), which a run never writes into{continues}")
 
 
 def _write_new_run(plan: RunPlan, world_size: int, ep_size: int) -> None:

@@ -142,6 +142,19 @@ def test_an_output_folder_that_holds_a_cache_is_refused(command, no_loading, tmp
     assert [entry.name for entry in cache.iterdir()] == [cache_file]
 
 
+def test_a_checkpoint_as_output_folder_is_refused_naming_its_run(command, no_loading, tmp_path):
+    """trainer.out_dir=RUN/checkpoints/step_N, meant to continue RUN from it: refused, naming RUN's folder (a run
+    written inside a checkpoint would be deleted with it by the rotation)."""
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000010"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "config.json").write_text("{}")
+    (checkpoint / "model.safetensors").write_bytes(b"")
+    command("train.py", *TINY, f"trainer.out_dir={checkpoint}").one_line_error(
+        f"trainer.out_dir={checkpoint} is a checkpoint or a model folder (config.json, model.safetensors), which a "
+        f"run never writes into; its run continues with trainer.out_dir={tmp_path / 'run'}")
+    assert sorted(entry.name for entry in checkpoint.iterdir()) == ["config.json", "model.safetensors"]
+
+
 @pytest.mark.parametrize(
     "overrides, fragment",
     [

@@ -31,6 +31,7 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from sae_dist.config import ConfigError, RunConfig
+from sae_dist.console import say
 from sae_dist.data.source import DataUnavailableError
 from sae_dist.host_memory import keep_freed_host_memory
 from sae_dist.parallel.failures import CollectiveError, PeerFailedError
@@ -91,7 +92,7 @@ def fail(exc: BaseException | str, status: int = USAGE_ERROR_STATUS, every_rank:
     report = every_rank or getattr(exc, "report_here", _rank() == 0)
     if report:
         text = error_line(exc) if isinstance(exc, (HydraException, OmegaConfBaseException)) else str(exc)
-        print(f"error: {one_line(_name_lost_efbig(text))}", file=sys.stderr, flush=True)
+        say(f"error: {one_line(_name_lost_efbig(text))}")
     sys.exit(status)
 
 
@@ -149,7 +150,7 @@ def one_line_errors() -> Iterator[None]:
         yield
     except StopRequested as exc:
         if _rank() == 0:
-            print(exc, file=sys.stderr, flush=True)
+            say(str(exc))
         sys.exit(REQUEUE_EXIT_STATUS)
     except NoUpdateError as exc:
         fail(exc, NO_UPDATE_EXIT_STATUS)
@@ -194,7 +195,7 @@ def say_output(folder: OutputFolder) -> None:
     """Print the output folder with its free disk space (rank 0): once every check has passed, so that a refused
     command prints its error line alone."""
     if _rank() == 0:
-        print(f"output folder: {folder.describe()}", flush=True)
+        say(f"output folder: {folder.describe()}", sys.stdout)
 
 
 def check_checkpoint(path: str | os.PathLike) -> tuple[Path, RunConfig]:

@@ -16,10 +16,11 @@ exits, and is lost if the parent died before the call; a pid poll has neither pr
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable
+
+from sae_dist.console import say
 
 POLL_S = 1.0
 """Seconds between two looks at the parent pid."""
@@ -37,10 +38,9 @@ def watch_parent(stop: Callable[[], None], grace_s: float, poll_s: float = POLL_
 def _watch(parent: int, stop: Callable[[], None], grace_s: float, poll_s: float) -> None:
     while os.getppid() == parent:
         time.sleep(poll_s)
-    print(f"error: the launcher (pid {parent}) is gone; stopping this worker (rank {os.environ.get('RANK', '0')}) "
-          "after a checkpoint", file=sys.stderr, flush=True)
+    say(f"error: the launcher (pid {parent}) is gone; stopping this worker (rank {os.environ.get('RANK', '0')}) "
+        "after a checkpoint")
     stop()
     time.sleep(grace_s)
-    print(f"error: the worker did not stop within {grace_s:.0f} s of its launcher's end; exiting",
-          file=sys.stderr, flush=True)
+    say(f"error: the worker did not stop within {grace_s:.0f} s of its launcher's end; exiting")
     os._exit(ORPHANED_EXIT_STATUS)

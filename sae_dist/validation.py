@@ -9,7 +9,6 @@ hands to `use_architectures` when it is imported (`sae_dist/__init__.py`)."""
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Protocol
@@ -41,6 +40,7 @@ from sae_dist.config import (
     as_dict,
     resume_mode,
 )
+from sae_dist.console import say
 from sae_dist.site_names import hookpoint_label, hookpoint_parts, is_glob, site_label
 
 PairExpander = Callable[[str, str | None], list[tuple[str, str | None]]]
@@ -161,8 +161,7 @@ def to_run_config(cfg: Any, note_renamed: bool = True) -> RunConfig:
         if old not in _RENAMES_NOTED and os.environ.get("RANK", "0") == "0":
             _RENAMES_NOTED.add(old)
             new = RENAMED_OPTIONS[old]
-            print(f"note: {old} is renamed {new}; {old}={value} is read as {new}={value} until the next release",
-                  file=sys.stderr, flush=True)
+            say(f"note: {old} is renamed {new}; {old}={value} is read as {new}={value} until the next release")
     return run
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ from torch import nn
 
 from sae_dist import checksums
 from sae_dist.config import ConfigError, RunConfig, as_dict
+from sae_dist.console import say
 from sae_dist.validation import from_dict
 
 RUN_CONFIG_FILE = "config.yaml"
@@ -120,8 +120,8 @@ def verify_files(folder: Path, names: list[str] | None = None) -> None:
                               f"({REQUIRE_CHECKSUMS_ENV}=1 refuses unchecked checkpoints)")
     if Path(folder).absolute() not in _warned_unchecked and os.environ.get("RANK", "0") == "0":
         _warned_unchecked.add(Path(folder).absolute())
-        print(f"warning: {missing} does not exist: the checkpoint's files are read unchecked (set "
-              f"{REQUIRE_CHECKSUMS_ENV}=1 to refuse such checkpoints)", file=sys.stderr, flush=True)
+        say(f"warning: {missing} does not exist: the checkpoint's files are read unchecked (set "
+            f"{REQUIRE_CHECKSUMS_ENV}=1 to refuse such checkpoints)")
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

@@ -8,8 +8,8 @@ requeue running the same command resumes from the latest checkpoint.
 
 Exit statuses (sae_dist/cli.py): 0 done; 2 bad input, or a run folder in use by another command, with one line on
 stderr before any model or data is loaded; 75 stopped by SIGTERM or SIGUSR1 after writing a checkpoint (the same
-command with its trainer.out_dir continues), also when torchrun's agent is gone; 1 a collective failed because
-another rank died or stalled. A multirun (-m) is checked whole before its first job (sae_dist/multirun_check.py).
+command with its trainer.out_dir continues), also when torchrun's agent is gone; 130 Ctrl-C (SIGINT), with one line
+naming the checkpoint the same command continues from; 1 a collective failed because another rank died or stalled. A multirun (-m) is checked whole before its first job (sae_dist/multirun_check.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from sae_dist.cli import one_line_errors, run_hydra_app
 from sae_dist.config import RunConfig, register_configs
-from sae_dist.launch_guards import check_resumed_width, hold_folder, watch_launcher
+from sae_dist.launch_guards import check_resumed_width, hold_folder, interrupted, watch_launcher
 from sae_dist.parallel.expert_parallel import ExpertParallelContext
 from sae_dist.parallel.failures import on_every_rank
 from sae_dist.parallel.mesh import broadcast_object, init_process_group, launched_by_torchrun, validate_layout
@@ -65,12 +65,15 @@ def hydra_main(cfg: DictConfig) -> None:
         overrides = list(HydraConfig.get().overrides.task)
         if run.trainer.engine == "deepspeed":
             import_deepspeed(check_device(run.trainer.device).type)  # a missing install fails here, before any work
-        if launched_by_torchrun() or run.trainer.engine == "deepspeed":
-            train_distributed(run, overrides)
-        else:
-            with hold_folder(run.trainer.out_dir, "trainer.out_dir"):
-                check_resumed_width(run, overrides)
-                train_from_config(run, overrides=overrides)
+        try:
+            if launched_by_torchrun() or run.trainer.engine == "deepspeed":
+                train_distributed(run, overrides)
+            else:
+                with hold_folder(run.trainer.out_dir, "trainer.out_dir"):
+                    check_resumed_width(run, overrides)
+                    train_from_config(run, overrides=overrides)
+        except KeyboardInterrupt:
+            raise interrupted(run) from None
 
 
 def main() -> None:

@@ -9,8 +9,9 @@ torchrun: by rank 0, or by the one rank that met an error alone); 75 (`preemptio
 stopped by SIGTERM/SIGUSR1 after writing a checkpoint (none when no step had applied an update); 65
 (`nonfinite.NO_UPDATE_EXIT_STATUS`) with one line (printed once) for a run under trainer.on_nonfinite=skip that
 skipped 100 steps in a row, or every step up to its last, for NaN or inf; 1 with one line for a collective that
-failed because another rank died or stalled (printed by every rank that saw it). Anything else is a bug and keeps
-its traceback.
+failed because another rank died or stalled (printed by every rank that saw it); 130 with one line (rank 0) for
+Ctrl-C (SIGINT), where training names the checkpoint it continues from. Anything else is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ from sae_dist.train.trainer import NonFiniteError
 from sae_dist.validation import error_line
 
 USAGE_ERROR_STATUS = 2
+INTERRUPTED_EXIT_STATUS = 130
+"""128 + SIGINT: what a shell reports for a process that Ctrl-C ended."""
 COLLECTIVE_ERROR_STATUS = 1
 USER_ERRORS = (ConfigError, DataUnavailableError, CheckpointError, NonFiniteError, PeerFailedError)
 """Errors whose message is the whole story: one line, exit status 2."""
@@ -143,6 +146,10 @@ def add_config_options(parser: argparse.ArgumentParser, defaults: Any, types: di
             parser.add_argument(flag, type=kind, default=value, help=text)
 
 
+class Interrupted(Exception):
+    """A command ended by Ctrl-C (SIGINT); the message says what was kept and how to go on."""
+
+
 @contextmanager
 def one_line_errors() -> Iterator[None]:
     """Turn the errors a user can act on into one line and an exit status (see the module docstring)."""
@@ -152,6 +159,10 @@ def one_line_errors() -> Iterator[None]:
         if _rank() == 0:
             say(str(exc))
         sys.exit(REQUEUE_EXIT_STATUS)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        if _rank() == 0:  # under torchrun every worker gets the agent's SIGINT
+            say(f"interrupted by SIGINT{f'; {exc}' if isinstance(exc, Interrupted) else ''}")
+        sys.exit(INTERRUPTED_EXIT_STATUS)
     except NoUpdateError as exc:
         fail(exc, NO_UPDATE_EXIT_STATUS)
     except (*USER_ERRORS, HydraException, OmegaConfBaseException) as exc:

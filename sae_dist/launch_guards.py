@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from sae_dist.cli import Interrupted
 from sae_dist.config import RunConfig, resume_mode
 from sae_dist.launcher_env import under_torchrun
 from sae_dist.parallel.failures import on_every_rank
@@ -21,7 +22,7 @@ from sae_dist.parent_watch import watch_parent
 from sae_dist.run_dir import CheckpointError, latest_checkpoint, read_checkpoint_config
 from sae_dist.run_lock import FolderLock
 from sae_dist.train import identity, preflight
-from sae_dist.train.preemption import request_stop
+from sae_dist.train.preemption import out_dir_override, request_stop
 from sae_dist.train.preflight import check_output_folder
 
 WATCH_GRACE_MARGIN_S = 60.0
@@ -78,6 +79,19 @@ def check_resumed_width(run: RunConfig, overrides: list[str] | None) -> None:
                 f"{latest} was trained on activations of d_model={saved_width}, but {_source_of(continued)} gives "
                 f"d_model={width}: continue it on the data it was trained on, or choose another trainer.out_dir"
             )
+
+
+def interrupted(run: RunConfig) -> Interrupted:
+    """What Ctrl-C leaves of `run` (a sweep: of each of its SAEs) and the command that goes on from there."""
+    override = out_dir_override(run.trainer.out_dir)
+    if run.sweep:
+        return Interrupted(f"each SAE of the sweep keeps its checkpoints; the same command with {override} "
+                           "continues each from its latest")
+    latest = latest_checkpoint(run.trainer.out_dir)
+    if latest is None:
+        return Interrupted(f"the run has no checkpoint yet; the same command with {override} starts it again")
+    return Interrupted(f"the steps after the run's latest checkpoint, {latest}, are lost; the same command with "
+                       f"{override} continues the run from it")
 
 
 def watch_launcher(run: RunConfig) -> None:

@@ -36,6 +36,13 @@ _stopped_on_request = False
 """A run of this process has raised StopRequested out of its `StopSignals` block."""
 
 
+def out_dir_override(folder: str | Path) -> str:
+    """The command-line override `trainer.out_dir=FOLDER` that continues the run in `folder`, quoted for Hydra and
+    for the shell where it must be (a multirun job's folder: '.../sae.k=16,sae.num_experts=4')."""
+    folder = str(folder)
+    return f"trainer.out_dir={folder}" if re.fullmatch(r"[\w./-]+", folder) else f"\"trainer.out_dir='{folder}'\""
+
+
 class StopRequested(Exception):
     """The run stopped on a signal after writing a checkpoint (none when no step had applied an update)."""
 
@@ -46,10 +53,7 @@ class StopRequested(Exception):
         the trainer.out_dir that continues the run (default: the checkpoint's run folder; needed without one). The
         message names it because a command without trainer.out_dir starts a new folder, named by its start time,
         unless a SLURM requeue or a torchrun restart runs it."""
-        folder = str(out_dir or checkpoint.parent.parent)
-        # A multirun job's folder ('.../sae.k=16,sae.num_experts=4') must be quoted for Hydra and for the shell.
-        plain = re.fullmatch(r"[\w./-]+", folder)
-        override = f"trainer.out_dir={folder}" if plain else f"\"trainer.out_dir='{folder}'\""
+        override = out_dir_override(out_dir or checkpoint.parent.parent)
         super().__init__(
             f"stopped by {signal_name} after step {step}; {written or f'checkpoint written: {checkpoint}'}; "
             f"the same command with {override} (trainer.resume=auto) continues the run"

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from sae_dist.cli import one_line_errors, run_hydra_app, say_output
+from sae_dist.cli import Interrupted, one_line_errors, run_hydra_app, say_output
 from sae_dist.config import (
     CacheJobConfig,
     ConfigError,
@@ -183,6 +183,9 @@ def hydra_main(cfg: DictConfig) -> None:
             with hold_folder(job.cache.out_dir, "cache.out_dir"):
                 say_output(folder)
                 cache_activations(job, rank, world_size, device)
+        except KeyboardInterrupt:
+            raise Interrupted(f"the shards written so far are kept; the same command continues the cache in "
+                              f"cache.out_dir={job.cache.out_dir}") from None
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()

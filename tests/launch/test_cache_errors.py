@@ -56,3 +56,15 @@ def test_a_good_command_gets_past_the_checks(command, no_model, tmp_path):
     """The README's command passes every check and reaches the loading (the tripwire)."""
     with pytest.raises(AssertionError, match="loaded a model or data"):
         command("cache_activations.py", f"cache.out_dir={tmp_path / 'cache'}", "cache.num_tokens=1000")
+
+
+def test_ctrl_c_is_one_line_saying_the_same_command_continues(command, monkeypatch, tmp_path):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sae_dist.data, "load_lm", interrupted)
+    outcome = command("cache_activations.py", "cache.progress=false", f"cache.out_dir={tmp_path / 'cache'}")
+    assert outcome.status == 130
+    assert outcome.err == (f"interrupted by SIGINT; the shards written so far are kept; the same command continues "
+                           f"the cache in cache.out_dir={tmp_path / 'cache'}\n")
+    assert not (tmp_path / "cache" / ".lock").exists()

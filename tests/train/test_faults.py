@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 
 from sae_dist import load_sae
 from sae_dist.cli import one_line_errors
@@ -248,6 +250,26 @@ def test_a_full_disk_during_a_save_is_one_line_and_leaves_nothing_behind(make_ru
     message = str(info.value)
     assert "cannot write checkpoint step_00000020: No space left on device" in message and "\n" not in message
     assert "the partial checkpoint was removed and step_00000010 is intact" in message
+    root = latest_checkpoint(run.trainer.out_dir).parent
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000010"]
+    verify_files(root / "step_00000010")
+
+
+def test_ctrl_c_during_a_save_stays_an_interruption_and_leaves_nothing_behind(make_run, monkeypatch):
+    """DCP's save wraps what a rank raised, KeyboardInterrupt too, into a CheckpointException (a traceback, where
+    Ctrl-C is one line): the write raises KeyboardInterrupt again, after removing the partial checkpoint."""
+    run = make_run(steps=20, checkpoint_every=10)
+    write_data = FileSystemWriter.write_data
+
+    def interrupted(self, plan, planner):
+        if "step_00000020" in str(self.path):
+            raise KeyboardInterrupt
+        return write_data(self, plan, planner)
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", interrupted)
+    with pytest.raises(KeyboardInterrupt) as info:
+        trainer_for(run).train()
+    assert isinstance(info.value.__cause__, CheckpointException)
     root = latest_checkpoint(run.trainer.out_dir).parent
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000010"]
     verify_files(root / "step_00000010")

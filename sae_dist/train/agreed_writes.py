@@ -62,13 +62,7 @@ def disk_error(exc: BaseException, folder: Path) -> OSError | None:
 def _run(phase: Callable[[], None]) -> BaseException | None:
     try:
         phase()
-    except CheckpointException as exc:
-        # DCP's save wraps whatever a rank raised, Ctrl-C's KeyboardInterrupt too: that stays an interruption.
-        if any(isinstance(failure[0] if isinstance(failure, tuple) else failure, KeyboardInterrupt)
-               for failure in exc.failures.values()):
-            raise KeyboardInterrupt from exc
-        return exc  # handed to every rank by _agree
-    except Exception as exc:
+    except (Exception, CheckpointException) as exc:  # handed to every rank by _agree
         return exc
     return None
 

@@ -34,6 +34,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from sae_dist import checksums
 from sae_dist.config import RunConfig, as_dict
@@ -93,11 +94,18 @@ def _dcp_options(ctx: ParallelContext) -> dict[str, Any]:
 
 
 @contextmanager
-def _quiet_dcp() -> Iterator[None]:
-    """Silence DCP's notice that a single process saves without a process group, which is intended here."""
+def _dcp_call() -> Iterator[None]:
+    """A DCP save or load: without DCP's notice that a single process saves without a process group (intended
+    here), and with Ctrl-C's KeyboardInterrupt, which DCP wraps like any error a rank raised into a
+    CheckpointException (a traceback), raised again as an interruption."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+        try:
+            yield
+        except CheckpointException as exc:
+            if any(isinstance(error, KeyboardInterrupt) for error, _ in exc.failures.values()):
+                raise KeyboardInterrupt from exc
+            raise
 
 
 def _view(sharded: bool, t: Tensor, ctx: ParallelContext) -> Tensor:
@@ -183,7 +191,7 @@ def save_checkpoint(
             (tmp / RANKS_DIR).mkdir(parents=True)
 
     def write_shards() -> None:
-        with _quiet_dcp():
+        with _dcp_call():
             dcp.save(sharded_state(tensors, ctx), checkpoint_id=str(tmp / STATE_DIR), **_dcp_options(ctx))
         torch.save(rank_state, tmp / rank_file(ctx.rank))
 
@@ -252,7 +260,7 @@ def read_global_state(folder: Path, prefix: str = "") -> dict[str, Tensor]:
         for key, meta in saved.items()
         if key.startswith(prefix)
     }
-    with _quiet_dcp():
+    with _dcp_call():
         dcp.load(full, checkpoint_id=str(Path(folder) / STATE_DIR), no_dist=True)
     return {key[len(prefix) :]: t for key, t in full.items()}
 
@@ -280,7 +288,7 @@ def load_checkpoint(folder: Path, tensors: TrainingTensors, ctx: ParallelContext
     target["optim"] = {
         name: {key: _view(name in sharded, t, ctx) for key, t in state.items()} for name, state in empty.items()
     }
-    with _quiet_dcp():
+    with _dcp_call():
         dcp.load(target, checkpoint_id=str(folder / STATE_DIR), **_dcp_options(ctx))
     params = [p for group in tensors.optimizer.param_groups for p in group["params"]]
     index = {id(p): i for i, p in enumerate(params)}

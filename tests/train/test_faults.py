@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
 from sae_dist import load_sae
@@ -255,9 +255,10 @@ def test_a_full_disk_during_a_save_is_one_line_and_leaves_nothing_behind(make_ru
     verify_files(root / "step_00000010")
 
 
-def test_ctrl_c_during_a_save_stays_an_interruption_and_leaves_nothing_behind(make_run, monkeypatch):
-    """DCP's save wraps what a rank raised, KeyboardInterrupt too, into a CheckpointException (a traceback, where
-    Ctrl-C is one line): the write raises KeyboardInterrupt again, after removing the partial checkpoint."""
+def test_ctrl_c_during_a_save_or_a_load_stays_an_interruption_and_leaves_nothing_behind(make_run, monkeypatch):
+    """DCP wraps what a rank raised, KeyboardInterrupt too, into a CheckpointException (a traceback, where Ctrl-C
+    is one line): a save raises KeyboardInterrupt again, after removing the partial checkpoint; so does a resume's
+    load, which changes nothing."""
     run = make_run(steps=20, checkpoint_every=10)
     write_data = FileSystemWriter.write_data
 
@@ -271,6 +272,15 @@ def test_ctrl_c_during_a_save_stays_an_interruption_and_leaves_nothing_behind(ma
         trainer_for(run).train()
     assert isinstance(info.value.__cause__, CheckpointException)
     root = latest_checkpoint(run.trainer.out_dir).parent
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000010"]
+    verify_files(root / "step_00000010")
+
+    def interrupted_read(self, plan, planner):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FileSystemReader, "read_data", interrupted_read)
+    with pytest.raises(KeyboardInterrupt):
+        trainer_for(run).train()  # resumes from step 10
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000010"]
     verify_files(root / "step_00000010")
 

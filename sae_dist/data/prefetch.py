@@ -8,10 +8,16 @@ the device as well.
 
 The state the consumer sees is the state after the last batch it took, not the producer's: checkpoints stay
 exact. A call with another batch size, or `load_state_dict`, stops the thread and rewinds the source.
+
+`close()` stops the thread; a producer still running when the interpreter exits (a source never closed) is stopped
+and joined by an exit handler, before finalisation: one that ends during finalisation, releasing its tensors, is
+killed inside torch and aborts the process (`terminate called without an active exception`, status 134; seen at
+the exit of test runs whose trainers were never closed).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import queue
 import threading
@@ -69,6 +75,32 @@ def _produce(
         out.put(_Failure(error))
 
 
+class _Producer(NamedTuple):
+    thread: threading.Thread
+    stop: threading.Event
+    out: queue.Queue
+
+    def end(self, timeout_s: float | None = None) -> None:
+        """Ask the thread to stop and wait for its end (at most `timeout_s`), taking what it puts meanwhile."""
+        self.stop.set()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while self.thread.is_alive() and (deadline is None or time.monotonic() < deadline):
+            with contextlib.suppress(queue.Empty):
+                self.out.get(timeout=_POLL_S)
+
+
+_RUNNING: set[_Producer] = set()
+"""Every producer started and not yet ended, whether or not its source still exists."""
+_EXIT_WAIT_S = 30.0
+"""How long the exit handler waits for each producer (one inside a source's call ends after it)."""
+
+
+@atexit.register
+def _end_producers() -> None:
+    for producer in list(_RUNNING):
+        producer.end(_EXIT_WAIT_S)
+
+
 class PrefetchingSource(ActivationSource):
     """`source` with its next `depth` batches produced ahead in a background thread (module docstring)."""
 
@@ -99,17 +131,22 @@ class PrefetchingSource(ActivationSource):
             daemon=True,
         )
         self._thread.start()
+        _RUNNING.add(_Producer(self._thread, self._stop, self._queue))
 
     def _stop_thread(self) -> None:
         """Stop the producer and rewind the source to what the consumer has taken."""
+        if self._end_producer():
+            self.source.load_state_dict(self._state)
+
+    def _end_producer(self) -> bool:
+        """Stop the producer and wait for its end; whether there was one."""
         if self._thread is None:
-            return
-        self._stop.set()
-        while self._thread.is_alive():
-            with contextlib.suppress(queue.Empty):
-                self._queue.get(timeout=_POLL_S)
+            return False
+        producer = _Producer(self._thread, self._stop, self._queue)
+        producer.end()
+        _RUNNING.discard(producer)
         self._thread = None
-        self.source.load_state_dict(self._state)
+        return True
 
     def next_batch(self, batch_size: int) -> Tensor:
         if self._thread is None or batch_size != self._batch_size:
@@ -118,7 +155,7 @@ class PrefetchingSource(ActivationSource):
         item = self._queue.get()
         self.wait_s += time.perf_counter() - start
         if isinstance(item, _Failure):
-            self._thread = None
+            self._end_producer()  # it has ended after putting its failure
             raise item.error
         if item.ready is not None:
             consumer = torch.cuda.current_stream(self.device)

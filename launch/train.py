@@ -9,7 +9,8 @@ requeue running the same command resumes from the latest checkpoint.
 Exit statuses (sae_dist/cli.py): 0 done; 2 bad input, or a run folder in use by another command, with one line on
 stderr before any model or data is loaded; 75 stopped by SIGTERM or SIGUSR1 after writing a checkpoint (the same
 command with its trainer.out_dir continues), also when torchrun's agent is gone; 130 Ctrl-C (SIGINT), with one line
-naming the checkpoint the same command continues from; 1 a collective failed because another rank died or stalled. A multirun (-m) is checked whole before its first job (sae_dist/multirun_check.py).
+naming the checkpoint the same command continues from; 1 a collective failed because another rank died or stalled. A
+multirun (-m) is checked whole before its first job (sae_dist/multirun_check.py).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 outcome before any of them loads anything. `check_resumed_width`: a run that continues reads activations of the
 width its checkpoint was trained on (a cache folder replaced by one of another model, a model of another width),
 told from the checkpoint's config.json before any weight is read. `watch_launcher`: a torchrun worker stops when
-its agent is gone (`parent_watch`).
+its agent is gone (`parent_watch`). `interrupted`: what Ctrl-C leaves of a run, for its one line.
 """
 
 from __future__ import annotations

@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "sae_dist"
 
 FLOORS = (
-    ("sae_dist.config", "sae_dist.console", "sae_dist.flops", "sae_dist.metrics", "sae_dist.run_dir", "sae_dist.checksums",
-     "sae_dist.launcher_env", "sae_dist.host_memory", "sae_dist.run_lock", "sae_dist.parent_watch", "sae_dist.option_facts", "sae_dist.site_names",
-     "sae_dist.validation"),
+    ("sae_dist.config", "sae_dist.console", "sae_dist.flops", "sae_dist.metrics", "sae_dist.run_dir",
+     "sae_dist.checksums", "sae_dist.launcher_env", "sae_dist.host_memory", "sae_dist.run_lock",
+     "sae_dist.parent_watch", "sae_dist.option_facts", "sae_dist.site_names", "sae_dist.validation"),
     ("sae_dist.models", "sae_dist.data"),
     ("sae_dist.api",),
     ("sae_dist.parallel",),

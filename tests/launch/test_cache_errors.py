@@ -41,7 +41,7 @@ def test_every_bad_input_is_one_line_before_loading(command, no_model, tmp_path)
         (["cache.num_tokens=1000000000000000", out], "free on its disk", "activations of d = 384 in bfloat16"),
         ([f"cache.out_dir={finished}"], f"cache.out_dir={finished} already holds an activation cache"),
         ([f"cache.out_dir={run_folder}"],
-         f"cache.out_dir={run_folder} holds what no cache job writes ('checkpoints' and 1 more); choose a new or empty"),
+         f"cache.out_dir={run_folder} holds what no cache job writes ('checkpoints' and 1 more); choose a new"),
     ]
     for overrides, *fragments in cases:
         outcome = command("cache_activations.py", "cache.progress=false", *overrides)

@@ -112,9 +112,9 @@ class PrefetchingSource(ActivationSource):
         self.wait_s = 0.0
         """Seconds `next_batch` has waited for the producer so far."""
         self._state = source.state_dict()
-        self._thread: threading.Thread | None = None
+        self._producer: _Producer | None = None
         self._stop = threading.Event()
-        self._queue: queue.Queue = queue.Queue(depth)
+        """The stop of this source's producers (set when the source is collected, too)."""
         self._batch_size = 0
         weakref.finalize(self, self._stop.set)
 
@@ -122,16 +122,15 @@ class PrefetchingSource(ActivationSource):
         self._stop_thread()
         self._batch_size = batch_size
         self._stop.clear()
-        self._queue = queue.Queue(self.depth)
+        out: queue.Queue = queue.Queue(self.depth)
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self._thread = threading.Thread(
-            target=_produce,
-            args=(self.source, batch_size, self._queue, self._stop, stream),
-            name="activation-prefetch",
+        thread = threading.Thread(
+            target=_produce, args=(self.source, batch_size, out, self._stop, stream), name="activation-prefetch",
             daemon=True,
         )
-        self._thread.start()
-        _RUNNING.add(_Producer(self._thread, self._stop, self._queue))
+        thread.start()
+        self._producer = _Producer(thread, self._stop, out)
+        _RUNNING.add(self._producer)
 
     def _stop_thread(self) -> None:
         """Stop the producer and rewind the source to what the consumer has taken."""
@@ -140,19 +139,18 @@ class PrefetchingSource(ActivationSource):
 
     def _end_producer(self) -> bool:
         """Stop the producer and wait for its end; whether there was one."""
-        if self._thread is None:
+        if self._producer is None:
             return False
-        producer = _Producer(self._thread, self._stop, self._queue)
-        producer.end()
-        _RUNNING.discard(producer)
-        self._thread = None
+        self._producer.end()
+        _RUNNING.discard(self._producer)
+        self._producer = None
         return True
 
     def next_batch(self, batch_size: int) -> Tensor:
-        if self._thread is None or batch_size != self._batch_size:
+        if self._producer is None or batch_size != self._batch_size:
             self._start(batch_size)
         start = time.perf_counter()
-        item = self._queue.get()
+        item = self._producer.out.get()
         self.wait_s += time.perf_counter() - start
         if isinstance(item, _Failure):
             self._end_producer()  # it has ended after putting its failure

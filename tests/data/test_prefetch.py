@@ -73,6 +73,6 @@ def test_errors_reach_the_consumer_and_close_stops_the_thread():
         ahead.next_batch(3)
     working = PrefetchingSource(id_source(), depth=2)
     working.next_batch(3)
-    thread = working._thread
+    thread = working._producer.thread
     working.close()
     assert not thread.is_alive()
